@@ -1,0 +1,198 @@
+"""wav -> VGGish log-mel examples, following the VGGish `mel_features` / `vggish_input` recipe in NumPy.
+
+Recipe (avsbench_spec §1.5, §8): mono, 16 kHz; 25 ms periodic-Hann frames (400 samples) every
+10 ms (160 samples); 512-point rFFT magnitude (257 bins); 64-band HTK mel filterbank over
+125-7500 Hz with the DC row zeroed; log(mel + 0.01); non-overlapping 96-frame (0.96 s) examples,
+incomplete tail dropped; float32 ``[n_examples, 1, 96, 64]``.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import numpy as np
+
+# VGGish constants (vggish_params.py).
+SAMPLE_RATE = 16000
+STFT_WINDOW_SECONDS = 0.025
+STFT_HOP_SECONDS = 0.010
+NUM_MEL_BINS = 64
+MEL_MIN_HZ = 125.0
+MEL_MAX_HZ = 7500.0
+LOG_OFFSET = 0.01
+EXAMPLE_WINDOW_SECONDS = 0.96
+EXAMPLE_HOP_SECONDS = 0.96
+NUM_FRAMES = 96  # STFT frames per example
+NUM_BANDS = 64
+
+WINDOW_LENGTH = int(round(SAMPLE_RATE * STFT_WINDOW_SECONDS))  # 400
+HOP_LENGTH = int(round(SAMPLE_RATE * STFT_HOP_SECONDS))  # 160
+FFT_LENGTH = 2 ** int(np.ceil(np.log(WINDOW_LENGTH) / np.log(2.0)))  # 512
+EXAMPLE_FRAMES = int(round(EXAMPLE_WINDOW_SECONDS / STFT_HOP_SECONDS))  # 96
+EXAMPLE_HOP_FRAMES = int(round(EXAMPLE_HOP_SECONDS / STFT_HOP_SECONDS))  # 96
+# Fewest 16 kHz samples that give one example: 400 + 95 * 160 = 15600 (0.975 s).
+MIN_SAMPLES = WINDOW_LENGTH + (EXAMPLE_FRAMES - 1) * HOP_LENGTH
+
+# Kaiser-windowed sinc settings that match resampy's default 'kaiser_best' filter (the values the
+# torchaudio resampling tutorial gives for that comparison).
+_KAISER_BEST = dict(
+    lowpass_filter_width=64,
+    rolloff=0.9475937167399596,
+    resampling_method="sinc_interp_kaiser",
+    beta=14.769656459379492,
+)
+
+__all__ = [
+    "SAMPLE_RATE",
+    "MIN_SAMPLES",
+    "read_wav",
+    "resample_to_16k",
+    "mel_matrix",
+    "waveform_to_examples",
+    "fit_num_examples",
+    "logmel_clip",
+    "wav_to_logmel",
+]
+
+
+def read_wav(path: str | os.PathLike) -> tuple[np.ndarray, int]:
+    """Read a wav (any rate; mono or multi-channel; int16/int32/float) -> (float64 [n] in [-1,1], sr).
+
+    PCM_16 files are read as int16 and divided by 32768, exactly like VGGish's `wavfile_to_examples`.
+    Other encodings are read by soundfile as float64 (int32 -> /2**31, float as stored); VGGish would
+    first quantise them to int16, which we do not. Channels are averaged to mono.
+    """
+    import soundfile as sf
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"wav file not found: {path}")
+    try:
+        info = sf.info(path)
+        if info.subtype == "PCM_16":
+            data, sr = sf.read(path, dtype="int16", always_2d=True)
+            samples = data.astype(np.float64) / 32768.0
+        else:
+            samples, sr = sf.read(path, dtype="float64", always_2d=True)
+    except Exception as exc:  # soundfile raises LibsndfileError / RuntimeError / TypeError
+        raise ValueError(f"cannot read wav file {path}: {exc}") from exc
+    if samples.shape[0] == 0:
+        raise ValueError(f"wav file {path} holds no samples")
+    # [n, channels] -> [n]
+    return samples.mean(axis=1), int(sr)
+
+
+def resample_to_16k(samples: np.ndarray, sample_rate: int) -> np.ndarray:
+    """Resample float [n] at `sample_rate` to 16 kHz -> float64 [m]; identity when already 16 kHz.
+
+    resampy (what VGGish uses) is not available, so this calls `torchaudio.functional.resample`
+    with a Kaiser-windowed sinc of width 64, rolloff 0.9476 and beta 14.77, torchaudio's documented
+    equivalent of resampy's default 'kaiser_best' filter. It runs in float64. Results are close to
+    resampy's but not bit-identical (edge handling and output length rounding differ slightly).
+    """
+    samples = np.asarray(samples, dtype=np.float64)
+    if sample_rate == SAMPLE_RATE:
+        return samples
+    if sample_rate <= 0:
+        raise ValueError(f"sample rate must be positive, got {sample_rate}")
+    import torch
+    import torchaudio.functional as AF
+
+    wave = torch.from_numpy(np.ascontiguousarray(samples))
+    out = AF.resample(wave, int(sample_rate), SAMPLE_RATE, **_KAISER_BEST)
+    return out.numpy()
+
+
+@lru_cache(maxsize=4)
+def mel_matrix(
+    num_mel_bins: int = NUM_MEL_BINS,
+    num_spectrogram_bins: int = FFT_LENGTH // 2 + 1,
+    sample_rate: int = SAMPLE_RATE,
+    lower_hz: float = MEL_MIN_HZ,
+    upper_hz: float = MEL_MAX_HZ,
+) -> np.ndarray:
+    """VGGish HTK mel weight matrix -> float64 [num_spectrogram_bins, num_mel_bins], DC row zeroed."""
+    if not 0.0 <= lower_hz < upper_hz <= sample_rate / 2.0:
+        raise ValueError(f"mel band edges must satisfy 0 <= {lower_hz} < {upper_hz} <= {sample_rate / 2}")
+
+    def hz_to_mel(f: np.ndarray) -> np.ndarray:
+        return 1127.0 * np.log(1.0 + f / 700.0)
+
+    bins_mel = hz_to_mel(np.linspace(0.0, sample_rate / 2.0, num_spectrogram_bins))  # [S]
+    edges = np.linspace(hz_to_mel(np.float64(lower_hz)), hz_to_mel(np.float64(upper_hz)), num_mel_bins + 2)
+    lower, center, upper = edges[:-2], edges[1:-1], edges[2:]  # each [M]
+    rising = (bins_mel[:, None] - lower[None, :]) / (center - lower)[None, :]  # [S,M]
+    falling = (upper[None, :] - bins_mel[:, None]) / (upper - center)[None, :]  # [S,M]
+    weights = np.maximum(0.0, np.minimum(rising, falling))
+    weights[0, :] = 0.0  # VGGish zeroes the DC bin
+    weights.setflags(write=False)
+    return weights
+
+
+def _frame(data: np.ndarray, window: int, hop: int) -> np.ndarray:
+    """Strided view of non-padded frames: [n, ...] -> [num_frames, window, ...]."""
+    num_frames = max(0, 1 + (data.shape[0] - window) // hop)
+    shape = (num_frames, window) + data.shape[1:]
+    strides = (data.strides[0] * hop,) + data.strides
+    return np.lib.stride_tricks.as_strided(data, shape=shape, strides=strides, writeable=False)
+
+
+def waveform_to_examples(samples: np.ndarray, sample_rate: int) -> np.ndarray:
+    """Waveform [n] or [n, channels] at `sample_rate` -> VGGish log-mel float32 [n_examples,1,96,64].
+
+    Returns zero examples (shape [0,1,96,64]) when the 16 kHz signal is shorter than MIN_SAMPLES.
+    """
+    samples = np.asarray(samples, dtype=np.float64)
+    if samples.ndim == 2:
+        samples = samples.mean(axis=1)  # [n, channels] -> [n]
+    elif samples.ndim != 1:
+        raise ValueError(f"expected a waveform shaped [n] or [n, channels], got {samples.shape}")
+    samples = np.ascontiguousarray(resample_to_16k(samples, sample_rate))
+
+    window = 0.5 - 0.5 * np.cos(2.0 * np.pi / WINDOW_LENGTH * np.arange(WINDOW_LENGTH))  # periodic Hann
+    frames = _frame(samples, WINDOW_LENGTH, HOP_LENGTH)  # [F, 400]
+    spectrum = np.abs(np.fft.rfft(frames * window, n=FFT_LENGTH, axis=1))  # [F, 257]
+    log_mel = np.log(spectrum @ mel_matrix() + LOG_OFFSET)  # [F, 64]
+    examples = _frame(log_mel, EXAMPLE_FRAMES, EXAMPLE_HOP_FRAMES)  # [E, 96, 64]
+    return np.ascontiguousarray(examples[:, None], dtype=np.float32)  # [E,96,64] -> [E,1,96,64]
+
+
+def fit_num_examples(examples: np.ndarray, num_frames: int) -> np.ndarray:
+    """[E, ...] -> [num_frames, ...]: keep the first `num_frames`, or repeat the last example to pad."""
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    n = examples.shape[0]
+    if n == 0:
+        raise ValueError("no audio examples to fit")
+    if n >= num_frames:
+        return examples[:num_frames]
+    pad = np.repeat(examples[-1:], num_frames - n, axis=0)
+    return np.concatenate([examples, pad], axis=0)
+
+
+def logmel_clip(samples: np.ndarray, sample_rate: int, num_frames: int) -> np.ndarray:
+    """Waveform -> float32 [num_frames,1,96,64] under the AVSBench convention.
+
+    Fewer than `num_frames` examples: the last one is repeated. More: the first `num_frames` are
+    kept (AVSBench's preprocess_*.py raises in its padding line there and writes no pkl; we keep
+    the clip usable instead). A clip too short for one example (< 15600 samples at 16 kHz, about
+    0.975 s) raises ValueError.
+    """
+    examples = waveform_to_examples(samples, sample_rate)
+    if examples.shape[0] == 0:
+        n = np.asarray(samples).shape[0]
+        raise ValueError(
+            f"audio clip too short for one VGGish example: {n} samples at {sample_rate} Hz "
+            f"({n / sample_rate:.4f} s); need at least {MIN_SAMPLES} samples at 16 kHz (0.975 s)"
+        )
+    return fit_num_examples(examples, num_frames)
+
+
+def wav_to_logmel(path: str | os.PathLike, num_frames: int) -> np.ndarray:
+    """wav file -> float32 [num_frames,1,96,64] (read_wav + logmel_clip; errors name the file)."""
+    samples, sr = read_wav(path)
+    try:
+        return logmel_clip(samples, sr, num_frames)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc

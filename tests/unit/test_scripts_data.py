@@ -1,0 +1,59 @@
+"""scripts/check_data.py and scripts/extract_audio.py as subprocesses on generated trees."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from avs.data.avsbench import LAYOUTS, embedding_path, frame_path, mask_path, split_records
+from tests.fixtures.avsbench import make_avsbench_tree
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run(script: str, *overrides: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / script), *overrides],
+        cwd=cwd, capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_check_data_clean_and_broken(tmp_path):
+    root = make_avsbench_tree(tmp_path / "data", "s4", size=32)
+    ok = _run("check_data.py", f"data.root={root}", cwd=tmp_path)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "train: 2 clips" in ok.stdout and "0 problem(s)" in ok.stdout
+
+    lay = LAYOUTS["s4"]
+    recs = split_records(root, "s4", "val") + split_records(root, "s4", "train")
+    deleted = frame_path(root, lay, recs[0], 3)
+    deleted.unlink()
+    truncated = mask_path(root, lay, recs[1], 1)
+    truncated.write_bytes(truncated.read_bytes()[:60])
+    bad = _run("check_data.py", f"data.root={root}", cwd=tmp_path)
+    assert bad.returncode == 1
+    assert str(deleted) in bad.stdout and str(truncated) in bad.stdout
+    assert "2 problem(s)" in bad.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # hydra left nothing in the cwd
+
+
+def test_extract_audio_script(tmp_path):
+    root = make_avsbench_tree(tmp_path / "data", "ms3", {"val": 1, "test": 1}, size=32)
+    out = tmp_path / "emb"
+    args = ["data=ms3", f"data.root={root}", f"data.embedding_dir={out}", "vggish.pretrained=false",
+            "splits=[val,test]", "device=cpu"]
+    r = _run("extract_audio.py", *args, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for split in ("val", "test"):
+        rec = split_records(root, "ms3", split)[0]
+        e = np.load(embedding_path(root, LAYOUTS["ms3"], rec, out))
+        assert e.shape == (5, 128) and e.dtype == np.float32
+    assert "val: 1 written" in r.stdout
+    missing = _run("extract_audio.py", f"data.root={root}", "data=ms3", f"paths.weights_dir={tmp_path}/w", cwd=tmp_path)
+    assert missing.returncode == 1
+    text = missing.stdout + missing.stderr
+    assert "vggish-10086976.pth" in text and "pretrained=false" in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "emb"]
