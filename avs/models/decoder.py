@@ -1,0 +1,185 @@
+"""Top-down segmentation decoders over four same-width feature maps (strides 4..32).
+
+Kinds:
+- `fpn`: the AVSBench decoder (the paper calls it Panoptic-FPN-like; it is built from
+  RefineNet/MiDaS FeatureFusionBlocks). ResidualConvUnit = ReLU -> conv3x3 -> ReLU -> conv3x3
+  (+ skip, convs with bias, no BN); fusion blocks upsample bilinearly x2 with align_corners=True;
+  head conv3x3 C->C/2, bilinear x2 (align_corners=False), conv3x3 C/2->32, ReLU, conv1x1 32->K.
+- `simple`: the ECMVAE / AVS-BG decoder. ResidualBlock = x + ReLU(BN(conv(ReLU(BN(conv(x)))))),
+  convs without bias; fusion blocks upsample x2 by nearest neighbour; head conv3x3 C->64,
+  nearest x2, conv3x3 64->32, ReLU, conv1x1 32->K.
+
+In both references the deepest fusion block builds a `resConfUnit1` it never uses; it is not
+built here, so every parameter receives a gradient. Module names follow the AVSBench decoder
+(`path4..path1`, `resConfUnit1/2`, `output_conv.{0,2,4}`) for both kinds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+DECODER_KINDS: tuple[str, ...] = ("fpn", "simple")
+
+
+def upsample_nearest2x(x: torch.Tensor) -> torch.Tensor:
+    """Deterministic nearest x2 upsampling by expand + reshape: [N,C,h,w] -> [N,C,2h,2w]."""
+    n, c, h, w = x.shape
+    x = x[:, :, :, None, :, None].expand(n, c, h, 2, w, 2)  # [N,C,h,1,w,1] -> [N,C,h,2,w,2]
+    return x.reshape(n, c, 2 * h, 2 * w)
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int] | None, mode: str) -> torch.Tensor:
+    """Upsample [N,C,h,w] to `size` (default 2h x 2w) with the block's interpolation mode."""
+    h, w = x.shape[-2:]
+    size = (2 * h, 2 * w) if size is None else (int(size[0]), int(size[1]))
+    if mode == "nearest":
+        if size == (2 * h, 2 * w):
+            return upsample_nearest2x(x)
+        return F.interpolate(x, size=size, mode="nearest")
+    # align_corners=True: output depends only on the target size, so size=(2h,2w) equals scale 2.
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+
+
+class _Upsample2x(nn.Module):
+    """x2 upsampling as a module (for the output head): [N,C,h,w] -> [N,C,2h,2w]."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "nearest":
+            return upsample_nearest2x(x)
+        return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode}"
+
+
+class ResidualConvUnit(nn.Module):
+    """AVSBench unit: x + conv(ReLU(conv(ReLU(x)))), convs with bias. [N,C,h,w] -> [N,C,h,w].
+
+    The reference applies `nn.ReLU(inplace=True)` to the input tensor itself, so its skip adds
+    relu(x) (and the caller's tensor is overwritten with relu(x)). Here the input is never
+    modified; `legacy_inplace_relu_skip=True` reproduces the reference numerics (skip = relu(x)).
+    """
+
+    def __init__(self, channels: int, legacy_inplace_relu_skip: bool = False) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=True)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=True)
+        self.legacy_inplace_relu_skip = legacy_inplace_relu_skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[N,C,h,w] -> [N,C,h,w]."""
+        rx = F.relu(x)  # out-of-place: the caller's x is left untouched
+        out = self.conv2(F.relu(self.conv1(rx), inplace=True))
+        return out + (rx if self.legacy_inplace_relu_skip else x)
+
+
+class ResidualBlock(nn.Module):
+    """ECMVAE / AVS-BG unit: x + ReLU(BN(conv(ReLU(BN(conv(x)))))), convs without bias. Shape kept."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[N,C,h,w] -> [N,C,h,w]."""
+        return x + self.body(x)
+
+
+class FeatureFusionBlock(nn.Module):
+    """out = up(unit2(x + unit1(skip))) (or up(unit2(x)) without a skip): [N,C,h,w] -> [N,C,h',w']."""
+
+    def __init__(self, channels: int, kind: str, with_skip: bool, legacy_inplace_relu_skip: bool = False) -> None:
+        super().__init__()
+        if kind == "fpn":
+            def unit() -> nn.Module:
+                return ResidualConvUnit(channels, legacy_inplace_relu_skip)
+            self.mode = "bilinear"
+        else:
+            def unit() -> nn.Module:
+                return ResidualBlock(channels)
+            self.mode = "nearest"
+        self.resConfUnit1 = unit() if with_skip else None
+        self.resConfUnit2 = unit()
+
+    def forward(
+        self, x: torch.Tensor, skip: torch.Tensor | None = None, out_size: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """x, skip [N,C,h,w] -> [N,C,*out_size] (default [N,C,2h,2w])."""
+        if skip is not None:
+            if self.resConfUnit1 is None:
+                raise ValueError("this FeatureFusionBlock was built without a skip input")
+            x = x + self.resConfUnit1(skip)  # out-of-place (the references add in place into x)
+        x = self.resConfUnit2(x)
+        return _resize(x, out_size, self.mode)
+
+
+class Decoder(nn.Module):
+    """Top-down decoder: 4 maps [N,C,h_i,w_i] (strides 4..32) -> logits [N,num_classes,H,W]."""
+
+    def __init__(
+        self,
+        channels: int,
+        kind: str = "fpn",
+        num_classes: int = 1,
+        legacy_inplace_relu_skip: bool = False,
+    ) -> None:
+        super().__init__()
+        if kind not in DECODER_KINDS:
+            raise ValueError(f"decoder.kind must be one of {list(DECODER_KINDS)}, got {kind!r}")
+        if int(channels) <= 0 or (kind == "fpn" and int(channels) % 2):
+            raise ValueError(f"decoder.channels must be a positive (for 'fpn': even) int, got {channels!r}")
+        if int(num_classes) <= 0:
+            raise ValueError(f"decoder.num_classes must be a positive int, got {num_classes!r}")
+        if legacy_inplace_relu_skip and kind != "fpn":
+            raise ValueError("decoder.legacy_inplace_relu_skip applies only to kind='fpn'")
+        c = int(channels)
+        self.kind = kind
+        self.channels = c
+        self.num_classes = int(num_classes)
+        legacy = bool(legacy_inplace_relu_skip)
+        self.path4 = FeatureFusionBlock(c, kind, with_skip=False, legacy_inplace_relu_skip=legacy)
+        self.path3 = FeatureFusionBlock(c, kind, with_skip=True, legacy_inplace_relu_skip=legacy)
+        self.path2 = FeatureFusionBlock(c, kind, with_skip=True, legacy_inplace_relu_skip=legacy)
+        self.path1 = FeatureFusionBlock(c, kind, with_skip=True, legacy_inplace_relu_skip=legacy)
+        mid = c // 2 if kind == "fpn" else 64
+        self.output_conv = nn.Sequential(
+            nn.Conv2d(c, mid, 3, padding=1),
+            _Upsample2x("bilinear" if kind == "fpn" else "nearest"),
+            nn.Conv2d(mid, 32, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(32, self.num_classes, 1),
+        )
+
+    def forward(self, feats: Sequence[torch.Tensor], out_size: tuple[int, int]) -> torch.Tensor:
+        """feats: 4 x [N,C,h_i,w_i] (strides 4, 8, 16, 32) -> logits [N,num_classes,*out_size]."""
+        if len(feats) != 4:
+            raise ValueError(f"Decoder expects 4 feature maps (strides 4..32), got {len(feats)}")
+        for i, f in enumerate(feats):
+            if f.dim() != 4 or f.shape[1] != self.channels:
+                raise ValueError(f"Decoder feature {i} must be [N,{self.channels},h,w], got {tuple(f.shape)}")
+        f1, f2, f3, f4 = feats
+        # Each block upsamples to the next skip's size: x2 whenever the input is a multiple of 32.
+        x = self.path4(f4, out_size=tuple(f3.shape[-2:]))  # [N,C,h4,w4] -> [N,C,h3,w3]
+        x = self.path3(x, f3, out_size=tuple(f2.shape[-2:]))  # -> [N,C,h2,w2]
+        x = self.path2(x, f2, out_size=tuple(f1.shape[-2:]))  # -> [N,C,h1,w1]
+        x = self.path1(x, f1)  # -> [N,C,2h1,2w1] (stride 2)
+        logits = self.output_conv(x)  # -> [N,K,4h1,4w1] (stride 1)
+        size = (int(out_size[0]), int(out_size[1]))
+        if tuple(logits.shape[-2:]) != size:
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        return logits

@@ -1,0 +1,164 @@
+"""Decoder: shapes, exact parameter counts (and the published model totals), block maths, gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from avs.models.decoder import Decoder, FeatureFusionBlock, ResidualConvUnit, upsample_nearest2x
+from avs.models.neck import Neck
+
+KINDS = ["fpn", "simple"]
+PVT_B5_PARAMS = 81_443_008  # checked in test_backbones.py
+R50_PARAMS = 23_508_032  # checked in test_backbones.py
+TPAVI_256_PARAMS = 165_760  # one AVSBench TPAVI block at 256 channels (avsbench_spec §3.3)
+
+
+def _n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _feats(size: int, c: int, n: int = 2, sizes: list[int] | None = None) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    sizes = sizes or [size // s for s in (4, 8, 16, 32)]
+    return [torch.randn(n, c, h, h, generator=g) for h in sizes]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("size", [64, 96])
+def test_shapes(kind, size):
+    dec = Decoder(16, kind)
+    assert tuple(dec(_feats(size, 16), (size, size)).shape) == (2, 1, size, size)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_non_multiple_of_32_and_num_classes(kind):
+    # a 100 px PVT input gives maps of 25, 13, 7, 4 px
+    dec = Decoder(8, kind, num_classes=3)
+    out = dec(_feats(0, 8, sizes=[25, 13, 7, 4]), (100, 100))
+    assert tuple(out.shape) == (2, 3, 100, 100)
+    assert torch.isfinite(out).all()
+
+
+def test_param_counts_and_published_totals():
+    fpn = Decoder(256, "fpn")
+    assert _n_params(fpn.output_conv) == 331_969
+    assert _n_params(fpn) - 331_969 == 8_261_120  # 7 ResidualConvUnits x 1,180,160
+    assert _n_params(fpn) == 8_593_089
+    simple = Decoder(128, "simple")
+    assert _n_params(simple.output_conv) == 92_289
+    assert _n_params(simple) == 2_455_681 - 295_424 == 2_160_257  # spec total minus the unused resConfUnit1
+    # AVSBench TPAVI model totals: PVT-v2-b5 100.14 M, ResNet-50 68.16 M
+    pvt_total = PVT_B5_PARAMS + _n_params(Neck([64, 128, 320, 512], 256, "aspp")) + 4 * TPAVI_256_PARAMS + 8_593_089
+    r50_total = R50_PARAMS + _n_params(Neck([256, 512, 1024, 2048], 256, "aspp")) + 4 * TPAVI_256_PARAMS + 8_593_089
+    assert pvt_total == 100_140_417 and abs(pvt_total / 1e6 - 100.14) < 0.05
+    assert r50_total == 68_157_697 and abs(r50_total / 1e6 - 68.16) < 0.05
+
+
+def test_no_unused_modules():
+    for kind in KINDS:
+        dec = Decoder(8, kind)
+        assert dec.path4.resConfUnit1 is None and dec.path3.resConfUnit1 is not None
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_param_gets_gradient_and_inputs_untouched(kind):
+    dec = Decoder(8, kind).train()
+    feats = [f.requires_grad_() for f in _feats(64, 8)]
+    copies = [f.detach().clone() for f in feats]
+    versions = [f._version for f in feats]
+    dec(feats, (64, 64)).square().mean().backward()
+    assert not [n for n, p in dec.named_parameters() if p.grad is None]
+    assert all(f.grad is not None for f in feats)
+    assert all(torch.equal(f.detach(), c) for f, c in zip(feats, copies))
+    assert [f._version for f in feats] == versions
+
+
+class _ReferenceRCU(nn.Module):
+    """The AVSBench ResidualConvUnit as published: in-place ReLU on the input tensor."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, 1, 1, bias=True)
+        self.conv2 = nn.Conv2d(c, c, 3, 1, 1, bias=True)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.relu(x)
+        out = self.conv1(out)
+        out = self.relu(out)
+        out = self.conv2(out)
+        return out + x
+
+
+def test_residual_conv_unit_legacy_flag():
+    torch.manual_seed(0)
+    ref = _ReferenceRCU(4)
+    legacy = ResidualConvUnit(4, legacy_inplace_relu_skip=True)
+    clean = ResidualConvUnit(4)
+    legacy.load_state_dict(ref.state_dict())
+    clean.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 4, 5, 5)
+    x_ref = x.clone()
+    y_ref = ref(x_ref)
+    assert torch.equal(x_ref, F.relu(x))  # the reference overwrote its input
+    assert torch.allclose(legacy(x), y_ref, atol=1e-6)
+    y_clean = clean(x)
+    # clean version: the skip adds x itself; the difference is exactly relu(x) - x
+    assert torch.allclose(y_ref - y_clean, F.relu(x) - x, atol=1e-6)
+    assert not torch.equal(x, F.relu(x))  # x (with negatives) was left untouched by both units
+
+
+def _zero_convs(block: nn.Module) -> None:
+    for m in block.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.zeros_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def test_fusion_block_upsampling_modes():
+    # with zero convs each residual unit is the identity, so a block is up(x + skip)
+    x, skip = torch.randn(1, 3, 4, 5), torch.randn(1, 3, 4, 5)
+    fpn = FeatureFusionBlock(3, "fpn", with_skip=True).eval()
+    simple = FeatureFusionBlock(3, "simple", with_skip=True).eval()
+    _zero_convs(fpn)
+    _zero_convs(simple)
+    expect_bilinear = F.interpolate(x + skip, scale_factor=2, mode="bilinear", align_corners=True)
+    expect_nearest = F.interpolate(x + skip, scale_factor=2, mode="nearest")
+    assert torch.allclose(fpn(x, skip), expect_bilinear, atol=1e-6)
+    assert torch.allclose(simple(x, skip), expect_nearest, atol=1e-6)
+    assert tuple(fpn(x, skip, out_size=(7, 9)).shape) == (1, 3, 7, 9)
+
+
+def test_upsample_nearest2x_matches_interpolate():
+    x = torch.randn(2, 3, 4, 6)
+    assert torch.equal(upsample_nearest2x(x), F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+def test_head_structure():
+    fpn, simple = Decoder(16, "fpn", num_classes=2), Decoder(16, "simple")
+
+    def convs(d: Decoder) -> list[tuple[int, int, int]]:
+        return [(m.in_channels, m.out_channels, m.kernel_size[0]) for m in d.output_conv if isinstance(m, nn.Conv2d)]
+
+    assert convs(fpn) == [(16, 8, 3), (8, 32, 3), (32, 2, 1)]
+    assert convs(simple) == [(16, 64, 3), (64, 32, 3), (32, 1, 1)]
+    assert any(isinstance(m, nn.BatchNorm2d) for m in simple.modules())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fpn.modules())
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match=r"decoder.kind must be one of \['fpn', 'simple'\]"):
+        Decoder(16, "unet")
+    with pytest.raises(ValueError, match="decoder.channels"):
+        Decoder(15, "fpn")
+    with pytest.raises(ValueError, match="legacy_inplace_relu_skip"):
+        Decoder(16, "simple", legacy_inplace_relu_skip=True)
+    dec = Decoder(8, "fpn")
+    with pytest.raises(ValueError, match="4 feature maps"):
+        dec(_feats(64, 8)[:3], (64, 64))
+    with pytest.raises(ValueError, match=r"\[N,8,h,w\]"):
+        dec(_feats(64, 4), (64, 64))
