@@ -1,0 +1,162 @@
+"""Segmentation and audio-visual losses (AVSBench BCE, F3Net structure loss, A-V mapping KL).
+
+All losses take frame-batched tensors (N = B*T frames) and an optional ``valid [N]`` bool mask:
+frames with ``valid=False`` (e.g. the unlabelled frames 1..T-1 of S4 training) contribute
+nothing. If no frame is valid the loss is an exact 0 that is still attached to the graph
+(so ``backward()`` works and gives zero gradients), never NaN. Each loss returns an unweighted
+scalar; the trainer applies the config weights.
+
+Reference bugs are reproduced only behind ``legacy_*`` flags (see docs/protocols.md):
+``structure_loss(legacy_mean_bce=True)`` (BCE mean-reduced before the pixel weighting, so the
+weights have no effect on it) and ``av_mapping_loss(legacy_sum=True)`` (KL summed over frames,
+``reduction='sum'``, so the scale grows with the batch).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["bce_loss", "structure_loss", "av_mapping_loss"]
+
+
+def _check_pair(name: str, logits: Tensor, masks: Tensor) -> None:
+    """Raise ValueError unless logits and masks are both [N,1,H,W] of the same shape."""
+    if logits.dim() != 4 or logits.shape[1] != 1:
+        raise ValueError(f"{name}: logits must be [N,1,H,W], got {tuple(logits.shape)}")
+    if masks.shape != logits.shape:
+        raise ValueError(
+            f"{name}: masks must match logits {tuple(logits.shape)}, got {tuple(masks.shape)}"
+        )
+
+
+def _valid_index(name: str, valid: Tensor | None, n: int, device: torch.device) -> Tensor:
+    """valid [N] bool | None -> bool [N] on `device` (None means every frame is labelled)."""
+    if valid is None:
+        return torch.ones(n, dtype=torch.bool, device=device)
+    if valid.dim() != 1 or valid.shape[0] != n:
+        raise ValueError(f"{name}: valid must be a [N]={n} bool vector, got {tuple(valid.shape)}")
+    return valid.to(device=device, dtype=torch.bool)
+
+
+def _zero_like_graph(*tensors: Tensor) -> Tensor:
+    """An exact scalar 0 connected to the graph of every tensor given (zero gradients)."""
+    return sum((t.sum() * 0.0 for t in tensors), torch.zeros((), device=tensors[0].device))
+
+
+def bce_loss(logits: Tensor, masks: Tensor, valid: Tensor | None = None) -> Tensor:
+    """AVSBench BCE: logits, masks [N,1,H,W], valid [N] bool -> mean BCE over labelled pixels (scalar)."""
+    _check_pair("bce_loss", logits, masks)
+    keep = _valid_index("bce_loss", valid, logits.shape[0], logits.device)
+    if not bool(keep.any()):
+        return _zero_like_graph(logits)
+    return F.binary_cross_entropy_with_logits(logits[keep], masks[keep].to(logits.dtype))
+
+
+def structure_loss(
+    logits: Tensor,
+    masks: Tensor,
+    valid: Tensor | None = None,
+    legacy_mean_bce: bool = False,
+    smoothing: float = 0.0,
+    kernel: int = 31,
+) -> Tensor:
+    """F3Net structure loss: logits, masks [N,1,H,W], valid [N] -> mean_frames(wBCE + wIoU) (scalar).
+
+    weit = 1 + 5|avgpool_k(mask) - mask| (zero padding counted in the average). The BCE target
+    is ``(1-smoothing)·mask + smoothing/2`` (ECMVAE / AVS-BG use smoothing=0.001; default 0 = no
+    smoothing); the IoU term uses the unsmoothed mask. ``legacy_mean_bce=True`` reproduces the
+    reference bug: the BCE is mean-reduced over all labelled pixels before weighting, which makes
+    the pixel weights a no-op (loss = plain mean BCE + mean weighted IoU).
+    """
+    _check_pair("structure_loss", logits, masks)
+    if kernel < 1 or kernel % 2 == 0:
+        raise ValueError(f"structure_loss: kernel must be odd and >= 1, got {kernel}")
+    if not 0.0 <= smoothing < 1.0:
+        raise ValueError(f"structure_loss: smoothing must be in [0, 1), got {smoothing}")
+    keep = _valid_index("structure_loss", valid, logits.shape[0], logits.device)
+    if not bool(keep.any()):
+        return _zero_like_graph(logits)
+    pred = logits[keep]  # [N',1,H,W]
+    mask = masks[keep].to(pred.dtype)
+    weit = 1.0 + 5.0 * torch.abs(
+        F.avg_pool2d(mask, kernel_size=kernel, stride=1, padding=kernel // 2) - mask
+    )  # [N',1,H,W]; count_include_pad=True as in the reference
+    target = mask * (1.0 - smoothing) + smoothing / 2.0 if smoothing > 0 else mask
+    if legacy_mean_bce:
+        wbce = F.binary_cross_entropy_with_logits(pred, target)  # scalar: weights have no effect
+    else:
+        bce = F.binary_cross_entropy_with_logits(pred, target, reduction="none")
+        wbce = (weit * bce).sum(dim=(2, 3)) / weit.sum(dim=(2, 3))  # [N',1]
+    prob = torch.sigmoid(pred)
+    inter = (prob * mask * weit).sum(dim=(2, 3))  # [N',1]
+    union = ((prob + mask) * weit).sum(dim=(2, 3))
+    wiou = 1.0 - (inter + 1.0) / (union - inter + 1.0)  # [N',1]
+    return (wbce + wiou).mean()
+
+
+def av_mapping_loss(
+    logits: Tensor,
+    visual_feats: Sequence[Tensor],
+    audio_feats: Sequence[Tensor | None],
+    stages: Sequence[int] | None = None,
+    normalize: bool = False,
+    valid: Tensor | None = None,
+    legacy_sum: bool = False,
+) -> Tensor:
+    """A-V mapping loss (L_AVM): logits [N,1,H,W], stage maps [N,C,h,w], audio [N,C] -> scalar.
+
+    Per stage: m = sigmoid(adaptive_avg_pool(logits, (h,w))) (pool, then sigmoid; not detached),
+    v = mean_hw(V·m) [N,C], optionally L2-normalise v and a (``normalize``, F.normalize),
+    KL(softmax(a) || softmax(v)) summed over channels; averaged over valid frames
+    (``legacy_sum=True``: summed over them, the reference's reduction='sum'); averaged over stages.
+    ``stages=None`` uses every stage whose audio feature is not None (0 if there is none).
+    """
+    if logits.dim() != 4 or logits.shape[1] != 1:
+        raise ValueError(f"av_mapping_loss: logits must be [N,1,H,W], got {tuple(logits.shape)}")
+    if len(visual_feats) != len(audio_feats):
+        raise ValueError(
+            f"av_mapping_loss: got {len(visual_feats)} visual stage maps but {len(audio_feats)} audio features"
+        )
+    n = logits.shape[0]
+    if stages is None:
+        stages = [i for i, a in enumerate(audio_feats) if a is not None]
+    else:
+        stages = [int(s) for s in stages]
+        for s in stages:
+            if not 0 <= s < len(audio_feats):
+                raise ValueError(
+                    f"av_mapping_loss: stage {s} out of range for {len(audio_feats)} stages"
+                )
+            if audio_feats[s] is None:
+                raise ValueError(
+                    f"av_mapping_loss: stage {s} has no audio feature (is fusion enabled on it?)"
+                )
+    keep = _valid_index("av_mapping_loss", valid, n, logits.device)
+    if not stages or not bool(keep.any()):
+        return _zero_like_graph(logits, *(visual_feats[s] for s in stages))
+    per_stage = []
+    for s in stages:
+        vmap, audio = visual_feats[s], audio_feats[s]
+        if vmap.dim() != 4 or vmap.shape[0] != n:
+            raise ValueError(
+                f"av_mapping_loss: stage {s} visual map must be [N={n},C,h,w], got {tuple(vmap.shape)}"
+            )
+        if audio.shape != (n, vmap.shape[1]):
+            raise ValueError(
+                f"av_mapping_loss: stage {s} audio must be [N,C]=[{n},{vmap.shape[1]}], got {tuple(audio.shape)}"
+            )
+        m = torch.sigmoid(F.adaptive_avg_pool2d(logits, vmap.shape[-2:]))  # [N,1,h,w]
+        v = (vmap * m).mean(dim=(2, 3))  # [N,C,h,w] -> [N,C]
+        a = audio
+        if normalize:
+            v = F.normalize(v, dim=-1)
+            a = F.normalize(a, dim=-1)
+        log_pa = F.log_softmax(a, dim=-1)
+        kl = (log_pa.exp() * (log_pa - F.log_softmax(v, dim=-1))).sum(dim=-1)  # [N]
+        kl = kl[keep]
+        per_stage.append(kl.sum() if legacy_sum else kl.mean())
+    return torch.stack(per_stage).mean()
