@@ -1,0 +1,218 @@
+"""AVS-BG temporal correlation gate ("implicit volumetric motion"), released and pyramid forms."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+__all__ = ["CorrelationPyramidMotion", "AUTO_CHUNK_ELEMENTS"]
+
+# Upper bound on correlation entries held at once when chunk_size is None (2**26 = 64M entries,
+# 256 MiB in fp32, 128 MiB in fp16/bf16).
+AUTO_CHUNK_ELEMENTS = 2**26
+
+_IMPLS = ("released", "pyramid")
+
+
+def _chunk_plan(num_maps: int, num_query: int, num_keys: int, chunk_size: int | None) -> tuple[int, int]:
+    """(maps per chunk, query positions per chunk) so a chunk holds <= AUTO_CHUNK_ELEMENTS entries."""
+    if chunk_size is not None:
+        return num_maps, min(chunk_size, num_query)
+    positions = max(1, min(num_query, AUTO_CHUNK_ELEMENTS // max(1, num_maps * num_keys)))
+    maps = max(1, min(num_maps, AUTO_CHUNK_ELEMENTS // max(1, positions * num_keys)))
+    return maps, positions
+
+
+class _MeanReLUCorrelation(torch.autograd.Function):
+    """m[n,p] = mean_q max(0, <query[n,:,p], key[n,:,q]>), chunked; backward recomputes chunks."""
+
+    @staticmethod
+    def forward(ctx, query: Tensor, key: Tensor, maps_per_chunk: int, pos_per_chunk: int) -> Tensor:
+        # query [N,C,P], key [N,C,Q] -> [N,P]
+        num_maps, _, num_query = query.shape
+        query_t = query.transpose(1, 2)  # [N,P,C]
+        rows = []
+        for n0 in range(0, num_maps, maps_per_chunk):
+            n1 = min(n0 + maps_per_chunk, num_maps)
+            cols = []
+            for p0 in range(0, num_query, pos_per_chunk):
+                p1 = min(p0 + pos_per_chunk, num_query)
+                corr = torch.bmm(query_t[n0:n1, p0:p1], key[n0:n1])  # [n,p,Q]
+                cols.append(corr.clamp_(min=0).mean(-1))  # [n,p]
+                del corr
+            rows.append(torch.cat(cols, dim=1))
+        ctx.save_for_backward(query, key)
+        ctx.chunks = (maps_per_chunk, pos_per_chunk)
+        return torch.cat(rows, dim=0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        query, key = ctx.saved_tensors
+        maps_per_chunk, pos_per_chunk = ctx.chunks
+        need_query, need_key = ctx.needs_input_grad[:2]
+        num_maps, _, num_query = query.shape
+        num_keys = key.shape[-1]
+        # d mean_q / d corr = 1/Q; clamp(min=0) passes the gradient where corr >= 0 (torch semantics)
+        grad = grad_out.to(query.dtype) / num_keys  # [N,P]
+        grad_query = torch.zeros_like(query) if need_query else None
+        grad_key = torch.zeros_like(key) if need_key else None
+        query_t = query.transpose(1, 2)  # [N,P,C]
+        for n0 in range(0, num_maps, maps_per_chunk):
+            n1 = min(n0 + maps_per_chunk, num_maps)
+            for p0 in range(0, num_query, pos_per_chunk):
+                p1 = min(p0 + pos_per_chunk, num_query)
+                q_chunk = query_t[n0:n1, p0:p1]  # [n,p,C]
+                weight = torch.bmm(q_chunk, key[n0:n1])  # [n,p,Q]
+                weight.ge_(0).mul_(grad[n0:n1, p0:p1, None])  # d loss / d corr, in place
+                if grad_query is not None:
+                    # [n,C,Q] @ [n,Q,p] -> [n,C,p]
+                    grad_query[n0:n1, :, p0:p1] = torch.bmm(key[n0:n1], weight.transpose(1, 2))
+                if grad_key is not None:
+                    # [n,C,p] @ [n,p,Q] -> [n,C,Q]
+                    grad_key[n0:n1] += torch.bmm(q_chunk.transpose(1, 2), weight)
+                del weight
+        return grad_query, grad_key, None, None
+
+
+def _mean_relu_correlation(query: Tensor, key: Tensor, chunk_size: int | None) -> Tensor:
+    """[N,C,P], [N,C,Q] -> [N,P]: mean over q of ReLU(<query_p, key_q>), memory-bounded."""
+    key = key.to(query.dtype)
+    maps, positions = _chunk_plan(query.shape[0], query.shape[2], key.shape[2], chunk_size)
+    return _MeanReLUCorrelation.apply(query.contiguous(), key.contiguous(), maps, positions)
+
+
+class CorrelationPyramidMotion(nn.Module):
+    """Temporal correlation gate F <- F*(1+sigmoid(conv(m))) per scale; list of [B*T,C,h,w] -> same.
+
+    Frames are paired with their successor, the last frame with its predecessor:
+    pair(t) = t+1 for t < T-1 and pair(T-1) = T-2 (T >= 2, taken from `num_frames`).
+    With f = F (or F / ||F||_c when ``normalize=True``) and p, q positions of the h x w grid:
+
+    ``impl="released"`` (AVS-BG code, spec section 6)::
+
+        m_t(p) = 1/(hw) * sum_q max(0, <f_t(p), f_pair(t)(q)>)          # [B*T,1,h,w]
+        att    = sigmoid(w_s * m + b_s)                                   # Conv2d(1,1,1) per scale
+        out    = F + F*att
+
+    ``impl="pyramid"`` (the paper's correlation pyramid taken literally): the all-pairs volume
+    V(p,q) = <f_t(p), f_pair(t)(q)> is average-pooled over the paired frame's positions q to L
+    levels, level k having the grid (ceil(h/2^k), ceil(w/2^k)) (k = 0..L-1; adaptive average
+    pooling, so odd sizes such as 7 -> 4 -> 2 -> 1 are covered). Each level is reduced to one
+    value per query position by the released statistic (ReLU, then mean over the level's cells)::
+
+        m_t^k(p) = mean_{q'} max(0, V_k(p,q')),  V_k = avgpool_k over q of V       # [B*T,1,h,w]
+        att      = sigmoid(Conv2d(L,1,1)(concat_k m^k))                            # L+1 params
+        out      = F + F*att
+
+    Pooling over q is linear, so V_k(p,q') = <f_t(p), avgpool_k(f_pair)(q')>: the coarse levels
+    are computed from pooled partner features and never need the full volume. Level 0 equals
+    the released statistic, so ``levels=1`` is the released module.
+
+    Memory: the ReLU sits between the correlation and the mean, so the [hw, hw] volume cannot be
+    factorised away; it is computed in chunks of query positions (``chunk_size`` positions for all
+    B*T maps at once, or, when None, chunks of at most AUTO_CHUNK_ELEMENTS = 2**26 entries), and
+    the backward pass recomputes each chunk instead of storing the volume. Autograd keeps only the
+    features. Footprint at 224^2 input, T=5, B=8 (B*T=40), C=128, largest scale 56^2 (hw=3136):
+    the full volume is 40*3136^2 = 393M entries (1.57 GB fp32) per copy; the auto chunk is
+    534 query positions x 40 maps x 3136 = 67M entries = 268 MB fp32 (134 MB fp16), one buffer
+    in forward and one in backward, whatever B. Outputs equal the unchunked computation up to
+    float rounding (< 1e-5).
+    """
+
+    def __init__(
+        self,
+        num_stages: int = 4,
+        stages: Sequence[int] | None = None,
+        impl: str = "released",
+        chunk_size: int | None = None,
+        levels: int = 4,
+        normalize: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(num_stages, int) or num_stages < 1:
+            raise ValueError(f"motion.num_stages must be a positive int, got {num_stages!r}")
+        if stages is None:
+            stages = list(range(num_stages))
+        stages = [int(s) for s in stages]
+        bad = [s for s in stages if not 0 <= s < num_stages]
+        if bad or len(set(stages)) != len(stages):
+            raise ValueError(
+                f"motion.stages must be distinct indices in [0, {num_stages}) (motion.num_stages), got {stages}"
+            )
+        if impl not in _IMPLS:
+            raise ValueError(f"motion.impl must be one of {_IMPLS}, got {impl!r}")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"motion.chunk_size must be null or a positive int, got {chunk_size!r}")
+        if not isinstance(levels, int) or levels < 1:
+            raise ValueError(f"motion.levels must be a positive int, got {levels!r}")
+        self.num_stages = num_stages
+        self.stages = sorted(stages)
+        self.impl = impl
+        self.chunk_size = chunk_size
+        self.levels = levels if impl == "pyramid" else 1
+        self.normalize = normalize
+        # one gate per active stage; keys "0".."3" give the same state-dict names as a ModuleList
+        self.gates = nn.ModuleDict({str(s): nn.Conv2d(self.levels, 1, kernel_size=1) for s in self.stages})
+
+    def extra_repr(self) -> str:
+        return (
+            f"impl={self.impl!r}, stages={self.stages}, levels={self.levels}, "
+            f"chunk_size={self.chunk_size}, normalize={self.normalize}"
+        )
+
+    def correlation_statistic(self, feat: Tensor, num_frames: int) -> Tensor:
+        """Per-position motion statistic m: [B*T,C,h,w] -> [B*T,L,h,w] (L = 1 for released)."""
+        self._check_frames(feat, num_frames)
+        bt, c, h, w = feat.shape
+        b = bt // num_frames
+        f = F.normalize(feat, dim=1) if self.normalize else feat
+        pair = torch.arange(1, num_frames + 1, device=feat.device)
+        pair[-1] = num_frames - 2  # the last frame looks backward
+        f = f.reshape(b, num_frames, c, h, w)
+        partner = f[:, pair].reshape(bt, c, h, w)  # [B,T,C,h,w] -> [B*T,C,h,w]
+        query = f.reshape(bt, c, h * w)  # [B*T,C,hw]
+        stats = []
+        for k in range(self.levels):
+            size = (max(1, math.ceil(h / 2**k)), max(1, math.ceil(w / 2**k)))
+            key = partner if k == 0 else F.adaptive_avg_pool2d(partner, size)
+            key = key.reshape(bt, c, -1)  # [B*T,C,h_k*w_k]
+            stats.append(_mean_relu_correlation(query, key, self.chunk_size))  # [B*T,hw]
+        return torch.stack(stats, dim=1).reshape(bt, self.levels, h, w)
+
+    def forward(self, feats: Sequence[Tensor], num_frames: int) -> list[Tensor]:
+        """Gate the active stages: list of num_stages [B*T,C,h_i,w_i] -> list of the same shapes."""
+        if len(feats) != self.num_stages:
+            raise ValueError(
+                f"CorrelationPyramidMotion expected {self.num_stages} feature maps (motion.num_stages), "
+                f"got {len(feats)}"
+            )
+        out = list(feats)
+        for s in self.stages:
+            feat = feats[s]
+            att = torch.sigmoid(self.gates[str(s)](self.correlation_statistic(feat, num_frames)))  # [B*T,1,h,w]
+            out[s] = feat + feat * att
+        return out
+
+    @staticmethod
+    def _check_frames(feat: Tensor, num_frames: int) -> None:
+        if feat.dim() != 4:
+            raise ValueError(
+                f"CorrelationPyramidMotion expects [B*T,C,h,w] features, got shape {tuple(feat.shape)}"
+            )
+        if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 2:
+            raise ValueError(
+                f"CorrelationPyramidMotion needs num_frames >= 2 (each frame is correlated with a "
+                f"neighbouring frame), got {num_frames!r}; disable the motion part for single-frame clips"
+            )
+        if feat.shape[0] % num_frames != 0:
+            raise ValueError(
+                f"CorrelationPyramidMotion: batch dimension {feat.shape[0]} is not a multiple of "
+                f"num_frames={num_frames}"
+            )
