@@ -1,0 +1,60 @@
+"""Checkpoint evaluation used by scripts/eval.py (model and data config come from the checkpoint)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from avs.engine.checkpoint import CheckpointError, load_checkpoint
+from avs.engine.report import write_tables
+from avs.engine.trainer import Trainer, git_commit
+
+
+def config_from_checkpoint(state: dict[str, Any], path: str | Path) -> DictConfig:
+    """The resolved training config stored in an avs checkpoint."""
+    if "config" not in state:
+        raise CheckpointError(f"{path} has no stored config: evaluate avs checkpoints (checkpoints/*.ckpt of a run)")
+    return OmegaConf.create(state["config"])
+
+
+def evaluate_checkpoint(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
+    """Load `cfg.checkpoint`, evaluate `cfg.split` under `cfg.eval.protocols`, write tables to `out_dir`."""
+    state = load_checkpoint(cfg.checkpoint)
+    run_cfg = config_from_checkpoint(state, cfg.checkpoint)
+    with open_dict(run_cfg):
+        if cfg.get("data") is not None:
+            run_cfg.data = cfg.data
+        run_cfg.eval = cfg.eval
+        run_cfg.model.eval_num_samples = int(cfg.eval.num_samples)
+        run_cfg.model.init_from = None
+        run_cfg.trainer.device = cfg.device
+        run_cfg.trainer.resume = None
+        run_cfg.trainer.tensorboard = False
+        if cfg.get("batch_size"):
+            run_cfg.data.eval_batch_size = int(cfg.batch_size)
+        if cfg.split == "test":  # evaluating a finished checkpoint on test is not selection
+            run_cfg.trainer.select_split = "val"
+    trainer = Trainer(run_cfg, out_dir)
+    trainer.model.load_state_dict(state["model"])
+    masks_dir = Path(out_dir) / "pred_masks" if cfg.get("save_masks") else None
+    metrics = trainer.evaluate(str(cfg.split), save_masks_dir=masks_dir)
+    meta = {
+        "checkpoint": str(cfg.checkpoint),
+        "split": str(cfg.split),
+        "method": run_cfg.model.get("name"),
+        "backbone": run_cfg.backbone.get("name"),
+        "data": {"name": run_cfg.data.get("name"), "subset": run_cfg.data.subset, "root": str(run_cfg.data.root)},
+        "resolution": int(run_cfg.data.image_size),
+        "eval_batch_size": int(run_cfg.data.eval_batch_size),
+        "legacy_batch_size": int(run_cfg.eval.legacy_batch_size),
+        "num_samples": int(run_cfg.eval.num_samples),
+        "seed": int(run_cfg.seed),
+        "git_commit": git_commit(),
+        "train_config": OmegaConf.to_container(run_cfg, resolve=True),
+    }
+    paths = write_tables(out_dir, f"metrics_{cfg.split}", metrics, meta, title=f"{cfg.split}")
+    if masks_dir is not None:
+        paths["masks"] = masks_dir
+    return {"metrics": metrics, "paths": paths}

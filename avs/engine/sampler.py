@@ -1,0 +1,59 @@
+"""A resumable, epoch-seeded sampler (single process and distributed)."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+from torch.utils.data import Sampler
+
+
+class ResumableSampler(Sampler[int]):
+    """Yields dataset indices in an order fixed by (seed, epoch); can start part-way through an epoch.
+
+    With `num_replicas > 1` each rank takes a strided share of the (padded) permutation, as
+    torch's DistributedSampler does; padding repeats indices from the start of the permutation.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+        pad: bool = True,
+    ) -> None:
+        self.n = num_samples
+        self.shuffle = shuffle
+        self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.pad = pad
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch's order and skip its first `start` samples of this rank."""
+        self.epoch = epoch
+        self.start = start
+
+    def _order(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        if self.num_replicas > 1:
+            if self.pad:
+                total = math.ceil(self.n / self.num_replicas) * self.num_replicas
+                order = order + order[: total - self.n]
+            order = order[self.rank :: self.num_replicas]
+        return order
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._order()[self.start :])
+
+    def __len__(self) -> int:
+        return max(0, len(self._order()) - self.start)

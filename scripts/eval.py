@@ -1,0 +1,34 @@
+"""Evaluate a checkpoint on a split under every metric protocol; write markdown, csv and json tables.
+
+    python scripts/eval.py checkpoint=outputs/train/runs/<run>/checkpoints/best.ckpt split=test
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import avs  # noqa: E402,F401
+from avs.engine.evaluate import evaluate_checkpoint  # noqa: E402
+from avs.engine.report import markdown_table  # noqa: E402
+
+log = logging.getLogger("avs.eval")
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else Path(HydraConfig.get().runtime.output_dir)
+    result = evaluate_checkpoint(cfg, out_dir)
+    print(markdown_table(result["metrics"], title=f"{cfg.split}: {cfg.checkpoint}"))
+    print(f"tables: {', '.join(str(p) for p in result['paths'].values())}")
+
+
+if __name__ == "__main__":
+    main()
