@@ -15,6 +15,8 @@ import collections
 import io
 import os
 import pickle
+import re
+import struct
 from typing import Any, Callable
 
 import numpy as np
@@ -153,4 +155,47 @@ def dump_logmel_pkl(path: str | os.PathLike, array: np.ndarray | torch.Tensor) -
         tensor = array.detach().to("cpu", torch.float32).contiguous().clone()
     else:
         tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).clone()
-    atomic_write_bytes(path, pickle.dumps(tensor, protocol=pickle.DEFAULT_PROTOCOL))
+    atomic_write_bytes(path, _deterministic_tensor_pickle(tensor))
+
+
+class _Reduced:
+    """Pickles as `fn(*args)`: lets us emit the same opcodes as a pickled tensor, minus the address."""
+
+    def __init__(self, fn, args: tuple) -> None:
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+_STORAGE_KEY = re.compile(rb"X(....)(\d+)q\x02X\x03\x00\x00\x00cpu", re.DOTALL)
+
+
+def _deterministic_tensor_pickle(tensor: torch.Tensor) -> bytes:
+    """`pickle.dumps(tensor)` with the storage key (a memory address in torch's legacy format) fixed to "0".
+
+    The result unpickles with plain `pickle` exactly like a pickled tensor (as the released files
+    are read), and the same array always gives the same bytes.
+    """
+    raw = _storage_payload(tensor)
+    match = _STORAGE_KEY.search(raw)
+    if match is None:
+        return pickle.dumps(tensor, protocol=pickle.DEFAULT_PROTOCOL)
+    key = match.group(2)
+    fixed = raw.replace(b"X" + struct.pack("<I", len(key)) + key, b"X\x01\x00\x00\x000")
+    storage = _Reduced(torch.storage._load_from_bytes, (fixed,))
+    rebuilt = _Reduced(
+        torch._utils._rebuild_tensor_v2,
+        (storage, 0, tuple(tensor.shape), tuple(tensor.stride()), False, collections.OrderedDict()),
+    )
+    return pickle.dumps(rebuilt, protocol=pickle.DEFAULT_PROTOCOL)
+
+
+def _storage_payload(tensor: torch.Tensor) -> bytes:
+    """The bytes torch embeds for the tensor's storage when the tensor is pickled."""
+    import pickletools
+
+    for opcode, arg, _ in pickletools.genops(pickle.dumps(tensor, protocol=pickle.DEFAULT_PROTOCOL)):
+        if isinstance(arg, bytes):
+            return arg
+    raise RuntimeError("torch tensor pickle without an embedded storage payload")

@@ -130,3 +130,21 @@ def test_corrupt_missing_and_wrong_type(tmp_path):
     assert load_pickle(p2) == {"a": 1}  # plain containers need no globals
     with pytest.raises(AVSDataError, match="expected a pickled tensor or ndarray"):
         load_logmel_pkl(p2)
+
+
+def test_dump_is_byte_deterministic_and_plain_pickle_compatible(tmp_path):
+    import pickle
+
+    import numpy as np
+    import torch
+
+    from avs.data.safe_pickle import dump_logmel_pkl, load_logmel_pkl
+
+    arr = np.random.default_rng(0).standard_normal((5, 1, 96, 64)).astype(np.float32)
+    dump_logmel_pkl(tmp_path / "a.pkl", arr)
+    dump_logmel_pkl(tmp_path / "b.pkl", arr.copy())
+    assert (tmp_path / "a.pkl").read_bytes() == (tmp_path / "b.pkl").read_bytes()
+    with open(tmp_path / "a.pkl", "rb") as fh:  # the released loaders use plain pickle
+        plain = pickle.load(fh)
+    assert isinstance(plain, torch.Tensor) and torch.equal(plain, torch.from_numpy(arr))
+    np.testing.assert_array_equal(load_logmel_pkl(tmp_path / "a.pkl"), arr)
