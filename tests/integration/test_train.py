@@ -80,3 +80,23 @@ def test_multirun_writes_one_dir_per_job(synth_data_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/metrics.json"))]
     assert [r["seed"] for r in records] == [1, 2]
+
+
+def test_latent_kl_per_dimension_on_a_split(synth_data_dir, tmp_path):
+    from torch.utils.data import DataLoader
+
+    from avs.data import build_dataset
+    from avs.engine.diagnostics import gaussian_kl_per_dim, latent_kl_per_dimension
+    from avs.models.build import build_model
+
+    # closed form against a hand value: KL(N(1, 1) || N(0, e^0)) = 0.5 per dimension
+    one = torch.ones(1, 2)
+    assert torch.allclose(gaussian_kl_per_dim(one, 0 * one, 0 * one, 0 * one), torch.full((1, 2), 0.5))
+    cfg = compose_cfg("train", tiny_overrides(synth_data_dir) + ["model=ecmvae", "model.channels=32",
+                                                               "model.audio_dim=32", "audio.embed_dim=32"])
+    model = build_model(cfg)
+    loader = DataLoader(build_dataset(cfg.data, "val", train=False), batch_size=2)
+    out = latent_kl_per_dimension(model, loader)
+    assert out["frames"] == 2 * cfg.data.num_frames
+    assert set(out) == {"s_v", "s_a", "c", "frames"}
+    assert all(len(v) == 16 and min(v) >= 0 for k, v in out.items() if k != "frames")
