@@ -1,0 +1,216 @@
+"""Export the inference path of an AVSegmentor to TorchScript (torch.jit.trace) and check it against eager.
+
+The exported module maps ``(frames [B,T,3,H,W], audio [B,T,1,96,64]) -> logits [B,T,1,H,W]``
+(frames ImageNet-normalised, audio VGGish log-mel). Latent models (ECMVAE) use the prior mean
+code, so the export is deterministic. The trace is specialised to the traced (T, H, W) and, for
+models with the AVS-BG motion module, also to the traced batch size B (its memory chunking
+unrolls over B*T); the sidecar json records the shapes.
+
+Two parts of the eager model are not traceable as they stand; the wrapper handles both without
+touching the model code (see docs/demo.md):
+* CorrelationPyramidMotion checks ``isinstance(num_frames, int)``, but under tracing T comes from
+  ``frames.shape`` as a tensor: the wrapper passes ``int(T)`` (T is fixed per checkpoint).
+* its correlation is a custom ``torch.autograd.Function`` (memory-saving backward), which the
+  tracer records as an opaque Python call that cannot be saved: while tracing, its forward
+  (the same chunked computation) is called directly, which traces to plain tensor ops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from avs.models.segmentor import AVSegmentor
+from avs.utils.io import atomic_write_bytes, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ExportError", "ExportedSegmentor", "ExportResult", "export_torchscript", "example_inputs", "load_exported"]
+
+
+class ExportError(RuntimeError):
+    """The traced module could not be built or does not reproduce the eager model."""
+
+
+class _IntFrames(nn.Module):
+    """Calls the wrapped motion module with a Python int T (traced shapes are tensors)."""
+
+    def __init__(self, motion: nn.Module) -> None:
+        super().__init__()
+        self.inner = motion
+
+    def forward(self, feats: list[torch.Tensor], num_frames: Any) -> list[torch.Tensor]:
+        return self.inner(feats, int(num_frames))
+
+
+class ExportedSegmentor(nn.Module):
+    """Inference wrapper: (frames [B,T,3,H,W], audio [B,T,1,96,64]) -> logits [B,T,1,H,W].
+
+    Shares the parameters of `model` and leaves it unchanged; latent models predict with the
+    prior mean code (one deterministic pass, as `eval_num_samples=1`).
+    """
+
+    def __init__(self, model: AVSegmentor) -> None:
+        super().__init__()
+        view = copy.copy(model)  # shallow: same parameters, own attribute and submodule tables
+        view.__dict__["_modules"] = dict(model._modules)
+        view.eval_num_samples = 1
+        if view.motion is not None:
+            view.motion = _IntFrames(model.motion)
+        self.model = view.eval()
+
+    def forward(self, frames: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+        return self.model({"frames": frames, "audio": audio})["logits"]
+
+
+class _NoGradContext:
+    """Stand-in for the autograd ctx when a Function's forward is called directly."""
+
+    def save_for_backward(self, *tensors: torch.Tensor) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _traceable_motion() -> Iterator[None]:
+    """While active, the motion correlation runs its chunked forward without the autograd.Function."""
+    from avs.models import motion as motion_mod
+
+    original = motion_mod._mean_relu_correlation
+    fn = motion_mod._MeanReLUCorrelation
+
+    def forward_only(query: torch.Tensor, key: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
+        key = key.to(query.dtype)
+        maps, positions = motion_mod._chunk_plan(query.shape[0], query.shape[2], key.shape[2], chunk_size)
+        return fn.forward(_NoGradContext(), query.contiguous(), key.contiguous(), int(maps), int(positions))
+
+    motion_mod._mean_relu_correlation = forward_only
+    try:
+        yield
+    finally:
+        motion_mod._mean_relu_correlation = original
+
+
+def example_inputs(batch: int, num_frames: int, image_size: tuple[int, int], seed: int = 0,
+                   device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Random (frames [B,T,3,H,W] ~ N(0,1), log-mel [B,T,1,96,64] ~ N(-4,2)) for tracing and checking."""
+    g = torch.Generator().manual_seed(int(seed))
+    frames = torch.randn(batch, num_frames, 3, *image_size, generator=g)
+    audio = torch.randn(batch, num_frames, 1, 96, 64, generator=g) * 2.0 - 4.0  # roughly log-mel scaled
+    return frames.to(device), audio.to(device)
+
+
+@dataclass
+class ExportResult:
+    """What export_torchscript wrote and how closely the saved module matches eager."""
+
+    path: Path
+    meta_path: Path
+    max_abs_diff: float
+    input_shapes: dict[str, list[int]]
+
+
+def _trace(wrapper: ExportedSegmentor, frames: torch.Tensor, audio: torch.Tensor) -> torch.jit.ScriptModule:
+    with _traceable_motion(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        try:
+            return torch.jit.trace(wrapper, (frames, audio), check_trace=False, strict=False)
+        except Exception as exc:
+            raise ExportError(f"torch.jit.trace failed: {type(exc).__name__}: {exc}") from exc
+
+
+def load_exported(path: str | Path, device: str | torch.device = "cpu") -> torch.jit.ScriptModule:
+    """Load a module written by export_torchscript."""
+    return torch.jit.load(str(path), map_location=device)
+
+
+def export_torchscript(
+    model: AVSegmentor,
+    path: str | Path,
+    frames: torch.Tensor,
+    audio: torch.Tensor,
+    atol: float = 1e-4,
+    meta: dict[str, Any] | None = None,
+    check_inputs: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> ExportResult:
+    """Trace `model` on (frames, audio), save it to `path` (+ `<path>.json`), reload and compare with eager.
+
+    The comparison runs on the traced inputs and on every pair in `check_inputs` (same shapes);
+    raises ExportError when the reloaded module differs from eager by more than `atol`.
+    """
+    path = Path(path)
+    model = model.eval()
+    wrapper = ExportedSegmentor(model)
+    with torch.no_grad():
+        traced = _trace(wrapper, frames, audio)
+        buf = io.BytesIO()
+        torch.jit.save(traced, buf)
+        atomic_write_bytes(path, buf.getvalue())
+        loaded = load_exported(path, frames.device)
+        worst = 0.0
+        for f, a in [(frames, audio)] + list(check_inputs or []):
+            eager = _eager_logits(model, f, a)
+            got = loaded(f, a)
+            if got.shape != eager.shape:
+                raise ExportError(f"exported output shape {tuple(got.shape)} != eager {tuple(eager.shape)}")
+            worst = max(worst, float((got.float() - eager.float()).abs().max()))
+    if not worst <= atol:
+        raise ExportError(f"{path}: exported logits differ from eager by {worst:.3g} > atol={atol}")
+    shapes = {"frames": list(frames.shape), "audio": list(audio.shape), "logits": list(eager.shape)}
+    record = {
+        "format": "torchscript",
+        "inputs": {"frames": "float32 [B,T,3,H,W], RGB / 255, ImageNet-normalised",
+                   "audio": "float32 [B,T,1,96,64], VGGish log-mel (avs.data.audio)"},
+        "output": "logits [B,T,1,H,W] (foreground probability = sigmoid)",
+        "traced_shapes": shapes,
+        "fixed_batch": model.motion is not None,
+        "latent": "prior mean code" if model.latent is not None else None,
+        "max_abs_diff_vs_eager": worst,
+        "atol": atol,
+        "torch": torch.__version__,
+        **(meta or {}),
+    }
+    meta_path = path.with_name(path.name + ".json")
+    atomic_write_text(meta_path, json.dumps(record, indent=2))
+    return ExportResult(path, meta_path, worst, shapes)
+
+
+def _eager_logits(model: AVSegmentor, frames: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+    """The eager model's deterministic prediction (prior mean code for latent models) -> [B,T,1,H,W]."""
+    k = model.eval_num_samples
+    model.eval_num_samples = 1
+    try:
+        return model({"frames": frames, "audio": audio})["logits"]
+    finally:
+        model.eval_num_samples = k
+
+
+def export_checkpoint(cfg: Any, out_dir: str | Path) -> ExportResult:
+    """scripts/export.py: rebuild `cfg.checkpoint`, export to `<out_dir>/<name>.pt`, check within `cfg.atol`."""
+    from avs.inference.model import load_model
+
+    loaded = load_model(str(cfg.checkpoint), cfg.get("device", "cpu") or "cpu", num_samples=1)
+    batch = int(cfg.get("batch_size", 1) or 1)
+    if batch < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch}")
+    seed = int(cfg.get("seed", 0) or 0)
+    frames, audio = example_inputs(batch, loaded.num_frames, loaded.image_size, seed, loaded.device)
+    checks = [example_inputs(batch, loaded.num_frames, loaded.image_size, seed + 1 + i, loaded.device)
+              for i in range(int(cfg.get("num_checks", 2) or 0))]
+    name = cfg.get("name") or f"{Path(str(cfg.checkpoint)).stem}_{loaded.method}"
+    meta = {"checkpoint": str(loaded.checkpoint), "method": loaded.method,
+            "backbone": str(loaded.cfg.backbone.get("name", "")), "num_frames": loaded.num_frames,
+            "image_size": list(loaded.image_size), "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    result = export_torchscript(loaded.model, Path(out_dir) / f"{name}.pt", frames, audio,
+                                atol=float(cfg.get("atol", 1e-4)), meta=meta, check_inputs=checks)
+    log.info("exported %s -> %s (max |exported - eager| = %.3g)", cfg.checkpoint, result.path, result.max_abs_diff)
+    return result

@@ -1,0 +1,154 @@
+"""Qualitative views of a checkpoint on a dataset split: frame / GT / prediction / variance grids, t-SNE of latents."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from avs.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from avs.inference.model import load_model
+from avs.inference.overlay import heatmap, image_grid, save_png, scatter_plot, tint
+from avs.inference.video import MissingDependencyError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["VisualizeResult", "visualize_split", "tsne_embed", "denormalize"]
+
+CODE_NAMES = ("c", "s_a", "s_v")  # shared, audio-specific, visual-specific (ECMVAE)
+VARIANCE_MAX = 0.25
+
+
+@dataclass
+class VisualizeResult:
+    """Files written by visualize_split; `tsne_skipped` says why there is no t-SNE plot."""
+
+    grids: list[Path] = field(default_factory=list)
+    latents: Path | None = None
+    tsne: Path | None = None
+    tsne_skipped: str | None = None
+
+
+def denormalize(frames: torch.Tensor) -> np.ndarray:
+    """ImageNet-normalised [T,3,H,W] -> uint8 RGB [T,H,W,3]."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=frames.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=frames.dtype).view(1, 3, 1, 1)
+    x = (frames.cpu() * std + mean).clamp(0, 1).mul(255).round().to(torch.uint8)
+    return np.ascontiguousarray(x.permute(0, 2, 3, 1).numpy())  # [T,3,H,W] -> [T,H,W,3]
+
+
+def tsne_embed(codes: np.ndarray, seed: int = 0) -> np.ndarray:
+    """t-SNE of codes [N,D] -> [N,2]; MissingDependencyError (avs[viz]) when scikit-learn is absent."""
+    try:
+        from sklearn.manifold import TSNE
+    except ImportError as exc:
+        raise MissingDependencyError(
+            "t-SNE needs scikit-learn, which is not installed: pip install 'avs[viz]'  (or: pip install scikit-learn)"
+        ) from exc
+    n = codes.shape[0]
+    if n < 4:
+        raise ValueError(f"t-SNE needs at least 4 codes, got {n}")
+    perplexity = float(min(30.0, max(1.0, (n - 1) / 3.0)))
+    return np.asarray(TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(codes))
+
+
+def _opt(cfg: Mapping[str, Any], key: str, default: Any) -> Any:
+    value = cfg.get(key, default)
+    return default if value is None else value
+
+
+def visualize_split(cfg: Mapping[str, Any], out_dir: str | Path) -> VisualizeResult:
+    """Grids for the first `cfg.num_clips` clips of `cfg.split` and a t-SNE of the latent codes (latent models).
+
+    Keys (configs/visualize.yaml): checkpoint, split, data (optional override), num_clips, num_samples,
+    tsne, tsne_clips, batch_size, device, seed, threshold, tile_height, progress.
+    """
+    from avs.data import build_dataset
+
+    out = Path(out_dir)
+    split = str(_opt(cfg, "split", "val"))
+    num_clips = int(_opt(cfg, "num_clips", 8))
+    K = int(_opt(cfg, "num_samples", 1))
+    threshold = float(_opt(cfg, "threshold", 0.5))
+    progress = bool(_opt(cfg, "progress", True))
+    loaded = load_model(str(cfg["checkpoint"]), _opt(cfg, "device", "auto"), K)
+    data_cfg = cfg.get("data") or loaded.cfg.data
+    if data_cfg.get("synthetic"):
+        from avs.data.synthetic import ensure_synthetic
+
+        ensure_synthetic(data_cfg)
+    ds = build_dataset(data_cfg, split, train=False)
+    want_tsne = bool(_opt(cfg, "tsne", True)) and loaded.has_latent
+    tsne_clips = cfg.get("tsne_clips")
+    total = len(ds) if want_tsne and tsne_clips is None else min(len(ds), max(num_clips, int(tsne_clips or 0)))
+    loader = DataLoader(torch.utils.data.Subset(ds, range(total)), batch_size=int(_opt(cfg, "batch_size", 2)),
+                        shuffle=False, num_workers=0)
+    torch.manual_seed(int(_opt(cfg, "seed", 0)))
+    result = VisualizeResult()
+    codes: dict[str, list[np.ndarray]] = {}
+    seen = 0
+    for batch in tqdm(loader, desc=f"visualize {split}", disable=not progress, dynamic_ncols=True):
+        inputs = {"frames": batch["frames"].to(loaded.device), "audio": batch["audio"].to(loaded.device)}
+        with torch.no_grad():
+            outp = loaded.model(inputs)
+        probs = torch.sigmoid(outp["logits"].float()).cpu()  # [B,T,1,H,W]
+        var = outp.get("variance")
+        for name, value in (outp.get("latents") or {}).items():
+            codes.setdefault(name, []).append(value.float().cpu().numpy())  # [B*T,L]
+        for b in range(probs.shape[0]):
+            if seen < num_clips:
+                result.grids.append(_clip_grid(out, batch, b, probs[b], None if var is None else var[b].float().cpu(),
+                                               threshold, int(_opt(cfg, "tile_height", 128))))
+            seen += 1
+    if not loaded.has_latent:
+        result.tsne_skipped = f"{loaded.method} has no latent codes (t-SNE is for ECMVAE-style models)"
+    elif not bool(_opt(cfg, "tsne", True)):
+        result.tsne_skipped = "tsne=false"
+    elif codes:
+        arrays = {k: np.concatenate(v, axis=0) for k, v in codes.items()}
+        result.latents = out / "latents.npz"
+        result.latents.parent.mkdir(parents=True, exist_ok=True)
+        from avs.utils.io import atomic_save
+
+        atomic_save(result.latents, lambda fh: np.savez(fh, **arrays))
+        names = [n for n in CODE_NAMES if n in arrays] + sorted(set(arrays) - set(CODE_NAMES))
+        stacked = np.concatenate([arrays[n] for n in names], axis=0)  # [len(names)*N, L]
+        labels = np.concatenate([np.full(arrays[n].shape[0], i) for i, n in enumerate(names)])
+        try:
+            points = tsne_embed(stacked, int(_opt(cfg, "seed", 0)))
+        except MissingDependencyError as exc:
+            result.tsne_skipped = str(exc)
+        else:
+            title = f"t-SNE of prior codes ({split}, {stacked.shape[0] // len(names)} frames)"
+            result.tsne = save_png(out / "tsne.png", scatter_plot(points, labels, names, title=title))
+    if result.tsne_skipped:
+        log.warning("t-SNE skipped: %s", result.tsne_skipped)
+    return result
+
+
+def _clip_grid(out: Path, batch: dict, b: int, probs: torch.Tensor, var: torch.Tensor | None, threshold: float,
+               tile_height: int) -> Path:
+    """One clip: rows frame / GT / prediction [/ variance], columns t = 1..T -> grids/<video_id>.png."""
+    frames = denormalize(batch["frames"][b])  # [T,H,W,3]
+    gt = batch["masks"][b, :, 0].numpy() > 0.5  # [T,H,W]
+    valid = batch["mask_valid"][b].numpy()
+    T = frames.shape[0]
+    pred = probs[:, 0].numpy() > threshold  # [T,H,W]
+    rows = [
+        list(frames),
+        [tint(frames[t], gt[t], (40, 220, 90)) if valid[t] else np.zeros_like(frames[t]) for t in range(T)],
+        [tint(frames[t], pred[t]) for t in range(T)],
+    ]
+    names = ["frame", "GT", "prediction"]
+    if var is not None:
+        rows.append([heatmap(var[t, 0].numpy(), VARIANCE_MAX) for t in range(T)])
+        names.append("variance")
+    grid = image_grid(rows, col_labels=[f"t={t + 1}" for t in range(T)], row_labels=names, tile_height=tile_height)
+    vid = str(batch["video_id"][b])
+    return save_png(out / "grids" / f"{vid}.png", grid)

@@ -1,0 +1,40 @@
+"""Segment the sounding objects of a video with a trained checkpoint (docs/demo.md).
+
+    python scripts/demo.py video=clip.mp4 checkpoint=outputs/train/runs/<run>/checkpoints/best.ckpt
+    python scripts/demo.py video=silent.mp4 audio_file=track.wav checkpoint=... sampling=dense
+
+Writes masks/<stem>_<k>.png, <stem>_overlay.mp4 (with the audio), contact_sheet.png and demo.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import avs  # noqa: E402,F401
+from avs.inference.demo import run_demo  # noqa: E402
+
+log = logging.getLogger("avs.demo")
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="demo")
+def main(cfg: DictConfig) -> None:
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(HydraConfig.get().runtime.output_dir)
+    result = run_demo(cfg, out_dir)
+    print(f"{len(result.masks)} masks: {out_dir / 'masks'}")
+    if result.overlay_video:
+        print(f"overlay video: {result.overlay_video}")
+    if result.contact_sheet:
+        print(f"contact sheet: {result.contact_sheet}")
+    print(f"summary: {result.summary}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""Export a checkpoint's inference path to TorchScript and check it against the eager model (docs/demo.md).
+
+    python scripts/export.py checkpoint=outputs/train/runs/<run>/checkpoints/best.ckpt [batch_size=1]
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import avs  # noqa: E402,F401
+from avs.inference.export import export_checkpoint  # noqa: E402
+
+log = logging.getLogger("avs.export")
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="export")
+def main(cfg: DictConfig) -> None:
+    if cfg.format != "torchscript":
+        raise ValueError(f"format must be 'torchscript' (the only exporter), got {cfg.format!r}")
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(HydraConfig.get().runtime.output_dir)
+    result = export_checkpoint(cfg, out_dir)
+    print(f"exported: {result.path} (inputs {result.input_shapes}; max |exported - eager| = {result.max_abs_diff:.3g})")
+    print(f"metadata: {result.meta_path}")
+
+
+if __name__ == "__main__":
+    main()
