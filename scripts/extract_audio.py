@@ -17,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import avs  # noqa: E402,F401  (registers config resolvers)
 from avs.data.avsbench import AVSDataError  # noqa: E402
-from avs.data.embeddings import extract_embeddings, resolve_device  # noqa: E402
+from avs.data.embeddings import extract_embeddings  # noqa: E402
+from avs.utils.device import select_device  # noqa: E402
 from avs.models.vggish import VGGish  # noqa: E402
 
 log = logging.getLogger("avs.extract_audio")
@@ -35,7 +36,7 @@ def main(cfg: DictConfig) -> None:
             vggish=vggish,
             splits=list(cfg.splits),
             num_frames=int(cfg.data.num_frames),
-            device=resolve_device(cfg.device),
+            device=select_device(cfg.device),
             overwrite=bool(cfg.overwrite),
             out_dir=cfg.data.get("embedding_dir"),
             batch_size=int(cfg.batch_size),

@@ -19,7 +19,7 @@ from avs.data import build_dataset  # noqa: E402
 from avs.engine.checkpoint import load_checkpoint  # noqa: E402
 from avs.engine.diagnostics import latent_kl_per_dimension  # noqa: E402
 from avs.engine.evaluate import config_from_checkpoint  # noqa: E402
-from avs.engine.trainer import select_device  # noqa: E402
+from avs.utils.device import select_device  # noqa: E402
 from avs.models.build import build_model  # noqa: E402
 
 

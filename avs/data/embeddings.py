@@ -24,18 +24,12 @@ from avs.data.avsbench import (
     split_records,
     wav_path,
 )
+from avs.utils.device import select_device
 from avs.utils.io import atomic_save
 
 log = logging.getLogger(__name__)
 
-__all__ = ["resolve_device", "clip_logmel", "extract_embeddings"]
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """'auto' -> cuda when available else cpu; anything else -> torch.device(device)."""
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+__all__ = ["clip_logmel", "extract_embeddings"]
 
 
 def clip_logmel(root: Path, subset: str, rec: ClipRecord, num_frames: int) -> np.ndarray:
@@ -83,7 +77,7 @@ def extract_embeddings(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     root = Path(dataset_root).expanduser()
     layout = get_layout(subset)
-    dev = resolve_device(device)
+    dev = select_device(device)
     vggish = vggish.to(dev).eval()
     base = embedding_root(root, layout, out_dir)
     summary: dict = {"written": 0, "skipped": 0, "per_split": {}, "out_dir": str(base)}

@@ -59,7 +59,7 @@ def inference_config(state: dict, path: str | Path, num_samples: int = 1) -> Dic
 def load_model(checkpoint: str | Path, device: str | torch.device = "auto", num_samples: int = 1) -> LoadedModel:
     """Checkpoint path -> LoadedModel in eval mode on `device` (K = `num_samples` prior samples for latent models)."""
     from avs.data.transforms import as_size
-    from avs.engine.trainer import select_device
+    from avs.utils.device import select_device
     from avs.models.build import build_model
 
     if int(num_samples) < 1:
