@@ -1,26 +1,141 @@
-"""Checks of a composed config that fail early, before any data is loaded, naming the keys."""
+"""Checks of a composed config that fail early, before any data is loaded, naming the keys.
+
+`check_config(cfg)` raises `ConfigError` for impossible or unsafe combinations (docs/reliability.md
+lists every case and the test that covers it). `override_hints(argv)` explains a rejected
+command-line override (an unknown key or config-group option) with the nearest valid names.
+"""
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+import difflib
+import math
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+AMP_CHOICES = ("auto", "off", "false", "False", "none", "None", "bf16", "fp16")
+SCHEDULES = ("constant", "cosine", "poly")
+LATENT_WITHOUT_AUDIO = ("visual_only",)  # ECMVAE latent variants that need no audio
 
 
 class ConfigError(ValueError):
     """An impossible or unsafe combination of config values."""
 
 
+# --------------------------------------------------------------------------------------------
+# composed-config checks
+# --------------------------------------------------------------------------------------------
 def check_config(cfg: DictConfig) -> None:
     """Raise ConfigError for combinations that cannot work (see docs/reliability.md)."""
+    _check_resolvable(cfg)
     data, model, trainer = cfg.data, cfg.model, cfg.trainer
+    _check_data(data)
+    _check_model(cfg, data, model)
+    _check_trainer(trainer)
+    if cfg.get("eval") is not None:
+        _check_eval(cfg.eval, model)
+
+
+def _check_resolvable(cfg: DictConfig) -> None:
+    """Every value resolves: `???` placeholders and broken interpolations are reported by key."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as exc:
+        key = exc.full_key or "?"
+        raise ConfigError(f"config key {key} must be set (it is '???'): pass {key}=<value> on the command line") from None
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        msg = str(getattr(exc, "msg", exc))
+        ref = re.search(r"Missing mandatory value: ([\w.]+)", msg)
+        if ref:  # e.g. model.init_from: ${s4_checkpoint} with s4_checkpoint: ???
+            raise ConfigError(
+                f"config key {key} must be set: it takes its value from {ref.group(1)}, which is '???' "
+                f"(pass {ref.group(1)}=<value> or {key}=<value>)"
+            ) from None
+        raise ConfigError(f"config key {key} does not resolve: {msg}") from None
+
+
+def _positive_int(value: Any, key: str, minimum: int = 1) -> int:
+    try:
+        out = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}") from None
+    if out < minimum or (isinstance(value, float) and not value.is_integer()):
+        raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
+    return out
+
+
+def _check_data(data: DictConfig) -> None:
     if data.subset not in ("s4", "ms3"):
         raise ConfigError(f"data.subset must be 's4' or 'ms3', got {data.subset!r}")
-    size = int(data.image_size)
-    if size % 32 != 0 or size < 32:
+    size = _positive_int(data.image_size, "data.image_size")
+    if size % 32 != 0:
         raise ConfigError(f"data.image_size={size} must be a positive multiple of 32 (the backbone's output stride)")
-    if int(data.num_frames) < 1:
-        raise ConfigError(f"data.num_frames={data.num_frames} must be >= 1")
+    _positive_int(data.num_frames, "data.num_frames")
+    _positive_int(data.batch_size, "data.batch_size")
+    _positive_int(data.get("eval_batch_size", data.batch_size), "data.eval_batch_size")
+    _positive_int(data.get("num_workers", 0), "data.num_workers", minimum=0)
+    if data.audio_source not in ("logmel", "wav", "embedding"):
+        raise ConfigError(f"data.audio_source must be logmel|wav|embedding, got {data.audio_source!r}")
+    if data.get("on_error", "raise") not in ("raise", "skip"):
+        raise ConfigError(f"data.on_error must be 'raise' or 'skip', got {data.on_error!r}")
+    flip = float(data.get("flip_prob", 0.0) or 0.0)
+    if not 0.0 <= flip <= 1.0:
+        raise ConfigError(f"data.flip_prob={flip} must lie in [0, 1]")
+
+
+def _check_model(cfg: DictConfig, data: DictConfig, model: DictConfig) -> None:
     if model.get("motion") is not None and int(data.num_frames) < 2:
         raise ConfigError(f"model.motion needs data.num_frames >= 2 (got {data.num_frames}); set model.motion=null")
+    use_audio = bool(model.get("use_audio", True))
+    if data.audio_source != "embedding" and use_audio and model.get("audio_encoder") is None:
+        raise ConfigError("model.audio_encoder is null but data.audio_source gives log-mel audio: set audio=vggish|tiny or data.audio_source=embedding")
+    latent = model.get("latent")
+    if latent is not None:
+        variant = str(latent.get("variant", "factorised"))
+        if variant not in LATENT_WITHOUT_AUDIO and not use_audio:
+            raise ConfigError(
+                f"model.latent.variant={variant} encodes the audio but model.use_audio=false: "
+                "set model.use_audio=true or model.latent.variant=visual_only"
+            )
+    projector = model.get("projector")
+    mask_mode = str(model.get("projector_mask", "auto"))
+    if projector is not None:
+        if mask_mode == "gt" and data.subset == "s4":
+            raise ConfigError("model.projector_mask=gt needs all frames labelled; S4 trains on frame 0 only (use auto or pred)")
+        gt_used = mask_mode == "gt" or (mask_mode == "auto" and data.subset == "ms3")
+        if projector.get("legacy_raw_logits", False) and gt_used:
+            raise ConfigError(
+                f"model.projector.legacy_raw_logits=true is an S4 option (the AVS-BG S4 code pooled raw logits); "
+                f"with data.subset={data.subset} and model.projector_mask={mask_mode} the projector pools the "
+                "ground-truth mask and the flag would silently do nothing: drop it or set model.projector_mask=pred"
+            )
+    weights = model.get("loss_weights") or {}
+    auto = model.get("auto_weights") or {}
+    for term, w in weights.items():
+        if w == "auto":
+            table = auto.get(term) if auto else None
+            if table is None or data.subset not in table:
+                raise ConfigError(
+                    f"model.loss_weights.{term}=auto needs model.auto_weights.{term}.{data.subset} "
+                    f"(data.subset={data.subset}); set it or give model.loss_weights.{term} a number"
+                )
+        else:
+            try:
+                value = float(w)
+            except (TypeError, ValueError):
+                raise ConfigError(f"model.loss_weights.{term} must be a number or 'auto', got {w!r}") from None
+            if not math.isfinite(value):
+                raise ConfigError(f"model.loss_weights.{term}={w} must be finite")
+    init_from = model.get("init_from")
+    if init_from and not Path(str(init_from)).expanduser().is_file():
+        raise ConfigError(f"model.init_from={init_from}: file not found (give an avs checkpoint, e.g. <S4 run>/checkpoints/best.ckpt)")
+
+
+def _check_trainer(trainer: DictConfig) -> None:
     split = str(trainer.get("select_split", "val"))
     if split not in ("val", "test"):
         raise ConfigError(f"trainer.select_split must be 'val' (or 'test' with allow_test_selection), got {split!r}")
@@ -29,9 +144,133 @@ def check_config(cfg: DictConfig) -> None:
             "trainer.select_split=test selects checkpoints on the test split; this is refused unless "
             "trainer.allow_test_selection=true is set explicitly (the AVS-BG release did this; see docs/protocols.md)"
         )
-    if data.audio_source not in ("logmel", "wav", "embedding"):
-        raise ConfigError(f"data.audio_source must be logmel|wav|embedding, got {data.audio_source!r}")
-    if data.audio_source != "embedding" and model.get("use_audio", True) and model.get("audio_encoder") is None:
-        raise ConfigError("model.audio_encoder is null but data.audio_source gives log-mel audio: set audio=vggish|tiny or data.audio_source=embedding")
-    if model.get("projector") is not None and model.get("projector_mask", "auto") == "gt" and data.subset == "s4":
-        raise ConfigError("model.projector_mask=gt needs all frames labelled; S4 trains on frame 0 only (use auto or pred)")
+    if str(trainer.get("amp", "auto")) not in AMP_CHOICES:
+        raise ConfigError(f"trainer.amp must be auto|off|bf16|fp16, got {trainer.amp!r}")
+    if str(trainer.get("schedule", "constant")) not in SCHEDULES:
+        raise ConfigError(f"trainer.schedule must be one of {'|'.join(SCHEDULES)}, got {trainer.schedule!r}")
+    _positive_int(trainer.get("grad_accum", 1), "trainer.grad_accum")
+    _positive_int(trainer.get("max_consecutive_nonfinite", 3), "trainer.max_consecutive_nonfinite")
+    for key in ("checkpoint_every_steps", "interrupt_after_steps", "max_steps", "epochs"):
+        _positive_int(trainer.get(key, 0) or 0, f"trainer.{key}", minimum=0)
+    _positive_int(trainer.get("val_every_epochs", 1), "trainer.val_every_epochs")
+    lr = float(trainer.lr)
+    if not (math.isfinite(lr) and lr >= 0):
+        raise ConfigError(f"trainer.lr={trainer.lr} must be a finite number >= 0")
+    steps = trainer.get("debug_nan_steps") or []
+    if not isinstance(steps, (list, ListConfig)) or not all(isinstance(s, int) and s >= 1 for s in steps):
+        raise ConfigError(f"trainer.debug_nan_steps must be a list of step numbers >= 1, got {steps!r}")
+    if str(trainer.get("find_unused_parameters", "auto")) not in ("auto", "True", "False", "true", "false"):
+        raise ConfigError(f"trainer.find_unused_parameters must be auto|true|false, got {trainer.find_unused_parameters!r}")
+    resume = trainer.get("resume")
+    if resume not in (None, "", "auto"):
+        p = Path(str(resume)).expanduser()
+        if not (p.is_file() or (p / "checkpoints" / "last.ckpt").is_file() or (p / "last.ckpt").is_file()):
+            raise ConfigError(
+                f"trainer.resume={resume}: neither a checkpoint file nor a run directory holding "
+                "checkpoints/last.ckpt (use trainer.resume=auto to continue the current run dir)"
+            )
+
+
+def _check_eval(ecfg: DictConfig, model: DictConfig) -> None:
+    protocols = list(ecfg.get("protocols", []) or [])
+    if protocols and ecfg.get("protocol") not in protocols:
+        raise ConfigError(f"eval.protocol={ecfg.get('protocol')} must be one of eval.protocols={protocols}")
+    samples = _positive_int(ecfg.get("num_samples", 1), "eval.num_samples")
+    if samples > 1 and model.get("latent") is None:
+        raise ConfigError(
+            f"eval.num_samples={samples} draws latent samples but model.latent is null "
+            f"(model {model.get('name')!r} is deterministic): use eval.num_samples=1 or a latent model"
+        )
+    _positive_int(ecfg.get("legacy_batch_size", 1), "eval.legacy_batch_size")
+
+
+# --------------------------------------------------------------------------------------------
+# command-line override hints
+# --------------------------------------------------------------------------------------------
+def config_keys(cfg: DictConfig | ListConfig, prefix: str = "") -> list[str]:
+    """Every dotted key path of `cfg` (nodes and leaves), without resolving interpolations."""
+    out: list[str] = []
+    if isinstance(cfg, DictConfig):
+        for k in cfg.keys():
+            path = f"{prefix}{k}"
+            out.append(path)
+            node = cfg._get_node(k)
+            if isinstance(node, (DictConfig, ListConfig)) and not node._is_missing() and not node._is_none():
+                if isinstance(node, DictConfig):
+                    out += config_keys(node, path + ".")
+    return out
+
+
+def suggest(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:
+    """Nearest candidates to `name` (difflib), best first; also matches on the last dotted component."""
+    candidates = [c for c in dict.fromkeys(candidates) if not name.startswith(c + ".")]  # no ancestors
+    best = difflib.get_close_matches(name, candidates, n=n, cutoff=0.6)
+    parent, _, leaf = name.rpartition(".")
+    siblings = [c for c in candidates if c.rpartition(".")[0] == parent]
+    for c in difflib.get_close_matches(leaf, [s.rpartition(".")[2] for s in siblings], n=n, cutoff=0.5):
+        full = f"{parent}.{c}" if parent else c
+        if full not in best:
+            best.append(full)
+    return best[:n]
+
+
+def override_hints(overrides: list[str], config_name: str = "train", config_dir: str | Path | None = None) -> list[str]:
+    """Explain each command-line override that names an unknown key or group option, with suggestions.
+
+    Returns one message per bad override (empty when every override is valid or the list does not
+    parse). Keys added with `+`/`++`, deletions and `hydra.*` overrides are not checked.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from avs.config import CONFIG_DIR
+
+    root = Path(config_dir) if config_dir is not None else CONFIG_DIR
+    try:
+        parsed = OverridesParser.create().parse_overrides([o for o in overrides if not o.startswith("-")])
+    except Exception:  # a syntax error: Hydra's own message says where
+        return []
+    hints: list[str] = []
+    groups: list[str] = []
+    keys: list[tuple[str, str]] = []
+    for o in parsed:
+        key = o.key_or_group
+        if o.is_add() or o.is_force_add() or o.is_delete() or key == "hydra" or key.startswith(("hydra.", "hydra/")):
+            continue
+        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+        if (root / key).is_dir():
+            options = sorted(p.stem for p in (root / key).glob("*.yaml"))
+            bad = [v for v in values if v not in options and v != "null"]
+            for v in bad:
+                near = suggest(v, options)
+                hints.append(
+                    f"'{key}={v}': no config {key}/{v}.yaml"
+                    + (f"; did you mean {' or '.join(f'{key}={s}' for s in near)}?" if near else "")
+                    + f" (options: {', '.join(options)})"
+                )
+            if not bad:
+                groups.append(f"{key}={values[0]}")
+        else:
+            keys.append((key, o.input_line or key))
+    if not keys:
+        return hints
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(root.resolve()), version_base="1.3"):
+            cfg = compose(config_name, overrides=groups)
+    except Exception:
+        return hints
+    finally:
+        GlobalHydra.instance().clear()
+    known = config_keys(cfg)
+    for key, line in keys:
+        if key in known:
+            continue
+        near = suggest(key, known)
+        msg = f"unknown config key '{key}' (in '{line}')"
+        if near:
+            msg += f"; did you mean {' or '.join(repr(s) for s in near)}?"
+        msg += f" To add a new key on purpose use '+{line}'."
+        hints.append(msg)
+    return hints

@@ -3,11 +3,17 @@
     python scripts/train.py experiment=quickstart
     python scripts/train.py model=tpavi data=ms3 backbone=pvt_v2_b5
     python scripts/train.py -m experiment=quickstart seed=1,2,3
+    python scripts/train.py experiment=quickstart trainer.resume=<run dir>      # continue a stopped run
+    torchrun --nproc_per_node=2 scripts/train.py experiment=quickstart trainer=ddp   # docs/distributed.md
+
+SIGTERM / SIGINT save checkpoints/last.ckpt after the current step and exit with 128 + signal
+number (docs/reliability.md). A rejected override prints the nearest valid key.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -18,6 +24,8 @@ from omegaconf import DictConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 import avs  # noqa: E402,F401  (registers config resolvers)
+from avs.config import CONFIG_DIR  # noqa: E402
+from avs.engine import distributed as D  # noqa: E402
 from avs.engine.report import markdown_table  # noqa: E402
 from avs.engine.trainer import Trainer  # noqa: E402
 
@@ -30,15 +38,38 @@ def main(cfg: DictConfig) -> float | None:
     trainer = Trainer(cfg, run_dir)
     result = trainer.fit()
     if result.get("interrupted"):
+        signame = result.get("signal")
+        if signame:
+            signum = int(getattr(signal, signame))
+            log.warning("exiting after %s with code %d; resume with trainer.resume=%s", signame, 128 + signum, run_dir)
+            raise SystemExit(128 + signum)
         return None
     best = trainer.best
-    print(f"\nrun dir: {run_dir}")
-    if best.get("val"):
-        print(markdown_table(best["val"], title=f"val (best epoch {best['epoch']}, step {best['step']})"))
-    if result.get("test"):
-        print(markdown_table(result["test"], title=f"test ({cfg.data.name}, {cfg.model.name}, {cfg.backbone.name})"))
+    if trainer.is_main:
+        print(f"\nrun dir: {run_dir}")
+        if best.get("val"):
+            print(markdown_table(best["val"], title=f"val (best epoch {best['epoch']}, step {best['step']})"))
+        if result.get("test"):
+            print(markdown_table(result["test"], title=f"test ({cfg.data.name}, {cfg.model.name}, {cfg.backbone.name})"))
     return float(best["metric"]) if best.get("metric") is not None else None
 
 
+def run() -> None:
+    """Entry point: DDP run-dir agreement, Hydra main, override hints on a rejected command line."""
+    user_args = list(sys.argv[1:])
+    sys.argv += D.hydra_overrides(user_args, CONFIG_DIR)  # torchrun: one run dir for every rank
+    try:
+        main()
+    except SystemExit as exc:
+        if exc.code == 1:  # Hydra's exit code for a rejected override (and for errors in the run)
+            from avs.config_checks import override_hints
+
+            for hint in override_hints([a for a in user_args if "=" in a]):
+                print(f"hint: {hint}", file=sys.stderr)
+        raise
+    finally:
+        D.cleanup()
+
+
 if __name__ == "__main__":
-    main()
+    run()

@@ -1,4 +1,8 @@
-"""Checkpoint evaluation used by scripts/eval.py (model and data config come from the checkpoint)."""
+"""Checkpoint evaluation used by scripts/eval.py (model and data config come from the checkpoint).
+
+Runs under torchrun too: each rank scores a shard, the statistics are gathered (Trainer.evaluate)
+and rank 0 writes the tables.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from avs.engine.checkpoint import CheckpointError, load_checkpoint
+from avs.engine.outputs import check_output_path
 from avs.engine.report import write_tables
 from avs.engine.trainer import Trainer, git_commit
 
@@ -36,9 +41,13 @@ def evaluate_checkpoint(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
             run_cfg.data.eval_batch_size = int(cfg.batch_size)
         if cfg.split == "test":  # evaluating a finished checkpoint on test is not selection
             run_cfg.trainer.select_split = "val"
+    masks_dir = Path(out_dir) / "pred_masks" if cfg.get("save_masks") else None
+    inputs = [run_cfg.data.root, cfg.checkpoint]
+    check_output_path(out_dir, inputs, what="output_dir")  # before any model or data is built
+    if masks_dir is not None:
+        check_output_path(masks_dir, inputs, what="save_masks")
     trainer = Trainer(run_cfg, out_dir)
     trainer.model.load_state_dict(state["model"])
-    masks_dir = Path(out_dir) / "pred_masks" if cfg.get("save_masks") else None
     metrics = trainer.evaluate(str(cfg.split), save_masks_dir=masks_dir)
     meta = {
         "checkpoint": str(cfg.checkpoint),
@@ -54,7 +63,8 @@ def evaluate_checkpoint(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         "git_commit": git_commit(),
         "train_config": OmegaConf.to_container(run_cfg, resolve=True),
     }
-    paths = write_tables(out_dir, f"metrics_{cfg.split}", metrics, meta, title=f"{cfg.split}")
+    meta["world_size"] = trainer.dist.world_size
+    paths = write_tables(out_dir, f"metrics_{cfg.split}", metrics, meta, title=f"{cfg.split}") if trainer.is_main else {}
     if masks_dir is not None:
         paths["masks"] = masks_dir
     return {"metrics": metrics, "paths": paths}

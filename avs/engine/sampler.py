@@ -13,7 +13,10 @@ class ResumableSampler(Sampler[int]):
     """Yields dataset indices in an order fixed by (seed, epoch); can start part-way through an epoch.
 
     With `num_replicas > 1` each rank takes a strided share of the (padded) permutation, as
-    torch's DistributedSampler does; padding repeats indices from the start of the permutation.
+    torch's DistributedSampler does; padding repeats indices from the start of the permutation
+    (cycling through it when there are fewer samples than replicas), so every rank gets the same
+    number of indices: `ceil(num_samples / num_replicas)`. Evaluation drops the repeats by clip
+    index (avs.metrics.MetricAccumulator); `pad=False` gives unequal shards without repeats.
     """
 
     def __init__(
@@ -25,6 +28,8 @@ class ResumableSampler(Sampler[int]):
         rank: int = 0,
         pad: bool = True,
     ) -> None:
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} must lie in [0, num_replicas={num_replicas})")
         self.n = num_samples
         self.shuffle = shuffle
         self.seed = seed
@@ -46,9 +51,9 @@ class ResumableSampler(Sampler[int]):
         else:
             order = list(range(self.n))
         if self.num_replicas > 1:
-            if self.pad:
+            if self.pad and self.n > 0:
                 total = math.ceil(self.n / self.num_replicas) * self.num_replicas
-                order = order + order[: total - self.n]
+                order = (order * math.ceil(total / self.n))[:total]
             order = order[self.rank :: self.num_replicas]
         return order
 

@@ -1,4 +1,11 @@
-"""One trainer for every AVSegmentor variant: device, AMP, checkpoints, resume, validation, test."""
+"""One trainer for every AVSegmentor variant: device, AMP, checkpoints, resume, faults, DDP, validation, test.
+
+Fault handling (docs/reliability.md): every file is written atomically; SIGTERM / SIGINT save a
+resumable checkpoint after the current step; non-finite losses or gradients skip the optimizer
+update and stop the run after `trainer.max_consecutive_nonfinite` in a row; bad clips raise or are
+skipped and reported (`data.on_error`). Distributed data parallel (docs/distributed.md): the
+process group comes from the environment (torchrun); only rank 0 writes files.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +14,10 @@ import logging
 import math
 import os
 import random
+import shutil
 import subprocess
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -19,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from avs.engine import distributed as D
 from avs.engine.checkpoint import (
     CheckpointError,
     capture_rng,
@@ -28,21 +38,36 @@ from avs.engine.checkpoint import (
     save_checkpoint,
 )
 from avs.engine.sampler import ResumableSampler
+from avs.engine.signals import StopSignal, ignore_stop_signals
 from avs.metrics import MetricAccumulator
 from avs.models.build import build_model
-from avs.utils.io import atomic_write_text
+from avs.utils.io import atomic_save, atomic_write_text
 
 log = logging.getLogger(__name__)
 
+CHECKPOINT_VERSION = 2
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (the message says why and which checkpoint to resume from)."""
+
+
+class NonFiniteLossError(TrainingError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
 
 # ----------------------------------------------------------------------------- setup helpers
-def select_device(spec: str = "auto") -> torch.device:
-    """'auto' -> CUDA when available, else CPU; otherwise the named device."""
+def select_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
+    """'auto' -> CUDA when available (cuda:local_rank under DDP), else CPU; otherwise the named device."""
     if spec in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        return torch.device("cpu")
     dev = torch.device(spec)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"trainer.device={spec!r} but CUDA is not available (use trainer.device=auto or cpu)")
+    if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
+        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
     return dev
 
 
@@ -84,14 +109,71 @@ def resolve_loss_weights(cfg: DictConfig) -> dict[str, float]:
     return out
 
 
+def resolve_resume_path(spec: Any, ckpt_dir: str | Path) -> Path | None:
+    """`trainer.resume` -> checkpoint path: auto = <ckpt_dir>/last.ckpt if present; a run dir -> its last.ckpt."""
+    if spec in (None, "", False) or str(spec).lower() in ("null", "none", "false"):
+        return None
+    if str(spec) == "auto":
+        path = Path(ckpt_dir) / "last.ckpt"
+        return path if path.is_file() else None
+    p = Path(str(spec)).expanduser()
+    if p.is_file():
+        return p
+    for cand in (p / "checkpoints" / "last.ckpt", p / "last.ckpt"):
+        if cand.is_file():
+            return cand
+    raise CheckpointError(
+        f"trainer.resume={spec}: neither a checkpoint file nor a run directory holding checkpoints/last.ckpt"
+    )
+
+
+def ddp_find_unused_parameters(cfg: DictConfig) -> bool:
+    """`trainer.find_unused_parameters`: true/false as given; auto = true only where a variant builds unused parts.
+
+    Every trainable parameter of the shipped variants receives a gradient each step (tests/integration/
+    test_ddp.py), except with `model.use_audio=false` (the no-audio ablations): the audio encoder,
+    fusion and projector are built but not run.
+    """
+    value = cfg.trainer.get("find_unused_parameters", "auto")
+    if str(value) == "auto":
+        return not bool(cfg.model.get("use_audio", True))
+    return bool(value)
+
+
 def _move(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     nb = device.type == "cuda"
     return {k: v.to(device, non_blocking=nb) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def shutdown_loader_iterator(it: Any) -> None:
+    """Join a DataLoader iterator's workers now: an exception's traceback would otherwise keep them alive."""
+    stop = getattr(it, "_shutdown_workers", None)  # multi-process iterators only
+    if stop is not None:
+        stop()
+
+
+def collate_skip_errors(items: list[Any]) -> dict[str, Any]:
+    """`collate_skip_none` that also keeps why each clip was dropped: batch['skipped_errors'] {video_id: message}."""
+    from avs.data.avsbench import SkippedItem, collate_skip_none
+
+    errors = {it.video_id: it.error for it in items if isinstance(it, SkippedItem)}
+    out = collate_skip_none(items)
+    out["skipped_errors"] = errors
+    return out
+
+
+def _empty_faults() -> dict[str, Any]:
+    return {
+        "nonfinite_steps": [],  # {step, epoch, kind: loss|grad|amp_overflow, video_ids, terms}
+        "skipped_clips": {},  # split -> {video_id: error}
+        "interruptions": [],  # {step, epoch, reason}
+        "resumed_from": [],  # {path, step}
+    }
+
+
 # ----------------------------------------------------------------------------- the trainer
 class Trainer:
-    """Trains and evaluates one model from a composed config; writes everything under `run_dir`."""
+    """Trains and evaluates one model from a composed config; writes everything under `run_dir` (rank 0)."""
 
     def __init__(self, cfg: DictConfig, run_dir: str | Path) -> None:
         from avs.config_checks import check_config
@@ -99,16 +181,24 @@ class Trainer:
         check_config(cfg)
         self.cfg = cfg
         self.tcfg = cfg.trainer
+        self.dist = D.init_from_env()
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.device = select_device(self.tcfg.device)
+        self.device = select_device(self.tcfg.device, self.dist.local_rank)
         seed_everything(int(cfg.seed), bool(self.tcfg.deterministic))
         self.loss_weights = resolve_loss_weights(cfg)
+        self._resume_path = resolve_resume_path(self.tcfg.get("resume"), self.ckpt_dir)
         self.model = build_model(cfg).to(self.device)
         if cfg.model.get("init_from"):
             self._init_from(cfg.model.init_from)
         if self.tcfg.get("channels_last") and self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
+        if self.dist.enabled:
+            if self.tcfg.get("sync_bn", False):
+                if self.device.type != "cuda":
+                    raise ValueError("trainer.sync_bn=true needs CUDA devices (torch's SyncBatchNorm); set trainer.sync_bn=false on CPU")
+                self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            seed_everything(int(cfg.seed) + self.dist.rank, bool(self.tcfg.deterministic))  # per-rank dropout etc.
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(
             params, lr=float(self.tcfg.lr), weight_decay=float(self.tcfg.get("weight_decay", 0.0))
@@ -122,20 +212,36 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.loss_history: list[float] = []
         self.skipped: list[str] = []  # clips dropped with data.on_error=skip
+        self.faults: dict[str, Any] = _empty_faults()
+        self.consecutive_nonfinite = 0
         self._datasets: dict[str, Any] = {}
         self._writer = None
+        self._net: torch.nn.Module | None = None  # the module that runs training forwards (DDP wrapper or model)
+        self._stop: StopSignal | None = None
+        self._last_saved: dict[str, int] = {}
+        self._purge_step: int | None = None  # TensorBoard: the step a resumed run continues from
+        self._save_on_start = False
         self.scheduler = None  # built in fit() once the number of steps is known
+
+    @property
+    def is_main(self) -> bool:
+        """True on the process that writes files (rank 0; always in a single process)."""
+        return self.dist.is_main
 
     # ------------------------------------------------------------------ data
     def dataset(self, split: str):
-        """The split's dataset (built once; synthetic data is generated on first use)."""
+        """The split's dataset (built once; synthetic data is generated on first use, by rank 0 first)."""
         if split not in self._datasets:
             from avs.data import build_dataset
 
             if self.cfg.data.get("synthetic"):
                 from avs.data.synthetic import ensure_synthetic
 
-                ensure_synthetic(self.cfg.data)
+                if self.is_main:
+                    ensure_synthetic(self.cfg.data)
+                D.barrier()
+                if not self.is_main:
+                    ensure_synthetic(self.cfg.data)
             ds = build_dataset(self.cfg.data, split, train=(split == "train"))
             ds.seed = int(self.cfg.seed)  # augmentation draws follow (seed, epoch, index)
             self._datasets[split] = ds
@@ -147,11 +253,7 @@ class Trainer:
         pin = dcfg.get("pin_memory", "auto")
         pin = self.device.type == "cuda" if pin == "auto" else bool(pin)
         workers = int(dcfg.num_workers)
-        collate = None
-        if dcfg.get("on_error", "raise") == "skip":
-            from avs.data import collate_skip_none
-
-            collate = collate_skip_none
+        collate = collate_skip_errors if dcfg.get("on_error", "raise") == "skip" else None
         return DataLoader(
             ds,
             batch_size=batch_size or int(dcfg.eval_batch_size),
@@ -161,8 +263,30 @@ class Trainer:
             pin_memory=pin,
             persistent_workers=False,
             collate_fn=collate,
+            worker_init_fn=ignore_stop_signals if workers > 0 else None,
             generator=torch.Generator().manual_seed(int(self.cfg.seed)),
         )
+
+    def _note_skipped(self, split: str, batch: dict[str, Any]) -> None:
+        ids = [v for v in batch.get("skipped", []) if v is not None]
+        if not ids:
+            return
+        self.skipped += ids
+        errors = batch.get("skipped_errors", {}) or {}
+        table = self.faults["skipped_clips"].setdefault(split, {})
+        for vid in ids:
+            table.setdefault(vid, errors.get(vid, "unreadable"))
+
+    def _merge_skipped(self, split: str) -> None:
+        """Under DDP: every rank's skipped clips of `split` on every rank (collective)."""
+        if not self.dist.enabled:
+            return
+        merged: dict[str, str] = {}
+        for part in D.gather_objects(self.faults["skipped_clips"].get(split, {})):
+            merged.update(part)
+        if merged:
+            self.faults["skipped_clips"][split] = merged
+            self.skipped = sorted(set(self.skipped) | set(merged))
 
     # ------------------------------------------------------------------ model helpers
     def _amp_dtype(self) -> torch.dtype | None:
@@ -207,6 +331,19 @@ class Trainer:
             return torch.optim.lr_scheduler.PolynomialLR(self.optimizer, total_iters=max(1, total_steps), power=0.9)
         raise ValueError(f"trainer.schedule must be constant|cosine|poly, got {kind!r}")
 
+    def _wrap_ddp(self) -> torch.nn.Module:
+        if not self.dist.enabled:
+            return self.model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DDP(
+            self.model,
+            device_ids=ids,
+            output_device=ids[0] if ids else None,
+            find_unused_parameters=ddp_find_unused_parameters(self.cfg),
+        )
+
     # ------------------------------------------------------------------ checkpoints
     def _state(self) -> dict[str, Any]:
         return {
@@ -220,26 +357,59 @@ class Trainer:
             "best": dict(self.best),
             "history": list(self.history),
             "loss_history": list(self.loss_history),
+            "faults": self.faults,
+            "consecutive_nonfinite": self.consecutive_nonfinite,
             "rng": capture_rng(),
+            "world_size": self.dist.world_size,
             "config": OmegaConf.to_yaml(self.cfg, resolve=True),
-            "avs_checkpoint_version": 1,
+            "avs_checkpoint_version": CHECKPOINT_VERSION,
         }
 
     def save(self, name: str) -> Path:
-        """Write checkpoints/<name>.ckpt atomically."""
+        """Write checkpoints/<name>.ckpt atomically (rank 0; every rank must call it under DDP).
+
+        A failed write (e.g. disk full) leaves the previous file intact and raises CheckpointError
+        on every rank with the step of the last good checkpoint.
+        """
         path = self.ckpt_dir / f"{name}.ckpt"
-        save_checkpoint(path, self._state())
+        rng_all = D.gather_objects(capture_rng()) if self.dist.enabled else None
+        error: str | None = None
+        if self.is_main:
+            state = self._state()
+            if rng_all is not None:
+                state["rng_per_rank"] = rng_all
+            try:
+                save_checkpoint(path, state)
+            except CheckpointError as exc:
+                error = str(exc)
+        if self.dist.enabled:
+            error = D.broadcast_object(error)
+        if error is not None:
+            prev = self._last_saved.get(name)
+            where = f"step {prev}" if prev is not None else "none written by this process"
+            log.error("checkpoint write failed at step %d: %s", self.step, error)
+            raise CheckpointError(
+                f"{error}; training stopped at step {self.step}. Previous {path.name}: {where}. "
+                f"Free disk space, then resume with trainer.resume={self.run_dir}"
+            )
+        self._last_saved[name] = self.step
         return path
 
-    def resume(self, spec: str) -> bool:
-        """`auto` -> last checkpoint of this run dir if any; otherwise a path. Returns True if resumed."""
-        path = self.ckpt_dir / "last.ckpt" if spec == "auto" else Path(spec)
-        if spec == "auto" and not path.exists():
+    def resume(self, spec: str | Path | None = None) -> bool:
+        """Restore the state of `spec` (auto | run dir | checkpoint file; default trainer.resume). True if resumed."""
+        path = resolve_resume_path(spec, self.ckpt_dir) if spec is not None else self._resume_path
+        if path is None:
             log.info("trainer.resume=auto: no checkpoint in %s, starting fresh", self.ckpt_dir)
             return False
         state = load_checkpoint(path)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise CheckpointError(
+                f"{path}: does not fit this model/optimizer ({type(exc).__name__}: {str(exc)[:300]}); "
+                "resume with the config the run was started with"
+            ) from exc
         self.scaler.load_state_dict(state["scaler"])
         if self.scheduler is not None and state.get("scheduler"):
             self.scheduler.load_state_dict(state["scheduler"])
@@ -247,16 +417,55 @@ class Trainer:
         self.best = dict(state["best"])
         self.history = list(state["history"])
         self.loss_history = list(state["loss_history"])
-        restore_rng(state["rng"])
+        self.faults = state.get("faults") or _empty_faults()
+        self.consecutive_nonfinite = int(state.get("consecutive_nonfinite", 0))
+        for table in self.faults.get("skipped_clips", {}).values():
+            self.skipped += list(table)
+        per_rank = state.get("rng_per_rank")
+        if per_rank is not None and len(per_rank) == self.dist.world_size:
+            restore_rng(per_rank[self.dist.rank])
+        else:
+            restore_rng(state["rng"])
+            if self.dist.enabled:
+                if self.dist.rank > 0:
+                    seed_everything(int(self.cfg.seed) + 7919 * self.dist.rank + self.step)
+                log.warning("%s was written by %s process(es), now %d: per-rank RNG streams re-derived",
+                            path, state.get("world_size", 1), self.dist.world_size)
+        self.faults["resumed_from"].append({"path": str(path), "step": self.step})
+        self._purge_step = self.step + 1  # events the stopped run logged after this checkpoint are hidden
+        self._adopt_best(path.parent / "best.ckpt")
+        # resumed into another run dir: write last.ckpt there at once (fit), so it is resumable itself
+        self._save_on_start = path.parent.resolve() != self.ckpt_dir.resolve()
         log.info("resumed from %s at epoch %d, step %d (batch %d of the epoch)", path, self.epoch, self.step, self.batch_in_epoch)
         return True
 
+    def _adopt_best(self, src: Path) -> None:
+        """Resuming into another run dir: copy the source run's best.ckpt so selection carries over."""
+        dst = self.ckpt_dir / "best.ckpt"
+        if not self.is_main or not src.is_file() or (dst.exists() and dst.resolve() == src.resolve()):
+            return
+        with open(src, "rb") as fh_in:
+            atomic_save(dst, lambda fh: shutil.copyfileobj(fh_in, fh))
+        log.info("copied %s to %s (the best checkpoint so far)", src, dst)
+
+    def _clean_stale_temps(self) -> None:
+        """Remove temp files left by a process killed mid-write (atomic writes never leave partial targets)."""
+        for folder in (self.ckpt_dir, self.run_dir):
+            if folder.is_dir():
+                for tmp in folder.glob(".*.tmp"):
+                    try:
+                        tmp.unlink()
+                        log.info("removed stale temp file %s", tmp)
+                    except OSError:
+                        pass
+
     # ------------------------------------------------------------------ logging
     def writer(self):
-        if self._writer is None and self.tcfg.get("tensorboard", True):
+        if self._writer is None and self.is_main and self.tcfg.get("tensorboard", True):
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+            # purge_step hides events a killed run logged after its last checkpoint
+            self._writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self._purge_step)
         return self._writer
 
     def _log_scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
@@ -265,17 +474,87 @@ class Trainer:
             for k, v in values.items():
                 w.add_scalar(f"{prefix}/{k}", v, step)
 
+    def _close_writer(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def write_run_report(self, status: str, message: str | None = None) -> Path | None:
+        """run_report.json: status (finished | interrupted | failed), steps and every fault met (rank 0)."""
+        if not self.is_main:
+            return None
+        report = {
+            "status": status,
+            "message": message,
+            "step": self.step,
+            "epoch": self.epoch,
+            "world_size": self.dist.world_size,
+            "last_checkpoint_step": self._last_saved.get("last"),
+            "num_nonfinite_steps": sum(1 for f in self.faults["nonfinite_steps"] if f["kind"] != "amp_overflow"),
+            "num_skipped_clips": len(set(self.skipped)),
+            **self.faults,
+        }
+        path = self.run_dir / "run_report.json"
+        atomic_write_text(path, json.dumps(report, indent=2, default=str))
+        return path
+
     # ------------------------------------------------------------------ training
     def fit(self) -> dict[str, Any]:
-        """Train with val-based selection; then evaluate the best checkpoint on test once."""
+        """Train with val-based selection; then evaluate the best checkpoint on test once.
+
+        Returns the result dict; {'interrupted': True, ...} when stopped by a signal or
+        trainer.interrupt_after_steps (checkpoints/last.ckpt then holds a resumable state).
+        """
+        if self.is_main:
+            from avs.engine.outputs import check_output_path
+
+            check_output_path(self.run_dir, [self.cfg.data.root], what="run dir")
+        with StopSignal() as stop:
+            self._stop = stop
+            try:
+                return self._fit()
+            except BaseException as exc:
+                self._close_writer()
+                if self.is_main and self.run_dir.is_dir():
+                    try:
+                        self.write_run_report("failed", f"{type(exc).__name__}: {exc}")
+                    except OSError:
+                        pass
+                raise
+            finally:
+                self._stop = None
+
+    def _stop_requested(self) -> bool:
+        flag = self._stop is not None and self._stop.requested
+        return D.any_true(flag) if self.dist.enabled else flag
+
+    def _interrupt(self, reason: str, bar) -> dict[str, Any]:
+        self.faults["interruptions"].append({"step": self.step, "epoch": self.epoch, "reason": reason})
+        self._merge_skipped("train")
+        self.save("last")
+        bar.close()
+        self._close_writer()
+        self.write_run_report("interrupted", reason)
+        log.warning(
+            "stopped by %s at step %d: saved %s; resume with trainer.resume=auto hydra.run.dir=%s "
+            "(or trainer.resume=%s)", reason, self.step, self.ckpt_dir / "last.ckpt", self.run_dir, self.run_dir,
+        )
+        signal_name = self._stop.name if self._stop is not None and self._stop.requested else None
+        return {"interrupted": True, "step": self.step, "reason": reason, "signal": signal_name}
+
+    def _fit(self) -> dict[str, Any]:
         tcfg = self.tcfg
         train_ds = self.dataset("train")
         bs = int(self.cfg.data.batch_size)
         accum = max(1, int(tcfg.get("grad_accum", 1)))
         drop_last = bool(tcfg.get("drop_last", False))
-        batches_per_epoch = len(train_ds) // bs if drop_last else math.ceil(len(train_ds) / bs)
+        sampler = ResumableSampler(
+            len(train_ds), shuffle=True, seed=int(self.cfg.seed), num_replicas=self.dist.world_size, rank=self.dist.rank
+        )
+        shard = len(sampler)
+        batches_per_epoch = shard // bs if drop_last else math.ceil(shard / bs)
         if batches_per_epoch == 0:
-            raise ValueError(f"data.batch_size={bs} is larger than the train split ({len(train_ds)} clips) with drop_last")
+            raise ValueError(f"data.batch_size={bs} is larger than the train split ({shard} clips per process) with drop_last")
         steps_per_epoch = max(1, batches_per_epoch // accum)
         max_steps = int(tcfg.get("max_steps") or 0)
         epochs = int(tcfg.epochs)
@@ -283,79 +562,190 @@ class Trainer:
         if max_steps > 0:
             epochs = math.ceil(max_steps / steps_per_epoch)
         self.scheduler = self._build_scheduler(total_steps)
-        if tcfg.get("resume"):
-            self.resume(str(tcfg.resume))
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.run_dir / "config_resolved.yaml", OmegaConf.to_yaml(self.cfg, resolve=True))
+        if self._resume_path is not None:
+            self.resume()
+        elif tcfg.get("resume") == "auto":
+            log.info("trainer.resume=auto: no checkpoint in %s, starting fresh", self.ckpt_dir)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._clean_stale_temps()
+            atomic_write_text(self.run_dir / "config_resolved.yaml", OmegaConf.to_yaml(self.cfg, resolve=True))
+        self._net = self._wrap_ddp()
+        if self._save_on_start:
+            self.save("last")
 
-        sampler = ResumableSampler(len(train_ds), shuffle=True, seed=int(self.cfg.seed))
         val_every = int(tcfg.get("val_every_epochs", 1))
         ckpt_every = int(tcfg.get("checkpoint_every_steps", 0) or 0)
         interrupt_after = int(tcfg.get("interrupt_after_steps", 0) or 0)
         log_every = int(tcfg.get("log_every_steps", 10))
         clip = float(tcfg.get("grad_clip", 0) or 0)
+        max_bad = int(tcfg.get("max_consecutive_nonfinite", 3))
+        nan_steps = {int(s) for s in (tcfg.get("debug_nan_steps") or [])}
+        skip_mode = self.cfg.data.get("on_error", "raise") == "skip"
         t0 = time.time()
-        bar = tqdm(total=total_steps, initial=self.step, desc="train", disable=not tcfg.get("progress", True), dynamic_ncols=True)
-        stop = self.step >= total_steps
-        while not stop and self.epoch < epochs:
-            sampler.set_epoch(self.epoch, start=self.batch_in_epoch * bs)
-            train_ds.set_epoch(self.epoch)
-            loader = self._loader("train", sampler=sampler, batch_size=bs)
-            self.model.train()
-            micro = 0
-            self.optimizer.zero_grad(set_to_none=True)
-            for batch in loader:
-                self.skipped += [v for v in batch.get("skipped", []) if v is not None]
-                if "frames" not in batch:  # data.on_error=skip and every clip of the batch failed
-                    self.batch_in_epoch += 1
-                    continue
-                if drop_last and batch["frames"].shape[0] < bs:
-                    break
-                batch = _move(batch, self.device)
-                with self._autocast():
-                    terms = self.model(batch)
-                loss = sum(self.loss_weights.get(k, 0.0) * v for k, v in terms.items())
-                self.scaler.scale(loss / accum).backward()
-                micro += 1
-                self.batch_in_epoch += 1
-                if micro % accum:
-                    continue
-                if clip > 0:
-                    self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
+        show = bool(tcfg.get("progress", True)) and self.is_main
+        bar = tqdm(total=total_steps, initial=min(self.step, total_steps), desc="train", disable=not show, dynamic_ncols=True)
+
+        def finished() -> bool:  # every step taken and the last epoch's end (validation, save) done
+            return self.batch_in_epoch == 0 and (self.step >= total_steps or self.epoch >= epochs)
+
+        while not finished():
+            if self.step < total_steps:
+                sampler.set_epoch(self.epoch, start=self.batch_in_epoch * bs)
+                train_ds.set_epoch(self.epoch)
+                loader = self._loader("train", sampler=sampler, batch_size=bs)
+                self.model.train()
+                micro = 0
+                window_bad = False
+                window_ids: list[str] = []
+                window_terms: dict[str, float] = {}
                 self.optimizer.zero_grad(set_to_none=True)
-                if self.scheduler is not None:
-                    self.scheduler.step()
-                self.step += 1
-                loss_value = float(loss.detach())
-                self.loss_history.append(loss_value)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}", epoch=self.epoch)
-                if self.step % log_every == 0 or self.step == 1:
-                    scalars = {k: float(v.detach()) for k, v in terms.items()}
-                    scalars["total"] = loss_value
-                    scalars["lr"] = self.optimizer.param_groups[0]["lr"]
-                    self._log_scalars("train", scalars, self.step)
-                if ckpt_every and self.step % ckpt_every == 0:
-                    self.save("last")
-                if interrupt_after and self.step >= interrupt_after:
-                    self.save("last")
-                    bar.close()
-                    log.warning("trainer.interrupt_after_steps=%d reached: stopping (resume with trainer.resume=auto)", interrupt_after)
-                    return {"interrupted": True, "step": self.step}
-                if self.step >= total_steps:
-                    stop = True
-                    break
+                it = iter(loader)
+                try:
+                    while True:
+                        try:
+                            batch = next(it)
+                        except StopIteration:
+                            break
+                        except RuntimeError as exc:  # e.g. a DataLoader worker that a SIGTERM ended
+                            if self.dist.enabled or self._stop is None or not self._stop.requested:
+                                raise
+                            log.warning("data loading stopped during shutdown (%s)", str(exc).splitlines()[0])
+                            self.batch_in_epoch -= micro % accum  # an unfinished accumulation window is replayed
+                            return self._interrupt(self._stop.name or "a stop signal", bar)
+                        self._note_skipped("train", batch)
+                        has_data = "frames" in batch
+                        if skip_mode and self.dist.enabled:  # every rank must run the same forwards (DDP)
+                            has_data = D.all_true(has_data)
+                        if not has_data:  # data.on_error=skip and every clip of the batch failed
+                            self.batch_in_epoch += 1
+                            continue
+                        if drop_last and batch["frames"].shape[0] < bs:
+                            break
+                        batch = _move(batch, self.device)
+                        sync = (micro + 1) % accum == 0
+                        ctx = self._net.no_sync() if self.dist.enabled and not sync else nullcontext()
+                        with ctx:
+                            with self._autocast():
+                                terms = self._net(batch)
+                            loss = sum(self.loss_weights.get(k, 0.0) * v for k, v in terms.items())
+                            if self.step + 1 in nan_steps:  # testing aid (trainer.debug_nan_steps)
+                                loss = loss * float("nan")
+                            if not bool(torch.isfinite(loss.detach())):
+                                window_bad = True
+                                window_terms = {k: float(v.detach()) for k, v in terms.items()}
+                            window_ids += list(batch.get("video_id", []))
+                            # backward even for a non-finite loss: every DDP rank must join the gradient all-reduce
+                            self.scaler.scale(loss / accum).backward()
+                        micro += 1
+                        self.batch_in_epoch += 1
+                        if micro % accum:
+                            continue
+                        outcome = self._optimizer_step(clip, window_bad)
+                        self.step += 1
+                        loss_value = float(loss.detach())
+                        self.loss_history.append(loss_value)
+                        if outcome != "ok":
+                            self._record_nonfinite(outcome, window_ids, window_terms, loss_value)
+                        window_bad, window_ids, window_terms = False, [], {}
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{loss_value:.4f}", epoch=self.epoch)
+                        if outcome == "ok" and (self.step % log_every == 0 or self.step == 1):
+                            scalars = {k: float(v.detach()) for k, v in terms.items()}
+                            scalars["total"] = loss_value
+                            scalars["lr"] = self.optimizer.param_groups[0]["lr"]
+                            self._log_scalars("train", scalars, self.step)
+                        if self.consecutive_nonfinite >= max_bad:
+                            self._stop_nonfinite(bar)
+                        if ckpt_every and self.step % ckpt_every == 0:
+                            self.save("last")
+                        if interrupt_after and self.step >= interrupt_after:
+                            return self._interrupt(f"trainer.interrupt_after_steps={interrupt_after}", bar)
+                        if self._stop_requested():
+                            return self._interrupt(self._stop.name if self._stop and self._stop.requested else "a stop signal", bar)
+                        if self.step >= total_steps:
+                            break
+                finally:
+                    shutdown_loader_iterator(it)
+            # end of epoch (also reached on resume from a checkpoint written after the epoch's last step)
             self.epoch += 1
             self.batch_in_epoch = 0
-            if self.epoch % val_every == 0 or stop or self.epoch == epochs:
+            last_epoch = self.step >= total_steps or self.epoch >= epochs
+            if self.epoch % val_every == 0 or last_epoch:
                 self._validate()
             self.save("last")
+            if self._stop_requested():
+                return self._interrupt(self._stop.name if self._stop and self._stop.requested else "a stop signal", bar)
         bar.close()
         train_time = time.time() - t0
         return self._finish(train_time)
+
+    def _optimizer_step(self, clip: float, loss_bad: bool) -> str:
+        """Unscale, check, clip and apply the accumulated gradients -> 'ok' | 'loss' | 'grad' | 'amp_overflow'."""
+        self.scaler.unscale_(self.optimizer)  # no-op without fp16 AMP
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+        grad_bad = not bool(torch.isfinite(norm))  # grads are already all-reduced: same answer on every rank
+        if self.dist.enabled:
+            loss_bad = D.any_true(loss_bad)
+        if self.scaler.is_enabled() and grad_bad and not loss_bad:
+            outcome = "amp_overflow"  # the GradScaler skips this update and lowers its scale
+            self.scaler.step(self.optimizer)
+        elif loss_bad or grad_bad:
+            outcome = "loss" if loss_bad else "grad"
+        else:
+            outcome = "ok"
+            self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            with warnings.catch_warnings():  # a skipped first update makes torch warn about the call order
+                warnings.simplefilter("ignore", UserWarning)
+                self.scheduler.step()
+        if outcome in ("loss", "grad"):
+            self.consecutive_nonfinite += 1
+        elif outcome == "ok":
+            self.consecutive_nonfinite = 0
+        return outcome
+
+    def _record_nonfinite(self, kind: str, video_ids: list[str], terms: dict[str, float], loss_value: float) -> None:
+        ids = list(dict.fromkeys(video_ids))
+        if self.dist.enabled:  # the clips of every rank
+            ids = list(dict.fromkeys(v for part in D.gather_objects(ids) for v in part))
+        entry = {"step": self.step, "epoch": self.epoch, "kind": kind, "video_ids": ids,
+                 "terms": {k: (v if math.isfinite(v) else str(v)) for k, v in terms.items()}}
+        self.faults["nonfinite_steps"].append(entry)
+        if kind == "amp_overflow":
+            log.info("step %d: fp16 gradient overflow, update skipped by the GradScaler (scale now %.1f)",
+                     self.step, self.scaler.get_scale())
+            return
+        what = f"loss {loss_value}" if kind == "loss" else "gradient"
+        log.warning(
+            "step %d: non-finite %s%s; optimizer update skipped (%d in a row). clips: %s",
+            self.step, what, f" (terms {entry['terms']})" if terms else "", self.consecutive_nonfinite, ", ".join(ids),
+        )
+
+    def _stop_nonfinite(self, bar) -> None:
+        bad = [f for f in self.faults["nonfinite_steps"] if f["kind"] != "amp_overflow"][-self.consecutive_nonfinite :]
+        steps = [f["step"] for f in bad]
+        clips = sorted({v for f in bad for v in f["video_ids"]})
+        self.faults["interruptions"].append({"step": self.step, "epoch": self.epoch, "reason": "non-finite"})
+        self._merge_skipped("train")
+        self.save("last")  # the weights are the last good ones: the bad updates were never applied
+        bar.close()
+        self._close_writer()
+        msg = (
+            f"{self.consecutive_nonfinite} consecutive steps with a non-finite loss or gradient (steps {steps}; "
+            f"clips {clips}); stopped. {self.ckpt_dir / 'last.ckpt'} holds the last good weights "
+            f"(no update was applied at those steps). Lower trainer.lr, set trainer.grad_clip, check those clips, "
+            f"or raise trainer.max_consecutive_nonfinite; resume with trainer.resume={self.run_dir}"
+        )
+        self.write_run_report("failed", msg)
+        log.error(msg)
+        raise NonFiniteLossError(msg)
 
     def _validate(self) -> None:
         split = str(self.tcfg.get("select_split", "val"))  # test only with allow_test_selection (config check)
@@ -372,43 +762,68 @@ class Trainer:
             log.info("new best val %s/%s = %.4f at epoch %d", protocol, key, value, self.epoch)
 
     def _finish(self, train_time: float) -> dict[str, Any]:
-        """Load the best checkpoint, evaluate test once, write metrics.json."""
+        """Load the best checkpoint, evaluate test once, write metrics.json and run_report.json."""
         selection_split = str(self.tcfg.get("select_split", "val"))
         best_path = self.ckpt_dir / "best.ckpt"
+        D.barrier()
         if best_path.exists():
             self.model.load_state_dict(load_checkpoint(best_path)["model"])
+        self._merge_skipped("train")
         result: dict[str, Any] = {"best": self.best, "train_time_s": train_time, "steps": self.step}
         if self.tcfg.get("test_at_end", True):
             result["test"] = self.evaluate("test")
-        self._write_metrics(result, selection_split)
-        if self._writer is not None:
-            self._writer.close()
+        if self.is_main:
+            self._write_metrics(result, selection_split)
+            self.write_run_report("finished")
+        self._close_writer()
+        if self.faults["nonfinite_steps"] or self.skipped:
+            log.warning("run finished with %d skipped step(s) and %d skipped clip(s): see %s",
+                        len(self.faults["nonfinite_steps"]), len(set(self.skipped)), self.run_dir / "run_report.json")
         return result
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, split: str, save_masks_dir: str | Path | None = None) -> dict[str, dict[str, float]]:
-        """Metrics of the current weights on `split` under every configured protocol."""
+        """Metrics of the current weights on `split` under every configured protocol.
+
+        Under DDP each rank scores a shard (padded with repeats that the accumulator drops by clip
+        index) and the per-frame statistics are gathered, so every rank returns the metrics of
+        the whole split, exactly as a single process would.
+        """
         ecfg = self.cfg.eval
         ds = self.dataset(split)
-        loader = self._loader(split, sampler=None, batch_size=int(self.cfg.data.eval_batch_size))
+        sampler = None
+        if self.dist.enabled:
+            sampler = ResumableSampler(len(ds), shuffle=False, num_replicas=self.dist.world_size, rank=self.dist.rank)
+            D.broadcast_buffers(self.model)  # BatchNorm statistics drift per rank in DDP training
+        loader = self._loader(split, sampler=sampler, batch_size=int(self.cfg.data.eval_batch_size))
         acc = MetricAccumulator()
         self.model.eval()
-        for batch in tqdm(loader, desc=f"eval {split}", leave=False, disable=not self.tcfg.get("progress", True)):
-            self.skipped += [v for v in batch.get("skipped", []) if v is not None]
-            if "frames" not in batch:
-                continue
-            batch = _move(batch, self.device)
-            with self._autocast():
-                out = self.model(batch)
-            logits = out["logits"].float()
-            acc.update(logits, batch["masks"], indices=batch["index"])
-            if save_masks_dir is not None:
-                from avs.engine.outputs import save_pred_masks
+        show = bool(self.tcfg.get("progress", True)) and self.is_main
+        it = iter(loader)
+        try:
+            for batch in tqdm(it, total=len(loader), desc=f"eval {split}", leave=False, disable=not show):
+                self._note_skipped(split, batch)
+                if "frames" not in batch:
+                    continue
+                batch = _move(batch, self.device)
+                with self._autocast():
+                    out = self.model(batch)
+                logits = out["logits"].float()
+                acc.update(logits, batch["masks"], indices=batch["index"])
+                if save_masks_dir is not None:
+                    from avs.engine.outputs import save_pred_masks
 
-                save_pred_masks(save_masks_dir, ds, batch, logits)
+                    save_pred_masks(save_masks_dir, ds, batch, logits)
+        finally:
+            shutdown_loader_iterator(it)
+        if self.dist.enabled:
+            acc = acc.all_gather()
+            self._merge_skipped(split)
         protocols = list(ecfg.protocols)
         lb = int(ecfg.get("legacy_batch_size", self.cfg.data.eval_batch_size))
+        if len(acc) == 0:
+            raise TrainingError(f"no clip of the {split} split could be evaluated (all skipped? see run_report.json)")
         return {p: acc.compute(p, legacy_batch_size=lb) for p in protocols}
 
     def _write_metrics(self, result: dict[str, Any], selection_split: str) -> None:
@@ -431,9 +846,17 @@ class Trainer:
             "init_from": cfg.model.get("init_from"),
             "supervised_frames": "first" if cfg.data.subset == "s4" else "all",
             "seed": int(cfg.seed),
+            "world_size": self.dist.world_size,
+            "global_batch_size": int(cfg.data.batch_size) * self.dist.world_size * max(1, int(self.tcfg.get("grad_accum", 1))),
             "git_commit": git_commit(),
             "loss_weights": self.loss_weights,
             "skipped_clips": sorted(set(self.skipped)),
+            "faults": {
+                "nonfinite_steps": [f["step"] for f in self.faults["nonfinite_steps"] if f["kind"] != "amp_overflow"],
+                "amp_overflow_steps": [f["step"] for f in self.faults["nonfinite_steps"] if f["kind"] == "amp_overflow"],
+                "interruptions": self.faults["interruptions"],
+                "resumed_from": self.faults["resumed_from"],
+            },
             "val": self.best.get("val"),
             "test": result.get("test"),
             "best_epoch": self.best.get("epoch"),
