@@ -92,7 +92,7 @@ def resample_to_16k(samples: np.ndarray, sample_rate: int) -> np.ndarray:
     resampy's but not bit-identical (edge handling and output length rounding differ slightly).
     """
     samples = np.asarray(samples, dtype=np.float64)
-    if sample_rate == SAMPLE_RATE:
+    if sample_rate == SAMPLE_RATE or samples.size == 0:  # nothing to resample; length checks come later
         return samples
     if sample_rate <= 0:
         raise ValueError(f"sample rate must be positive, got {sample_rate}")

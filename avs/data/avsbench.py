@@ -410,6 +410,8 @@ class AVSBenchDataset(Dataset):
             path = embedding_path(self.root, self.layout, rec, self.embedding_dir)
             arr = self._read(lambda p: np.load(p, allow_pickle=False), path, rec, "audio embedding")
             tail = (EMBEDDING_DIM,)
+        if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
+            raise AVSDataError(f"{path}: expected real numbers, got dtype {arr.dtype} for {_clip_tag(rec)}")
         if arr.ndim != 1 + len(tail) or tuple(arr.shape[1:]) != tail or arr.shape[0] == 0:
             raise AVSDataError(f"{path}: expected audio shaped [n,{','.join(map(str, tail))}], got {list(arr.shape)} "
                                f"for {_clip_tag(rec)}")

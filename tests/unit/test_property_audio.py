@@ -95,10 +95,6 @@ def test_wav_files_of_any_encoding_give_finite_logmel(tmp_path, rate, channels, 
     assert out.shape == (5, 1, 96, 64) and np.isfinite(out).all()
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="avs/data/audio.py: an empty waveform at a rate != 16 kHz reaches torchaudio.resample, "
-                          "which raises RuntimeError instead of the 'too short' ValueError (fix: return the empty "
-                          "array from resample_to_16k when samples.size == 0)")
 def test_empty_waveform_at_another_rate_raises_too_short():
     with pytest.raises(ValueError, match="too short"):
         logmel_clip(np.zeros(0), 8000, 5)

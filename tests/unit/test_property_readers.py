@@ -165,10 +165,6 @@ def test_embedding_arrays_of_any_numeric_dtype_and_shape(fuzz_root, arr):
     assert item["audio"].shape == (3, 128) and item["audio"].dtype.is_floating_point
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="avs/data/avsbench.py _load_audio converts with np.ascontiguousarray(arr, float32) outside "
-                          "the reader wrapper: a non-numeric .npy (e.g. strings) raises a bare ValueError, which "
-                          "data.on_error=skip does not catch (fix: reject non-numeric dtypes with AVSDataError)")
 def test_non_numeric_embedding_raises_avs_data_error(fuzz_root):
     ds = AVSBenchDataset(fuzz_root, "ms3", "val", num_frames=3, image_size=64, audio_source="embedding")
     path = embedding_path(fuzz_root, get_layout("ms3"), ds.records[0], None)
