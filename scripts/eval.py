@@ -16,6 +16,8 @@ from omegaconf import DictConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import avs  # noqa: E402,F401
+from avs.config import CONFIG_DIR  # noqa: E402
+from avs.engine import distributed as D  # noqa: E402
 from avs.engine.evaluate import evaluate_checkpoint  # noqa: E402
 from avs.engine.report import markdown_table  # noqa: E402
 
@@ -26,9 +28,19 @@ log = logging.getLogger("avs.eval")
 def main(cfg: DictConfig) -> None:
     out_dir = Path(cfg.output_dir) if cfg.output_dir else Path(HydraConfig.get().runtime.output_dir)
     result = evaluate_checkpoint(cfg, out_dir)
-    print(markdown_table(result["metrics"], title=f"{cfg.split}: {cfg.checkpoint}"))
-    print(f"tables: {', '.join(str(p) for p in result['paths'].values())}")
+    if result.get("paths"):  # rank 0 (or the single process) writes and prints
+        print(markdown_table(result["metrics"], title=f"{cfg.split}: {cfg.checkpoint}"))
+        print(f"tables: {', '.join(str(p) for p in result['paths'].values())}")
+
+
+def run() -> None:
+    """Entry point; under torchrun every rank agrees on one run dir."""
+    sys.argv += D.hydra_overrides(sys.argv[1:], CONFIG_DIR)
+    try:
+        main()
+    finally:
+        D.cleanup()
 
 
 if __name__ == "__main__":
-    main()
+    run()

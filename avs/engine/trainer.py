@@ -41,6 +41,7 @@ from avs.engine.sampler import ResumableSampler
 from avs.engine.signals import StopSignal, ignore_stop_signals
 from avs.metrics import MetricAccumulator
 from avs.models.build import build_model
+from avs.utils.device import select_device  # noqa: F401  (re-exported for callers)
 from avs.utils.io import atomic_save, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -57,20 +58,6 @@ class NonFiniteLossError(TrainingError):
 
 
 # ----------------------------------------------------------------------------- setup helpers
-def select_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
-    """'auto' -> CUDA when available (cuda:local_rank under DDP), else CPU; otherwise the named device."""
-    if spec in (None, "auto"):
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank % torch.cuda.device_count())
-        return torch.device("cpu")
-    dev = torch.device(spec)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"trainer.device={spec!r} but CUDA is not available (use trainer.device=auto or cpu)")
-    if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
-        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
-    return dev
-
-
 def seed_everything(seed: int, deterministic: bool = False) -> None:
     """Seed Python, NumPy and torch; optionally force deterministic kernels."""
     random.seed(seed)
@@ -749,7 +736,7 @@ class Trainer:
 
     def _validate(self) -> None:
         split = str(self.tcfg.get("select_split", "val"))  # test only with allow_test_selection (config check)
-        metrics = self.evaluate(split)
+        metrics = self.evaluate(split, log_images=True)
         key = str(self.tcfg.get("select_metric", "miou"))
         protocol = str(self.cfg.eval.protocol)
         value = metrics[protocol][key]
@@ -783,8 +770,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate(self, split: str, save_masks_dir: str | Path | None = None) -> dict[str, dict[str, float]]:
+    def evaluate(
+        self, split: str, save_masks_dir: str | Path | None = None, log_images: bool = False
+    ) -> dict[str, dict[str, float]]:
         """Metrics of the current weights on `split` under every configured protocol.
+
+        `log_images`: also write frame | GT | prediction overlays of the first batch to TensorBoard.
 
         Under DDP each rank scores a shard (padded with repeats that the accumulator drops by clip
         index) and the per-frame statistics are gathered, so every rank returns the metrics of
@@ -811,6 +802,11 @@ class Trainer:
                     out = self.model(batch)
                 logits = out["logits"].float()
                 acc.update(logits, batch["masks"], indices=batch["index"])
+                if log_images and self.is_main and self.writer() is not None:
+                    from avs.engine.visuals import overlay_grid
+
+                    self.writer().add_image(f"{split}/masks", overlay_grid(batch["frames"], batch["masks"], logits), self.step)
+                    log_images = False  # the first batch only
                 if save_masks_dir is not None:
                     from avs.engine.outputs import save_pred_masks
 

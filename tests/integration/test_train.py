@@ -100,3 +100,14 @@ def test_latent_kl_per_dimension_on_a_split(synth_data_dir, tmp_path):
     assert out["frames"] == 2 * cfg.data.num_frames
     assert set(out) == {"s_v", "s_a", "c", "frames"}
     assert all(len(v) == 16 and min(v) >= 0 for k, v in out.items() if k != "frames")
+
+
+def test_validation_logs_mask_overlays_to_tensorboard(synth_data_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "tb"
+    _trainer(synth_data_dir, run, ["trainer.max_steps=2", "trainer.tensorboard=true", "trainer.test_at_end=false"]).fit()
+    ea = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0})
+    ea.Reload()
+    assert "val/masks" in ea.Tags()["images"]
+    assert any(t.startswith("train/") for t in ea.Tags()["scalars"]) and any(t.startswith("val/") for t in ea.Tags()["scalars"])
