@@ -17,11 +17,24 @@ from avs.engine.report import write_tables
 from avs.engine.trainer import Trainer, git_commit
 
 
-def config_from_checkpoint(state: dict[str, Any], path: str | Path) -> DictConfig:
-    """The resolved training config stored in an avs checkpoint."""
+def config_from_checkpoint(state: dict[str, Any], path: str | Path, weight_files: bool = False) -> DictConfig:
+    """The resolved training config stored in an avs checkpoint.
+
+    Unless `weight_files`, every weight-file load (ImageNet backbone, VGGish) is switched off: the
+    checkpoint holds all weights, so evaluating it must not need those files.
+    """
     if "config" not in state:
         raise CheckpointError(f"{path} has no stored config: evaluate avs checkpoints (checkpoints/*.ckpt of a run)")
-    return OmegaConf.create(state["config"])
+    cfg = OmegaConf.create(state["config"])
+    if not weight_files:
+        with open_dict(cfg):
+            if cfg.get("backbone") is not None and "pretrained" in cfg.backbone:
+                cfg.backbone.pretrained = None
+            # the stored config is resolved, so model.audio_encoder is a copy of `audio`, not a reference
+            for node in (cfg.get("audio"), cfg.model.get("audio_encoder")):
+                if node is not None and "pretrained" in node:
+                    node.pretrained = False
+    return cfg
 
 
 def evaluate_checkpoint(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:

@@ -43,14 +43,8 @@ def inference_config(state: dict, path: str | Path, num_samples: int = 1) -> Dic
     """The checkpoint's training config with every weight-file load switched off (the checkpoint holds all weights)."""
     from avs.engine.evaluate import config_from_checkpoint
 
-    cfg = config_from_checkpoint(state, path)
+    cfg = config_from_checkpoint(state, path)  # weight-file loads already switched off
     with open_dict(cfg):
-        if cfg.get("backbone") is not None and "pretrained" in cfg.backbone:
-            cfg.backbone.pretrained = None
-        # the stored config is resolved, so model.audio_encoder is a copy of `audio`, not a reference
-        for node in (cfg.get("audio"), cfg.model.get("audio_encoder")):
-            if node is not None and "pretrained" in node:
-                node.pretrained = False
         cfg.model.init_from = None
         cfg.model.eval_num_samples = int(num_samples)
     return cfg

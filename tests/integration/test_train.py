@@ -111,3 +111,20 @@ def test_validation_logs_mask_overlays_to_tensorboard(synth_data_dir, tmp_path):
     ea.Reload()
     assert "val/masks" in ea.Tags()["images"]
     assert any(t.startswith("train/") for t in ea.Tags()["scalars"]) and any(t.startswith("val/") for t in ea.Tags()["scalars"])
+
+
+def test_checkpoint_config_needs_no_weight_files():
+    from omegaconf import OmegaConf
+
+    from avs.engine.evaluate import config_from_checkpoint
+
+    stored = OmegaConf.to_yaml(OmegaConf.create({
+        "backbone": {"name": "pvt_v2_b5", "pretrained": "file", "weights_path": "/nowhere/pvt_v2_b5.pth"},
+        "audio": {"pretrained": True},
+        "model": {"audio_encoder": {"pretrained": True}},
+    }))
+    cfg = config_from_checkpoint({"config": stored}, "x.ckpt")
+    assert cfg.backbone.pretrained is None and cfg.audio.pretrained is False
+    assert cfg.model.audio_encoder.pretrained is False
+    kept = config_from_checkpoint({"config": stored}, "x.ckpt", weight_files=True)
+    assert kept.backbone.pretrained == "file"
