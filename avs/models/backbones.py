@@ -234,7 +234,11 @@ class VisualBackbone(nn.Module):
         """Strictly load an ImageNet weight file (original PVT-v2 / torchvision / timm layout) into the body."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"backbone.weights_path: no such file {path}")
+            raise FileNotFoundError(
+                f"backbone.weights_path: no such file {path} (place the ImageNet weight file there, point "
+                f"backbone.weights_path / AVS_WEIGHTS_DIR at it, or train from random init with "
+                f"backbone.pretrained=null; see README 'Bring your own AVSBench')"
+            )
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
