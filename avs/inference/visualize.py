@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from avs.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from avs.engine.visuals import denormalize as rgb01
 from avs.inference.model import load_model
 from avs.inference.overlay import heatmap, image_grid, save_png, scatter_plot, tint
 from avs.inference.video import MissingDependencyError
@@ -37,9 +37,7 @@ class VisualizeResult:
 
 def denormalize(frames: torch.Tensor) -> np.ndarray:
     """ImageNet-normalised [T,3,H,W] -> uint8 RGB [T,H,W,3]."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=frames.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=frames.dtype).view(1, 3, 1, 1)
-    x = (frames.cpu() * std + mean).clamp(0, 1).mul(255).round().to(torch.uint8)
+    x = rgb01(frames.cpu()).mul(255).round().to(torch.uint8)
     return np.ascontiguousarray(x.permute(0, 2, 3, 1).numpy())  # [T,3,H,W] -> [T,H,W,3]
 
 
