@@ -347,12 +347,17 @@ class AVSBenchDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> dict[str, Any] | SkippedItem:
+    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any] | SkippedItem:
+        """Clip `index`; an `(epoch, index)` pair (ResumableSampler(with_epoch=True)) also sets the
+        epoch of the augmentation draw, as `set_epoch` does, for persistent DataLoader workers."""
+        epoch = self.epoch
+        if isinstance(index, tuple):
+            epoch, index = int(index[0]), int(index[1])
         if not 0 <= index < len(self.records):
             raise IndexError(f"index {index} out of range for {len(self.records)} clips")
         rec = self.records[index]
         try:
-            return self._load(rec, index)
+            return self._load(rec, index, epoch)
         except AVSDataError as exc:
             if self.on_error == "skip":
                 log.warning("skipping %s: %s", _clip_tag(rec), exc)
@@ -360,8 +365,8 @@ class AVSBenchDataset(Dataset):
             raise
 
     # -- loading --------------------------------------------------------------------------------
-    def _generator(self, index: int) -> torch.Generator:
-        seq = np.random.SeedSequence([self.seed, self.epoch, index])
+    def _generator(self, index: int, epoch: int) -> torch.Generator:
+        seq = np.random.SeedSequence([self.seed, epoch, index])
         return torch.Generator().manual_seed(int(seq.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1)))
 
     def _read(self, reader, path: Path, rec: ClipRecord, what: str):
@@ -418,11 +423,11 @@ class AVSBenchDataset(Dataset):
         arr = fit_num_examples(arr, self.num_frames)  # [n,...] -> [T,...]
         return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
 
-    def _load(self, rec: ClipRecord, index: int) -> dict[str, Any]:
+    def _load(self, rec: ClipRecord, index: int, epoch: int) -> dict[str, Any]:
         frames = self._load_frames(rec)  # [T,3,H,W] in [0,1]
         masks = self._load_masks(rec, tuple(frames.shape[-2:]))  # [T,1,H,W]
         audio = self._load_audio(rec)
-        gen = self._generator(index) if self.transform.flip_prob > 0 else None
+        gen = self._generator(index, epoch) if self.transform.flip_prob > 0 else None
         frames, masks = self.transform(frames, masks, gen)
         mask_valid = torch.zeros(self.num_frames, dtype=torch.bool)
         mask_valid[[k - 1 for k in self._labelled]] = True

@@ -17,6 +17,10 @@ class ResumableSampler(Sampler[int]):
     (cycling through it when there are fewer samples than replicas), so every rank gets the same
     number of indices: `ceil(num_samples / num_replicas)`. Evaluation drops the repeats by clip
     index (avs.metrics.MetricAccumulator); `pad=False` gives unequal shards without repeats.
+
+    `with_epoch=True` yields `(epoch, index)` pairs instead of indices: the dataset then reads the
+    epoch that seeds its augmentation from the index itself, which keeps the draws right in
+    persistent DataLoader workers (their copy of the dataset never sees `set_epoch`).
     """
 
     def __init__(
@@ -27,6 +31,7 @@ class ResumableSampler(Sampler[int]):
         num_replicas: int = 1,
         rank: int = 0,
         pad: bool = True,
+        with_epoch: bool = False,
     ) -> None:
         if num_replicas < 1 or not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} must lie in [0, num_replicas={num_replicas})")
@@ -36,6 +41,7 @@ class ResumableSampler(Sampler[int]):
         self.num_replicas = num_replicas
         self.rank = rank
         self.pad = pad
+        self.with_epoch = with_epoch
         self.epoch = 0
         self.start = 0
 
@@ -57,8 +63,11 @@ class ResumableSampler(Sampler[int]):
             order = order[self.rank :: self.num_replicas]
         return order
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._order()[self.start :])
+    def __iter__(self) -> Iterator[int] | Iterator[tuple[int, int]]:
+        order = self._order()[self.start :]
+        if self.with_epoch:
+            return iter([(self.epoch, i) for i in order])
+        return iter(order)
 
     def __len__(self) -> int:
         return max(0, len(self._order()) - self.start)

@@ -180,6 +180,9 @@ class Trainer:
             self._init_from(cfg.model.init_from)
         if self.tcfg.get("channels_last") and self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
+        if self.device.type == "cuda" and not bool(self.tcfg.deterministic):
+            # fixed input shapes (data.image_size, T): cuDNN's autotuner picks the fastest kernels once
+            torch.backends.cudnn.benchmark = bool(self.tcfg.get("cudnn_benchmark", True))
         if self.dist.enabled:
             if self.tcfg.get("sync_bn", False):
                 if self.device.type != "cuda":
@@ -204,6 +207,8 @@ class Trainer:
         self._datasets: dict[str, Any] = {}
         self._writer = None
         self._net: torch.nn.Module | None = None  # the module that runs training forwards (DDP wrapper or model)
+        self._eval_net: torch.nn.Module | None = None  # the module that runs eval forwards (model, maybe compiled)
+        self._loaders: dict[str, DataLoader] = {}  # kept across epochs when the workers are persistent
         self._stop: StopSignal | None = None
         self._last_saved: dict[str, int] = {}
         self._purge_step: int | None = None  # TensorBoard: the step a resumed run continues from
@@ -234,25 +239,66 @@ class Trainer:
             self._datasets[split] = ds
         return self._datasets[split]
 
+    def persistent_workers(self) -> bool:
+        """data.persistent_workers: auto (= on with worker processes) | true | false."""
+        workers = int(self.cfg.data.num_workers)
+        spec = self.cfg.data.get("persistent_workers", "auto")
+        if str(spec) == "auto":
+            return workers > 0
+        if bool(spec) and workers == 0:
+            raise ValueError("data.persistent_workers=true needs data.num_workers > 0")
+        return bool(spec)
+
     def _loader(self, split: str, sampler=None, batch_size: int | None = None) -> DataLoader:
+        """The split's DataLoader; with persistent workers it is built once and reused every epoch
+        (the sampler is then the same object, re-seeded with `set_epoch` before each pass)."""
+        if split in self._loaders:
+            return self._loaders[split]
         dcfg = self.cfg.data
         ds = self.dataset(split)
         pin = dcfg.get("pin_memory", "auto")
         pin = self.device.type == "cuda" if pin == "auto" else bool(pin)
         workers = int(dcfg.num_workers)
+        persistent = self.persistent_workers()
         collate = collate_skip_errors if dcfg.get("on_error", "raise") == "skip" else None
-        return DataLoader(
+        loader = DataLoader(
             ds,
             batch_size=batch_size or int(dcfg.eval_batch_size),
             sampler=sampler,
             shuffle=False,
             num_workers=workers,
             pin_memory=pin,
-            persistent_workers=False,
+            persistent_workers=persistent,
             collate_fn=collate,
             worker_init_fn=ignore_stop_signals if workers > 0 else None,
             generator=torch.Generator().manual_seed(int(self.cfg.seed)),
         )
+        if persistent:
+            self._loaders[split] = loader
+        return loader
+
+    def _end_pass(self, it: Any, loader: DataLoader, failed: bool) -> None:
+        """After a pass over `loader`: keep persistent workers alive unless the pass failed."""
+        if failed or not loader.persistent_workers:
+            shutdown_loader_iterator(it)
+            for key in [k for k, v in self._loaders.items() if v is loader]:
+                del self._loaders[key]
+
+    def close_loaders(self) -> None:
+        """Join every persistent DataLoader worker (end of fit, interruption, failure)."""
+        for loader in self._loaders.values():
+            shutdown_loader_iterator(getattr(loader, "_iterator", None))
+        self._loaders.clear()
+
+    def _compile(self, module: torch.nn.Module) -> torch.nn.Module:
+        """trainer.compile: false | true | a torch.compile mode (default, reduce-overhead, max-autotune...)."""
+        spec = self.tcfg.get("compile", False)
+        if spec is False or str(spec).lower() in ("false", "off", "none"):
+            return module
+        mode = None if spec is True or str(spec).lower() in ("true", "default") else str(spec)
+        backend = str(self.tcfg.get("compile_backend", "inductor"))
+        log.info("torch.compile(backend=%s, mode=%s): the first steps compile (slow)", backend, mode or "default")
+        return torch.compile(module, backend=backend, mode=mode)
 
     def _note_skipped(self, split: str, batch: dict[str, Any]) -> None:
         ids = [v for v in batch.get("skipped", []) if v is not None]
@@ -501,6 +547,7 @@ class Trainer:
             try:
                 return self._fit()
             except BaseException as exc:
+                self.close_loaders()
                 self._close_writer()
                 if self.is_main and self.run_dir.is_dir():
                     try:
@@ -517,6 +564,7 @@ class Trainer:
 
     def _interrupt(self, reason: str, bar) -> dict[str, Any]:
         self.faults["interruptions"].append({"step": self.step, "epoch": self.epoch, "reason": reason})
+        self.close_loaders()
         self._merge_skipped("train")
         self.save("last")
         bar.close()
@@ -536,7 +584,8 @@ class Trainer:
         accum = max(1, int(tcfg.get("grad_accum", 1)))
         drop_last = bool(tcfg.get("drop_last", False))
         sampler = ResumableSampler(
-            len(train_ds), shuffle=True, seed=int(self.cfg.seed), num_replicas=self.dist.world_size, rank=self.dist.rank
+            len(train_ds), shuffle=True, seed=int(self.cfg.seed), num_replicas=self.dist.world_size, rank=self.dist.rank,
+            with_epoch=True,  # the (epoch, index) pairs seed the flips, also in persistent workers
         )
         shard = len(sampler)
         batches_per_epoch = shard // bs if drop_last else math.ceil(shard / bs)
@@ -557,7 +606,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._clean_stale_temps()
             atomic_write_text(self.run_dir / "config_resolved.yaml", OmegaConf.to_yaml(self.cfg, resolve=True))
-        self._net = self._wrap_ddp()
+        self._net = self._compile(self._wrap_ddp())
+        self._eval_net = self._net if not self.dist.enabled else self._compile(self.model)
         if self._save_on_start:
             self.save("last")
 
@@ -588,6 +638,7 @@ class Trainer:
                 window_terms: dict[str, float] = {}
                 self.optimizer.zero_grad(set_to_none=True)
                 it = iter(loader)
+                failed = True
                 try:
                     while True:
                         try:
@@ -652,8 +703,9 @@ class Trainer:
                             return self._interrupt(self._stop.name if self._stop and self._stop.requested else "a stop signal", bar)
                         if self.step >= total_steps:
                             break
+                    failed = False
                 finally:
-                    shutdown_loader_iterator(it)
+                    self._end_pass(it, loader, failed)
             # end of epoch (also reached on resume from a checkpoint written after the epoch's last step)
             self.epoch += 1
             self.batch_in_epoch = 0
@@ -759,6 +811,7 @@ class Trainer:
         result: dict[str, Any] = {"best": self.best, "train_time_s": train_time, "steps": self.step}
         if self.tcfg.get("test_at_end", True):
             result["test"] = self.evaluate("test")
+        self.close_loaders()
         if self.is_main:
             self._write_metrics(result, selection_split)
             self.write_run_report("finished")
@@ -792,6 +845,8 @@ class Trainer:
         self.model.eval()
         show = bool(self.tcfg.get("progress", True)) and self.is_main
         it = iter(loader)
+        failed = True
+        net = self._eval_net if self._eval_net is not None else self.model
         try:
             for batch in tqdm(it, total=len(loader), desc=f"eval {split}", leave=False, disable=not show):
                 self._note_skipped(split, batch)
@@ -799,7 +854,7 @@ class Trainer:
                     continue
                 batch = _move(batch, self.device)
                 with self._autocast():
-                    out = self.model(batch)
+                    out = net(batch)
                 logits = out["logits"].float()
                 acc.update(logits, batch["masks"], indices=batch["index"])
                 if log_images and self.is_main and self.writer() is not None:
@@ -811,8 +866,9 @@ class Trainer:
                     from avs.engine.outputs import save_pred_masks
 
                     save_pred_masks(save_masks_dir, ds, batch, logits)
+            failed = False
         finally:
-            shutdown_loader_iterator(it)
+            self._end_pass(it, loader, failed)
         if self.dist.enabled:
             acc = acc.all_gather()
             self._merge_skipped(split)
