@@ -271,6 +271,8 @@ def varied_keys(runs: Sequence[RunResult], ignore: Sequence[str] = ()) -> list[s
 
     Preference when keys co-vary: `published.row`, then keys named `name`, then shallower keys, then
     config order; a key is kept only if the keys kept before it do not already determine it.
+    A run whose config lacks a key (written before the key existed, or a part its model does not
+    have) does not make that key vary: only the values of the runs that have it are compared.
     """
     groups = _by_subset(runs)
     order: dict[str, int] = {}
@@ -281,7 +283,7 @@ def varied_keys(runs: Sequence[RunResult], ignore: Sequence[str] = ()) -> list[s
         k
         for k in order
         if not _ignored(k, ignore)
-        and any(len({_h(r.flat.get(k)) for r in grp}) > 1 for grp in groups.values())
+        and any(len({_h(r.flat[k]) for r in grp if k in r.flat}) > 1 for grp in groups.values())
     ]
     candidates.sort(key=lambda k: (k != ROW_LABEL_KEY, k.rsplit(".", 1)[-1] != "name", k.count("."), order[k]))
     kept: list[str] = []
