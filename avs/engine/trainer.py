@@ -189,10 +189,9 @@ class Trainer:
                     raise ValueError("trainer.sync_bn=true needs CUDA devices (torch's SyncBatchNorm); set trainer.sync_bn=false on CPU")
                 self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
             seed_everything(int(cfg.seed) + self.dist.rank, bool(self.tcfg.deterministic))  # per-rank dropout etc.
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(
-            params, lr=float(self.tcfg.lr), weight_decay=float(self.tcfg.get("weight_decay", 0.0))
-        )
+        from avs.engine.optim import build_optimizer
+
+        self.optimizer = build_optimizer(self.model.parameters(), self.tcfg)
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.step = 0
