@@ -14,3 +14,23 @@ def register_resolvers() -> None:
     """Register `${avs_root:}` (the checkout root) once."""
     if not OmegaConf.has_resolver("avs_root"):
         OmegaConf.register_new_resolver("avs_root", lambda: str(PROJECT_ROOT))
+
+
+def auto_flag(value, key: str, auto: bool, supported: bool = True, requirement: str = "") -> bool:
+    """Resolve an `auto | true | false` option named `key`.
+
+    auto -> `auto`; true/false (bools or the strings true/on/yes, false/off/no/none) as given;
+    true where `supported` is False -> ValueError "`key`=true needs `requirement`".
+    """
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            return bool(auto)
+        if text not in ("true", "on", "yes", "false", "off", "no", "none"):
+            raise ValueError(f"{key} must be auto, true or false, got {value!r}")
+        flag = text in ("true", "on", "yes")
+    else:
+        flag = bool(value)
+    if flag and not supported:
+        raise ValueError(f"{key}=true needs {requirement}")
+    return flag

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from avs.config import auto_flag
 from avs.engine import distributed as D
 from avs.engine.checkpoint import (
     CheckpointError,
@@ -121,10 +122,8 @@ def ddp_find_unused_parameters(cfg: DictConfig) -> bool:
     test_ddp.py), except with `model.use_audio=false` (the no-audio ablations): the audio encoder,
     fusion and projector are built but not run.
     """
-    value = cfg.trainer.get("find_unused_parameters", "auto")
-    if str(value) == "auto":
-        return not bool(cfg.model.get("use_audio", True))
-    return bool(value)
+    return auto_flag(cfg.trainer.get("find_unused_parameters", "auto"), "trainer.find_unused_parameters",
+                     auto=not bool(cfg.model.get("use_audio", True)))
 
 
 def _move(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -241,12 +240,8 @@ class Trainer:
     def persistent_workers(self) -> bool:
         """data.persistent_workers: auto (= on with worker processes) | true | false."""
         workers = int(self.cfg.data.num_workers)
-        spec = self.cfg.data.get("persistent_workers", "auto")
-        if str(spec) == "auto":
-            return workers > 0
-        if bool(spec) and workers == 0:
-            raise ValueError("data.persistent_workers=true needs data.num_workers > 0")
-        return bool(spec)
+        return auto_flag(self.cfg.data.get("persistent_workers", "auto"), "data.persistent_workers", auto=workers > 0,
+                         supported=workers > 0, requirement="data.num_workers > 0")
 
     def _loader(self, split: str, sampler=None, batch_size: int | None = None) -> DataLoader:
         """The split's DataLoader; with persistent workers it is built once and reused every epoch
@@ -255,8 +250,7 @@ class Trainer:
             return self._loaders[split]
         dcfg = self.cfg.data
         ds = self.dataset(split)
-        pin = dcfg.get("pin_memory", "auto")
-        pin = self.device.type == "cuda" if pin == "auto" else bool(pin)
+        pin = auto_flag(dcfg.get("pin_memory", "auto"), "data.pin_memory", auto=self.device.type == "cuda")
         workers = int(dcfg.num_workers)
         persistent = self.persistent_workers()
         collate = collate_skip_errors if dcfg.get("on_error", "raise") == "skip" else None

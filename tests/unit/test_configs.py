@@ -59,3 +59,17 @@ def test_paths_come_from_env(monkeypatch, tmp_path):
     monkeypatch.setenv("AVS_AVSBENCH_ROOT", str(tmp_path / "avsb"))
     cfg = compose_cfg("train", ["data=ms3"])
     assert str(cfg.data.root) == str(tmp_path / "avsb")
+
+
+def test_auto_flag_resolves_auto_bools_and_strings_and_names_the_key():
+    from avs.config import auto_flag
+
+    assert auto_flag("auto", "data.pin_memory", auto=True) is True
+    assert auto_flag("auto", "data.pin_memory", auto=False) is False
+    assert auto_flag(True, "k", auto=False) is True and auto_flag("off", "k", auto=True) is False
+    assert auto_flag("false", "k", auto=True) is False  # a string "false" is not truthy here
+    with pytest.raises(ValueError, match="data.persistent_workers=true needs data.num_workers > 0"):
+        auto_flag(True, "data.persistent_workers", auto=False, supported=False, requirement="data.num_workers > 0")
+    assert auto_flag(False, "data.persistent_workers", auto=False, supported=False) is False
+    with pytest.raises(ValueError, match="trainer.compile_x must be auto, true or false, got 'maybe'"):
+        auto_flag("maybe", "trainer.compile_x", auto=False)
