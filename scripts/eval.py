@@ -10,12 +10,12 @@ import sys
 from pathlib import Path
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import avs  # noqa: E402,F401
+from avs.engine.outputs import script_out_dir  # noqa: E402
 from avs.config import CONFIG_DIR  # noqa: E402
 from avs.engine import distributed as D  # noqa: E402
 from avs.engine.evaluate import evaluate_checkpoint  # noqa: E402
@@ -26,7 +26,7 @@ log = logging.getLogger("avs.eval")
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    out_dir = Path(cfg.output_dir) if cfg.output_dir else Path(HydraConfig.get().runtime.output_dir)
+    out_dir = script_out_dir(cfg.output_dir)
     result = evaluate_checkpoint(cfg, out_dir)
     if result.get("paths"):  # rank 0 (or the single process) writes and prints
         print(markdown_table(result["metrics"], title=f"{cfg.split}: {cfg.checkpoint}"))

@@ -10,12 +10,12 @@ import sys
 from pathlib import Path
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import avs  # noqa: E402,F401
+from avs.engine.outputs import script_out_dir  # noqa: E402
 from avs.inference.export import export_checkpoint  # noqa: E402
 
 log = logging.getLogger("avs.export")
@@ -25,7 +25,7 @@ log = logging.getLogger("avs.export")
 def main(cfg: DictConfig) -> None:
     if cfg.format != "torchscript":
         raise ValueError(f"format must be 'torchscript' (the only exporter), got {cfg.format!r}")
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(HydraConfig.get().runtime.output_dir)
+    out_dir = script_out_dir(cfg.out_dir)
     result = export_checkpoint(cfg, out_dir)
     print(f"exported: {result.path} (inputs {result.input_shapes}; max |exported - eager| = {result.max_abs_diff:.3g})")
     print(f"metadata: {result.meta_path}")

@@ -10,12 +10,12 @@ import sys
 from pathlib import Path
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import avs  # noqa: E402,F401
+from avs.engine.outputs import script_out_dir  # noqa: E402
 from avs.inference.visualize import visualize_split  # noqa: E402
 
 log = logging.getLogger("avs.visualize")
@@ -23,7 +23,7 @@ log = logging.getLogger("avs.visualize")
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="visualize")
 def main(cfg: DictConfig) -> None:
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(HydraConfig.get().runtime.output_dir)
+    out_dir = script_out_dir(cfg.out_dir)
     result = visualize_split(cfg, out_dir)
     print(f"{len(result.grids)} grids: {out_dir / 'grids'}")
     if result.latents:

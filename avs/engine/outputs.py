@@ -62,3 +62,12 @@ def save_pred_masks(out_dir: str | Path, dataset: Any, batch: dict[str, Any], lo
             atomic_write_bytes(path, buf.getvalue())
             written.append(path)
     return written
+
+
+def script_out_dir(explicit: str | os.PathLike | None) -> Path:
+    """A script's output dir: `explicit` when given, else the Hydra run dir of the current job."""
+    if explicit:
+        return Path(explicit)
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
