@@ -1,0 +1,138 @@
+"""A fresh clone must work: no tracked path that .gitignore ignores, no tracked symlink leaving the
+repository, and scripts/setup_env.sh copes with whatever a checkout holds at the env path."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SETUP = ROOT / "scripts" / "setup_env.sh"
+
+
+def _git(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+def _checkout_root() -> Path:
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    out = _git("rev-parse", "--show-toplevel")
+    if out.returncode != 0:
+        pytest.skip("not a git checkout (e.g. an sdist): nothing tracked to check")
+    return Path(out.stdout.strip())
+
+
+def tracked_ignored(root: Path) -> list[str]:
+    """Tracked paths that .gitignore ignores (a fresh clone gets them although they are machine-local)."""
+    out = _git("ls-files", "-ci", "--exclude-standard", cwd=root)
+    assert out.returncode == 0, out.stderr
+    return [line for line in out.stdout.splitlines() if line]
+
+
+def tracked_symlinks_leaving(root: Path) -> list[str]:
+    """Tracked symlinks (git mode 120000) whose target resolves outside the checkout."""
+    out = _git("ls-files", "-s", cwd=root)
+    assert out.returncode == 0, out.stderr
+    bad = []
+    real_root = root.resolve()
+    for line in out.stdout.splitlines():
+        meta, _, path = line.partition("\t")
+        if meta.split()[0] != "120000":
+            continue
+        blob = meta.split()[1]
+        target = _git("cat-file", "blob", blob, cwd=root).stdout
+        resolved = Path(os.path.normpath((root / path).parent / target))
+        if os.path.isabs(target) or not resolved.is_relative_to(real_root):
+            bad.append(f"{path} -> {target}")
+    return bad
+
+
+def test_no_tracked_path_is_ignored():
+    root = _checkout_root()
+    assert tracked_ignored(root) == [], "remove these from the index (git rm --cached): they are machine-local"
+
+
+def test_no_tracked_symlink_leaves_the_repository():
+    root = _checkout_root()
+    assert tracked_symlinks_leaving(root) == [], "these links are broken on every other machine"
+
+
+def _repo_with_tracked_venv_link(tmp_path: Path) -> Path:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copy(ROOT / ".gitignore", repo / ".gitignore")
+    (repo / "a.py").write_text("x = 1\n")
+    os.symlink("/nonexistent/venvs/avs", repo / ".venv")
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    for cmd in (["init", "-q"], ["add", "-f", ".gitignore", "a.py", ".venv"], ["commit", "-q", "-m", "x"]):
+        out = subprocess.run(["git", *cmd], cwd=repo, capture_output=True, text=True, env={**os.environ, **env})
+        assert out.returncode == 0, out.stderr
+    return repo
+
+
+def test_checks_catch_a_tracked_venv_symlink(tmp_path):
+    """The two checks above fail on a checkout that tracks a .venv link to a machine-local env."""
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    repo = _repo_with_tracked_venv_link(tmp_path)
+    assert tracked_ignored(repo) == [".venv"]
+    assert tracked_symlinks_leaving(repo) == [".venv -> /nonexistent/venvs/avs"]
+    _git("rm", "-q", "--cached", ".venv", cwd=repo)
+    assert tracked_ignored(repo) == [] and tracked_symlinks_leaving(repo) == []
+
+
+# ----------------------------------------------------------------------------- setup_env.sh decisions
+def _plan(venv: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "AVS_VENV": str(venv)}
+    return subprocess.run(["bash", str(SETUP), "--plan"], capture_output=True, text=True, env=env, timeout=60)
+
+
+def _make_venv(path: Path) -> None:
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True, timeout=120)
+
+
+def test_setup_env_creates_when_nothing_is_there(tmp_path):
+    out = _plan(tmp_path / "env")
+    assert out.returncode == 0 and "plan: create" in out.stdout
+
+
+def test_setup_env_reuses_a_working_venv(tmp_path):
+    _make_venv(tmp_path / "env")
+    out = _plan(tmp_path / "env")
+    assert out.returncode == 0 and "plan: reuse" in out.stdout
+    os.symlink(tmp_path / "env", tmp_path / "link")  # a link to a working env is as good
+    assert "plan: reuse" in _plan(tmp_path / "link").stdout
+
+
+def test_setup_env_recovers_from_a_dangling_link(tmp_path):
+    os.symlink(tmp_path / "gone", tmp_path / "env")
+    out = _plan(tmp_path / "env")
+    assert out.returncode == 0 and "plan: relink" in out.stdout
+    assert "dangling symlink" in out.stdout and str(tmp_path / "gone") in out.stdout
+
+
+def test_setup_env_never_touches_a_users_folder(tmp_path):
+    folder = tmp_path / "env"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    out = _plan(folder)
+    assert out.returncode == 2
+    assert "did not make it" in out.stderr and "AVS_VENV" in out.stderr
+    assert (folder / "notes.txt").read_text() == "mine"
+    (tmp_path / "file").write_text("x")
+    assert _plan(tmp_path / "file").returncode == 2
+
+
+def test_setup_env_recreates_its_own_broken_venv(tmp_path):
+    folder = tmp_path / "env"
+    (folder / "bin").mkdir(parents=True)
+    (folder / ".avs-setup-env").write_text("made by scripts/setup_env.sh")
+    os.symlink(tmp_path / "no-python", folder / "bin" / "python")
+    out = _plan(folder)
+    assert out.returncode == 0 and "plan: recreate" in out.stdout
