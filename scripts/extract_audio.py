@@ -40,6 +40,7 @@ def main(cfg: DictConfig) -> None:
             overwrite=bool(cfg.overwrite),
             out_dir=cfg.data.get("embedding_dir"),
             batch_size=int(cfg.batch_size),
+            pad_short_audio=bool(cfg.data.get("pad_short_audio", False)),
         )
     except (AVSDataError, FileNotFoundError, ValueError) as exc:
         log.error("%s", exc)
