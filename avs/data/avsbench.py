@@ -1,6 +1,7 @@
 """AVSBench-object S4 / MS3 datasets, the on-disk layout, and a layout checker.
 
-Layout (avsbench_spec §1.2), relative to `root` (the folder holding Single-source/ and Multi-sources/):
+Layout of the released AVSBench-object folder, relative to `root` (the folder holding Single-source/
+and Multi-sources/):
 
     Single-source/s4_meta_data.csv                      columns: 0 = video id, 2 = category, `split`
     Single-source/s4_data/visual_frames/<split>/<category>/<vid>/<vid>_<k>.png
