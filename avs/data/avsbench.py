@@ -491,6 +491,14 @@ def collate_skip_none(batch: list[Any]) -> dict[str, Any]:
     return out
 
 
+def pad_short_audio_flag(data_cfg: Mapping[str, Any]) -> bool:
+    """`data.pad_short_audio` (default false); ValueError naming the key unless it is true or false."""
+    value = data_cfg.get("pad_short_audio", False)
+    if not isinstance(value, bool):
+        raise ValueError(f"data.pad_short_audio must be true or false, got {value!r}")
+    return value
+
+
 def build_dataset(data_cfg: Mapping[str, Any], split: str, train: bool) -> AVSBenchDataset:
     """AVSBenchDataset from a `data` config node (configs/data/*.yaml); flip only when `train`."""
     missing = [k for k in ("subset", "root") if data_cfg.get(k) is None]
@@ -507,7 +515,7 @@ def build_dataset(data_cfg: Mapping[str, Any], split: str, train: bool) -> AVSBe
         flip_prob=float(data_cfg.get("flip_prob", 0.0) or 0.0) if train else 0.0,
         on_error=data_cfg.get("on_error", "raise"),
         seed=int(data_cfg.get("seed", 0) or 0),
-        pad_short_audio=bool(data_cfg.get("pad_short_audio", False)),
+        pad_short_audio=pad_short_audio_flag(data_cfg),
     )
 
 

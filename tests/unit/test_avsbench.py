@@ -415,3 +415,9 @@ def test_unknown_split_value_is_an_error_naming_csv_rows_and_allowed_values(tree
     report = check_dataset(root, "ms3", num_frames=T)
     assert [str(p) for p in report.problems] == [expected]
     assert report.counts == {"train": 2, "val": 0, "test": 1}  # the rest was still checked
+
+
+def test_pad_short_audio_must_be_a_boolean(tree):
+    cfg = OmegaConf.create({"root": str(tree), "subset": "s4", "image_size": SIZE, "pad_short_audio": "no"})
+    with pytest.raises(ValueError, match=r"data.pad_short_audio must be true or false, got 'no'"):
+        build_dataset(cfg, "val", train=False)
