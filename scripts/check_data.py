@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 import avs  # noqa: E402,F401  (registers config resolvers)
-from avs.data.avsbench import check_dataset  # noqa: E402
+from avs.data.avsbench import check_dataset, pad_short_audio_flag  # noqa: E402
 
 log = logging.getLogger("avs.check_data")
 
@@ -27,7 +27,8 @@ def main(cfg: DictConfig) -> None:
     image_size = cfg.get("image_size")
     if image_size is not None and not isinstance(image_size, int):
         image_size = list(OmegaConf.to_container(image_size))
-    report = check_dataset(cfg.data.root, cfg.data.subset, int(cfg.data.num_frames), image_size, progress=True)
+    report = check_dataset(cfg.data.root, cfg.data.subset, int(cfg.data.num_frames), image_size, progress=True,
+                           pad_short_audio=pad_short_audio_flag(cfg.data))
     print(report.format())
     if not report.ok:
         sys.exit(1)

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 import avs  # noqa: E402,F401  (registers config resolvers)
-from avs.data.avsbench import AVSDataError  # noqa: E402
+from avs.data.avsbench import AVSDataError, pad_short_audio_flag  # noqa: E402
 from avs.data.embeddings import extract_embeddings  # noqa: E402
 from avs.utils.device import select_device  # noqa: E402
 from avs.models.vggish import VGGish  # noqa: E402
@@ -40,6 +40,7 @@ def main(cfg: DictConfig) -> None:
             overwrite=bool(cfg.overwrite),
             out_dir=cfg.data.get("embedding_dir"),
             batch_size=int(cfg.batch_size),
+            pad_short_audio=pad_short_audio_flag(cfg.data),
         )
     except (AVSDataError, FileNotFoundError, ValueError) as exc:
         log.error("%s", exc)

@@ -1,6 +1,6 @@
 """wav -> VGGish log-mel examples, following the VGGish `mel_features` / `vggish_input` recipe in NumPy.
 
-Recipe (avsbench_spec §1.5, §8): mono, 16 kHz; 25 ms periodic-Hann frames (400 samples) every
+Recipe (the released VGGish front end): mono, 16 kHz; 25 ms periodic-Hann frames (400 samples) every
 10 ms (160 samples); 512-point rFFT magnitude (257 bins); 64-band HTK mel filterbank over
 125-7500 Hz with the DC row zeroed; log(mel + 0.01); non-overlapping 96-frame (0.96 s) examples,
 incomplete tail dropped; float32 ``[n_examples, 1, 96, 64]``.
@@ -8,10 +8,13 @@ incomplete tail dropped; float32 ``[n_examples, 1, 96, 64]``.
 
 from __future__ import annotations
 
+import logging
 import os
 from functools import lru_cache
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 # VGGish constants (vggish_params.py).
 SAMPLE_RATE = 16000
@@ -47,6 +50,7 @@ __all__ = [
     "SAMPLE_RATE",
     "MIN_SAMPLES",
     "read_wav",
+    "resampler_name",
     "resample_to_16k",
     "mel_matrix",
     "waveform_to_examples",
@@ -60,8 +64,11 @@ def read_wav(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     """Read a wav (any rate; mono or multi-channel; int16/int32/float) -> (float64 [n] in [-1,1], sr).
 
     PCM_16 files are read as int16 and divided by 32768, exactly like VGGish's `wavfile_to_examples`.
-    Other encodings are read by soundfile as float64 (int32 -> /2**31, float as stored); VGGish would
-    first quantise them to int16, which we do not. Channels are averaged to mono.
+    Other encodings are read by soundfile as float64 in [-1, 1] (int32 -> /2**31, float as stored).
+    VGGish's reader (`sf.read(dtype='int16')`, then /32768) differs there: on a PCM_24/32 file it
+    keeps the top 16 bits (a quantisation), but on a float file soundfile returns the float values
+    themselves, only cast to int16 (-1, 0 or 1 for audio in [-1, 1]), so after /32768 the released
+    front end sees near-silence. We read the real signal instead. Channels are averaged to mono.
     """
     import soundfile as sf
 
@@ -83,19 +90,50 @@ def read_wav(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     return samples.mean(axis=1), int(sr)
 
 
+_announced: set[str] = set()
+
+
+def _resampy():
+    """The resampy module, or None when it is not installed (the `avs[audio-exact]` extra)."""
+    try:
+        import resampy
+    except ImportError:
+        return None
+    return resampy
+
+
+def resampler_name() -> str:
+    """Which resampler `resample_to_16k` uses for non-16 kHz audio: 'resampy' (kaiser_best) or 'torchaudio'."""
+    return "resampy" if _resampy() is not None else "torchaudio"
+
+
 def resample_to_16k(samples: np.ndarray, sample_rate: int) -> np.ndarray:
     """Resample float [n] at `sample_rate` to 16 kHz -> float64 [m]; identity when already 16 kHz.
 
-    resampy (what VGGish uses) is not available, so this calls `torchaudio.functional.resample`
-    with a Kaiser-windowed sinc of width 64, rolloff 0.9476 and beta 14.77, torchaudio's documented
-    equivalent of resampy's default 'kaiser_best' filter. It runs in float64. Results are close to
-    resampy's but not bit-identical (edge handling and output length rounding differ slightly).
+    With resampy installed (`pip install 'avs[audio-exact]'`) this is `resampy.resample(...,
+    filter='kaiser_best')`, exactly what the released VGGish front end calls. Without it,
+    `torchaudio.functional.resample` with a Kaiser-windowed sinc of width 64, rolloff 0.9476 and
+    beta 14.77 (torchaudio's documented equivalent of 'kaiser_best'), in float64: close to resampy
+    but not identical, the log-mel differing mostly in the top mel bands (docs/architecture.md gives
+    the measured gap). `resampler_name()` says which one is in use; the first call logs it.
     """
     samples = np.asarray(samples, dtype=np.float64)
     if sample_rate == SAMPLE_RATE or samples.size == 0:  # nothing to resample; length checks come later
         return samples
     if sample_rate <= 0:
         raise ValueError(f"sample rate must be positive, got {sample_rate}")
+    if int(samples.size * SAMPLE_RATE / sample_rate) < 1:  # not one output sample (resampy refuses these)
+        return np.zeros(0, dtype=np.float64)
+    resampy = _resampy()
+    name = "torchaudio" if resampy is None else "resampy"
+    if name not in _announced:
+        _announced.add(name)
+        log.info("resampling %d Hz audio to 16 kHz with %s", sample_rate,
+                 "resampy (kaiser_best, as the released VGGish front end)" if resampy is not None else
+                 "torchaudio's Kaiser sinc (install avs[audio-exact] for resampy, as the released front end)")
+    if resampy is not None:
+        return np.asarray(resampy.resample(samples, int(sample_rate), SAMPLE_RATE, filter="kaiser_best"),
+                          dtype=np.float64)
     import torch
     import torchaudio.functional as AF
 

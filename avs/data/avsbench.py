@@ -1,6 +1,7 @@
 """AVSBench-object S4 / MS3 datasets, the on-disk layout, and a layout checker.
 
-Layout (avsbench_spec §1.2), relative to `root` (the folder holding Single-source/ and Multi-sources/):
+Layout of the released AVSBench-object folder, relative to `root` (the folder holding Single-source/
+and Multi-sources/):
 
     Single-source/s4_meta_data.csv                      columns: 0 = video id, 2 = category, `split`
     Single-source/s4_data/visual_frames/<split>/<category>/<vid>/<vid>_<k>.png
@@ -103,6 +104,7 @@ class ClipRecord:
     video_id: str
     category: str
     split: str
+    line: int = field(default=0, compare=False)  # line number in the csv (0: not from a csv)
 
     def rel_dir(self) -> Path:
         """<split>/[<category>/] -- the folder of this clip's audio files / masks."""
@@ -189,16 +191,50 @@ def read_meta_csv(path: str | os.PathLike, subset: str) -> list[ClipRecord]:
             raise AVSDataError(f"{path}:{line_no}: expected at least {need + 1} columns, got {len(row)}: {row}")
         vid = row[0].strip()
         category = row[2].strip() if layout.has_category else ""
-        records.append(ClipRecord(video_id=vid, category=category, split=row[split_col].strip()))
+        records.append(ClipRecord(video_id=vid, category=category, split=row[split_col].strip(), line=line_no))
     return records
 
 
+def check_split_values(records: Sequence[ClipRecord], csv_path: str | os.PathLike) -> None:
+    """AVSDataError naming the csv, its rows and the allowed values when a row's split is not train/val/test."""
+    bad = [r for r in records if r.split not in SPLITS]
+    if not bad:
+        return
+    shown = ", ".join(f"line {r.line} (video {r.video_id!r}: {r.split!r})" for r in bad[:5])
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    raise AVSDataError(f"{csv_path}: unknown split value in {len(bad)} row(s): {shown}{more}; "
+                       f"the 'split' column allows {', '.join(SPLITS)}")
+
+
 def split_records(root: str | os.PathLike, subset: str, split: str) -> list[ClipRecord]:
-    """CSV rows of one split, in file order."""
+    """CSV rows of one split, in file order; AVSDataError when any row has an unknown split value."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
     layout = get_layout(subset)
-    return [r for r in read_meta_csv(layout.csv_path(Path(root)), subset) if r.split == split]
+    csv_path = layout.csv_path(Path(root))
+    records = read_meta_csv(csv_path, subset)
+    check_split_values(records, csv_path)
+    return [r for r in records if r.split == split]
+
+
+def fit_audio_array(arr: np.ndarray, num_frames: int, path: str | os.PathLike,
+                    tail: tuple[int, ...] = LOGMEL_SHAPE, pad_short: bool = False) -> np.ndarray:
+    """Audio read from a file, [n,*tail] -> [num_frames,*tail]; the one rule for log-mel pkls and cached embeddings.
+
+    More than `num_frames` examples: the first `num_frames` are kept. Fewer: AVSDataError naming the
+    file, the shape found and the examples expected, unless `pad_short` (config `data.pad_short_audio`),
+    which repeats the last example as the wav front end does. Wrong dtype or shape: AVSDataError.
+    """
+    shape = "[n," + ",".join(map(str, tail)) + "]"
+    if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
+        raise AVSDataError(f"{path}: expected real numbers, got dtype {arr.dtype}")
+    if arr.ndim != 1 + len(tail) or tuple(arr.shape[1:]) != tuple(tail) or arr.shape[0] == 0:
+        raise AVSDataError(f"{path}: expected audio shaped {shape}, got {list(arr.shape)}")
+    if arr.shape[0] < num_frames and not pad_short:
+        raise AVSDataError(
+            f"{path}: audio shaped {list(arr.shape)} has {arr.shape[0]} example(s), data.num_frames={num_frames} "
+            f"needs {num_frames}; set data.pad_short_audio=true to repeat the last example instead")
+    return fit_num_examples(arr, num_frames)  # [n,...] -> [T,...]
 
 
 def check_root(root: str | os.PathLike, subset: str) -> Path:
@@ -303,6 +339,7 @@ class AVSBenchDataset(Dataset):
         flip_prob: float = 0.0,
         on_error: str = "raise",
         seed: int = 0,
+        pad_short_audio: bool = False,
     ) -> None:
         self.layout = get_layout(subset)
         if split not in SPLITS:
@@ -322,6 +359,7 @@ class AVSBenchDataset(Dataset):
         self.embedding_dir = embedding_dir
         self.on_error = on_error
         self.seed = int(seed)
+        self.pad_short_audio = bool(pad_short_audio)
         self.epoch = 0
         self.transform = ClipTransform(self.image_size, flip_prob)
         self.records = split_records(self.root, subset, split)
@@ -415,12 +453,10 @@ class AVSBenchDataset(Dataset):
             path = embedding_path(self.root, self.layout, rec, self.embedding_dir)
             arr = self._read(lambda p: np.load(p, allow_pickle=False), path, rec, "audio embedding")
             tail = (EMBEDDING_DIM,)
-        if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
-            raise AVSDataError(f"{path}: expected real numbers, got dtype {arr.dtype} for {_clip_tag(rec)}")
-        if arr.ndim != 1 + len(tail) or tuple(arr.shape[1:]) != tail or arr.shape[0] == 0:
-            raise AVSDataError(f"{path}: expected audio shaped [n,{','.join(map(str, tail))}], got {list(arr.shape)} "
-                               f"for {_clip_tag(rec)}")
-        arr = fit_num_examples(arr, self.num_frames)  # [n,...] -> [T,...]
+        try:  # the wav front end already gives [T,1,96,64] (its own, release-faithful padding)
+            arr = fit_audio_array(arr, self.num_frames, path, tail, self.pad_short_audio)
+        except AVSDataError as exc:
+            raise AVSDataError(f"{exc} ({_clip_tag(rec)})") from exc
         return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
 
     def _load(self, rec: ClipRecord, index: int, epoch: int) -> dict[str, Any]:
@@ -455,6 +491,14 @@ def collate_skip_none(batch: list[Any]) -> dict[str, Any]:
     return out
 
 
+def pad_short_audio_flag(data_cfg: Mapping[str, Any]) -> bool:
+    """`data.pad_short_audio` (default false); ValueError naming the key unless it is true or false."""
+    value = data_cfg.get("pad_short_audio", False)
+    if not isinstance(value, bool):
+        raise ValueError(f"data.pad_short_audio must be true or false, got {value!r}")
+    return value
+
+
 def build_dataset(data_cfg: Mapping[str, Any], split: str, train: bool) -> AVSBenchDataset:
     """AVSBenchDataset from a `data` config node (configs/data/*.yaml); flip only when `train`."""
     missing = [k for k in ("subset", "root") if data_cfg.get(k) is None]
@@ -471,6 +515,7 @@ def build_dataset(data_cfg: Mapping[str, Any], split: str, train: bool) -> AVSBe
         flip_prob=float(data_cfg.get("flip_prob", 0.0) or 0.0) if train else 0.0,
         on_error=data_cfg.get("on_error", "raise"),
         seed=int(data_cfg.get("seed", 0) or 0),
+        pad_short_audio=pad_short_audio_flag(data_cfg),
     )
 
 
@@ -532,8 +577,13 @@ def check_dataset(
     num_frames: int = 5,
     image_size: int | Sequence[int] | None = None,
     progress: bool = False,
+    pad_short_audio: bool = False,
 ) -> DatasetReport:
-    """Walk every split of `subset` under `root`; report counts and every missing / bad file (tqdm if `progress`)."""
+    """Walk every split of `subset` under `root`; report counts and every missing / bad file (tqdm if `progress`).
+
+    Csv split values and log-mel pkls are judged by the loader's own rules (`check_split_values`,
+    `fit_audio_array` with `pad_short_audio`).
+    """
     from avs.data.safe_pickle import load_logmel_pkl
 
     layout = get_layout(subset)
@@ -560,9 +610,10 @@ def check_dataset(
             report.add(data_dir / name, "missing folder")
     if not (present["audio_log_mel"] or present["audio_wav"]):
         report.add(data_dir / "audio_log_mel", "missing folder (and no audio_wav/ either)")
-    unknown = sorted({r.split for r in records} - set(SPLITS))
-    if unknown:
-        report.add(csv_p, f"unknown split value(s) {unknown}; expected {list(SPLITS)}")
+    try:
+        check_split_values(records, csv_p)
+    except AVSDataError as exc:
+        report.add(csv_p, str(exc).removeprefix(f"{csv_p}: "))
     seen: set[tuple[str, str]] = set()
     for rec in records:
         if (rec.split, rec.video_id) in seen:
@@ -605,12 +656,16 @@ def check_dataset(
                 else:
                     try:
                         arr = load_logmel_pkl(p)
-                        if arr.ndim != 4 or tuple(arr.shape[1:]) != LOGMEL_SHAPE or arr.shape[0] < num_frames:
-                            report.add(p, f"log-mel shape {list(arr.shape)}; expected [{num_frames},1,96,64]")
-                        elif not np.isfinite(arr).all():
-                            report.add(p, "log-mel holds NaN/inf")
                     except AVSDataError as exc:
                         report.add(p, f"unreadable log-mel pkl ({exc})")
+                    else:
+                        try:
+                            arr = fit_audio_array(arr, num_frames, p, LOGMEL_SHAPE, pad_short_audio)
+                        except AVSDataError as exc:
+                            report.add(p, str(exc).removeprefix(f"{p}: "))
+                        else:
+                            if not np.isfinite(arr).all():
+                                report.add(p, "log-mel holds NaN/inf")
             if present["audio_wav"]:
                 p = wav_path(root_p, layout, rec)
                 if not p.is_file():

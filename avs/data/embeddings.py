@@ -12,13 +12,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from avs.data.audio import fit_num_examples, wav_to_logmel
+from avs.data.audio import wav_to_logmel
 from avs.data.avsbench import (
     LOGMEL_SHAPE,
     AVSDataError,
     ClipRecord,
     embedding_path,
     embedding_root,
+    fit_audio_array,
     get_layout,
     logmel_path,
     split_records,
@@ -32,17 +33,17 @@ log = logging.getLogger(__name__)
 __all__ = ["clip_logmel", "extract_embeddings"]
 
 
-def clip_logmel(root: Path, subset: str, rec: ClipRecord, num_frames: int) -> np.ndarray:
-    """A clip's log-mel float32 [T,1,96,64]: from the released pkl, else computed from the wav."""
+def clip_logmel(root: Path, subset: str, rec: ClipRecord, num_frames: int, pad_short_audio: bool = False) -> np.ndarray:
+    """A clip's log-mel float32 [T,1,96,64]: from the released pkl (the dataset's shape rule), else from the wav."""
     from avs.data.safe_pickle import load_logmel_pkl
 
     layout = get_layout(subset)
     pkl = logmel_path(root, layout, rec)
     if pkl.is_file():
-        arr = load_logmel_pkl(pkl)
-        if arr.ndim != 4 or tuple(arr.shape[1:]) != LOGMEL_SHAPE or arr.shape[0] == 0:
-            raise AVSDataError(f"{pkl}: expected log-mel [n,1,96,64], got {list(arr.shape)} (clip {rec.video_id!r})")
-        return fit_num_examples(arr, num_frames)
+        try:
+            return fit_audio_array(load_logmel_pkl(pkl), num_frames, pkl, LOGMEL_SHAPE, pad_short_audio)
+        except AVSDataError as exc:
+            raise AVSDataError(f"{exc} (clip {rec.video_id!r})") from exc
     wav = wav_path(root, layout, rec)
     if wav.is_file():
         try:
@@ -67,11 +68,13 @@ def extract_embeddings(
     overwrite: bool = False,
     out_dir: str | os.PathLike | None = None,
     batch_size: int = 16,
+    pad_short_audio: bool = False,
 ) -> dict:
     """Write VGGish embeddings float32 [T,128] for every clip of `splits`; existing files are kept unless `overwrite`.
 
     Returns {'written': int, 'skipped': int, 'per_split': {split: {'written', 'skipped'}}, 'out_dir': str}.
-    `batch_size` counts clips (each contributes T examples to one VGGish call).
+    `batch_size` counts clips (each contributes T examples to one VGGish call). A pkl with fewer than
+    `num_frames` examples is an error unless `pad_short_audio` (as in the dataset).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -96,7 +99,7 @@ def extract_embeddings(
         bar = tqdm(total=len(todo), desc=f"vggish {subset}/{split}", unit="clip", disable=not todo)
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
-            mels = [clip_logmel(root, subset, rec, num_frames) for rec, _ in chunk]
+            mels = [clip_logmel(root, subset, rec, num_frames, pad_short_audio) for rec, _ in chunk]
             x = torch.from_numpy(np.concatenate(mels, axis=0)).to(dev)  # [clips*T,1,96,64]
             emb = vggish(x).float().cpu().numpy()  # [clips*T,128]
             for i, (_, out) in enumerate(chunk):

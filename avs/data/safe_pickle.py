@@ -6,7 +6,13 @@ The released files are `pickle.dump(torch.Tensor)`. Unpickling one needs only th
 `torch.storage._load_from_bytes` (whose original calls `torch.load` on embedded bytes; here it is
 replaced by `torch.load(..., weights_only=True)`), `collections.OrderedDict` (empty backward hooks)
 and, for pickled NumPy arrays, `numpy[._core|.core].multiarray._reconstruct`, `numpy.ndarray` and
-`numpy.dtype`. Any other global raises `UnsafePickleError` before anything is called.
+`numpy.dtype`. Protocol 2 pickles also need `_codecs.encode` (allowed only as str -> latin-1
+bytes) and protocol 5 pickles of arrays `numpy[._core|.core].numeric._frombuffer` (allowed only
+for numeric dtypes whose shape matches the buffer). Any other global raises `UnsafePickleError`
+before anything is called.
+
+Every tensor's size / stride / offset is checked against its storage before it is rebuilt: torch
+would otherwise grow the storage with uninitialised memory. Such a file raises `AVSDataError`.
 """
 
 from __future__ import annotations
@@ -65,12 +71,12 @@ class SafeUnpickler(pickle.Unpickler):
                 ) from exc
 
         rebuilders = {
-            "_rebuild_tensor": tu._rebuild_tensor,
-            "_rebuild_tensor_v2": tu._rebuild_tensor_v2,
-            "_rebuild_parameter": tu._rebuild_parameter,
+            "_rebuild_tensor": _checked_rebuild(tu._rebuild_tensor, source, dtype_at=None),
+            "_rebuild_tensor_v2": _checked_rebuild(tu._rebuild_tensor_v2, source, dtype_at=None),
+            "_rebuild_parameter": tu._rebuild_parameter,  # takes a tensor rebuilt (and checked) above
         }
-        if hasattr(tu, "_rebuild_tensor_v3"):
-            rebuilders["_rebuild_tensor_v3"] = tu._rebuild_tensor_v3
+        if hasattr(tu, "_rebuild_tensor_v3"):  # (storage, offset, size, stride, requires_grad, hooks, dtype, ...)
+            rebuilders["_rebuild_tensor_v3"] = _checked_rebuild(tu._rebuild_tensor_v3, source, dtype_at=6)
         rebuild_funcs = set(rebuilders.values())
         tensor_types = (torch.Tensor, torch.nn.Parameter)
 
@@ -96,6 +102,10 @@ class SafeUnpickler(pickle.Unpickler):
             allowed[("torch._utils", name)] = fn
         for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
             allowed[(mod, "_reconstruct")] = multiarray._reconstruct
+        frombuffer = _checked_frombuffer(source)
+        for mod in ("numpy.core.numeric", "numpy._core.numeric"):  # protocol 5 arrays
+            allowed[(mod, "_frombuffer")] = frombuffer
+        allowed[("_codecs", "encode")] = _latin1_encoder(source)  # protocol 2 bytes
         for dt in ("float16", "bfloat16", "float32", "float64"):
             allowed[("torch", dt)] = getattr(torch, dt)
         # dtype classes NumPy >= 1.25 pickles as numpy.dtypes.Float32DType etc.
@@ -118,6 +128,85 @@ class SafeUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> Any:
         raise UnsafePickleError(f"{self._source}: persistent ids are not allowed in a log-mel pickle")
+
+
+def _storage_elements(storage: Any, dtype: torch.dtype | None, source: str) -> int:
+    """Number of elements a pickled tensor's storage holds."""
+    if isinstance(storage, torch.storage.TypedStorage):
+        return int(storage._size())
+    if isinstance(storage, torch.UntypedStorage) and isinstance(dtype, torch.dtype):
+        return int(storage.nbytes()) // torch.empty((), dtype=dtype).element_size()
+    raise AVSDataError(f"{source}: malformed tensor: its storage is a {type(storage).__name__}, not a torch storage")
+
+
+def check_tensor_fits_storage(source: str, storage: Any, offset: Any, size: Any, stride: Any,
+                              dtype: torch.dtype | None = None) -> None:
+    """Raise AVSDataError naming `source` unless size / stride / offset address only elements of `storage`."""
+
+    def ints(value: Any) -> bool:
+        return isinstance(value, (tuple, list, torch.Size)) and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+
+    if not (isinstance(offset, int) and offset >= 0 and ints(size) and ints(stride) and len(size) == len(stride)):
+        raise AVSDataError(f"{source}: malformed tensor: size {size!r}, stride {stride!r}, offset {offset!r} "
+                           "(expected equal-length tuples of non-negative ints and an offset >= 0)")
+    have = _storage_elements(storage, dtype, source)
+    # elements addressed: offset + sum((size_i - 1) * stride_i) + 1; none when any size is 0
+    need = 0 if 0 in size else offset + sum((n - 1) * st for n, st in zip(size, stride)) + 1
+    if need > have:
+        raise AVSDataError(f"{source}: malformed tensor: size {list(size)} with stride {list(stride)} and offset "
+                           f"{offset} needs {need} values but its storage holds {have}")
+
+
+def _checked_rebuild(fn: Callable, source: str, dtype_at: int | None) -> Callable:
+    """Wrap a torch `_rebuild_tensor*` (storage, offset, size, stride, ...) so it refuses out-of-storage views."""
+
+    def rebuild(storage, storage_offset, size, stride, *rest):
+        dtype = rest[dtype_at - 4] if dtype_at is not None and len(rest) > dtype_at - 4 else None
+        check_tensor_fits_storage(source, storage, storage_offset, size, stride, dtype)
+        return fn(storage, storage_offset, size, stride, *rest)
+
+    rebuild.__name__ = fn.__name__
+    return rebuild
+
+
+def _checked_frombuffer(source: str) -> Callable:
+    """NumPy's `_frombuffer` (protocol 5 arrays) for numeric dtypes whose shape matches the buffer exactly."""
+
+    def frombuffer(buf: Any, dtype: Any, shape: Any, order: Any, axis_order: Any = None) -> np.ndarray:
+        if isinstance(buf, pickle.PickleBuffer):
+            buf = buf.raw()
+        if not isinstance(buf, (bytes, bytearray, memoryview)):
+            raise UnsafePickleError(f"{source}: _frombuffer expects a byte buffer, got {type(buf).__name__}")
+        if not isinstance(dtype, np.dtype) or dtype.kind not in "biuf":
+            raise UnsafePickleError(f"{source}: _frombuffer with dtype {dtype!r} refused (numeric arrays only)")
+        if not (isinstance(shape, tuple) and all(isinstance(n, int) and n >= 0 for n in shape)):
+            raise AVSDataError(f"{source}: malformed array: shape {shape!r}")
+        if order not in ("C", "F", "K", "A"):
+            raise AVSDataError(f"{source}: malformed array: order {order!r}")
+        need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if need != len(bytes(buf)):
+            raise AVSDataError(f"{source}: malformed array: shape {list(shape)} of {dtype} needs {need} bytes, "
+                               f"the buffer holds {len(bytes(buf))}")
+        array = np.frombuffer(bytes(buf), dtype=dtype).copy()  # writable, owns its memory
+        if order == "K" and axis_order is not None:
+            if sorted(axis_order) != list(range(len(shape))):
+                raise AVSDataError(f"{source}: malformed array: axis order {axis_order!r}")
+            return array.reshape(shape, order="C").transpose(axis_order)
+        return array.reshape(shape, order=order)
+
+    return frombuffer
+
+
+def _latin1_encoder(source: str) -> Callable:
+    """`_codecs.encode` as protocol 2 uses it for bytes: str -> latin-1 bytes, nothing else."""
+
+    def encode(obj: Any, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        if not isinstance(obj, str) or encoding not in ("latin1", "latin-1") or errors != "strict":
+            raise UnsafePickleError(f"{source}: _codecs.encode is allowed only for str -> latin1 bytes")
+        return obj.encode("latin1")
+
+    return encode
 
 
 def load_pickle(path: str | os.PathLike) -> Any:

@@ -30,6 +30,7 @@ from avs.inference.video import (
     WindowPlan,
     audio_to_16k,
     check_duration,
+    fit_audio_to_video,
     iter_frames,
     load_audio,
     load_video_audio,
@@ -164,7 +165,7 @@ def _display_size(width: int, height: int, max_size: int | None) -> tuple[int, i
 def run_demo(cfg: Mapping[str, Any], out_dir: str | Path, return_probs: bool = False) -> DemoResult:
     """Segment the sounding objects of `cfg.video` with `cfg.checkpoint`; write everything under `out_dir`.
 
-    Keys (configs/demo.yaml): video, checkpoint, audio_file, sampling, stride, dense_spacing, num_samples,
+    Keys (configs/demo.yaml): video, checkpoint, audio_file, short_audio, sampling, stride, dense_spacing, num_samples,
     batch_size, device, threshold, seed, mask_resolution, overlay.{enabled,color,alpha,max_size,crf},
     contact_sheet.{columns,max_tiles,tile_height}, progress.
     """
@@ -191,6 +192,15 @@ def run_demo(cfg: Mapping[str, Any], out_dir: str | Path, return_probs: bool = F
         audio_source = str(video)
     samples16k = audio_to_16k(samples, rate)
     check_duration(info.num_frames, info.fps, samples16k.shape[0], str(video), audio_source)
+    audio_seconds = samples16k.shape[0] / 16000.0
+    short_audio = str(_opt(cfg, "short_audio", "silence"))
+    # within one video frame counts as covering the video (container and codec rounding)
+    samples16k, uncovered = fit_audio_to_video(samples16k, info.duration, short_audio, audio_source, 1.0 / info.fps)
+    if uncovered is not None:
+        log.warning("%s: the audio (%.2f s) is shorter than the video (%.2f s): seconds %.2f-%.2f have no sound; %s",
+                    audio_source, audio_seconds, info.duration, *uncovered,
+                    "they get silence (short_audio=silence; short_audio=repeat reuses the last 0.975 s of audio)"
+                    if short_audio == "silence" else "they reuse the last 0.975 s of audio (short_audio=repeat)")
 
     num_samples = int(_opt(cfg, "num_samples", 1))
     loaded = load_model(str(cfg["checkpoint"]), _opt(cfg, "device", "auto"), num_samples)
@@ -251,7 +261,9 @@ def run_demo(cfg: Mapping[str, Any], out_dir: str | Path, return_probs: bool = F
         "fps": info.fps,
         "video_frames": info.num_frames,
         "duration_s": info.duration,
-        "audio_duration_s": samples16k.shape[0] / 16000.0,
+        "audio_duration_s": audio_seconds,
+        "short_audio": short_audio,
+        "audio_uncovered_s": [round(t, 4) for t in uncovered] if uncovered is not None else None,
         "windows": len(plan.windows),
         "num_samples": num_samples if sampled else 1,
         "threshold": threshold,

@@ -177,8 +177,9 @@ def save_png(path: str | os.PathLike, image: np.ndarray) -> Path:
 class OverlayVideoWriter:
     """H.264 (yuv420p) + AAC mp4 writer fed RGB frames in order, with the audio muxed in step.
 
-    `audio` is mono float [n] at `sample_rate` (or None for a silent video). Frame sizes are
-    rounded down to even numbers (yuv420p needs them). Written to a temp file and renamed on close.
+    `audio` is mono float [n] at `sample_rate` (or None for a silent video); audio past the last
+    frame's end is dropped, so the file never outlasts its frames. Frame sizes are rounded down to
+    even numbers (yuv420p needs them). Written to a temp file and renamed on close.
     """
 
     def __init__(self, path: str | os.PathLike, rate: Any, size: tuple[int, int], audio: np.ndarray | None = None,
@@ -246,8 +247,8 @@ class OverlayVideoWriter:
         self._push_audio(int(round(self._frames / self.rate * self.sample_rate)))
 
     def close(self) -> Path:
-        """Flush encoders, write the rest of the audio, move the file into place."""
-        self._push_audio(self._audio.shape[0] if self._audio is not None else 0)
+        """Flush encoders, write the audio up to the end of the last frame, move the file into place."""
+        self._push_audio(int(round(self._frames / self.rate * self.sample_rate)))
         self._mux(self._video.encode())
         if self._audio_stream is not None:
             self._mux(self._audio_stream.encode())

@@ -2,7 +2,7 @@
 
 Two ways to turn a video into model clips of T frames (T = the checkpoint's data.num_frames):
 
-* ``avsbench`` (avsbench_spec §1.4-1.5): one frame per second, the one at 15/16 of the second
+* ``avsbench`` (as AVSBench's preprocessing): one frame per second, the one at 15/16 of the second
   (frame index ``int((l + 15/16) * fps)``, identical to AVSBench's ``int(l*fps + 15/16*fps)`` for
   an integer fps); windows of T consecutive seconds, each cut from the window start into T
   non-overlapping 0.96 s VGGish examples (``avs.data.audio.logmel_clip``: too few examples ->
@@ -15,6 +15,10 @@ Two ways to turn a video into model clips of T frames (T = the checkpoint's data
 Frame indices in a plan count decoded frames from 0. The frame count comes from demuxing
 (`probe_video`); a stream that decodes to fewer frames than it has packets is handled the
 AVSBench way: indices past the end stand for the last decoded frame.
+
+Audio shorter than the video (`fit_audio_to_video`, demo key ``short_audio``): by default the
+uncovered seconds get silence (zero samples), with a warning naming them; ``repeat`` lets the windows
+past the end reuse the last 0.975 s of audio, ``error`` refuses the video.
 """
 
 from __future__ import annotations
@@ -44,12 +48,15 @@ __all__ = [
     "Window",
     "WindowPlan",
     "check_duration",
+    "SHORT_AUDIO",
+    "fit_audio_to_video",
     "plan_windows",
     "window_logmel",
     "AVSBENCH_OFFSET",
 ]
 
 SAMPLINGS = ("avsbench", "dense")
+SHORT_AUDIO = ("silence", "repeat", "error")
 AVSBENCH_OFFSET = 15.0 / 16.0  # AVSBench keeps candidate i = 15 of 16 per second
 _SOUNDFILE_SUFFIXES = {".wav", ".flac", ".ogg", ".aiff", ".aif"}
 
@@ -311,6 +318,32 @@ def check_duration(num_video_frames: int, fps: float, num_audio_samples: int, so
             f"({num_audio_samples / SAMPLE_RATE:.3f} s at 16 kHz); one VGGish example needs {MIN_SAMPLES} samples (0.975 s)"
         )
     return seconds
+
+
+def fit_audio_to_video(samples16k: np.ndarray, duration: float, mode: str = "silence", source: str = "audio",
+                       tolerance: float = 0.0) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """16 kHz audio [n] for a video of `duration` s -> (audio [m], the uncovered (start, end) seconds or None).
+
+    Audio that ends more than `tolerance` s before the video: `mode` 'silence' appends zero samples
+    up to the video's end, 'repeat' returns it unchanged (windows past its end then reuse its last
+    0.975 s), 'error' raises VideoError naming `source` and the seconds. Longer audio is returned
+    unchanged (the plan reads only the seconds the video has; the overlay writer trims it).
+    """
+    if mode not in SHORT_AUDIO:
+        raise ValueError(f"short_audio must be one of {list(SHORT_AUDIO)}, got {mode!r}")
+    have = samples16k.shape[0] / SAMPLE_RATE
+    if have >= duration - tolerance:
+        return samples16k, None
+    uncovered = (have, duration)
+    if mode == "error":
+        raise VideoError(
+            f"{source}: the audio ({have:.2f} s) is shorter than the video ({duration:.2f} s): seconds "
+            f"{have:.2f}-{duration:.2f} have no sound; set short_audio=silence (zeros) or short_audio=repeat "
+            "(reuse the last 0.975 s of audio) to run anyway")
+    if mode == "silence":
+        need = int(np.ceil(duration * SAMPLE_RATE))
+        samples16k = np.concatenate([samples16k, np.zeros(need - samples16k.shape[0], dtype=samples16k.dtype)])
+    return samples16k, uncovered
 
 
 def plan_windows(

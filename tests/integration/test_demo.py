@@ -250,3 +250,36 @@ def test_demo_on_a_lossy_mp4_with_aac_audio(clip, tpavi_ckpt, tmp_path):
     assert np.abs(result.probs - lossless.probs).mean() < 0.05  # lossy video + AAC, same masks up to codec noise
     out = probe_video(result.overlay_video)
     assert out.num_frames == 3 * FPS and out.has_audio
+
+
+def test_demo_short_audio_gets_silence_and_long_audio_is_cut(clip, tpavi_ckpt, tmp_path, caplog):
+    import soundfile as sf
+
+    audio, sr = sf.read(clip["wav"], dtype="int16")
+    half = audio[: int(1.5 * sr)]  # 1.5 s of sound under the 3 s video
+    write_video(tmp_path / "short_audio.mkv", clip["frames"], half, sr)
+    quiet = dict(overlay="overlay.enabled=false", sheet="contact_sheet.enabled=false")
+    with caplog.at_level("WARNING", logger="avs.inference.demo"):
+        silence = run_demo(_demo_cfg(tmp_path / "short_audio.mkv", tpavi_ckpt, *quiet.values()), tmp_path / "s",
+                           return_probs=True)
+    assert any("short_audio.mkv: the audio (1.50 s) is shorter than the video (3.00 s): seconds 1.50-3.00 have no "
+               "sound; they get silence" in r.getMessage() for r in caplog.records)
+    assert json.loads(silence.summary.read_text())["audio_uncovered_s"] == [1.5, 3.0]
+    # the same as giving the model the sound followed by real silence
+    padded = np.concatenate([half, np.zeros(3 * sr - half.shape[0], np.int16)])
+    sf.write(tmp_path / "padded.wav", padded, sr, subtype="PCM_16")
+    ref = run_demo(_demo_cfg(clip["silent"], tpavi_ckpt, f"audio_file={tmp_path / 'padded.wav'}", *quiet.values()),
+                   tmp_path / "r", return_probs=True)
+    np.testing.assert_array_equal(silence.probs, ref.probs)
+    repeat = run_demo(_demo_cfg(tmp_path / "short_audio.mkv", tpavi_ckpt, "short_audio=repeat", *quiet.values()),
+                      tmp_path / "p", return_probs=True)
+    assert not np.array_equal(repeat.probs, silence.probs)  # the old behaviour, on request
+    with pytest.raises(VideoError, match=r"seconds 1.50-3.00 have no sound"):
+        run_demo(_demo_cfg(tmp_path / "short_audio.mkv", tpavi_ckpt, "short_audio=error"), tmp_path / "e")
+    # 5 s of sound under the 3 s video: the overlay stays 3 s long
+    longer = np.concatenate([audio, audio[: 2 * sr]])
+    write_video(tmp_path / "long_audio.mkv", clip["frames"], longer, sr)
+    result = run_demo(_demo_cfg(tmp_path / "long_audio.mkv", tpavi_ckpt, quiet["sheet"]), tmp_path / "l")
+    samples, rate = load_video_audio(result.overlay_video)
+    assert abs(samples.shape[0] / rate - 3.0) < 0.1
+    assert probe_video(result.overlay_video).duration == pytest.approx(3.0)

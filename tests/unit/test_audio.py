@@ -2,8 +2,8 @@
 
 The reference below is written from the recipe (mel_features.py steps), not from avs.data.audio:
 an explicit DFT with cos/sin sums per frame, a per-(bin, band) triangle loop, and example slicing
-by index. For the 44.1 kHz case both sides use `avs.data.audio.resample_to_16k` (resampy is not
-installed, so no independent resampler exists here); the comparison is made after resampling.
+by index. For the 44.1 kHz case both sides use `avs.data.audio.resample_to_16k`; the comparison is
+made after resampling. The resampler itself is tested against resampy (when installed) below.
 """
 
 from __future__ import annotations
@@ -169,3 +169,36 @@ def test_int32_wav_scaled_to_unit_range(tmp_path):
     sf.write(path, pcm, 16000, subtype="PCM_32")
     samples, _ = audio.read_wav(path)
     np.testing.assert_allclose(samples[:4], [0.0, 0.5, -1.0, (2**31 - 1) / 2**31])
+
+
+# ------------------------------------------------------------------------- resampler choice
+@pytest.mark.parametrize("rate", [44100, 22050, 8000])
+def test_resampy_is_used_when_installed_and_matches_a_direct_call(rate, caplog):
+    resampy = pytest.importorskip("resampy", reason="resampy (the avs[audio-exact] extra) is not installed")
+    x = _tone(rate, 2.0, np.random.default_rng(rate))
+    assert audio.resampler_name() == "resampy"
+    audio._announced.clear()
+    with caplog.at_level("INFO", logger="avs.data.audio"):
+        got = audio.resample_to_16k(x, rate)
+        audio.resample_to_16k(x, rate)
+    np.testing.assert_array_equal(got, resampy.resample(x, rate, 16000, filter="kaiser_best"))
+    assert [r.getMessage() for r in caplog.records].count(
+        f"resampling {rate} Hz audio to 16 kHz with resampy (kaiser_best, as the released VGGish front end)") == 1
+
+
+def test_torchaudio_is_the_fallback_without_resampy(monkeypatch, caplog):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "resampy", None)  # import resampy -> ImportError
+    audio._announced.clear()
+    assert audio.resampler_name() == "torchaudio"
+    x = _tone(44100, 2.0, np.random.default_rng(3))
+    with caplog.at_level("INFO", logger="avs.data.audio"):
+        got = audio.resample_to_16k(x, 44100)
+    import torch
+    import torchaudio.functional as AF
+
+    ref = AF.resample(torch.from_numpy(x), 44100, 16000, **audio._KAISER_BEST).numpy()
+    np.testing.assert_array_equal(got, ref)
+    assert any("with torchaudio" in r.getMessage() and "avs[audio-exact]" in r.getMessage() for r in caplog.records)
+    audio._announced.clear()

@@ -190,7 +190,7 @@ def test_audio_pad_and_truncate(tree, tmp_path):
     long = np.random.default_rng(1).standard_normal((7, 1, 96, 64)).astype(np.float32)
     dump_logmel_pkl(logmel_path(root, lay, recs[0]), short)
     dump_logmel_pkl(logmel_path(root, lay, recs[1]), long)
-    ds = AVSBenchDataset(root, "s4", "train", image_size=SIZE)
+    ds = AVSBenchDataset(root, "s4", "train", image_size=SIZE, pad_short_audio=True)  # opted in
     a0 = ds[0]["audio"].numpy()
     np.testing.assert_array_equal(a0[:3], short)
     np.testing.assert_array_equal(a0[3], short[2])
@@ -210,7 +210,10 @@ def test_embedding_source(tree, tmp_path):
     assert p == emb_dir / "val" / recs[0].category / f"{recs[0].video_id}.npy"
     p.parent.mkdir(parents=True)
     np.save(p, e)
-    item = AVSBenchDataset(root, "s4", "val", image_size=SIZE, audio_source="embedding", embedding_dir=emb_dir)[0]
+    with pytest.raises(AVSDataError, match=r"audio shaped \[4, 128\] has 4 example\(s\), data.num_frames=5 needs 5"):
+        AVSBenchDataset(root, "s4", "val", image_size=SIZE, audio_source="embedding", embedding_dir=emb_dir)[0]
+    item = AVSBenchDataset(root, "s4", "val", image_size=SIZE, audio_source="embedding", embedding_dir=emb_dir,
+                           pad_short_audio=True)[0]
     assert item["audio"].shape == (T, 128)
     np.testing.assert_array_equal(item["audio"].numpy()[:4], e)
     np.testing.assert_array_equal(item["audio"].numpy()[4], e[3])
@@ -360,3 +363,61 @@ def test_check_dataset_clean_and_broken(tree, tmp_path):
 def test_check_dataset_missing_root(tmp_path):
     rep = check_dataset(tmp_path / "nowhere", "s4")
     assert not rep.ok and rep.problems[0].path == str(tmp_path / "nowhere")
+
+
+# ------------------------------------------------------------------------ strict data: one rule
+def test_short_logmel_pkl_is_an_error_in_loader_and_check_data_unless_padding_is_asked(tree, tmp_path):
+    root = _copy(tree, tmp_path)
+    rec = split_records(root, "s4", "train")[0]
+    pkl = logmel_path(root, LAYOUTS["s4"], rec)
+    short = np.random.default_rng(0).standard_normal((3, 1, 96, 64)).astype(np.float32)
+    dump_logmel_pkl(pkl, short)
+    expected = rf"{pkl}: audio shaped \[3, 1, 96, 64\] has 3 example\(s\), data.num_frames=5 needs 5; " \
+               r"set data.pad_short_audio=true"
+    cfg = OmegaConf.create({"root": str(root), "subset": "s4", "image_size": SIZE, "num_frames": T})
+    with pytest.raises(AVSDataError, match=expected):
+        build_dataset(cfg, "train", train=True)[0]
+    report = check_dataset(root, "s4", num_frames=T)
+    assert [str(p) for p in report.problems] == [
+        f"{pkl}: audio shaped [3, 1, 96, 64] has 3 example(s), data.num_frames=5 needs 5; "
+        "set data.pad_short_audio=true to repeat the last example instead"]
+    # opted in: both accept it, and the loader repeats the last example
+    cfg.pad_short_audio = True
+    audio = build_dataset(cfg, "train", train=True)[0]["audio"].numpy()
+    np.testing.assert_array_equal(audio, np.concatenate([short, short[2:], short[2:]]))
+    assert check_dataset(root, "s4", num_frames=T, pad_short_audio=True).ok
+    # fewer frames asked for: the same file is long enough
+    assert AVSBenchDataset(root, "s4", "train", num_frames=3, image_size=SIZE)[0]["audio"].shape == (3, 1, 96, 64)
+
+
+def test_short_pkl_under_on_error_skip_is_skipped_not_padded(tree, tmp_path):
+    root = _copy(tree, tmp_path)
+    rec = split_records(root, "ms3", "val")[0]
+    dump_logmel_pkl(logmel_path(root, LAYOUTS["ms3"], rec), np.zeros((2, 1, 96, 64), np.float32))
+    item = AVSBenchDataset(root, "ms3", "val", image_size=SIZE, on_error="skip")[0]
+    assert isinstance(item, SkippedItem) and "needs 5" in item.error
+
+
+def test_unknown_split_value_is_an_error_naming_csv_rows_and_allowed_values(tree, tmp_path):
+    root = _copy(tree, tmp_path)
+    csv_p = root / "Multi-sources/ms3_meta_data.csv"
+    lines = csv_p.read_text().splitlines()
+    i = next(i for i, line in enumerate(lines) if line.endswith(",val"))
+    vid = lines[i].split(",")[0]
+    lines[i] = lines[i][: -len("val")] + "validation"
+    csv_p.write_text("\n".join(lines) + "\n")
+    expected = (f"{csv_p}: unknown split value in 1 row(s): line {i + 1} (video '{vid}': 'validation'); "
+                "the 'split' column allows train, val, test")
+    for split in ("train", "val"):  # every split refuses, not only the one that lost a clip
+        with pytest.raises(AVSDataError) as err:
+            AVSBenchDataset(root, "ms3", split, image_size=SIZE)
+        assert str(err.value) == expected
+    report = check_dataset(root, "ms3", num_frames=T)
+    assert [str(p) for p in report.problems] == [expected]
+    assert report.counts == {"train": 2, "val": 0, "test": 1}  # the rest was still checked
+
+
+def test_pad_short_audio_must_be_a_boolean(tree):
+    cfg = OmegaConf.create({"root": str(tree), "subset": "s4", "image_size": SIZE, "pad_short_audio": "no"})
+    with pytest.raises(ValueError, match=r"data.pad_short_audio must be true or false, got 'no'"):
+        build_dataset(cfg, "val", train=False)

@@ -148,3 +148,101 @@ def test_dump_is_byte_deterministic_and_plain_pickle_compatible(tmp_path):
         plain = pickle.load(fh)
     assert isinstance(plain, torch.Tensor) and torch.equal(plain, torch.from_numpy(arr))
     np.testing.assert_array_equal(load_logmel_pkl(tmp_path / "a.pkl"), arr)
+
+
+# ------------------------------------------------------------------ protocol 2 / 5, malformed tensors
+def _logmel(seed: int, n: int = 3) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 1, 96, 64)).astype(np.float32)
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+@pytest.mark.parametrize("kind", ["tensor", "float32", "float64"])
+def test_benign_pickles_of_every_protocol_load_exactly(tmp_path, protocol, kind):
+    arr = _logmel(protocol)
+    obj = torch.from_numpy(arr) if kind == "tensor" else arr.astype(kind)
+    p = tmp_path / f"{kind}_p{protocol}.pkl"
+    p.write_bytes(pickle.dumps(obj, protocol=protocol))
+    out = load_logmel_pkl(p)
+    assert out.dtype == np.float32 and out.flags.writeable
+    np.testing.assert_array_equal(out, arr)  # float64 of float32 values round-trips exactly
+
+
+def test_protocol5_fortran_and_strided_arrays_load_exactly(tmp_path):
+    arr = np.asfortranarray(_logmel(7)[:, 0])  # [3,96,64], Fortran order
+    p = tmp_path / "f.pkl"
+    p.write_bytes(pickle.dumps(arr, protocol=5))
+    np.testing.assert_array_equal(load_logmel_pkl(p), arr)
+    view = _logmel(8)[:, :, ::2, 1:]  # non-contiguous view
+    p.write_bytes(pickle.dumps(view, protocol=5))
+    np.testing.assert_array_equal(load_logmel_pkl(p), view)
+
+
+def test_codecs_and_frombuffer_are_allowed_only_for_their_pickle_uses(tmp_path):
+    import _codecs
+
+    frombuffer = np._core.numeric._frombuffer if hasattr(np, "_core") else np.core.numeric._frombuffer
+    cases = {
+        "codecs_rot13": _Reduce(_codecs.encode, "abc", "rot13"),
+        "codecs_not_str": _Reduce(_codecs.encode, b"abc", "latin1"),
+        "frombuffer_object": _Reduce(frombuffer, b"\x00" * 8, np.dtype("O"), (1,), "C"),
+    }
+    for name, obj in cases.items():
+        p = tmp_path / f"{name}.pkl"
+        p.write_bytes(pickle.dumps(obj, protocol=2))
+        with pytest.raises(UnsafePickleError, match=name + ".pkl"):
+            load_pickle(p)
+    short = tmp_path / "short_buffer.pkl"  # 4 values of bytes claimed to be [5,1,96,64]
+    short.write_bytes(pickle.dumps(_Reduce(frombuffer, b"\x00" * 16, np.dtype("f4"), (5, 1, 96, 64), "C")))
+    with pytest.raises(AVSDataError, match=r"short_buffer.pkl: malformed array: shape \[5, 1, 96, 64\]"):
+        load_pickle(short)
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_other_globals_stay_refused_at_protocols_2_and_5(tmp_path, protocol):
+    marker = tmp_path / "pwned"
+    p = tmp_path / "evil.pkl"
+    p.write_bytes(pickle.dumps(_Reduce(os.system, f"touch {marker}"), protocol=protocol))
+    with pytest.raises(UnsafePickleError, match="system"):
+        load_logmel_pkl(p)
+    assert not marker.exists()
+
+
+def _malformed_tensor(size, stride, offset=0, values=4):
+    storage = torch.arange(1, values + 1, dtype=torch.float32).storage()  # TypedStorage of `values` floats
+    from collections import OrderedDict
+
+    return _Reduce(torch._utils._rebuild_tensor_v2, storage, offset, size, stride, False, OrderedDict())
+
+
+@pytest.mark.parametrize(
+    "size, stride, offset",
+    [
+        ((5, 1, 96, 64), (6144, 6144, 64, 1), 0),  # needs 30720 values, storage holds 4
+        ((2, 2), (2, 1), 1),  # offset pushes the last element past the end
+        ((4,), (2,), 0),  # stride too wide
+        ((2,), (-1,), 1),  # negative stride
+    ],
+)
+def test_tensor_larger_than_its_storage_is_refused_with_the_file_named(tmp_path, size, stride, offset):
+    import warnings
+
+    p = tmp_path / "malformed.pkl"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TypedStorage deprecation
+        p.write_bytes(pickle.dumps(_malformed_tensor(size, stride, offset)))
+    with pytest.raises(AVSDataError, match=r"malformed.pkl: malformed tensor") as err:
+        load_logmel_pkl(p)
+    assert "storage holds 4" in str(err.value) or "non-negative" in str(err.value)
+    # control: plain pickle builds it (reading memory the file never held) for the oversized cases
+    if all(s >= 0 for s in stride):
+        assert tuple(pickle.loads(p.read_bytes()).shape) == size
+
+
+def test_tensor_that_fits_its_storage_exactly_still_loads(tmp_path):
+    import warnings
+
+    p = tmp_path / "fits.pkl"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p.write_bytes(pickle.dumps(_malformed_tensor((2, 2), (1, 2), 0)))  # transposed view of 4 values
+    np.testing.assert_array_equal(load_logmel_pkl(p), np.array([[1, 3], [2, 4]], np.float32))

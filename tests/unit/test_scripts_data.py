@@ -57,3 +57,18 @@ def test_extract_audio_script(tmp_path):
     text = missing.stdout + missing.stderr
     assert "vggish-10086976.pth" in text and "pretrained=false" in text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "emb"]
+
+
+def test_check_data_short_pkl_and_the_pad_short_audio_key(tmp_path):
+    from avs.data.avsbench import logmel_path
+    from avs.data.safe_pickle import dump_logmel_pkl
+
+    root = make_avsbench_tree(tmp_path / "data", "s4", {"train": 1, "val": 1}, size=32)
+    pkl = logmel_path(root, LAYOUTS["s4"], split_records(root, "s4", "val")[0])
+    dump_logmel_pkl(pkl, np.zeros((3, 1, 96, 64), np.float32))
+    bad = _run("check_data.py", f"data.root={root}", cwd=tmp_path)
+    assert bad.returncode == 1
+    assert (f"{pkl}: audio shaped [3, 1, 96, 64] has 3 example(s), data.num_frames=5 needs 5; "
+            "set data.pad_short_audio=true") in bad.stdout
+    ok = _run("check_data.py", f"data.root={root}", "data.pad_short_audio=true", cwd=tmp_path)
+    assert ok.returncode == 0, ok.stdout + ok.stderr

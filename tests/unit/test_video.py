@@ -217,3 +217,48 @@ def test_overlay_writer_muxes_audio_and_keeps_the_frame_count(tmp_path):
     samples, sr = load_video_audio(path)
     assert sr == SAMPLE_RATE and abs(samples.shape[0] / sr - 2.0) < 0.1  # AAC priming adds a few ms
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+# ------------------------------------------------------------------------ audio vs video length
+def test_short_audio_gets_silence_repeat_or_error_for_the_uncovered_seconds():
+    from avs.inference.video import fit_audio_to_video
+
+    x = np.random.default_rng(0).standard_normal(3 * SAMPLE_RATE)
+    out, gap = fit_audio_to_video(x, 5.0, "silence", "a.wav", tolerance=0.04)
+    assert gap == (3.0, 5.0) and out.shape == (5 * SAMPLE_RATE,)
+    np.testing.assert_array_equal(out[: 3 * SAMPLE_RATE], x)
+    assert not out[3 * SAMPLE_RATE :].any()  # zeros, not a repeat of the end
+    out, gap = fit_audio_to_video(x, 5.0, "repeat", "a.wav", tolerance=0.04)
+    assert gap == (3.0, 5.0) and out is x
+    with pytest.raises(VideoError, match=r"a.wav: the audio \(3.00 s\) is shorter than the video \(5.00 s\): "
+                                         r"seconds 3.00-5.00 have no sound; set short_audio=silence"):
+        fit_audio_to_video(x, 5.0, "error", "a.wav")
+    out, gap = fit_audio_to_video(x, 3.03, "error", "a.wav", tolerance=0.04)  # within one frame: covered
+    assert gap is None and out is x
+    with pytest.raises(ValueError, match="short_audio must be one of"):
+        fit_audio_to_video(x, 5.0, "loop")
+
+
+def test_short_audio_windows_read_silence_not_the_last_second():
+    from avs.inference.video import fit_audio_to_video
+
+    rng = np.random.default_rng(1)
+    x = 0.3 * rng.standard_normal(2 * SAMPLE_RATE)  # 2 s of noise under a 4 s video, T = 4
+    padded, _ = fit_audio_to_video(x, 4.0, "silence")
+    plan = plan_windows(16, 4.0, padded.shape[0], num_frames=4)
+    mel = window_logmel(plan.windows[0], padded, 4)
+    silent = np.log(0.01)  # log(0 + LOG_OFFSET)
+    np.testing.assert_allclose(mel[3], silent, atol=1e-6)  # the 4th second: silence
+    assert np.abs(mel[3] - mel[1]).max() > 1.0  # not a copy of an earlier example
+
+
+def test_overlay_writer_cuts_longer_audio_at_the_last_frame(tmp_path):
+    path = tmp_path / "long_audio.mp4"
+    audio = np.sin(np.arange(5 * SAMPLE_RATE) / SAMPLE_RATE * 2 * np.pi * 440) * 0.3  # 5 s of sound
+    with OverlayVideoWriter(path, Fraction(5), (32, 32), audio=audio, sample_rate=SAMPLE_RATE) as w:
+        for i in range(10):  # 2 s of video
+            w.write(np.full((32, 32, 3), 20 * i, np.uint8))
+    samples, sr = load_video_audio(path)
+    assert abs(samples.shape[0] / sr - 2.0) < 0.1  # AAC priming adds a few ms
+    with av.open(str(path)) as c:
+        assert float(c.duration / 1e6) < 2.1
