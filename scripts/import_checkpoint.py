@@ -2,7 +2,7 @@
 
     python scripts/import_checkpoint.py --source avsbench --released S4_pvt_best.pth \
         --vggish weights/vggish-10086976.pth --out checkpoints/avsbench_tpavi_pvt_s4.ckpt \
-        experiment=avsbench_tpavi_pvt_s4 data.root=/data/AVSBench/Single-source
+        experiment=avsbench_tpavi_pvt_s4 paths.avsbench_root=/data/avsbench_data
 
 Trailing arguments are train-config overrides that name the avs model, backbone and subset the
 file corresponds to (an experiment overlay, or model=... backbone=... data=...). The written
