@@ -362,6 +362,9 @@ def import_checkpoint(
     if source not in SOURCES:
         raise ValueError(f"source must be one of {list(SOURCES)}, got {source!r}")
     released_path = Path(released_path).expanduser()
+    if str(cfg.model.get("preset", "paper")) != "release":
+        log.warning("model.preset=%s: the checkpoint will not carry the released model's legacy flags "
+                    "(use release_config / scripts/import_checkpoint.py)", cfg.model.get("preset"))
     released = load_released(released_path)
     vggish = None
     if _uses_vggish(cfg):
