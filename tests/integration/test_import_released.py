@@ -305,3 +305,22 @@ def test_import_script_cli(imported, tmp_path):
     bad = subprocess.run(cmd[:3] + ["avs_bidirectional"] + cmd[4:], capture_output=True, text=True, timeout=600,
                          cwd=tmp_path)
     assert bad.returncode != 0 and "match no rule" in bad.stderr
+
+
+def test_export_of_an_imported_ecmvae_uses_the_prior_mean(imported, tmp_path):
+    if imported["source"] != "mmvae_avs":
+        pytest.skip("the sampled test path exists for ECMVAE only")
+    from avs.inference.export import example_inputs, export_checkpoint, load_exported
+    from avs.inference.model import load_model
+
+    cfg = compose_cfg("export", [f"checkpoint={imported['out']}", "num_checks=0"])
+    result = export_checkpoint(cfg, tmp_path)  # raises if exported and eager differ
+    loaded = load_model(imported["out"], "cpu")
+    assert loaded.model.latent.legacy_test_sample  # the checkpoint keeps the release's sampled path
+    t, size = int(imported["cfg"].data.num_frames), int(imported["cfg"].data.image_size)
+    frames, audio = example_inputs(1, t, (size, size), seed=3)
+    loaded.model.latent.legacy_test_sample = False
+    with torch.no_grad():
+        mean_path = loaded.model({"frames": frames, "audio": audio})["logits"]
+        got = load_exported(result.path)(frames, audio)
+    assert torch.allclose(got, mean_path, atol=1e-4, rtol=0)
