@@ -176,7 +176,6 @@ class TPAVIFusion(nn.Module):
         # LayerNorm over channels: [B,C,T,H,W] -> [B,T,H,W,C] -> back
         return self.norm_layer(z.permute(0, 2, 3, 4, 1)).permute(0, 4, 1, 2, 3)
 
-
     def _scores(self, q: Tensor, k: Tensor) -> Tensor:
         """Pairwise similarities for the non-dot modes: q [B,D,Q], k [B,D,K] (after theta/phi) -> [B,Q,K]."""
         if self.similarity == "concatenate":

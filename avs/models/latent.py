@@ -275,7 +275,7 @@ class ECMVAELatent(nn.Module):
         self.divergence = divergence
         self.noise_2d = noise_2d
         self.legacy_sigma = legacy_sigma
-        # release test path: one random prior code per clip instead of the prior mean (eval K = 1)
+        # release test path: a random prior code per frame instead of the prior mean (eval K = 1)
         self.legacy_test_sample = bool(legacy_test_sample)
         self.factorised = variant in ("factorised", "ae")
         self.uses_audio = variant != "visual_only"
