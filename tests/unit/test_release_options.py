@@ -257,3 +257,23 @@ def test_legacy_lld_and_test_sample_reach_the_model(tmp_path):
     torch.manual_seed(0)
     s3 = flagged(batch)["logits"]
     assert not torch.equal(s1, s2) and torch.equal(s1, s3)  # one random prior code per call (release test path)
+
+
+def test_js_sampled_divergence_is_the_shared_code_term_of_the_kl(tmp_path):
+    from avs.models.divergences import kl_normal
+    from avs.models.latent import ECMVAELatent, Gaussian
+
+    lat = ECMVAELatent(channels=16, latent_dim=3, mi_dim=2, image_size=64, divergence="js_sampled")
+    gen = torch.Generator().manual_seed(0)
+
+    def g():
+        return Gaussian(torch.randn(4, 3, generator=gen), 0.3 * torch.randn(4, 3, generator=gen))
+
+    q = {"s_v": g(), "s_a": g(), "c": g()}
+    p = {"s_v": g(), "s_a": g(), "c": g()}
+    torch.manual_seed(11)
+    got = lat._kl_term(q, p)
+    specific = sum(kl_normal(q[k].mu, q[k].logvar, p[k].mu, p[k].logvar).mean() for k in ("s_v", "s_a"))
+    torch.manual_seed(11)
+    shared = sampled_js_surrogate(p["c"].mu, p["c"].logvar, q["c"].mu, q["c"].logvar)  # prior = source
+    assert got.item() == pytest.approx((specific + shared).item(), rel=1e-6)
