@@ -10,10 +10,23 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = PROJECT_ROOT / "configs"
 
 
+PRESETS: tuple[str, ...] = ("paper", "release")
+
+
+def preset_value(preset, paper, release):
+    """`${avs_preset:${model.preset},<paper value>,<release value>}`: the value the preset selects."""
+    name = str(preset).strip().lower()
+    if name not in PRESETS:
+        raise ValueError(f"model.preset must be one of {list(PRESETS)}, got {preset!r}")
+    return release if name == "release" else paper
+
+
 def register_resolvers() -> None:
-    """Register `${avs_root:}` (the checkout root) once."""
+    """Register `${avs_root:}` (the checkout root) and `${avs_preset:...}` once."""
     if not OmegaConf.has_resolver("avs_root"):
         OmegaConf.register_new_resolver("avs_root", lambda: str(PROJECT_ROOT))
+    if not OmegaConf.has_resolver("avs_preset"):
+        OmegaConf.register_new_resolver("avs_preset", preset_value)
 
 
 def auto_flag(value, key: str, auto: bool, supported: bool = True, requirement: str = "") -> bool:

@@ -160,3 +160,98 @@ def av_mapping_loss(
         kl = kl[keep]
         per_stage.append(kl.sum() if legacy_sum else kl.mean())
     return torch.stack(per_stage).mean()
+
+
+def _avm_stages(name: str, visual_feats: Sequence[Tensor], audio_feats: Sequence[Tensor | None],
+                stages: Sequence[int] | None, n: int) -> list[int]:
+    """The stages an A-V loss runs on (all with audio when None), each checked: [N,C,h,w] maps, [N,C] audio."""
+    if len(visual_feats) != len(audio_feats):
+        raise ValueError(f"{name}: got {len(visual_feats)} visual stage maps but {len(audio_feats)} audio features")
+    chosen = [i for i, a in enumerate(audio_feats) if a is not None] if stages is None else [int(s) for s in stages]
+    for s in chosen:
+        if not 0 <= s < len(audio_feats) or audio_feats[s] is None:
+            raise ValueError(f"{name}: stage {s} has no audio feature (is fusion enabled on it?)")
+        vmap, audio = visual_feats[s], audio_feats[s]
+        if vmap.dim() != 4 or vmap.shape[0] != n or tuple(audio.shape) != (n, vmap.shape[1]):
+            raise ValueError(
+                f"{name}: stage {s} needs a [N={n},C,h,w] map and [N,C] audio, got {tuple(vmap.shape)} and {tuple(audio.shape)}"
+            )
+    return chosen
+
+
+def av_cosine_loss(
+    logits: Tensor,
+    visual_feats: Sequence[Tensor],
+    audio_feats: Sequence[Tensor | None],
+    stages: Sequence[int] | None = None,
+    eps: float = 1e-6,
+) -> Tensor:
+    """AVSBench S4 variant of L_AVM ("sa" loss): logits [N,1,H,W], maps [N,C,h,w], audio [N,C] -> scalar.
+
+    Per stage: m = [avg_pool(sigmoid(logits), (h,w)) > 0.5] (a hard mask: sigmoid first, then pool,
+    then threshold), v = sum_hw(V*m) / (sum_hw m + eps), cos = <v/|v|, a/|a|>, loss = mean_N
+    -log(relu(cos) + eps); averaged over stages. No gradient reaches the logits (the mask is hard).
+    """
+    if logits.dim() != 4 or logits.shape[1] != 1:
+        raise ValueError(f"av_cosine_loss: logits must be [N,1,H,W], got {tuple(logits.shape)}")
+    n = logits.shape[0]
+    chosen = _avm_stages("av_cosine_loss", visual_feats, audio_feats, stages, n)
+    if not chosen:
+        return _zero_like_graph(logits)
+    prob = torch.sigmoid(logits)
+    per_stage = []
+    for s in chosen:
+        vmap, audio = visual_feats[s], audio_feats[s]
+        m = (F.adaptive_avg_pool2d(prob, vmap.shape[-2:]) > 0.5).to(vmap.dtype)  # [N,1,h,w]
+        v = (vmap * m).sum(dim=(2, 3)) / (m.sum(dim=(2, 3)) + eps)  # [N,C]
+        cos = (F.normalize(v, dim=-1) * F.normalize(audio, dim=-1)).sum(dim=-1)  # [N]
+        per_stage.append((-torch.log(F.relu(cos) + eps)).mean())
+    return torch.stack(per_stage).mean()
+
+
+def av_closer_loss(
+    logits: Tensor,
+    visual_feats: Sequence[Tensor],
+    audio_feats: Sequence[Tensor | None],
+    stages: Sequence[int] | None = None,
+    normalize: bool = False,
+    distance: str = "kl",
+    legacy_sum: bool = False,
+) -> Tensor:
+    """AVSBench ``closer_loss`` (L_AVM "VV"): pull each frame's masked visual feature towards the frame
+    with the nearest audio. logits [N,1,H,W], maps [N,C,h,w], audio [N,C] -> scalar.
+
+    Per stage: m = sigmoid(avg_pool(logits, (h,w))), v = mean_hw(V*m) [N,C] (L2-normalised with
+    ``normalize``, as is the audio for the pairing), j(i) = argmin_{j != i} |a_i - a_j| over the
+    whole frame batch, target = v[j(i)] (not detached); ``distance="kl"``: KL(softmax(target) ||
+    softmax(v_i)) averaged over frames (summed with ``legacy_sum``, the release's reduction='sum');
+    ``"euclidean"``: mean |target - v_i|_2. Averaged over stages. Needs N >= 2.
+    """
+    if distance not in ("kl", "euclidean"):
+        raise ValueError(f"av_closer_loss: distance must be 'kl' or 'euclidean', got {distance!r}")
+    if logits.dim() != 4 or logits.shape[1] != 1:
+        raise ValueError(f"av_closer_loss: logits must be [N,1,H,W], got {tuple(logits.shape)}")
+    n = logits.shape[0]
+    if n < 2:
+        raise ValueError("av_closer_loss: needs at least 2 frames in the batch (each frame is paired with another)")
+    chosen = _avm_stages("av_closer_loss", visual_feats, audio_feats, stages, n)
+    if not chosen:
+        return _zero_like_graph(logits)
+    per_stage = []
+    for s in chosen:
+        vmap, audio = visual_feats[s], audio_feats[s]
+        a = F.normalize(audio, dim=-1) if normalize else audio
+        dist = torch.cdist(a, a, p=2) + 10.0 * torch.eye(n, device=a.device, dtype=a.dtype)  # [N,N]
+        partner = dist.argmin(dim=0)  # [N]
+        m = torch.sigmoid(F.adaptive_avg_pool2d(logits, vmap.shape[-2:]))  # [N,1,h,w]
+        v = (vmap * m).mean(dim=(2, 3))  # [N,C]
+        if normalize:
+            v = F.normalize(v, dim=-1)
+        target = v[partner]
+        if distance == "euclidean":
+            per_stage.append(F.pairwise_distance(target, v, p=2).mean())
+            continue
+        log_pt = F.log_softmax(target, dim=-1)
+        kl = (log_pt.exp() * (log_pt - F.log_softmax(v, dim=-1))).sum(dim=-1)  # [N]
+        per_stage.append(kl.sum() if legacy_sum else kl.mean())
+    return torch.stack(per_stage).mean()

@@ -199,6 +199,9 @@ def export_checkpoint(cfg: Any, out_dir: str | Path) -> ExportResult:
     from avs.inference.model import load_model
 
     loaded = load_model(str(cfg.checkpoint), cfg.get("device", "cpu") or "cpu", num_samples=1)
+    if loaded.model.latent is not None and getattr(loaded.model.latent, "legacy_test_sample", False):
+        log.info("export uses the prior mean code (the checkpoint's legacy_test_sample draws a random one)")
+        loaded.model.latent.legacy_test_sample = False
     batch = int(cfg.get("batch_size", 1) or 1)
     if batch < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch}")

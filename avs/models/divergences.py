@@ -26,6 +26,7 @@ __all__ = [
     "poe",
     "moe_kl",
     "js_divergence",
+    "sampled_js_surrogate",
 ]
 
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -208,3 +209,30 @@ def js_divergence(
     log_own = log_normal(z, mus.unsqueeze(1), logvars.unsqueeze(1))  # [K,S,N]
     log_m = _log_mixture(z, mus, logvars, torch.log(pi))  # [K,S,N]
     return (pi.view(-1, 1) * (log_own - log_m).mean(1)).sum(0)
+
+
+def sampled_js_surrogate(
+    mu_s: Tensor, logvar_s: Tensor, mu_t: Tensor, logvar_t: Tensor, generator: torch.Generator | None = None
+) -> Tensor:
+    """The ECMVAE release's ``compute_js_loss``: a one-sample surrogate on density *values*; [N,L] x4 -> scalar.
+
+    One sample per element is drawn from N(mu, exp(logvar/2)) of the source and of the target
+    (no gradient through the draw), each density value p = exp(log N(z; mu, var)) is taken per
+    element, m = (p_s + p_t)/2, and the result is 0.5 * [sum p_s log(p_s/m) + sum p_t log(p_t/m)] / N
+    (``F.kl_div(log m, p, reduction="batchmean")``). Not a divergence between the Gaussians: the
+    values may exceed 1 and the estimate is random; kept only to reproduce the release.
+    """
+    for name, t in (("logvar_s", logvar_s), ("mu_t", mu_t), ("logvar_t", logvar_t)):
+        if t.shape != mu_s.shape:
+            raise ValueError(f"sampled_js_surrogate: {name} must have the shape of mu_s {tuple(mu_s.shape)}, got {tuple(t.shape)}")
+
+    def elementwise_log_density(mu: Tensor, logvar: Tensor) -> Tensor:
+        z = (mu + _randn(mu.shape, mu, generator) * torch.exp(0.5 * logvar)).detach()
+        return -0.5 * ((z - mu).pow(2) * torch.exp(-logvar) + logvar + math.log(2.0 * math.pi))  # [N,L]
+
+    log_ps = elementwise_log_density(mu_s, logvar_s)
+    log_pt = elementwise_log_density(mu_t, logvar_t)
+    p_s, p_t = log_ps.exp(), log_pt.exp()
+    log_m = torch.log(0.5 * (p_s + p_t))
+    n = mu_s.shape[0]
+    return 0.5 * ((p_s * (log_ps - log_m)).sum() + (p_t * (log_pt - log_m)).sum()) / n

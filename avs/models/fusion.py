@@ -20,6 +20,10 @@ __all__ = ["TPAVIFusion", "EinsumFusion", "MultiStageFusion"]
 
 _L2_EPS = 1e-6
 
+# TPAVI non-local modes (the reference TPAVIModule's `mode`): dot (the released runs; no softmax),
+# embedded (softmax of theta.phi), gaussian (softmax of raw x.key), concatenate (ReLU(W_f[theta;phi])/N)
+TPAVI_SIMILARITIES: tuple[str, ...] = ("dot", "embedded", "gaussian", "concatenate")
+
 
 def _l2n(x: Tensor, dim: int) -> Tensor:
     """L2-normalise along `dim` with the eps inside the root: x / sqrt(sum x^2 + 1e-6) (same shape)."""
@@ -72,10 +76,13 @@ class TPAVIFusion(nn.Module):
         align_audio: bool = True,
         normalize: bool = False,
         chunk_size: int | None = None,
+        similarity: str = "dot",
     ) -> None:
         super().__init__()
         if channels < 1:
             raise ValueError(f"TPAVIFusion: channels must be >= 1, got {channels}")
+        if similarity not in TPAVI_SIMILARITIES:
+            raise ValueError(f"TPAVIFusion: similarity must be one of {list(TPAVI_SIMILARITIES)}, got {similarity!r}")
         if impl not in ("factorised", "dense"):
             raise ValueError(f"TPAVIFusion: impl must be 'factorised' or 'dense', got {impl!r}")
         if mode not in ("va", "vv", "both"):
@@ -106,6 +113,12 @@ class TPAVIFusion(nn.Module):
         self.W_z = nn.Sequential(nn.Conv3d(inter, channels, kernel_size=1), nn.BatchNorm3d(channels))
         nn.init.zeros_(self.W_z[1].weight)
         nn.init.zeros_(self.W_z[1].bias)
+        self.similarity = similarity
+        if similarity == "gaussian":  # raw features as query/key: no theta / phi (as the reference)
+            self.theta = None
+            self.phi = None
+        if similarity == "concatenate":  # f = ReLU(W_f [theta_q; phi_k]) / N
+            self.W_f = nn.Conv2d(2 * inter, 1, kernel_size=1)
 
     def forward(self, x: Tensor, audio: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """x [B,C,T,H,W], audio [B,T,audio_dim] | None -> (z [B,C,T,H,W], a_fea [B,T,C] | None)."""
@@ -127,6 +140,8 @@ class TPAVIFusion(nn.Module):
 
     def _block(self, x: Tensor, key_audio: Tensor | None) -> Tensor:
         """One non-local pass: x [B,C,T,H,W], key audio [B,T,C] | None (visual key) -> [B,C,T,H,W]."""
+        if self.similarity != "dot":
+            return self._block_similarity(x, key_audio)
         b, _, t, h, w = x.shape
         n = t * h * w
         theta = self.theta(x).flatten(2)  # [B,C',T,H,W] -> [B,C',N]
@@ -159,6 +174,51 @@ class TPAVIFusion(nn.Module):
         y = y.reshape(b, self.inter_channels, t, h, w)  # [B,C',N] -> [B,C',T,H,W]
         z = self.W_z(y) + x
         # LayerNorm over channels: [B,C,T,H,W] -> [B,T,H,W,C] -> back
+        return self.norm_layer(z.permute(0, 2, 3, 4, 1)).permute(0, 4, 1, 2, 3)
+
+    def _scores(self, q: Tensor, k: Tensor) -> Tensor:
+        """Pairwise similarities for the non-dot modes: q [B,D,Q], k [B,D,K] (after theta/phi) -> [B,Q,K]."""
+        if self.similarity == "concatenate":
+            d = q.shape[1]
+            w = self.W_f.weight.view(2 * d)
+            sq = torch.einsum("bdq,d->bq", q, w[:d])
+            sk = torch.einsum("bdk,d->bk", k, w[d:])
+            return torch.relu(sq[:, :, None] + sk[:, None, :] + self.W_f.bias)  # [B,Q,K]
+        return torch.einsum("bdq,bdk->bqk", q, k)
+
+    def _block_similarity(self, x: Tensor, key_audio: Tensor | None) -> Tensor:
+        """The reference's other non-local modes (x [B,C,T,H,W] -> [B,C,T,H,W]).
+
+        ``embedded``: softmax_k(theta_q . phi_k); ``gaussian``: softmax_k(x_q . key_k) on the raw
+        features; ``concatenate``: ReLU(W_f [theta_q; phi_k]) / N. An audio key is constant over each
+        frame's H x W positions, so with audio the N keys collapse exactly to T frame keys
+        (softmax: weights per frame times the frame-mean of g; /N: the frame-sum of g).
+        """
+        b, _, t, h, w = x.shape
+        n = t * h * w
+        query = (x if self.theta is None else self.theta(x)).flatten(2)  # [B,D,N]
+        g = self.g(x)  # [B,C',T,H,W]
+        softmax = self.similarity in ("gaussian", "embedded")
+        if key_audio is not None:
+            audio_map = key_audio.transpose(1, 2)[..., None, None]  # [B,T,C] -> [B,C,T,1,1]
+            keys = (audio_map if self.phi is None else self.phi(audio_map)).flatten(2)  # [B,D,T]
+            s = self._scores(query, keys)  # [B,N,T]
+            if softmax:
+                y = torch.einsum("bnt,bdt->bdn", torch.softmax(s, dim=-1), g.mean(dim=(3, 4)))
+            else:
+                y = torch.einsum("bnt,bdt->bdn", s, g.sum(dim=(3, 4))) / n
+        else:
+            keys = (x if self.phi is None else self.phi(x)).flatten(2)  # [B,D,N]
+            g_flat = g.flatten(2)  # [B,C',N]
+            step = n if self.chunk_size is None else self.chunk_size
+            parts = []
+            for q0 in range(0, n, step):
+                f = self._scores(query[:, :, q0 : q0 + step], keys)  # [B,q,N]
+                f = torch.softmax(f, dim=-1) if softmax else f / n
+                parts.append(torch.einsum("bqk,bdk->bdq", f, g_flat))
+            y = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+        y = y.reshape(b, self.inter_channels, t, h, w)
+        z = self.W_z(y) + x
         return self.norm_layer(z.permute(0, 2, 3, 4, 1)).permute(0, 4, 1, 2, 3)
 
 

@@ -27,6 +27,7 @@ from avs.models.divergences import (
     moe_kl,
     poe,
     reparameterize,
+    sampled_js_surrogate,
 )
 
 __all__ = [
@@ -55,7 +56,7 @@ PAPER_LOSS_WEIGHTS: dict[str, float] = {"beta": 0.1, "diff": 0.001, "sic": 0.01,
 RELEASED_LOSS_WEIGHTS: dict[str, float] = {"mi": 0.001, "diff": 0.001, "kl": 0.01, "sim": 0.5}
 
 VARIANTS = ("factorised", "no_factor", "visual_only", "ae")
-DIVERGENCES = ("kl", "poe", "moe", "js")
+DIVERGENCES = ("kl", "poe", "moe", "js", "js_sampled")
 BRANCHES = ("prior", "posterior")
 
 _LEAKY_SLOPE = 0.01  # LeakyReLU default slope used by the released encoders
@@ -248,6 +249,8 @@ class ECMVAELatent(nn.Module):
         divergence: str = "js",
         noise_2d: bool = False,
         legacy_sigma: bool = False,
+        legacy_lld: bool = False,
+        legacy_test_sample: bool = False,
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
@@ -272,6 +275,8 @@ class ECMVAELatent(nn.Module):
         self.divergence = divergence
         self.noise_2d = noise_2d
         self.legacy_sigma = legacy_sigma
+        # release test path: a random prior code per frame instead of the prior mean (eval K = 1)
+        self.legacy_test_sample = bool(legacy_test_sample)
         self.factorised = variant in ("factorised", "ae")
         self.uses_audio = variant != "visual_only"
         # fusion of specific + shared codes: Linear (released), PoE or MoE (factorised only)
@@ -311,8 +316,8 @@ class ECMVAELatent(nn.Module):
         self.noise_model_prior = nn.Conv2d(channels + self.code_dim, channels, kernel_size=1)
         self.noise_model_post = nn.Conv2d(channels + self.code_dim, channels, kernel_size=1)
         if self.factorised:
-            self.ba_prior = BarberAgakovMI(L, mi_dim)
-            self.ba_post = BarberAgakovMI(L, mi_dim)
+            self.ba_prior = BarberAgakovMI(L, mi_dim, legacy_lld=legacy_lld)
+            self.ba_post = BarberAgakovMI(L, mi_dim, legacy_lld=legacy_lld)
 
     # ------------------------------------------------------------------ encode
     def encode(self, frames: Tensor, audio: Tensor | None = None, masks: Tensor | None = None) -> LatentState:
@@ -479,6 +484,8 @@ class ECMVAELatent(nn.Module):
         specific = self._kl(q["s_v"], p["s_v"]) + self._kl(q["s_a"], p["s_a"])
         if self.divergence == "kl":
             return specific + self._kl(q["c"], p["c"])
+        if self.divergence == "js_sampled":  # the release's compute_js_loss(prior, posterior)
+            return specific + sampled_js_surrogate(p["c"].mu, p["c"].logvar, q["c"].mu, q["c"].logvar)
         shared = js_divergence(
             torch.stack([q["c"].mu, p["c"].mu]), torch.stack([q["c"].logvar, p["c"].logvar])
         ).mean()

@@ -15,6 +15,10 @@ log = logging.getLogger(__name__)
 
 Branch = dict[str, Any]
 
+# model.avm_loss.variant: kl = L_AVM as in the AVSBench MS3 / AVS-BG / ECMVAE code; s4_cos = the
+# AVSBench S4 "sa" loss; closer_kl / closer_euclidean = the AVSBench closer_loss (visual-visual).
+AVM_VARIANTS: tuple[str, ...] = ("kl", "s4_cos", "closer_kl", "closer_euclidean")
+
 
 class AVSegmentor(nn.Module):
     """Audio-visual segmentor: visual backbone -> neck -> [latent] -> fusion <-> motion -> decoder.
@@ -72,6 +76,8 @@ class AVSegmentor(nn.Module):
         self.seg_loss = seg_loss
         self.seg_loss_options = dict(seg_loss_options or {})
         self.avm_loss = dict(avm_loss) if avm_loss else None
+        if self.avm_loss is not None and self.avm_loss.get("variant", "kl") not in AVM_VARIANTS:
+            raise ValueError(f"model.avm_loss.variant must be one of {list(AVM_VARIANTS)}, got {self.avm_loss['variant']!r}")
         self.projector_mask = projector_mask
         self.eval_num_samples = eval_num_samples
         self.audio_dim = audio_dim
@@ -125,7 +131,19 @@ class AVSegmentor(nn.Module):
     def _avm(self, out: Branch) -> torch.Tensor:
         # Needs no labels: every frame counts (S4 included), as in the reference implementations.
         opts = dict(self.avm_loss or {})
-        return L.av_mapping_loss(out["logits"], out["fused"], out["audio_feats"], **opts)
+        variant = opts.pop("variant", "kl")
+        fused = out["fused"]
+        if opts.pop("legacy_relu_maps", False):
+            # AVSBench: the FPN decoder's in-place ReLU overwrites the fused maps before the loss sees them
+            fused = [F.relu(f) for f in fused]
+        if variant == "kl":
+            return L.av_mapping_loss(out["logits"], fused, out["audio_feats"], **opts)
+        if variant == "s4_cos":
+            return L.av_cosine_loss(out["logits"], fused, out["audio_feats"], stages=opts.get("stages"))
+        return L.av_closer_loss(
+            out["logits"], fused, out["audio_feats"], stages=opts.get("stages"), normalize=bool(opts.get("normalize")),
+            distance=variant.removeprefix("closer_"), legacy_sum=bool(opts.get("legacy_sum")),
+        )
 
     def _consistency(self, out: Branch, audio: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor):
         from avs.models.projector import consistency_loss
@@ -196,8 +214,8 @@ class AVSegmentor(nn.Module):
             return {"logits": logits.view(B, T, 1, *size)}
         state = self.latent.encode(x, audio, None)
         k = max(1, int(self.eval_num_samples))
-        if k == 1:  # deterministic: the prior mean code
-            code = self.latent.sample(state, "prior", use_mean=True)
+        if k == 1:  # deterministic: the prior mean code (legacy_test_sample: one random code, as released)
+            code = self.latent.sample(state, "prior", use_mean=not getattr(self.latent, "legacy_test_sample", False))
             logits = self._branch(feats, audio, T, size, self.neck, self.decoder, code, "prior")["logits"]
             return {"logits": logits.view(B, T, 1, *size), "latents": self.latent.export_codes(state)}
         probs = []
