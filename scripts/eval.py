@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import avs  # noqa: E402,F401
+from avs.errors import plain_errors  # noqa: E402
 from avs.engine.outputs import script_out_dir  # noqa: E402
 from avs.config import CONFIG_DIR  # noqa: E402
 from avs.engine import distributed as D  # noqa: E402
@@ -25,6 +26,7 @@ log = logging.getLogger("avs.eval")
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="eval")
+@plain_errors
 def main(cfg: DictConfig) -> None:
     out_dir = script_out_dir(cfg.output_dir)
     result = evaluate_checkpoint(cfg, out_dir)

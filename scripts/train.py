@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 import avs  # noqa: E402,F401  (registers config resolvers)
+from avs.errors import plain_errors  # noqa: E402
 from avs.config import CONFIG_DIR  # noqa: E402
 from avs.engine import distributed as D  # noqa: E402
 from avs.engine.report import markdown_table  # noqa: E402
@@ -33,6 +34,7 @@ log = logging.getLogger("avs.train")
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
+@plain_errors
 def main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     trainer = Trainer(cfg, run_dir)

@@ -40,6 +40,7 @@ from avs.engine.checkpoint import (
 )
 from avs.engine.sampler import ResumableSampler
 from avs.engine.signals import StopSignal, ignore_stop_signals
+from avs.errors import AVSError, ExitCode
 from avs.metrics import MetricAccumulator
 from avs.models.build import build_model
 from avs.utils.device import select_device  # noqa: F401  (re-exported for callers)
@@ -50,7 +51,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_VERSION = 2
 
 
-class TrainingError(RuntimeError):
+class TrainingError(AVSError, RuntimeError, code=ExitCode.RUN_FAILED):
     """Training cannot continue (the message says why and which checkpoint to resume from)."""
 
 
