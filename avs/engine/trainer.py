@@ -597,7 +597,7 @@ class Trainer:
         epochs = int(tcfg.epochs)
         total_steps = max_steps if max_steps > 0 else epochs * steps_per_epoch
         if max_steps > 0:
-            epochs = math.ceil(max_steps / steps_per_epoch)
+            epochs = math.inf  # the step count ends the run (also one extended on resume past a cut-short epoch)
         self.scheduler = self._build_scheduler(total_steps)
         if self._resume_path is not None:
             self.resume()
