@@ -17,7 +17,6 @@ import pytest
 from avs.config_checks import ConfigError
 from avs.engine.checkpoint import CheckpointError, load_checkpoint
 from avs.engine.evaluate import evaluate_checkpoint
-from avs.engine.rundir import RunDirError, RunDirLock
 from avs.engine.trainer import Trainer
 from tests.conftest import compose_cfg, tiny_overrides
 
@@ -45,6 +44,8 @@ def _copy(run: Path, tmp_path: Path) -> Path:
 
 # ----------------------------------------------------------------------------- run dir ownership
 def test_training_into_a_locked_run_dir_is_refused_naming_dir_and_holder(synth_data_dir, tmp_path):
+    from avs.engine.rundir import RunDirError, RunDirLock
+
     run = tmp_path / "run"
     held = RunDirLock(run).acquire()  # another training holds the dir
     try:
@@ -68,6 +69,8 @@ def test_stale_lock_of_a_dead_process_is_named_and_taken_over(synth_data_dir, tm
 
 
 def test_rerun_into_a_finished_run_dir_without_resume_is_refused(synth_data_dir, finished_run, tmp_path):
+    from avs.engine.rundir import RunDirError
+
     run = _copy(finished_run, tmp_path)
     before = (run / "checkpoints" / "best.ckpt").read_bytes()
     trainer = Trainer(_cfg(synth_data_dir, []), run)
