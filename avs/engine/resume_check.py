@@ -8,7 +8,9 @@ effect for real (`restore_optimizer`: the optimizer's hyperparameters come from 
 the lr schedule is rebuilt for it) and is recorded (run_report.json / metrics.json
 `faults.resumed_from[].changes`). `SCHEDULE_LENGTH_KEYS` (trainer.epochs, trainer.max_steps) may
 change without being listed: the schedule is rebuilt for the new total number of steps and
-continues from the step reached (docs/reliability.md, "Resume").
+continues from the step reached (docs/reliability.md, "Run integrity"). A key present on one side
+only (added to or removed from the configs since the checkpoint was written) is logged and recorded,
+not refused, so checkpoints of earlier versions stay resumable.
 """
 
 from __future__ import annotations
@@ -88,7 +90,8 @@ def config_changes(stored: Any, cfg: DictConfig) -> list[dict[str, Any]]:
         if va == vb or _matches(key, FREE_KEYS):
             continue
         changes.append({"key": key, "checkpoint": None if va is _ABSENT else va, "now": None if vb is _ABSENT else vb,
-                        "text": f"{key}: {_text(va)} in the checkpoint, {_text(vb)} now"})
+                        "text": f"{key}: {_text(va)} in the checkpoint, {_text(vb)} now",
+                        "schema": va is _ABSENT or vb is _ABSENT})
     return changes
 
 
@@ -102,7 +105,8 @@ def check_resume_config(stored: Any, cfg: DictConfig, path: str | Path) -> list[
         return []
     allowed = [str(k) for k in (cfg.trainer.get("resume_allow_changes") or [])]
     changes = config_changes(stored, cfg)
-    refused = [c for c in changes if not _matches(c["key"], allowed) and not _matches(c["key"], SCHEDULE_LENGTH_KEYS)]
+    refused = [c for c in changes if not _matches(c["key"], allowed) and not _matches(c["key"], SCHEDULE_LENGTH_KEYS)
+               and not c["schema"]]
     if refused:
         keys = ",".join(dict.fromkeys(c["key"] for c in refused))
         raise ConfigError(
@@ -111,7 +115,8 @@ def check_resume_config(stored: Any, cfg: DictConfig, path: str | Path) -> list[
             f"{ALLOW_KEY}=[{keys}] (it then takes effect and is recorded in run_report.json and metrics.json)"
         )
     for c in changes:
-        log.warning("resume: %s (allowed)", c["text"])
+        why = "a key added or removed by a newer version of the config" if c["schema"] else "allowed"
+        log.warning("resume: %s (%s)", c["text"], why)
     return [{k: c[k] for k in ("key", "checkpoint", "now")} for c in changes]
 
 

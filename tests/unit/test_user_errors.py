@@ -158,3 +158,22 @@ def test_sweep_with_a_missing_weight_file_stops_before_the_first_job(tmp_path):
     assert "sweep job #1 of 2 (" in proc.stderr and "backbone=resnet50" in proc.stderr
     assert f"backbone.weights_path={tmp_path}/none.pth: weight file not found" in proc.stderr
     assert not (tmp_path / "sweep").exists() and not data.exists()  # no job ran, no data generated
+
+
+# ----------------------------------------------------------------------------- resume config comparison (unit)
+def test_resume_comparison_refuses_result_keys_and_tolerates_keys_added_since(tmp_path):
+    from omegaconf import OmegaConf
+
+    from avs.engine.resume_check import check_resume_config
+
+    cfg = compose_cfg("train", tiny_overrides(tmp_path) + ["model.channels=32"])
+    stored = OmegaConf.to_container(cfg, resolve=True)
+    stored["model"]["channels"] = 64
+    stored["trainer"]["tensorboard"] = True  # a free key
+    with pytest.raises(ConfigError, match=r"model\.channels: 64 in the checkpoint, 32 now") as info:
+        check_resume_config(OmegaConf.to_yaml(stored), cfg, "last.ckpt")
+    assert "tensorboard" not in str(info.value)
+    stored["model"]["channels"] = 32
+    del stored["data"]["on_error"]  # a key the configs gained after the checkpoint was written
+    changes = check_resume_config(OmegaConf.to_yaml(stored), cfg, "last.ckpt")
+    assert changes == [{"key": "data.on_error", "checkpoint": None, "now": "raise"}]
