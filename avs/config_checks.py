@@ -15,13 +15,14 @@ from typing import Any, Iterable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+from avs.errors import AVSError, ExitCode
 
 AMP_CHOICES = ("auto", "off", "false", "False", "none", "None", "bf16", "fp16")
 SCHEDULES = ("constant", "cosine", "poly")
 LATENT_WITHOUT_AUDIO = ("visual_only",)  # ECMVAE latent variants that need no audio
 
 
-class ConfigError(ValueError):
+class ConfigError(AVSError, ValueError, code=ExitCode.CONFIG):
     """An impossible or unsafe combination of config values."""
 
 
@@ -32,6 +33,9 @@ def check_config(cfg: DictConfig) -> None:
     """Raise ConfigError for combinations that cannot work (see docs/reliability.md)."""
     _check_resolvable(cfg)
     data, model, trainer = cfg.data, cfg.model, cfg.trainer
+    if "seed" in cfg:
+        _integer(cfg.seed, "seed")
+    _check_targets(cfg)
     _check_data(data)
     _check_model(cfg, data, model)
     _check_trainer(trainer)
@@ -58,6 +62,32 @@ def _check_resolvable(cfg: DictConfig) -> None:
         raise ConfigError(f"config key {key} does not resolve: {msg}") from None
 
 
+def _number(value: Any, key: str) -> float:
+    """`value` as a finite float, or ConfigError "key: expected a number, got 'abc'"."""
+    if isinstance(value, bool) or value is None:
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if not math.isfinite(out):
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+    return out
+
+
+def _integer(value: Any, key: str) -> int:
+    """`value` as an int, or ConfigError "key: expected an integer, got 'abc'"."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    try:
+        out = float(value) if not isinstance(value, int) else value
+    except ValueError:
+        raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    if isinstance(out, float) and not out.is_integer():
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    return int(out)
+
+
 def _positive_int(value: Any, key: str, minimum: int = 1) -> int:
     try:
         out = int(value)
@@ -66,6 +96,45 @@ def _positive_int(value: Any, key: str, minimum: int = 1) -> int:
     if out < minimum or (isinstance(value, float) and not value.is_integer()):
         raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
     return out
+
+
+_HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
+
+
+def _check_targets(cfg: DictConfig, node: Any = None, path: str = "") -> None:
+    """Every `_target_` node sets only parameters its class or function takes (else a TypeError at build time)."""
+    import inspect
+
+    from hydra.utils import get_object
+
+    node = cfg if node is None else node
+    if not isinstance(node, DictConfig):
+        return
+    target = node.get("_target_") if "_target_" in node else None
+    if isinstance(target, str):
+        try:
+            obj = get_object(target)
+        except Exception as exc:  # noqa: BLE001  (import errors of any kind)
+            raise ConfigError(f"{path or '<root>'}._target_={target}: cannot be imported ({exc})") from None
+        try:
+            params = inspect.signature(obj).parameters
+        except (TypeError, ValueError):
+            params = None
+        if params is not None and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            unknown = [k for k in node.keys() if k not in _HYDRA_KEYS and k not in params]
+            if unknown:
+                where = path or "<root>"
+                raise ConfigError(
+                    f"{', '.join(f'{where}.{k}' for k in unknown)}: not parameters of {target} (the {where} config); "
+                    f"they were set for another choice of {where.split('.')[0]}, e.g. by an experiment overlay written for "
+                    f"it: choose that one, or remove them (~{where}.{unknown[0]})"
+                )
+    for key in node.keys():
+        if key in ("hydra", "paths"):
+            continue
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
+            _check_targets(cfg, child, f"{path}.{key}" if path else str(key))
 
 
 def _check_data(data: DictConfig) -> None:
@@ -82,7 +151,7 @@ def _check_data(data: DictConfig) -> None:
         raise ConfigError(f"data.audio_source must be logmel|wav|embedding, got {data.audio_source!r}")
     if data.get("on_error", "raise") not in ("raise", "skip"):
         raise ConfigError(f"data.on_error must be 'raise' or 'skip', got {data.on_error!r}")
-    flip = float(data.get("flip_prob", 0.0) or 0.0)
+    flip = _number(data.get("flip_prob", 0.0) or 0.0, "data.flip_prob")
     if not 0.0 <= flip <= 1.0:
         raise ConfigError(f"data.flip_prob={flip} must lie in [0, 1]")
 
@@ -150,12 +219,20 @@ def _check_trainer(trainer: DictConfig) -> None:
         raise ConfigError(f"trainer.schedule must be one of {'|'.join(SCHEDULES)}, got {trainer.schedule!r}")
     _positive_int(trainer.get("grad_accum", 1), "trainer.grad_accum")
     _positive_int(trainer.get("max_consecutive_nonfinite", 3), "trainer.max_consecutive_nonfinite")
-    for key in ("checkpoint_every_steps", "interrupt_after_steps", "max_steps", "epochs"):
+    for key in ("checkpoint_every_steps", "interrupt_after_steps", "max_steps", "epochs", "log_every_steps"):
         _positive_int(trainer.get(key, 0) or 0, f"trainer.{key}", minimum=0)
+    if int(trainer.get("max_steps", 0) or 0) == 0 and int(trainer.get("epochs", 0) or 0) < 1:
+        raise ConfigError(
+            f"trainer.epochs must be >= 1 (got {trainer.get('epochs')}), or give the length as trainer.max_steps > 0: "
+            "a run of 0 steps would report the numbers of an untrained model"
+        )
     _positive_int(trainer.get("val_every_epochs", 1), "trainer.val_every_epochs")
-    lr = float(trainer.lr)
-    if not (math.isfinite(lr) and lr >= 0):
-        raise ConfigError(f"trainer.lr={trainer.lr} must be a finite number >= 0")
+    for key in ("lr", "weight_decay", "grad_clip"):
+        if key in trainer and _number(trainer.get(key) or 0, f"trainer.{key}") < 0:
+            raise ConfigError(f"trainer.{key}={trainer.get(key)} must be >= 0")
+    allow = trainer.get("resume_allow_changes") or []
+    if not isinstance(allow, (list, ListConfig)) or not all(isinstance(k, str) and k for k in allow):
+        raise ConfigError(f"trainer.resume_allow_changes must be a list of config keys, e.g. [trainer.lr], got {allow!r}")
     steps = trainer.get("debug_nan_steps") or []
     if not isinstance(steps, (list, ListConfig)) or not all(isinstance(s, int) and s >= 1 for s in steps):
         raise ConfigError(f"trainer.debug_nan_steps must be a list of step numbers >= 1, got {steps!r}")
@@ -182,6 +259,115 @@ def _check_eval(ecfg: DictConfig, model: DictConfig) -> None:
             f"(model {model.get('name')!r} is deterministic): use eval.num_samples=1 or a latent model"
         )
     _positive_int(ecfg.get("legacy_batch_size", 1), "eval.legacy_batch_size")
+
+
+# --------------------------------------------------------------------------------------------
+# input files named by the config (checked before any model is built)
+# --------------------------------------------------------------------------------------------
+class MissingFileError(AVSError, FileNotFoundError, code=ExitCode.MISSING_FILE):
+    """A file or folder named by a config key (data root, weight file) does not exist."""
+
+
+def _weight_files(node: Any, path: str) -> list[tuple[str, str]]:
+    """(key, file) of every weight file a `_target_` node below `node` will read at build time."""
+    out: list[tuple[str, str]] = []
+    if not isinstance(node, DictConfig):
+        return out
+    pretrained = node.get("pretrained") if "pretrained" in node else None
+    if "_target_" in node and (pretrained is True or str(pretrained).lower() in ("file", "true")):
+        if node.get("weights_path"):
+            out.append((f"{path}.weights_path", str(node.weights_path)))
+        if node.get("postprocess") and node.get("pca_path"):
+            out.append((f"{path}.pca_path", str(node.pca_path)))
+    for key in node.keys():
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
+            out += _weight_files(child, f"{path}.{key}")
+    return out
+
+
+def check_files(cfg: DictConfig) -> None:
+    """Raise MissingFileError, naming the key, for a missing data root (non-synthetic data) or weight file."""
+    data = cfg.data
+    root = Path(str(data.root)).expanduser()
+    if not data.get("synthetic") and not root.is_dir():
+        raise MissingFileError(
+            f"data.root={data.root}: no such folder (give the AVSBench-object folder that holds "
+            f"{'Single-source' if data.subset == 's4' else 'Multi-sources'}/, e.g. data.root=/path/to/AVSBench-object "
+            "or AVS_AVSBENCH_ROOT=...; check it with scripts/check_data.py)"
+        )
+    seen = set()
+    for name in ("backbone", "audio", "model"):
+        for key, file in _weight_files(cfg.get(name), name) if cfg.get(name) is not None else []:
+            if file in seen:
+                continue  # model.audio_encoder is a copy of audio
+            seen.add(file)
+            if not Path(file).expanduser().is_file():
+                raise MissingFileError(
+                    f"{key}={file}: weight file not found (put it there, point paths.weights_dir / AVS_WEIGHTS_DIR "
+                    f"at the folder holding it, or set {key.rsplit('.', 1)[0]}.pretrained to null/false for random init)"
+                )
+
+
+# --------------------------------------------------------------------------------------------
+# multirun sweeps: every job's config and files, before the first job starts
+# --------------------------------------------------------------------------------------------
+def is_multirun(argv: list[str]) -> bool:
+    """True when the command line asks Hydra for a sweep (-m / --multirun / hydra.mode=MULTIRUN)."""
+    return any(a in ("-m", "--multirun") or a.replace(" ", "") == "hydra.mode=MULTIRUN" for a in argv)
+
+
+def sweep_jobs(overrides: list[str]) -> list[list[str]]:
+    """The override list of every job of a basic sweep (the cartesian product of the `a=1,2` values); [] if unparsable."""
+    import itertools
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides([o for o in overrides if not o.startswith("-")])
+    except Exception:  # noqa: BLE001  (a syntax error: Hydra's own message says where)
+        return []
+    axes: list[list[str]] = []
+    for o in parsed:
+        key = o.key_or_group
+        if key == "hydra" or key.startswith(("hydra.", "hydra/")):
+            continue
+        if o.is_sweep_override():
+            axes.append([f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()])
+        else:
+            axes.append([o.input_line])
+    return [list(job) for job in itertools.product(*axes)]
+
+
+def check_sweep(overrides: list[str], config_name: str = "train", config_dir: str | Path | None = None) -> int:
+    """Compose every job of a sweep and run `check_config` and `check_files` on it -> the number of jobs.
+
+    The first failing job raises its error (ConfigError / MissingFileError) with the job's overrides
+    in front of the message, so a sweep with a bad value or a missing file stops before any job runs.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from avs.config import CONFIG_DIR
+
+    root = Path(config_dir) if config_dir is not None else CONFIG_DIR
+    jobs = sweep_jobs(overrides)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(Path(root).resolve()), version_base="1.3"):
+            for i, job in enumerate(jobs):
+                try:
+                    cfg = compose(config_name, overrides=job)
+                except Exception:  # noqa: BLE001  (a rejected override: Hydra reports it, with hints)
+                    return i
+                try:
+                    check_config(cfg)
+                    check_files(cfg)
+                except (ConfigError, MissingFileError) as exc:
+                    raise type(exc)(f"sweep job #{i} of {len(jobs)} ({' '.join(job)}): {exc}; no job was started") from None
+    finally:
+        GlobalHydra.instance().clear()
+    return len(jobs)
 
 
 # --------------------------------------------------------------------------------------------

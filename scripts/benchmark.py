@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import avs  # noqa: E402,F401
+from avs.errors import plain_errors  # noqa: E402
 from avs.engine.params import format_parameter_report, parameter_report  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ def default_json_path(cfg: DictConfig) -> Path:
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="benchmark")
+@plain_errors
 def main(cfg: DictConfig) -> None:
     if cfg.params_only:
         report = parameter_report(cfg)

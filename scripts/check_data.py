@@ -17,12 +17,14 @@ from omegaconf import DictConfig, OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 import avs  # noqa: E402,F401  (registers config resolvers)
+from avs.errors import plain_errors  # noqa: E402
 from avs.data.avsbench import check_dataset, pad_short_audio_flag  # noqa: E402
 
 log = logging.getLogger("avs.check_data")
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="check_data")
+@plain_errors
 def main(cfg: DictConfig) -> None:
     image_size = cfg.get("image_size")
     if image_size is not None and not isinstance(image_size, int):

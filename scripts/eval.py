@@ -1,6 +1,11 @@
 """Evaluate a checkpoint on a split under every metric protocol; write markdown, csv and json tables.
 
     python scripts/eval.py checkpoint=outputs/train/runs/<run>/checkpoints/best.ckpt split=test
+    python scripts/eval.py checkpoint=<run>/checkpoints/best.ckpt data.root=/path/to/AVSBench-object
+
+The model and data config come from the checkpoint: `data.<key>=` changes one key of it, `data=<group>`
+replaces it but keeps the checkpoint's image size and frames unless `data.image_size` / `data.num_frames`
+are given too. Errors print as plain lines with the exit code of their kind (README, "Exit codes").
 """
 
 from __future__ import annotations
@@ -15,16 +20,18 @@ from omegaconf import DictConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import avs  # noqa: E402,F401
+from avs.errors import plain_errors  # noqa: E402
 from avs.engine.outputs import script_out_dir  # noqa: E402
 from avs.config import CONFIG_DIR  # noqa: E402
 from avs.engine import distributed as D  # noqa: E402
-from avs.engine.evaluate import evaluate_checkpoint  # noqa: E402
+from avs.engine.evaluate import data_overrides, evaluate_checkpoint  # noqa: E402
 from avs.engine.report import markdown_table  # noqa: E402
 
 log = logging.getLogger("avs.eval")
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="eval")
+@plain_errors
 def main(cfg: DictConfig) -> None:
     out_dir = script_out_dir(cfg.output_dir)
     result = evaluate_checkpoint(cfg, out_dir)
@@ -34,10 +41,20 @@ def main(cfg: DictConfig) -> None:
 
 
 def run() -> None:
-    """Entry point; under torchrun every rank agrees on one run dir."""
-    sys.argv += D.hydra_overrides(sys.argv[1:], CONFIG_DIR)
+    """Entry point: `data.<key>=` alone changes the checkpoint's data config; override hints on a rejected
+    command line; under torchrun every rank agrees on one run dir."""
+    user_args = data_overrides(sys.argv[1:])
+    sys.argv[1:] = user_args
+    sys.argv += D.hydra_overrides(user_args, CONFIG_DIR)
     try:
         main()
+    except SystemExit as exc:
+        if exc.code == 1:  # Hydra's exit code for a rejected override
+            from avs.config_checks import override_hints
+
+            for hint in override_hints([a for a in user_args if "=" in a], config_name="eval"):
+                print(f"hint: {hint}", file=sys.stderr)
+        raise
     finally:
         D.cleanup()
 

@@ -15,6 +15,8 @@ from omegaconf import DictConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import avs  # noqa: E402,F401
+from avs.config_checks import ConfigError  # noqa: E402
+from avs.errors import plain_errors  # noqa: E402
 from avs.engine.outputs import script_out_dir  # noqa: E402
 from avs.inference.export import export_checkpoint  # noqa: E402
 
@@ -22,9 +24,10 @@ log = logging.getLogger("avs.export")
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="export")
+@plain_errors
 def main(cfg: DictConfig) -> None:
     if cfg.format != "torchscript":
-        raise ValueError(f"format must be 'torchscript' (the only exporter), got {cfg.format!r}")
+        raise ConfigError(f"format must be 'torchscript' (the only exporter), got {cfg.format!r}")
     out_dir = script_out_dir(cfg.out_dir)
     result = export_checkpoint(cfg, out_dir)
     print(f"exported: {result.path} (inputs {result.input_shapes}; max |exported - eager| = {result.max_abs_diff:.3g})")

@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 import avs  # noqa: E402,F401  (registers config resolvers)
+from avs.errors import plain_errors  # noqa: E402
 from avs.data.avsbench import AVSDataError, pad_short_audio_flag  # noqa: E402
 from avs.data.embeddings import extract_embeddings  # noqa: E402
 from avs.utils.device import select_device  # noqa: E402
@@ -25,6 +26,7 @@ log = logging.getLogger("avs.extract_audio")
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="extract_audio")
+@plain_errors
 def main(cfg: DictConfig) -> None:
     if not cfg.vggish.pretrained:
         log.warning("vggish.pretrained=false: embeddings come from RANDOM weights (only useful for tests)")

@@ -16,15 +16,18 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import avs  # noqa: E402,F401
+from avs.errors import plain_errors  # noqa: E402
 from avs.data import build_dataset  # noqa: E402
 from avs.engine.diagnostics import latent_kl_per_dimension  # noqa: E402
+from avs.engine.evaluate import eval_data_config  # noqa: E402
 from avs.inference.model import load_model  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="eval")
+@plain_errors
 def main(cfg: DictConfig) -> None:
     loaded = load_model(cfg.checkpoint, device=cfg.device)
-    data_cfg = cfg.data if cfg.get("data") is not None else loaded.cfg.data
+    data_cfg = eval_data_config(cfg, loaded.cfg.data)
     ds = build_dataset(data_cfg, str(cfg.split), train=False)
     loader = DataLoader(ds, batch_size=int(data_cfg.eval_batch_size), num_workers=0)
     result = latent_kl_per_dimension(loaded.model, loader, loaded.device)

@@ -22,6 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 import avs  # noqa: E402,F401  (registers config resolvers)
+from avs.config_checks import ConfigError  # noqa: E402
+from avs.errors import plain_errors  # noqa: E402
 from avs.data.synthetic import SyntheticConfig, compute_ceilings, ensure_synthetic, is_complete  # noqa: E402
 
 log = logging.getLogger("avs.make_synthetic")
@@ -32,9 +34,10 @@ def _disk_bytes(root: Path) -> int:
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="make_synthetic")
+@plain_errors
 def main(cfg: DictConfig) -> None:
     if cfg.data.get("synthetic") is None:
-        raise ValueError("data.synthetic is not set: choose a synthetic data config, e.g. data=synth_ms3")
+        raise ConfigError("data.synthetic is not set: choose a synthetic data config, e.g. data=synth_ms3")
     syn = SyntheticConfig.from_mapping(OmegaConf.to_container(cfg.data.synthetic, resolve=True))
     root = Path(cfg.data.root)
     cached = not cfg.force and is_complete(root, syn)

@@ -7,7 +7,9 @@
     torchrun --nproc_per_node=2 scripts/train.py experiment=quickstart trainer=ddp   # docs/distributed.md
 
 SIGTERM / SIGINT save checkpoints/last.ckpt after the current step and exit with 128 + signal
-number (docs/reliability.md). A rejected override prints the nearest valid key.
+number (docs/reliability.md). A rejected override prints the nearest valid key; the project's own errors
+print as plain lines with the exit code of their kind (README, "Exit codes"); a sweep checks every
+job's config and files before the first job starts.
 """
 
 from __future__ import annotations
@@ -25,14 +27,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import avs  # noqa: E402,F401  (registers config resolvers)
 from avs.config import CONFIG_DIR  # noqa: E402
+from avs.config_checks import check_sweep, is_multirun  # noqa: E402
 from avs.engine import distributed as D  # noqa: E402
 from avs.engine.report import markdown_table  # noqa: E402
 from avs.engine.trainer import Trainer  # noqa: E402
+from avs.errors import plain_errors, run_plain  # noqa: E402
 
 log = logging.getLogger("avs.train")
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
+@plain_errors
 def main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     trainer = Trainer(cfg, run_dir)
@@ -59,6 +64,8 @@ def run() -> None:
     user_args = list(sys.argv[1:])
     sys.argv += D.hydra_overrides(user_args, CONFIG_DIR)  # torchrun: one run dir for every rank
     try:
+        if is_multirun(user_args):  # every job's config and files before the first job starts
+            run_plain(lambda: check_sweep([a for a in user_args if "=" in a]))
         main()
     except SystemExit as exc:
         if exc.code == 1:  # Hydra's exit code for a rejected override (and for errors in the run)

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import avs  # noqa: E402,F401
+from avs.errors import plain_errors  # noqa: E402
 from avs.engine.outputs import script_out_dir  # noqa: E402
 from avs.inference.visualize import visualize_split  # noqa: E402
 
@@ -22,6 +23,7 @@ log = logging.getLogger("avs.visualize")
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="visualize")
+@plain_errors
 def main(cfg: DictConfig) -> None:
     out_dir = script_out_dir(cfg.out_dir)
     result = visualize_split(cfg, out_dir)

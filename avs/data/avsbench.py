@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from avs.data.audio import MIN_SAMPLES, fit_num_examples, read_wav, wav_to_logmel
 from avs.data.transforms import ClipTransform, as_size, resize_frames, resize_masks
+from avs.errors import AVSError, ExitCode
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ EMBEDDING_DIM = 128
 EMBEDDING_DIRNAME = "audio_vggish_embedding"
 
 
-class AVSDataError(Exception):
+class AVSDataError(AVSError, code=ExitCode.DATA):
     """A dataset file is missing, unreadable or malformed; the message names the path (and clip)."""
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from avs.config_checks import ConfigError
 from avs.metrics import MetricAccumulator
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ def bench_model_config(cfg: DictConfig | dict, overrides: dict[str, Any] | None 
         cfg.data.num_frames = int(cfg.num_frames)
         for key, value in (overrides or {}).items():
             if OmegaConf.select(cfg, key) is None and OmegaConf.select(cfg, key.rsplit(".", 1)[0]) is None:
-                raise ValueError(f"benchmark override {key}: the config has no such node")
+                raise ConfigError(f"benchmark override {key}: the config has no such node")
             OmegaConf.update(cfg, key, value, force_add=True)
     return cfg
 
@@ -111,7 +112,7 @@ def make_batch(batch_size: int, num_frames: int, size: int, audio: str, device: 
     elif audio == "embedding":
         a = torch.randn(B, T, audio_dim, generator=g)
     else:
-        raise ValueError(f"benchmark audio batch must be 'logmel' or 'embedding', got {audio!r}")
+        raise ConfigError(f"benchmark audio batch must be 'logmel' or 'embedding', got {audio!r}")
     batch = {
         "frames": torch.rand(B, T, 3, S, S, generator=g),
         "masks": (torch.rand(B, T, 1, S, S, generator=g) > 0.5).float(),
@@ -256,7 +257,7 @@ def run_measurement(spec: dict[str, Any]) -> dict[str, Any]:
                 with torch.no_grad(), _autocast(device, amp):
                     return fwd(batch)
         else:
-            raise ValueError(f"unknown benchmark measurement {kind!r}")
+            raise ConfigError(f"unknown benchmark measurement {kind!r}")
         t0 = time.perf_counter()
         seconds = median_time(fn, repeats=repeats, warmup=warmup, sync=sync)
         out[kind] = {"seconds": seconds, "wall_incl_warmup_s": time.perf_counter() - t0, "batch_size": bsz}
@@ -327,7 +328,7 @@ def _pair_specs(name: str) -> tuple[dict, dict, dict, dict]:
         return {}, {}, {}, {"compile": True}
     if name == "channels_last":
         return {}, {}, {}, {"channels_last": True}
-    raise ValueError(f"compare: unknown pair {name!r}; expected some of {sorted(COMPARISONS)}")
+    raise ConfigError(f"compare: unknown pair {name!r}; expected some of {sorted(COMPARISONS)}")
 
 
 def pair_applicable(cfg: DictConfig, name: str) -> str | None:
@@ -516,7 +517,7 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
     comps: dict[str, Any] = {}
     for name in list(b.compare):
         if name not in COMPARISONS:
-            raise ValueError(f"compare: unknown pair {name!r}; expected some of {sorted(COMPARISONS)}")
+            raise ConfigError(f"compare: unknown pair {name!r}; expected some of {sorted(COMPARISONS)}")
         la, lb = COMPARISONS[name]
         entry: dict[str, Any] = {"a": la, "b": lb}
         why = pair_applicable(cfg, name)

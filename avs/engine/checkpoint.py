@@ -1,9 +1,19 @@
-"""Checkpoint files: atomic writes, safe loading (weights_only), RNG state capture."""
+"""Checkpoint files: atomic writes, a content hash verified on load, safe loading (weights_only), RNG state.
+
+Integrity: `save_checkpoint` stores `state["integrity"]` = the SHA-256 of the whole state (every
+tensor's dtype, shape and bytes, every other value's type and text, in key order), and
+`load_checkpoint` recomputes it: a file changed after it was written (bytes zeroed or overwritten
+inside the tensor data, ...) is refused with a `CheckpointError` saying it is damaged. The file
+itself stays a plain `torch.save` archive. Checkpoints written before the hash existed load with a
+one-line note. Model weights that are not finite are refused as well.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
+import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -11,17 +21,48 @@ from typing import Any
 import numpy as np
 import torch
 
+from avs.errors import AVSError, ExitCode
 from avs.utils.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(AVSError, RuntimeError, code=ExitCode.CHECKPOINT):
     """A checkpoint file is missing, unreadable, or not an avs checkpoint."""
 
 
+INTEGRITY_KEY = "integrity"
+HASH_ALGORITHM = "sha256/avs-state-v1"
+
+
+def state_digest(state: dict[str, Any]) -> str:
+    """SHA-256 (hex) of `state` without its integrity entry: keys, tensor dtype/shape/bytes, other values."""
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in state.items() if k != INTEGRITY_KEY})
+    return h.hexdigest()
+
+
+def _feed(h: "hashlib._Hash", obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().to("cpu").contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}".encode())
+        for k, v in obj.items():
+            h.update(f"K{k!r}".encode())
+            _feed(h, v)
+    elif isinstance(obj, (list, tuple)):  # tuples and lists alike (RNG states are stored as lists)
+        h.update(f"L{len(obj)}".encode())
+        for v in obj:
+            _feed(h, v)
+    else:
+        h.update(f"V{type(obj).__name__}:{obj!r}".encode())
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Serialise `state` fully in memory, then write it atomically (a failed write keeps the old file)."""
+    """Serialise `state` (with its content hash) fully in memory, then write it atomically (a failed write keeps the old file)."""
+    state = {**state, INTEGRITY_KEY: {"algorithm": HASH_ALGORITHM, "digest": state_digest(state)}}
     buf = io.BytesIO()
     torch.save(state, buf)
     try:
@@ -31,19 +72,52 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with `weights_only=True` (no code from the file is executed)."""
+    """Load a checkpoint with `weights_only=True` (no code from the file is executed), verify its hash and weights."""
     path = Path(path)
+    if path.is_dir():
+        hint = next((c for c in (path / "checkpoints" / "best.ckpt", path / "best.ckpt", path / "checkpoints" / "last.ckpt",
+                                 path / "last.ckpt") if c.is_file()), path / "checkpoints" / "best.ckpt")
+        raise CheckpointError(f"{path} is a directory, expected a .ckpt file (did you mean {hint}?)")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # pickle refusals, truncated zips, ...
+    except Exception as exc:
+        if isinstance(exc, pickle.UnpicklingError) and "weights only" in str(exc).lower():  # a refused global
+            raise CheckpointError(
+                f"could not load checkpoint {path} safely (weights_only=True): {str(exc).splitlines()[0]}"
+            ) from exc
+        # truncated zips, overwritten headers, ...  # truncated zips, overwritten headers, ...
         raise CheckpointError(
-            f"could not load checkpoint {path} safely (weights_only=True): {type(exc).__name__}: {exc}"
+            f"checkpoint {path} is damaged: it cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            "use another checkpoint (e.g. best.ckpt, or train again)"
         ) from exc
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} does not hold a dict (got {type(state).__name__})")
+    verify_checkpoint(state, path)
     return state
+
+
+def verify_checkpoint(state: dict[str, Any], path: str | Path = "<checkpoint>") -> None:
+    """Check the stored content hash (when present) and that the model weights are finite; CheckpointError otherwise."""
+    stored = state.get(INTEGRITY_KEY)
+    if stored is None:
+        log.warning("%s has no content hash (written before checkpoints carried one): loaded without verification", path)
+    else:
+        digest = stored.get("digest") if isinstance(stored, dict) else None
+        if not isinstance(digest, str) or state_digest(state) != digest:
+            raise CheckpointError(
+                f"checkpoint {path} is damaged: its content does not match the SHA-256 written with it "
+                "(the file changed after it was saved); use another checkpoint (e.g. best.ckpt, or train again)"
+            )
+    weights = state.get("model", state.get("state_dict"))
+    if isinstance(weights, dict):
+        bad = [k for k, v in weights.items()
+               if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise CheckpointError(
+                f"checkpoint {path} holds non-finite model weights ({len(bad)} tensor(s), e.g. {', '.join(bad[:3])}): refused"
+            )
 
 
 def model_state_from(state: dict[str, Any], path: str | Path = "<checkpoint>") -> dict[str, torch.Tensor]:

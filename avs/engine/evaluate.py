@@ -37,13 +37,61 @@ def config_from_checkpoint(state: dict[str, Any], path: str | Path, weight_files
     return cfg
 
 
+SHAPE_KEYS = ("image_size", "num_frames")  # data keys the trained model was built for
+
+
+def data_overrides(argv: list[str]) -> list[str]:
+    """Command line of scripts/eval.py: without a `data=<group>`, `data.<key>=v` becomes `+data.<key>=v`.
+
+    The eval config has no data node of its own (it comes from the checkpoint), so `data.root=...`
+    alone is a change of the checkpoint's data config, applied by `eval_data_config`.
+    """
+    if any(a.startswith("data=") for a in argv):
+        return list(argv)
+    return [f"+{a}" if a.startswith("data.") and "=" in a else a for a in argv]
+
+
+def _explicit_data_keys() -> set[str]:
+    """The `data.<key>` names given on the command line of the current Hydra job (empty outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return set()
+    keys = set()
+    for o in HydraConfig.get().overrides.task:
+        key = o.split("=", 1)[0].lstrip("+~")
+        if key.startswith("data."):
+            keys.add(key.split(".")[1])
+    return keys
+
+
+def eval_data_config(cfg: DictConfig, run_data: DictConfig, explicit: set[str] | None = None) -> DictConfig:
+    """The data config of an evaluation: the checkpoint's `run_data`, changed by the eval config's `data`.
+
+    A whole data group (`data=ms3`) replaces it, except `data.image_size` / `data.num_frames`, which stay
+    the checkpoint's unless given explicitly (`explicit`: keys given on the command line); a partial
+    node (`data.root=...` alone) changes only the keys it names. Interpolations resolve in the eval config.
+    """
+    given = cfg.get("data")
+    if given is None:
+        return run_data
+    explicit = _explicit_data_keys() if explicit is None else explicit
+    view = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    with open_dict(view):
+        if "name" in given and "subset" in given:  # a data group
+            for key in SHAPE_KEYS:
+                if key not in explicit and key in run_data:
+                    view.data[key] = run_data[key]
+            return OmegaConf.create(OmegaConf.to_container(view.data, resolve=True))
+        return OmegaConf.merge(run_data, OmegaConf.to_container(view.data, resolve=True))
+
+
 def evaluate_checkpoint(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     """Load `cfg.checkpoint`, evaluate `cfg.split` under `cfg.eval.protocols`, write tables to `out_dir`."""
     state = load_checkpoint(cfg.checkpoint)
     run_cfg = config_from_checkpoint(state, cfg.checkpoint)
     with open_dict(run_cfg):
-        if cfg.get("data") is not None:
-            run_cfg.data = cfg.data
+        run_cfg.data = eval_data_config(cfg, run_cfg.data)
         run_cfg.eval = cfg.eval
         run_cfg.model.eval_num_samples = int(cfg.eval.num_samples)
         run_cfg.model.init_from = None
@@ -60,7 +108,17 @@ def evaluate_checkpoint(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     if masks_dir is not None:
         check_output_path(masks_dir, inputs, what="save_masks")
     trainer = Trainer(run_cfg, out_dir)
-    trainer.model.load_state_dict(state["model"])
+    try:
+        trainer.model.load_state_dict(state["model"])
+    except RuntimeError as exc:  # e.g. a size mismatch from a data.image_size the model was not built for
+        trained = OmegaConf.create(state["config"])
+        diff = [f"data.{k}: {trained.data.get(k)} in the checkpoint, {run_cfg.data.get(k)} now"
+                for k in SHAPE_KEYS if trained.data.get(k) != run_cfg.data.get(k)]
+        raise CheckpointError(
+            f"{cfg.checkpoint} does not fit the model built for this evaluation"
+            + (f" ({'; '.join(diff)}): evaluate with the checkpoint's values (drop those overrides)" if diff
+               else f" ({str(exc).splitlines()[0][:200]})")
+        ) from None
     metrics = trainer.evaluate(str(cfg.split), save_masks_dir=masks_dir)
     meta = {
         "checkpoint": str(cfg.checkpoint),

@@ -11,10 +11,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from avs.errors import AVSError, ExitCode
 from avs.utils.io import atomic_write_bytes
 
 
-class OutputPathError(ValueError):
+class OutputPathError(AVSError, ValueError, code=ExitCode.OUTPUT):
     """An output location would write into (and possibly overwrite) an input: dataset or checkpoint."""
 
 

@@ -22,7 +22,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from avs.errors import AVSError, ExitCode
 from avs.utils.io import atomic_write_text
+
+
+class TableError(AVSError, ValueError, code=ExitCode.DATA):
+    """A run dir or metrics.json cannot make a table (the message names the file and what is missing)."""
+
+
+class RunDirNotFound(TableError, FileNotFoundError):
+    """A run dir given to the table builder does not exist or holds no metrics.json."""
+
 
 log = logging.getLogger(__name__)
 
@@ -133,10 +143,10 @@ def find_metrics_files(paths: Sequence[str | Path]) -> list[Path]:
         elif p.is_dir():
             found += list(p.rglob("metrics.json"))
         else:
-            raise FileNotFoundError(f"run dir {p} does not exist (expected a run or multirun dir holding metrics.json)")
+            raise RunDirNotFound(f"run dir {p} does not exist (expected a run or multirun dir holding metrics.json)")
     unique = sorted(set(found), key=_natural_key)
     if not unique:
-        raise FileNotFoundError(
+        raise RunDirNotFound(
             f"no metrics.json under {', '.join(str(p) for p in paths)} (runs write it when training ends)"
         )
     return unique
@@ -186,7 +196,7 @@ def _published(node: Any, flat: dict[str, Any], source: Path) -> dict[str, Any] 
     for row in node.get("rows") or []:
         match = row.get("match") or {}
         if not isinstance(match, dict) or not match:
-            raise ValueError(f"{source}: published.rows entries need a non-empty `match` mapping of config keys")
+            raise TableError(f"{source}: published.rows entries need a non-empty `match` mapping of config keys")
         if all(_same(flat.get(k), v) for k, v in match.items()):
             entry.update({k: v for k, v in row.items() if k != "match"})
             break
@@ -206,14 +216,14 @@ def load_runs(paths: Sequence[str | Path]) -> list[RunResult]:
         try:
             record = json.loads(mpath.read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{mpath}: not a readable metrics.json ({exc})") from exc
+            raise TableError(f"{mpath}: not a readable metrics.json ({exc})") from exc
         cfg = record.get("config")
         if not isinstance(cfg, dict):
-            raise ValueError(f"{mpath}: no `config` mapping (written by an older trainer?)")
+            raise TableError(f"{mpath}: no `config` mapping (written by an older trainer?)")
         flat = _normalise(flatten_config(cfg))
         subset = (record.get("data") or {}).get("subset") or flat.get("data.subset")
         if subset is None:
-            raise ValueError(f"{mpath}: cannot tell the data subset (data.subset missing)")
+            raise TableError(f"{mpath}: cannot tell the data subset (data.subset missing)")
         published = _published(cfg.get("published"), flat, mpath)
         if published is not None and published.get("row") is not None:
             flat[ROW_LABEL_KEY] = str(published["row"])
@@ -308,10 +318,10 @@ def _metric_value(record: dict[str, Any], split: str, protocol: str, metric: str
     if not isinstance(block, dict):
         return None
     if protocol not in block:
-        raise ValueError(f"{source}/metrics.json: protocol {protocol!r} not in {split} metrics (has {sorted(block)})")
+        raise TableError(f"{source}/metrics.json: protocol {protocol!r} not in {split} metrics (has {sorted(block)})")
     value = block[protocol].get(metric)
     if value is None:
-        raise ValueError(f"{source}/metrics.json: metric {metric!r} not in {split}/{protocol} (has {sorted(block[protocol])})")
+        raise TableError(f"{source}/metrics.json: metric {metric!r} not in {split}/{protocol} (has {sorted(block[protocol])})")
     return 100.0 * float(value)
 
 
@@ -328,9 +338,9 @@ def build_table(
 ) -> ResultTable:
     """Group runs into rows (by `keys`, default `varied_keys`) and reduce each metric to mean +- std over runs."""
     if split not in ("test", "val"):
-        raise ValueError(f"split must be 'test' or 'val' (val = the best val metrics), got {split!r}")
+        raise TableError(f"split must be 'test' or 'val' (val = the best val metrics), got {split!r}")
     if not metrics:
-        raise ValueError("metrics must name at least one metric key (e.g. miou fscore)")
+        raise TableError("metrics must name at least one metric key (e.g. miou fscore)")
     usable = []
     for r in runs:
         if _metric_value(r.record, split, protocol, metrics[0], r.path) is None:
@@ -338,7 +348,7 @@ def build_table(
             continue
         usable.append(r)
     if not usable:
-        raise ValueError(f"none of the {len(runs)} runs has {split} metrics (were they trained with trainer.test_at_end=true?)")
+        raise TableError(f"none of the {len(runs)} runs has {split} metrics (were they trained with trainer.test_at_end=true?)")
     if keys is None:
         keys = varied_keys(usable, ignore)
         if not keys:
@@ -346,7 +356,7 @@ def build_table(
     keys = list(keys)
     for k in keys:
         if not any(k in r.flat for r in usable):
-            raise ValueError(f"row key {k!r} is not in any run's config")
+            raise TableError(f"row key {k!r} is not in any run's config")
     subsets = sorted({r.subset for r in usable}, key=lambda s: (SUBSET_ORDER.index(s) if s in SUBSET_ORDER else 99, s))
     show_published = any(r.published is not None for r in usable)
 
@@ -506,7 +516,7 @@ def to_csv(table: ResultTable) -> str:
 def write_table(table: ResultTable, out_dir: str | Path, name: str) -> dict[str, Path]:
     """Write <name>.md and <name>.csv atomically under out_dir; return their paths."""
     if not name or "/" in name:
-        raise ValueError(f"table name must be a plain file stem, got {name!r}")
+        raise TableError(f"table name must be a plain file stem, got {name!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"md": out / f"{name}.md", "csv": out / f"{name}.csv"}

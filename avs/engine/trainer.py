@@ -38,8 +38,11 @@ from avs.engine.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
+from avs.engine.resume_check import load_for_resume, restore_optimizer
+from avs.engine.rundir import claim_run_dir, resume_advice
 from avs.engine.sampler import ResumableSampler
 from avs.engine.signals import StopSignal, ignore_stop_signals
+from avs.errors import AVSError, ExitCode
 from avs.metrics import MetricAccumulator
 from avs.models.build import build_model
 from avs.utils.device import select_device  # noqa: F401  (re-exported for callers)
@@ -50,7 +53,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_VERSION = 2
 
 
-class TrainingError(RuntimeError):
+class TrainingError(AVSError, RuntimeError, code=ExitCode.RUN_FAILED):
     """Training cannot continue (the message says why and which checkpoint to resume from)."""
 
 
@@ -162,9 +165,10 @@ class Trainer:
     """Trains and evaluates one model from a composed config; writes everything under `run_dir` (rank 0)."""
 
     def __init__(self, cfg: DictConfig, run_dir: str | Path) -> None:
-        from avs.config_checks import check_config
+        from avs.config_checks import check_config, check_files
 
         check_config(cfg)
+        check_files(cfg)  # data root and weight files, before any model is built
         self.cfg = cfg
         self.tcfg = cfg.trainer
         self.dist = D.init_from_env()
@@ -174,6 +178,8 @@ class Trainer:
         seed_everything(int(cfg.seed), bool(self.tcfg.deterministic))
         self.loss_weights = resolve_loss_weights(cfg)
         self._resume_path = resolve_resume_path(self.tcfg.get("resume"), self.ckpt_dir)
+        # the checkpoint to resume from is verified and its config compared before any model is built
+        self._resume = load_for_resume(self._resume_path, cfg) if self._resume_path is not None else None
         self.model = build_model(cfg).to(self.device)
         if cfg.model.get("init_from"):
             self._init_from(cfg.model.init_from)
@@ -416,7 +422,7 @@ class Trainer:
             log.error("checkpoint write failed at step %d: %s", self.step, error)
             raise CheckpointError(
                 f"{error}; training stopped at step {self.step}. Previous {path.name}: {where}. "
-                f"Free disk space, then resume with trainer.resume={self.run_dir}"
+                f"Free disk space, then {resume_advice(self.run_dir)}"
             )
         self._last_saved[name] = self.step
         return path
@@ -427,18 +433,17 @@ class Trainer:
         if path is None:
             log.info("trainer.resume=auto: no checkpoint in %s, starting fresh", self.ckpt_dir)
             return False
-        state = load_checkpoint(path)
+        state, changes = self._resume if spec is None and self._resume else load_for_resume(path, self.cfg)
+        self._resume = None
         try:
             self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            restore_optimizer(self.optimizer, self.scheduler, state)
         except (KeyError, RuntimeError, ValueError) as exc:
             raise CheckpointError(
                 f"{path}: does not fit this model/optimizer ({type(exc).__name__}: {str(exc)[:300]}); "
                 "resume with the config the run was started with"
             ) from exc
         self.scaler.load_state_dict(state["scaler"])
-        if self.scheduler is not None and state.get("scheduler"):
-            self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.step, self.batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
         self.best = dict(state["best"])
         self.history = list(state["history"])
@@ -457,7 +462,7 @@ class Trainer:
                     seed_everything(int(self.cfg.seed) + 7919 * self.dist.rank + self.step)
                 log.warning("%s was written by %s process(es), now %d: per-rank RNG streams re-derived",
                             path, state.get("world_size", 1), self.dist.world_size)
-        self.faults["resumed_from"].append({"path": str(path), "step": self.step})
+        self.faults["resumed_from"].append({"path": str(path), "step": self.step, "changes": changes})
         self._purge_step = self.step + 1  # events the stopped run logged after this checkpoint are hidden
         self._adopt_best(path.parent / "best.ckpt")
         # resumed into another run dir: write last.ckpt there at once (fit), so it is resumable itself
@@ -535,6 +540,7 @@ class Trainer:
             from avs.engine.outputs import check_output_path
 
             check_output_path(self.run_dir, [self.cfg.data.root], what="run dir")
+        lock = claim_run_dir(self.run_dir, self._resume_path, self.is_main, self.dist.enabled)
         with StopSignal() as stop:
             self._stop = stop
             try:
@@ -550,6 +556,8 @@ class Trainer:
                 raise
             finally:
                 self._stop = None
+                if lock is not None:
+                    lock.release()
 
     def _stop_requested(self) -> bool:
         flag = self._stop is not None and self._stop.requested
@@ -589,7 +597,7 @@ class Trainer:
         epochs = int(tcfg.epochs)
         total_steps = max_steps if max_steps > 0 else epochs * steps_per_epoch
         if max_steps > 0:
-            epochs = math.ceil(max_steps / steps_per_epoch)
+            epochs = math.inf  # the step count ends the run (also one extended on resume past a cut-short epoch)
         self.scheduler = self._build_scheduler(total_steps)
         if self._resume_path is not None:
             self.resume()

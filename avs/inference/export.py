@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from avs.models.segmentor import AVSegmentor
+from avs.errors import AVSError, ExitCode
 from avs.utils.io import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 __all__ = ["ExportError", "ExportedSegmentor", "ExportResult", "export_torchscript", "example_inputs", "load_exported"]
 
 
-class ExportError(RuntimeError):
+class ExportError(AVSError, RuntimeError, code=ExitCode.RUN_FAILED):
     """The traced module could not be built or does not reproduce the eager model."""
 
 

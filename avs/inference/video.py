@@ -33,6 +33,7 @@ import torch
 
 from avs.data.audio import MIN_SAMPLES, SAMPLE_RATE, logmel_clip, resample_to_16k, waveform_to_examples
 from avs.data.transforms import normalize_frames, resize_frames
+from avs.errors import AVSError, ExitCode
 
 
 __all__ = [
@@ -61,11 +62,11 @@ AVSBENCH_OFFSET = 15.0 / 16.0  # AVSBench keeps candidate i = 15 of 16 per secon
 _SOUNDFILE_SUFFIXES = {".wav", ".flac", ".ogg", ".aiff", ".aif"}
 
 
-class MissingDependencyError(ImportError):
+class MissingDependencyError(AVSError, ImportError, code=ExitCode.MISSING_FILE):
     """An optional dependency (extra) is not installed; the message names the extra."""
 
 
-class VideoError(ValueError):
+class VideoError(AVSError, ValueError, code=ExitCode.DATA):
     """A video or audio file is unreadable, has no audio track, or is too short; the message names it."""
 
 

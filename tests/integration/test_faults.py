@@ -142,7 +142,7 @@ def test_sigint_saves_a_resumable_checkpoint(synth_data_dir, tmp_path, monkeypat
     resumed = _trainer(synth_data_dir, tmp_path / "run2", DET + ["trainer.max_steps=4", f"trainer.resume={tmp_path / 'run'}"])
     assert resumed.fit()["steps"] == 4 and len(resumed.loss_history) == 4
     report = json.loads((tmp_path / "run2" / "run_report.json").read_text())
-    assert report["resumed_from"] == [{"path": str(tmp_path / "run" / "checkpoints" / "last.ckpt"), "step": 2}]
+    assert report["resumed_from"] == [{"path": str(tmp_path / "run" / "checkpoints" / "last.ckpt"), "step": 2, "changes": []}]
     assert {p.name for p in (tmp_path / "run2" / "checkpoints").iterdir()} == {"last.ckpt", "best.ckpt"}
 
 

@@ -1,0 +1,158 @@
+"""Run dir ownership: one training per run dir, and no silent overwrite of an earlier run's checkpoints.
+
+`RunDirLock` holds an exclusive `flock` on `<run_dir>/.lock` for the life of a training (the file
+holds the owner's pid, host and start time). A second training into the same dir is refused naming
+the dir and the holder. The kernel drops the lock when its process dies, so a lock file that still
+names an owner but is not locked was left by a dead process: it is named in a log line and taken
+over. `check_run_dir_free` refuses a run dir that already holds checkpoints unless the run
+continues them (`trainer.resume` pointing into this dir). Under DDP only rank 0 locks.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from avs.errors import AVSError, ExitCode
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = ".lock"
+
+
+class RunDirError(AVSError, code=ExitCode.OUTPUT):
+    """The run dir is in use by another training, or holds checkpoints of a run that is not being continued."""
+
+
+def _describe(owner: dict[str, Any]) -> str:
+    if not owner:
+        return "an unknown process"
+    return f"pid {owner.get('pid', '?')} on {owner.get('host', '?')}, started {owner.get('started', '?')}"
+
+
+def _read_owner(fd: int) -> dict[str, Any]:
+    os.lseek(fd, 0, os.SEEK_SET)
+    text = os.read(fd, 4096).decode("utf-8", "replace").strip()
+    if not text:
+        return {}
+    try:
+        owner = json.loads(text)
+        return owner if isinstance(owner, dict) else {"raw": text}
+    except ValueError:
+        return {"raw": text}
+
+
+class RunDirLock:
+    """Exclusive lock of a run dir (`acquire` / `release`, or a context manager)."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_NAME
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        """True while this object holds the lock."""
+        return self._fd is not None
+
+    def acquire(self) -> RunDirLock:
+        """Take the lock or raise RunDirError naming the dir and the holder; a dead owner's lock is taken over."""
+        import fcntl
+
+        if self._fd is not None:
+            return self
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            owner = _read_owner(fd)
+            os.close(fd)
+            raise RunDirError(
+                f"run dir {self.run_dir} is in use by another training ({_describe(owner)}; lock file {self.path}): "
+                "wait for it to finish or choose another hydra.run.dir"
+            ) from None
+        previous = _read_owner(fd)
+        if previous:  # a clean release empties the file: an owner still named here died holding it
+            log.warning("run dir lock %s was left by %s, which is no longer running: taking it over",
+                        self.path, _describe(previous))
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": _dt.datetime.now().isoformat(timespec="seconds")}
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, json.dumps(me).encode())
+        os.fsync(fd)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        """Empty the lock file (a clean end) and drop the lock. The file stays: removing it would race a waiter."""
+        if self._fd is None:
+            return
+        import fcntl
+
+        try:
+            os.ftruncate(self._fd, 0)
+        except OSError:
+            pass
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> RunDirLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def check_run_dir_free(run_dir: str | Path, resume_path: str | Path | None) -> None:
+    """Refuse a run dir holding checkpoints unless `resume_path` (the checkpoint resumed from) lies in it."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    found = sorted(p.name for p in ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
+    if not found:
+        return
+    if resume_path is not None and Path(resume_path).resolve().parent == ckpt_dir.resolve():
+        return
+    raise RunDirError(
+        f"run dir {run_dir} already holds checkpoints of an earlier run ({', '.join(found)}): continue that run with "
+        f"trainer.resume=auto, or start a new one in another dir (hydra.run.dir=<new dir>, or leave hydra.run.dir "
+        "unset for a new timestamped dir)"
+    )
+
+
+def claim_run_dir(run_dir: str | Path, resume_path: str | Path | None, is_main: bool = True,
+                  distributed: bool = False) -> RunDirLock | None:
+    """Lock `run_dir` (rank 0) and check it holds no other run's checkpoints; every rank raises the same RunDirError."""
+    lock: RunDirLock | None = None
+    error: str | None = None
+    if is_main:
+        try:
+            lock = RunDirLock(run_dir).acquire()
+            check_run_dir_free(run_dir, resume_path)
+        except RunDirError as exc:
+            if lock is not None:
+                lock.release()
+                lock = None
+            error = str(exc)
+    if distributed:
+        from avs.engine import distributed as D
+
+        error = D.broadcast_object(error)
+    if error is not None:
+        raise RunDirError(error)
+    return lock
+
+
+def resume_advice(run_dir: str | Path) -> str:
+    """How to continue a stopped run, from what its checkpoints/ folder holds now."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    if (ckpt_dir / "last.ckpt").is_file():
+        return f"resume with trainer.resume=auto hydra.run.dir={run_dir} (or trainer.resume={run_dir})"
+    found = sorted(p.name for p in ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
+    held = f"{ckpt_dir} holds only {', '.join(found)}" if found else f"no checkpoint was written to {ckpt_dir}"
+    return f"there is nothing to resume ({held}, no last.ckpt): start the run again"
