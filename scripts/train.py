@@ -15,6 +15,7 @@ job's config and files before the first job starts.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -31,6 +32,7 @@ from avs.config_checks import check_sweep, is_multirun  # noqa: E402
 from avs.engine import distributed as D  # noqa: E402
 from avs.engine.report import markdown_table  # noqa: E402
 from avs.engine.trainer import Trainer  # noqa: E402
+from avs.engine.rundir import precheck_run_dir  # noqa: E402
 from avs.errors import plain_errors, run_plain  # noqa: E402
 
 log = logging.getLogger("avs.train")
@@ -66,6 +68,8 @@ def run() -> None:
     try:
         if is_multirun(user_args):  # every job's config and files before the first job starts
             run_plain(lambda: check_sweep([a for a in user_args if "=" in a]))
+        elif os.environ.get("RANK", "0") == "0":  # a run dir in use or holding a run: refused before Hydra writes to it
+            run_plain(lambda: precheck_run_dir(user_args))
         main()
     except SystemExit as exc:
         if exc.code == 1:  # Hydra's exit code for a rejected override (and for errors in the run)

@@ -156,3 +156,57 @@ def resume_advice(run_dir: str | Path) -> str:
     found = sorted(p.name for p in ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
     held = f"{ckpt_dir} holds only {', '.join(found)}" if found else f"no checkpoint was written to {ckpt_dir}"
     return f"there is nothing to resume ({held}, no last.ckpt): start the run again"
+
+
+def lock_holder(run_dir: str | Path) -> dict[str, Any] | None:
+    """The owner recorded in `run_dir`'s lock file while a live process holds it; None when the dir is free."""
+    import fcntl
+
+    path = Path(run_dir) / LOCK_NAME
+    if not path.is_file():
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return _read_owner(fd)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def precheck_run_dir(overrides: list[str], config_name: str = "train") -> None:
+    """Before Hydra starts: refuse an explicit `hydra.run.dir=` that another training holds or that holds
+    another run's checkpoints, so Hydra never writes its .hydra/ files and train.log into it.
+
+    The trainer makes the same checks again (and takes the lock); this only moves the refusal in
+    front of Hydra's writes. A timestamped default run dir is new, so it is not looked at.
+    """
+    given = [a.split("=", 1)[1] for a in overrides if a.startswith("hydra.run.dir=")]
+    if not given or not Path(given[-1]).expanduser().is_dir():
+        return
+    run_dir = Path(given[-1]).expanduser()
+    owner = lock_holder(run_dir)
+    if owner is not None:
+        raise RunDirError(
+            f"run dir {run_dir} is in use by another training ({_describe(owner)}; lock file {run_dir / LOCK_NAME}): "
+            "wait for it to finish or choose another hydra.run.dir"
+        )
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from avs.config import CONFIG_DIR
+    from avs.engine.trainer import resolve_resume_path
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose(config_name, overrides=[a for a in overrides if "=" in a and not a.startswith("hydra.")])
+    except Exception:  # noqa: BLE001  (a rejected override: Hydra itself reports it, with hints)
+        return
+    finally:
+        GlobalHydra.instance().clear()
+    resume = resolve_resume_path(cfg.trainer.get("resume"), run_dir / "checkpoints")
+    check_run_dir_free(run_dir, resume)

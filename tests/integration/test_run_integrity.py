@@ -221,3 +221,35 @@ def test_eval_script_takes_data_root_alone(synth_data_dir, finished_run, tmp_pat
     assert proc.returncode == 0, proc.stderr[-2000:]
     meta = json.loads((tmp_path / "out" / "metrics_val.json").read_text())
     assert meta["data"]["root"] == str(moved) and meta["resolution"] == 64
+
+
+def _train_script(args: list[str], cwd: Path):
+    import subprocess
+    import sys
+
+    from avs.config import PROJECT_ROOT
+
+    return subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "train.py"), *args], capture_output=True,
+                          text=True, timeout=300, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_train_script_refuses_before_hydra_writes_into_the_run_dir(synth_data_dir, finished_run, tmp_path):
+    """The first run's .hydra/ files and train.log stay its own when a second training is refused."""
+    from avs.engine.rundir import RunDirLock
+
+    run = _copy(finished_run, tmp_path)
+    (run / ".hydra").mkdir(exist_ok=True)
+    (run / ".hydra" / "overrides.yaml").write_text("- first run\n")
+    (run / "train.log").write_text("first run\n")
+    args = tiny_overrides(synth_data_dir) + BASE + [f"hydra.run.dir={run}"]
+    proc = _train_script(args, tmp_path)  # a finished run, no trainer.resume
+    assert proc.returncode == 6, proc.stderr[-2000:]
+    assert "already holds checkpoints" in proc.stderr and "Traceback" not in proc.stderr
+    held = RunDirLock(run).acquire()  # a live training holds the dir
+    try:
+        proc = _train_script(args + ["trainer.resume=auto"], tmp_path)
+    finally:
+        held.release()
+    assert proc.returncode == 6 and f"pid {os.getpid()}" in proc.stderr, proc.stderr[-2000:]
+    assert (run / ".hydra" / "overrides.yaml").read_text() == "- first run\n"
+    assert (run / "train.log").read_text() == "first run\n"
