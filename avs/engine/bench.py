@@ -181,9 +181,9 @@ def _autocast(device: torch.device, amp: bool):
 
 def _prepare(model: torch.nn.Module, batch: dict[str, torch.Tensor], runtime: dict[str, Any]):
     if runtime.get("channels_last"):
-        for mod in model.modules():  # 4-D conv weights only (Conv3d weights cannot be channels_last)
-            if isinstance(mod, torch.nn.Conv2d):
-                mod.to(memory_format=torch.channels_last)
+        from avs.utils.device import to_channels_last
+
+        to_channels_last(model)  # the trainer's conversion: 4-D weights only (Conv3d weights cannot be channels_last)
         # [B,T,3,S,S] with NHWC storage, so the model's flatten(0, 1) gives channels_last frames
         f = batch["frames"].permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
         batch = {**batch, "frames": f}

@@ -43,6 +43,7 @@ from avs.engine.signals import StopSignal, ignore_stop_signals
 from avs.metrics import MetricAccumulator
 from avs.models.build import build_model
 from avs.utils.device import select_device  # noqa: F401  (re-exported for callers)
+from avs.utils.device import to_channels_last
 from avs.utils.io import atomic_save, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -177,8 +178,8 @@ class Trainer:
         self.model = build_model(cfg).to(self.device)
         if cfg.model.get("init_from"):
             self._init_from(cfg.model.init_from)
-        if self.tcfg.get("channels_last") and self.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
+        if self.tcfg.get("channels_last"):  # 4-D weights only (Conv3d weights cannot be channels_last)
+            to_channels_last(self.model)
         if self.device.type == "cuda" and not bool(self.tcfg.deterministic):
             # fixed input shapes (data.image_size, T): cuDNN's autotuner picks the fastest kernels once
             torch.backends.cudnn.benchmark = bool(self.tcfg.get("cudnn_benchmark", True))

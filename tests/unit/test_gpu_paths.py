@@ -35,3 +35,30 @@ def test_cached_embeddings_refuse_an_encoder_that_would_not_run(overrides, messa
 def test_cached_embeddings_with_frozen_vggish_pass(tmp_path):
     check_config(compose_cfg("train", tiny_overrides(tmp_path) + ["data.audio_source=embedding", "audio=vggish"]))
     check_config(compose_cfg("train", tiny_overrides(tmp_path) + ["data.audio_source=embedding", "model.use_audio=false"]))
+
+
+# ----------------------------------------------------------------------------- channels_last
+MODELS = ("tpavi", "ecmvae", "avsbg", "ecmvae_bg")
+
+
+def _tiny_batch(cfg, batch_size: int = 2, seed: int = 0) -> dict:
+    from avs.engine.bench import make_batch
+
+    return make_batch(batch_size, int(cfg.data.num_frames), int(cfg.data.image_size), "logmel", torch.device("cpu"), seed=seed)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_trainer_channels_last_converts_every_4d_weight_and_trains(model, tmp_path):
+    """trainer.channels_last=true: 4-D weights NHWC, 5-D (Conv3d) untouched, and a training step runs."""
+    from avs.engine.trainer import Trainer
+
+    cfg = compose_cfg("train", tiny_overrides(tmp_path) + [f"model={model}", "trainer.channels_last=true"])
+    trainer = Trainer(cfg, tmp_path / "run")
+    params = dict(trainer.model.named_parameters())
+    four_d = [n for n, p in params.items() if p.dim() == 4]
+    assert four_d and all(params[n].is_contiguous(memory_format=torch.channels_last) for n in four_d)
+    assert all(p.is_contiguous() for p in params.values() if p.dim() != 4)
+    trainer.model.train()
+    terms = trainer.model(_tiny_batch(cfg))
+    sum(terms.values()).backward()
+    assert all(p.grad is not None for n, p in params.items() if n in four_d and n.startswith("decoder."))
