@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from avs.config import auto_flag
 from avs.engine import distributed as D
+from avs.engine.amp import load_scaler_state, native_bf16
 from avs.engine.checkpoint import (
     CheckpointError,
     capture_rng,
@@ -323,7 +324,7 @@ class Trainer:
         if amp == "auto":
             if self.device.type != "cuda":
                 return None
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.bfloat16 if native_bf16(self.device) else torch.float16  # fp16 + GradScaler on V100/T4
         table = {"bf16": torch.bfloat16, "fp16": torch.float16}
         if amp not in table:
             raise ValueError(f"trainer.amp must be auto|off|bf16|fp16, got {amp!r}")
@@ -437,7 +438,7 @@ class Trainer:
                 f"{path}: does not fit this model/optimizer ({type(exc).__name__}: {str(exc)[:300]}); "
                 "resume with the config the run was started with"
             ) from exc
-        self.scaler.load_state_dict(state["scaler"])
+        load_scaler_state(self.scaler, state.get("scaler"), path)  # empty when written without fp16
         if self.scheduler is not None and state.get("scheduler"):
             self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.step, self.batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]

@@ -62,3 +62,55 @@ def test_trainer_channels_last_converts_every_4d_weight_and_trains(model, tmp_pa
     terms = trainer.model(_tiny_batch(cfg))
     sum(terms.values()).backward()
     assert all(p.grad is not None for n, p in params.items() if n in four_d and n.startswith("decoder."))
+
+
+# ----------------------------------------------------------------------------- AMP choice and scaler state
+def _fake_bf16_check(native: bool):
+    """torch.cuda.is_bf16_supported of a GPU that emulates bf16 (native=False, e.g. V100/T4) or has it."""
+
+    def is_bf16_supported(including_emulation: bool = True) -> bool:
+        return True if including_emulation else native
+
+    return is_bf16_supported
+
+
+@pytest.mark.parametrize("native,expected", [(False, torch.float16), (True, torch.bfloat16)])
+def test_amp_auto_takes_fp16_with_a_scaler_on_gpus_without_native_bf16(native, expected, monkeypatch):
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from avs.engine.trainer import Trainer
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", _fake_bf16_check(native))
+    fake = SimpleNamespace(tcfg=OmegaConf.create({"amp": "auto"}), device=torch.device("cuda", 0))
+    dtype = Trainer._amp_dtype(fake)
+    assert dtype == expected
+    # the trainer enables its GradScaler exactly for fp16
+    assert torch.amp.GradScaler("cpu", enabled=dtype == torch.float16).is_enabled() == (not native)
+
+
+def test_resume_into_fp16_from_a_checkpoint_without_scaler_state(tmp_path, caplog):
+    """A bf16/off/CPU run saves an empty GradScaler state; resuming with an enabled scaler starts it fresh."""
+    from avs.engine.trainer import Trainer
+
+    cfg = compose_cfg("train", tiny_overrides(tmp_path))
+    first = Trainer(cfg, tmp_path / "run")
+    first.step = 3
+    path = first.save("last")
+    assert first.scaler.state_dict() == {}  # written without fp16 AMP
+    second = Trainer(cfg, tmp_path / "run2")
+    second.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=True)  # as trainer.amp=fp16 builds it
+    with caplog.at_level(logging.INFO, logger="avs.engine.amp"):
+        assert second.resume(str(path))
+    assert second.step == 3
+    assert second.scaler.is_enabled() and second.scaler.get_scale() == 2.0**10
+    assert "no GradScaler state" in caplog.text
+    # a real scaler state is still restored
+    second.scaler.scale(torch.ones(()))  # the scale tensor exists once something was scaled
+    second.scaler.update(new_scale=64.0)
+    third = Trainer(cfg, tmp_path / "run3")
+    third.scaler = torch.amp.GradScaler("cpu", enabled=True)
+    second.step = 5
+    third.resume(str(second.save("last")))
+    assert third.scaler.get_scale() == 64.0
