@@ -451,7 +451,7 @@ class Trainer:
             self.skipped += list(table)
         per_rank = state.get("rng_per_rank")
         if per_rank is not None and len(per_rank) == self.dist.world_size:
-            restore_rng(per_rank[self.dist.rank])
+            restore_rng(per_rank[self.dist.rank], own_device_only=self.device.type == "cuda")
         else:
             restore_rng(state["rng"])
             if self.dist.enabled:

@@ -114,3 +114,67 @@ def test_resume_into_fp16_from_a_checkpoint_without_scaler_state(tmp_path, caplo
     second.step = 5
     third.resume(str(second.save("last")))
     assert third.scaler.get_scale() == 64.0
+
+
+# ----------------------------------------------------------------------------- CUDA RNG state on another GPU count
+class FakeCudaRng:
+    """torch.cuda RNG functions of a machine with `count` GPUs (set_rng_state fails past the last one, as torch's)."""
+
+    def __init__(self, monkeypatch, count: int, current: int = 0) -> None:
+        self.count, self.current, self.set = count, current, {}
+        for mod in (torch.cuda, torch.cuda.random):
+            monkeypatch.setattr(mod, "set_rng_state", self.set_rng_state, raising=False)
+            monkeypatch.setattr(mod, "get_rng_state_all", self.get_rng_state_all, raising=False)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: self.count)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: self.current)
+
+    def get_rng_state_all(self):
+        return [torch.full((16,), i, dtype=torch.uint8) for i in range(self.count)]
+
+    def set_rng_state(self, new_state, device="cuda"):
+        idx = device if isinstance(device, int) else (torch.device(device).index if torch.device(device).index is not None else self.current)
+        if idx >= self.count:
+            raise IndexError(f"list index out of range (device {idx} of {self.count})")
+        self.set[idx] = int(new_state[0])
+
+
+def test_rng_saved_on_8_gpus_restores_on_fewer(monkeypatch, caplog):
+    from avs.engine.checkpoint import capture_rng, restore_rng
+
+    fake = FakeCudaRng(monkeypatch, count=8)
+    state = capture_rng()
+    assert len(state["cuda"]) == 8
+    for visible in (4, 1):
+        fake.count, fake.set = visible, {}
+        with caplog.at_level(logging.INFO, logger="avs.engine.checkpoint"):
+            restore_rng(state)
+        assert fake.set == {i: i for i in range(visible)}  # device i gets the state saved for device i
+        assert f"devices {visible}..7 were not restored" in caplog.text
+    fake.count, fake.set = 16, {}  # more GPUs than saved: the extra ones keep their state
+    restore_rng(state)
+    assert fake.set == {i: i for i in range(8)}
+
+
+def test_rng_under_ddp_restores_the_ranks_own_device(monkeypatch):
+    from avs.engine.checkpoint import capture_rng, restore_rng
+
+    fake = FakeCudaRng(monkeypatch, count=8, current=3)
+    state = capture_rng()  # rank 3 of an 8-GPU job
+    fake.count, fake.current, fake.set = 4, 1, {}  # resumed where this rank uses cuda:1 of 4
+    restore_rng(state, own_device_only=True)
+    assert fake.set == {1: 3}
+
+
+def test_trainer_resume_on_fewer_gpus(monkeypatch, tmp_path):
+    from avs.engine.trainer import Trainer
+
+    cfg = compose_cfg("train", tiny_overrides(tmp_path))
+    first = Trainer(cfg, tmp_path / "run")
+    second = Trainer(cfg, tmp_path / "run2")
+    fake = FakeCudaRng(monkeypatch, count=8)
+    first.step = 2
+    path = first.save("last")
+    fake.count, fake.set = 1, {}  # CUDA_VISIBLE_DEVICES=0
+    assert second.resume(str(path)) and second.step == 2
+    assert fake.set == {0: 0}
