@@ -178,3 +178,26 @@ def test_trainer_resume_on_fewer_gpus(monkeypatch, tmp_path):
     fake.count, fake.set = 1, {}  # CUDA_VISIBLE_DEVICES=0
     assert second.resume(str(path)) and second.step == 2
     assert fake.set == {0: 0}
+
+
+# ----------------------------------------------------------------------------- SyncBatchNorm keeps frozen BN frozen
+@pytest.mark.parametrize("freeze", ["bn", "stages:1"])
+def test_sync_batchnorm_conversion_keeps_frozen_batchnorm_frozen(freeze):
+    from torch import nn
+
+    from avs.models.backbones import VisualBackbone
+
+    net = nn.ModuleDict({"backbone": VisualBackbone("resnet50", freeze=freeze, drop_path_rate=0.0),
+                         "head": nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))})
+    net = nn.SyncBatchNorm.convert_sync_batchnorm(net).train()
+    body = net["backbone"].body
+    sync = [m for m in body.modules() if isinstance(m, nn.SyncBatchNorm)]
+    assert len(sync) == 53 and not any(isinstance(m, nn.BatchNorm2d) for m in body.modules())
+    frozen = sync if freeze == "bn" else [body.bn1] + [m for m in body.layer1.modules() if isinstance(m, nn.SyncBatchNorm)]
+    assert all(not m.training for m in frozen)
+    assert all(not p.requires_grad for m in frozen for p in m.parameters())
+    assert net["head"][1].training  # only the backbone's frozen parts stay in eval
+    if freeze == "stages:1":
+        assert body.layer2[0].bn1.training and body.layer2[0].bn1.weight.requires_grad
+    net.eval().train()
+    assert all(not m.training for m in frozen)
