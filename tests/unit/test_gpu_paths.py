@@ -201,3 +201,37 @@ def test_sync_batchnorm_conversion_keeps_frozen_batchnorm_frozen(freeze):
         assert body.layer2[0].bn1.training and body.layer2[0].bn1.weight.requires_grad
     net.eval().train()
     assert all(not m.training for m in frozen)
+
+
+# ----------------------------------------------------------------------------- TPAVI factorised attention in fp16 / bf16
+def _tpavi_attention(dtype, scale: float = 1.5, size: int = 56):
+    """The factorised TPAVI attention output y (input of W_z) at stage-1 size N = 5*56*56 = 15,680:
+    fp64 reference and under CPU autocast with `dtype` (None = fp32)."""
+    from avs.models.fusion import TPAVIFusion
+
+    torch.manual_seed(0)
+    c = 8
+    m = TPAVIFusion(c, audio_dim=c, impl="factorised", mode="vv")
+    with torch.no_grad():  # positively correlated theta/phi/g of magnitude `scale`: y = C' N scale^3 before 1/N
+        for conv in (m.theta, m.phi, m.g):
+            conv.weight.fill_(scale / c)
+            conv.bias.zero_()
+    seen = []
+    m.W_z.register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
+    x = 1 + 0.1 * torch.randn(1, c, 5, size, size)
+    m.double()(x.double())
+    m.float()
+    ctx = torch.autocast("cpu", dtype=dtype) if dtype is not None else torch.no_grad()
+    with ctx:
+        m(x)
+    return seen[0], seen[1]
+
+
+@pytest.mark.parametrize("dtype,tol", [(None, 1e-5), (torch.float16, 1e-2), (torch.bfloat16, 3e-2)])
+def test_tpavi_factorised_attention_stays_bounded_in_half_precision(dtype, tol):
+    ref, y = _tpavi_attention(dtype)
+    assert dtype is None or y.dtype == dtype  # the einsums did run in reduced precision
+    assert ref.abs().max() > 10  # |y| = C' scale^3 ~ 13.5; before the 1/N it is 15,680 times that (> fp16 max)
+    assert torch.isfinite(y).all()
+    rel = float((y.double() - ref).abs().max() / ref.abs().max())
+    assert rel < tol
