@@ -173,10 +173,11 @@ class CorrelationPyramidMotion(nn.Module):
         bt, c, h, w = feat.shape
         b = bt // num_frames
         f = F.normalize(feat, dim=1) if self.normalize else feat
-        pair = torch.arange(1, num_frames + 1, device=feat.device)
-        pair[-1] = num_frames - 2  # the last frame looks backward
         f = f.reshape(b, num_frames, c, h, w)
-        partner = f[:, pair].reshape(bt, c, h, w)  # [B,T,C,h,w] -> [B*T,C,h,w]
+        # frames 1..T-1, then T-2 (the last frame looks backward): slices, no index tensor, so a
+        # TorchScript trace holds no device constant and the export runs on any device
+        partner = torch.cat([f[:, 1:], f[:, num_frames - 2 : num_frames - 1]], dim=1)
+        partner = partner.reshape(bt, c, h, w)  # [B,T,C,h,w] -> [B*T,C,h,w]
         query = f.reshape(bt, c, h * w)  # [B*T,C,hw]
         stats = []
         for k in range(self.levels):

@@ -235,3 +235,26 @@ def test_tpavi_factorised_attention_stays_bounded_in_half_precision(dtype, tol):
     assert torch.isfinite(y).all()
     rel = float((y.double() - ref).abs().max() / ref.abs().max())
     assert rel < tol
+
+
+# ----------------------------------------------------------------------------- export holds no trace-device constant
+@pytest.mark.parametrize("model", ["avsbg", "tpavi"])
+def test_traced_export_holds_no_device_constant(model, tmp_path):
+    """A trace made on one device must run on another: no Device constant (e.g. of an arange) in the graph."""
+    from avs.inference.export import example_inputs, export_torchscript, load_exported
+    from avs.models.build import build_model
+
+    cfg = compose_cfg("train", tiny_overrides(tmp_path) + [f"model={model}", "model.channels=32", "model.audio_dim=32",
+                                                           "audio.embed_dim=32"])
+    torch.manual_seed(0)
+    net = build_model(cfg).eval()
+    frames, audio = example_inputs(1, 3, (64, 64))
+    result = export_torchscript(net, tmp_path / "m.pt", frames, audio, atol=1e-4)
+    loaded = load_exported(result.path)
+    graph = str(loaded.inlined_graph)
+    device_constants = [line for line in graph.splitlines() if ": Device = prim::Constant" in line]
+    assert device_constants == []
+    assert "aten::arange" not in graph
+    with torch.no_grad():
+        ref = net({"frames": frames, "audio": audio})["logits"]
+        assert torch.allclose(loaded(frames, audio), ref, atol=1e-4)
