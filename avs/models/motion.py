@@ -81,11 +81,33 @@ class _MeanReLUCorrelation(torch.autograd.Function):
         return grad_query, grad_key, None, None
 
 
+_AUTOCAST_FUNCTIONS: dict[str, type[torch.autograd.Function]] = {}
+
+
+def _autocast_correlation(device_type: str) -> type[torch.autograd.Function]:
+    """`_MeanReLUCorrelation` whose backward runs under the autocast state its forward ran in.
+
+    Without the custom_fwd / custom_bwd pair, autocast covers the forward's GEMMs (bf16/fp16) but
+    not the backward's recomputation, which then runs full fp32 GEMMs (slow, and a different
+    ReLU mask than the forward's). One class per device type (the decorators take it as a string).
+    """
+    fn = _AUTOCAST_FUNCTIONS.get(device_type)
+    if fn is None:
+        base = _MeanReLUCorrelation
+        fn = type(f"_MeanReLUCorrelation_{device_type}", (base,), {
+            "forward": staticmethod(torch.amp.custom_fwd(base.forward, device_type=device_type)),
+            "backward": staticmethod(torch.amp.custom_bwd(base.backward, device_type=device_type)),
+        })
+        _AUTOCAST_FUNCTIONS[device_type] = fn
+    return fn
+
+
 def _mean_relu_correlation(query: Tensor, key: Tensor, chunk_size: int | None) -> Tensor:
     """[N,C,P], [N,C,Q] -> [N,P]: mean over q of ReLU(<query_p, key_q>), memory-bounded."""
     key = key.to(query.dtype)
     maps, positions = _chunk_plan(query.shape[0], query.shape[2], key.shape[2], chunk_size)
-    return _MeanReLUCorrelation.apply(query.contiguous(), key.contiguous(), maps, positions)
+    fn = _autocast_correlation(query.device.type)
+    return fn.apply(query.contiguous(), key.contiguous(), maps, positions)
 
 
 class CorrelationPyramidMotion(nn.Module):

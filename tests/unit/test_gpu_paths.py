@@ -224,7 +224,7 @@ def _tpavi_attention(dtype, scale: float = 1.5, size: int = 56):
     ctx = torch.autocast("cpu", dtype=dtype) if dtype is not None else torch.no_grad()
     with ctx:
         m(x)
-    return seen[0], seen[1]
+    return seen[0].detach(), seen[1].detach()
 
 
 @pytest.mark.parametrize("dtype,tol", [(None, 1e-5), (torch.float16, 1e-2), (torch.bfloat16, 3e-2)])
@@ -258,3 +258,48 @@ def test_traced_export_holds_no_device_constant(model, tmp_path):
     with torch.no_grad():
         ref = net({"frames": frames, "audio": audio})["logits"]
         assert torch.allclose(loaded(frames, audio), ref, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- motion correlation under autocast
+def test_motion_correlation_backward_runs_at_the_forward_precision():
+    """Under CPU bf16 autocast: the custom Function's backward GEMMs run in bf16 like its forward, and the
+    gradient matches autograd of the plain (unchunked) computation within bf16 rounding."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from avs.models.motion import _mean_relu_correlation
+
+    class BmmDtypes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.dtypes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.bmm.default:
+                self.dtypes.append(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    q = torch.randn(4, 8, 30, requires_grad=True)  # fp32 features, as LayerNorm outputs under autocast
+    k = torch.randn(4, 8, 30, requires_grad=True)
+    fwd = BmmDtypes()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with fwd:
+            m = _mean_relu_correlation(q, k, 7)  # 5 chunks of query positions
+        ref = torch.bmm(q.transpose(1, 2), k).clamp(min=0).mean(-1)
+    assert fwd.dtypes and set(fwd.dtypes) == {torch.bfloat16}
+    assert torch.allclose(m.float(), ref.float(), atol=1e-6)
+    g = torch.randn(m.shape)
+    bwd = BmmDtypes()
+    with bwd:
+        gq, gk = torch.autograd.grad(m, (q, k), g)
+    rq, rk = torch.autograd.grad(ref, (q, k), g)
+    assert len(bwd.dtypes) == 15 and set(bwd.dtypes) == {torch.bfloat16}  # 5 chunks x (recompute, dq, dk)
+    assert gq.dtype == q.dtype and gk.dtype == k.dtype
+    for got, want in ((gq, rq), (gk, rk)):
+        assert float((got - want).abs().max()) <= 2**-7 * float(want.abs().max()) + 1e-6
+    # without autocast: fp32 throughout, equal to autograd
+    m32 = _mean_relu_correlation(q, k, 7)
+    gq32, gk32 = torch.autograd.grad(m32, (q, k), g)
+    ref32 = torch.bmm(q.transpose(1, 2), k).clamp(min=0).mean(-1)
+    rq32, rk32 = torch.autograd.grad(ref32, (q, k), g)
+    assert m32.dtype == torch.float32 and torch.allclose(gq32, rq32, atol=1e-6) and torch.allclose(gk32, rk32, atol=1e-6)
