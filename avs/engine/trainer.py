@@ -653,7 +653,9 @@ class Trainer:
                         if not has_data:  # data.on_error=skip and every clip of the batch failed
                             self.batch_in_epoch += 1
                             continue
-                        if drop_last and batch["frames"].shape[0] < bs:
+                        if drop_last and self.batch_in_epoch >= batches_per_epoch:
+                            # the short last batch, told by position: every DDP rank agrees (a batch that
+                            # data.on_error=skip shortened on one rank only is trained, not an epoch end)
                             break
                         batch = _move(batch, self.device)
                         sync = (micro + 1) % accum == 0
