@@ -41,6 +41,7 @@ from avs.engine.checkpoint import (
 )
 from avs.engine.sampler import ResumableSampler
 from avs.engine.signals import StopSignal, ignore_stop_signals
+from avs.engine.syncs import LossLog, LossWindow, read_step_flags
 from avs.metrics import MetricAccumulator
 from avs.models.build import build_model
 from avs.utils.device import select_device  # noqa: F401  (re-exported for callers)
@@ -201,6 +202,7 @@ class Trainer:
         self.best: dict[str, Any] = {"metric": -math.inf, "epoch": None, "step": None}
         self.history: list[dict[str, Any]] = []
         self.loss_history: list[float] = []
+        self._loss_log = LossLog()  # this run's latest losses, still on the device (flushed into loss_history)
         self.skipped: list[str] = []  # clips dropped with data.on_error=skip
         self.faults: dict[str, Any] = _empty_faults()
         self.consecutive_nonfinite = 0
@@ -400,6 +402,7 @@ class Trainer:
         on every rank with the step of the last good checkpoint.
         """
         path = self.ckpt_dir / f"{name}.ckpt"
+        self._loss_log.flush(self.loss_history)
         rng_all = D.gather_objects(capture_rng()) if self.dist.enabled else None
         error: str | None = None
         if self.is_main:
@@ -628,9 +631,8 @@ class Trainer:
                 loader = self._loader("train", sampler=sampler, batch_size=bs)
                 self.model.train()
                 micro = 0
-                window_bad = False
+                window = LossWindow()  # the window's losses stay on the device until the optimizer step
                 window_ids: list[str] = []
-                window_terms: dict[str, float] = {}
                 self.optimizer.zero_grad(set_to_none=True)
                 it = iter(loader)
                 failed = True
@@ -666,9 +668,7 @@ class Trainer:
                             loss = sum(self.loss_weights.get(k, 0.0) * v for k, v in terms.items())
                             if self.step + 1 in nan_steps:  # testing aid (trainer.debug_nan_steps)
                                 loss = loss * float("nan")
-                            if not bool(torch.isfinite(loss.detach())):
-                                window_bad = True
-                                window_terms = {k: float(v.detach()) for k, v in terms.items()}
+                            window.add(loss, terms)  # no host sync: checked once at the optimizer step
                             window_ids += list(batch.get("video_id", []))
                             # backward even for a non-finite loss: every DDP rank must join the gradient all-reduce
                             self.scaler.scale(loss / accum).backward()
@@ -676,16 +676,16 @@ class Trainer:
                         self.batch_in_epoch += 1
                         if micro % accum:
                             continue
-                        outcome = self._optimizer_step(clip, window_bad)
+                        outcome = self._optimizer_step(clip, window.nonfinite())
                         self.step += 1
-                        loss_value = float(loss.detach())
-                        self.loss_history.append(loss_value)
+                        self._loss_log.add(loss)  # read in batches (logging steps, checkpoints): no sync per step
                         if outcome != "ok":
-                            self._record_nonfinite(outcome, window_ids, window_terms, loss_value)
-                        window_bad, window_ids, window_terms = False, [], {}
+                            self._record_nonfinite(outcome, window_ids, window.bad_terms(), float(loss.detach()))
+                        window, window_ids = LossWindow(), []
                         bar.update(1)
-                        bar.set_postfix(loss=f"{loss_value:.4f}", epoch=self.epoch)
                         if outcome == "ok" and (self.step % log_every == 0 or self.step == 1):
+                            loss_value = self._loss_log.flush(self.loss_history)[-1]
+                            bar.set_postfix(loss=f"{loss_value:.4f}", epoch=self.epoch)
                             scalars = {k: float(v.detach()) for k, v in terms.items()}
                             scalars["total"] = loss_value
                             scalars["lr"] = self.optimizer.param_groups[0]["lr"]
@@ -724,7 +724,8 @@ class Trainer:
             norm = torch.nn.utils.clip_grad_norm_(params, clip)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
-        grad_bad = not bool(torch.isfinite(norm))  # grads are already all-reduced: same answer on every rank
+        # one host sync for both flags; grads are already all-reduced: same grad answer on every rank
+        loss_bad, grad_bad = read_step_flags(loss_bad, norm)
         if self.dist.enabled:
             loss_bad = D.any_true(loss_bad)
         if self.scaler.is_enabled() and grad_bad and not loss_bad:
@@ -801,6 +802,7 @@ class Trainer:
         """Load the best checkpoint, evaluate test once, write metrics.json and run_report.json."""
         selection_split = str(self.tcfg.get("select_split", "val"))
         best_path = self.ckpt_dir / "best.ckpt"
+        self._loss_log.flush(self.loss_history)
         D.barrier()
         if best_path.exists():
             self.model.load_state_dict(load_checkpoint(best_path)["model"])
