@@ -81,32 +81,52 @@ class _MeanReLUCorrelation(torch.autograd.Function):
         return grad_query, grad_key, None, None
 
 
-_AUTOCAST_FUNCTIONS: dict[str, type[torch.autograd.Function]] = {}
+# the plain functions (attribute access on the class gives the staticmethods' functions)
+_correlation_forward = _MeanReLUCorrelation.forward
+_correlation_backward = _MeanReLUCorrelation.backward
 
 
-def _autocast_correlation(device_type: str) -> type[torch.autograd.Function]:
-    """`_MeanReLUCorrelation` whose backward runs under the autocast state its forward ran in.
+class _MeanReLUCorrelationCUDA(_MeanReLUCorrelation):
+    """`_MeanReLUCorrelation` whose backward runs under the autocast state its forward ran in (CUDA).
 
     Without the custom_fwd / custom_bwd pair, autocast covers the forward's GEMMs (bf16/fp16) but
-    not the backward's recomputation, which then runs full fp32 GEMMs (slow, and a different
-    ReLU mask than the forward's). One class per device type (the decorators take it as a string).
+    not the backward's recomputation, which then runs full fp32 GEMMs (slow). The decorators take
+    the device type as a string: one class per device type.
     """
-    fn = _AUTOCAST_FUNCTIONS.get(device_type)
-    if fn is None:
-        base = _MeanReLUCorrelation
-        fn = type(f"_MeanReLUCorrelation_{device_type}", (base,), {
-            "forward": staticmethod(torch.amp.custom_fwd(base.forward, device_type=device_type)),
-            "backward": staticmethod(torch.amp.custom_bwd(base.backward, device_type=device_type)),
-        })
-        _AUTOCAST_FUNCTIONS[device_type] = fn
-    return fn
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, query: Tensor, key: Tensor, maps_per_chunk: int, pos_per_chunk: int) -> Tensor:
+        return _correlation_forward(ctx, query, key, maps_per_chunk, pos_per_chunk)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_out: Tensor):
+        return _correlation_backward(ctx, grad_out)
+
+
+class _MeanReLUCorrelationCPU(_MeanReLUCorrelation):
+    """`_MeanReLUCorrelationCUDA` for CPU autocast."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")
+    def forward(ctx, query: Tensor, key: Tensor, maps_per_chunk: int, pos_per_chunk: int) -> Tensor:
+        return _correlation_forward(ctx, query, key, maps_per_chunk, pos_per_chunk)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
+    def backward(ctx, grad_out: Tensor):
+        return _correlation_backward(ctx, grad_out)
+
+
+_AUTOCAST_FUNCTIONS = {"cuda": _MeanReLUCorrelationCUDA, "cpu": _MeanReLUCorrelationCPU}
 
 
 def _mean_relu_correlation(query: Tensor, key: Tensor, chunk_size: int | None) -> Tensor:
     """[N,C,P], [N,C,Q] -> [N,P]: mean over q of ReLU(<query_p, key_q>), memory-bounded."""
     key = key.to(query.dtype)
     maps, positions = _chunk_plan(query.shape[0], query.shape[2], key.shape[2], chunk_size)
-    fn = _autocast_correlation(query.device.type)
+    fn = _AUTOCAST_FUNCTIONS.get(query.device.type, _MeanReLUCorrelation)  # other devices: no autocast pairing
     return fn.apply(query.contiguous(), key.contiguous(), maps, positions)
 
 
