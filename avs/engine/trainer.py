@@ -581,6 +581,11 @@ class Trainer:
         bs = int(self.cfg.data.batch_size)
         accum = max(1, int(tcfg.get("grad_accum", 1)))
         drop_last = bool(tcfg.get("drop_last", False))
+        if not drop_last and str(tcfg.get("compile", False)).lower() not in ("false", "off", "none"):
+            # a smaller last batch would recompile every compiled graph (the batch dimension is specialised)
+            log.info("trainer.compile: the short last batch of each epoch is dropped (as trainer.drop_last=true), "
+                     "so the compiled training graphs are never recompiled")
+            drop_last = True
         sampler = ResumableSampler(
             len(train_ds), shuffle=True, seed=int(self.cfg.seed), num_replicas=self.dist.world_size, rank=self.dist.rank,
             with_epoch=True,  # the (epoch, index) pairs seed the flips, also in persistent workers

@@ -303,3 +303,154 @@ def test_motion_correlation_backward_runs_at_the_forward_precision():
     ref32 = torch.bmm(q.transpose(1, 2), k).clamp(min=0).mean(-1)
     rq32, rk32 = torch.autograd.grad(ref32, (q, k), g)
     assert m32.dtype == torch.float32 and torch.allclose(gq32, rq32, atol=1e-6) and torch.allclose(gk32, rk32, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- losses unchanged, no host sync
+def _old_bce(logits, masks, keep):
+    import torch.nn.functional as F
+
+    if not bool(keep.any()):
+        return torch.zeros(())
+    return F.binary_cross_entropy_with_logits(logits[keep], masks[keep])
+
+
+def _old_structure(logits, masks, keep, legacy_mean_bce=False, smoothing=0.0, kernel=31):
+    import torch.nn.functional as F
+
+    if not bool(keep.any()):
+        return torch.zeros(())
+    pred, mask = logits[keep], masks[keep]
+    weit = 1.0 + 5.0 * torch.abs(F.avg_pool2d(mask, kernel_size=kernel, stride=1, padding=kernel // 2) - mask)
+    target = mask * (1.0 - smoothing) + smoothing / 2.0 if smoothing > 0 else mask
+    if legacy_mean_bce:
+        wbce = F.binary_cross_entropy_with_logits(pred, target)
+    else:
+        bce = F.binary_cross_entropy_with_logits(pred, target, reduction="none")
+        wbce = (weit * bce).sum(dim=(2, 3)) / weit.sum(dim=(2, 3))
+    prob = torch.sigmoid(pred)
+    inter = (prob * mask * weit).sum(dim=(2, 3))
+    union = ((prob + mask) * weit).sum(dim=(2, 3))
+    return (wbce + 1.0 - (inter + 1.0) / (union - inter + 1.0)).mean()
+
+
+def _old_avm(logits, vfeats, afeats, keep, legacy_sum=False):
+    import torch.nn.functional as F
+
+    if not bool(keep.any()):
+        return torch.zeros(())
+    per = []
+    for vmap, a in zip(vfeats, afeats):
+        v = (vmap * torch.sigmoid(F.adaptive_avg_pool2d(logits, vmap.shape[-2:]))).mean(dim=(2, 3))
+        log_pa = F.log_softmax(a, dim=-1)
+        kl = (log_pa.exp() * (log_pa - F.log_softmax(v, dim=-1))).sum(-1)[keep]
+        per.append(kl.sum() if legacy_sum else kl.mean())
+    return torch.stack(per).mean()
+
+
+@pytest.mark.parametrize("labelled", ["all", "first", "none"])
+def test_losses_equal_the_boolean_mask_formulas_without_host_syncs(labelled):
+    from avs import losses as L
+    from avs.engine.syncs import SyncCounter
+
+    g = torch.Generator().manual_seed(1)
+    n = 6
+    logits = 3 * torch.randn(n, 1, 32, 32, generator=g)
+    masks = (torch.rand(n, 1, 32, 32, generator=g) > 0.6).float()
+    keep = {"all": torch.ones(n, dtype=torch.bool), "none": torch.zeros(n, dtype=torch.bool),
+            "first": torch.arange(n) % 3 == 0}[labelled]
+    vfeats = [torch.randn(n, 8, s, s, generator=g) for s in (8, 4)]
+    afeats = [torch.randn(n, 8, generator=g) for _ in range(2)]
+    pairs = [
+        (lambda: L.bce_loss(logits, masks, keep), _old_bce(logits, masks, keep)),
+        (lambda: L.structure_loss(logits, masks, keep), _old_structure(logits, masks, keep)),
+        (lambda: L.structure_loss(logits, masks, keep, legacy_mean_bce=True, smoothing=0.001),
+         _old_structure(logits, masks, keep, legacy_mean_bce=True, smoothing=0.001)),
+        (lambda: L.av_mapping_loss(logits, vfeats, afeats, valid=keep), _old_avm(logits, vfeats, afeats, keep)),
+        (lambda: L.av_mapping_loss(logits, vfeats, afeats, valid=keep, legacy_sum=True),
+         _old_avm(logits, vfeats, afeats, keep, legacy_sum=True)),
+    ]
+    for new, old in pairs:
+        with SyncCounter() as counter:
+            value = new()
+        assert counter.total == 0, counter.counts
+        assert torch.allclose(value, old, rtol=1e-6, atol=1e-7), (float(value), float(old))
+        if labelled == "none":
+            assert float(value) == 0.0
+
+
+def test_segmentor_device_side_choices_equal_the_host_side_ones():
+    """projector_mask=auto and the posterior masks pick on the device what the host-side branch picked."""
+    from avs.models.projector import VisualToAudioProjector
+    from avs.models.segmentor import AVSegmentor
+
+    torch.manual_seed(0)
+    proj = VisualToAudioProjector(channels=8, audio_dim=8, feature_size=(2, 2), hidden=4)
+    feat = torch.randn(6, 8, 2, 2)
+    masks = (torch.rand(6, 1, 16, 16) > 0.5).float()
+    logits = torch.randn(6, 1, 16, 16)
+    for use_gt in (True, False):
+        got = proj.forward_either(feat, masks, logits, torch.tensor(use_gt))
+        want = proj(feat, masks if use_gt else logits, mask_is_logits=not use_gt)
+        assert torch.equal(got, want)
+    # posterior masks: all labelled -> the masks; S4 (frame 0 only) -> frame 0 repeated
+    clip_masks = masks.view(2, 3, 1, 16, 16)
+    all_valid = torch.ones(2, 3, dtype=torch.bool)
+    first_only = torch.tensor([[True, False, False], [True, False, False]])
+    assert torch.equal(AVSegmentor._posterior_masks(None, masks, all_valid), masks)
+    s4 = AVSegmentor._posterior_masks(None, masks, first_only).view(2, 3, 1, 16, 16)
+    assert torch.equal(s4, clip_masks[:, :1].expand_as(clip_masks))
+
+
+# ----------------------------------------------------------------------------- host syncs per training step
+@pytest.mark.parametrize("model", MODELS)
+def test_trainer_step_makes_at_most_one_host_sync(model, synth_data_dir, tmp_path, monkeypatch):
+    """Counted with a dispatch mode over real Trainer steps (data loaded in a worker process, not counted)."""
+    from avs.engine.syncs import SyncCounter
+    from avs.engine.trainer import Trainer
+
+    cfg = compose_cfg("train", tiny_overrides(synth_data_dir) + [
+        f"model={model}", "model.channels=32", "model.audio_dim=32", "audio.embed_dim=32", "trainer.max_steps=4",
+        "trainer.log_every_steps=100", "trainer.test_at_end=false", "data.num_workers=1", "trainer.val_every_epochs=100"])
+    trainer = Trainer(cfg, tmp_path / "run")
+    counter = SyncCounter()
+    marks: list[int] = []
+    original = Trainer._optimizer_step
+
+    def step(self, clip, loss_bad):
+        out = original(self, clip, loss_bad)
+        marks.append(counter.total)
+        return out
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", step)
+    real_fit = Trainer._fit
+
+    def fit_counted(self):
+        with counter:
+            return real_fit(self)
+
+    monkeypatch.setattr(Trainer, "_fit", fit_counted)
+    monkeypatch.setattr(Trainer, "_validate", lambda self: None)
+    trainer.fit()
+    assert len(marks) == 4
+    per_step = [b - a for a, b in zip(marks[1:], marks[2:])]  # steps 3 and 4 (step 1 logs, step 2 ends the epoch)
+    assert per_step and max(per_step) <= 1, (per_step, counter.counts)
+    assert len(trainer.loss_history) == 4 and all(isinstance(v, float) for v in trainer.loss_history)
+
+
+def test_compiled_training_is_not_recompiled_for_a_short_last_batch(synth_data_dir, tmp_path, monkeypatch):
+    """trainer.compile drops the short last batch: one training graph, compiled once."""
+    from torch._dynamo.utils import counters
+
+    from avs.engine.trainer import Trainer
+
+    cfg = compose_cfg("train", tiny_overrides(synth_data_dir) + [
+        "model=tpavi", "model.channels=32", "data.batch_size=3", "trainer.max_steps=0", "trainer.epochs=2",
+        "trainer.compile=true", "trainer.compile_backend=eager", "trainer.test_at_end=false"])
+    monkeypatch.setattr(Trainer, "_validate", lambda self: None)
+    torch._dynamo.reset()
+    counters.clear()
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer.fit()
+    assert trainer.step == 2  # 4 clips, batches of 3: the 1-clip batch of each epoch is dropped
+    assert counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
