@@ -454,3 +454,25 @@ def test_compiled_training_is_not_recompiled_for_a_short_last_batch(synth_data_d
     assert trainer.step == 2  # 4 clips, batches of 3: the 1-clip batch of each epoch is dropped
     assert counters["stats"]["unique_graphs"] == 1
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_benchmark_sync_counter_sees_at_most_two_syncs_per_step(model, tmp_path):
+    """The benchmark's count (trainer-style step) at tiny size, and the counter does see syncs when there are some."""
+    from avs.engine.bench import train_step_syncs
+    from avs.engine.syncs import SyncCounter
+    from avs.models.build import build_model
+
+    cfg = compose_cfg("train", tiny_overrides(tmp_path) + [f"model={model}", "model.channels=32", "model.audio_dim=32",
+                                                           "audio.embed_dim=32"])
+    torch.manual_seed(0)
+    net = build_model(cfg)
+    batch = _tiny_batch(cfg)
+    result = train_step_syncs(net, batch)
+    assert result["per_step"] <= 2, result
+    t = torch.randn(4)
+    with SyncCounter() as counter:
+        float(t.sum())
+        bool((t > 0).any())
+        t[t > 0].sum()
+    assert counter.counts == {"item": 2, "bool_mask_index": 1}
