@@ -476,3 +476,52 @@ def test_benchmark_sync_counter_sees_at_most_two_syncs_per_step(model, tmp_path)
         bool((t > 0).any())
         t[t > 0].sum()
     assert counter.counts == {"item": 2, "bool_mask_index": 1}
+
+
+# ----------------------------------------------------------------------------- on a GPU only
+@cuda_only
+def test_cuda_export_traced_on_the_gpu_runs_on_the_cpu(tmp_path):
+    from avs.inference.export import example_inputs, export_torchscript, load_exported
+    from avs.models.build import build_model
+
+    cfg = compose_cfg("train", tiny_overrides(tmp_path) + ["model=avsbg", "model.channels=32", "model.audio_dim=32",
+                                                           "audio.embed_dim=32"])
+    torch.manual_seed(0)
+    net = build_model(cfg).eval().cuda()
+    frames, audio = example_inputs(1, 3, (64, 64), device="cuda")
+    result = export_torchscript(net, tmp_path / "m.pt", frames, audio, atol=1e-3)
+    on_cpu = load_exported(result.path, "cpu")
+    with torch.no_grad():
+        ref = net.cpu()({"frames": frames.cpu(), "audio": audio.cpu()})["logits"]
+        assert torch.allclose(on_cpu(frames.cpu(), audio.cpu()), ref, atol=1e-3)
+
+
+@cuda_only
+@pytest.mark.parametrize("model", MODELS)
+def test_cuda_amp_channels_last_training_step(model, tmp_path):
+    """amp=auto (+ GradScaler when fp16) and channels_last: a finite training step, one host sync for the guard."""
+    from avs.engine.trainer import Trainer
+
+    cfg = compose_cfg("train", tiny_overrides(tmp_path) + [f"model={model}", "model.channels=32", "model.audio_dim=32",
+                                                           "audio.embed_dim=32", "trainer.device=cuda",
+                                                           "trainer.channels_last=true", "trainer.amp=auto"])
+    trainer = Trainer(cfg, tmp_path / "run")
+    assert trainer.amp_dtype in (torch.bfloat16, torch.float16)
+    assert trainer.scaler.is_enabled() == (trainer.amp_dtype == torch.float16)
+    batch = {k: v.cuda() for k, v in _tiny_batch(cfg).items()}
+    trainer.model.train()
+    with trainer._autocast():
+        terms = trainer.model(batch)
+    loss = sum(terms.values())
+    trainer.scaler.scale(loss).backward()
+    assert trainer._optimizer_step(0.0, ~torch.isfinite(loss.detach())) in ("ok", "amp_overflow")
+
+
+@cuda_only
+def test_cuda_rng_state_round_trip():
+    from avs.engine.checkpoint import capture_rng, restore_rng
+
+    state = capture_rng()
+    a = torch.rand(3, device="cuda")
+    restore_rng(state)
+    assert torch.equal(torch.rand(3, device="cuda"), a)
