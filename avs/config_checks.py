@@ -162,6 +162,8 @@ def _check_model(cfg: DictConfig, data: DictConfig, model: DictConfig) -> None:
     use_audio = bool(model.get("use_audio", True))
     if data.audio_source != "embedding" and use_audio and model.get("audio_encoder") is None:
         raise ConfigError("model.audio_encoder is null but data.audio_source gives log-mel audio: set audio=vggish|tiny or data.audio_source=embedding")
+    if data.audio_source == "embedding" and use_audio:
+        _check_embedding_audio(model)
     latent = model.get("latent")
     if latent is not None:
         variant = str(latent.get("variant", "factorised"))
@@ -202,6 +204,39 @@ def _check_model(cfg: DictConfig, data: DictConfig, model: DictConfig) -> None:
     init_from = model.get("init_from")
     if init_from and not Path(str(init_from)).expanduser().is_file():
         raise ConfigError(f"model.init_from={init_from}: file not found (give an avs checkpoint, e.g. <S4 run>/checkpoints/best.ckpt)")
+
+
+EMBEDDING_DIM = 128  # cached VGGish embeddings (scripts/extract_audio.py)
+
+
+def _check_embedding_audio(model: DictConfig) -> None:
+    """data.audio_source=embedding feeds cached 128-d VGGish embeddings and skips the audio network.
+
+    So the network must be the frozen VGGish the cache was made with (or none): a trainable encoder
+    (audio=tiny, or VGGish with trainable=true) would never run nor learn, and its unused parameters
+    break DDP's gradient reduction at the second step; and model.audio_dim must be 128.
+    """
+    enc = model.get("audio_encoder")
+    if enc is not None:
+        target = str(enc.get("_target_", ""))
+        if not target.endswith("VGGish"):
+            raise ConfigError(
+                f"data.audio_source=embedding feeds cached {EMBEDDING_DIM}-d VGGish embeddings and skips the audio "
+                f"network, but model.audio_encoder is {target.rsplit('.', 1)[-1] or enc} (trained with the model, "
+                "never run on embeddings): set audio=vggish (frozen), or data.audio_source=logmel to train this encoder"
+            )
+        if bool(enc.get("trainable", False)):
+            raise ConfigError(
+                "data.audio_source=embedding skips the audio network, but audio.trainable=true asks to fine-tune "
+                "VGGish (its parameters would get no gradient; DDP fails at the second step): set "
+                "audio.trainable=false, or data.audio_source=logmel to fine-tune it"
+            )
+    dim = model.get("audio_dim", EMBEDDING_DIM)
+    if int(dim) != EMBEDDING_DIM:
+        raise ConfigError(
+            f"data.audio_source=embedding feeds {EMBEDDING_DIM}-d VGGish embeddings but model.audio_dim={dim}: "
+            f"set model.audio_dim={EMBEDDING_DIM} (and audio=vggish), or data.audio_source=logmel"
+        )
 
 
 def _check_trainer(trainer: DictConfig) -> None:

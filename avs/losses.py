@@ -42,6 +42,16 @@ def _valid_index(name: str, valid: Tensor | None, n: int, device: torch.device) 
     return valid.to(device=device, dtype=torch.bool)
 
 
+def _frame_mean(values: Tensor, keep: Tensor) -> Tensor:
+    """Mean over the kept frames of per-frame values [N] / [N,1]; 0 (attached) when none is kept.
+
+    Arithmetic masking instead of `values[keep]`: boolean-mask indexing (and `bool(keep.any())`)
+    makes the host wait for the device, in the forward and again in the backward.
+    """
+    v = values.reshape(values.shape[0])
+    return torch.where(keep, v, 0.0).sum() / keep.sum().clamp(min=1).to(v.dtype)
+
+
 def _zero_like_graph(*tensors: Tensor) -> Tensor:
     """An exact scalar 0 connected to the graph of every tensor given (zero gradients)."""
     return sum((t.sum() * 0.0 for t in tensors), torch.zeros((), device=tensors[0].device))
@@ -51,9 +61,9 @@ def bce_loss(logits: Tensor, masks: Tensor, valid: Tensor | None = None) -> Tens
     """AVSBench BCE: logits, masks [N,1,H,W], valid [N] bool -> mean BCE over labelled pixels (scalar)."""
     _check_pair("bce_loss", logits, masks)
     keep = _valid_index("bce_loss", valid, logits.shape[0], logits.device)
-    if not bool(keep.any()):
-        return _zero_like_graph(logits)
-    return F.binary_cross_entropy_with_logits(logits[keep], masks[keep].to(logits.dtype))
+    # every frame has H*W pixels: the mean over labelled pixels is the mean of the labelled frames' means
+    bce = F.binary_cross_entropy_with_logits(logits, masks.to(logits.dtype), reduction="none")  # [N,1,H,W]
+    return _frame_mean(bce.mean(dim=(1, 2, 3)), keep)
 
 
 def structure_loss(
@@ -78,16 +88,14 @@ def structure_loss(
     if not 0.0 <= smoothing < 1.0:
         raise ValueError(f"structure_loss: smoothing must be in [0, 1), got {smoothing}")
     keep = _valid_index("structure_loss", valid, logits.shape[0], logits.device)
-    if not bool(keep.any()):
-        return _zero_like_graph(logits)
-    pred = logits[keep]  # [N',1,H,W]
-    mask = masks[keep].to(pred.dtype)
+    pred = logits  # [N',1,H,W] with N' = N: every frame, the unlabelled ones weighted 0 in the means below
+    mask = masks.to(pred.dtype)
     weit = 1.0 + 5.0 * torch.abs(
         F.avg_pool2d(mask, kernel_size=kernel, stride=1, padding=kernel // 2) - mask
     )  # [N',1,H,W]; count_include_pad=True as in the reference
     target = mask * (1.0 - smoothing) + smoothing / 2.0 if smoothing > 0 else mask
-    if legacy_mean_bce:
-        wbce = F.binary_cross_entropy_with_logits(pred, target)  # scalar: weights have no effect
+    if legacy_mean_bce:  # scalar mean over the labelled pixels: weights have no effect
+        wbce = _frame_mean(F.binary_cross_entropy_with_logits(pred, target, reduction="none").mean(dim=(1, 2, 3)), keep)
     else:
         bce = F.binary_cross_entropy_with_logits(pred, target, reduction="none")
         wbce = (weit * bce).sum(dim=(2, 3)) / weit.sum(dim=(2, 3))  # [N',1]
@@ -95,7 +103,9 @@ def structure_loss(
     inter = (prob * mask * weit).sum(dim=(2, 3))  # [N',1]
     union = ((prob + mask) * weit).sum(dim=(2, 3))
     wiou = 1.0 - (inter + 1.0) / (union - inter + 1.0)  # [N',1]
-    return (wbce + wiou).mean()
+    if legacy_mean_bce:
+        return wbce + _frame_mean(wiou, keep)
+    return _frame_mean(wbce + wiou, keep)
 
 
 def av_mapping_loss(
@@ -136,8 +146,8 @@ def av_mapping_loss(
                     f"av_mapping_loss: stage {s} has no audio feature (is fusion enabled on it?)"
                 )
     keep = _valid_index("av_mapping_loss", valid, n, logits.device)
-    if not stages or not bool(keep.any()):
-        return _zero_like_graph(logits, *(visual_feats[s] for s in stages))
+    if not stages:
+        return _zero_like_graph(logits)
     per_stage = []
     for s in stages:
         vmap, audio = visual_feats[s], audio_feats[s]
@@ -157,8 +167,8 @@ def av_mapping_loss(
             a = F.normalize(a, dim=-1)
         log_pa = F.log_softmax(a, dim=-1)
         kl = (log_pa.exp() * (log_pa - F.log_softmax(v, dim=-1))).sum(dim=-1)  # [N]
-        kl = kl[keep]
-        per_stage.append(kl.sum() if legacy_sum else kl.mean())
+        # no valid frame -> 0, attached to the graph
+        per_stage.append(torch.where(keep, kl, 0.0).sum() if legacy_sum else _frame_mean(kl, keep))
     return torch.stack(per_stage).mean()
 
 

@@ -182,9 +182,9 @@ def _autocast(device: torch.device, amp: bool):
 
 def _prepare(model: torch.nn.Module, batch: dict[str, torch.Tensor], runtime: dict[str, Any]):
     if runtime.get("channels_last"):
-        for mod in model.modules():  # 4-D conv weights only (Conv3d weights cannot be channels_last)
-            if isinstance(mod, torch.nn.Conv2d):
-                mod.to(memory_format=torch.channels_last)
+        from avs.utils.device import to_channels_last
+
+        to_channels_last(model)  # the trainer's conversion: 4-D weights only (Conv3d weights cannot be channels_last)
         # [B,T,3,S,S] with NHWC storage, so the model's flatten(0, 1) gives channels_last frames
         f = batch["frames"].permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
         batch = {**batch, "frames": f}
@@ -308,6 +308,62 @@ def measure(spec: dict[str, Any], memory: bool, timeout: float | None = None) ->
     if not memory:
         payload.pop("peak_mb", None)
     return payload
+
+
+# ------------------------------------------------------------------------------------------------
+# host syncs and graph breaks of a training step
+
+
+def train_step_syncs(model: torch.nn.Module, batch: dict[str, torch.Tensor], amp: bool = False) -> dict[str, Any]:
+    """Host syncs of one training step as the trainer takes it: forward, loss, backward, the non-finite
+    guard (loss and gradient-norm flags, read together) and the trainer's Adam step (counted after one
+    warm-up step; a dispatch-mode count, so it works on CPU too)."""
+    from avs.engine.optim import build_optimizer
+    from avs.engine.syncs import LossWindow, SyncCounter, read_step_flags
+
+    device = next(model.parameters()).device
+    model.train()
+    opt = build_optimizer(model.parameters(), {"lr": 1e-5})
+
+    def step() -> None:
+        window = LossWindow()
+        with _autocast(device, amp):
+            terms = model(batch)
+        loss = sum(v.float() for v in terms.values())
+        window.add(loss, terms)
+        loss.backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        read_step_flags(window.nonfinite(), torch.nn.utils.get_total_norm(grads))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    with SyncCounter() as counter:
+        step()
+    model.zero_grad(set_to_none=True)
+    return {"per_step": counter.total, "kinds": dict(counter.counts),
+            "note": "forward + loss + backward + non-finite check + Adam, after one warm-up step; the trainer "
+                    "also reads the loss at logging steps (trainer.log_every_steps), and fp16 AMP adds the "
+                    "GradScaler's overflow check"}
+
+
+def graph_breaks(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """torch.compile graphs and graph breaks of one training forward (loss terms included), via torch._dynamo.explain."""
+    model.train()
+    torch._dynamo.reset()
+    try:
+        ex = torch._dynamo.explain(model)(batch)
+    except Exception as exc:  # report, do not fail the benchmark
+        return {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    finally:
+        model.zero_grad(set_to_none=True)
+    reasons = []
+    for br in ex.break_reasons:
+        frame = br.user_stack[-1] if br.user_stack else None
+        where = f" ({Path(frame.filename).name}:{frame.lineno})" if frame is not None else ""
+        reasons.append(br.reason.splitlines()[0][:120] + where)
+    torch._dynamo.reset()
+    return {"graphs": ex.graph_count, "breaks": ex.graph_break_count, "reasons": reasons}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -551,6 +607,13 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
             entry["memory_ratio_b_over_a"] = rb["peak_mb"] / ra["peak_mb"]
         comps[name] = entry
     res["comparisons"] = comps
+    log.info("host syncs and graph breaks of a training step")
+    sync_model = perturb_zero_init(build_bench_model(bench_model_config(cfg), device))
+    sync_batch = make_batch(int(b.batch_size), T, int(b.image_size), "logmel", device, int(cfg.model.get("audio_dim", 128)))
+    res["host_syncs"] = train_step_syncs(sync_model, sync_batch)
+    if bool(b.get("graph_breaks", True)):
+        res["graph_breaks"] = graph_breaks(sync_model, sync_batch)
+    del sync_model
     res["data_loader"] = data_loader_throughput(cfg, int(b.data_clips), max(1, int(b.repeats)))
     res["metrics"] = metrics_throughput(num_frames=int(b.metrics_frames), size=int(b.metrics_size),
                                         clip_len=T, device=str(device))
@@ -589,6 +652,14 @@ def format_report(res: dict[str, Any]) -> str:
         ins = f"{inf['a_s']:.3f}/{inf['b_s']:.3f}" if inf else "-"
         L.append(f"{label:<40}{trs:>16}{ins:>16}{_f(e.get('memory_ratio_b_over_a'), '{:.2f}'):>9}"
                  f"{_f(e.get('max_abs_diff'), '{:.1e}'):>11}")
+    hs = res.get("host_syncs")
+    if hs:
+        L.append("")
+        L.append(f"host syncs per training step: {hs['per_step']} {hs['kinds'] or ''}".rstrip())
+    gb = res.get("graph_breaks")
+    if gb:
+        L.append(f"torch.compile training forward: {gb['error']}" if "error" in gb else
+                 f"torch.compile training forward: {gb['graphs']} graph(s), {gb['breaks']} graph break(s)")
     dl = res["data_loader"]
     L.append("")
     L.append(f"data loader ({dl['clips']} clips, {dl['image_size']} px, num_workers=0 in-process): " + ", ".join(

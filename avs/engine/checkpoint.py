@@ -141,18 +141,43 @@ def capture_rng() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        out["cuda"] = torch.cuda.get_rng_state_all()
+        out["cuda"] = torch.cuda.get_rng_state_all()  # one state per visible device
+        out["cuda_device"] = torch.cuda.current_device()  # this process's device (its own under DDP)
     return out
 
 
-def restore_rng(state: dict[str, Any]) -> None:
-    """Inverse of `capture_rng`."""
+def restore_rng(state: dict[str, Any], own_device_only: bool = False) -> None:
+    """Inverse of `capture_rng`.
+
+    CUDA generators: the saved states of the devices visible now (the first min(saved, visible));
+    the others are dropped with a log line, so a run resumes on fewer GPUs or another allocation.
+    `own_device_only` (DDP, each process with its rank's state): only the current device's
+    generator is set, from the state of the device the saving process used.
+    """
     random.setstate(_to_tuples(state["python"]))
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        _restore_cuda_rng(list(state["cuda"]), state.get("cuda_device"), own_device_only)
+
+
+def _restore_cuda_rng(saved: list[torch.Tensor], saved_device: int | None, own_device_only: bool) -> None:
+    visible = torch.cuda.device_count()
+    if own_device_only:
+        src = int(saved_device) if saved_device is not None and 0 <= int(saved_device) < len(saved) else 0
+        if saved:
+            torch.cuda.set_rng_state(saved[src], torch.cuda.current_device())
+        return
+    kept = min(len(saved), visible)
+    for i in range(kept):
+        torch.cuda.set_rng_state(saved[i], i)
+    if len(saved) > kept:
+        log.info("checkpoint holds CUDA RNG states of %d devices, %d visible now: the states of devices %d..%d "
+                 "were not restored", len(saved), visible, kept, len(saved) - 1)
+    elif visible > kept:
+        log.info("checkpoint holds CUDA RNG states of %d devices, %d visible now: devices %d..%d keep their "
+                 "current generator state", len(saved), visible, kept, visible - 1)
 
 
 def _to_lists(x: Any) -> Any:

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from avs.config import auto_flag
 from avs.engine import distributed as D
+from avs.engine.amp import load_scaler_state, native_bf16
 from avs.engine.checkpoint import (
     CheckpointError,
     capture_rng,
@@ -42,10 +43,12 @@ from avs.engine.resume_check import load_for_resume, restore_optimizer
 from avs.engine.rundir import claim_run_dir, resume_advice
 from avs.engine.sampler import ResumableSampler
 from avs.engine.signals import StopSignal, ignore_stop_signals
+from avs.engine.syncs import LossLog, LossWindow, read_step_flags
 from avs.errors import AVSError, ExitCode
 from avs.metrics import MetricAccumulator
 from avs.models.build import build_model
 from avs.utils.device import select_device  # noqa: F401  (re-exported for callers)
+from avs.utils.device import to_channels_last
 from avs.utils.io import atomic_save, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -183,8 +186,8 @@ class Trainer:
         self.model = build_model(cfg).to(self.device)
         if cfg.model.get("init_from"):
             self._init_from(cfg.model.init_from)
-        if self.tcfg.get("channels_last") and self.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
+        if self.tcfg.get("channels_last"):  # 4-D weights only (Conv3d weights cannot be channels_last)
+            to_channels_last(self.model)
         if self.device.type == "cuda" and not bool(self.tcfg.deterministic):
             # fixed input shapes (data.image_size, T): cuDNN's autotuner picks the fastest kernels once
             torch.backends.cudnn.benchmark = bool(self.tcfg.get("cudnn_benchmark", True))
@@ -205,6 +208,7 @@ class Trainer:
         self.best: dict[str, Any] = {"metric": -math.inf, "epoch": None, "step": None}
         self.history: list[dict[str, Any]] = []
         self.loss_history: list[float] = []
+        self._loss_log = LossLog()  # this run's latest losses, still on the device (flushed into loss_history)
         self.skipped: list[str] = []  # clips dropped with data.on_error=skip
         self.faults: dict[str, Any] = _empty_faults()
         self.consecutive_nonfinite = 0
@@ -328,7 +332,7 @@ class Trainer:
         if amp == "auto":
             if self.device.type != "cuda":
                 return None
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.bfloat16 if native_bf16(self.device) else torch.float16  # fp16 + GradScaler on V100/T4
         table = {"bf16": torch.bfloat16, "fp16": torch.float16}
         if amp not in table:
             raise ValueError(f"trainer.amp must be auto|off|bf16|fp16, got {amp!r}")
@@ -404,6 +408,7 @@ class Trainer:
         on every rank with the step of the last good checkpoint.
         """
         path = self.ckpt_dir / f"{name}.ckpt"
+        self._loss_log.flush(self.loss_history)
         rng_all = D.gather_objects(capture_rng()) if self.dist.enabled else None
         error: str | None = None
         if self.is_main:
@@ -443,7 +448,7 @@ class Trainer:
                 f"{path}: does not fit this model/optimizer ({type(exc).__name__}: {str(exc)[:300]}); "
                 "resume with the config the run was started with"
             ) from exc
-        self.scaler.load_state_dict(state["scaler"])
+        load_scaler_state(self.scaler, state.get("scaler"), path)  # empty when written without fp16
         self.epoch, self.step, self.batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
         self.best = dict(state["best"])
         self.history = list(state["history"])
@@ -454,7 +459,7 @@ class Trainer:
             self.skipped += list(table)
         per_rank = state.get("rng_per_rank")
         if per_rank is not None and len(per_rank) == self.dist.world_size:
-            restore_rng(per_rank[self.dist.rank])
+            restore_rng(per_rank[self.dist.rank], own_device_only=self.device.type == "cuda")
         else:
             restore_rng(state["rng"])
             if self.dist.enabled:
@@ -584,6 +589,11 @@ class Trainer:
         bs = int(self.cfg.data.batch_size)
         accum = max(1, int(tcfg.get("grad_accum", 1)))
         drop_last = bool(tcfg.get("drop_last", False))
+        if not drop_last and str(tcfg.get("compile", False)).lower() not in ("false", "off", "none"):
+            # a smaller last batch would recompile every compiled graph (the batch dimension is specialised)
+            log.info("trainer.compile: the short last batch of each epoch is dropped (as trainer.drop_last=true), "
+                     "so the compiled training graphs are never recompiled")
+            drop_last = True
         sampler = ResumableSampler(
             len(train_ds), shuffle=True, seed=int(self.cfg.seed), num_replicas=self.dist.world_size, rank=self.dist.rank,
             with_epoch=True,  # the (epoch, index) pairs seed the flips, also in persistent workers
@@ -634,9 +644,8 @@ class Trainer:
                 loader = self._loader("train", sampler=sampler, batch_size=bs)
                 self.model.train()
                 micro = 0
-                window_bad = False
+                window = LossWindow()  # the window's losses stay on the device until the optimizer step
                 window_ids: list[str] = []
-                window_terms: dict[str, float] = {}
                 self.optimizer.zero_grad(set_to_none=True)
                 it = iter(loader)
                 failed = True
@@ -659,7 +668,9 @@ class Trainer:
                         if not has_data:  # data.on_error=skip and every clip of the batch failed
                             self.batch_in_epoch += 1
                             continue
-                        if drop_last and batch["frames"].shape[0] < bs:
+                        if drop_last and self.batch_in_epoch >= batches_per_epoch:
+                            # the short last batch, told by position: every DDP rank agrees (a batch that
+                            # data.on_error=skip shortened on one rank only is trained, not an epoch end)
                             break
                         batch = _move(batch, self.device)
                         sync = (micro + 1) % accum == 0
@@ -670,9 +681,7 @@ class Trainer:
                             loss = sum(self.loss_weights.get(k, 0.0) * v for k, v in terms.items())
                             if self.step + 1 in nan_steps:  # testing aid (trainer.debug_nan_steps)
                                 loss = loss * float("nan")
-                            if not bool(torch.isfinite(loss.detach())):
-                                window_bad = True
-                                window_terms = {k: float(v.detach()) for k, v in terms.items()}
+                            window.add(loss, terms)  # no host sync: checked once at the optimizer step
                             window_ids += list(batch.get("video_id", []))
                             # backward even for a non-finite loss: every DDP rank must join the gradient all-reduce
                             self.scaler.scale(loss / accum).backward()
@@ -680,16 +689,16 @@ class Trainer:
                         self.batch_in_epoch += 1
                         if micro % accum:
                             continue
-                        outcome = self._optimizer_step(clip, window_bad)
+                        outcome = self._optimizer_step(clip, window.nonfinite())
                         self.step += 1
-                        loss_value = float(loss.detach())
-                        self.loss_history.append(loss_value)
+                        self._loss_log.add(loss)  # read in batches (logging steps, checkpoints): no sync per step
                         if outcome != "ok":
-                            self._record_nonfinite(outcome, window_ids, window_terms, loss_value)
-                        window_bad, window_ids, window_terms = False, [], {}
+                            self._record_nonfinite(outcome, window_ids, window.bad_terms(), float(loss.detach()))
+                        window, window_ids = LossWindow(), []
                         bar.update(1)
-                        bar.set_postfix(loss=f"{loss_value:.4f}", epoch=self.epoch)
                         if outcome == "ok" and (self.step % log_every == 0 or self.step == 1):
+                            loss_value = self._loss_log.flush(self.loss_history)[-1]
+                            bar.set_postfix(loss=f"{loss_value:.4f}", epoch=self.epoch)
                             scalars = {k: float(v.detach()) for k, v in terms.items()}
                             scalars["total"] = loss_value
                             scalars["lr"] = self.optimizer.param_groups[0]["lr"]
@@ -728,7 +737,8 @@ class Trainer:
             norm = torch.nn.utils.clip_grad_norm_(params, clip)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
-        grad_bad = not bool(torch.isfinite(norm))  # grads are already all-reduced: same answer on every rank
+        # one host sync for both flags; grads are already all-reduced: same grad answer on every rank
+        loss_bad, grad_bad = read_step_flags(loss_bad, norm)
         if self.dist.enabled:
             loss_bad = D.any_true(loss_bad)
         if self.scaler.is_enabled() and grad_bad and not loss_bad:
@@ -805,6 +815,7 @@ class Trainer:
         """Load the best checkpoint, evaluate test once, write metrics.json and run_report.json."""
         selection_split = str(self.tcfg.get("select_split", "val"))
         best_path = self.ckpt_dir / "best.ckpt"
+        self._loss_log.flush(self.loss_history)
         D.barrier()
         if best_path.exists():
             self.model.load_state_dict(load_checkpoint(best_path)["model"])

@@ -196,8 +196,11 @@ class VisualBackbone(nn.Module):
         if mode == "file":
             self.load_pretrained(weights_path)  # type: ignore[arg-type]
         self.freeze_mode = freeze_mode
-        self._frozen: list[nn.Module] = self._frozen_modules(freeze_mode, freeze_k)
-        for module in self._frozen:
+        self.freeze_stages = freeze_k
+        frozen = self._frozen_modules(freeze_mode, freeze_k)
+        if freeze_mode == "bn" and not frozen:
+            log.info("backbone.freeze='bn': %s has no BatchNorm layers; nothing frozen", self.name)
+        for module in frozen:
             for p in module.parameters():
                 p.requires_grad_(False)
         self.train(self.training)
@@ -215,18 +218,24 @@ class VisualBackbone(nn.Module):
         if mode == "all":
             return [self.body]
         if mode == "bn":
-            bns = [m for m in self.body.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-            if not bns:
-                log.info("backbone.freeze='bn': %s has no BatchNorm layers; nothing frozen", self.name)
-            return bns
+            # by type, so layers swapped in later (SyncBatchNorm after convert_sync_batchnorm) are found
+            return [m for m in self.body.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         stem, stages = self._stem_and_stages()
         return stem + stages[:k]
 
     def train(self, mode: bool = True) -> "VisualBackbone":
-        """Set train/eval mode; frozen parts (and their BatchNorm statistics) always stay in eval."""
+        """Set train/eval mode; frozen parts (and their BatchNorm statistics) always stay in eval.
+
+        The frozen modules are looked up now, not at construction: `convert_sync_batchnorm` replaces
+        the BatchNorm layers (DDP with trainer.sync_bn=true) and its SyncBatchNorm layers stay frozen.
+        """
         super().train(mode)
-        for module in getattr(self, "_frozen", []):
+        if not hasattr(self, "freeze_stages"):  # during construction
+            return self
+        for module in self._frozen_modules(self.freeze_mode, self.freeze_stages):
             module.eval()
+            for p in module.parameters():
+                p.requires_grad_(False)
         return self
 
     # ------------------------------------------------------------------ weights

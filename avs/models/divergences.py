@@ -78,11 +78,18 @@ def _expert_weights(weights: Sequence[float] | Tensor | None, k: int, ref: Tenso
     if weights is None:
         w = torch.ones(k, device=ref.device, dtype=ref.dtype)
         return w / k if normalise else w
-    w = torch.as_tensor(weights, device=ref.device, dtype=ref.dtype).flatten()
+    if isinstance(weights, Tensor):
+        # tensor weights (e.g. js_divergence's validated ones, passed on to poe) are taken as they are:
+        # checking their values would make the host wait for the device
+        w = weights.to(device=ref.device, dtype=ref.dtype).flatten()
+        values = None
+    else:
+        values = [float(x) for x in weights]
+        w = torch.tensor(values, device=ref.device, dtype=ref.dtype)
     if w.numel() != k:
         raise ValueError(f"expected {k} expert weights, got {w.numel()}")
-    if bool((w < 0).any()) or float(w.sum()) <= 0:
-        raise ValueError(f"expert weights must be non-negative with a positive sum, got {w.tolist()}")
+    if values is not None and (any(x < 0 for x in values) or sum(values) <= 0):
+        raise ValueError(f"expert weights must be non-negative with a positive sum, got {values}")
     return w / w.sum() if normalise else w
 
 

@@ -150,15 +150,18 @@ class TPAVIFusion(nn.Module):
         if key_audio is not None:
             audio_map = key_audio.transpose(1, 2)[..., None, None]  # [B,T,C] -> [B,C,T,1,1]
         if self.impl == "factorised":
+            # the 1/N of the attention is applied before the second einsum, split as 1/sqrt(N) on each
+            # factor of kv: in fp16/bf16 neither kv (a sum over N) nor y grows with N (N = 15,680 at stage 1)
+            s = n**-0.5
             if audio_map is None:
-                # kv[c,d] = sum_j phi_j[c] g_j[d] over all N positions
-                kv = torch.einsum("bcn,bdn->bcd", self.phi(x).flatten(2), g.flatten(2))
+                # kv[c,d] = 1/N sum_j phi_j[c] g_j[d] over all N positions
+                kv = torch.einsum("bcn,bdn->bcd", self.phi(x).flatten(2) * s, g.flatten(2) * s)
             else:
                 # phi of the broadcast audio is constant over each frame's HxW positions,
-                # so kv = sum_t phi(a_t) (x) sum_hw g_t.
+                # so kv = 1/N sum_t phi(a_t) (x) sum_hw g_t.
                 phi_t = self.phi(audio_map).flatten(2)  # [B,C,T,1,1] -> [B,C',T]
-                kv = torch.einsum("bct,bdt->bcd", phi_t, g.sum(dim=(3, 4)))  # [B,C',C']
-            y = torch.einsum("bcn,bcd->bdn", theta, kv) / n  # [B,C',N]
+                kv = torch.einsum("bct,bdt->bcd", phi_t * s, g.sum(dim=(3, 4)) * s)  # [B,C',C']
+            y = torch.einsum("bcn,bcd->bdn", theta, kv)  # [B,C',N]
         else:
             if audio_map is None:
                 phi = self.phi(x).flatten(2)  # [B,C',N]

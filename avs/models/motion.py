@@ -81,11 +81,53 @@ class _MeanReLUCorrelation(torch.autograd.Function):
         return grad_query, grad_key, None, None
 
 
+# the plain functions (attribute access on the class gives the staticmethods' functions)
+_correlation_forward = _MeanReLUCorrelation.forward
+_correlation_backward = _MeanReLUCorrelation.backward
+
+
+class _MeanReLUCorrelationCUDA(_MeanReLUCorrelation):
+    """`_MeanReLUCorrelation` whose backward runs under the autocast state its forward ran in (CUDA).
+
+    Without the custom_fwd / custom_bwd pair, autocast covers the forward's GEMMs (bf16/fp16) but
+    not the backward's recomputation, which then runs full fp32 GEMMs (slow). The decorators take
+    the device type as a string: one class per device type.
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, query: Tensor, key: Tensor, maps_per_chunk: int, pos_per_chunk: int) -> Tensor:
+        return _correlation_forward(ctx, query, key, maps_per_chunk, pos_per_chunk)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_out: Tensor):
+        return _correlation_backward(ctx, grad_out)
+
+
+class _MeanReLUCorrelationCPU(_MeanReLUCorrelation):
+    """`_MeanReLUCorrelationCUDA` for CPU autocast."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")
+    def forward(ctx, query: Tensor, key: Tensor, maps_per_chunk: int, pos_per_chunk: int) -> Tensor:
+        return _correlation_forward(ctx, query, key, maps_per_chunk, pos_per_chunk)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
+    def backward(ctx, grad_out: Tensor):
+        return _correlation_backward(ctx, grad_out)
+
+
+_AUTOCAST_FUNCTIONS = {"cuda": _MeanReLUCorrelationCUDA, "cpu": _MeanReLUCorrelationCPU}
+
+
 def _mean_relu_correlation(query: Tensor, key: Tensor, chunk_size: int | None) -> Tensor:
     """[N,C,P], [N,C,Q] -> [N,P]: mean over q of ReLU(<query_p, key_q>), memory-bounded."""
     key = key.to(query.dtype)
     maps, positions = _chunk_plan(query.shape[0], query.shape[2], key.shape[2], chunk_size)
-    return _MeanReLUCorrelation.apply(query.contiguous(), key.contiguous(), maps, positions)
+    fn = _AUTOCAST_FUNCTIONS.get(query.device.type, _MeanReLUCorrelation)  # other devices: no autocast pairing
+    return fn.apply(query.contiguous(), key.contiguous(), maps, positions)
 
 
 class CorrelationPyramidMotion(nn.Module):
@@ -173,10 +215,11 @@ class CorrelationPyramidMotion(nn.Module):
         bt, c, h, w = feat.shape
         b = bt // num_frames
         f = F.normalize(feat, dim=1) if self.normalize else feat
-        pair = torch.arange(1, num_frames + 1, device=feat.device)
-        pair[-1] = num_frames - 2  # the last frame looks backward
         f = f.reshape(b, num_frames, c, h, w)
-        partner = f[:, pair].reshape(bt, c, h, w)  # [B,T,C,h,w] -> [B*T,C,h,w]
+        # frames 1..T-1, then T-2 (the last frame looks backward): slices, no index tensor, so a
+        # TorchScript trace holds no device constant and the export runs on any device
+        partner = torch.cat([f[:, 1:], f[:, num_frames - 2 : num_frames - 1]], dim=1)
+        partner = partner.reshape(bt, c, h, w)  # [B,T,C,h,w] -> [B*T,C,h,w]
         query = f.reshape(bt, c, h * w)  # [B*T,C,hw]
         stats = []
         for k in range(self.levels):

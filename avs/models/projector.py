@@ -67,13 +67,33 @@ class VisualToAudioProjector(nn.Module):
                 f"VisualToAudioProjector expects feat [N,{self.channels},{self.feature_size[0]},"
                 f"{self.feature_size[1]}] (projector.channels / projector.feature_size), got {tuple(feat.shape)}"
             )
+        self._check_mask(feat, mask)
+        return self._generate(feat, self._pool(feat, mask, mask_is_logits))
+
+    def forward_either(self, feat: Tensor, gt_mask: Tensor, logits: Tensor, use_gt: Tensor) -> Tensor:
+        """`forward` with the ground-truth mask where the 0-d bool tensor `use_gt` is true, else the logits.
+
+        Both masks are pooled (cheap at h x w) and one is selected on the device, so the choice
+        (projector_mask=auto: GT when every frame is labelled) needs no host sync.
+        """
+        self._check_mask(feat, gt_mask)
+        self._check_mask(feat, logits)
+        pooled = torch.where(use_gt, self._pool(feat, gt_mask, False), self._pool(feat, logits, True))
+        return self._generate(feat, pooled)
+
+    def _check_mask(self, feat: Tensor, mask: Tensor) -> None:
         if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] != feat.shape[0]:
             raise ValueError(
                 f"VisualToAudioProjector expects mask [{feat.shape[0]},1,H,W], got {tuple(mask.shape)}"
             )
+
+    def _pool(self, feat: Tensor, mask: Tensor, mask_is_logits: bool) -> Tensor:
         pooled = F.adaptive_avg_pool2d(mask.to(feat.dtype), self.feature_size)  # [N,1,H,W] -> [N,1,h,w]
         if mask_is_logits and not self.legacy_raw_logits:
             pooled = torch.sigmoid(pooled)  # pool first, then sigmoid
+        return pooled
+
+    def _generate(self, feat: Tensor, pooled: Tensor) -> Tensor:
         encoded = self.mask_encoder(feat * pooled)  # [N,C,h,w]
         generated = self.spatial_pool(encoded.flatten(2)).squeeze(-1)  # [N,C,h*w] -> [N,C]
         if self.output_proj is not None:

@@ -148,7 +148,10 @@ class AVSegmentor(nn.Module):
     def _consistency(self, out: Branch, audio: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor):
         from avs.models.projector import consistency_loss
 
-        use_gt = self.projector_mask == "gt" or (self.projector_mask == "auto" and bool(valid.all()))
+        if self.projector_mask == "auto":  # GT masks when every frame is labelled, chosen on the device
+            audio_hat = self.projector.forward_either(out["decoded"][-1], masks, out["logits"], valid.all())
+            return consistency_loss(audio, audio_hat)
+        use_gt = self.projector_mask == "gt"
         source = masks if use_gt else out["logits"]
         audio_hat = self.projector(out["decoded"][-1], source, mask_is_logits=not use_gt)
         return consistency_loss(audio, audio_hat)
@@ -184,11 +187,10 @@ class AVSegmentor(nn.Module):
         """S4 (frame 0 labelled only): repeat frame 0's mask over T; MS3: the T masks. [B*T,1,H,W]."""
         B, T = clip_valid.shape
         m = masks.view(B, T, *masks.shape[1:])
-        if bool(clip_valid.all()):
-            return masks
         first = clip_valid.float().argmax(dim=1)  # first labelled frame per clip
         ref = m[torch.arange(B, device=m.device), first]  # [B,1,H,W]
-        return ref.unsqueeze(1).expand_as(m).reshape_as(masks)
+        repeated = ref.unsqueeze(1).expand_as(m).reshape_as(masks)
+        return torch.where(clip_valid.all(), masks, repeated)  # chosen on the device: no host sync
 
     def _train_latent(self, x, feats, audio, T, size, masks, valid, clip_valid) -> dict[str, torch.Tensor]:
         post_masks = self._posterior_masks(masks, clip_valid)

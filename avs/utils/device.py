@@ -19,3 +19,23 @@ def select_device(spec: str | torch.device | None = "auto", local_rank: int = 0)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local_rank % torch.cuda.device_count())
     return dev
+
+
+def to_channels_last(module: torch.nn.Module) -> torch.nn.Module:
+    """Store every 4-D parameter and buffer of `module` in channels_last (NHWC) order, in place.
+
+    `module.to(memory_format=torch.channels_last)` also tries the 5-D ones (TPAVI's Conv3d weights)
+    and fails with "required rank 4 tensor to use channels_last format"; those, and every other
+    rank, are left as they are. Values are unchanged; only the strides differ. Used by the trainer
+    (`trainer.channels_last=true`) and the benchmark, so both measure the same layout.
+    """
+    fmt = torch.channels_last
+    with torch.no_grad():
+        for mod in module.modules():
+            for name, param in mod.named_parameters(recurse=False):
+                if param.dim() == 4 and not param.is_contiguous(memory_format=fmt):
+                    param.data = param.data.contiguous(memory_format=fmt)
+            for name, buf in mod.named_buffers(recurse=False):
+                if buf is not None and buf.dim() == 4 and not buf.is_contiguous(memory_format=fmt):
+                    mod._buffers[name] = buf.contiguous(memory_format=fmt)
+    return module

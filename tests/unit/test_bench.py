@@ -44,6 +44,9 @@ def test_quick_run_has_every_section(quick_result, tmp_path):
     assert r["data_loader"]["num_workers"] == 0
     assert _positive(r["metrics"]["frames_per_s"])
     assert r["targets"]["metrics frames/s"]["bound"] == 1000.0
+    # host syncs of a trainer-style step and graph breaks of the training forward are reported
+    assert r["host_syncs"]["per_step"] <= 2 and r["graph_breaks"]["breaks"] == 0 and r["graph_breaks"]["graphs"] == 1
+    assert "host syncs per training step" in bench.format_report(r)
     json.dumps(r)  # JSON-ready
 
 
