@@ -15,15 +15,11 @@ from typing import Any, Iterable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
-from avs.errors import AVSError, ExitCode
+from avs.errors import AVSError, ConfigError, ExitCode
 
 AMP_CHOICES = ("auto", "off", "false", "False", "none", "None", "bf16", "fp16")
 SCHEDULES = ("constant", "cosine", "poly")
 LATENT_WITHOUT_AUDIO = ("visual_only",)  # ECMVAE latent variants that need no audio
-
-
-class ConfigError(AVSError, ValueError, code=ExitCode.CONFIG):
-    """An impossible or unsafe combination of config values."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -45,6 +45,10 @@ class AVSError(Exception):
             cls.exit_code = ExitCode(code)
 
 
+class ConfigError(AVSError, ValueError, code=ExitCode.CONFIG):
+    """An impossible or unsafe combination of config values."""
+
+
 TRACEBACK_ENV = "AVS_TRACEBACK"
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import avs  # noqa: E402,F401
-from avs.engine.checkpoint import CheckpointError  # noqa: E402
+from avs.errors import run_plain  # noqa: E402
 from avs.inference.released import SOURCES, import_checkpoint, release_config  # noqa: E402
 
 
@@ -34,15 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = release_config(args.overrides)
-    try:
-        record = import_checkpoint(args.source, args.released, cfg, args.out, vggish_path=args.vggish)
-    except CheckpointError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    record = import_checkpoint(args.source, args.released, cfg, args.out, vggish_path=args.vggish)
     print(json.dumps(record, indent=2))
     print(f"wrote {args.out}; evaluate with: python scripts/eval.py checkpoint={args.out} split=test")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_plain(main))  # the project's errors: plain lines and their exit code (README)

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from avs.data.audio import MIN_SAMPLES, fit_num_examples, read_wav, wav_to_logmel
 from avs.data.transforms import ClipTransform, as_size, resize_frames, resize_masks
-from avs.errors import AVSError, ExitCode
+from avs.errors import AVSError, ConfigError, ExitCode
 
 log = logging.getLogger(__name__)
 
@@ -493,10 +493,10 @@ def collate_skip_none(batch: list[Any]) -> dict[str, Any]:
 
 
 def pad_short_audio_flag(data_cfg: Mapping[str, Any]) -> bool:
-    """`data.pad_short_audio` (default false); ValueError naming the key unless it is true or false."""
+    """`data.pad_short_audio` (default false); ConfigError naming the key unless it is true or false."""
     value = data_cfg.get("pad_short_audio", False)
     if not isinstance(value, bool):
-        raise ValueError(f"data.pad_short_audio must be true or false, got {value!r}")
+        raise ConfigError(f"data.pad_short_audio must be true or false, got {value!r}")
     return value
 
 

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from avs.errors import ConfigError
 from avs.utils.io import atomic_write_bytes, atomic_write_text
 
 __all__ = [
@@ -114,7 +115,7 @@ def build_categories(num_categories: int) -> list[Category]:
     """The fixed world of `num_categories` categories (same list for every seed)."""
     max_k = len(SHAPES) * 3
     if not 2 <= num_categories <= max_k:
-        raise ValueError(f"num_categories must be in [2, {max_k}], got {num_categories}")
+        raise ConfigError(f"num_categories must be in [2, {max_k}], got {num_categories}")
     colour_names = list(COLOURS)
     sound_names = list(SOUNDS)
     # Fundamentals on a log grid, assigned by a fixed permutation so pitch is not ordered by shape.
@@ -139,10 +140,10 @@ def build_categories(num_categories: int) -> list[Category]:
 
 def _pair(value: Any, key: str, cast: type) -> tuple:
     if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != 2:
-        raise ValueError(f"{key}: expected a [low, high] pair, got {value!r}")
+        raise ConfigError(f"{key}: expected a [low, high] pair, got {value!r}")
     lo, hi = cast(value[0]), cast(value[1])
     if lo > hi:
-        raise ValueError(f"{key}: low {lo} > high {hi}")
+        raise ConfigError(f"{key}: low {lo} > high {hi}")
     return (lo, hi)
 
 
@@ -171,41 +172,41 @@ class SyntheticConfig:
 
     def __post_init__(self) -> None:
         if self.subset not in SUBSET_DIRS:
-            raise ValueError(f"subset: expected one of {sorted(SUBSET_DIRS)}, got {self.subset!r}")
+            raise ConfigError(f"subset: expected one of {sorted(SUBSET_DIRS)}, got {self.subset!r}")
         clips = dict(self.clips)
         if set(clips) - set(SPLITS):
-            raise ValueError(f"clips: keys must be among {SPLITS}, got {sorted(clips)}")
+            raise ConfigError(f"clips: keys must be among {SPLITS}, got {sorted(clips)}")
         clips = {s: int(clips.get(s, 0)) for s in SPLITS}
         if any(v < 0 for v in clips.values()) or sum(clips.values()) == 0:
-            raise ValueError(f"clips: expected non-negative counts with at least one clip, got {clips}")
+            raise ConfigError(f"clips: expected non-negative counts with at least one clip, got {clips}")
         object.__setattr__(self, "clips", clips)
         if int(self.image_size) < 32:
-            raise ValueError(f"image_size: expected >= 32, got {self.image_size}")
+            raise ConfigError(f"image_size: expected >= 32, got {self.image_size}")
         if int(self.num_frames) < 1:
-            raise ValueError(f"num_frames: expected >= 1, got {self.num_frames}")
+            raise ConfigError(f"num_frames: expected >= 1, got {self.num_frames}")
         if int(self.sample_rate) < 16000:
-            raise ValueError(f"sample_rate: expected >= 16000 (VGGish input), got {self.sample_rate}")
+            raise ConfigError(f"sample_rate: expected >= 16000 (VGGish input), got {self.sample_rate}")
         build_categories(int(self.num_categories))  # validates the range
         n_obj = self.num_objects
         if n_obj is None:
             n_obj = (2, 4) if self.subset == "s4" else (3, 4)
         n_obj = _pair(n_obj, "num_objects", int)
         if n_obj[0] < 1 or n_obj[1] > self.num_categories:
-            raise ValueError(f"num_objects: expected 1 <= min <= max <= num_categories, got {n_obj}")
+            raise ConfigError(f"num_objects: expected 1 <= min <= max <= num_categories, got {n_obj}")
         object.__setattr__(self, "num_objects", n_obj)
         area = _pair(self.object_area, "object_area", float)
         if not 0.0 < area[0] <= area[1] <= 0.5:
-            raise ValueError(f"object_area: expected 0 < low <= high <= 0.5, got {area}")
+            raise ConfigError(f"object_area: expected 0 < low <= high <= 0.5, got {area}")
         object.__setattr__(self, "object_area", area)
         object.__setattr__(self, "snr_db", _pair(self.snr_db, "snr_db", float))
         probs = tuple(float(p) for p in self.ms3_sounding_probs)
         if not probs or any(p < 0 for p in probs) or sum(probs) <= 0 or probs[0] <= 0:
-            raise ValueError(f"ms3_sounding_probs: expected non-negative weights with p(1) > 0, got {probs}")
+            raise ConfigError(f"ms3_sounding_probs: expected non-negative weights with p(1) > 0, got {probs}")
         object.__setattr__(self, "ms3_sounding_probs", probs)
         if not 0.0 <= self.offscreen_prob <= 1.0:
-            raise ValueError(f"offscreen_prob: expected a probability, got {self.offscreen_prob}")
+            raise ConfigError(f"offscreen_prob: expected a probability, got {self.offscreen_prob}")
         if not 0.0 <= self.min_visible <= 1.0:
-            raise ValueError(f"min_visible: expected a fraction in [0, 1], got {self.min_visible}")
+            raise ConfigError(f"min_visible: expected a fraction in [0, 1], got {self.min_visible}")
         for name in ("seed", "image_size", "num_frames", "num_categories", "sample_rate"):
             object.__setattr__(self, name, int(getattr(self, name)))
 
@@ -217,14 +218,14 @@ class SyntheticConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"{key}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+            raise ConfigError(f"{key}: unknown key(s) {unknown}; expected some of {sorted(known)}")
         for name in ("num_objects", "object_area", "snr_db", "ms3_sounding_probs"):
             if values.get(name) is not None:
                 values[name] = tuple(values[name])
         try:
             return cls(**values)
         except ValueError as exc:
-            raise ValueError(f"{key}.{exc}") from exc
+            raise ConfigError(f"{key}.{exc}") from exc
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of every field (tuples as lists)."""
@@ -744,7 +745,7 @@ def compute_ceilings(root: str | os.PathLike, subset: str, split: str) -> dict[s
     """
     root = Path(root)
     if subset not in SUBSET_DIRS:
-        raise ValueError(f"subset: expected one of {sorted(SUBSET_DIRS)}, got {subset!r}")
+        raise ConfigError(f"subset: expected one of {sorted(SUBSET_DIRS)}, got {subset!r}")
     clips = _load_sidecars(root, subset, split)
     if not clips:
         raise ValueError(f"{root}: split {split!r} of {subset} has no clips")
@@ -830,16 +831,16 @@ def ensure_synthetic(data_cfg: Any, force: bool = False, progress: bool = True) 
     """
     data = _to_plain(data_cfg)
     if not isinstance(data, Mapping):
-        raise ValueError(f"data config: expected a mapping, got {type(data).__name__}")
+        raise ConfigError(f"data config: expected a mapping, got {type(data).__name__}")
     syn = data.get("synthetic")
     if syn is None:
-        raise ValueError("data.synthetic is not set: this data config does not describe a synthetic dataset")
+        raise ConfigError("data.synthetic is not set: this data config does not describe a synthetic dataset")
     if data.get("root") in (None, ""):
-        raise ValueError("data.root: expected the directory to generate Sounding Shapes into")
+        raise ConfigError("data.root: expected the directory to generate Sounding Shapes into")
     cfg = SyntheticConfig.from_mapping(syn)
     for key in ("subset", "image_size", "num_frames"):
         if key in data and data[key] != getattr(cfg, key):
-            raise ValueError(f"data.{key}={data[key]!r} differs from data.synthetic.{key}={getattr(cfg, key)!r}")
+            raise ConfigError(f"data.{key}={data[key]!r} differs from data.synthetic.{key}={getattr(cfg, key)!r}")
     root = Path(data["root"]).expanduser()
     if not force and is_complete(root, cfg):
         log.info("Sounding Shapes at %s is complete (hash %s)", root, config_hash(cfg)[:12])

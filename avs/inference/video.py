@@ -104,7 +104,7 @@ class VideoInfo:
 def _check_file(path: str | os.PathLike, what: str) -> Path:
     p = Path(path).expanduser()
     if not p.is_file():
-        raise FileNotFoundError(f"{what} not found: {p}")
+        raise VideoError(f"{what} not found: {p}")
     return p
 
 
