@@ -15,7 +15,7 @@ from typing import Any, Iterable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
-from avs.errors import AVSError, ConfigError, ExitCode
+from avs.errors import ConfigError, MissingFileError  # noqa: F401  (ConfigError, MissingFileError re-exported)
 
 AMP_CHOICES = ("auto", "off", "false", "False", "none", "None", "bf16", "fp16")
 SCHEDULES = ("constant", "cosine", "poly")
@@ -295,10 +295,6 @@ def _check_eval(ecfg: DictConfig, model: DictConfig) -> None:
 # --------------------------------------------------------------------------------------------
 # input files named by the config (checked before any model is built)
 # --------------------------------------------------------------------------------------------
-class MissingFileError(AVSError, FileNotFoundError, code=ExitCode.MISSING_FILE):
-    """A file or folder named by a config key (data root, weight file) does not exist."""
-
-
 def _weight_files(node: Any, path: str) -> list[tuple[str, str]]:
     """(key, file) of every weight file a `_target_` node below `node` will read at build time."""
     out: list[tuple[str, str]] = []

@@ -49,6 +49,10 @@ class ConfigError(AVSError, ValueError, code=ExitCode.CONFIG):
     """An impossible or unsafe combination of config values."""
 
 
+class MissingFileError(AVSError, FileNotFoundError, code=ExitCode.MISSING_FILE):
+    """A file or folder named by a config key (data root, weight file, input video) does not exist."""
+
+
 TRACEBACK_ENV = "AVS_TRACEBACK"
 
 

@@ -33,7 +33,7 @@ import torch
 
 from avs.data.audio import MIN_SAMPLES, SAMPLE_RATE, logmel_clip, resample_to_16k, waveform_to_examples
 from avs.data.transforms import normalize_frames, resize_frames
-from avs.errors import AVSError, ExitCode
+from avs.errors import AVSError, ExitCode, MissingFileError
 
 
 __all__ = [
@@ -104,7 +104,7 @@ class VideoInfo:
 def _check_file(path: str | os.PathLike, what: str) -> Path:
     p = Path(path).expanduser()
     if not p.is_file():
-        raise VideoError(f"{what} not found: {p}")
+        raise MissingFileError(f"{what} not found: {p}")
     return p
 
 
