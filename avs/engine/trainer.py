@@ -137,6 +137,21 @@ def _move(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=nb) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def pad_batch(batch: dict[str, Any], size: int) -> dict[str, Any]:
+    """A copy of `batch` grown to `size` clips by repeating its last clip (tensors and lists; other values kept)."""
+    n = int(batch["frames"].shape[0])
+    extra = size - n
+    out: dict[str, Any] = {}
+    for k, v in batch.items():
+        if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n:
+            out[k] = torch.cat([v, v[-1:].expand(extra, *v.shape[1:])])
+        elif isinstance(v, list) and len(v) == n:
+            out[k] = v + v[-1:] * extra
+        else:
+            out[k] = v
+    return out
+
+
 def shutdown_loader_iterator(it: Any) -> None:
     """Join a DataLoader iterator's workers now: an exception's traceback would otherwise keep them alive."""
     stop = getattr(it, "_shutdown_workers", None)  # multi-process iterators only
@@ -865,9 +880,12 @@ class Trainer:
                 if "frames" not in batch:
                     continue
                 batch = _move(batch, self.device)
-                with self._autocast():
-                    out = net(batch)
-                logits = out["logits"].float()
+                n = int(batch["frames"].shape[0])
+                full = int(self.cfg.data.eval_batch_size)
+                compiled = hasattr(net, "_orig_mod")  # a torch.compile wrapper
+                with self._autocast():  # compiled: a short batch is padded, so one graph serves every batch
+                    out = net(pad_batch(batch, full) if compiled and n < full else batch)
+                logits = out["logits"][:n].float()
                 acc.update(logits, batch["masks"], indices=batch["index"])
                 if log_images and self.is_main and self.writer() is not None:
                     from avs.engine.visuals import overlay_grid

@@ -525,3 +525,32 @@ def test_cuda_rng_state_round_trip():
     a = torch.rand(3, device="cuda")
     restore_rng(state)
     assert torch.equal(torch.rand(3, device="cuda"), a)
+
+
+def test_compiled_evaluation_pads_a_short_last_batch_instead_of_recompiling(synth_data_dir, tmp_path):
+    """Eval batches of 3 and 1 clips: one compiled graph, and the metrics of the eager evaluation."""
+    from torch._dynamo.utils import counters
+
+    from avs.engine.trainer import Trainer, pad_batch
+
+    over = tiny_overrides(synth_data_dir) + ["model=tpavi", "model.channels=32", "data.eval_batch_size=3",
+                                              "data.flip_prob=0"]
+    torch.manual_seed(0)
+    eager = Trainer(compose_cfg("train", over), tmp_path / "eager")
+    expected = eager.evaluate("train")  # 4 clips: batches of 3 and 1
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    compiled = Trainer(compose_cfg("train", over + ["trainer.compile=true", "trainer.compile_backend=eager"]),
+                       tmp_path / "compiled")
+    compiled._eval_net = compiled._compile(compiled.model)
+    got = compiled.evaluate("train")
+    assert counters["stats"]["unique_graphs"] == 1
+    for protocol, values in expected.items():
+        for key, value in values.items():
+            if isinstance(value, float):
+                assert got[protocol][key] == pytest.approx(value, abs=1e-6), (protocol, key)
+    torch._dynamo.reset()
+    padded = pad_batch({"frames": torch.arange(2.0).view(2, 1), "video_id": ["a", "b"], "n": 7}, 4)
+    assert padded["frames"].flatten().tolist() == [0.0, 1.0, 1.0, 1.0]
+    assert padded["video_id"] == ["a", "b", "b", "b"] and padded["n"] == 7
