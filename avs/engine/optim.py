@@ -34,3 +34,15 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], tcfg: Mapping[str, Any
         weight_decay=float(tcfg.get("weight_decay", 0.0) or 0.0),
         fused=fused or None,
     )
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, tcfg: Mapping[str, Any], total_steps: int):
+    """The per-step learning-rate schedule of trainer.schedule over `total_steps` (None = constant)."""
+    kind = str(tcfg.get("schedule", "constant"))
+    if kind == "constant":
+        return None
+    if kind == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
+    if kind == "poly":
+        return torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=max(1, total_steps), power=0.9)
+    raise ValueError(f"trainer.schedule must be constant|cosine|poly, got {kind!r}")

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from avs.config import auto_flag
 from avs.engine import distributed as D
 from avs.engine.amp import load_scaler_state, native_bf16
+from avs.engine.optim import build_scheduler
 from avs.engine.checkpoint import (
     CheckpointError,
     capture_rng,
@@ -372,16 +373,6 @@ class Trainer:
         if not usable:
             raise CheckpointError(f"model.init_from={path}: no tensor matches this model")
 
-    def _build_scheduler(self, total_steps: int):
-        kind = str(self.tcfg.get("schedule", "constant"))
-        if kind == "constant":
-            return None
-        if kind == "cosine":
-            return torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(1, total_steps))
-        if kind == "poly":
-            return torch.optim.lr_scheduler.PolynomialLR(self.optimizer, total_iters=max(1, total_steps), power=0.9)
-        raise ValueError(f"trainer.schedule must be constant|cosine|poly, got {kind!r}")
-
     def _wrap_ddp(self) -> torch.nn.Module:
         if not self.dist.enabled:
             return self.model
@@ -623,7 +614,7 @@ class Trainer:
         total_steps = max_steps if max_steps > 0 else epochs * steps_per_epoch
         if max_steps > 0:
             epochs = math.inf  # the step count ends the run (also one extended on resume past a cut-short epoch)
-        self.scheduler = self._build_scheduler(total_steps)
+        self.scheduler = build_scheduler(self.optimizer, self.tcfg, total_steps)
         if self._resume_path is not None:
             self.resume()
         elif tcfg.get("resume") == "auto":
