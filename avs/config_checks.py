@@ -18,7 +18,6 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from avs.errors import ConfigError, MissingFileError  # noqa: F401  (ConfigError, MissingFileError re-exported)
 
 AMP_CHOICES = ("auto", "off", "false", "False", "none", "None", "bf16", "fp16")
-SCHEDULES = ("constant", "cosine", "poly")
 LATENT_WITHOUT_AUDIO = ("visual_only",)  # ECMVAE latent variants that need no audio
 
 
@@ -246,8 +245,6 @@ def _check_trainer(trainer: DictConfig) -> None:
         )
     if str(trainer.get("amp", "auto")) not in AMP_CHOICES:
         raise ConfigError(f"trainer.amp must be auto|off|bf16|fp16, got {trainer.amp!r}")
-    if str(trainer.get("schedule", "constant")) not in SCHEDULES:
-        raise ConfigError(f"trainer.schedule must be one of {'|'.join(SCHEDULES)}, got {trainer.schedule!r}")
     _positive_int(trainer.get("grad_accum", 1), "trainer.grad_accum")
     _positive_int(trainer.get("max_consecutive_nonfinite", 3), "trainer.max_consecutive_nonfinite")
     for key in ("checkpoint_every_steps", "interrupt_after_steps", "max_steps", "epochs", "log_every_steps"):
