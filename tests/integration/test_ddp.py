@@ -153,8 +153,8 @@ def test_find_unused_parameters_auto_matches_the_graph(tmp_path, overrides, unus
     from avs.engine.trainer import ddp_find_unused_parameters, resolve_loss_weights
     from avs.models.build import build_model
 
-    cfg = compose_cfg("train", tiny_overrides(tmp_path) + ["model.channels=32", "model.audio_dim=32", "audio.embed_dim=32"]
-                      + overrides)
+    small = ["model.channels=32", "model.audio_dim=32", "audio.embed_dim=32"]
+    cfg = compose_cfg("train", tiny_overrides(tmp_path) + small + overrides)
     torch.manual_seed(0)
     net = build_model(cfg).train()
     B, T, S = 1, cfg.data.num_frames, cfg.data.image_size
