@@ -18,6 +18,10 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from avs.errors import ConfigError, MissingFileError  # noqa: F401  (ConfigError, MissingFileError re-exported)
 
 AMP_CHOICES = ("auto", "off", "false", "False", "none", "None", "bf16", "fp16")
+# Keys that became config groups: what to write instead.
+MOVED_KEYS = {
+    "trainer.schedule": "the lr schedule is the config group scheduler=constant|cosine|poly (configs/scheduler/)",
+}
 LATENT_WITHOUT_AUDIO = ("visual_only",)  # ECMVAE latent variants that need no audio
 
 
@@ -454,6 +458,9 @@ def override_hints(overrides: list[str], config_name: str = "train", config_dir:
             bad = [v for v in values if v not in options and v != "null"]
             for v in bad:
                 near = suggest(v, options)
+                stem, _, subset = v.rpartition("_")
+                if key == "experiment" and subset in ("s4", "ms3") and stem in options:  # the merged s4/ms3 overlays
+                    near = [f"{stem} data={subset}"]
                 hints.append(
                     f"'{key}={v}': no config {key}/{v}.yaml"
                     + (f"; did you mean {' or '.join(f'{key}={s}' for s in near)}?" if near else "")
@@ -479,6 +486,9 @@ def override_hints(overrides: list[str], config_name: str = "train", config_dir:
             continue
         near = suggest(key, known)
         msg = f"unknown config key '{key}' (in '{line}')"
+        if key in MOVED_KEYS:
+            hints.append(f"{msg}: {MOVED_KEYS[key]}")
+            continue
         if near:
             msg += f"; did you mean {' or '.join(repr(s) for s in near)}?"
         msg += f" To add a new key on purpose use '+{line}'."

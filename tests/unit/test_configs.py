@@ -89,3 +89,15 @@ def test_auto_flag_resolves_auto_bools_and_strings_and_names_the_key():
     assert auto_flag(False, "data.persistent_workers", auto=False, supported=False) is False
     with pytest.raises(ValueError, match="trainer.compile_x must be auto, true or false, got 'maybe'"):
         auto_flag("maybe", "trainer.compile_x", auto=False)
+
+
+def test_old_spellings_get_a_hint_to_the_new_ones():
+    from avs.config_checks import override_hints
+
+    (hint,) = override_hints(["experiment=ecmvae_pvt_s4"])
+    assert "did you mean experiment=ecmvae_pvt data=s4?" in hint
+    (hint,) = override_hints(["experiment=avsbg_r50_ms3"])
+    assert "did you mean experiment=avsbg_r50 data=ms3?" in hint
+    (hint,) = override_hints(["trainer.schedule=cosine"])
+    assert "scheduler=constant|cosine|poly" in hint
+    assert override_hints(["experiment=avsbg_pvt_ms3_from_s4", "scheduler=poly", "optimizer=adamw"]) == []
