@@ -18,7 +18,10 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from avs.errors import ConfigError, MissingFileError  # noqa: F401  (ConfigError, MissingFileError re-exported)
 
 AMP_CHOICES = ("auto", "off", "false", "False", "none", "None", "bf16", "fp16")
-SCHEDULES = ("constant", "cosine", "poly")
+# Keys that became config groups: what to write instead.
+MOVED_KEYS = {
+    "trainer.schedule": "the lr schedule is the config group scheduler=constant|cosine|poly (configs/scheduler/)",
+}
 LATENT_WITHOUT_AUDIO = ("visual_only",)  # ECMVAE latent variants that need no audio
 
 
@@ -246,8 +249,6 @@ def _check_trainer(trainer: DictConfig) -> None:
         )
     if str(trainer.get("amp", "auto")) not in AMP_CHOICES:
         raise ConfigError(f"trainer.amp must be auto|off|bf16|fp16, got {trainer.amp!r}")
-    if str(trainer.get("schedule", "constant")) not in SCHEDULES:
-        raise ConfigError(f"trainer.schedule must be one of {'|'.join(SCHEDULES)}, got {trainer.schedule!r}")
     _positive_int(trainer.get("grad_accum", 1), "trainer.grad_accum")
     _positive_int(trainer.get("max_consecutive_nonfinite", 3), "trainer.max_consecutive_nonfinite")
     for key in ("checkpoint_every_steps", "interrupt_after_steps", "max_steps", "epochs", "log_every_steps"):
@@ -457,6 +458,9 @@ def override_hints(overrides: list[str], config_name: str = "train", config_dir:
             bad = [v for v in values if v not in options and v != "null"]
             for v in bad:
                 near = suggest(v, options)
+                stem, _, subset = v.rpartition("_")
+                if key == "experiment" and subset in ("s4", "ms3") and stem in options:  # the merged s4/ms3 overlays
+                    near = [f"{stem} data={subset}"]
                 hints.append(
                     f"'{key}={v}': no config {key}/{v}.yaml"
                     + (f"; did you mean {' or '.join(f'{key}={s}' for s in near)}?" if near else "")
@@ -482,6 +486,9 @@ def override_hints(overrides: list[str], config_name: str = "train", config_dir:
             continue
         near = suggest(key, known)
         msg = f"unknown config key '{key}' (in '{line}')"
+        if key in MOVED_KEYS:
+            hints.append(f"{msg}: {MOVED_KEYS[key]}")
+            continue
         if near:
             msg += f"; did you mean {' or '.join(repr(s) for s in near)}?"
         msg += f" To add a new key on purpose use '+{line}'."

@@ -2,7 +2,7 @@
 
     python scripts/import_checkpoint.py --source avsbench --released S4_pvt_best.pth \
         --vggish weights/vggish-10086976.pth --out checkpoints/avsbench_tpavi_pvt_s4.ckpt \
-        experiment=avsbench_tpavi_pvt_s4 paths.avsbench_root=/data/avsbench_data
+        experiment=avsbench_tpavi_pvt data=s4 paths.avsbench_root=/data/avsbench_data
 
 Trailing arguments are train-config overrides that name the avs model, backbone and subset the
 file corresponds to (an experiment overlay, or model=... backbone=... data=...). The written
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--released", required=True, help="the released .pth state dict")
     parser.add_argument("--out", required=True, help="where to write the avs checkpoint (.ckpt)")
     parser.add_argument("--vggish", default=None, help="torchvggish weights (vggish-10086976.pth)")
-    parser.add_argument("overrides", nargs="*", help="train-config overrides, e.g. experiment=avsbench_tpavi_pvt_s4")
+    parser.add_argument("overrides", nargs="*", help="train-config overrides, e.g. experiment=avsbench_tpavi_pvt data=s4")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = release_config(args.overrides)

@@ -4,7 +4,7 @@
     python scripts/train.py model=tpavi data=ms3 backbone=pvt_v2_b5
     python scripts/train.py -m experiment=quickstart seed=1,2,3
     python scripts/train.py experiment=quickstart trainer.resume=<run dir>      # continue a stopped run
-    torchrun --nproc_per_node=2 scripts/train.py experiment=quickstart trainer=ddp   # docs/distributed.md
+    torchrun --nproc_per_node=2 scripts/train.py experiment=quickstart   # DDP: docs/distributed.md
 
 SIGTERM / SIGINT save checkpoints/last.ckpt after the current step and exit with 128 + signal
 number (docs/reliability.md). A rejected override prints the nearest valid key; the project's own errors

@@ -24,7 +24,7 @@ from tests.conftest import compose_cfg, tiny_overrides
 WORLD = 2
 CLIPS = ["data.synthetic.clips={train: 4, val: 3, test: 2}"]  # val: 3 clips over 2 ranks -> one padded repeat
 COMMON = ["model.channels=32", "data.batch_size=1", "data.eval_batch_size=1", "trainer.max_steps=2",
-          "trainer.checkpoint_every_steps=1", "trainer=ddp"]
+          "trainer.checkpoint_every_steps=1"]
 
 
 def _free_port() -> int:
@@ -153,8 +153,8 @@ def test_find_unused_parameters_auto_matches_the_graph(tmp_path, overrides, unus
     from avs.engine.trainer import ddp_find_unused_parameters, resolve_loss_weights
     from avs.models.build import build_model
 
-    cfg = compose_cfg("train", tiny_overrides(tmp_path) + ["model.channels=32", "model.audio_dim=32", "audio.embed_dim=32",
-                                                           "trainer=ddp"] + overrides)
+    small = ["model.channels=32", "model.audio_dim=32", "audio.embed_dim=32"]
+    cfg = compose_cfg("train", tiny_overrides(tmp_path) + small + overrides)
     torch.manual_seed(0)
     net = build_model(cfg).train()
     B, T, S = 1, cfg.data.num_frames, cfg.data.image_size

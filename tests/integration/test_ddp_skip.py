@@ -47,7 +47,7 @@ def test_clip_lost_on_one_rank_with_drop_last_keeps_the_ranks_in_step(synth_data
     data_dir = tmp_path / "data"
     overrides = tiny_overrides(data_dir) + [
         "data.synthetic.clips={train: 6, val: 2, test: 2}", "model.channels=32", "data.batch_size=2",
-        "data.eval_batch_size=1", "trainer=ddp", "trainer.drop_last=true", "data.on_error=skip",
+        "data.eval_batch_size=1", "trainer.drop_last=true", "data.on_error=skip",
         "trainer.max_steps=2", "trainer.test_at_end=false", "trainer.checkpoint_every_steps=0",
     ]
     cfg = compose_cfg("train", overrides)

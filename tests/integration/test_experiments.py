@@ -3,8 +3,10 @@
 Each overlay (configs/experiment/*.yaml) is composed with `tiny_overrides` applied after it
 (synthetic data, pvt_v2_b0, tiny audio encoder, 64 px, T = 3; channels and audio width 32), then
 checked and built exactly as the trainer does, and one Adam step is taken on a synthetic batch.
-Overlays with `model.init_from: ???` (S4 -> MS3 rows) are run through the Trainer with a checkpoint
-written by the test. Overlays with `hydra.sweeper.params` are expanded like Hydra's basic sweeper.
+The main overlays (one per method x backbone) take their subset from `data=`. Overlays built on
+configs/recipe/ms3_from_s4.yaml (S4 -> MS3 rows, `s4_checkpoint: ???`) are run through the Trainer
+with a checkpoint written by the test. Overlays with `hydra.sweeper.params` are expanded like
+Hydra's basic sweeper.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationToMissingValueError
@@ -29,6 +30,9 @@ from tests.conftest import compose_cfg, tiny_overrides
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 PAPER_EXPERIMENTS = [e for e in EXPERIMENTS if e != "quickstart"]
+# One overlay per method x backbone; the subset comes from data= (name -> model config).
+MAIN_EXPERIMENTS = {"avsbench_tpavi_pvt": "tpavi", "avsbench_tpavi_r50": "tpavi", "avsbg_pvt": "avsbg",
+                    "avsbg_r50": "avsbg", "ecmvae_pvt": "ecmvae", "ecmvae_r50": "ecmvae", "ecmvae_bg_pvt": "ecmvae_bg"}
 # ECMVAE's TPAVI flavour and the AVS-BG projector need channels == audio width: shrink both together.
 SMALL = ["model.channels=32", "model.audio_dim=32", "audio.embed_dim=32"]
 
@@ -171,12 +175,17 @@ def test_experiment_states_its_published_target(experiment, tmp_path):
 
 
 def _sweep_jobs(experiment: str, tmp: Path, cli: list[str]) -> list[list[str]]:
-    """The job override lists Hydra's basic sweeper makes for `-m experiment=<e> <cli>`."""
+    """The job override lists Hydra's basic sweeper makes for `-m experiment=<e> <cli>`: its
+    `hydra.sweeper.params` then the command line, a later value of a key replacing an earlier one,
+    expanded into the cartesian product of the swept values (through Hydra's public override parser)."""
     cfg = _plain(experiment, tmp, hydra_cfg=True)
     params = [f"{k}={v}" for k, v in (cfg.hydra.sweeper.params or {}).items()]
-    overrides = OverridesParser.create().parse_overrides(params + [f"experiment={experiment}", *cli])
-    batches = BasicSweeper.split_arguments(overrides, None)
-    return [job for batch in batches for job in batch]
+    axes: dict[str, list[str]] = {}
+    for o in OverridesParser.create().parse_overrides(params + [f"experiment={experiment}", *cli]):
+        key = o.get_key_element()
+        axes.pop(key, None)
+        axes[key] = [f"{key}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override() else [o.input_line]
+    return [list(job) for job in itertools.product(*axes.values())]
 
 
 SWEEPS = [e for e in PAPER_EXPERIMENTS if "sweeper:" in (CONFIG_DIR / "experiment" / f"{e}.yaml").read_text()]
@@ -197,7 +206,8 @@ def test_sweep_overlay_expands_to_the_table(experiment, tmp_path):
             if key in ("experiment", "data"):
                 continue
             got = OmegaConf.select(job_cfg, key, throw_on_missing=False)
-            assert str(got).lower() == value.lower() or (got is None and value == "null") or float(got) == float(value), item
+            same = str(got).lower() == value.lower() or (got is None and value == "null")
+            assert same or float(got) == float(value), item
     # command-line values replace the overlay's sweep of the same key (Hydra's basic sweeper rule)
     cli_jobs = _sweep_jobs(experiment, tmp_path, ["seed=7"])
     assert len(cli_jobs) == len(jobs) // 3 and all("seed=7" in j for j in cli_jobs)
@@ -212,7 +222,8 @@ def test_table4_sweep_covers_every_divergence(tmp_path):
     assert subsets == {("data=s4",), ("data=ms3",)}
 
 
-INIT_EXPERIMENTS = [e for e in PAPER_EXPERIMENTS if "s4_checkpoint: ???" in (CONFIG_DIR / "experiment" / f"{e}.yaml").read_text()]
+INIT_EXPERIMENTS = [e for e in PAPER_EXPERIMENTS
+                    if "/recipe/ms3_from_s4" in (CONFIG_DIR / "experiment" / f"{e}.yaml").read_text()]
 
 
 def test_s4_init_rows_exist_and_demand_a_checkpoint(tmp_path):
@@ -265,13 +276,13 @@ def test_s4_to_ms3_run_trains_one_step(synth_data_dir, tmp_path):
     assert (tmp_path / "ms3" / "checkpoints" / "best.ckpt").is_file()
 
 
-def test_experiment_names_cover_the_issue_rows():
+def test_experiment_names_cover_the_paper_rows():
     names = set(EXPERIMENTS)
-    expected = {f"avsbench_tpavi_{b}_{s}" for b, s in itertools.product(("r50", "pvt"), ("s4", "ms3", "ms3_from_s4"))}
-    expected |= {f"ecmvae_{b}_{s}" for b, s in itertools.product(("r50", "pvt"), ("s4", "ms3"))}
-    expected |= {f"avsbg_{b}_{s}" for b, s in itertools.product(("r50", "pvt"), ("s4", "ms3", "ms3_from_s4"))}
-    expected |= {"ecmvae_bg_pvt_s4", "ecmvae_bg_pvt_ms3"}
+    expected = set(MAIN_EXPERIMENTS)
+    expected |= {f"{m}_{b}_ms3_from_s4" for m, b in itertools.product(("avsbench_tpavi", "avsbg"), ("r50", "pvt"))}
     assert expected <= names, sorted(expected - names)
+    per_subset = {n for n in names if n.endswith(("_s4", "_ms3")) and not n.endswith("_from_s4")}
+    assert not per_subset, f"the subset of a main overlay is data=, not its name: {sorted(per_subset)}"
     for table in ("ecmvae_table2", "ecmvae_table3", "ecmvae_table4", "ecmvae_table5", "ecmvae_table6",
                   "avsbg_table1", "avsbg_table3", "avsbg_table4", "avsbg_table5"):
         assert any(n.startswith(table) for n in names), table
@@ -297,10 +308,27 @@ def test_slurm_launcher_yaml_parses_and_has_the_documented_keys():
 
 def test_slurm_launcher_composes_with_the_plugin(tmp_path):
     pytest.importorskip(
-        "hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher not installed (pip install 'avs[slurm]')"
+        "hydra_plugins.hydra_submitit_launcher",
+        reason="hydra-submitit-launcher not installed (pip install 'avs[slurm]')",
     )
     cfg = compose_cfg("train", ["hydra/launcher=slurm", "experiment=ecmvae_table4_divergence",
                                 "hydra.launcher.partition=gpu", f"paths.data_dir={tmp_path}"], hydra_cfg=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert launcher.partition == "gpu" and int(launcher.gpus_per_node) == 1 and int(launcher.cpus_per_task) == 4
+
+
+@pytest.mark.parametrize("experiment", sorted(MAIN_EXPERIMENTS))
+def test_main_overlay_takes_its_subset_from_data(experiment, tmp_path):
+    runs = {subset: compose_cfg("train", [f"experiment={experiment}", f"data={subset}", f"paths.data_dir={tmp_path}"])
+            for subset in ("s4", "ms3", "synth_s4")}
+    for subset, epochs in (("s4", 15), ("ms3", 30)):
+        cfg = runs[subset]
+        assert cfg.data.subset == subset and cfg.task_name == f"{experiment}_{subset}"
+        assert cfg.model.name == MAIN_EXPERIMENTS[experiment] and int(cfg.trainer.epochs) == epochs
+        if cfg.published is not None:  # the paper's number of this run's subset
+            assert set(cfg.published[subset]) == {"miou", "fscore"}
+    assert runs["synth_s4"].task_name == f"{experiment}_s4" and runs["synth_s4"].data.name == "synth_s4"
+    assert compose_cfg("train", [f"experiment={experiment}"]).data.subset == "ms3"  # train.yaml's default
+    assert OmegaConf.to_container(runs["s4"].trainer.optimizer) == {"_target_": "torch.optim.Adam", "_partial_": True}
+    assert runs["s4"].trainer.scheduler is None  # the papers' constant lr

@@ -21,7 +21,7 @@ from avs.engine.trainer import Trainer
 from tests.conftest import compose_cfg, tiny_overrides
 
 BASE = ["model.channels=32", "data.batch_size=1", "trainer.deterministic=true", "trainer.test_at_end=false",
-        "trainer.schedule=cosine", "trainer.lr=1e-3"]
+        "scheduler=cosine", "trainer.lr=1e-3"]
 
 
 def _cfg(data_dir: Path, extra: list[str]):

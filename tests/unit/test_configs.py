@@ -13,6 +13,8 @@ MODELS = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 DATA = sorted(p.stem for p in (CONFIG_DIR / "data").glob("*.yaml"))
 BACKBONES = sorted(p.stem for p in (CONFIG_DIR / "backbone").glob("*.yaml"))
+OPTIMIZERS = sorted(p.stem for p in (CONFIG_DIR / "optimizer").glob("*.yaml"))
+SCHEDULERS = sorted(p.stem for p in (CONFIG_DIR / "scheduler").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("name", ["train", "eval", "benchmark", "check_data", "extract_audio", "make_synthetic"])
@@ -28,6 +30,20 @@ def test_data_and_backbone_groups_compose(data, backbone, tmp_path):
     cfg = compose_cfg("train", [f"data={data}", f"backbone={backbone}", f"paths.data_dir={tmp_path}"])
     assert cfg.data.subset in ("s4", "ms3")
     assert str(cfg.data.root).startswith("/")
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_every_optimizer_and_scheduler_choice_builds(optimizer, scheduler, tmp_path):
+    from avs.config_checks import check_config
+    from avs.engine.optim import build_optimizer, build_scheduler
+
+    cfg = compose_cfg("train", [f"optimizer={optimizer}", f"scheduler={scheduler}"] + tiny_overrides(tmp_path))
+    check_config(cfg)  # the node's arguments are parameters of its class
+    opt = build_optimizer(torch.nn.Linear(2, 1).parameters(), cfg.trainer)
+    assert type(opt).__name__.lower() == optimizer and opt.defaults["lr"] == cfg.trainer.lr
+    sched = build_scheduler(opt, cfg.trainer, total_steps=10)
+    assert (sched is None) == (scheduler == "constant")
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -73,3 +89,15 @@ def test_auto_flag_resolves_auto_bools_and_strings_and_names_the_key():
     assert auto_flag(False, "data.persistent_workers", auto=False, supported=False) is False
     with pytest.raises(ValueError, match="trainer.compile_x must be auto, true or false, got 'maybe'"):
         auto_flag("maybe", "trainer.compile_x", auto=False)
+
+
+def test_old_spellings_get_a_hint_to_the_new_ones():
+    from avs.config_checks import override_hints
+
+    (hint,) = override_hints(["experiment=ecmvae_pvt_s4"])
+    assert "did you mean experiment=ecmvae_pvt data=s4?" in hint
+    (hint,) = override_hints(["experiment=avsbg_r50_ms3"])
+    assert "did you mean experiment=avsbg_r50 data=ms3?" in hint
+    (hint,) = override_hints(["trainer.schedule=cosine"])
+    assert "scheduler=constant|cosine|poly" in hint
+    assert override_hints(["experiment=avsbg_pvt_ms3_from_s4", "scheduler=poly", "optimizer=adamw"]) == []

@@ -205,7 +205,7 @@ def test_real_multirun_to_table_end_to_end(synth_data_dir, tmp_path):
 
     sweep_dir = tmp_path / "sweep"
     train = [
-        sys.executable, str(PROJECT_ROOT / "scripts" / "train.py"), "-m", "experiment=avsbench_tpavi_pvt_ms3",
+        sys.executable, str(PROJECT_ROOT / "scripts" / "train.py"), "-m", "experiment=avsbench_tpavi_pvt",
         "seed=1,2", f"hydra.sweep.dir={sweep_dir}", *tiny_overrides(synth_data_dir, "ms3"),
         "model.channels=32", "trainer.max_steps=1",
     ]
