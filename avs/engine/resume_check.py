@@ -10,7 +10,10 @@ the lr schedule is rebuilt for it) and is recorded (run_report.json / metrics.js
 change without being listed: the schedule is rebuilt for the new total number of steps and
 continues from the step reached (docs/reliability.md, "Run integrity"). A key present on one side
 only (added to or removed from the configs since the checkpoint was written) is logged and recorded,
-not refused, so checkpoints of earlier versions stay resumable.
+not refused, so checkpoints of earlier versions stay resumable. Keys that a newer version spells
+differently are first translated (`upgrade_config`: `trainer.schedule: cosine` is now the
+`trainer.scheduler` node of `scheduler=cosine`; no `trainer.optimizer` node meant Adam), so a
+change of their value is refused like any other.
 """
 
 from __future__ import annotations
@@ -63,8 +66,12 @@ def _matches(key: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(key, p) or fnmatch.fnmatchcase(key, p + ".*") for p in patterns)
 
 
+# Nodes compared as one value: the component a group option picks (null = none), not its separate arguments.
+WHOLE_NODES: tuple[str, ...] = ("trainer.optimizer", "trainer.scheduler")
+
+
 def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, dict):
+    if isinstance(node, dict) and prefix[:-1] not in WHOLE_NODES:
         out: dict[str, Any] = {}
         for k, v in node.items():
             out.update(_leaves(v, f"{prefix}{k}."))
@@ -79,9 +86,35 @@ def _text(value: Any) -> str:
 _ABSENT = object()
 
 
+def _group_node(group: str, option: str) -> Any:
+    """The node a config group option puts in place (configs/<group>/<option>.yaml, without its package line)."""
+    from avs.config import CONFIG_DIR
+
+    node = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / group / f"{option}.yaml"))
+    return node.get(group) if group == "scheduler" and set(node) == {"scheduler"} else node
+
+
+def upgrade_config(old: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's stored config in today's spelling: `trainer.schedule: <kind>` -> the node of
+    `scheduler=<kind>`; no `trainer.optimizer` -> the Adam node (the only optimizer before the group)."""
+    trainer = old.get("trainer")
+    if not isinstance(trainer, dict):
+        return old
+    if "schedule" in trainer and "scheduler" not in trainer:
+        kind = str(trainer.pop("schedule"))
+        try:
+            trainer["scheduler"] = _group_node("scheduler", kind)
+        except FileNotFoundError:
+            trainer["schedule"] = kind  # an unknown kind stays as it was and shows up as a change
+    if "optimizer" not in trainer:
+        trainer["optimizer"] = _group_node("optimizer", "adam")
+    return old
+
+
 def config_changes(stored: Any, cfg: DictConfig) -> list[dict[str, Any]]:
     """Result keys whose value differs between the checkpoint's config (YAML text or mapping) and `cfg`."""
     old = OmegaConf.to_container(OmegaConf.create(stored), resolve=False) if stored is not None else {}
+    old = upgrade_config(old)
     new = OmegaConf.to_container(cfg, resolve=True)
     a, b = _leaves(old), _leaves(new)
     changes = []

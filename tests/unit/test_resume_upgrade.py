@@ -1,0 +1,41 @@
+"""Checkpoints written before the optimizer / scheduler groups: their configs are compared in today's spelling."""
+
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from avs.config_checks import ConfigError
+from avs.engine.resume_check import check_resume_config, upgrade_config
+from tests.conftest import compose_cfg
+
+
+def _stored(cfg, schedule: str) -> dict:
+    """`cfg` as a checkpoint of the earlier version stored it: trainer.schedule, no optimizer node."""
+    old = OmegaConf.to_container(cfg, resolve=True)
+    del old["trainer"]["scheduler"], old["trainer"]["optimizer"]
+    old["trainer"]["schedule"] = schedule
+    return old
+
+
+@pytest.mark.parametrize("kind", ["constant", "cosine", "poly"])
+def test_an_old_schedule_equals_the_same_scheduler_group(kind, tmp_path):
+    cfg = compose_cfg("train", [f"scheduler={kind}", f"paths.data_dir={tmp_path}"])
+    assert check_resume_config(_stored(cfg, kind), cfg, "old.ckpt") == []
+
+
+def test_a_changed_schedule_of_an_old_checkpoint_is_refused_by_its_new_name(tmp_path):
+    cfg = compose_cfg("train", ["scheduler=constant", f"paths.data_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"trainer\.scheduler.*resume_allow_changes"):
+        check_resume_config(_stored(cfg, "cosine"), cfg, "old.ckpt")
+
+
+def test_an_old_checkpoint_trained_with_adam_refuses_adamw(tmp_path):
+    cfg = compose_cfg("train", ["optimizer=adamw", f"paths.data_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"trainer\.optimizer: \{'_target_': 'torch\.optim\.Adam'.* in the checkpoint"):
+        check_resume_config(_stored(cfg, "constant"), cfg, "old.ckpt")
+
+
+def test_upgrade_leaves_todays_configs_alone(tmp_path):
+    cfg = OmegaConf.to_container(compose_cfg("train", ["scheduler=poly", f"paths.data_dir={tmp_path}"]), resolve=True)
+    assert upgrade_config({**cfg, "trainer": dict(cfg["trainer"])}) == cfg
