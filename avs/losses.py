@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["bce_loss", "structure_loss", "av_mapping_loss"]
+__all__ = ["bce_loss", "structure_loss", "av_mapping_loss", "BCESegLoss", "StructureLoss"]
 
 
 def _check_pair(name: str, logits: Tensor, masks: Tensor) -> None:
@@ -265,3 +265,41 @@ def av_closer_loss(
         kl = (log_pt.exp() * (log_pt - F.log_softmax(v, dim=-1))).sum(dim=-1)  # [N]
         per_stage.append(kl.sum() if legacy_sum else kl.mean())
     return torch.stack(per_stage).mean()
+
+
+class BCESegLoss(torch.nn.Module):
+    """AVSBench segmentation loss (`bce_loss`) as a module: (logits, masks, valid) -> scalar."""
+
+    def forward(self, logits: Tensor, masks: Tensor, valid: Tensor | None = None) -> Tensor:
+        return bce_loss(logits, masks, valid)
+
+
+class StructureLoss(torch.nn.Module):
+    """F3Net structure loss (`structure_loss`) as a module; the options are fixed at construction."""
+
+    def __init__(self, smoothing: float = 0.0, legacy_mean_bce: bool = False, kernel: int = 31) -> None:
+        super().__init__()
+        if kernel < 1 or kernel % 2 == 0:
+            raise ValueError(f"structure_loss: kernel must be odd and >= 1, got {kernel}")
+        if not 0.0 <= smoothing < 1.0:
+            raise ValueError(f"structure_loss: smoothing must be in [0, 1), got {smoothing}")
+        self.smoothing = float(smoothing)
+        self.legacy_mean_bce = bool(legacy_mean_bce)
+        self.kernel = int(kernel)
+
+    def forward(self, logits: Tensor, masks: Tensor, valid: Tensor | None = None) -> Tensor:
+        return structure_loss(logits, masks, valid, legacy_mean_bce=self.legacy_mean_bce,
+                              smoothing=self.smoothing, kernel=self.kernel)
+
+    def extra_repr(self) -> str:
+        return f"smoothing={self.smoothing}, legacy_mean_bce={self.legacy_mean_bce}, kernel={self.kernel}"
+
+
+SEG_LOSSES: dict[str, type[torch.nn.Module]] = {"bce": BCESegLoss, "structure": StructureLoss}
+
+
+def make_seg_loss(name: str, options: dict | None = None) -> torch.nn.Module:
+    """The segmentation loss registered as `name` (bce | structure) built with `options`."""
+    if name not in SEG_LOSSES:
+        raise ValueError(f"model.seg_loss must be one of {list(SEG_LOSSES)}, got {name!r}")
+    return SEG_LOSSES[name](**(options or {}))
