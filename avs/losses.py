@@ -14,7 +14,7 @@ weights have no effect on it) and ``av_mapping_loss(legacy_sum=True)`` (KL summe
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -184,7 +184,8 @@ def _avm_stages(name: str, visual_feats: Sequence[Tensor], audio_feats: Sequence
         vmap, audio = visual_feats[s], audio_feats[s]
         if vmap.dim() != 4 or vmap.shape[0] != n or tuple(audio.shape) != (n, vmap.shape[1]):
             raise ValueError(
-                f"{name}: stage {s} needs a [N={n},C,h,w] map and [N,C] audio, got {tuple(vmap.shape)} and {tuple(audio.shape)}"
+                f"{name}: stage {s} needs a [N={n},C,h,w] map and [N,C] audio, "
+                f"got {tuple(vmap.shape)} and {tuple(audio.shape)}"
             )
     return chosen
 

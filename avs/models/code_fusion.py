@@ -11,7 +11,7 @@ latent holds; any weights live on the latent itself under the released names (`s
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+
 def upsample_nearest2x(x: torch.Tensor) -> torch.Tensor:
     """Deterministic nearest x2 upsampling by expand + reshape: [N,C,h,w] -> [N,C,2h,2w]."""
     n, c, h, w = x.shape

@@ -11,7 +11,7 @@ mapping loss (`avs.losses.av_mapping_loss`) compares it with mask-pooled visual 
 from __future__ import annotations
 
 import functools
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -235,7 +235,7 @@ class EinsumFusion(nn.Module):
 
     ``audio=None`` ("w/o audio" ablation): ``without_audio="identity"`` (default) returns the input
     features unchanged, i.e. AVCorr is bypassed and the neck features go on, which is the ablation
-    the AVS-BG spec describes (no audio -> no fusion block); ``"normalize"`` returns V^ so that the
+    the AVS-BG paper describes (no audio -> no fusion block); ``"normalize"`` returns V^ so that the
     feature scale downstream matches the audio runs. ``a_fea`` is None in both cases.
     """
 

@@ -16,7 +16,7 @@ trainer weights the returned terms.
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -152,7 +152,9 @@ class Latent(nn.Module):
 
     def _checked_audio(self, audio: Tensor | None, n: int) -> Tensor:
         if audio is None:
-            raise ValueError(f"{self._name}.encode: variant {self.variant!r} needs audio [N,{self.audio_dim}], got None")
+            raise ValueError(
+                f"{self._name}.encode: variant {self.variant!r} needs audio [N,{self.audio_dim}], got None"
+            )
         if audio.dim() != 2 or tuple(audio.shape) != (n, self.audio_dim):
             raise ValueError(
                 f"{self._name}.encode: audio must be [N,audio_dim]=[{n},{self.audio_dim}], got {tuple(audio.shape)}"
@@ -245,7 +247,7 @@ class Latent(nn.Module):
         return {}
 
     def losses(self, state: LatentState, codes: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Unweighted scalar terms: "kl" (variational variants); "diff", "sic" (factorised, over the branches in codes)."""
+        """Unweighted scalar terms: "kl" (variational variants); "diff", "sic" (factorised, over codes' branches)."""
         if state.posterior is None:
             raise ValueError(f"{self._name}.losses: the state has no posterior; encode with masks in training")
         unknown = set(codes) - set(BRANCHES)

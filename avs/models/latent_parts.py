@@ -6,8 +6,8 @@ Layer sizes follow the released ``mm_vae_model``; `avs.models.latent` assembles 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from torch import Tensor, nn

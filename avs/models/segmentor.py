@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -80,7 +81,9 @@ class AVSegmentor(nn.Module):
         self.seg_loss = L.make_seg_loss(seg_loss, seg_loss_options) if isinstance(seg_loss, str) else seg_loss
         self.avm_loss = dict(avm_loss) if avm_loss else None
         if self.avm_loss is not None and self.avm_loss.get("variant", "kl") not in AVM_VARIANTS:
-            raise ValueError(f"model.avm_loss.variant must be one of {list(AVM_VARIANTS)}, got {self.avm_loss['variant']!r}")
+            raise ValueError(
+                f"model.avm_loss.variant must be one of {list(AVM_VARIANTS)}, got {self.avm_loss['variant']!r}"
+            )
         self.projector_mask = projector_mask
         self.eval_num_samples = eval_num_samples
         self.audio_dim = audio_dim

@@ -22,7 +22,7 @@ from avs.models.neck import build_neck
 KINDS = ["fpn", "simple"]
 PVT_B5_PARAMS = 81_443_008  # checked in test_backbones.py
 R50_PARAMS = 23_508_032  # checked in test_backbones.py
-TPAVI_256_PARAMS = 165_760  # one AVSBench TPAVI block at 256 channels (avsbench_spec §3.3)
+TPAVI_256_PARAMS = 165_760  # one AVSBench TPAVI block at 256 channels
 
 
 def _n_params(module: nn.Module) -> int:
@@ -60,8 +60,9 @@ def test_param_counts_and_published_totals():
     assert _n_params(simple.output_conv) == 92_289
     assert _n_params(simple) == 2_455_681 - 295_424 == 2_160_257  # spec total minus the unused resConfUnit1
     # AVSBench TPAVI model totals: PVT-v2-b5 100.14 M, ResNet-50 68.16 M
-    pvt_total = PVT_B5_PARAMS + _n_params(build_neck([64, 128, 320, 512], 256, "aspp")) + 4 * TPAVI_256_PARAMS + 8_593_089
-    r50_total = R50_PARAMS + _n_params(build_neck([256, 512, 1024, 2048], 256, "aspp")) + 4 * TPAVI_256_PARAMS + 8_593_089
+    heads = 4 * TPAVI_256_PARAMS + 8_593_089
+    pvt_total = PVT_B5_PARAMS + _n_params(build_neck([64, 128, 320, 512], 256, "aspp")) + heads
+    r50_total = R50_PARAMS + _n_params(build_neck([256, 512, 1024, 2048], 256, "aspp")) + heads
     assert pvt_total == 100_140_417 and abs(pvt_total / 1e6 - 100.14) < 0.05
     assert r50_total == 68_157_697 and abs(r50_total / 1e6 - 68.16) < 0.05
 

@@ -15,9 +15,9 @@ from avs.models.latent import (
     RELEASED_LOSS_WEIGHTS,
     VARIANTS,
     BarberAgakovMI,
-    build_latent,
     GaussianLatentEncoder,
     LatentState,
+    build_latent,
     diff_loss,
     hybrid_loss_weights,
 )
@@ -44,7 +44,7 @@ def test_parameter_count_matches_released_mm_vae_model():
     total = _nparams(m16)
     assert total == 2_158_804
     assert abs(total - 2.159e6) / 2.159e6 < 1e-3
-    # spec §17 breakdown (M params, 3 decimals)
+    # released-model breakdown (M params, 3 decimals)
     parts = {name: _nparams(mod) / 1e6 for name, mod in m16.named_children()}
     for name, ref in [("enc_vs", 0.637), ("enc_vs_y", 0.637), ("enc_as", 0.004), ("enc_vac", 0.279),
                       ("enc_as_y", 0.279), ("enc_vac_y", 0.279)]:

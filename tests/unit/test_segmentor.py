@@ -48,7 +48,8 @@ def _step(model: AVSegmentor, batch: dict) -> dict:
     return terms
 
 
-VARIANTS = [("factorised", d) for d in ("kl", "poe", "moe", "js")] + [("no_factor", "js"), ("visual_only", "js"), ("ae", "js")]
+VARIANTS = [("factorised", d) for d in ("kl", "poe", "moe", "js")]
+VARIANTS += [("no_factor", "js"), ("visual_only", "js"), ("ae", "js")]
 
 
 CASES = [(v, d, False) for v, d in VARIANTS] + [("factorised", "js", True), ("visual_only", "js", True)]
@@ -62,9 +63,11 @@ def test_ecmvae_variants_train_and_reach_every_latent_encoder(tmp_path, variant,
     model = _model(tmp_path, *extra)
     terms = _step(model, _batch(s4))
     assert {"seg_post", "seg_prior"} <= set(terms)
-    expected = {"factorised": {"kl", "diff", "sic"}, "no_factor": {"kl"}, "visual_only": {"kl"}, "ae": {"diff", "sic"}}[variant]
+    expected = {"factorised": {"kl", "diff", "sic"}, "no_factor": {"kl"}, "visual_only": {"kl"},
+                "ae": {"diff", "sic"}}[variant]
     assert expected <= set(terms)
-    starved = [n for n, p in model.latent.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    starved = [n for n, p in model.latent.named_parameters()
+               if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
     assert not starved, f"no gradient reaches {starved[:6]}"
 
 
@@ -76,7 +79,8 @@ def test_s4_posterior_sees_frame0_mask_repeated(tmp_path):
     expected = batch["masks"][:, :1].expand(B, T, 1, S, S).reshape_as(masks)
     assert torch.equal(post, expected)
     ms3 = _batch(s4=False)
-    assert torch.equal(model._posterior_masks(ms3["masks"].flatten(0, 1), ms3["mask_valid"]), ms3["masks"].flatten(0, 1))
+    ms3_masks = ms3["masks"].flatten(0, 1)
+    assert torch.equal(model._posterior_masks(ms3_masks, ms3["mask_valid"]), ms3_masks)
 
 
 def test_ecmvae_eval_with_k_samples_returns_mean_and_variance(tmp_path):
