@@ -299,7 +299,8 @@ class MultiStageFusion(nn.Module):
 
     ``block(channels=..., audio_dim=...)`` builds one stage module (a hydra ``_partial_`` node or
     any callable; default `TPAVIFusion`). Stages not in ``stages`` pass through unchanged and
-    get ``None`` audio features.
+    get ``None`` audio features. ``audio_dim=None`` (``model.use_audio=false``) builds the blocks
+    without their audio-only weights (TPAVI's ``align_channel``, the AVCorr attention convs).
     """
 
     def __init__(
