@@ -127,38 +127,14 @@ def av_mapping_loss(
     """
     if logits.dim() != 4 or logits.shape[1] != 1:
         raise ValueError(f"av_mapping_loss: logits must be [N,1,H,W], got {tuple(logits.shape)}")
-    if len(visual_feats) != len(audio_feats):
-        raise ValueError(
-            f"av_mapping_loss: got {len(visual_feats)} visual stage maps but {len(audio_feats)} audio features"
-        )
     n = logits.shape[0]
-    if stages is None:
-        stages = [i for i, a in enumerate(audio_feats) if a is not None]
-    else:
-        stages = [int(s) for s in stages]
-        for s in stages:
-            if not 0 <= s < len(audio_feats):
-                raise ValueError(
-                    f"av_mapping_loss: stage {s} out of range for {len(audio_feats)} stages"
-                )
-            if audio_feats[s] is None:
-                raise ValueError(
-                    f"av_mapping_loss: stage {s} has no audio feature (is fusion enabled on it?)"
-                )
+    stages = _avm_stages("av_mapping_loss", visual_feats, audio_feats, stages, n)
     keep = _valid_index("av_mapping_loss", valid, n, logits.device)
     if not stages:
         return _zero_like_graph(logits)
     per_stage = []
     for s in stages:
         vmap, audio = visual_feats[s], audio_feats[s]
-        if vmap.dim() != 4 or vmap.shape[0] != n:
-            raise ValueError(
-                f"av_mapping_loss: stage {s} visual map must be [N={n},C,h,w], got {tuple(vmap.shape)}"
-            )
-        if audio.shape != (n, vmap.shape[1]):
-            raise ValueError(
-                f"av_mapping_loss: stage {s} audio must be [N,C]=[{n},{vmap.shape[1]}], got {tuple(audio.shape)}"
-            )
         m = torch.sigmoid(F.adaptive_avg_pool2d(logits, vmap.shape[-2:]))  # [N,1,h,w]
         v = (vmap * m).mean(dim=(2, 3))  # [N,C,h,w] -> [N,C]
         a = audio
