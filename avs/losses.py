@@ -14,13 +14,13 @@ weights have no effect on it) and ``av_mapping_loss(legacy_sum=True)`` (KL summe
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["bce_loss", "structure_loss", "av_mapping_loss"]
+__all__ = ["bce_loss", "structure_loss", "av_mapping_loss", "BCESegLoss", "StructureLoss"]
 
 
 def _check_pair(name: str, logits: Tensor, masks: Tensor) -> None:
@@ -127,38 +127,14 @@ def av_mapping_loss(
     """
     if logits.dim() != 4 or logits.shape[1] != 1:
         raise ValueError(f"av_mapping_loss: logits must be [N,1,H,W], got {tuple(logits.shape)}")
-    if len(visual_feats) != len(audio_feats):
-        raise ValueError(
-            f"av_mapping_loss: got {len(visual_feats)} visual stage maps but {len(audio_feats)} audio features"
-        )
     n = logits.shape[0]
-    if stages is None:
-        stages = [i for i, a in enumerate(audio_feats) if a is not None]
-    else:
-        stages = [int(s) for s in stages]
-        for s in stages:
-            if not 0 <= s < len(audio_feats):
-                raise ValueError(
-                    f"av_mapping_loss: stage {s} out of range for {len(audio_feats)} stages"
-                )
-            if audio_feats[s] is None:
-                raise ValueError(
-                    f"av_mapping_loss: stage {s} has no audio feature (is fusion enabled on it?)"
-                )
+    stages = _avm_stages("av_mapping_loss", visual_feats, audio_feats, stages, n)
     keep = _valid_index("av_mapping_loss", valid, n, logits.device)
     if not stages:
         return _zero_like_graph(logits)
     per_stage = []
     for s in stages:
         vmap, audio = visual_feats[s], audio_feats[s]
-        if vmap.dim() != 4 or vmap.shape[0] != n:
-            raise ValueError(
-                f"av_mapping_loss: stage {s} visual map must be [N={n},C,h,w], got {tuple(vmap.shape)}"
-            )
-        if audio.shape != (n, vmap.shape[1]):
-            raise ValueError(
-                f"av_mapping_loss: stage {s} audio must be [N,C]=[{n},{vmap.shape[1]}], got {tuple(audio.shape)}"
-            )
         m = torch.sigmoid(F.adaptive_avg_pool2d(logits, vmap.shape[-2:]))  # [N,1,h,w]
         v = (vmap * m).mean(dim=(2, 3))  # [N,C,h,w] -> [N,C]
         a = audio
@@ -184,7 +160,8 @@ def _avm_stages(name: str, visual_feats: Sequence[Tensor], audio_feats: Sequence
         vmap, audio = visual_feats[s], audio_feats[s]
         if vmap.dim() != 4 or vmap.shape[0] != n or tuple(audio.shape) != (n, vmap.shape[1]):
             raise ValueError(
-                f"{name}: stage {s} needs a [N={n},C,h,w] map and [N,C] audio, got {tuple(vmap.shape)} and {tuple(audio.shape)}"
+                f"{name}: stage {s} needs a [N={n},C,h,w] map and [N,C] audio, "
+                f"got {tuple(vmap.shape)} and {tuple(audio.shape)}"
             )
     return chosen
 
@@ -265,3 +242,41 @@ def av_closer_loss(
         kl = (log_pt.exp() * (log_pt - F.log_softmax(v, dim=-1))).sum(dim=-1)  # [N]
         per_stage.append(kl.sum() if legacy_sum else kl.mean())
     return torch.stack(per_stage).mean()
+
+
+class BCESegLoss(torch.nn.Module):
+    """AVSBench segmentation loss (`bce_loss`) as a module: (logits, masks, valid) -> scalar."""
+
+    def forward(self, logits: Tensor, masks: Tensor, valid: Tensor | None = None) -> Tensor:
+        return bce_loss(logits, masks, valid)
+
+
+class StructureLoss(torch.nn.Module):
+    """F3Net structure loss (`structure_loss`) as a module; the options are fixed at construction."""
+
+    def __init__(self, smoothing: float = 0.0, legacy_mean_bce: bool = False, kernel: int = 31) -> None:
+        super().__init__()
+        if kernel < 1 or kernel % 2 == 0:
+            raise ValueError(f"structure_loss: kernel must be odd and >= 1, got {kernel}")
+        if not 0.0 <= smoothing < 1.0:
+            raise ValueError(f"structure_loss: smoothing must be in [0, 1), got {smoothing}")
+        self.smoothing = float(smoothing)
+        self.legacy_mean_bce = bool(legacy_mean_bce)
+        self.kernel = int(kernel)
+
+    def forward(self, logits: Tensor, masks: Tensor, valid: Tensor | None = None) -> Tensor:
+        return structure_loss(logits, masks, valid, legacy_mean_bce=self.legacy_mean_bce,
+                              smoothing=self.smoothing, kernel=self.kernel)
+
+    def extra_repr(self) -> str:
+        return f"smoothing={self.smoothing}, legacy_mean_bce={self.legacy_mean_bce}, kernel={self.kernel}"
+
+
+SEG_LOSSES: dict[str, type[torch.nn.Module]] = {"bce": BCESegLoss, "structure": StructureLoss}
+
+
+def make_seg_loss(name: str, options: dict | None = None) -> torch.nn.Module:
+    """The segmentation loss registered as `name` (bce | structure) built with `options`."""
+    if name not in SEG_LOSSES:
+        raise ValueError(f"model.seg_loss must be one of {list(SEG_LOSSES)}, got {name!r}")
+    return SEG_LOSSES[name](**(options or {}))

@@ -4,7 +4,8 @@
 strides 4/8/16/32. ImageNet weights are read from the files users actually have: the original
 PVT-v2 release (`pvt_v2_b5.pth`, keys `patch_embed1.*`, `block1.0.*`, `norm1.*`, `head.*`) and
 the torchvision ResNet-50 file (`resnet50-19c8e357.pth`, keys `conv1.*`, `layer1.*`, `fc.*`).
-`convert_state_dict` maps those layouts (and timm's own) onto the module names used here.
+`convert_state_dict` maps those layouts (and timm's own) onto the module names used here; the
+original PVT-v2 layout goes through timm's `pvt_v2.checkpoint_filter_fn`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import timm
 import torch
+from timm.models import pvt_v2
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -28,27 +30,14 @@ SUPPORTED_BACKBONES: tuple[str, ...] = PVT_NAMES + ("resnet50",)
 _OUT_INDICES = {name: (0, 1, 2, 3) for name in PVT_NAMES} | {"resnet50": (1, 2, 3, 4)}
 _MAX_LISTED = 8  # keys shown per category in a mismatch error
 
-_PVT_ORIGINAL_RULES: tuple[tuple[re.Pattern, object], ...] = (
-    # original PVT-v2 key -> timm features_only key
-    (re.compile(r"^patch_embed1\.(.*)$"), lambda m: f"patch_embed.{m[1]}"),
-    (re.compile(r"^patch_embed([2-4])\.(.*)$"), lambda m: f"stages_{int(m[1]) - 1}.downsample.{m[2]}"),
-    (
-        re.compile(r"^block([1-4])\.(\d+)\.(.*)$"),
-        lambda m: f"stages_{int(m[1]) - 1}.blocks.{m[2]}.{m[3].replace('mlp.dwconv.dwconv.', 'mlp.dwconv.')}",
-    ),
-    (re.compile(r"^norm([1-4])\.(.*)$"), lambda m: f"stages_{int(m[1]) - 1}.norm.{m[2]}"),
-)
-
 
 def _map_pvt_original_key(key: str) -> str | None:
-    """Original PVT-v2 key -> timm features_only key; None for the classifier head."""
-    if key.startswith("head."):
-        return None
-    for pattern, repl in _PVT_ORIGINAL_RULES:
-        m = pattern.match(key)
-        if m:
-            return repl(m)  # type: ignore[operator]
-    return key  # unknown: kept as-is so it is reported as unexpected
+    """Original PVT-v2 key -> features_only key through timm's own remap; None for the head.
+
+    One key at a time, so that two source keys landing on one name are still reported.
+    """
+    (timm_key,) = pvt_v2.checkpoint_filter_fn({key: None}, None)
+    return _map_pvt_timm_key(timm_key)
 
 
 def _map_pvt_timm_key(key: str) -> str | None:
@@ -223,7 +212,7 @@ class VisualBackbone(nn.Module):
         stem, stages = self._stem_and_stages()
         return stem + stages[:k]
 
-    def train(self, mode: bool = True) -> "VisualBackbone":
+    def train(self, mode: bool = True) -> VisualBackbone:
         """Set train/eval mode; frozen parts (and their BatchNorm statistics) always stay in eval.
 
         The frozen modules are looked up now, not at construction: `convert_sync_batchnorm` replaces

@@ -7,14 +7,14 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from avs.models.segmentor import AVSegmentor
 
-PART_KEYS = ("audio_encoder", "neck", "fusion", "motion", "latent", "projector", "decoder")
+PART_KEYS = ("audio_encoder", "neck", "fusion", "motion", "latent", "projector", "decoder", "seg_loss")
+# Parts that only process audio: not built with model.use_audio=false.
+AUDIO_ONLY_PARTS = ("audio_encoder", "projector")
 SCALAR_KEYS = (
     "channels",
     "audio_dim",
     "use_audio",
     "order",
-    "seg_loss",
-    "seg_loss_options",
     "avm_loss",
     "projector_mask",
     "eval_num_samples",
@@ -22,10 +22,13 @@ SCALAR_KEYS = (
 
 
 def build_model(cfg: DictConfig) -> AVSegmentor:
-    """Instantiate `cfg.backbone` and every part of `cfg.model` (null parts are disabled)."""
+    """Instantiate `cfg.backbone` and every part of `cfg.model` (null parts are disabled; with
+    `model.use_audio=false` the audio encoder and projector are not built, and the fusion blocks
+    are built without their audio weights)."""
     mcfg = cfg.model
     backbone = instantiate(cfg.backbone)
-    parts = {k: (instantiate(mcfg[k]) if mcfg.get(k) is not None else None) for k in PART_KEYS}
+    skipped = () if mcfg.get("use_audio", True) else AUDIO_ONLY_PARTS  # never built, so no weight file is read
+    parts = {k: (instantiate(mcfg[k]) if mcfg.get(k) is not None and k not in skipped else None) for k in PART_KEYS}
     scalars = {}
     for k in SCALAR_KEYS:
         if k in mcfg:

@@ -1,11 +1,11 @@
 """Top-down segmentation decoders over four same-width feature maps (strides 4..32).
 
-Kinds:
-- `fpn`: the AVSBench decoder (the paper calls it Panoptic-FPN-like; it is built from
+Kinds (one class each; `build_decoder(kind=...)` keeps the `model.decoder.kind=<name>` spelling):
+- `fpn` (`FPNDecoder`): the AVSBench decoder (the paper calls it Panoptic-FPN-like; it is built from
   RefineNet/MiDaS FeatureFusionBlocks). ResidualConvUnit = ReLU -> conv3x3 -> ReLU -> conv3x3
   (+ skip, convs with bias, no BN); fusion blocks upsample bilinearly x2 with align_corners=True;
   head conv3x3 C->C/2, bilinear x2 (align_corners=False), conv3x3 C/2->32, ReLU, conv1x1 32->K.
-- `simple`: the ECMVAE / AVS-BG decoder. ResidualBlock = x + ReLU(BN(conv(ReLU(BN(conv(x)))))),
+- `simple` (`SimpleDecoder`): the ECMVAE / AVS-BG decoder. ResidualBlock = x + ReLU(BN(conv(ReLU(BN(conv(x)))))),
   convs without bias; fusion blocks upsample x2 by nearest neighbour; head conv3x3 C->64,
   nearest x2, conv3x3 64->32, ReLU, conv1x1 32->K.
 
@@ -16,13 +16,11 @@ built here, so every parameter receives a gradient. Module names follow the AVSB
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-
-DECODER_KINDS: tuple[str, ...] = ("fpn", "simple")
 
 
 def upsample_nearest2x(x: torch.Tensor) -> torch.Tensor:
@@ -103,16 +101,9 @@ class ResidualBlock(nn.Module):
 class FeatureFusionBlock(nn.Module):
     """out = up(unit2(x + unit1(skip))) (or up(unit2(x)) without a skip): [N,C,h,w] -> [N,C,h',w']."""
 
-    def __init__(self, channels: int, kind: str, with_skip: bool, legacy_inplace_relu_skip: bool = False) -> None:
+    def __init__(self, unit: Callable[[], nn.Module], mode: str, with_skip: bool) -> None:
         super().__init__()
-        if kind == "fpn":
-            def unit() -> nn.Module:
-                return ResidualConvUnit(channels, legacy_inplace_relu_skip)
-            self.mode = "bilinear"
-        else:
-            def unit() -> nn.Module:
-                return ResidualBlock(channels)
-            self.mode = "nearest"
+        self.mode = mode
         self.resConfUnit1 = unit() if with_skip else None
         self.resConfUnit2 = unit()
 
@@ -129,41 +120,43 @@ class FeatureFusionBlock(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Top-down decoder: 4 maps [N,C,h_i,w_i] (strides 4..32) -> logits [N,num_classes,H,W]."""
+    """Top-down decoder: 4 maps [N,C,h_i,w_i] (strides 4..32) -> logits [N,num_classes,H,W].
 
-    def __init__(
-        self,
-        channels: int,
-        kind: str = "fpn",
-        num_classes: int = 1,
-        legacy_inplace_relu_skip: bool = False,
-    ) -> None:
+    Subclasses give the residual unit, the upsampling mode and the head's middle width.
+    """
+
+    kind: str = ""
+    mode: str = "nearest"
+
+    def __init__(self, channels: int, num_classes: int = 1) -> None:
         super().__init__()
-        if kind not in DECODER_KINDS:
-            raise ValueError(f"decoder.kind must be one of {list(DECODER_KINDS)}, got {kind!r}")
-        if int(channels) <= 0 or (kind == "fpn" and int(channels) % 2):
-            raise ValueError(f"decoder.channels must be a positive (for 'fpn': even) int, got {channels!r}")
+        if int(channels) <= 0:
+            raise ValueError(f"decoder.channels must be a positive int, got {channels!r}")
         if int(num_classes) <= 0:
             raise ValueError(f"decoder.num_classes must be a positive int, got {num_classes!r}")
-        if legacy_inplace_relu_skip and kind != "fpn":
-            raise ValueError("decoder.legacy_inplace_relu_skip applies only to kind='fpn'")
         c = int(channels)
-        self.kind = kind
         self.channels = c
         self.num_classes = int(num_classes)
-        legacy = bool(legacy_inplace_relu_skip)
-        self.path4 = FeatureFusionBlock(c, kind, with_skip=False, legacy_inplace_relu_skip=legacy)
-        self.path3 = FeatureFusionBlock(c, kind, with_skip=True, legacy_inplace_relu_skip=legacy)
-        self.path2 = FeatureFusionBlock(c, kind, with_skip=True, legacy_inplace_relu_skip=legacy)
-        self.path1 = FeatureFusionBlock(c, kind, with_skip=True, legacy_inplace_relu_skip=legacy)
-        mid = c // 2 if kind == "fpn" else 64
+        self.path4 = FeatureFusionBlock(self.unit, self.mode, with_skip=False)
+        self.path3 = FeatureFusionBlock(self.unit, self.mode, with_skip=True)
+        self.path2 = FeatureFusionBlock(self.unit, self.mode, with_skip=True)
+        self.path1 = FeatureFusionBlock(self.unit, self.mode, with_skip=True)
+        mid = self.head_width()
         self.output_conv = nn.Sequential(
             nn.Conv2d(c, mid, 3, padding=1),
-            _Upsample2x("bilinear" if kind == "fpn" else "nearest"),
+            _Upsample2x(self.mode),
             nn.Conv2d(mid, 32, 3, padding=1),
             nn.ReLU(inplace=True),
             nn.Conv2d(32, self.num_classes, 1),
         )
+
+    def unit(self) -> nn.Module:
+        """A new residual unit of this decoder."""
+        raise NotImplementedError
+
+    def head_width(self) -> int:
+        """Width of the output head's first conv."""
+        raise NotImplementedError
 
     def forward(self, feats: Sequence[torch.Tensor], out_size: tuple[int, int]) -> torch.Tensor:
         """feats: 4 x [N,C,h_i,w_i] (strides 4, 8, 16, 32) -> logits [N,num_classes,*out_size]."""
@@ -183,3 +176,49 @@ class Decoder(nn.Module):
         if tuple(logits.shape[-2:]) != size:
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
         return logits
+
+
+class FPNDecoder(Decoder):
+    """AVSBench decoder: ResidualConvUnit (bias, no BN), bilinear upsampling, head C -> C/2 -> 32 -> K."""
+
+    kind = "fpn"
+    mode = "bilinear"
+
+    def __init__(self, channels: int, num_classes: int = 1, legacy_inplace_relu_skip: bool = False) -> None:
+        if int(channels) % 2:
+            raise ValueError(f"decoder.channels must be a positive (for 'fpn': even) int, got {channels!r}")
+        self.legacy_inplace_relu_skip = bool(legacy_inplace_relu_skip)
+        super().__init__(channels, num_classes)
+
+    def unit(self) -> nn.Module:
+        return ResidualConvUnit(self.channels, self.legacy_inplace_relu_skip)
+
+    def head_width(self) -> int:
+        return self.channels // 2
+
+
+class SimpleDecoder(Decoder):
+    """ECMVAE / AVS-BG decoder: ResidualBlock (BN, no bias), nearest upsampling, head C -> 64 -> 32 -> K."""
+
+    kind = "simple"
+
+    def unit(self) -> nn.Module:
+        return ResidualBlock(self.channels)
+
+    def head_width(self) -> int:
+        return 64
+
+
+DECODERS: dict[str, type[Decoder]] = {cls.kind: cls for cls in (FPNDecoder, SimpleDecoder)}
+DECODER_KINDS: tuple[str, ...] = tuple(DECODERS)
+
+
+def build_decoder(channels: int, kind: str = "fpn", **options) -> Decoder:
+    """The decoder class registered as `kind` (fpn | simple); `options` go to its constructor."""
+    if kind not in DECODERS:
+        raise ValueError(f"decoder.kind must be one of {list(DECODER_KINDS)}, got {kind!r}")
+    if options.get("legacy_inplace_relu_skip") and kind != "fpn":
+        raise ValueError("decoder.legacy_inplace_relu_skip applies only to kind='fpn'")
+    if kind != "fpn":
+        options.pop("legacy_inplace_relu_skip", None)
+    return DECODERS[kind](channels=channels, **options)

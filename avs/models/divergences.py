@@ -2,7 +2,7 @@
 
 One parameterisation everywhere: ``sigma = exp(0.5 * logvar)``, i.e. ``logvar`` is the log of the
 variance, for sampling, densities, KL, PoE, MoE and JS alike. The released ECMVAE code is
-inconsistent here (bug B2 in ``research/ecmvae_spec.md``: ``Normal(mu, exp(logvar))`` in its KL
+inconsistent here (``Normal(mu, exp(logvar))`` in its KL
 terms while it samples with ``exp(0.5*logvar)``); :func:`kl_logvar` reproduces that only when asked.
 
 Functions that take several distributions ("experts" / "components") stack them on a leading
@@ -13,7 +13,7 @@ over N.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -162,10 +162,10 @@ def moe_kl(
     _check_stack("moe_kl (p)", mus_p, logvars_p)
     if num_samples < 1:
         raise ValueError(f"moe_kl: num_samples must be >= 1, got {num_samples}")
-    e, n, l = mus_q.shape
+    e, n, dim = mus_q.shape
     wq = _expert_weights(weights_q, e, mus_q, normalise=True)
     wp = _expert_weights(weights_p, mus_p.shape[0], mus_q, normalise=True)
-    eps = _randn((e, num_samples, n, l), mus_q, generator)
+    eps = _randn((e, num_samples, n, dim), mus_q, generator)
     z = mus_q.unsqueeze(1) + torch.exp(0.5 * logvars_q).unsqueeze(1) * eps  # [E,S,N,L]
     log_ratio = _log_mixture(z, mus_q, logvars_q, torch.log(wq)) - _log_mixture(
         z, mus_p, logvars_p, torch.log(wp)
@@ -231,7 +231,9 @@ def sampled_js_surrogate(
     """
     for name, t in (("logvar_s", logvar_s), ("mu_t", mu_t), ("logvar_t", logvar_t)):
         if t.shape != mu_s.shape:
-            raise ValueError(f"sampled_js_surrogate: {name} must have the shape of mu_s {tuple(mu_s.shape)}, got {tuple(t.shape)}")
+            raise ValueError(
+                f"sampled_js_surrogate: {name} must have the shape of mu_s {tuple(mu_s.shape)}, got {tuple(t.shape)}"
+            )
 
     def elementwise_log_density(mu: Tensor, logvar: Tensor) -> Tensor:
         z = (mu + _randn(mu.shape, mu, generator) * torch.exp(0.5 * logvar)).detach()

@@ -11,7 +11,7 @@ mapping loss (`avs.losses.av_mapping_loss`) compares it with mask-pooled visual 
 from __future__ import annotations
 
 import functools
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -69,7 +69,7 @@ class TPAVIFusion(nn.Module):
     def __init__(
         self,
         channels: int,
-        audio_dim: int = 128,
+        audio_dim: int | None = 128,
         inter_channels: int | None = None,
         impl: str = "factorised",
         mode: str = "va",
@@ -87,7 +87,7 @@ class TPAVIFusion(nn.Module):
             raise ValueError(f"TPAVIFusion: impl must be 'factorised' or 'dense', got {impl!r}")
         if mode not in ("va", "vv", "both"):
             raise ValueError(f"TPAVIFusion: mode must be 'va', 'vv' or 'both', got {mode!r}")
-        if not align_audio and mode != "vv" and channels != audio_dim:
+        if audio_dim is not None and not align_audio and mode != "vv" and channels != audio_dim:
             raise ValueError(
                 f"TPAVIFusion: align_audio=False feeds the audio unprojected, so channels must "
                 f"equal audio_dim; got channels={channels}, audio_dim={audio_dim}"
@@ -105,7 +105,7 @@ class TPAVIFusion(nn.Module):
         self.normalize = normalize
         self.chunk_size = chunk_size
         # Attribute names follow the AVSBench / ECMVAE TPAVIModule so released weights map 1:1.
-        self.align_channel = nn.Linear(audio_dim, channels) if align_audio else None
+        self.align_channel = nn.Linear(audio_dim, channels) if align_audio and audio_dim is not None else None
         self.norm_layer = nn.LayerNorm(channels)
         self.g = nn.Conv3d(channels, inter, kernel_size=1)
         self.theta = nn.Conv3d(channels, inter, kernel_size=1)
@@ -235,21 +235,21 @@ class EinsumFusion(nn.Module):
 
     ``audio=None`` ("w/o audio" ablation): ``without_audio="identity"`` (default) returns the input
     features unchanged, i.e. AVCorr is bypassed and the neck features go on, which is the ablation
-    the AVS-BG spec describes (no audio -> no fusion block); ``"normalize"`` returns V^ so that the
+    the AVS-BG paper describes (no audio -> no fusion block); ``"normalize"`` returns V^ so that the
     feature scale downstream matches the audio runs. ``a_fea`` is None in both cases.
     """
 
     def __init__(
         self,
         channels: int,
-        audio_dim: int = 128,
+        audio_dim: int | None = 128,
         hidden_channels: int | None = None,
         kernel_size: int = 7,
         attention_channels: int = 1,
         without_audio: str = "identity",
     ) -> None:
         super().__init__()
-        if audio_dim != channels:
+        if audio_dim is not None and audio_dim != channels:
             raise ValueError(
                 f"EinsumFusion: the audio is used unprojected, so audio_dim must equal channels; "
                 f"got channels={channels}, audio_dim={audio_dim}"
@@ -271,15 +271,19 @@ class EinsumFusion(nn.Module):
         self.channels = channels
         self.audio_dim = audio_dim
         self.without_audio = without_audio
-        self.conv1 = nn.Conv2d(channels, hidden, 1, bias=False)
-        self.conv2 = nn.Conv2d(hidden, hidden, kernel_size, padding=kernel_size // 2, bias=False)
-        self.conv3 = nn.Conv2d(hidden, attention_channels, 1, bias=False)
+        self.conv1 = self.conv2 = self.conv3 = None
+        if audio_dim is not None:  # the attention convs see only the audio correlation
+            self.conv1 = nn.Conv2d(channels, hidden, 1, bias=False)
+            self.conv2 = nn.Conv2d(hidden, hidden, kernel_size, padding=kernel_size // 2, bias=False)
+            self.conv3 = nn.Conv2d(hidden, attention_channels, 1, bias=False)
 
     def forward(self, x: Tensor, audio: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """x [B,C,T,H,W], audio [B,T,C] | None -> (out [B,C,T,H,W], a_fea = L2n(audio) [B,T,C] | None)."""
         _check_clip_inputs("EinsumFusion", x, audio, self.channels, self.audio_dim)
         if audio is None:
             return (x if self.without_audio == "identity" else _l2n(x, dim=1)), None
+        if self.conv1 is None:
+            raise ValueError("EinsumFusion: built without audio (audio_dim=None) but given audio")
         b, c, t, h, w = x.shape
         v = _l2n(x, dim=1)  # per-pixel unit vectors over C
         a = _l2n(audio, dim=-1)  # [B,T,C]
@@ -295,13 +299,14 @@ class MultiStageFusion(nn.Module):
 
     ``block(channels=..., audio_dim=...)`` builds one stage module (a hydra ``_partial_`` node or
     any callable; default `TPAVIFusion`). Stages not in ``stages`` pass through unchanged and
-    get ``None`` audio features.
+    get ``None`` audio features. ``audio_dim=None`` (``model.use_audio=false``) builds the blocks
+    without their audio-only weights (TPAVI's ``align_channel``, the AVCorr attention convs).
     """
 
     def __init__(
         self,
         channels: int,
-        audio_dim: int = 128,
+        audio_dim: int | None = 128,
         stages: Sequence[int] = (0, 1, 2, 3),
         block: Callable[..., nn.Module] | None = None,
         num_stages: int = 4,

@@ -137,7 +137,7 @@ class CorrelationPyramidMotion(nn.Module):
     pair(t) = t+1 for t < T-1 and pair(T-1) = T-2 (T >= 2, taken from `num_frames`).
     With f = F (or F / ||F||_c when ``normalize=True``) and p, q positions of the h x w grid:
 
-    ``impl="released"`` (AVS-BG code, spec section 6)::
+    ``impl="released"`` (the AVS-BG code)::
 
         m_t(p) = 1/(hw) * sum_q max(0, <f_t(p), f_pair(t)(q)>)          # [B*T,1,h,w]
         att    = sigmoid(w_s * m + b_s)                                   # Conv2d(1,1,1) per scale

@@ -1,12 +1,13 @@
-"""Per-stage channel reduction between the backbone and the fusion modules.
+"""Per-stage channel reduction between the backbone and the fusion modules: one class per kind.
 
-Kinds:
-- `dimreduce`: ECMVAE / AVS-BG "basic" neck. Conv1x1+BN -> Conv3x3+BN -> Conv3x3+BN, convs
+- `DimReduceNeck`: ECMVAE / AVS-BG "basic" neck. Conv1x1+BN -> Conv3x3+BN -> Conv3x3+BN, convs
   without bias and no activation anywhere (the reference neck is affine + BN).
-- `conv1`: Conv1x1 (no bias) + BN, a light projection.
-- `aspp`: DeepLab-v2 style sum of four parallel 3x3 convs with dilation = padding 3, 6, 12, 18,
+- `Conv1Neck`: Conv1x1 (no bias) + BN, a light projection.
+- `ASPPNeck`: DeepLab-v2 style sum of four parallel 3x3 convs with dilation = padding 3, 6, 12, 18,
   no BN and no activation. AVSBench uses it with bias and weights ~ N(0, 0.01); ECMVAE's `aspp`
   neck has no bias (`aspp_bias=False`, PyTorch default init).
+
+`build_neck(kind=...)` keeps the `model.neck.kind=<name>` spelling of the ablations.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-
-NECK_KINDS: tuple[str, ...] = ("dimreduce", "conv1", "aspp")
 
 
 def _conv_bn(c_in: int, c_out: int, kernel: int) -> list[nn.Module]:
@@ -44,46 +43,81 @@ class _ASPP(nn.Module):
 
 
 class Neck(nn.Module):
-    """One reduction per backbone stage: list of [N,C_i,h_i,w_i] -> list of [N,channels,h_i,w_i]."""
+    """One reduction per backbone stage: list of [N,C_i,h_i,w_i] -> list of [N,channels,h_i,w_i].
 
-    def __init__(
-        self,
-        in_channels: Sequence[int],
-        channels: int,
-        kind: str,
-        aspp_bias: bool = True,
-        aspp_dilations: Sequence[int] = (3, 6, 12, 18),
-    ) -> None:
+    Subclasses say what one stage is (`stage`); the base checks the sizes and runs the stages.
+    """
+
+    kind: str = ""
+
+    def __init__(self, in_channels: Sequence[int], channels: int) -> None:
         super().__init__()
-        if kind not in NECK_KINDS:
-            raise ValueError(f"neck.kind must be one of {list(NECK_KINDS)}, got {kind!r}")
         if not in_channels or any(int(c) <= 0 for c in in_channels):
             raise ValueError(f"neck.in_channels must be a non-empty list of positive ints, got {in_channels!r}")
         if int(channels) <= 0:
             raise ValueError(f"neck.channels must be a positive int, got {channels!r}")
-        if kind == "aspp" and not aspp_dilations:
-            raise ValueError("neck.aspp_dilations must list at least one dilation")
-        self.kind = kind
         self.in_channels = [int(c) for c in in_channels]
         self.channels = int(channels)
-        stages: list[nn.Module] = []
-        for c_in in self.in_channels:
-            if kind == "dimreduce":
-                stages.append(
-                    nn.Sequential(
-                        *_conv_bn(c_in, self.channels, 1),
-                        *_conv_bn(self.channels, self.channels, 3),
-                        *_conv_bn(self.channels, self.channels, 3),
-                    )
-                )
-            elif kind == "conv1":
-                stages.append(nn.Sequential(*_conv_bn(c_in, self.channels, 1)))
-            else:
-                stages.append(_ASPP(c_in, self.channels, [int(d) for d in aspp_dilations], bool(aspp_bias)))
-        self.stages = nn.ModuleList(stages)
+        self.stages = nn.ModuleList(self.stage(c_in) for c_in in self.in_channels)
+
+    def stage(self, c_in: int) -> nn.Module:
+        """The reduction of one backbone stage with c_in channels."""
+        raise NotImplementedError
 
     def forward(self, feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """List of [N,C_i,h_i,w_i] -> list of [N,channels,h_i,w_i]."""
         if len(feats) != len(self.stages):
             raise ValueError(f"Neck built for {len(self.stages)} stages got {len(feats)} feature maps")
         return [stage(f) for stage, f in zip(self.stages, feats)]
+
+
+class DimReduceNeck(Neck):
+    """Conv1x1+BN -> Conv3x3+BN -> Conv3x3+BN per stage (ECMVAE / AVS-BG)."""
+
+    kind = "dimreduce"
+
+    def stage(self, c_in: int) -> nn.Module:
+        c = self.channels
+        return nn.Sequential(*_conv_bn(c_in, c, 1), *_conv_bn(c, c, 3), *_conv_bn(c, c, 3))
+
+
+class Conv1Neck(Neck):
+    """Conv1x1 + BN per stage (the ECMVAE paper's text)."""
+
+    kind = "conv1"
+
+    def stage(self, c_in: int) -> nn.Module:
+        return nn.Sequential(*_conv_bn(c_in, self.channels, 1))
+
+
+class ASPPNeck(Neck):
+    """Sum of dilated 3x3 convs per stage (AVSBench: with bias, N(0, 0.01) weights)."""
+
+    kind = "aspp"
+
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        channels: int,
+        aspp_bias: bool = True,
+        aspp_dilations: Sequence[int] = (3, 6, 12, 18),
+    ) -> None:
+        if not aspp_dilations:
+            raise ValueError("neck.aspp_dilations must list at least one dilation")
+        self.aspp_bias = bool(aspp_bias)
+        self.aspp_dilations = [int(d) for d in aspp_dilations]
+        super().__init__(in_channels, channels)
+
+    def stage(self, c_in: int) -> nn.Module:
+        return _ASPP(c_in, self.channels, self.aspp_dilations, self.aspp_bias)
+
+
+NECKS: dict[str, type[Neck]] = {cls.kind: cls for cls in (DimReduceNeck, Conv1Neck, ASPPNeck)}
+NECK_KINDS: tuple[str, ...] = tuple(NECKS)
+
+
+def build_neck(in_channels: Sequence[int], channels: int, kind: str, **options) -> Neck:
+    """The neck class registered as `kind` (dimreduce | conv1 | aspp); `options` go to its constructor."""
+    if kind not in NECKS:
+        raise ValueError(f"neck.kind must be one of {list(NECK_KINDS)}, got {kind!r}")
+    return NECKS[kind](in_channels=in_channels, channels=channels, **options)

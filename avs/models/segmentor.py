@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,6 +19,8 @@ Branch = dict[str, Any]
 # model.avm_loss.variant: kl = L_AVM as in the AVSBench MS3 / AVS-BG / ECMVAE code; s4_cos = the
 # AVSBench S4 "sa" loss; closer_kl / closer_euclidean = the AVSBench closer_loss (visual-visual).
 AVM_VARIANTS: tuple[str, ...] = ("kl", "s4_cos", "closer_kl", "closer_euclidean")
+# Parts that exist only to process audio: with model.use_audio=false they are not built.
+AUDIO_PARTS: tuple[str, ...] = ("audio_encoder", "fusion", "projector")
 
 
 class AVSegmentor(nn.Module):
@@ -42,7 +45,7 @@ class AVSegmentor(nn.Module):
         image_size: int = 224,
         use_audio: bool = True,
         order: str = "fusion_motion",
-        seg_loss: str = "bce",
+        seg_loss: Callable[..., torch.Tensor] | str = "bce",
         seg_loss_options: dict | None = None,
         avm_loss: dict | None = None,
         projector_mask: str = "auto",
@@ -51,15 +54,17 @@ class AVSegmentor(nn.Module):
         super().__init__()
         if order not in ("fusion_motion", "motion_fusion"):
             raise ValueError(f"model.order must be 'fusion_motion' or 'motion_fusion', got {order!r}")
-        if seg_loss not in ("bce", "structure"):
-            raise ValueError(f"model.seg_loss must be 'bce' or 'structure', got {seg_loss!r}")
         if projector_mask not in ("auto", "gt", "pred"):
             raise ValueError(f"model.projector_mask must be auto|gt|pred, got {projector_mask!r}")
         self.backbone = backbone
-        self.audio_encoder = audio_encoder
         self.use_audio = use_audio and audio_encoder is not None
+        # Without audio no audio part is built (encoder, projector, audio-only fusion weights), so every
+        # parameter is used each step; old checkpoints of such runs still load (_load_from_state_dict).
+        self.audio_encoder = audio_encoder if self.use_audio else None
         self.neck = neck(in_channels=list(backbone.out_channels))
-        self.fusion = fusion(channels=channels, audio_dim=audio_dim) if fusion is not None else None
+        self.fusion = None
+        if fusion is not None:
+            self.fusion = fusion(channels=channels, audio_dim=audio_dim if self.use_audio else None)
         self.motion = motion
         self.decoder = decoder(channels=channels)
         self.latent = None
@@ -69,18 +74,35 @@ class AVSegmentor(nn.Module):
             self.neck_post = neck(in_channels=list(backbone.out_channels))
             self.decoder_post = decoder(channels=channels)
         self.projector = None
-        if projector is not None:
+        if projector is not None and self.use_audio:
             deepest = max(1, image_size // 32)
             self.projector = projector(channels=channels, audio_dim=audio_dim, feature_size=(deepest, deepest))
         self.order = order
-        self.seg_loss = seg_loss
-        self.seg_loss_options = dict(seg_loss_options or {})
+        self.seg_loss = L.make_seg_loss(seg_loss, seg_loss_options) if isinstance(seg_loss, str) else seg_loss
         self.avm_loss = dict(avm_loss) if avm_loss else None
         if self.avm_loss is not None and self.avm_loss.get("variant", "kl") not in AVM_VARIANTS:
-            raise ValueError(f"model.avm_loss.variant must be one of {list(AVM_VARIANTS)}, got {self.avm_loss['variant']!r}")
+            raise ValueError(
+                f"model.avm_loss.variant must be one of {list(AVM_VARIANTS)}, got {self.avm_loss['variant']!r}"
+            )
         self.projector_mask = projector_mask
         self.eval_num_samples = eval_num_samples
         self.audio_dim = audio_dim
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        """Checkpoints of no-audio runs made before audio parts were left out still load: their
+        audio-part weights (audio encoder, projector, audio-only fusion weights) are dropped with one note."""
+        if not self.use_audio:
+            own = set(self.state_dict(keep_vars=True))
+            stale = [k for k in state_dict if k.startswith(prefix) and k[len(prefix):] not in own
+                     and k[len(prefix):].split(".", 1)[0] in AUDIO_PARTS]
+            for k in stale:
+                del state_dict[k]
+            if stale:
+                log.info("model.use_audio=false builds no audio parts: ignored %d audio weights of the checkpoint "
+                         "(%s)", len(stale), ", ".join(sorted({k[len(prefix):].split(".")[0] for k in stale})))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     # ------------------------------------------------------------------ helpers
     def encode_audio(self, audio: torch.Tensor) -> torch.Tensor:
@@ -124,9 +146,7 @@ class AVSegmentor(nn.Module):
         return {"logits": logits, "fused": fused, "audio_feats": audio_feats, "decoded": maps}
 
     def _seg(self, logits: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        if self.seg_loss == "bce":
-            return L.bce_loss(logits, masks, valid)
-        return L.structure_loss(logits, masks, valid, **self.seg_loss_options)
+        return self.seg_loss(logits, masks, valid)
 
     def _avm(self, out: Branch) -> torch.Tensor:
         # Needs no labels: every frame counts (S4 included), as in the reference implementations.

@@ -1,6 +1,6 @@
 """VGGish audio embedding network (torchvggish layout) with the optional PCA / quantisation post-processor.
 
-Layer order (avsbench_spec §8) and the resulting parameter names of `vggish-10086976.pth`:
+Layer order (torchvggish) and the resulting parameter names of `vggish-10086976.pth`:
 features.{0,3,6,8,11,13} = conv3x3 (1->64, 64->128, 128->256, 256->256, 256->512, 512->512), ReLU after
 each, 2x2 max-pools at features.{2,5,10,15}; embeddings.{0,2,4} = Linear 12288->4096->4096->128, each
 followed by ReLU. 72,141,184 parameters.
@@ -176,7 +176,7 @@ class VGGish(nn.Module):
         self.register_buffer(PCA_EIGEN_VECTORS, vecs)
         self.register_buffer(PCA_MEANS, means)
 
-    def train(self, mode: bool = True) -> "VGGish":
+    def train(self, mode: bool = True) -> VGGish:
         """Stay in eval mode unless constructed with trainable=True."""
         return super().train(mode and self.trainable)
 

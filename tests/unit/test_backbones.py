@@ -288,3 +288,34 @@ def test_freeze_stages_resnet():
     frozen = {n.split(".")[0] for n, p in net.body.named_parameters() if not p.requires_grad}
     assert frozen == {"conv1", "bn1", "layer1"}
     assert not net.body.bn1.training and not net.body.layer1.training and net.body.layer2.training
+
+
+def _remap_before_timm(key: str) -> str | None:
+    """The hand-written original->features_only remap this package used before timm's filter (frozen copy)."""
+    if key.startswith("head."):
+        return None
+    rules = (
+        (r"^patch_embed1\.(.*)$", lambda m: f"patch_embed.{m[1]}"),
+        (r"^patch_embed([2-4])\.(.*)$", lambda m: f"stages_{int(m[1]) - 1}.downsample.{m[2]}"),
+        (r"^block([1-4])\.(\d+)\.(.*)$",
+         lambda m: f"stages_{int(m[1]) - 1}.blocks.{m[2]}.{m[3].replace('mlp.dwconv.dwconv.', 'mlp.dwconv.')}"),
+        (r"^norm([1-4])\.(.*)$", lambda m: f"stages_{int(m[1]) - 1}.norm.{m[2]}"),
+    )
+    for pattern, repl in rules:
+        m = re.match(pattern, key)
+        if m:
+            return repl(m)
+    return key
+
+
+def test_original_layout_loads_exactly_as_before_timm_filter(pvt_original_file):
+    """timm's checkpoint_filter_fn replaced our own remap: every original key lands where it used to."""
+    _, sd = pvt_original_file
+    before = {_remap_before_timm(k): v for k, v in sd.items() if _remap_before_timm(k) is not None}
+    now = convert_state_dict("pvt_v2_b0", sd)
+    assert set(now) == set(before)
+    assert all(now[k] is before[k] for k in now)  # the same tensor object: no copy, no reordering of values
+    # a collision is still reported with the original key names
+    dup = {"patch_embed1.proj.weight": torch.zeros(1), "patch_embed.proj.weight": torch.zeros(1)}
+    with pytest.raises(ValueError, match="patch_embed1.proj.weight"):
+        convert_state_dict("pvt_v2_b0", dup)

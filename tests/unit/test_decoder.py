@@ -7,13 +7,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from avs.models.decoder import Decoder, FeatureFusionBlock, ResidualConvUnit, upsample_nearest2x
-from avs.models.neck import Neck
+from avs.models.decoder import (
+    Decoder,
+    FeatureFusionBlock,
+    FPNDecoder,
+    ResidualBlock,
+    ResidualConvUnit,
+    SimpleDecoder,
+    build_decoder,
+    upsample_nearest2x,
+)
+from avs.models.neck import build_neck
 
 KINDS = ["fpn", "simple"]
 PVT_B5_PARAMS = 81_443_008  # checked in test_backbones.py
 R50_PARAMS = 23_508_032  # checked in test_backbones.py
-TPAVI_256_PARAMS = 165_760  # one AVSBench TPAVI block at 256 channels (avsbench_spec §3.3)
+TPAVI_256_PARAMS = 165_760  # one AVSBench TPAVI block at 256 channels
 
 
 def _n_params(module: nn.Module) -> int:
@@ -29,43 +38,44 @@ def _feats(size: int, c: int, n: int = 2, sizes: list[int] | None = None) -> lis
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("size", [64, 96])
 def test_shapes(kind, size):
-    dec = Decoder(16, kind)
+    dec = build_decoder(16, kind)
     assert tuple(dec(_feats(size, 16), (size, size)).shape) == (2, 1, size, size)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_non_multiple_of_32_and_num_classes(kind):
     # a 100 px PVT input gives maps of 25, 13, 7, 4 px
-    dec = Decoder(8, kind, num_classes=3)
+    dec = build_decoder(8, kind, num_classes=3)
     out = dec(_feats(0, 8, sizes=[25, 13, 7, 4]), (100, 100))
     assert tuple(out.shape) == (2, 3, 100, 100)
     assert torch.isfinite(out).all()
 
 
 def test_param_counts_and_published_totals():
-    fpn = Decoder(256, "fpn")
+    fpn = build_decoder(256, "fpn")
     assert _n_params(fpn.output_conv) == 331_969
     assert _n_params(fpn) - 331_969 == 8_261_120  # 7 ResidualConvUnits x 1,180,160
     assert _n_params(fpn) == 8_593_089
-    simple = Decoder(128, "simple")
+    simple = build_decoder(128, "simple")
     assert _n_params(simple.output_conv) == 92_289
     assert _n_params(simple) == 2_455_681 - 295_424 == 2_160_257  # spec total minus the unused resConfUnit1
     # AVSBench TPAVI model totals: PVT-v2-b5 100.14 M, ResNet-50 68.16 M
-    pvt_total = PVT_B5_PARAMS + _n_params(Neck([64, 128, 320, 512], 256, "aspp")) + 4 * TPAVI_256_PARAMS + 8_593_089
-    r50_total = R50_PARAMS + _n_params(Neck([256, 512, 1024, 2048], 256, "aspp")) + 4 * TPAVI_256_PARAMS + 8_593_089
+    heads = 4 * TPAVI_256_PARAMS + 8_593_089
+    pvt_total = PVT_B5_PARAMS + _n_params(build_neck([64, 128, 320, 512], 256, "aspp")) + heads
+    r50_total = R50_PARAMS + _n_params(build_neck([256, 512, 1024, 2048], 256, "aspp")) + heads
     assert pvt_total == 100_140_417 and abs(pvt_total / 1e6 - 100.14) < 0.05
     assert r50_total == 68_157_697 and abs(r50_total / 1e6 - 68.16) < 0.05
 
 
 def test_no_unused_modules():
     for kind in KINDS:
-        dec = Decoder(8, kind)
+        dec = build_decoder(8, kind)
         assert dec.path4.resConfUnit1 is None and dec.path3.resConfUnit1 is not None
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_param_gets_gradient_and_inputs_untouched(kind):
-    dec = Decoder(8, kind).train()
+    dec = build_decoder(8, kind).train()
     feats = [f.requires_grad_() for f in _feats(64, 8)]
     copies = [f.detach().clone() for f in feats]
     versions = [f._version for f in feats]
@@ -122,8 +132,8 @@ def _zero_convs(block: nn.Module) -> None:
 def test_fusion_block_upsampling_modes():
     # with zero convs each residual unit is the identity, so a block is up(x + skip)
     x, skip = torch.randn(1, 3, 4, 5), torch.randn(1, 3, 4, 5)
-    fpn = FeatureFusionBlock(3, "fpn", with_skip=True).eval()
-    simple = FeatureFusionBlock(3, "simple", with_skip=True).eval()
+    fpn = FeatureFusionBlock(lambda: ResidualConvUnit(3), "bilinear", with_skip=True).eval()
+    simple = FeatureFusionBlock(lambda: ResidualBlock(3), "nearest", with_skip=True).eval()
     _zero_convs(fpn)
     _zero_convs(simple)
     expect_bilinear = F.interpolate(x + skip, scale_factor=2, mode="bilinear", align_corners=True)
@@ -139,7 +149,7 @@ def test_upsample_nearest2x_matches_interpolate():
 
 
 def test_head_structure():
-    fpn, simple = Decoder(16, "fpn", num_classes=2), Decoder(16, "simple")
+    fpn, simple = build_decoder(16, "fpn", num_classes=2), build_decoder(16, "simple")
 
     def convs(d: Decoder) -> list[tuple[int, int, int]]:
         return [(m.in_channels, m.out_channels, m.kernel_size[0]) for m in d.output_conv if isinstance(m, nn.Conv2d)]
@@ -152,13 +162,19 @@ def test_head_structure():
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match=r"decoder.kind must be one of \['fpn', 'simple'\]"):
-        Decoder(16, "unet")
+        build_decoder(16, "unet")
     with pytest.raises(ValueError, match="decoder.channels"):
-        Decoder(15, "fpn")
+        build_decoder(15, "fpn")
     with pytest.raises(ValueError, match="legacy_inplace_relu_skip"):
-        Decoder(16, "simple", legacy_inplace_relu_skip=True)
-    dec = Decoder(8, "fpn")
+        build_decoder(16, "simple", legacy_inplace_relu_skip=True)
+    dec = build_decoder(8, "fpn")
     with pytest.raises(ValueError, match="4 feature maps"):
         dec(_feats(64, 8)[:3], (64, 64))
     with pytest.raises(ValueError, match=r"\[N,8,h,w\]"):
         dec(_feats(64, 4), (64, 64))
+
+
+def test_factory_builds_one_class_per_kind():
+    assert type(build_decoder(8, "fpn")) is FPNDecoder
+    assert type(build_decoder(8, "simple")) is SimpleDecoder
+    assert build_decoder(8, "fpn", legacy_inplace_relu_skip=True).path3.resConfUnit2.legacy_inplace_relu_skip

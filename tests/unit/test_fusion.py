@@ -319,3 +319,21 @@ def test_multistage_errors_and_hydra_partial():
     assert built.blocks[0].conv2.kernel_size == (3, 3)
     out, a_list = built(_stage_maps(2, 8), None, num_frames=2)  # w/o audio: identity
     assert all(a is None for a in a_list)
+
+
+def test_blocks_built_without_audio_have_no_audio_weights():
+    """audio_dim=None (model.use_audio=false): no weight that only the audio path would train."""
+    x = torch.randn(1, 8, 2, 4, 4)
+    einsum = EinsumFusion(8, audio_dim=None)
+    assert not list(einsum.parameters())
+    out, a_fea = einsum(x, None)
+    assert a_fea is None and torch.equal(out, x)
+    with pytest.raises(ValueError):
+        einsum(x, torch.randn(1, 2, 8))
+    tpavi = TPAVIFusion(8, audio_dim=None, align_audio=True)
+    assert tpavi.align_channel is None
+    names = {n for n, _ in tpavi.named_parameters()}
+    assert names == {n for n, _ in TPAVIFusion(8, audio_dim=16, align_audio=True).named_parameters()
+                     if not n.startswith("align_channel.")}
+    z, a_fea = tpavi(x, None)  # the visual-visual path
+    assert a_fea is None and z.shape == x.shape

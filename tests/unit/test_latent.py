@@ -15,9 +15,9 @@ from avs.models.latent import (
     RELEASED_LOSS_WEIGHTS,
     VARIANTS,
     BarberAgakovMI,
-    ECMVAELatent,
     GaussianLatentEncoder,
     LatentState,
+    build_latent,
     diff_loss,
     hybrid_loss_weights,
 )
@@ -40,11 +40,11 @@ def _nparams(m: torch.nn.Module) -> int:
 
 # ---------------------------------------------------------------- parameter counts (no forward)
 def test_parameter_count_matches_released_mm_vae_model():
-    m16 = ECMVAELatent(latent_dim=16, image_size=224)
+    m16 = build_latent(latent_dim=16, image_size=224)
     total = _nparams(m16)
     assert total == 2_158_804
     assert abs(total - 2.159e6) / 2.159e6 < 1e-3
-    # spec §17 breakdown (M params, 3 decimals)
+    # released-model breakdown (M params, 3 decimals)
     parts = {name: _nparams(mod) / 1e6 for name, mod in m16.named_children()}
     for name, ref in [("enc_vs", 0.637), ("enc_vs_y", 0.637), ("enc_as", 0.004), ("enc_vac", 0.279),
                       ("enc_as_y", 0.279), ("enc_vac_y", 0.279)]:
@@ -53,7 +53,7 @@ def test_parameter_count_matches_released_mm_vae_model():
     assert round(sc, 3) == 0.002
     assert round(parts["noise_model_prior"] + parts["noise_model_post"], 3) == 0.041
     assert round(parts["ba_prior"] + parts["ba_post"], 4) == 0.0006
-    m48 = ECMVAELatent(latent_dim=48, image_size=224)
+    m48 = build_latent(latent_dim=48, image_size=224)
     assert _nparams(m48) == 3_034_964
     assert abs(_nparams(m48) - 3.035e6) / 3.035e6 < 1e-3
     assert 0 < m16.inference_parameters() < total
@@ -72,7 +72,7 @@ EXPECTED_KEYS = {
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_variant_shapes_losses_and_gradients(variant, divergence):
     torch.manual_seed(0)
-    m = ECMVAELatent(image_size=PX, variant=variant, divergence=divergence)
+    m = build_latent(image_size=PX, variant=variant, divergence=divergence)
     frames, audio, masks = _inputs()
     state = m.encode(frames, None if variant == "visual_only" else audio, masks)
     assert isinstance(state, LatentState)
@@ -102,14 +102,14 @@ def test_variant_shapes_losses_and_gradients(variant, divergence):
 
 
 def test_variant_modules_and_audio_requirements():
-    vis = ECMVAELatent(image_size=PX, variant="visual_only")
+    vis = build_latent(image_size=PX, variant="visual_only")
     assert not hasattr(vis, "enc_as") and not hasattr(vis, "enc_vac")
     frames, audio, masks = _inputs()
     assert set(vis.encode(frames, None, masks).prior) == {"s_v"}
-    nf = ECMVAELatent(image_size=PX, variant="no_factor")
+    nf = build_latent(image_size=PX, variant="no_factor")
     assert not hasattr(nf, "enc_vac") and not hasattr(nf, "ba_prior")
     assert set(nf.encode(frames, audio).prior) == {"s_v", "s_a"}
-    fac = ECMVAELatent(image_size=PX)
+    fac = build_latent(image_size=PX)
     with pytest.raises(ValueError, match="needs audio"):
         fac.encode(frames, None, masks)
     with pytest.raises(ValueError, match="audio must be"):
@@ -119,17 +119,17 @@ def test_variant_modules_and_audio_requirements():
     with pytest.raises(ValueError, match="frames must be"):
         fac.encode(frames[:, :1], audio)
     with pytest.raises(ValueError, match="model.latent.variant"):
-        ECMVAELatent(variant="cvae")
+        build_latent(variant="cvae")
     with pytest.raises(ValueError, match="model.latent.divergence"):
-        ECMVAELatent(divergence="wasserstein")
+        build_latent(divergence="wasserstein")
     # poe / moe replace the Linear fusion; non-factorised variants ignore the divergence
-    assert not hasattr(ECMVAELatent(image_size=PX, divergence="poe"), "sc1_prior")
-    assert _nparams(ECMVAELatent(image_size=PX, variant="no_factor", divergence="moe")) == _nparams(nf)
+    assert not hasattr(build_latent(image_size=PX, divergence="poe"), "sc1_prior")
+    assert _nparams(build_latent(image_size=PX, variant="no_factor", divergence="moe")) == _nparams(nf)
 
 
 def test_posterior_audio_encoder_sees_mask_not_image():
     torch.manual_seed(0)
-    m = ECMVAELatent(image_size=PX).eval()
+    m = build_latent(image_size=PX).eval()
     frames, audio, masks = _inputs()
     a = m.encode(frames, audio, masks).posterior
     b = m.encode(frames + 5.0, audio, masks).posterior
@@ -141,17 +141,17 @@ def test_posterior_audio_encoder_sees_mask_not_image():
 
 
 def test_other_input_size_is_pooled_to_the_configured_grid():
-    m = ECMVAELatent(image_size=PX).eval()
+    m = build_latent(image_size=PX).eval()
     frames, audio, masks = _inputs(px=96)
     state = m.encode(frames, audio, masks)
     assert state.posterior["c"].mu.shape == (N, 16)
     with pytest.raises(ValueError, match="image_size must be >= 32"):
-        ECMVAELatent(image_size=16)
+        build_latent(image_size=16)
 
 
 # ---------------------------------------------------------------- sampling
 def test_sampling_generator_mean_and_ae_determinism():
-    m = ECMVAELatent(image_size=PX).eval()
+    m = build_latent(image_size=PX).eval()
     frames, audio, masks = _inputs()
     with torch.no_grad():
         state = m.encode(frames, audio, masks)
@@ -166,7 +166,7 @@ def test_sampling_generator_mean_and_ae_determinism():
     sc_a = m.sc2_prior(torch.cat([p["s_a"].mu, p["c"].mu], 1))
     torch.testing.assert_close(zm, torch.cat([sc_v, sc_a], 1))
     assert set(state.draws["prior"]) == {"s_v", "s_a", "c", "sc_v", "sc_a", "code"}
-    ae = ECMVAELatent(image_size=PX, variant="ae").eval()
+    ae = build_latent(image_size=PX, variant="ae").eval()
     with torch.no_grad():
         st = ae.encode(frames, audio, masks)
         torch.testing.assert_close(ae.sample(st, "posterior"), ae.sample(st, "posterior"))
@@ -177,7 +177,7 @@ def test_sampling_generator_mean_and_ae_determinism():
 
 
 def test_moe_and_poe_sampling():
-    m = ECMVAELatent(image_size=PX, divergence="moe").eval()
+    m = build_latent(image_size=PX, divergence="moe").eval()
     frames, audio, masks = _inputs(n=8)
     with torch.no_grad():
         state = m.encode(frames, audio, masks)
@@ -190,7 +190,7 @@ def test_moe_and_poe_sampling():
     mean = m.sample(state, "posterior", use_mean=True)
     q = state.posterior
     torch.testing.assert_close(mean[:, :16], 0.5 * (q["s_v"].mu + q["c"].mu))
-    pm = ECMVAELatent(image_size=PX, divergence="poe").eval()
+    pm = build_latent(image_size=PX, divergence="poe").eval()
     with torch.no_grad():
         st = pm.encode(frames, audio, masks)
         code = pm.sample(st, "prior", use_mean=True)
@@ -203,7 +203,7 @@ def test_moe_and_poe_sampling():
 # ---------------------------------------------------------------- injection
 def test_inject_noise_2d_and_errors():
     torch.manual_seed(0)
-    m = ECMVAELatent(image_size=PX, noise_2d=True)
+    m = build_latent(image_size=PX, noise_2d=True)
     feat = torch.randn(N, 128, 3, 3)
     code = torch.randn(N, m.code_dim)
     m.train()
@@ -213,7 +213,7 @@ def test_inject_noise_2d_and_errors():
     m.eval()
     torch.testing.assert_close(m.inject(feat, code, "prior"), m.inject(feat, code, "prior"))
     # without noise the code is tiled: every spatial position sees the same code
-    plain = ECMVAELatent(image_size=PX).eval()
+    plain = build_latent(image_size=PX).eval()
     flat = torch.zeros(N, 128, 3, 3)
     out = plain.inject(flat, code, "posterior")
     assert torch.allclose(out, out[:, :, :1, :1].expand_as(out))
@@ -229,7 +229,7 @@ def test_kl_term_composition_per_divergence():
     frames, audio, masks = _inputs()
     for divergence in ("kl", "js", "poe"):
         torch.manual_seed(0)
-        m = ECMVAELatent(image_size=PX, divergence=divergence).eval()
+        m = build_latent(image_size=PX, divergence=divergence).eval()
         with torch.no_grad():
             st = m.encode(frames, audio, masks)
             kl = m.losses(st, {})["kl"]
@@ -249,7 +249,7 @@ def test_kl_term_composition_per_divergence():
         torch.testing.assert_close(kl, ref)
     # moe: stochastic estimate close to a many-sample estimate
     torch.manual_seed(0)
-    m = ECMVAELatent(image_size=PX, divergence="moe").eval()
+    m = build_latent(image_size=PX, divergence="moe").eval()
     with torch.no_grad():
         st = m.encode(frames, audio, masks)
         q, p = st.posterior, st.prior
@@ -266,7 +266,7 @@ def test_kl_term_composition_per_divergence():
 def test_legacy_sigma_changes_kl_to_released_scale():
     frames, audio, masks = _inputs()
     torch.manual_seed(0)
-    m = ECMVAELatent(image_size=PX, variant="visual_only", legacy_sigma=True).eval()
+    m = build_latent(image_size=PX, variant="visual_only", legacy_sigma=True).eval()
     with torch.no_grad():
         st = m.encode(frames, None, masks)
         kl = m.losses(st, {})["kl"]
@@ -276,7 +276,7 @@ def test_legacy_sigma_changes_kl_to_released_scale():
 
 
 def test_losses_need_posterior_and_samples():
-    m = ECMVAELatent(image_size=PX)
+    m = build_latent(image_size=PX)
     frames, audio, masks = _inputs()
     with pytest.raises(ValueError, match="no posterior"):
         m.losses(m.encode(frames, audio), {})

@@ -247,3 +247,21 @@ def test_av_mapping_valid_grads_and_none_stages():
     assert z.item() == 0.0 and z.requires_grad
     z0 = av_mapping_loss(logits, vmaps, [None, None])
     assert z0.item() == 0.0 and not torch.isnan(z0)
+
+
+def test_seg_loss_classes_equal_the_functions_with_their_options():
+    from avs.losses import BCESegLoss, StructureLoss, make_seg_loss
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 1, 16, 16, generator=g)
+    masks = (torch.rand(4, 1, 16, 16, generator=g) > 0.5).float()
+    valid = torch.tensor([True, False, True, True])
+    assert torch.equal(BCESegLoss()(logits, masks, valid), bce_loss(logits, masks, valid))
+    opts = {"smoothing": 0.001, "legacy_mean_bce": True, "kernel": 7}
+    assert torch.equal(StructureLoss(**opts)(logits, masks, valid), structure_loss(logits, masks, valid, **opts))
+    assert not torch.equal(StructureLoss()(logits, masks, valid), StructureLoss(**opts)(logits, masks, valid))
+    assert type(make_seg_loss("structure", {"smoothing": 0.1})) is StructureLoss
+    with pytest.raises(ValueError, match="model.seg_loss"):
+        make_seg_loss("dice")
+    with pytest.raises(ValueError, match="kernel"):
+        StructureLoss(kernel=4)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from avs.models.neck import Neck
+from avs.models.neck import ASPPNeck, Conv1Neck, DimReduceNeck, build_neck
 
 PVT = [64, 128, 320, 512]
 R50 = [256, 512, 1024, 2048]
@@ -26,28 +26,28 @@ def _feats(size: int, widths: list[int] = B0, n: int = 2) -> list[torch.Tensor]:
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("size", [64, 96])
 def test_shapes(kind, size):
-    neck = Neck(B0, 16, kind)
+    neck = build_neck(B0, 16, kind)
     out = neck(_feats(size))
     assert [tuple(o.shape) for o in out] == [(2, 16, size // s, size // s) for s in [4, 8, 16, 32]]
 
 
 def test_param_counts():
     # ECMVAE / AVS-BG basic neck: spec 1,313,792 (303,872 / 312,064 / 336,640 / 361,216); ResNet 1,674,240
-    basic = Neck(PVT, 128, "dimreduce")
+    basic = build_neck(PVT, 128, "dimreduce")
     assert _n_params(basic) == 1_313_792
     assert [_n_params(s) for s in basic.stages] == [303_872, 312_064, 336_640, 361_216]
-    assert _n_params(Neck(R50, 128, "dimreduce")) == 1_674_240
+    assert _n_params(build_neck(R50, 128, "dimreduce")) == 1_674_240
     # AVSBench ASPP (256, bias): 4 * sum(c_in) * 256 * 9 + 16 * 256
-    assert _n_params(Neck(PVT, 256, "aspp")) == 9_441_280
-    assert _n_params(Neck(R50, 256, "aspp")) == 35_393_536
+    assert _n_params(build_neck(PVT, 256, "aspp")) == 9_441_280
+    assert _n_params(build_neck(R50, 256, "aspp")) == 35_393_536
     # ECMVAE / AVS-BG aspp (128, no bias): spec 4,718,592
-    assert _n_params(Neck(PVT, 128, "aspp", aspp_bias=False)) == 4_718_592
+    assert _n_params(build_neck(PVT, 128, "aspp", aspp_bias=False)) == 4_718_592
     # conv1: c_in * C weights + BN affine
-    assert _n_params(Neck(PVT, 128, "conv1")) == 1024 * 128 + 4 * 2 * 128
+    assert _n_params(build_neck(PVT, 128, "conv1")) == 1024 * 128 + 4 * 2 * 128
 
 
 def test_dimreduce_is_affine_without_activation():
-    neck = Neck([8], 4, "dimreduce").eval()
+    neck = build_neck([8], 4, "dimreduce").eval()
     for m in neck.modules():  # non-trivial BN statistics and affine
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-1, 1)
@@ -69,7 +69,7 @@ def test_dimreduce_is_affine_without_activation():
 @pytest.mark.parametrize("bias", [True, False])
 def test_aspp_is_sum_of_dilated_convs(bias):
     torch.manual_seed(0)
-    neck = Neck([6], 5, "aspp", aspp_bias=bias)
+    neck = build_neck([6], 5, "aspp", aspp_bias=bias)
     x = torch.randn(1, 6, 20, 20)
     expected = sum(
         F.conv2d(x, c.weight, c.bias, padding=d, dilation=d) for c, d in zip(neck.stages[0].branches, [3, 6, 12, 18])
@@ -80,13 +80,13 @@ def test_aspp_is_sum_of_dilated_convs(bias):
 
 def test_aspp_avsbench_init():
     torch.manual_seed(0)
-    w = torch.cat([c.weight.flatten() for c in Neck([512], 256, "aspp").stages[0].branches])
+    w = torch.cat([c.weight.flatten() for c in build_neck([512], 256, "aspp").stages[0].branches])
     assert abs(w.std().item() - 0.01) < 5e-4 and abs(w.mean().item()) < 5e-4
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_param_gets_gradient_and_inputs_untouched(kind):
-    neck = Neck(B0, 8, kind).train()
+    neck = build_neck(B0, 8, kind).train()
     feats = [f.requires_grad_() for f in _feats(64)]
     copies = [f.detach().clone() for f in feats]
     versions = [f._version for f in feats]
@@ -99,8 +99,16 @@ def test_every_param_gets_gradient_and_inputs_untouched(kind):
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match=r"neck.kind must be one of \['dimreduce', 'conv1', 'aspp'\]"):
-        Neck(PVT, 128, "fpn")
+        build_neck(PVT, 128, "fpn")
     with pytest.raises(ValueError, match="neck.in_channels"):
-        Neck([], 128, "conv1")
+        build_neck([], 128, "conv1")
     with pytest.raises(ValueError, match="4 stages got 3"):
-        Neck(B0, 8, "conv1")(_feats(64)[:3])
+        build_neck(B0, 8, "conv1")(_feats(64)[:3])
+
+
+def test_factory_builds_one_class_per_kind():
+    classes = {"dimreduce": DimReduceNeck, "conv1": Conv1Neck, "aspp": ASPPNeck}
+    for kind, cls in classes.items():
+        assert type(build_neck(B0, 8, kind)) is cls
+    with pytest.raises(TypeError):  # the aspp options belong to the aspp neck only
+        build_neck(B0, 8, "dimreduce", aspp_bias=False)

@@ -93,7 +93,8 @@ def test_unknown_avm_variant_is_refused():
     with pytest.raises(ValueError, match="avm_loss.variant"):
         from avs.models.build import build_model
 
-        cfg = compose_cfg("train", tiny_overrides(Path("/tmp/unused")) + ["model=tpavi", "model.avm_loss.variant=cosine"])
+        overrides = ["model=tpavi", "model.avm_loss.variant=cosine"]
+        cfg = compose_cfg("train", tiny_overrides(Path("/tmp/unused")) + overrides)
         build_model(cfg)
 
 
@@ -154,7 +155,8 @@ def test_tpavi_gaussian_softmax_with_one_frame_averages_g():
     z, _ = m(x, torch.randn(1, 1, 4, dtype=torch.float64))
     gbar = m.g(x).mean(dim=(2, 3, 4))  # [1,2]
     expected = x + torch.cat([gbar, torch.zeros(1, 2, dtype=torch.float64)], 1)[:, :, None, None, None]
-    expected = F.layer_norm(expected.permute(0, 2, 3, 4, 1), (4,), m.norm_layer.weight, m.norm_layer.bias).permute(0, 4, 1, 2, 3)
+    expected = F.layer_norm(expected.permute(0, 2, 3, 4, 1), (4,), m.norm_layer.weight, m.norm_layer.bias)
+    expected = expected.permute(0, 4, 1, 2, 3)
     torch.testing.assert_close(z, expected)
 
 
@@ -191,9 +193,9 @@ def test_sampled_js_surrogate_known_values():
 # ----------------------------------------------------------------------------- presets
 PAPER_FALSE = {
     "tpavi": ["model.avm_loss.legacy_sum", "model.avm_loss.legacy_relu_maps", "model.decoder.legacy_inplace_relu_skip"],
-    "ecmvae": ["model.seg_loss_options.legacy_mean_bce", "model.avm_loss.legacy_sum", "model.latent.legacy_sigma",
+    "ecmvae": ["model.seg_loss.legacy_mean_bce", "model.avm_loss.legacy_sum", "model.latent.legacy_sigma",
                "model.latent.legacy_lld", "model.latent.legacy_test_sample"],
-    "avsbg": ["model.seg_loss_options.legacy_mean_bce", "model.avm_loss.legacy_sum", "model.projector.legacy_raw_logits"],
+    "avsbg": ["model.seg_loss.legacy_mean_bce", "model.avm_loss.legacy_sum", "model.projector.legacy_raw_logits"],
 }
 
 
@@ -224,9 +226,9 @@ def test_release_preset_trains_one_step_per_method(synth_data_dir, tmp_path):
     from avs.engine.trainer import Trainer
 
     for model in ("tpavi", "ecmvae", "avsbg"):
-        cfg = compose_cfg("train", tiny_overrides(synth_data_dir) + [f"model={model}", "model.preset=release",
-                                                                     "model.channels=32" if model == "tpavi" else "seed=1",
-                                                                     "trainer.max_steps=1", "trainer.test_at_end=false"])
+        extra = [f"model={model}", "model.preset=release", "model.channels=32" if model == "tpavi" else "seed=1",
+                 "trainer.max_steps=1", "trainer.test_at_end=false"]
+        cfg = compose_cfg("train", tiny_overrides(synth_data_dir) + extra)
         result = Trainer(cfg, tmp_path / model).fit()
         assert result["steps"] == 1
 
@@ -261,9 +263,9 @@ def test_legacy_lld_and_test_sample_reach_the_model(tmp_path):
 
 def test_js_sampled_divergence_is_the_shared_code_term_of_the_kl(tmp_path):
     from avs.models.divergences import kl_normal
-    from avs.models.latent import ECMVAELatent, Gaussian
+    from avs.models.latent import FactorisedLatent, Gaussian
 
-    lat = ECMVAELatent(channels=16, latent_dim=3, mi_dim=2, image_size=64, divergence="js_sampled")
+    lat = FactorisedLatent(channels=16, latent_dim=3, mi_dim=2, image_size=64, divergence="js_sampled")
     gen = torch.Generator().manual_seed(0)
 
     def g():
@@ -272,7 +274,7 @@ def test_js_sampled_divergence_is_the_shared_code_term_of_the_kl(tmp_path):
     q = {"s_v": g(), "s_a": g(), "c": g()}
     p = {"s_v": g(), "s_a": g(), "c": g()}
     torch.manual_seed(11)
-    got = lat._kl_term(q, p)
+    got = lat.kl_term(q, p)
     specific = sum(kl_normal(q[k].mu, q[k].logvar, p[k].mu, p[k].logvar).mean() for k in ("s_v", "s_a"))
     torch.manual_seed(11)
     shared = sampled_js_surrogate(p["c"].mu, p["c"].logvar, q["c"].mu, q["c"].logvar)  # prior = source

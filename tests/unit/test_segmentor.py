@@ -48,7 +48,8 @@ def _step(model: AVSegmentor, batch: dict) -> dict:
     return terms
 
 
-VARIANTS = [("factorised", d) for d in ("kl", "poe", "moe", "js")] + [("no_factor", "js"), ("visual_only", "js"), ("ae", "js")]
+VARIANTS = [("factorised", d) for d in ("kl", "poe", "moe", "js")]
+VARIANTS += [("no_factor", "js"), ("visual_only", "js"), ("ae", "js")]
 
 
 CASES = [(v, d, False) for v, d in VARIANTS] + [("factorised", "js", True), ("visual_only", "js", True)]
@@ -62,9 +63,11 @@ def test_ecmvae_variants_train_and_reach_every_latent_encoder(tmp_path, variant,
     model = _model(tmp_path, *extra)
     terms = _step(model, _batch(s4))
     assert {"seg_post", "seg_prior"} <= set(terms)
-    expected = {"factorised": {"kl", "diff", "sic"}, "no_factor": {"kl"}, "visual_only": {"kl"}, "ae": {"diff", "sic"}}[variant]
+    expected = {"factorised": {"kl", "diff", "sic"}, "no_factor": {"kl"}, "visual_only": {"kl"},
+                "ae": {"diff", "sic"}}[variant]
     assert expected <= set(terms)
-    starved = [n for n, p in model.latent.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    starved = [n for n, p in model.latent.named_parameters()
+               if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
     assert not starved, f"no gradient reaches {starved[:6]}"
 
 
@@ -76,7 +79,8 @@ def test_s4_posterior_sees_frame0_mask_repeated(tmp_path):
     expected = batch["masks"][:, :1].expand(B, T, 1, S, S).reshape_as(masks)
     assert torch.equal(post, expected)
     ms3 = _batch(s4=False)
-    assert torch.equal(model._posterior_masks(ms3["masks"].flatten(0, 1), ms3["mask_valid"]), ms3["masks"].flatten(0, 1))
+    ms3_masks = ms3["masks"].flatten(0, 1)
+    assert torch.equal(model._posterior_masks(ms3_masks, ms3["mask_valid"]), ms3_masks)
 
 
 def test_ecmvae_eval_with_k_samples_returns_mean_and_variance(tmp_path):
@@ -141,3 +145,45 @@ def test_s4_segmentation_loss_ignores_unlabelled_frames(tmp_path):
     torch.manual_seed(1)
     b = model(batch)["seg"]
     assert torch.equal(a, b)
+
+
+AUDIO_PARAM_PREFIXES = ("audio_encoder.", "projector.", "latent.enc_as", "latent.enc_vac")
+NO_AUDIO = {
+    "avsbg": ["model=avsbg", "model.use_audio=false"],
+    "tpavi": ["model=tpavi", "model.use_audio=false"],
+    "cvae": ["model=ecmvae", "model.use_audio=false", "model.fusion=null", "model.latent.variant=visual_only"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(NO_AUDIO))
+def test_no_audio_builds_no_audio_part_and_every_parameter_learns(tmp_path, name):
+    model = _model(tmp_path, *NO_AUDIO[name])
+    names = [n for n, _ in model.named_parameters()]
+    assert model.audio_encoder is None and model.projector is None and not model.use_audio
+    assert not [n for n in names if n.startswith(AUDIO_PARAM_PREFIXES) or "align_channel" in n]
+    if name == "avsbg":  # the AVCorr attention convs only ever see the audio correlation
+        assert not [n for n in names if n.startswith("fusion.")]
+    batch = _batch(s4=False)
+    del batch["audio"]
+    _step(model, batch)
+    # nothing built goes unused, so DDP needs no unused-parameter search
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused, unused[:6]
+
+
+def test_no_audio_model_loads_a_checkpoint_that_has_the_audio_parts(tmp_path, caplog):
+    """Runs made before the audio parts were left out saved them: those keys (only) are ignored, with one note."""
+    old = _model(tmp_path, "model=avsbg")  # what model.use_audio=false built before: every part
+    new = _model(tmp_path, "model=avsbg", "model.use_audio=false")
+    state = old.state_dict()
+    with caplog.at_level("INFO", logger="avs.models.segmentor"):
+        result = new.load_state_dict(state, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    notes = [r.getMessage() for r in caplog.records if "builds no audio parts" in r.getMessage()]
+    assert len(notes) == 1 and "audio_encoder, fusion, projector" in notes[0]
+    own = new.state_dict()
+    assert all(torch.equal(own[k], state[k]) for k in own)
+    # a key of a part that is built is still checked strictly
+    state["decoder.path4.resConfUnit2.body.0.weight_extra"] = torch.zeros(1)
+    with pytest.raises(RuntimeError, match="weight_extra"):
+        new.load_state_dict(state, strict=True)
