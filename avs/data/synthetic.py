@@ -281,7 +281,7 @@ def _inside(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     raise ValueError(f"unknown shape {shape!r}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _unit_area(shape: str) -> float:
     """Area of `shape` in local units (the unit disc has area pi)."""
     g = (np.arange(801) - 400) / 400.0
