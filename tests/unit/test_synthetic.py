@@ -18,7 +18,9 @@ from PIL import Image
 
 from avs.config import CONFIG_DIR, PROJECT_ROOT
 from avs.data import synthetic as sy
-from avs.data.avsbench import AVSBenchDataset, check_dataset, split_records
+from avs.data.avsbench import AVSBenchDataset
+from avs.data.check import check_dataset
+from avs.data.layout import split_records
 from avs.data.safe_pickle import load_logmel_pkl
 
 TINY = dict(image_size=64, num_frames=5, clips={"train": 3, "val": 2, "test": 2})
@@ -77,7 +79,7 @@ def test_check_dataset_passes_and_dataset_reads(subset: str, s4_root: Path, ms3_
         labelled = item["masks"][item["mask_valid"]]
         assert set(labelled.unique().tolist()) == {0.0, 1.0}  # binary and never empty
         assert (labelled.flatten(1).sum(1) > 0).all()
-        meta = json.loads((root / sy.SUBSET_DIRS[subset] / "synthetic_meta" / split / f"{item['video_id']}.json").read_text())
+        meta = json.loads((sy.writer.meta_dir(root, subset, split) / f"{item['video_id']}.json").read_text())
         assert item["category"] == meta["category"]
 
 
@@ -276,7 +278,7 @@ def test_categories_are_distinct() -> None:
 def test_shapes_are_distinct_and_sized() -> None:
     g = (np.arange(64) - 31.5) / 32.0
     u, v = np.meshgrid(g, -g)
-    masks = {s: sy._inside(s, u, v) for s in sy.SHAPES}
+    masks = {s: sy.render._inside(s, u, v) for s in sy.SHAPES}
     for s, m in masks.items():
         assert 0.25 < m.mean() < 0.8, s  # fills a good part of its bounding disc
     names = list(masks)
