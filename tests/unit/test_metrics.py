@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import avs.metrics as metrics
-from avs.metrics import PROTOCOLS, MetricAccumulator, fscore_thresholds, frame_stats
+from avs.metrics import PROTOCOLS, MetricAccumulator, frame_stats, fscore_thresholds
 
 HI, MID, LO = 10.0, 1.0, -10.0  # sigmoid: 0.99995 (>= th[1..253]), 0.7311 (>= th[1..185]), 4.5e-5 (th[0])
 
