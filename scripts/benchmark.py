@@ -40,7 +40,7 @@ def main(cfg: DictConfig) -> None:
         print(json.dumps({"params": report["groups"], "total": report["total_trainable_excl_audio"],
                           "inference": report["inference_excl_audio"]}))
         return
-    from avs.engine.bench import apply_quick, format_report, run_benchmark
+    from avs.benchmark import apply_quick, format_report, run_benchmark
     from avs.utils.io import atomic_write_text
 
     if cfg.quick:
