@@ -19,8 +19,8 @@ from omegaconf import DictConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import avs  # noqa: E402,F401
-from avs.errors import plain_errors  # noqa: E402
 from avs.engine.params import format_parameter_report, parameter_report  # noqa: E402
+from avs.errors import plain_errors  # noqa: E402
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
