@@ -164,6 +164,25 @@ def _bucket(p: Tensor, table: Tensor) -> Tensor:
     return guess.add_(table.index_select(0, guess.view(-1)).view_as(p) <= p)
 
 
+def _checked_frames(logits: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
+    """Logits and binary masks as [N,H,W] frames on the logits' device; ValueError naming what is wrong."""
+    lg = _as_frames(logits, "logits")
+    mk = _as_frames(masks, "masks")
+    if lg.shape != mk.shape:
+        raise ValueError(
+            f"logits and masks must describe the same frames, got logits {tuple(logits.shape)} "
+            f"and masks {tuple(masks.shape)}"
+        )
+    if not lg.is_floating_point():
+        raise ValueError(f"logits must be a floating-point tensor, got dtype {lg.dtype}")
+    if lg.shape[-1] * lg.shape[-2] == 0:
+        raise ValueError(f"logits have empty frames (H*W = 0): shape {tuple(logits.shape)}")
+    mk = mk.to(lg.device)
+    if mk.dtype != torch.bool and bool((mk * (mk - 1)).any()):  # zero iff every value is 0 or 1
+        raise ValueError("masks must be binary (values 0 and 1 only)")
+    return lg, mk
+
+
 @torch.no_grad()
 def frame_stats(logits: Tensor, masks: Tensor, num_thresholds: int = 255) -> FrameStats:
     """Per-frame counts from logits and binary masks ([N,1,H,W] or [N,H,W]); on the logits' device.
@@ -176,24 +195,11 @@ def frame_stats(logits: Tensor, masks: Tensor, num_thresholds: int = 255) -> Fra
     too low, corrected by one look-up ``th[guess] <= p``; so it equals naive ``p >= tau``
     counting exactly, ties included.
     """
-    lg = _as_frames(logits, "logits")
-    mk = _as_frames(masks, "masks")
-    if lg.shape != mk.shape:
-        raise ValueError(
-            f"logits and masks must describe the same frames, got logits {tuple(logits.shape)} "
-            f"and masks {tuple(masks.shape)}"
-        )
-    if not lg.is_floating_point():
-        raise ValueError(f"logits must be a floating-point tensor, got dtype {lg.dtype}")
+    lg, mk = _checked_frames(logits, masks)
     k = num_thresholds
     table = _threshold_table(k, lg.device)  # validates num_thresholds
     n, h, w = lg.shape
     hw = h * w
-    if hw == 0:
-        raise ValueError(f"logits have empty frames (H*W = 0): shape {tuple(logits.shape)}")
-    mk = mk.to(lg.device)
-    if mk.dtype != torch.bool and bool((mk * (mk - 1)).any()):  # zero iff every value is 0 or 1
-        raise ValueError("masks must be binary (values 0 and 1 only)")
     nbins = k + 1  # bucket c in [0, K]
     codes = 4 * nbins  # per frame: (gt, p > 0.5, bucket)
     chunk = max(1, min(_CHUNK_PIXELS // max(hw, 1), _CHUNK_PIXELS // codes))
@@ -251,6 +257,29 @@ _COLUMNS = ("clip", "frame", "inter", "union", "fg_inter", "fg_union", "gt_area"
 _NCOL = len(_COLUMNS)
 
 
+def _clip_layout(logits: Tensor, masks: Tensor, batch_size_clips: int | None) -> tuple[int, int, int]:
+    """(clips B, frames per clip T, frames N) of an update's input."""
+    n = _as_frames(logits, "logits").shape[0]
+    if logits.dim() == 5:
+        b, t = int(logits.shape[0]), int(logits.shape[1])
+    elif masks.dim() == 5:
+        b, t = int(masks.shape[0]), int(masks.shape[1])
+    elif batch_size_clips is not None:
+        b = int(batch_size_clips)
+        if b < 1 or n % b != 0:
+            raise ValueError(
+                f"batch_size_clips={batch_size_clips} must be >= 1 and divide the {n} frames of logits"
+            )
+        t = n // b
+    else:
+        b, t = n, 1
+    if batch_size_clips is not None and int(batch_size_clips) != b:
+        raise ValueError(f"batch_size_clips={batch_size_clips} but the input holds {b} clips")
+    if b * t != n:
+        raise ValueError(f"masks {tuple(masks.shape)} do not match logits {tuple(logits.shape)}")
+    return b, t, n
+
+
 class MetricAccumulator:
     """Collects per-frame stats (CPU, int64) over an evaluation and reduces them per protocol."""
 
@@ -290,25 +319,7 @@ class MetricAccumulator:
         arrival order (then the accumulator cannot be merged). valid: bool [B,T] or [N];
         frames marked False are not scored (e.g. unlabelled frames).
         """
-        lg5 = logits.dim() == 5
-        n = _as_frames(logits, "logits").shape[0]
-        if lg5:
-            b, t = int(logits.shape[0]), int(logits.shape[1])
-        elif masks.dim() == 5:
-            b, t = int(masks.shape[0]), int(masks.shape[1])
-        elif batch_size_clips is not None:
-            b = int(batch_size_clips)
-            if b < 1 or n % b != 0:
-                raise ValueError(
-                    f"batch_size_clips={batch_size_clips} must be >= 1 and divide the {n} frames of logits"
-                )
-            t = n // b
-        else:
-            b, t = n, 1
-        if batch_size_clips is not None and int(batch_size_clips) != b:
-            raise ValueError(f"batch_size_clips={batch_size_clips} but the input holds {b} clips")
-        if b * t != n:
-            raise ValueError(f"masks {tuple(masks.shape)} do not match logits {tuple(logits.shape)}")
+        b, t, n = _clip_layout(logits, masks, batch_size_clips)
 
         keep = None
         if valid is not None:

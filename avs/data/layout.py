@@ -44,6 +44,7 @@ __all__ = [
     "embedding_root",
     "embedding_path",
     "labelled_frames",
+    "labelled_frames_name",
     "read_meta_csv",
     "meta_csv_text",
     "check_split_values",
@@ -181,6 +182,11 @@ def labelled_frames(subset: str, split: str, num_frames: int) -> list[int]:
     if subset == "s4" and split == "train":
         return [1]
     return list(range(1, num_frames + 1))
+
+
+def labelled_frames_name(subset: str, split: str) -> str:
+    """`labelled_frames` in a word, for run records: 'first' (frame 1 of each clip only) or 'all'."""
+    return "first" if labelled_frames(subset, split, 2) == [1] else "all"
 
 
 # --------------------------------------------------------------------------------------------

@@ -131,6 +131,24 @@ def _metric_value(record: dict[str, Any], split: str, protocol: str, metric: str
 
 
 # ----------------------------------------------------------------------------- building
+def _fill_row(row: TableRow, members: list[RunResult], subsets: Sequence[str], metrics: Sequence[str],
+              split: str, protocol: str) -> None:
+    """Our cells (mean +- std over the row's runs) and the published numbers of one row."""
+    for subset in subsets:
+        group = [r for r in members if r.subset == subset]
+        for m in metrics:
+            vals = [_metric_value(r.record, split, protocol, m, r.path) for r in group]
+            if vals:
+                std = statistics.stdev(vals) if len(vals) > 1 else None
+                row.cells[(subset, m)] = Cell(statistics.fmean(vals), std, len(vals))
+            pub = None
+            for r in members:  # any run of the row names the paper's numbers for every subset
+                if r.published is not None and r.published["numbers"].get(subset, {}).get(m) is not None:
+                    pub = r.published["numbers"][subset][m]
+                    break
+            row.published[(subset, m)] = pub
+
+
 def build_table(
     runs: Sequence[RunResult],
     *,
@@ -177,19 +195,7 @@ def build_table(
         members[ident].append(r)
         rows[ident].runs.append(r.path)
     for ident, row in rows.items():
-        for subset in subsets:
-            group = [r for r in members[ident] if r.subset == subset]
-            for m in metrics:
-                vals = [_metric_value(r.record, split, protocol, m, r.path) for r in group]
-                if vals:
-                    std = statistics.stdev(vals) if len(vals) > 1 else None
-                    row.cells[(subset, m)] = Cell(statistics.fmean(vals), std, len(vals))
-                pub = None
-                for r in members[ident]:  # any run of the row names the paper's numbers for every subset
-                    if r.published is not None and r.published["numbers"].get(subset, {}).get(m) is not None:
-                        pub = r.published["numbers"][subset][m]
-                        break
-                row.published[(subset, m)] = pub
+        _fill_row(row, members[ident], subsets, metrics, split, protocol)
     caption = _caption(usable, keys, split, protocol, show_published)
     return ResultTable(title, keys, subsets, list(metrics), list(rows.values()), caption, show_published)
 

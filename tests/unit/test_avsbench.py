@@ -21,6 +21,7 @@ from avs.data.layout import (
     embedding_path,
     frame_path,
     labelled_frames,
+    labelled_frames_name,
     logmel_path,
     mask_path,
     split_records,
@@ -430,6 +431,8 @@ def test_labelled_frames_is_the_one_rule_of_generator_loader_and_check(tmp_path,
 
     assert labelled_frames("s4", "train", 3) == [1]
     assert labelled_frames("s4", "val", 3) == labelled_frames("ms3", "train", 3) == [1, 2, 3]
+    assert labelled_frames_name("s4", "train") == "first"
+    assert labelled_frames_name("s4", "test") == labelled_frames_name("ms3", "train") == "all"
     cfg = SyntheticConfig(subset=subset, clips={"train": 1, "val": 1}, image_size=32, num_frames=3)
     root = generate(tmp_path / "root", cfg, progress=False)
     for split in ("train", "val"):

@@ -51,7 +51,8 @@ def _read_gt_png(path: Path) -> np.ndarray:
         return np.asarray(im.convert("L")) > 127
 
 
-def _score_frames(root: Path, subset: str, split: str, clips: list[dict[str, Any]], prior: dict[str, float], names: list[str]):
+def _score_frames(root: Path, subset: str, split: str, clips: list[dict[str, Any]], prior: dict[str, float],
+                  names: list[str]) -> tuple[dict[str, list[float]], list[float]]:
     """Per-frame IoUs of every visual-only predictor, and of the GT PNGs on disk (the oracle)."""
     layout = get_layout(subset)
     preds: dict[str, list[np.ndarray]] = {k: [] for k in names}
