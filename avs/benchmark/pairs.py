@@ -50,7 +50,8 @@ def pair_spec(cfg: DictConfig, name: str) -> dict[str, Any]:
     if name not in pairs:
         raise ConfigError(f"compare: unknown pair {name!r}; expected some of {sorted(pairs)}")
     p = pairs[name]
-    spec: dict[str, Any] = {"inference_only": bool(p.get("inference_only", False)), "timeout_s": p.get("timeout_s")}
+    spec: dict[str, Any] = {"inference_only": bool(p.get("inference_only", False)), "timeout_s": p.get("timeout_s"),
+                            "what": str(p.get("what", name))}
     for side in ("a", "b"):
         v = p[side]
         spec[side] = {
@@ -95,7 +96,7 @@ def _measure_pair(cfg: DictConfig, name: str, spec: dict[str, Any], spec0: dict[
         rb = measure({**spec0, "kinds": kinds, "overrides": b["overrides"], "runtime": b["runtime"]}, memory=False,
                      timeout=spec["timeout_s"])
         if "error" in rb:
-            return {**entry, "skipped": f"{name}: {rb['error']}"}
+            return {**entry, "skipped": f"{spec['what']}: {rb['error']}"}
         entry["max_abs_diff"] = rb.get("max_abs_diff")
     else:
         kinds = ["train_step", "infer_clip"]

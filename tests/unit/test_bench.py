@@ -122,3 +122,16 @@ def test_targets_are_checked():
     # a per-model bound applies to that model only: no memory target for tpavi
     t = bench.check_targets({**res, "config": {"model": "tpavi"}}, compose_cfg("benchmark", []).targets)
     assert "factorised/dense peak memory" not in t and t["train_step/backbone_fwdbwd"]["bound"] == 1.5
+
+
+def test_benchmark_code_names_no_method():
+    """Pairs and targets per method live in configs/benchmark.yaml, not in avs/benchmark/."""
+    from pathlib import Path
+
+    from avs.config import CONFIG_DIR, PROJECT_ROOT
+
+    methods = [p.stem for p in (Path(CONFIG_DIR) / "model").glob("*.yaml")]
+    assert "tpavi" in methods
+    for path in (Path(PROJECT_ROOT) / "avs" / "benchmark").glob("*.py"):
+        text = path.read_text().lower()
+        assert not [m for m in methods if m in text], path
