@@ -10,11 +10,16 @@ from __future__ import annotations
 import difflib
 import math
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from avs.data.audio import EMBEDDING_DIM
+from avs.data.layout import LAYOUTS
+from avs.data.options import check_data_options
 from avs.errors import ConfigError, MissingFileError  # noqa: F401  (ConfigError, MissingFileError re-exported)
 
 AMP_CHOICES = ("auto", "off", "false", "False", "none", "None", "bf16", "fp16")
@@ -137,7 +142,7 @@ def _check_targets(cfg: DictConfig, node: Any = None, path: str = "") -> None:
 
 
 def _check_data(data: DictConfig) -> None:
-    if data.subset not in ("s4", "ms3"):
+    if data.subset not in LAYOUTS:
         raise ConfigError(f"data.subset must be 's4' or 'ms3', got {data.subset!r}")
     size = _positive_int(data.image_size, "data.image_size")
     if size % 32 != 0:
@@ -146,10 +151,7 @@ def _check_data(data: DictConfig) -> None:
     _positive_int(data.batch_size, "data.batch_size")
     _positive_int(data.get("eval_batch_size", data.batch_size), "data.eval_batch_size")
     _positive_int(data.get("num_workers", 0), "data.num_workers", minimum=0)
-    if data.audio_source not in ("logmel", "wav", "embedding"):
-        raise ConfigError(f"data.audio_source must be logmel|wav|embedding, got {data.audio_source!r}")
-    if data.get("on_error", "raise") not in ("raise", "skip"):
-        raise ConfigError(f"data.on_error must be 'raise' or 'skip', got {data.on_error!r}")
+    check_data_options(data.audio_source, data.get("on_error", "raise"))
     flip = _number(data.get("flip_prob", 0.0) or 0.0, "data.flip_prob")
     if not 0.0 <= flip <= 1.0:
         raise ConfigError(f"data.flip_prob={flip} must lie in [0, 1]")
@@ -203,9 +205,6 @@ def _check_model(cfg: DictConfig, data: DictConfig, model: DictConfig) -> None:
     init_from = model.get("init_from")
     if init_from and not Path(str(init_from)).expanduser().is_file():
         raise ConfigError(f"model.init_from={init_from}: file not found (give an avs checkpoint, e.g. <S4 run>/checkpoints/best.ckpt)")
-
-
-EMBEDDING_DIM = 128  # cached VGGish embeddings (scripts/extract_audio.py)
 
 
 def _check_embedding_audio(model: DictConfig) -> None:

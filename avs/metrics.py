@@ -63,10 +63,9 @@ means, and a clip seen twice (DistributedSampler padding) is kept once (first oc
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -74,9 +73,6 @@ __all__ = ["PROTOCOLS", "FrameStats", "MetricAccumulator", "frame_stats", "fscor
 
 PROTOCOLS: tuple[str, ...] = ("avsbench_legacy", "per_frame", "dataset_level")
 
-_BETA2 = 0.3
-_IOU_EPS = 1e-7  # mask_iou eps
-_PR_EPS = 1e-20  # _eval_pr eps
 _MAX_THRESHOLDS = 10_000  # the one-look-up bucketing below is exact up to this many thresholds
 _GUESS_SHRINK = 1e-5  # bucket guess floor(p*(K-1)*(1-shrink)) is never too high, at most one low
 _CHUNK_PIXELS = 1 << 20  # frames are counted in chunks of about this many pixels (bounds memory)
@@ -168,6 +164,25 @@ def _bucket(p: Tensor, table: Tensor) -> Tensor:
     return guess.add_(table.index_select(0, guess.view(-1)).view_as(p) <= p)
 
 
+def _checked_frames(logits: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
+    """Logits and binary masks as [N,H,W] frames on the logits' device; ValueError naming what is wrong."""
+    lg = _as_frames(logits, "logits")
+    mk = _as_frames(masks, "masks")
+    if lg.shape != mk.shape:
+        raise ValueError(
+            f"logits and masks must describe the same frames, got logits {tuple(logits.shape)} "
+            f"and masks {tuple(masks.shape)}"
+        )
+    if not lg.is_floating_point():
+        raise ValueError(f"logits must be a floating-point tensor, got dtype {lg.dtype}")
+    if lg.shape[-1] * lg.shape[-2] == 0:
+        raise ValueError(f"logits have empty frames (H*W = 0): shape {tuple(logits.shape)}")
+    mk = mk.to(lg.device)
+    if mk.dtype != torch.bool and bool((mk * (mk - 1)).any()):  # zero iff every value is 0 or 1
+        raise ValueError("masks must be binary (values 0 and 1 only)")
+    return lg, mk
+
+
 @torch.no_grad()
 def frame_stats(logits: Tensor, masks: Tensor, num_thresholds: int = 255) -> FrameStats:
     """Per-frame counts from logits and binary masks ([N,1,H,W] or [N,H,W]); on the logits' device.
@@ -180,24 +195,11 @@ def frame_stats(logits: Tensor, masks: Tensor, num_thresholds: int = 255) -> Fra
     too low, corrected by one look-up ``th[guess] <= p``; so it equals naive ``p >= tau``
     counting exactly, ties included.
     """
-    lg = _as_frames(logits, "logits")
-    mk = _as_frames(masks, "masks")
-    if lg.shape != mk.shape:
-        raise ValueError(
-            f"logits and masks must describe the same frames, got logits {tuple(logits.shape)} "
-            f"and masks {tuple(masks.shape)}"
-        )
-    if not lg.is_floating_point():
-        raise ValueError(f"logits must be a floating-point tensor, got dtype {lg.dtype}")
+    lg, mk = _checked_frames(logits, masks)
     k = num_thresholds
     table = _threshold_table(k, lg.device)  # validates num_thresholds
     n, h, w = lg.shape
     hw = h * w
-    if hw == 0:
-        raise ValueError(f"logits have empty frames (H*W = 0): shape {tuple(logits.shape)}")
-    mk = mk.to(lg.device)
-    if mk.dtype != torch.bool and bool((mk * (mk - 1)).any()):  # zero iff every value is 0 or 1
-        raise ValueError("masks must be binary (values 0 and 1 only)")
     nbins = k + 1  # bucket c in [0, K]
     codes = 4 * nbins  # per frame: (gt, p > 0.5, bucket)
     chunk = max(1, min(_CHUNK_PIXELS // max(hw, 1), _CHUNK_PIXELS // codes))
@@ -240,22 +242,42 @@ def frame_stats(logits: Tensor, masks: Tensor, num_thresholds: int = 255) -> Fra
     )
 
 
+def binary_frame_iou(pred: Tensor, masks: Tensor) -> Tensor:
+    """Per-frame IoU of binary predictions [N,H,W] against binary masks -> float64 [N].
+
+    The rule of every protocol's per-frame IoU (`FrameStats.inter / union`): an empty GT frame
+    scores the fraction of pixels predicted background.
+    """
+    s = frame_stats(torch.where(pred.bool(), 1.0, -1.0), masks, num_thresholds=2)  # sigmoid(+-1) is either side of 0.5
+    return s.inter.double() / s.union.double()
+
+
 # column layout of MetricAccumulator.to_tensor(): int64 [N, len(_COLUMNS) + 2K]
 _COLUMNS = ("clip", "frame", "inter", "union", "fg_inter", "fg_union", "gt_area", "pred_area", "num_pixels")
 _NCOL = len(_COLUMNS)
 
 
-def _fbeta(prec: Tensor, rec: Tensor) -> Tensor:
-    """F_beta (beta^2 = 0.3) of same-shaped precision/recall; NaN (0/0) -> 0."""
-    f = (1 + _BETA2) * prec * rec / (_BETA2 * prec + rec)
-    return torch.nan_to_num(f, nan=0.0)
-
-
-def _safe_div(num: Tensor, den: Tensor) -> Tensor:
-    """num / den in float64, 0 where den == 0."""
-    num = num.double()
-    den = den.double()
-    return torch.where(den > 0, num / den.clamp_min(1), torch.zeros_like(num))
+def _clip_layout(logits: Tensor, masks: Tensor, batch_size_clips: int | None) -> tuple[int, int, int]:
+    """(clips B, frames per clip T, frames N) of an update's input."""
+    n = _as_frames(logits, "logits").shape[0]
+    if logits.dim() == 5:
+        b, t = int(logits.shape[0]), int(logits.shape[1])
+    elif masks.dim() == 5:
+        b, t = int(masks.shape[0]), int(masks.shape[1])
+    elif batch_size_clips is not None:
+        b = int(batch_size_clips)
+        if b < 1 or n % b != 0:
+            raise ValueError(
+                f"batch_size_clips={batch_size_clips} must be >= 1 and divide the {n} frames of logits"
+            )
+        t = n // b
+    else:
+        b, t = n, 1
+    if batch_size_clips is not None and int(batch_size_clips) != b:
+        raise ValueError(f"batch_size_clips={batch_size_clips} but the input holds {b} clips")
+    if b * t != n:
+        raise ValueError(f"masks {tuple(masks.shape)} do not match logits {tuple(logits.shape)}")
+    return b, t, n
 
 
 class MetricAccumulator:
@@ -297,25 +319,7 @@ class MetricAccumulator:
         arrival order (then the accumulator cannot be merged). valid: bool [B,T] or [N];
         frames marked False are not scored (e.g. unlabelled frames).
         """
-        lg5 = logits.dim() == 5
-        n = _as_frames(logits, "logits").shape[0]
-        if lg5:
-            b, t = int(logits.shape[0]), int(logits.shape[1])
-        elif masks.dim() == 5:
-            b, t = int(masks.shape[0]), int(masks.shape[1])
-        elif batch_size_clips is not None:
-            b = int(batch_size_clips)
-            if b < 1 or n % b != 0:
-                raise ValueError(
-                    f"batch_size_clips={batch_size_clips} must be >= 1 and divide the {n} frames of logits"
-                )
-            t = n // b
-        else:
-            b, t = n, 1
-        if batch_size_clips is not None and int(batch_size_clips) != b:
-            raise ValueError(f"batch_size_clips={batch_size_clips} but the input holds {b} clips")
-        if b * t != n:
-            raise ValueError(f"masks {tuple(masks.shape)} do not match logits {tuple(logits.shape)}")
+        b, t, n = _clip_layout(logits, masks, batch_size_clips)
 
         keep = None
         if valid is not None:
@@ -494,125 +498,10 @@ class MetricAccumulator:
         clip, _, stats = self._consolidated()
         if len(stats) == 0:
             raise ValueError("no frames to evaluate: call update() before compute()")
+        from avs.metric_protocols import reduce_protocol
+
         out = {}
         for name in names:
-            if name == "avsbench_legacy":
-                out[name] = _legacy(clip, stats, legacy_batch_size)
-            elif name == "per_frame":
-                out[name] = _per_frame(stats)
-            else:
-                out[name] = _dataset_level(stats)
+            out[name] = reduce_protocol(name, clip, stats, legacy_batch_size)
             out[name]["protocol"] = name
         return out[protocol] if isinstance(protocol, str) else out
-
-
-def _legacy_fcurves(s: FrameStats) -> Tensor:
-    """Per-frame F-curves [N,K] float32 in the arithmetic of AVSBench _eval_pr / Eval_Fmeasure."""
-    tp = s.tp.float()
-    prec = tp / (s.pred_pos.float() + _PR_EPS)
-    rec = tp / (s.gt_area.float()[:, None] + _PR_EPS)
-    f = (1 + _BETA2) * prec * rec / (_BETA2 * prec + rec)
-    f[f != f] = 0
-    return f
-
-
-def _legacy(clip: Tensor, s: FrameStats, batch_size: int) -> dict:
-    """AVSBench test.py aggregation over batches of `batch_size` clips (clip-index order)."""
-    n = len(s)
-    _, clip_rank = torch.unique_consecutive(clip, return_inverse=True)  # clip is sorted
-    num_clips = int(clip_rank.max()) + 1
-    batch = clip_rank // batch_size  # [N] batch of each frame
-    nb = int(batch.max()) + 1
-    counts = torch.bincount(batch, minlength=nb)  # frames per batch
-    starts = torch.cumsum(counts, 0) - counts
-    col = torch.arange(n) - starts[batch]  # position of the frame within its batch
-    width = int(counts.max())
-
-    # mask_iou: inter / (union + eps) per frame, float32 running sum over the batch, / N_b
-    iou = s.inter.float() / (s.union.float() + _IOU_EPS)  # [N] float32
-    iou_grid = torch.zeros((nb, width), dtype=torch.float32)
-    iou_grid[batch, col] = iou
-    # Eval_Fmeasure: per-frame curves, running sum over non-empty-GT frames, / count, max
-    nonempty = s.gt_area > 0
-    f_grid = torch.zeros((nb, width, s.num_thresholds), dtype=torch.float32)
-    f_grid[batch, col] = _legacy_fcurves(s) * nonempty[:, None]  # zeros for skipped frames
-    iou_sum = torch.zeros(nb, dtype=torch.float32)
-    f_sum = torch.zeros((nb, s.num_thresholds), dtype=torch.float32)
-    for j in range(width):  # positions within a batch (<= batch_size * T), vectorised over batches
-        iou_sum = iou_sum + iou_grid[:, j]
-        f_sum = f_sum + f_grid[:, j]
-    batch_miou = iou_sum / counts.float()  # [nb] float32
-    f_count = torch.bincount(batch[nonempty], minlength=nb)  # non-empty frames per batch
-    f_curve = torch.where(f_count[:, None] > 0, f_sum / f_count.clamp_min(1).float()[:, None], 0.0)
-    batch_f = f_curve.max(1).values  # [nb] float32
-
-    # AverageMeter: float32 running sum of the mIoU tensors; float64 sum of F .item() values
-    miou_acc = np.float32(0.0)
-    for v in batch_miou.numpy():
-        miou_acc = np.float32(miou_acc + v)
-    miou = float(np.float32(miou_acc / np.float32(nb)))
-    f_acc = 0.0
-    for v in batch_f.tolist():
-        f_acc += v
-    return {
-        "miou": miou,
-        "fscore": f_acc / nb,
-        "eval_batch_size": batch_size,
-        "num_batches": nb,
-        "num_empty_fscore_batches": int((f_count == 0).sum()),
-        "num_clips": num_clips,
-        "num_frames": n,
-    }
-
-
-def _per_frame(s: FrameStats) -> dict:
-    """Batch-independent per-frame means (float64)."""
-    iou = s.inter.double() / s.union.double()  # union >= 1 always
-    nonempty = s.gt_area > 0
-    nf = int(nonempty.sum())
-    th = fscore_thresholds(s.num_thresholds).double()
-    if nf:
-        ne = s.select(nonempty)
-        prec = _safe_div(ne.tp, ne.pred_pos)  # [M,K]
-        rec = _safe_div(ne.tp, ne.gt_area[:, None].expand_as(ne.tp))
-        curve = _fbeta(prec, rec).mean(0)  # [K]
-        best = int(torch.argmax(curve))
-        f_max, f_max_th = float(curve[best]), float(th[best])
-        f05 = _fbeta(_safe_div(ne.fg_inter, ne.pred_area), _safe_div(ne.fg_inter, ne.gt_area))
-        f_half = float(f05.mean())
-    else:
-        f_max, f_max_th, f_half = 0.0, None, 0.0
-    return {
-        "miou": float(iou.mean()),
-        "fscore": f_max,
-        "fscore_max": f_max,
-        "fscore_max_threshold": f_max_th,
-        "fscore_at_0.5": f_half,
-        "num_fscore_frames": nf,
-        "num_frames": len(s),
-    }
-
-
-def _dataset_level(s: FrameStats) -> dict:
-    """Pixel counts summed over the set, then ratios (float64)."""
-    tp = s.fg_inter.sum()
-    union = s.fg_union.sum()
-    pixels = s.num_pixels.sum()
-    pred = s.pred_area.sum()
-    gt = s.gt_area.sum()
-    iou_fg = float(tp) / float(union) if union > 0 else 1.0
-    bg_inter, bg_union = pixels - union, pixels - tp  # true negatives; background in pred or GT
-    iou_bg = float(bg_inter) / float(bg_union) if bg_union > 0 else 1.0
-    prec = float(tp) / float(pred) if pred > 0 else 0.0
-    rec = float(tp) / float(gt) if gt > 0 else 0.0
-    den = _BETA2 * prec + rec
-    f = (1 + _BETA2) * prec * rec / den if den > 0 else 0.0
-    return {
-        "miou": iou_fg,
-        "iou_bg": iou_bg,
-        "miou_fg_bg": 0.5 * (iou_fg + iou_bg),
-        "precision": prec,
-        "recall": rec,
-        "fscore": f,
-        "num_frames": len(s),
-    }

@@ -19,8 +19,8 @@ from omegaconf import DictConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import avs  # noqa: E402,F401
-from avs.errors import plain_errors  # noqa: E402
 from avs.engine.params import format_parameter_report, parameter_report  # noqa: E402
+from avs.errors import plain_errors  # noqa: E402
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ def main(cfg: DictConfig) -> None:
         print(json.dumps({"params": report["groups"], "total": report["total_trainable_excl_audio"],
                           "inference": report["inference_excl_audio"]}))
         return
-    from avs.engine.bench import apply_quick, format_report, run_benchmark
+    from avs.benchmark import apply_quick, format_report, run_benchmark
     from avs.utils.io import atomic_write_text
 
     if cfg.quick:

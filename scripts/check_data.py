@@ -17,8 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 import avs  # noqa: E402,F401  (registers config resolvers)
+from avs.data.check import check_dataset  # noqa: E402
+from avs.data.options import pad_short_audio_flag  # noqa: E402
 from avs.errors import plain_errors  # noqa: E402
-from avs.data.avsbench import check_dataset, pad_short_audio_flag  # noqa: E402
 
 log = logging.getLogger("avs.check_data")
 

@@ -16,11 +16,12 @@ from omegaconf import DictConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 import avs  # noqa: E402,F401  (registers config resolvers)
-from avs.errors import plain_errors  # noqa: E402
-from avs.data.avsbench import AVSDataError, pad_short_audio_flag  # noqa: E402
 from avs.data.embeddings import extract_embeddings  # noqa: E402
-from avs.utils.device import select_device  # noqa: E402
+from avs.data.layout import AVSDataError  # noqa: E402
+from avs.data.options import pad_short_audio_flag  # noqa: E402
+from avs.errors import plain_errors  # noqa: E402
 from avs.models.vggish import VGGish  # noqa: E402
+from avs.utils.device import select_device  # noqa: E402
 
 log = logging.getLogger("avs.extract_audio")
 

@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import avs  # noqa: E402,F401  (registers config resolvers)
 from avs.config_checks import ConfigError  # noqa: E402
-from avs.errors import plain_errors  # noqa: E402
 from avs.data.synthetic import SyntheticConfig, compute_ceilings, ensure_synthetic, is_complete  # noqa: E402
+from avs.errors import plain_errors  # noqa: E402
 
 log = logging.getLogger("avs.make_synthetic")
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from avs.engine.tables import make_table, to_markdown  # noqa: E402
 from avs.errors import run_plain  # noqa: E402
+from avs.tables import make_table, to_markdown  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

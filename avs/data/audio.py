@@ -14,6 +14,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from avs.data.layout import AVSDataError
+
 log = logging.getLogger(__name__)
 
 # VGGish constants (vggish_params.py).
@@ -35,6 +37,8 @@ FFT_LENGTH = 2 ** int(np.ceil(np.log(WINDOW_LENGTH) / np.log(2.0)))  # 512
 EXAMPLE_FRAMES = int(round(EXAMPLE_WINDOW_SECONDS / STFT_HOP_SECONDS))  # 96
 EXAMPLE_HOP_FRAMES = int(round(EXAMPLE_HOP_SECONDS / STFT_HOP_SECONDS))  # 96
 # Fewest 16 kHz samples that give one example: 400 + 95 * 160 = 15600 (0.975 s).
+LOGMEL_SHAPE = (1, NUM_FRAMES, NUM_BANDS)  # one example as stored in the released pkls
+EMBEDDING_DIM = 128  # cached VGGish embeddings
 MIN_SAMPLES = WINDOW_LENGTH + (EXAMPLE_FRAMES - 1) * HOP_LENGTH
 
 # Kaiser-windowed sinc settings that match resampy's default 'kaiser_best' filter (the values the
@@ -207,6 +211,26 @@ def fit_num_examples(examples: np.ndarray, num_frames: int) -> np.ndarray:
         return examples[:num_frames]
     pad = np.repeat(examples[-1:], num_frames - n, axis=0)
     return np.concatenate([examples, pad], axis=0)
+
+
+def fit_audio_array(arr: np.ndarray, num_frames: int, path: str | os.PathLike,
+                    tail: tuple[int, ...] = LOGMEL_SHAPE, pad_short: bool = False) -> np.ndarray:
+    """Audio read from a file, [n,*tail] -> [num_frames,*tail]; the one rule for log-mel pkls and cached embeddings.
+
+    More than `num_frames` examples: the first `num_frames` are kept. Fewer: AVSDataError naming the
+    file, the shape found and the examples expected, unless `pad_short` (config `data.pad_short_audio`),
+    which repeats the last example as the wav front end does. Wrong dtype or shape: AVSDataError.
+    """
+    shape = "[n," + ",".join(map(str, tail)) + "]"
+    if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
+        raise AVSDataError(f"{path}: expected real numbers, got dtype {arr.dtype}")
+    if arr.ndim != 1 + len(tail) or tuple(arr.shape[1:]) != tuple(tail) or arr.shape[0] == 0:
+        raise AVSDataError(f"{path}: expected audio shaped {shape}, got {list(arr.shape)}")
+    if arr.shape[0] < num_frames and not pad_short:
+        raise AVSDataError(
+            f"{path}: audio shaped {list(arr.shape)} has {arr.shape[0]} example(s), data.num_frames={num_frames} "
+            f"needs {num_frames}; set data.pad_short_audio=true to repeat the last example instead")
+    return fit_num_examples(arr, num_frames)  # [n,...] -> [T,...]
 
 
 def logmel_clip(samples: np.ndarray, sample_rate: int, num_frames: int) -> np.ndarray:

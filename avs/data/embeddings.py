@@ -4,22 +4,20 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from avs.data.audio import wav_to_logmel
-from avs.data.avsbench import (
-    LOGMEL_SHAPE,
+from avs.data.audio import LOGMEL_SHAPE, fit_audio_array, wav_to_logmel
+from avs.data.layout import (
     AVSDataError,
     ClipRecord,
     embedding_path,
     embedding_root,
-    fit_audio_array,
     get_layout,
     logmel_path,
     split_records,

@@ -23,12 +23,13 @@ import os
 import pickle
 import re
 import struct
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 
-from avs.data.avsbench import AVSDataError
+from avs.data.layout import AVSDataError
 from avs.utils.io import atomic_write_bytes
 
 __all__ = ["UnsafePickleError", "SafeUnpickler", "load_pickle", "load_logmel_pkl", "dump_logmel_pkl"]
@@ -284,7 +285,7 @@ def _storage_payload(tensor: torch.Tensor) -> bytes:
     """The bytes torch embeds for the tensor's storage when the tensor is pickled."""
     import pickletools
 
-    for opcode, arg, _ in pickletools.genops(pickle.dumps(tensor, protocol=pickle.DEFAULT_PROTOCOL)):
+    for _opcode, arg, _ in pickletools.genops(pickle.dumps(tensor, protocol=pickle.DEFAULT_PROTOCOL)):
         if isinstance(arg, bytes):
             return arg
     raise RuntimeError("torch tensor pickle without an embedded storage payload")

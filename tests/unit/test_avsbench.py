@@ -14,15 +14,16 @@ from torch.utils.data import DataLoader
 
 from avs.config import CONFIG_DIR
 from avs.data import AVSBenchDataset, AVSDataError, build_dataset, check_dataset, collate_skip_none
-from avs.data.avsbench import (
+from avs.data.avsbench import SkippedItem, read_mask
+from avs.data.layout import (
     LAYOUTS,
     ClipRecord,
-    SkippedItem,
     embedding_path,
     frame_path,
+    labelled_frames,
+    labelled_frames_name,
     logmel_path,
     mask_path,
-    read_mask,
     split_records,
     wav_path,
 )
@@ -421,3 +422,24 @@ def test_pad_short_audio_must_be_a_boolean(tree):
     cfg = OmegaConf.create({"root": str(tree), "subset": "s4", "image_size": SIZE, "pad_short_audio": "no"})
     with pytest.raises(ValueError, match=r"data.pad_short_audio must be true or false, got 'no'"):
         build_dataset(cfg, "val", train=False)
+
+
+@pytest.mark.parametrize("subset", ["s4", "ms3"])
+def test_labelled_frames_is_the_one_rule_of_generator_loader_and_check(tmp_path, subset):
+    from avs.data.check import check_dataset as check
+    from avs.data.synthetic import SyntheticConfig, generate
+
+    assert labelled_frames("s4", "train", 3) == [1]
+    assert labelled_frames("s4", "val", 3) == labelled_frames("ms3", "train", 3) == [1, 2, 3]
+    assert labelled_frames_name("s4", "train") == "first"
+    assert labelled_frames_name("s4", "test") == labelled_frames_name("ms3", "train") == "all"
+    cfg = SyntheticConfig(subset=subset, clips={"train": 1, "val": 1}, image_size=32, num_frames=3)
+    root = generate(tmp_path / "root", cfg, progress=False)
+    for split in ("train", "val"):
+        want = labelled_frames(subset, split, 3)
+        rec = split_records(root, subset, split)[0]
+        written = [k for k in range(1, 4) if mask_path(root, LAYOUTS[subset], rec, k).is_file()]
+        assert written == want
+        item = AVSBenchDataset(root, subset, split, num_frames=3, image_size=32)[0]
+        assert [k + 1 for k in range(3) if bool(item["mask_valid"][k])] == want
+    assert check(root, subset, num_frames=3).ok

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from avs.data import AVSBenchDataset, AVSDataError
-from avs.data.avsbench import LAYOUTS, embedding_path, logmel_path, split_records
 from avs.data.embeddings import extract_embeddings
+from avs.data.layout import LAYOUTS, embedding_path, logmel_path, split_records
 from avs.data.safe_pickle import load_logmel_pkl
 from avs.models.vggish import VGGish
 from tests.fixtures.avsbench import make_avsbench_tree

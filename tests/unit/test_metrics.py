@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import avs.metrics as metrics
-from avs.metrics import PROTOCOLS, MetricAccumulator, fscore_thresholds, frame_stats
+from avs.metrics import PROTOCOLS, MetricAccumulator, frame_stats, fscore_thresholds
 
 HI, MID, LO = 10.0, 1.0, -10.0  # sigmoid: 0.99995 (>= th[1..253]), 0.7311 (>= th[1..185]), 4.5e-5 (th[0])
 
@@ -442,3 +442,18 @@ def test_all_gather_with_simulated_two_ranks(monkeypatch):
     assert gathered.compute(list(PROTOCOLS), legacy_batch_size=3) == single.compute(
         list(PROTOCOLS), legacy_batch_size=3
     )
+
+
+def test_binary_frame_iou_is_the_per_frame_rule():
+    g = torch.Generator().manual_seed(0)
+    pred = torch.rand(6, 9, 11, generator=g) > 0.5
+    gt = torch.rand(6, 9, 11, generator=g) > 0.6
+    gt[2] = False  # empty GT: the fraction of pixels predicted background
+    got = metrics.binary_frame_iou(pred, gt)
+    assert got.dtype == torch.float64
+    for i in range(6):
+        if gt[i].any():
+            want = float((pred[i] & gt[i]).sum()) / float((pred[i] | gt[i]).sum())
+        else:
+            want = float((~pred[i]).double().mean())
+        assert float(got[i]) == want

@@ -15,15 +15,14 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
-from avs.data.avsbench import (
-    AVSBenchDataset,
+from avs.data.avsbench import AVSBenchDataset, read_mask
+from avs.data.layout import (
     AVSDataError,
     embedding_path,
     frame_path,
     get_layout,
     logmel_path,
     mask_path,
-    read_mask,
     wav_path,
 )
 from tests.conftest import compose_cfg, tiny_overrides

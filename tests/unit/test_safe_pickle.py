@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from avs.data.avsbench import AVSDataError
+from avs.data.layout import AVSDataError
 from avs.data.safe_pickle import UnsafePickleError, dump_logmel_pkl, load_logmel_pkl, load_pickle
 
 

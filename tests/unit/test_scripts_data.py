@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from avs.data.avsbench import LAYOUTS, embedding_path, frame_path, mask_path, split_records
+from avs.data.layout import LAYOUTS, embedding_path, frame_path, mask_path, split_records
 from tests.fixtures.avsbench import make_avsbench_tree
 
 REPO = Path(__file__).resolve().parents[2]
@@ -60,7 +60,7 @@ def test_extract_audio_script(tmp_path):
 
 
 def test_check_data_short_pkl_and_the_pad_short_audio_key(tmp_path):
-    from avs.data.avsbench import logmel_path
+    from avs.data.layout import logmel_path
     from avs.data.safe_pickle import dump_logmel_pkl
 
     root = make_avsbench_tree(tmp_path / "data", "s4", {"train": 1, "val": 1}, size=32)

@@ -18,7 +18,9 @@ from PIL import Image
 
 from avs.config import CONFIG_DIR, PROJECT_ROOT
 from avs.data import synthetic as sy
-from avs.data.avsbench import AVSBenchDataset, check_dataset, split_records
+from avs.data.avsbench import AVSBenchDataset
+from avs.data.check import check_dataset
+from avs.data.layout import split_records
 from avs.data.safe_pickle import load_logmel_pkl
 
 TINY = dict(image_size=64, num_frames=5, clips={"train": 3, "val": 2, "test": 2})
@@ -77,7 +79,7 @@ def test_check_dataset_passes_and_dataset_reads(subset: str, s4_root: Path, ms3_
         labelled = item["masks"][item["mask_valid"]]
         assert set(labelled.unique().tolist()) == {0.0, 1.0}  # binary and never empty
         assert (labelled.flatten(1).sum(1) > 0).all()
-        meta = json.loads((root / sy.SUBSET_DIRS[subset] / "synthetic_meta" / split / f"{item['video_id']}.json").read_text())
+        meta = json.loads((sy.writer.meta_dir(root, subset, split) / f"{item['video_id']}.json").read_text())
         assert item["category"] == meta["category"]
 
 
@@ -115,7 +117,8 @@ def test_ms3_files_follow_avsbench_layout(ms3_root: Path) -> None:
     assert sorted(p.name for p in (base / "visual_frames").iterdir()) == sorted(r[0] for r in rows[1:])
     offscreen = 0
     for vid, split in rows[1:]:
-        assert sorted(p.name for p in (base / "visual_frames" / vid).iterdir()) == [f"{vid}.mp4_{k}.png" for k in range(1, 6)]
+        names = sorted(p.name for p in (base / "visual_frames" / vid).iterdir())
+        assert names == [f"{vid}.mp4_{k}.png" for k in range(1, 6)]
         assert len(list((base / "gt_masks" / split / vid).iterdir())) == 5
         assert (base / "audio_wav" / split / f"{vid}.wav").is_file()
         assert (base / "audio_log_mel" / split / f"{vid}.pkl").is_file()
@@ -142,7 +145,8 @@ def test_masks_are_visible_pixels_of_sounding_objects(ms3_root: Path) -> None:
             assert vis.sum(axis=(1, 2)).tolist() == [o["visible_pixels"][t] for o in meta["objects"]]
             expect = vis[[o["sounding"][t] for o in meta["objects"]]].any(axis=0)
             vid = meta["video_id"]
-            with Image.open(ms3_root / "Multi-sources" / "ms3_data" / "gt_masks" / "val" / vid / f"{vid}_{t + 1}.png") as im:
+            mask_dir = ms3_root / "Multi-sources" / "ms3_data" / "gt_masks" / "val" / vid
+            with Image.open(mask_dir / f"{vid}_{t + 1}.png") as im:
                 np.testing.assert_array_equal(np.asarray(im) > 127, expect)
 
 
@@ -183,7 +187,8 @@ def test_audio_identifies_the_sounding_category(s4_many: Path, ms3_many: Path) -
     by_cat: dict[str, list[np.ndarray]] = {}
     for split in ("train", "test"):
         for rec in split_records(s4_many, "s4", split):
-            path = s4_many / "Single-source" / "s4_data" / "audio_log_mel" / split / rec.category / f"{rec.video_id}.pkl"
+            folder = s4_many / "Single-source" / "s4_data" / "audio_log_mel" / split / rec.category
+            path = folder / f"{rec.video_id}.pkl"
             by_cat.setdefault(rec.category, []).append(_segment_features(load_logmel_pkl(path)))
     classes = sorted(by_cat)
     assert len(classes) == 8 and min(len(v) for v in by_cat.values()) >= 2
@@ -200,7 +205,8 @@ def test_audio_identifies_the_sounding_category(s4_many: Path, ms3_many: Path) -
     X, y = [], []
     for path in sorted((ms3_many / "Multi-sources" / "synthetic_meta" / "test").glob("*.json")):
         meta = json.loads(path.read_text())
-        logmel = load_logmel_pkl(ms3_many / "Multi-sources" / "ms3_data" / "audio_log_mel" / "test" / f"{meta['video_id']}.pkl")
+        folder = ms3_many / "Multi-sources" / "ms3_data" / "audio_log_mel" / "test"
+        logmel = load_logmel_pkl(folder / f"{meta['video_id']}.pkl")
         feats = _segment_features(logmel)
         for t in range(5):
             src = [o["category"] for o in meta["objects"] if o["sounding"][t]]
@@ -276,7 +282,7 @@ def test_categories_are_distinct() -> None:
 def test_shapes_are_distinct_and_sized() -> None:
     g = (np.arange(64) - 31.5) / 32.0
     u, v = np.meshgrid(g, -g)
-    masks = {s: sy._inside(s, u, v) for s in sy.SHAPES}
+    masks = {s: sy.render._inside(s, u, v) for s in sy.SHAPES}
     for s, m in masks.items():
         assert 0.25 < m.mean() < 0.8, s  # fills a good part of its bounding disc
     names = list(masks)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from avs.config import PROJECT_ROOT
-from avs.engine.tables import build_table, flatten_config, load_runs, make_table, to_csv, to_markdown, varied_keys
+from avs.tables import build_table, flatten_config, load_runs, make_table, to_csv, to_markdown, varied_keys
 
 PUBLISHED = {
     "paper": "ECMVAE (Mao et al., ICCV 2023)",
@@ -172,7 +172,8 @@ def test_init_checkpoint_paths_are_one_row_and_target_nodes_show_the_class(tmp_p
     assert table.rows[1].cells[("ms3", "miou")].n == 2
     motion = {"_target_": "avs.models.motion.CorrelationPyramidMotion", "impl": "released"}
     flat = flatten_config({"model": {"motion": motion, "projector": None}})
-    assert flat == {"model.motion": "CorrelationPyramidMotion", "model.motion.impl": "released", "model.projector": None}
+    want = {"model.motion": "CorrelationPyramidMotion", "model.motion.impl": "released", "model.projector": None}
+    assert flat == want
 
 
 def test_runs_without_test_metrics_are_skipped_and_errors_name_the_problem(tmp_path):
@@ -180,7 +181,8 @@ def test_runs_without_test_metrics_are_skipped_and_errors_name_the_problem(tmp_p
     _write_run(tmp_path / "b", _config("s4", 2, "js"), 0.1, 0.1, test=False)  # test_at_end=false
     table = build_table(load_runs([tmp_path]))
     assert table.rows[0].cells[("s4", "miou")].n == 1
-    assert build_table(load_runs([tmp_path / "b"]), split="val").rows[0].cells[("s4", "miou")].mean == pytest.approx(10.0)
+    table = build_table(load_runs([tmp_path / "b"]), split="val")
+    assert table.rows[0].cells[("s4", "miou")].mean == pytest.approx(10.0)
     with pytest.raises(ValueError, match="test metrics"):
         build_table(load_runs([tmp_path / "b"]))
     with pytest.raises(ValueError, match="protocol 'nope'"):
@@ -229,7 +231,8 @@ def test_real_multirun_to_table_end_to_end(synth_data_dir, tmp_path):
     mean = 100 * sum(r["test"]["avsbench_legacy"]["miou"] for r in records) / 2
     assert f"| {mean:.2f} ± " in row[0]
     rows = list(csv.DictReader(io.StringIO((tmp_path / "tables" / "tpavi.csv").read_text())))
-    assert len(rows) == 1 and rows[0]["ms3_miou_n"] == "2" and float(rows[0]["ms3_miou_mean"]) == pytest.approx(mean, abs=1e-3)
+    assert len(rows) == 1 and rows[0]["ms3_miou_n"] == "2"
+    assert float(rows[0]["ms3_miou_mean"]) == pytest.approx(mean, abs=1e-3)
     bad = subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "tables.py"), str(tmp_path / "nothing")],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
@@ -255,3 +258,14 @@ def test_published_rows_match_several_numeric_keys_and_synthetic_runs_hide_paper
     table = build_table(load_runs([tmp_path / "synth"]))
     assert not table.show_published and table.rows[0].values["published.row"] == "full"
     assert "(paper)" not in to_markdown(table) and "Sounding Shapes" in table.caption
+
+
+def test_trainer_run_keys_never_split_rows(tmp_path):
+    from avs.tables import TRAINER_RUN_KEYS
+
+    assert "trainer.device" in TRAINER_RUN_KEYS and "trainer.lr" not in TRAINER_RUN_KEYS
+    for i, (device, lr) in enumerate([("cpu", 1e-4), ("cuda", 1e-4), ("cpu", 1e-3)]):
+        cfg = _config("s4", i, "js", published=None)
+        cfg["trainer"].update(device=device, lr=lr, log_every_steps=10 * (i + 1))
+        _write_run(tmp_path / f"r{i}", cfg, 0.5, 0.6)
+    assert varied_keys(load_runs([tmp_path])) == ["trainer.lr"]  # device / logging differ too, but say how, not what
