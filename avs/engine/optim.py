@@ -19,8 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from avs.config import auto_flag
 from avs.errors import ConfigError
 
-# Used when `tcfg` has no optimizer node (callers that pass a bare {"lr": ...} mapping).
-DEFAULT_OPTIMIZER: dict[str, Any] = {"_target_": "torch.optim.Adam", "_partial_": True}
+DEFAULT_OPTIMIZER = "adam"  # the configs/optimizer/ option for a `tcfg` without optimizer node ({"lr": ...})
 # Optimizer arguments the trainer fills from its own keys (a node setting them would be overridden).
 TRAINER_ARGS = {"lr": "trainer.lr", "weight_decay": "trainer.weight_decay", "fused": "trainer.fused_optimizer"}
 # Scheduler arguments that take the run's length: a `null` value is replaced by the total number of steps.
@@ -34,6 +33,13 @@ def _node(node: Any) -> dict[str, Any] | None:
     if isinstance(node, DictConfig):
         return OmegaConf.to_container(node, resolve=True)
     return dict(node)
+
+
+def _group_option(group: str, option: str) -> dict[str, Any]:
+    """The node of configs/<group>/<option>.yaml."""
+    from avs.config import CONFIG_DIR
+
+    return OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / group / f"{option}.yaml"))
 
 
 def use_fused(spec: Any, params: list[torch.Tensor], optimizer: type | None = None) -> bool:
@@ -60,7 +66,7 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], tcfg: Mapping[str, Any
     Adam step over 80 M parameters took 0.03 s fused vs 0.13 s with the loop.
     """
     params = [p for p in params if p.requires_grad]
-    spec = _node(tcfg.get("optimizer")) or dict(DEFAULT_OPTIMIZER)
+    spec = _node(tcfg.get("optimizer")) or _group_option("optimizer", DEFAULT_OPTIMIZER)
     for key, knob in TRAINER_ARGS.items():
         if key in spec:
             raise ConfigError(f"trainer.optimizer.{key} is set by the trainer from {knob}: set {knob} instead")
