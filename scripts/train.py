@@ -57,7 +57,8 @@ def main(cfg: DictConfig) -> float | None:
         if best.get("val"):
             print(markdown_table(best["val"], title=f"val (best epoch {best['epoch']}, step {best['step']})"))
         if result.get("test"):
-            print(markdown_table(result["test"], title=f"test ({cfg.data.name}, {cfg.model.name}, {cfg.backbone.name})"))
+            title = f"test ({cfg.data.name}, {cfg.model.name}, {cfg.backbone.name})"
+            print(markdown_table(result["test"], title=title))
     return float(best["metric"]) if best.get("metric") is not None else None
 
 

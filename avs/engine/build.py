@@ -132,7 +132,8 @@ def init_from(model: torch.nn.Module, path: str) -> None:
     skipped = sorted(set(state) - set(usable))
     missing = sorted(set(own) - set(usable))
     model.load_state_dict(usable, strict=False)
-    log.info("init_from %s: loaded %d tensors, skipped %d, left %d at init", path, len(usable), len(skipped), len(missing))
+    log.info("init_from %s: loaded %d tensors, skipped %d, left %d at init",
+             path, len(usable), len(skipped), len(missing))
     if not usable:
         raise CheckpointError(f"model.init_from={path}: no tensor matches this model")
 
@@ -160,7 +161,8 @@ def build_run_model(cfg: DictConfig, device: torch.device, dist: D.DistInfo,
     if dist.enabled:
         if tcfg.get("sync_bn", False):
             if device.type != "cuda":
-                raise ValueError("trainer.sync_bn=true needs CUDA devices (torch's SyncBatchNorm); set trainer.sync_bn=false on CPU")
+                raise ValueError("trainer.sync_bn=true needs CUDA devices (torch's SyncBatchNorm); "
+                                 "set trainer.sync_bn=false on CPU")
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         seed_everything(int(cfg.seed) + dist.rank, bool(tcfg.deterministic))  # per-rank dropout etc.
     return model

@@ -102,7 +102,8 @@ class Checkpointer:
         self.state.faults["resumed_from"].append({"path": str(path), "step": self.state.step, "changes": changes})
         self.adopt_best(path.parent / "best.ckpt")
         s = self.state
-        log.info("resumed from %s at epoch %d, step %d (batch %d of the epoch)", path, s.epoch, s.step, s.batch_in_epoch)
+        log.info("resumed from %s at epoch %d, step %d (batch %d of the epoch)",
+                 path, s.epoch, s.step, s.batch_in_epoch)
 
     def _restore_rng(self, ckpt: dict[str, Any], path: Path) -> None:
         per_rank = ckpt.get("rng_per_rank")

@@ -164,7 +164,8 @@ class Trainer:
         self.tb.close()
         if self.is_main and self.run_dir.is_dir():
             try:
-                write_run_report(self.run_dir, self.state, self.dist.world_size, "failed", f"{type(exc).__name__}: {exc}")
+                message = f"{type(exc).__name__}: {exc}"
+                write_run_report(self.run_dir, self.state, self.dist.world_size, "failed", message)
             except OSError:
                 pass
 
@@ -186,7 +187,8 @@ class Trainer:
         shard = len(sampler)
         batches_per_epoch = shard // bs if drop_last else math.ceil(shard / bs)
         if batches_per_epoch == 0:
-            raise ValueError(f"data.batch_size={bs} is larger than the train split ({shard} clips per process) with drop_last")
+            raise ValueError(f"data.batch_size={bs} is larger than the train split ({shard} clips per process) "
+                             "with drop_last")
         max_steps = int(tcfg.get("max_steps") or 0)
         total_steps = max_steps if max_steps > 0 else int(tcfg.epochs) * max(1, batches_per_epoch // accum)
         # with max_steps the step count ends the run (also one extended on resume past a cut-short epoch)
@@ -225,8 +227,9 @@ class Trainer:
 
     def _hooks(self) -> list[H.HookBase]:
         tcfg, save = self.tcfg, self.save
+        progress = bool(tcfg.get("progress", True)) and self.is_main
         return [
-            H.LoggingHook(self.tb, int(tcfg.get("log_every_steps", 10)), bool(tcfg.get("progress", True)) and self.is_main),
+            H.LoggingHook(self.tb, int(tcfg.get("log_every_steps", 10)), progress),
             H.NonFiniteGuard(int(tcfg.get("max_consecutive_nonfinite", 3)), save, self.run_dir),
             H.ValidationHook(self.evaluate, save, self.tb, int(tcfg.get("val_every_epochs", 1)),
                              split=str(tcfg.get("select_split", "val")),  # test only with allow_test_selection
