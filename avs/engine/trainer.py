@@ -85,6 +85,7 @@ class Trainer:
     step = property(lambda self: self.state.step, lambda self, v: setattr(self.state, "step", v))
     epoch = property(lambda self: self.state.epoch)
     best = property(lambda self: self.state.best)
+    history = property(lambda self: self.state.history)
     loss_history = property(lambda self: self.state.loss_history)
     skipped = property(lambda self: self.state.skipped)
     consecutive_nonfinite = property(lambda self: self.state.consecutive_nonfinite)
