@@ -117,6 +117,7 @@ class TrainLoop:
         try:
             return self._train()
         except BaseException as exc:
+            self.data.close()  # join persistent DataLoader workers
             for hook in self.hooks:
                 try:
                     hook.on_failure(exc)

@@ -69,7 +69,7 @@ def evaluate(
     """
     device = torch.device(device)
     compiled = hasattr(model, "_orig_mod")  # a torch.compile wrapper
-    model.eval()
+    getattr(model, "_orig_mod", model).eval()  # a compiled wrapper: its module, as training switches it back
     total = len(loader) if hasattr(loader, "__len__") else None
     for batch in tqdm(loader, total=total, desc=desc, leave=False, disable=not progress):
         if on_batch is not None:

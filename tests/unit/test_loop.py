@@ -143,7 +143,7 @@ def test_a_failure_reaches_every_hook_and_propagates():
     loop.register(Boom(), Recorder(log))
     with pytest.raises(OSError, match="disk gone"):
         loop.train()
-    assert log[-1] == ("on_failure", "OSError")
+    assert log[-1] == ("on_failure", "OSError") and loop.data.closed == 1
 
 
 def test_a_non_finite_loss_skips_the_update_and_is_recorded():
