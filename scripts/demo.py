@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import avs  # noqa: E402,F401
 from avs.errors import plain_errors  # noqa: E402
-from avs.engine.outputs import script_out_dir  # noqa: E402
+from avs.evaluation.outputs import script_out_dir  # noqa: E402
 from avs.inference.demo import run_demo  # noqa: E402
 
 log = logging.getLogger("avs.demo")

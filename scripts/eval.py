@@ -20,12 +20,12 @@ from omegaconf import DictConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import avs  # noqa: E402,F401
-from avs.errors import plain_errors  # noqa: E402
-from avs.engine.outputs import script_out_dir  # noqa: E402
 from avs.config import CONFIG_DIR  # noqa: E402
 from avs.engine import distributed as D  # noqa: E402
-from avs.engine.evaluate import data_overrides, evaluate_checkpoint  # noqa: E402
-from avs.engine.report import markdown_table  # noqa: E402
+from avs.errors import plain_errors  # noqa: E402
+from avs.evaluation.checkpoint import data_overrides, evaluate_checkpoint  # noqa: E402
+from avs.evaluation.outputs import script_out_dir  # noqa: E402
+from avs.evaluation.report import markdown_table  # noqa: E402
 
 log = logging.getLogger("avs.eval")
 

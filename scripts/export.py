@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import avs  # noqa: E402,F401
 from avs.config_checks import ConfigError  # noqa: E402
 from avs.errors import plain_errors  # noqa: E402
-from avs.engine.outputs import script_out_dir  # noqa: E402
+from avs.evaluation.outputs import script_out_dir  # noqa: E402
 from avs.inference.export import export_checkpoint  # noqa: E402
 
 log = logging.getLogger("avs.export")

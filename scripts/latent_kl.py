@@ -19,7 +19,7 @@ import avs  # noqa: E402,F401
 from avs.errors import plain_errors  # noqa: E402
 from avs.data import build_dataset  # noqa: E402
 from avs.engine.diagnostics import latent_kl_per_dimension  # noqa: E402
-from avs.engine.evaluate import eval_data_config  # noqa: E402
+from avs.evaluation.checkpoint import eval_data_config  # noqa: E402
 from avs.inference.model import load_model  # noqa: E402
 
 

@@ -30,10 +30,10 @@ import avs  # noqa: E402,F401  (registers config resolvers)
 from avs.config import CONFIG_DIR  # noqa: E402
 from avs.config_checks import check_sweep, is_multirun  # noqa: E402
 from avs.engine import distributed as D  # noqa: E402
-from avs.engine.report import markdown_table  # noqa: E402
-from avs.engine.trainer import Trainer  # noqa: E402
 from avs.engine.rundir import precheck_run_dir  # noqa: E402
+from avs.engine.trainer import Trainer  # noqa: E402
 from avs.errors import plain_errors, run_plain  # noqa: E402
+from avs.evaluation.report import markdown_table  # noqa: E402
 
 log = logging.getLogger("avs.train")
 
@@ -57,7 +57,8 @@ def main(cfg: DictConfig) -> float | None:
         if best.get("val"):
             print(markdown_table(best["val"], title=f"val (best epoch {best['epoch']}, step {best['step']})"))
         if result.get("test"):
-            print(markdown_table(result["test"], title=f"test ({cfg.data.name}, {cfg.model.name}, {cfg.backbone.name})"))
+            title = f"test ({cfg.data.name}, {cfg.model.name}, {cfg.backbone.name})"
+            print(markdown_table(result["test"], title=title))
     return float(best["metric"]) if best.get("metric") is not None else None
 
 

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import avs  # noqa: E402,F401
 from avs.errors import plain_errors  # noqa: E402
-from avs.engine.outputs import script_out_dir  # noqa: E402
+from avs.evaluation.outputs import script_out_dir  # noqa: E402
 from avs.inference.visualize import visualize_split  # noqa: E402
 
 log = logging.getLogger("avs.visualize")

@@ -198,7 +198,7 @@ def precheck_run_dir(overrides: list[str], config_name: str = "train") -> None:
     from hydra.core.global_hydra import GlobalHydra
 
     from avs.config import CONFIG_DIR
-    from avs.engine.trainer import resolve_resume_path
+    from avs.engine.build import resolve_resume_path
 
     GlobalHydra.instance().clear()
     try:
@@ -209,4 +209,6 @@ def precheck_run_dir(overrides: list[str], config_name: str = "train") -> None:
     finally:
         GlobalHydra.instance().clear()
     resume = resolve_resume_path(cfg.trainer.get("resume"), run_dir / "checkpoints")
+    if resume is not None and not resume.is_file():
+        return  # no checkpoint there: check_config refuses that trainer.resume with the reason
     check_run_dir_free(run_dir, resume)

@@ -41,7 +41,7 @@ class LoadedModel:
 
 def inference_config(state: dict, path: str | Path, num_samples: int = 1) -> DictConfig:
     """The checkpoint's training config with every weight-file load switched off (the checkpoint holds all weights)."""
-    from avs.engine.evaluate import config_from_checkpoint
+    from avs.evaluation.checkpoint import config_from_checkpoint
 
     cfg = config_from_checkpoint(state, path)  # weight-file loads already switched off
     with open_dict(cfg):

@@ -356,7 +356,7 @@ def import_checkpoint(
     `cfg` must already carry ``model.preset=release`` (scripts/import_checkpoint.py adds it). Returns
     the provenance record written into the checkpoint (``released``).
     """
-    from avs.engine.trainer import CHECKPOINT_VERSION
+    from avs.engine.checkpointer import CHECKPOINT_VERSION
     from avs.models.build import build_model
 
     if source not in SOURCES:

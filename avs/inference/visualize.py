@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from avs.engine.visuals import denormalize as rgb01
+from avs.evaluation.visuals import denormalize as rgb01
 from avs.inference.model import load_model
 from avs.inference.overlay import heatmap, image_grid, save_png, scatter_plot, tint
 from avs.inference.video import MissingDependencyError

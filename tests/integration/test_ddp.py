@@ -40,7 +40,7 @@ def _worker(rank: int, port: int, cfg_yaml: str, eval_yaml: str, run_dir: str, e
     torch.set_num_threads(1)
     import avs.utils.io as io_mod
     from avs.engine import distributed as D
-    from avs.engine.evaluate import evaluate_checkpoint
+    from avs.evaluation.checkpoint import evaluate_checkpoint
     from avs.engine.trainer import Trainer
 
     written: list[str] = []
@@ -109,7 +109,7 @@ def test_ddp_checkpoint_loads_in_a_single_process(ddp_run):
 
 
 def test_distributed_eval_equals_single_process_exactly(ddp_run):
-    from avs.engine.evaluate import evaluate_checkpoint
+    from avs.evaluation.checkpoint import evaluate_checkpoint
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the ranks ran single-threaded: same kernels, same bits
@@ -150,7 +150,7 @@ def test_torchrun_script_shares_one_run_dir(synth_data_dir, tmp_path):
 ])
 def test_find_unused_parameters_auto_matches_the_graph(tmp_path, overrides, unused):
     """auto turns DDP's unused-parameter search on exactly when a training step leaves parameters without grad."""
-    from avs.engine.trainer import ddp_find_unused_parameters, resolve_loss_weights
+    from avs.engine.build import ddp_find_unused_parameters, resolve_loss_weights
     from avs.models.build import build_model
 
     small = ["model.channels=32", "model.audio_dim=32", "audio.embed_dim=32"]

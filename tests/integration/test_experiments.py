@@ -24,7 +24,8 @@ from omegaconf.errors import InterpolationToMissingValueError
 from avs.config import CONFIG_DIR
 from avs.config_checks import ConfigError, check_config
 from avs.engine.checkpoint import save_checkpoint
-from avs.engine.trainer import Trainer, resolve_loss_weights
+from avs.engine.build import resolve_loss_weights
+from avs.engine.trainer import Trainer
 from avs.models.build import build_model
 from tests.conftest import compose_cfg, tiny_overrides
 

@@ -9,6 +9,7 @@ import torch
 
 from avs.data import build_dataset
 from avs.engine.checkpoint import load_checkpoint
+from avs.data.loaders import RunData
 from avs.engine.trainer import Trainer
 from tests.conftest import compose_cfg, tiny_overrides
 
@@ -22,9 +23,9 @@ def _fit(data_dir: Path, run_dir: Path, extra: list[str]) -> Trainer:
 
 
 def _record_train_loaders(monkeypatch) -> dict[int, list[int]]:
-    """id(trainer) -> ids of the train DataLoaders it iterated, one entry per epoch."""
+    """id(trainer.data) -> ids of the train DataLoaders it iterated, one entry per epoch."""
     seen: dict[int, list[int]] = {}
-    original = Trainer._loader
+    original = RunData.loader
 
     def recording(self, split, sampler=None, batch_size=None):
         loader = original(self, split, sampler=sampler, batch_size=batch_size)
@@ -32,7 +33,7 @@ def _record_train_loaders(monkeypatch) -> dict[int, list[int]]:
             seen.setdefault(id(self), []).append(id(loader))
         return loader
 
-    monkeypatch.setattr(Trainer, "_loader", recording)
+    monkeypatch.setattr(RunData, "loader", recording)
     return seen
 
 
@@ -61,13 +62,13 @@ def test_persistent_workers_train_like_in_process_loading(synth_data_dir, tmp_pa
     seen = _record_train_loaders(monkeypatch)
     plain = _fit(synth_data_dir, tmp_path / "plain", common + ["data.num_workers=0"])
     fast = _fit(synth_data_dir, tmp_path / "fast", common + ["data.num_workers=2"])
-    plain_ids, fast_ids = seen[id(plain)], seen[id(fast)]
-    assert fast.persistent_workers() and not plain.persistent_workers()
+    plain_ids, fast_ids = seen[id(plain.data)], seen[id(fast.data)]
+    assert fast.data.persistent_workers() and not plain.data.persistent_workers()
     assert plain.step == fast.step == 3 * 4
     # one DataLoader (and one set of worker processes) for all three epochs; a new one per epoch in-process
     assert len(fast_ids) == 3 and len(set(fast_ids)) == 1
     assert len(plain_ids) == 3
-    assert fast._loaders == {}  # the workers were joined at the end of the run
+    assert fast.data._loaders == {}  # the workers were joined at the end of the run
     a = load_checkpoint(tmp_path / "plain" / "checkpoints" / "last.ckpt")["model"]
     b = load_checkpoint(tmp_path / "fast" / "checkpoints" / "last.ckpt")["model"]
     for key in a:

@@ -21,7 +21,8 @@ from avs.config import PROJECT_ROOT
 from avs.data.avsbench import AVSDataError, get_layout, mask_path, split_records
 from avs.engine.checkpoint import CheckpointError, load_checkpoint
 from avs.engine.sampler import ResumableSampler
-from avs.engine.trainer import NonFiniteLossError, Trainer
+from avs.engine.loop import NonFiniteLossError, TrainLoop
+from avs.engine.trainer import Trainer
 from tests.conftest import compose_cfg, tiny_overrides
 
 SMALL = ["model.channels=32"]
@@ -33,9 +34,9 @@ def _trainer(data_dir: Path, run_dir: Path, extra: list[str]) -> Trainer:
 
 
 def _watch_steps(monkeypatch, hook=None) -> list[dict]:
-    """Record (step, outcome, a parameter before/after) around every optimizer step; optional hook(trainer)."""
+    """Record (step, outcome, a parameter before/after) around every optimizer step; optional hook(loop)."""
     calls: list[dict] = []
-    original = Trainer._optimizer_step
+    original = TrainLoop.optimizer_step
 
     def wrapped(self, clip, loss_bad):
         p = next(self.model.parameters())
@@ -46,7 +47,7 @@ def _watch_steps(monkeypatch, hook=None) -> list[dict]:
             hook(self)
         return outcome
 
-    monkeypatch.setattr(Trainer, "_optimizer_step", wrapped)
+    monkeypatch.setattr(TrainLoop, "optimizer_step", wrapped)
     return calls
 
 
@@ -177,7 +178,7 @@ def test_nan_step_is_skipped_counted_and_reported(synth_data_dir, tmp_path, monk
     calls = _watch_steps(monkeypatch)
     run = tmp_path / "run"
     trainer = _trainer(synth_data_dir, run, DET + ["trainer.max_steps=3", "trainer.debug_nan_steps=[2]"])
-    with caplog.at_level("WARNING", logger="avs.engine.trainer"):
+    with caplog.at_level("WARNING", logger="avs.engine.loop"):
         result = trainer.fit()
     assert result["steps"] == 3
     assert [c["outcome"] for c in calls] == ["ok", "loss", "ok"]

@@ -231,7 +231,7 @@ def test_imported_predictions_equal_direct_load_with_recorded_flags(imported):
 
 
 def test_eval_runs_on_the_imported_checkpoint(imported, synth_data_dir, tmp_path):
-    from avs.engine.evaluate import evaluate_checkpoint
+    from avs.evaluation.checkpoint import evaluate_checkpoint
 
     ecfg = compose_cfg("eval", [f"checkpoint={imported['out']}", "split=val", "device=cpu",
                                 f"paths.data_dir={synth_data_dir}", f"paths.log_dir={tmp_path}/logs"])

@@ -16,7 +16,8 @@ import pytest
 
 from avs.config_checks import ConfigError
 from avs.engine.checkpoint import CheckpointError, load_checkpoint
-from avs.engine.evaluate import evaluate_checkpoint
+from avs.evaluation.checkpoint import evaluate_checkpoint
+from avs.engine.loop import TrainLoop
 from avs.engine.trainer import Trainer
 from tests.conftest import compose_cfg, tiny_overrides
 
@@ -90,7 +91,7 @@ def test_resume_with_a_changed_result_key_is_refused_by_name(synth_data_dir, fin
 
 def _first_step_after_resume(monkeypatch) -> dict:
     seen: dict = {}
-    original = Trainer._optimizer_step
+    original = TrainLoop.optimizer_step
 
     def wrapped(self, clip, loss_bad):
         if not seen:
@@ -98,7 +99,7 @@ def _first_step_after_resume(monkeypatch) -> dict:
                         base_lrs=list(self.scheduler.base_lrs), t_max=self.scheduler.T_max)
         return original(self, clip, loss_bad)
 
-    monkeypatch.setattr(Trainer, "_optimizer_step", wrapped)
+    monkeypatch.setattr(TrainLoop, "optimizer_step", wrapped)
     return seen
 
 

@@ -12,7 +12,7 @@ import torch
 
 from avs.config import PROJECT_ROOT
 from avs.engine.checkpoint import load_checkpoint
-from avs.engine.evaluate import evaluate_checkpoint
+from avs.evaluation.checkpoint import evaluate_checkpoint
 from avs.engine.trainer import Trainer
 from tests.conftest import compose_cfg, tiny_overrides
 
@@ -116,7 +116,7 @@ def test_validation_logs_mask_overlays_to_tensorboard(synth_data_dir, tmp_path):
 def test_checkpoint_config_needs_no_weight_files():
     from omegaconf import OmegaConf
 
-    from avs.engine.evaluate import config_from_checkpoint
+    from avs.evaluation.checkpoint import config_from_checkpoint
 
     stored = OmegaConf.to_yaml(OmegaConf.create({
         "backbone": {"name": "pvt_v2_b5", "pretrained": "file", "weights_path": "/nowhere/pvt_v2_b5.pth"},

@@ -76,15 +76,10 @@ def _fake_bf16_check(native: bool):
 
 @pytest.mark.parametrize("native,expected", [(False, torch.float16), (True, torch.bfloat16)])
 def test_amp_auto_takes_fp16_with_a_scaler_on_gpus_without_native_bf16(native, expected, monkeypatch):
-    from types import SimpleNamespace
-
-    from omegaconf import OmegaConf
-
-    from avs.engine.trainer import Trainer
+    from avs.engine.build import amp_dtype
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", _fake_bf16_check(native))
-    fake = SimpleNamespace(tcfg=OmegaConf.create({"amp": "auto"}), device=torch.device("cuda", 0))
-    dtype = Trainer._amp_dtype(fake)
+    dtype = amp_dtype("auto", torch.device("cuda", 0))
     assert dtype == expected
     # the trainer enables its GradScaler exactly for fp16
     assert torch.amp.GradScaler("cpu", enabled=dtype == torch.float16).is_enabled() == (not native)
@@ -405,6 +400,8 @@ def test_segmentor_device_side_choices_equal_the_host_side_ones():
 @pytest.mark.parametrize("model", MODELS)
 def test_trainer_step_makes_at_most_one_host_sync(model, synth_data_dir, tmp_path, monkeypatch):
     """Counted with a dispatch mode over real Trainer steps (data loaded in a worker process, not counted)."""
+    from avs.engine.hooks import ValidationHook
+    from avs.engine.loop import TrainLoop
     from avs.engine.syncs import SyncCounter
     from avs.engine.trainer import Trainer
 
@@ -414,22 +411,22 @@ def test_trainer_step_makes_at_most_one_host_sync(model, synth_data_dir, tmp_pat
     trainer = Trainer(cfg, tmp_path / "run")
     counter = SyncCounter()
     marks: list[int] = []
-    original = Trainer._optimizer_step
+    original = TrainLoop.optimizer_step
 
     def step(self, clip, loss_bad):
         out = original(self, clip, loss_bad)
         marks.append(counter.total)
         return out
 
-    monkeypatch.setattr(Trainer, "_optimizer_step", step)
-    real_fit = Trainer._fit
+    monkeypatch.setattr(TrainLoop, "optimizer_step", step)
+    real_fit = TrainLoop.train
 
     def fit_counted(self):
         with counter:
             return real_fit(self)
 
-    monkeypatch.setattr(Trainer, "_fit", fit_counted)
-    monkeypatch.setattr(Trainer, "_validate", lambda self: None)
+    monkeypatch.setattr(TrainLoop, "train", fit_counted)
+    monkeypatch.setattr(ValidationHook, "validate", lambda self: None)
     trainer.fit()
     assert len(marks) == 4
     per_step = [b - a for a, b in zip(marks[1:], marks[2:])]  # steps 3 and 4 (step 1 logs, step 2 ends the epoch)
@@ -441,12 +438,13 @@ def test_compiled_training_is_not_recompiled_for_a_short_last_batch(synth_data_d
     """trainer.compile drops the short last batch: one training graph, compiled once."""
     from torch._dynamo.utils import counters
 
+    from avs.engine.hooks import ValidationHook
     from avs.engine.trainer import Trainer
 
     cfg = compose_cfg("train", tiny_overrides(synth_data_dir) + [
         "model=tpavi", "model.channels=32", "data.batch_size=3", "trainer.max_steps=0", "trainer.epochs=2",
         "trainer.compile=true", "trainer.compile_backend=eager", "trainer.test_at_end=false"])
-    monkeypatch.setattr(Trainer, "_validate", lambda self: None)
+    monkeypatch.setattr(ValidationHook, "validate", lambda self: None)
     torch._dynamo.reset()
     counters.clear()
     trainer = Trainer(cfg, tmp_path / "run")
@@ -500,6 +498,9 @@ def test_cuda_export_traced_on_the_gpu_runs_on_the_cpu(tmp_path):
 @pytest.mark.parametrize("model", MODELS)
 def test_cuda_amp_channels_last_training_step(model, tmp_path):
     """amp=auto (+ GradScaler when fp16) and channels_last: a finite training step, one host sync for the guard."""
+    from types import SimpleNamespace
+
+    from avs.engine.loop import TrainLoop
     from avs.engine.trainer import Trainer
 
     cfg = compose_cfg("train", tiny_overrides(tmp_path) + [f"model={model}", "model.channels=32", "model.audio_dim=32",
@@ -510,11 +511,13 @@ def test_cuda_amp_channels_last_training_step(model, tmp_path):
     assert trainer.scaler.is_enabled() == (trainer.amp_dtype == torch.float16)
     batch = {k: v.cuda() for k, v in _tiny_batch(cfg).items()}
     trainer.model.train()
-    with trainer._autocast():
+    with trainer.autocast():
         terms = trainer.model(batch)
     loss = sum(terms.values())
     trainer.scaler.scale(loss).backward()
-    assert trainer._optimizer_step(0.0, ~torch.isfinite(loss.detach())) in ("ok", "amp_overflow")
+    loop = SimpleNamespace(model=trainer.model, optimizer=trainer.optimizer, scaler=trainer.scaler, scheduler=None,
+                           dist=trainer.dist, state=trainer.state)
+    assert TrainLoop.optimizer_step(loop, 0.0, ~torch.isfinite(loss.detach())) in ("ok", "amp_overflow")
 
 
 @cuda_only
@@ -531,7 +534,9 @@ def test_compiled_evaluation_pads_a_short_last_batch_instead_of_recompiling(synt
     """Eval batches of 3 and 1 clips: one compiled graph, and the metrics of the eager evaluation."""
     from torch._dynamo.utils import counters
 
-    from avs.engine.trainer import Trainer, pad_batch
+    from avs.engine.build import compile_module
+    from avs.engine.trainer import Trainer
+    from avs.evaluation import pad_batch
 
     over = tiny_overrides(synth_data_dir) + ["model=tpavi", "model.channels=32", "data.eval_batch_size=3",
                                               "data.flip_prob=0"]
@@ -543,7 +548,7 @@ def test_compiled_evaluation_pads_a_short_last_batch_instead_of_recompiling(synt
     torch.manual_seed(0)
     compiled = Trainer(compose_cfg("train", over + ["trainer.compile=true", "trainer.compile_backend=eager"]),
                        tmp_path / "compiled")
-    compiled._eval_net = compiled._compile(compiled.model)
+    compiled._eval_net = compile_module(compiled.model, compiled.tcfg)
     got = compiled.evaluate("train")
     assert counters["stats"]["unique_graphs"] == 1
     for protocol, values in expected.items():

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from avs.config import PROJECT_ROOT
 from avs.config_checks import ConfigError, check_config, override_hints, suggest
 from avs.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from avs.engine.outputs import OutputPathError, check_output_path, save_pred_masks
+from avs.evaluation.outputs import OutputPathError, check_output_path, save_pred_masks
 from avs.engine.sampler import ResumableSampler
 from avs.engine.signals import StopSignal
 from tests.conftest import compose_cfg, tiny_overrides
@@ -64,7 +64,7 @@ def test_config_error_comes_before_any_data_or_model(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("built before the config check")
 
-    monkeypatch.setattr(T, "build_model", boom)
+    monkeypatch.setattr("avs.models.build.build_model", boom)
     cfg = compose_cfg("train", tiny_overrides(tmp_path / "nodata") + ["data.image_size=48"])
     with pytest.raises(ConfigError, match="data.image_size=48"):
         T.Trainer(cfg, tmp_path / "run")
@@ -154,7 +154,7 @@ def test_malicious_checkpoint_does_not_run_code(tmp_path):
         load_checkpoint(path)
     assert not marker.exists()
     # every entry point that reads checkpoints goes through load_checkpoint
-    from avs.engine.evaluate import evaluate_checkpoint
+    from avs.evaluation.checkpoint import evaluate_checkpoint
 
     ecfg = compose_cfg("eval", [f"checkpoint={path}", f"paths.log_dir={tmp_path}/logs"])
     with pytest.raises(CheckpointError):
@@ -254,7 +254,7 @@ def test_save_pred_masks_refuses_dataset_folder_and_id_escapes(tmp_path):
 
 
 def test_eval_refuses_save_masks_into_the_dataset(tmp_path):
-    from avs.engine.evaluate import evaluate_checkpoint
+    from avs.evaluation.checkpoint import evaluate_checkpoint
 
     root = tmp_path / "data_root"
     (root / "gt_masks").mkdir(parents=True)

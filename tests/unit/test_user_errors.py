@@ -65,7 +65,7 @@ def test_missing_data_root_and_weight_files_are_found_before_the_model_is_built(
     def no_model(cfg):
         raise AssertionError("the model was built before the files were checked")
 
-    monkeypatch.setattr(trainer_mod, "build_model", no_model)
+    monkeypatch.setattr("avs.models.build.build_model", no_model)
     missing_root = tiny_overrides(tmp_path) + ["data.synthetic=null", f"data.root={tmp_path}/nope"]
     with pytest.raises(MissingFileError, match=rf"data\.root={tmp_path}/nope: no such folder"):
         trainer_mod.Trainer(compose_cfg("train", missing_root), tmp_path / "run")

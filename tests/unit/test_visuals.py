@@ -1,6 +1,6 @@
 import torch
 
-from avs.engine.visuals import IMAGENET_MEAN, IMAGENET_STD, denormalize, overlay_grid
+from avs.evaluation.visuals import IMAGENET_MEAN, IMAGENET_STD, denormalize, overlay_grid
 
 
 def test_overlay_grid_layout_and_colours():

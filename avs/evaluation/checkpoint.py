@@ -1,7 +1,7 @@
 """Checkpoint evaluation used by scripts/eval.py (model and data config come from the checkpoint).
 
-Runs under torchrun too: each rank scores a shard, the statistics are gathered (Trainer.evaluate)
-and rank 0 writes the tables.
+Runs under torchrun too: each rank scores a shard, the statistics are gathered
+(avs.evaluation.evaluator.evaluate_split) and rank 0 writes the tables.
 """
 
 from __future__ import annotations
@@ -9,12 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from avs.engine.checkpoint import CheckpointError, load_checkpoint
-from avs.engine.outputs import check_output_path
-from avs.engine.report import write_tables
-from avs.engine.trainer import Trainer, git_commit
+from avs.evaluation.evaluator import evaluate_split
+from avs.evaluation.outputs import check_output_path, save_pred_masks
+from avs.evaluation.report import write_tables
 
 
 def config_from_checkpoint(state: dict[str, Any], path: str | Path, weight_files: bool = False) -> DictConfig:
@@ -86,9 +87,8 @@ def eval_data_config(cfg: DictConfig, run_data: DictConfig, explicit: set[str] |
         return OmegaConf.merge(run_data, OmegaConf.to_container(view.data, resolve=True))
 
 
-def evaluate_checkpoint(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
-    """Load `cfg.checkpoint`, evaluate `cfg.split` under `cfg.eval.protocols`, write tables to `out_dir`."""
-    state = load_checkpoint(cfg.checkpoint)
+def _run_config(cfg: DictConfig, state: dict[str, Any]) -> DictConfig:
+    """The checkpoint's training config, changed for this evaluation (data, eval, device; no resume, no init)."""
     run_cfg = config_from_checkpoint(state, cfg.checkpoint)
     with open_dict(run_cfg):
         run_cfg.data = eval_data_config(cfg, run_cfg.data)
@@ -102,25 +102,27 @@ def evaluate_checkpoint(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
             run_cfg.data.eval_batch_size = int(cfg.batch_size)
         if cfg.split == "test":  # evaluating a finished checkpoint on test is not selection
             run_cfg.trainer.select_split = "val"
-    masks_dir = Path(out_dir) / "pred_masks" if cfg.get("save_masks") else None
-    inputs = [run_cfg.data.root, cfg.checkpoint]
-    check_output_path(out_dir, inputs, what="output_dir")  # before any model or data is built
-    if masks_dir is not None:
-        check_output_path(masks_dir, inputs, what="save_masks")
-    trainer = Trainer(run_cfg, out_dir)
+    return run_cfg
+
+
+def _load_weights(model: torch.nn.Module, state: dict[str, Any], checkpoint: Any, run_cfg: DictConfig) -> None:
     try:
-        trainer.model.load_state_dict(state["model"])
+        model.load_state_dict(state["model"])
     except RuntimeError as exc:  # e.g. a size mismatch from a data.image_size the model was not built for
         trained = OmegaConf.create(state["config"])
         diff = [f"data.{k}: {trained.data.get(k)} in the checkpoint, {run_cfg.data.get(k)} now"
                 for k in SHAPE_KEYS if trained.data.get(k) != run_cfg.data.get(k)]
         raise CheckpointError(
-            f"{cfg.checkpoint} does not fit the model built for this evaluation"
+            f"{checkpoint} does not fit the model built for this evaluation"
             + (f" ({'; '.join(diff)}): evaluate with the checkpoint's values (drop those overrides)" if diff
                else f" ({str(exc).splitlines()[0][:200]})")
         ) from None
-    metrics = trainer.evaluate(str(cfg.split), save_masks_dir=masks_dir)
-    meta = {
+
+
+def _meta(cfg: DictConfig, run_cfg: DictConfig, world_size: int) -> dict[str, Any]:
+    from avs.engine.records import git_commit
+
+    return {
         "checkpoint": str(cfg.checkpoint),
         "split": str(cfg.split),
         "method": run_cfg.model.get("name"),
@@ -133,9 +135,43 @@ def evaluate_checkpoint(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         "seed": int(run_cfg.seed),
         "git_commit": git_commit(),
         "train_config": OmegaConf.to_container(run_cfg, resolve=True),
+        "world_size": world_size,
     }
-    meta["world_size"] = trainer.dist.world_size
-    paths = write_tables(out_dir, f"metrics_{cfg.split}", metrics, meta, title=f"{cfg.split}") if trainer.is_main else {}
+
+
+def evaluate_checkpoint(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
+    """Load `cfg.checkpoint`, evaluate `cfg.split` under `cfg.eval.protocols`, write tables to `out_dir`."""
+    from avs.config_checks import check_config, check_files
+    from avs.data.loaders import RunData
+    from avs.engine import distributed as D
+    from avs.engine.build import amp_dtype, autocast_for, build_run_model
+    from avs.engine.state import RunState
+    from avs.utils.device import select_device
+
+    state = load_checkpoint(cfg.checkpoint)
+    run_cfg = _run_config(cfg, state)
+    masks_dir = Path(out_dir) / "pred_masks" if cfg.get("save_masks") else None
+    inputs = [run_cfg.data.root, cfg.checkpoint]
+    check_output_path(out_dir, inputs, what="output_dir")  # before any model or data is built
+    if masks_dir is not None:
+        check_output_path(masks_dir, inputs, what="save_masks")
+    check_config(run_cfg)
+    check_files(run_cfg)
+    dist = D.init_from_env()
+    device = select_device(run_cfg.trainer.device, dist.local_rank)
+    model = build_run_model(run_cfg, device, dist)  # seeds as training did: latent samples draw the same numbers
+    _load_weights(model, state, cfg.checkpoint, run_cfg)
+    data = RunData(run_cfg, is_main=dist.is_main, cuda=device.type == "cuda", barrier=D.barrier)
+    on_output = None
+    if masks_dir is not None:
+        ds = data.dataset(str(cfg.split))
+        on_output = lambda batch, logits: save_pred_masks(masks_dir, ds, batch, logits)  # noqa: E731
+    autocast = autocast_for(amp_dtype(run_cfg.trainer.get("amp", "auto"), device), device)
+    show = bool(run_cfg.trainer.get("progress", True)) and dist.is_main
+    metrics = evaluate_split(model, data, str(cfg.split), run_cfg, device=device, dist=dist, autocast=autocast,
+                             state=RunState(), on_output=on_output, progress=show)
+    meta = _meta(cfg, run_cfg, dist.world_size)
+    paths = write_tables(out_dir, f"metrics_{cfg.split}", metrics, meta, title=f"{cfg.split}") if dist.is_main else {}
     if masks_dir is not None:
         paths["masks"] = masks_dir
     return {"metrics": metrics, "paths": paths}

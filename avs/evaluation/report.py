@@ -25,7 +25,10 @@ HEADLINE = ("miou", "fscore", "fscore_at_0.5", "num_frames")
 
 
 def markdown_table(
-    metrics: dict[str, dict[str, Any]], title: str | None = None, percent: bool = True, columns: tuple[str, ...] | None = HEADLINE
+    metrics: dict[str, dict[str, Any]],
+    title: str | None = None,
+    percent: bool = True,
+    columns: tuple[str, ...] | None = HEADLINE,
 ) -> str:
     """A markdown table, one row per protocol; IoU/F values shown in % (two decimals) when `percent`.
 
@@ -71,7 +74,9 @@ def csv_table(metrics: dict[str, dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def write_tables(out_dir: str | Path, stem: str, metrics: dict[str, dict[str, Any]], meta: dict[str, Any], title: str | None = None) -> dict[str, Path]:
+def write_tables(
+    out_dir: str | Path, stem: str, metrics: dict[str, dict[str, Any]], meta: dict[str, Any], title: str | None = None
+) -> dict[str, Path]:
     """Write <stem>.md, <stem>.csv and <stem>.json atomically; return their paths."""
     out = Path(out_dir)
     paths = {"md": out / f"{stem}.md", "csv": out / f"{stem}.csv", "json": out / f"{stem}.json"}

@@ -1,0 +1,138 @@
+"""Writes and restores the resumable state of a run: checkpoints/<name>.ckpt.
+
+Checkpoint keys: model, optimizer, scaler, scheduler, epoch, step, batch_in_epoch, best, history,
+loss_history, faults, consecutive_nonfinite, rng (and rng_per_rank under DDP), world_size, config,
+avs_checkpoint_version. Writes are atomic; under DDP every rank calls `save` and rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from avs.engine import distributed as D
+from avs.engine.amp import load_scaler_state
+from avs.engine.build import seed_everything
+from avs.engine.checkpoint import CheckpointError, capture_rng, restore_rng, save_checkpoint
+from avs.engine.resume_check import load_for_resume, restore_optimizer
+from avs.engine.rundir import resume_advice
+from avs.engine.state import RunState
+from avs.utils.io import atomic_save
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_VERSION = 2
+
+
+class Checkpointer:
+    """Saves the model, optimizer, scaler, scheduler and `RunState` of a run; restores them on resume."""
+
+    def __init__(self, run_dir: str | Path, cfg: DictConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 scaler: torch.amp.GradScaler, state: RunState, dist: D.DistInfo, device: torch.device) -> None:
+        self.run_dir = Path(run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.cfg, self.model, self.optimizer, self.scaler = cfg, model, optimizer, scaler
+        self.state, self.dist, self.device = state, dist, device
+        self.scheduler: Any = None  # set once the number of steps is known
+
+    def state_dict(self) -> dict[str, Any]:
+        s = self.state
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            **s.checkpoint_entries(),
+            "rng": capture_rng(),
+            "world_size": self.dist.world_size,
+            "config": OmegaConf.to_yaml(self.cfg, resolve=True),
+            "avs_checkpoint_version": CHECKPOINT_VERSION,
+        }
+
+    def save(self, name: str) -> Path:
+        """Write checkpoints/<name>.ckpt atomically (rank 0; every rank must call it under DDP).
+
+        A failed write (e.g. disk full) leaves the previous file intact and raises CheckpointError
+        on every rank with the step of the last good checkpoint.
+        """
+        path = self.ckpt_dir / f"{name}.ckpt"
+        self.state.flush_losses()
+        rng_all = D.gather_objects(capture_rng()) if self.dist.enabled else None
+        error: str | None = None
+        if self.dist.is_main:
+            ckpt = self.state_dict()
+            if rng_all is not None:
+                ckpt["rng_per_rank"] = rng_all
+            try:
+                save_checkpoint(path, ckpt)
+            except CheckpointError as exc:
+                error = str(exc)
+        if self.dist.enabled:
+            error = D.broadcast_object(error)
+        if error is not None:
+            prev = self.state.last_saved.get(name)
+            where = f"step {prev}" if prev is not None else "none written by this process"
+            log.error("checkpoint write failed at step %d: %s", self.state.step, error)
+            raise CheckpointError(
+                f"{error}; training stopped at step {self.state.step}. Previous {path.name}: {where}. "
+                f"Free disk space, then {resume_advice(self.run_dir)}"
+            )
+        self.state.last_saved[name] = self.state.step
+        return path
+
+    def resume(self, path: Path, loaded: tuple[dict[str, Any], list[dict[str, Any]]] | None = None) -> None:
+        """Restore everything from `path` (`loaded`: its already verified (state, config changes))."""
+        ckpt, changes = loaded if loaded is not None else load_for_resume(path, self.cfg)
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            restore_optimizer(self.optimizer, self.scheduler, ckpt)
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise CheckpointError(
+                f"{path}: does not fit this model/optimizer ({type(exc).__name__}: {str(exc)[:300]}); "
+                "resume with the config the run was started with"
+            ) from exc
+        load_scaler_state(self.scaler, ckpt.get("scaler"), path)  # empty when written without fp16
+        self.state.restore(ckpt)
+        self._restore_rng(ckpt, path)
+        self.state.faults["resumed_from"].append({"path": str(path), "step": self.state.step, "changes": changes})
+        self.adopt_best(path.parent / "best.ckpt")
+        s = self.state
+        log.info("resumed from %s at epoch %d, step %d (batch %d of the epoch)",
+                 path, s.epoch, s.step, s.batch_in_epoch)
+
+    def _restore_rng(self, ckpt: dict[str, Any], path: Path) -> None:
+        per_rank = ckpt.get("rng_per_rank")
+        if per_rank is not None and len(per_rank) == self.dist.world_size:
+            restore_rng(per_rank[self.dist.rank], own_device_only=self.device.type == "cuda")
+            return
+        restore_rng(ckpt["rng"])
+        if self.dist.enabled:
+            if self.dist.rank > 0:
+                seed_everything(int(self.cfg.seed) + 7919 * self.dist.rank + self.state.step)
+            log.warning("%s was written by %s process(es), now %d: per-rank RNG streams re-derived",
+                        path, ckpt.get("world_size", 1), self.dist.world_size)
+
+    def adopt_best(self, src: Path) -> None:
+        """Resuming into another run dir: copy the source run's best.ckpt so selection carries over."""
+        dst = self.ckpt_dir / "best.ckpt"
+        if not self.dist.is_main or not src.is_file() or (dst.exists() and dst.resolve() == src.resolve()):
+            return
+        with open(src, "rb") as fh_in:
+            atomic_save(dst, lambda fh: shutil.copyfileobj(fh_in, fh))
+        log.info("copied %s to %s (the best checkpoint so far)", src, dst)
+
+    def clean_stale_temps(self) -> None:
+        """Remove temp files left by a process killed mid-write (atomic writes never leave partial targets)."""
+        for folder in (self.ckpt_dir, self.run_dir):
+            if folder.is_dir():
+                for tmp in folder.glob(".*.tmp"):
+                    try:
+                        tmp.unlink()
+                        log.info("removed stale temp file %s", tmp)
+                    except OSError:
+                        pass
