@@ -324,8 +324,11 @@ def check_files(cfg: DictConfig) -> None:
             "or AVS_AVSBENCH_ROOT=...; check it with scripts/check_data.py)"
         )
     seen = set()
+    no_audio = not bool(cfg.model.get("use_audio", True))  # the model then builds no audio encoder
     for name in ("backbone", "audio", "model"):
         for key, file in _weight_files(cfg.get(name), name) if cfg.get(name) is not None else []:
+            if no_audio and (name == "audio" or key.startswith("model.audio_encoder.")):
+                continue
             if file in seen:
                 continue  # model.audio_encoder is a copy of audio
             seen.add(file)

@@ -71,14 +71,13 @@ def resolve_resume_path(spec: Any, ckpt_dir: str | Path) -> Path | None:
 
 
 def ddp_find_unused_parameters(cfg: DictConfig) -> bool:
-    """`trainer.find_unused_parameters`: true/false as given; auto = true only where a variant builds unused parts.
+    """`trainer.find_unused_parameters` (default false; `auto`, the earlier default, is false too).
 
-    Every trainable parameter of the shipped variants receives a gradient each step (tests/integration/
-    test_ddp.py), except with `model.use_audio=false` (the no-audio ablations): the audio encoder,
-    fusion and projector are built but not run.
+    Every trainable parameter of the shipped variants receives a gradient each step, the no-audio
+    ablations included since they build no audio parts (tests/integration/test_ddp.py); set it true
+    for a model of your own that leaves parameters out of a step.
     """
-    return auto_flag(cfg.trainer.get("find_unused_parameters", "auto"), "trainer.find_unused_parameters",
-                     auto=not bool(cfg.model.get("use_audio", True)))
+    return auto_flag(cfg.trainer.get("find_unused_parameters", False), "trainer.find_unused_parameters", auto=False)
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:

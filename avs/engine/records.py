@@ -9,6 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from avs.data.layout import labelled_frames_name
 from avs.engine.state import RunState
 from avs.utils.io import atomic_write_text
 
@@ -78,7 +79,7 @@ def metrics_record(cfg: DictConfig, state: RunState, result: dict[str, Any], wor
         "eval_batch_size": int(cfg.data.eval_batch_size),
         "legacy_batch_size": int(cfg.eval.get("legacy_batch_size", cfg.data.eval_batch_size)),
         "init_from": cfg.model.get("init_from"),
-        "supervised_frames": "first" if cfg.data.subset == "s4" else "all",
+        "supervised_frames": labelled_frames_name(cfg.data.subset, "train"),
         "seed": int(cfg.seed),
         "world_size": world_size,
         "global_batch_size": int(cfg.data.batch_size) * world_size * max(1, int(tcfg.get("grad_accum", 1))),

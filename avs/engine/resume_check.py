@@ -11,7 +11,7 @@ change without being listed: the schedule is rebuilt for the new total number of
 continues from the step reached (docs/reliability.md, "Run integrity"). A key present on one side
 only (added to or removed from the configs since the checkpoint was written) is logged and recorded,
 not refused, so checkpoints of earlier versions stay resumable. Keys that a newer version spells
-differently are first translated (`upgrade_config`: `trainer.schedule: cosine` is now the
+differently are first translated (`avs.config_upgrade.upgrade_config`: e.g. `trainer.schedule: cosine` is now the
 `trainer.scheduler` node of `scheduler=cosine`; no `trainer.optimizer` node meant Adam), so a
 change of their value is refused like any other.
 """
@@ -27,6 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from avs.config_checks import ConfigError
+from avs.config_upgrade import upgrade_config
 
 log = logging.getLogger(__name__)
 
@@ -84,31 +85,6 @@ def _text(value: Any) -> str:
 
 
 _ABSENT = object()
-
-
-def _group_node(group: str, option: str) -> Any:
-    """The node a config group option puts in place (configs/<group>/<option>.yaml, without its package line)."""
-    from avs.config import CONFIG_DIR
-
-    node = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / group / f"{option}.yaml"))
-    return node.get(group) if group == "scheduler" and set(node) == {"scheduler"} else node
-
-
-def upgrade_config(old: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's stored config in today's spelling: `trainer.schedule: <kind>` -> the node of
-    `scheduler=<kind>`; no `trainer.optimizer` -> the Adam node (the only optimizer before the group)."""
-    trainer = old.get("trainer")
-    if not isinstance(trainer, dict):
-        return old
-    if "schedule" in trainer and "scheduler" not in trainer:
-        kind = str(trainer.pop("schedule"))
-        try:
-            trainer["scheduler"] = _group_node("scheduler", kind)
-        except FileNotFoundError:
-            trainer["schedule"] = kind  # an unknown kind stays as it was and shows up as a change
-    if "optimizer" not in trainer:
-        trainer["optimizer"] = _group_node("optimizer", "adam")
-    return old
 
 
 def config_changes(stored: Any, cfg: DictConfig) -> list[dict[str, Any]]:

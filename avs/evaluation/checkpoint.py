@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from avs.config_upgrade import upgrade_config
 from avs.engine.checkpoint import CheckpointError, load_checkpoint
 from avs.evaluation.evaluator import evaluate_split
 from avs.evaluation.outputs import check_output_path, save_pred_masks
@@ -26,7 +27,9 @@ def config_from_checkpoint(state: dict[str, Any], path: str | Path, weight_files
     """
     if "config" not in state:
         raise CheckpointError(f"{path} has no stored config: evaluate avs checkpoints (checkpoints/*.ckpt of a run)")
-    cfg = OmegaConf.create(state["config"])
+    stored = state["config"]
+    stored = OmegaConf.to_container(OmegaConf.create(stored) if isinstance(stored, str) else OmegaConf.create(stored))
+    cfg = OmegaConf.create(upgrade_config(stored))  # a config of an earlier version, in today's spelling
     if not weight_files:
         with open_dict(cfg):
             if cfg.get("backbone") is not None and "pretrained" in cfg.backbone:

@@ -66,6 +66,8 @@ ADDED_KEYS: tuple[str, ...] = (
 NOT_RESULTS: tuple[str, ...] = (
     "task_name",  # a merged overlay names its runs after the subset: <overlay>_${data.subset}
     "published.source",  # free text; pointers to notes outside the repository were dropped
+    # DDP's unused-parameter search: auto meant "on for no-audio models"; they build no unused parts now
+    "trainer.find_unused_parameters",
 )
 
 # With model.use_audio=false no audio part is built any more (before, the audio encoder, the fusion's

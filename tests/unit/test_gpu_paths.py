@@ -42,7 +42,7 @@ MODELS = ("tpavi", "ecmvae", "avsbg", "ecmvae_bg")
 
 
 def _tiny_batch(cfg, batch_size: int = 2, seed: int = 0) -> dict:
-    from avs.engine.bench import make_batch
+    from avs.benchmark import make_batch
 
     return make_batch(batch_size, int(cfg.data.num_frames), int(cfg.data.image_size), "logmel", torch.device("cpu"), seed=seed)
 
@@ -457,7 +457,7 @@ def test_compiled_training_is_not_recompiled_for_a_short_last_batch(synth_data_d
 @pytest.mark.parametrize("model", MODELS)
 def test_benchmark_sync_counter_sees_at_most_two_syncs_per_step(model, tmp_path):
     """The benchmark's count (trainer-style step) at tiny size, and the counter does see syncs when there are some."""
-    from avs.engine.bench import train_step_syncs
+    from avs.benchmark import train_step_syncs
     from avs.engine.syncs import SyncCounter
     from avs.models.build import build_model
 

@@ -177,3 +177,13 @@ def test_resume_comparison_refuses_result_keys_and_tolerates_keys_added_since(tm
     del stored["data"]["on_error"]  # a key the configs gained after the checkpoint was written
     changes = check_resume_config(OmegaConf.to_yaml(stored), cfg, "last.ckpt")
     assert changes == [{"key": "data.on_error", "checkpoint": None, "now": "raise"}]
+
+
+def test_a_model_without_audio_needs_no_audio_weight_file(tmp_path):
+    from avs.config_checks import MissingFileError, check_files
+
+    vggish = tiny_overrides(tmp_path) + ["audio=vggish", f"audio.weights_path={tmp_path}/vggish.pth",
+                                         "data.synthetic=null", f"data.root={tmp_path}"]
+    with pytest.raises(MissingFileError, match=r"audio\.weights_path=.*vggish\.pth: weight file not found"):
+        check_files(compose_cfg("train", vggish))
+    check_files(compose_cfg("train", vggish + ["model.use_audio=false"]))  # no audio encoder is built

@@ -1,12 +1,15 @@
-"""Checkpoints written before the optimizer / scheduler groups: their configs are compared in today's spelling."""
+"""Configs stored by earlier versions (checkpoints) read in today's spelling: resume compares them, eval builds them."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 from omegaconf import OmegaConf
 
 from avs.config_checks import ConfigError
-from avs.engine.resume_check import check_resume_config, upgrade_config
+from avs.config_upgrade import upgrade_config
+from avs.engine.resume_check import check_resume_config
 from tests.conftest import compose_cfg
 
 
@@ -39,3 +42,20 @@ def test_an_old_checkpoint_trained_with_adam_refuses_adamw(tmp_path):
 def test_upgrade_leaves_todays_configs_alone(tmp_path):
     cfg = OmegaConf.to_container(compose_cfg("train", ["scheduler=poly", f"paths.data_dir={tmp_path}"]), resolve=True)
     assert upgrade_config({**cfg, "trainer": dict(cfg["trainer"])}) == cfg
+
+
+@pytest.mark.parametrize("model", ["tpavi", "ecmvae", "avsbg"])
+def test_a_model_config_of_the_earlier_spelling_becomes_todays(model, tmp_path):
+    """Stored configs of checkpoints written before one class per kind: same model config after the upgrade."""
+    today = OmegaConf.to_container(compose_cfg("train", [f"model={model}", f"paths.data_dir={tmp_path}"]), resolve=True)
+    old = json.loads(json.dumps(today))
+    m = old["model"]
+    m["neck"]["_target_"] = "avs.models.neck.Neck"
+    m["decoder"]["_target_"] = "avs.models.decoder.Decoder"
+    if m.get("latent"):
+        m["latent"]["_target_"] = "avs.models.latent.ECMVAELatent"
+    loss = m.pop("seg_loss")
+    m["seg_loss"] = {"avs.losses.BCESegLoss": "bce", "avs.losses.StructureLoss": "structure"}[loss.pop("_target_")]
+    m["seg_loss_options"] = loss
+    assert old != today
+    assert upgrade_config(old) == today

@@ -1,0 +1,70 @@
+"""Configs stored by earlier versions of avs (in checkpoints), read in today's spelling.
+
+A checkpoint stores its run's resolved config. When a later version renames a key or turns a choice
+into a `_target_` node, `upgrade_config` rewrites the stored config so that it builds the same model
+(evaluation, demo, export) and compares key by key with a current config (resume). Each rule is one
+entry below; a value no rule knows stays as it was, so it shows up as a change or fails to build with
+the config check's message.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import OmegaConf
+
+# Classes that became one class per kind behind a factory taking the same arguments.
+RENAMED_TARGETS: dict[str, str] = {
+    "avs.models.neck.Neck": "avs.models.neck.build_neck",
+    "avs.models.decoder.Decoder": "avs.models.decoder.build_decoder",
+    "avs.models.latent.ECMVAELatent": "avs.models.latent.build_latent",
+}
+# model.seg_loss: <name> + model.seg_loss_options -> a `_target_` node taking the options.
+SEG_LOSS_TARGETS: dict[str, str] = {"bce": "avs.losses.BCESegLoss", "structure": "avs.losses.StructureLoss"}
+
+
+def _group_option(group: str, option: str) -> Any:
+    """The node that configs/<group>/<option>.yaml puts in place (None for an option that sets it null)."""
+    from avs.config import CONFIG_DIR
+
+    node = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / group / f"{option}.yaml"))
+    return node.get(group) if set(node) == {group} else node
+
+
+def _rename_targets(node: Any) -> None:
+    if isinstance(node, dict):
+        if node.get("_target_") in RENAMED_TARGETS:
+            node["_target_"] = RENAMED_TARGETS[node["_target_"]]
+        for value in node.values():
+            _rename_targets(value)
+    elif isinstance(node, list):
+        for value in node:
+            _rename_targets(value)
+
+
+def _upgrade_trainer(trainer: dict[str, Any]) -> None:
+    if "schedule" in trainer and "scheduler" not in trainer:  # trainer.schedule: <kind> -> scheduler=<kind>
+        kind = str(trainer["schedule"])
+        try:
+            trainer["scheduler"] = _group_option("scheduler", kind)
+            del trainer["schedule"]
+        except FileNotFoundError:
+            pass  # an unknown kind stays as it was
+    if "optimizer" not in trainer:  # Adam was the only optimizer before the optimizer group
+        trainer["optimizer"] = _group_option("optimizer", "adam")
+
+
+def _upgrade_model(model: dict[str, Any]) -> None:
+    _rename_targets(model)
+    loss = model.get("seg_loss")
+    if isinstance(loss, str) and loss in SEG_LOSS_TARGETS:
+        model["seg_loss"] = {"_target_": SEG_LOSS_TARGETS[loss], **(model.pop("seg_loss_options", None) or {})}
+
+
+def upgrade_config(old: dict[str, Any]) -> dict[str, Any]:
+    """`old` (a plain dict, changed in place and returned) in today's spelling."""
+    if isinstance(old.get("trainer"), dict):
+        _upgrade_trainer(old["trainer"])
+    if isinstance(old.get("model"), dict):
+        _upgrade_model(old["model"])
+    return old
