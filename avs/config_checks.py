@@ -53,7 +53,9 @@ def _check_resolvable(cfg: DictConfig) -> None:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except MissingMandatoryValue as exc:
         key = exc.full_key or "?"
-        raise ConfigError(f"config key {key} must be set (it is '???'): pass {key}=<value> on the command line") from None
+        raise ConfigError(
+            f"config key {key} must be set (it is '???'): pass {key}=<value> on the command line"
+        ) from None
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
         msg = str(getattr(exc, "msg", exc))
@@ -130,7 +132,8 @@ def _check_targets(cfg: DictConfig, node: Any = None, path: str = "") -> None:
                 where = path or "<root>"
                 raise ConfigError(
                     f"{', '.join(f'{where}.{k}' for k in unknown)}: not parameters of {target} (the {where} config); "
-                    f"they were set for another choice of {where.split('.')[0]}, e.g. by an experiment overlay written for "
+                    f"they were set for another choice of {where.split('.')[0]}, "
+                    "e.g. by an experiment overlay written for "
                     f"it: choose that one, or remove them (~{where}.{unknown[0]})"
                 )
     for key in node.keys():
@@ -162,7 +165,10 @@ def _check_model(cfg: DictConfig, data: DictConfig, model: DictConfig) -> None:
         raise ConfigError(f"model.motion needs data.num_frames >= 2 (got {data.num_frames}); set model.motion=null")
     use_audio = bool(model.get("use_audio", True))
     if data.audio_source != "embedding" and use_audio and model.get("audio_encoder") is None:
-        raise ConfigError("model.audio_encoder is null but data.audio_source gives log-mel audio: set audio=vggish|tiny or data.audio_source=embedding")
+        raise ConfigError(
+            "model.audio_encoder is null but data.audio_source gives log-mel audio: "
+            "set audio=vggish|tiny or data.audio_source=embedding"
+        )
     if data.audio_source == "embedding" and use_audio:
         _check_embedding_audio(model)
     latent = model.get("latent")
@@ -177,7 +183,9 @@ def _check_model(cfg: DictConfig, data: DictConfig, model: DictConfig) -> None:
     mask_mode = str(model.get("projector_mask", "auto"))
     if projector is not None:
         if mask_mode == "gt" and data.subset == "s4":
-            raise ConfigError("model.projector_mask=gt needs all frames labelled; S4 trains on frame 0 only (use auto or pred)")
+            raise ConfigError(
+                "model.projector_mask=gt needs all frames labelled; S4 trains on frame 0 only (use auto or pred)"
+            )
         gt_used = mask_mode == "gt" or (mask_mode == "auto" and data.subset == "ms3")
         if projector.get("legacy_raw_logits", False) and gt_used:
             raise ConfigError(
@@ -204,7 +212,9 @@ def _check_model(cfg: DictConfig, data: DictConfig, model: DictConfig) -> None:
                 raise ConfigError(f"model.loss_weights.{term}={w} must be finite")
     init_from = model.get("init_from")
     if init_from and not Path(str(init_from)).expanduser().is_file():
-        raise ConfigError(f"model.init_from={init_from}: file not found (give an avs checkpoint, e.g. <S4 run>/checkpoints/best.ckpt)")
+        raise ConfigError(
+            f"model.init_from={init_from}: file not found (give an avs checkpoint, e.g. <S4 run>/checkpoints/best.ckpt)"
+        )
 
 
 def _check_embedding_audio(model: DictConfig) -> None:
@@ -263,12 +273,16 @@ def _check_trainer(trainer: DictConfig) -> None:
             raise ConfigError(f"trainer.{key}={trainer.get(key)} must be >= 0")
     allow = trainer.get("resume_allow_changes") or []
     if not isinstance(allow, (list, ListConfig)) or not all(isinstance(k, str) and k for k in allow):
-        raise ConfigError(f"trainer.resume_allow_changes must be a list of config keys, e.g. [trainer.lr], got {allow!r}")
+        raise ConfigError(
+            f"trainer.resume_allow_changes must be a list of config keys, e.g. [trainer.lr], got {allow!r}"
+        )
     steps = trainer.get("debug_nan_steps") or []
     if not isinstance(steps, (list, ListConfig)) or not all(isinstance(s, int) and s >= 1 for s in steps):
         raise ConfigError(f"trainer.debug_nan_steps must be a list of step numbers >= 1, got {steps!r}")
     if str(trainer.get("find_unused_parameters", "auto")) not in ("auto", "True", "False", "true", "false"):
-        raise ConfigError(f"trainer.find_unused_parameters must be auto|true|false, got {trainer.find_unused_parameters!r}")
+        raise ConfigError(
+            f"trainer.find_unused_parameters must be auto|true|false, got {trainer.find_unused_parameters!r}"
+        )
     resume = trainer.get("resume")
     if resume not in (None, "", "auto"):
         p = Path(str(resume)).expanduser()
@@ -335,7 +349,8 @@ def check_files(cfg: DictConfig) -> None:
             if not Path(file).expanduser().is_file():
                 raise MissingFileError(
                     f"{key}={file}: weight file not found (put it there, point paths.weights_dir / AVS_WEIGHTS_DIR "
-                    f"at the folder holding it, or set {key.rsplit('.', 1)[0]}.pretrained to null/false for random init)"
+                    f"at the folder holding it, or set {key.rsplit('.', 1)[0]}.pretrained "
+                    "to null/false for random init)"
                 )
 
 
@@ -348,7 +363,7 @@ def is_multirun(argv: list[str]) -> bool:
 
 
 def sweep_jobs(overrides: list[str]) -> list[list[str]]:
-    """The override list of every job of a basic sweep (the cartesian product of the `a=1,2` values); [] if unparsable."""
+    """The override list of every job of a basic sweep (the product of the `a=1,2` values); [] if unparsable."""
     import itertools
 
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -394,7 +409,9 @@ def check_sweep(overrides: list[str], config_name: str = "train", config_dir: st
                     check_config(cfg)
                     check_files(cfg)
                 except (ConfigError, MissingFileError) as exc:
-                    raise type(exc)(f"sweep job #{i} of {len(jobs)} ({' '.join(job)}): {exc}; no job was started") from None
+                    raise type(exc)(
+                        f"sweep job #{i} of {len(jobs)} ({' '.join(job)}): {exc}; no job was started"
+                    ) from None
     finally:
         GlobalHydra.instance().clear()
     return len(jobs)

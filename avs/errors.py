@@ -14,8 +14,9 @@ import functools
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from enum import IntEnum
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 
 class ExitCode(IntEnum):

@@ -28,9 +28,7 @@ def _check_pair(name: str, logits: Tensor, masks: Tensor) -> None:
     if logits.dim() != 4 or logits.shape[1] != 1:
         raise ValueError(f"{name}: logits must be [N,1,H,W], got {tuple(logits.shape)}")
     if masks.shape != logits.shape:
-        raise ValueError(
-            f"{name}: masks must match logits {tuple(logits.shape)}, got {tuple(masks.shape)}"
-        )
+        raise ValueError(f"{name}: masks must match logits {tuple(logits.shape)}, got {tuple(masks.shape)}")
 
 
 def _valid_index(name: str, valid: Tensor | None, n: int, device: torch.device) -> Tensor:
@@ -148,8 +146,13 @@ def av_mapping_loss(
     return torch.stack(per_stage).mean()
 
 
-def _avm_stages(name: str, visual_feats: Sequence[Tensor], audio_feats: Sequence[Tensor | None],
-                stages: Sequence[int] | None, n: int) -> list[int]:
+def _avm_stages(
+    name: str,
+    visual_feats: Sequence[Tensor],
+    audio_feats: Sequence[Tensor | None],
+    stages: Sequence[int] | None,
+    n: int,
+) -> list[int]:
     """The stages an A-V loss runs on (all with audio when None), each checked: [N,C,h,w] maps, [N,C] audio."""
     if len(visual_feats) != len(audio_feats):
         raise ValueError(f"{name}: got {len(visual_feats)} visual stage maps but {len(audio_feats)} audio features")
@@ -265,8 +268,9 @@ class StructureLoss(torch.nn.Module):
         self.kernel = int(kernel)
 
     def forward(self, logits: Tensor, masks: Tensor, valid: Tensor | None = None) -> Tensor:
-        return structure_loss(logits, masks, valid, legacy_mean_bce=self.legacy_mean_bce,
-                              smoothing=self.smoothing, kernel=self.kernel)
+        return structure_loss(
+            logits, masks, valid, legacy_mean_bce=self.legacy_mean_bce, smoothing=self.smoothing, kernel=self.kernel
+        )
 
     def extra_repr(self) -> str:
         return f"smoothing={self.smoothing}, legacy_mean_bce={self.legacy_mean_bce}, kernel={self.kernel}"

@@ -137,9 +137,7 @@ class FrameStats:
         """Concatenate stats along the frame axis (all on the same device, same K)."""
         if not items:
             raise ValueError("FrameStats.cat needs at least one FrameStats")
-        return FrameStats(
-            **{f.name: torch.cat([getattr(s, f.name) for s in items]) for f in fields(FrameStats)}
-        )
+        return FrameStats(**{f.name: torch.cat([getattr(s, f.name) for s in items]) for f in fields(FrameStats)})
 
 
 def _as_frames(x: Tensor, name: str) -> Tensor:
@@ -152,9 +150,7 @@ def _as_frames(x: Tensor, name: str) -> Tensor:
         return x[:, 0]  # [N,1,H,W] -> [N,H,W]
     if x.dim() == 5 and x.shape[2] == 1:
         return x.reshape(-1, x.shape[-2], x.shape[-1])  # [B,T,1,H,W] -> [B*T,H,W]
-    raise ValueError(
-        f"{name} must have shape [N,H,W], [N,1,H,W] or [B,T,1,H,W] (one channel), got {tuple(x.shape)}"
-    )
+    raise ValueError(f"{name} must have shape [N,H,W], [N,1,H,W] or [B,T,1,H,W] (one channel), got {tuple(x.shape)}")
 
 
 def _bucket(p: Tensor, table: Tensor) -> Tensor:
@@ -267,9 +263,7 @@ def _clip_layout(logits: Tensor, masks: Tensor, batch_size_clips: int | None) ->
     elif batch_size_clips is not None:
         b = int(batch_size_clips)
         if b < 1 or n % b != 0:
-            raise ValueError(
-                f"batch_size_clips={batch_size_clips} must be >= 1 and divide the {n} frames of logits"
-            )
+            raise ValueError(f"batch_size_clips={batch_size_clips} must be >= 1 and divide the {n} frames of logits")
         t = n // b
     else:
         b, t = n, 1

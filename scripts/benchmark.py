@@ -1,9 +1,9 @@
 """Speed, memory and parameter benchmark of a configured model (docs/performance.md).
 
-    python scripts/benchmark.py model=tpavi backbone=pvt_v2_b5 params_only=true   # parameter counts only
-    python scripts/benchmark.py model=tpavi backbone=pvt_v2_b5                   # full CPU fp32 run
-    python scripts/benchmark.py model=avsbg quick=true compare=[motion]          # seconds-long smoke run
-    python scripts/benchmark.py model=ecmvae device=cuda                         # on a GPU
+python scripts/benchmark.py model=tpavi backbone=pvt_v2_b5 params_only=true   # parameter counts only
+python scripts/benchmark.py model=tpavi backbone=pvt_v2_b5                   # full CPU fp32 run
+python scripts/benchmark.py model=avsbg quick=true compare=[motion]          # seconds-long smoke run
+python scripts/benchmark.py model=ecmvae device=cuda                         # on a GPU
 """
 
 from __future__ import annotations
@@ -37,8 +37,15 @@ def main(cfg: DictConfig) -> None:
     if cfg.params_only:
         report = parameter_report(cfg)
         print(format_parameter_report(report, f"model={cfg.model.name} backbone={cfg.backbone.name} (trainable, M)"))
-        print(json.dumps({"params": report["groups"], "total": report["total_trainable_excl_audio"],
-                          "inference": report["inference_excl_audio"]}))
+        print(
+            json.dumps(
+                {
+                    "params": report["groups"],
+                    "total": report["total_trainable_excl_audio"],
+                    "inference": report["inference_excl_audio"],
+                }
+            )
+        )
         return
     from avs.benchmark import apply_quick, format_report, run_benchmark
     from avs.utils.io import atomic_write_text

@@ -30,8 +30,14 @@ def main(cfg: DictConfig) -> None:
     image_size = cfg.get("image_size")
     if image_size is not None and not isinstance(image_size, int):
         image_size = list(OmegaConf.to_container(image_size))
-    report = check_dataset(cfg.data.root, cfg.data.subset, int(cfg.data.num_frames), image_size, progress=True,
-                           pad_short_audio=pad_short_audio_flag(cfg.data))
+    report = check_dataset(
+        cfg.data.root,
+        cfg.data.subset,
+        int(cfg.data.num_frames),
+        image_size,
+        progress=True,
+        pad_short_audio=pad_short_audio_flag(cfg.data),
+    )
     print(report.format())
     if not report.ok:
         sys.exit(1)

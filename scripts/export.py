@@ -1,6 +1,6 @@
 """Export a checkpoint's inference path to TorchScript and check it against the eager model (docs/demo.md).
 
-    python scripts/export.py checkpoint=outputs/train/runs/<run>/checkpoints/best.ckpt [batch_size=1]
+python scripts/export.py checkpoint=outputs/train/runs/<run>/checkpoints/best.ckpt [batch_size=1]
 """
 
 from __future__ import annotations

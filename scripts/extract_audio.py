@@ -1,7 +1,7 @@
 """Cache VGGish embeddings for every clip of an AVSBench subset (for data.audio_source=embedding).
 
-    python scripts/extract_audio.py data=s4 data.root=/path/to/AVSBench-object
-    python scripts/extract_audio.py data=ms3 device=cpu overwrite=true
+python scripts/extract_audio.py data=s4 data.root=/path/to/AVSBench-object
+python scripts/extract_audio.py data=ms3 device=cpu overwrite=true
 """
 
 from __future__ import annotations

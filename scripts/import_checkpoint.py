@@ -30,7 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--released", required=True, help="the released .pth state dict")
     parser.add_argument("--out", required=True, help="where to write the avs checkpoint (.ckpt)")
     parser.add_argument("--vggish", default=None, help="torchvggish weights (vggish-10086976.pth)")
-    parser.add_argument("overrides", nargs="*", help="train-config overrides, e.g. experiment=avsbench_tpavi_pvt data=s4")
+    parser.add_argument(
+        "overrides", nargs="*", help="train-config overrides, e.g. experiment=avsbench_tpavi_pvt data=s4"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = release_config(args.overrides)

@@ -1,6 +1,6 @@
 """Per-dimension KL(posterior || prior) of a latent model's codes on a split (posterior-collapse check).
 
-    python scripts/latent_kl.py checkpoint=outputs/.../checkpoints/best.ckpt split=val
+python scripts/latent_kl.py checkpoint=outputs/.../checkpoints/best.ckpt split=val
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import avs  # noqa: E402,F401
-from avs.errors import plain_errors  # noqa: E402
 from avs.data import build_dataset  # noqa: E402
 from avs.engine.diagnostics import latent_kl_per_dimension  # noqa: E402
+from avs.errors import plain_errors  # noqa: E402
 from avs.evaluation.checkpoint import eval_data_config  # noqa: E402
 from avs.inference.model import load_model  # noqa: E402
 

@@ -1,8 +1,8 @@
 """Paper-style tables (markdown + csv) from run / multirun dirs: rows = varied config keys, mean ± std over seeds.
 
-    python scripts/tables.py outputs/train/multiruns/<time>
-    python scripts/tables.py <multirun dir> [<more dirs>] --protocol avsbench_legacy --name ecmvae_table4 --out tables/
-    python scripts/tables.py <dirs> --keys model.latent.divergence --metrics miou fscore fscore_at_0.5
+python scripts/tables.py outputs/train/multiruns/<time>
+python scripts/tables.py <multirun dir> [<more dirs>] --protocol avsbench_legacy --name ecmvae_table4 --out tables/
+python scripts/tables.py <dirs> --keys model.latent.divergence --metrics miou fscore fscore_at_0.5
 """
 
 from __future__ import annotations
@@ -25,8 +25,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--name", default="table", help="file stem and table title (default: table)")
     p.add_argument("--title", default=None, help="table title (default: --name)")
     p.add_argument("--split", default="test", choices=["test", "val"], help="test (default) or the best-on-val metrics")
-    p.add_argument("--protocol", default="per_frame", choices=["per_frame", "avsbench_legacy", "dataset_level"],
-                   help="metric protocol (default per_frame; avsbench_legacy compares with published numbers)")
+    p.add_argument(
+        "--protocol",
+        default="per_frame",
+        choices=["per_frame", "avsbench_legacy", "dataset_level"],
+        help="metric protocol (default per_frame; avsbench_legacy compares with published numbers)",
+    )
     p.add_argument("--metrics", nargs="+", default=["miou", "fscore"], help="metric keys (default: miou fscore)")
     p.add_argument("--keys", nargs="+", default=None, help="row keys (default: the config keys that vary across runs)")
     p.add_argument("--ignore", nargs="+", default=[], help="extra config keys (and their children) never used as rows")

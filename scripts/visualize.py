@@ -1,6 +1,6 @@
 """Frame / GT / prediction / variance grids and a t-SNE of latent codes for a checkpoint on a split (docs/demo.md).
 
-    python scripts/visualize.py checkpoint=outputs/train/runs/<run>/checkpoints/best.ckpt split=test num_samples=8
+python scripts/visualize.py checkpoint=outputs/train/runs/<run>/checkpoints/best.ckpt split=test num_samples=8
 """
 
 from __future__ import annotations

@@ -36,8 +36,9 @@ def build_bench_model(cfg: DictConfig, device: torch.device, seed: int = 0) -> t
     return build_model(cfg).to(device)
 
 
-def make_batch(batch_size: int, num_frames: int, size: int, audio: str, device: torch.device,
-               audio_dim: int = 128, seed: int = 0) -> dict[str, torch.Tensor]:
+def make_batch(
+    batch_size: int, num_frames: int, size: int, audio: str, device: torch.device, audio_dim: int = 128, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """Random batch: frames [B,T,3,S,S], masks [B,T,1,S,S], mask_valid [B,T], audio [B,T,1,96,64] | [B,T,D]."""
     g = torch.Generator().manual_seed(seed)
     B, T, S = batch_size, num_frames, size

@@ -50,8 +50,11 @@ def pair_spec(cfg: DictConfig, name: str) -> dict[str, Any]:
     if name not in pairs:
         raise ConfigError(f"compare: unknown pair {name!r}; expected some of {sorted(pairs)}")
     p = pairs[name]
-    spec: dict[str, Any] = {"inference_only": bool(p.get("inference_only", False)), "timeout_s": p.get("timeout_s"),
-                            "what": str(p.get("what", name))}
+    spec: dict[str, Any] = {
+        "inference_only": bool(p.get("inference_only", False)),
+        "timeout_s": p.get("timeout_s"),
+        "what": str(p.get("what", name)),
+    }
     for side in ("a", "b"):
         v = p[side]
         spec[side] = {
@@ -86,15 +89,19 @@ def output_diff(cfg: DictConfig, name: str, device: torch.device) -> float:
     return float((outs[0] - outs[1]).abs().max())
 
 
-def _measure_pair(cfg: DictConfig, name: str, spec: dict[str, Any], spec0: dict[str, Any],
-                  inference: dict[str, Any], memory: bool) -> dict[str, Any]:
+def _measure_pair(
+    cfg: DictConfig, name: str, spec: dict[str, Any], spec0: dict[str, Any], inference: dict[str, Any], memory: bool
+) -> dict[str, Any]:
     a, b = spec["a"], spec["b"]
     entry: dict[str, Any] = {"a": a["label"], "b": b["label"]}
     if spec["inference_only"]:  # variant a is the plain model: its inference timing is reused
         kinds = ["infer_clip"]
         ra = {"infer_clip": inference}
-        rb = measure({**spec0, "kinds": kinds, "overrides": b["overrides"], "runtime": b["runtime"]}, memory=False,
-                     timeout=spec["timeout_s"])
+        rb = measure(
+            {**spec0, "kinds": kinds, "overrides": b["overrides"], "runtime": b["runtime"]},
+            memory=False,
+            timeout=spec["timeout_s"],
+        )
         if "error" in rb:
             return {**entry, "skipped": f"{spec['what']}: {rb['error']}"}
         entry["max_abs_diff"] = rb.get("max_abs_diff")

@@ -19,8 +19,14 @@ from avs.benchmark.timing import median_time
 from avs.metrics import MetricAccumulator
 
 
-def metrics_throughput(num_frames: int = 1000, size: int = 224, clip_len: int = 5, batch_clips: int = 4,
-                       repeats: int = 3, device: str = "cpu") -> dict[str, float]:
+def metrics_throughput(
+    num_frames: int = 1000,
+    size: int = 224,
+    clip_len: int = 5,
+    batch_clips: int = 4,
+    repeats: int = 3,
+    device: str = "cpu",
+) -> dict[str, float]:
     """Frames/s of MetricAccumulator update (in eval batches) + compute of all three protocols."""
     g = torch.Generator().manual_seed(0)
     clips = max(1, num_frames // clip_len)
@@ -66,15 +72,19 @@ def train_step_syncs(model: torch.nn.Module, batch: dict[str, torch.Tensor], amp
     with SyncCounter() as counter:
         step()
     model.zero_grad(set_to_none=True)
-    return {"per_step": counter.total, "kinds": dict(counter.counts),
-            "note": "forward + loss + backward + non-finite check + Adam, after one warm-up step; the trainer "
-                    "also reads the loss at logging steps (trainer.log_every_steps), and fp16 AMP adds the "
-                    "GradScaler's overflow check"}
+    return {
+        "per_step": counter.total,
+        "kinds": dict(counter.counts),
+        "note": "forward + loss + backward + non-finite check + Adam, after one warm-up step; the trainer "
+        "also reads the loss at logging steps (trainer.log_every_steps), and fp16 AMP adds the "
+        "GradScaler's overflow check",
+    }
 
 
 def graph_breaks(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """torch.compile graphs and graph breaks of one training forward (loss terms included), via torch._dynamo.explain.
-    """
+    """torch.compile graphs and graph breaks of one training forward (loss terms included).
+
+    Counted by torch._dynamo.explain."""
     model.train()
     torch._dynamo.reset()
     try:
@@ -92,8 +102,13 @@ def graph_breaks(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict
     return {"graphs": ex.graph_count, "breaks": ex.graph_break_count, "reasons": reasons}
 
 
-def data_loader_throughput(cfg: DictConfig, num_clips: int, repeats: int, sources=("logmel", "wav", "embedding"),
-                           root: str | os.PathLike | None = None) -> dict[str, Any]:
+def data_loader_throughput(
+    cfg: DictConfig,
+    num_clips: int,
+    repeats: int,
+    sources=("logmel", "wav", "embedding"),
+    root: str | os.PathLike | None = None,
+) -> dict[str, Any]:
     """Clips/s of AVSBenchDataset (num_workers=0, in-process) for each audio source on generated data."""
     from torch.utils.data import DataLoader
 
@@ -110,20 +125,38 @@ def data_loader_throughput(cfg: DictConfig, num_clips: int, repeats: int, source
         t0 = time.perf_counter()
         data_root = generate(base / "sounding_shapes", syn, progress=False)
         gen_s = time.perf_counter() - t0
-        results: dict[str, Any] = {"clips": num_clips, "image_size": size, "num_frames": T, "subset": subset,
-                                   "num_workers": 0, "generation_s": gen_s,
-                                   "note": "in-process loading (num_workers=0): clips/s of one worker"}
+        results: dict[str, Any] = {
+            "clips": num_clips,
+            "image_size": size,
+            "num_frames": T,
+            "subset": subset,
+            "num_workers": 0,
+            "generation_s": gen_s,
+            "note": "in-process loading (num_workers=0): clips/s of one worker",
+        }
         rng = np.random.default_rng(0)
         for source in sources:
-            ds = AVSBenchDataset(root=data_root, subset=subset, split="train", num_frames=T, image_size=size,
-                                 audio_source="logmel" if source == "embedding" else source)
+            ds = AVSBenchDataset(
+                root=data_root,
+                subset=subset,
+                split="train",
+                num_frames=T,
+                image_size=size,
+                audio_source="logmel" if source == "embedding" else source,
+            )
             if source == "embedding":
                 for rec in ds.records:
                     path = embedding_path(ds.root, ds.layout, rec, None)
                     path.parent.mkdir(parents=True, exist_ok=True)
                     np.save(path, rng.standard_normal((T, 128)).astype(np.float32))
-                ds = AVSBenchDataset(root=data_root, subset=subset, split="train", num_frames=T, image_size=size,
-                                     audio_source="embedding")
+                ds = AVSBenchDataset(
+                    root=data_root,
+                    subset=subset,
+                    split="train",
+                    num_frames=T,
+                    image_size=size,
+                    audio_source="embedding",
+                )
             loader = DataLoader(ds, batch_size=1, shuffle=False, num_workers=0, collate_fn=collate_skip_none)
 
             def run(loader=loader):
@@ -140,9 +173,15 @@ def data_loader_throughput(cfg: DictConfig, num_clips: int, repeats: int, source
 
 def hardware_info(device: torch.device) -> dict[str, Any]:
     """Platform, CPU count, torch version, threads and (on CUDA) the GPU name."""
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "device": str(device), "dtype": "float32"}
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "dtype": "float32",
+    }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info

@@ -40,10 +40,19 @@ def apply_quick(cfg: DictConfig) -> DictConfig:
 
 
 def _run_config(cfg: DictConfig, memory: bool) -> dict[str, Any]:
-    return {"model": str(cfg.model.name), "backbone": str(cfg.backbone.name), "audio": str(cfg.audio._target_),
-            "image_size": int(cfg.image_size), "num_frames": int(cfg.num_frames), "batch_size": int(cfg.batch_size),
-            "repeats": int(cfg.repeats), "warmup": int(cfg.warmup), "quick": bool(cfg.quick),
-            "memory": memory, "model_cfg": OmegaConf.to_container(cfg.model, resolve=True)}
+    return {
+        "model": str(cfg.model.name),
+        "backbone": str(cfg.backbone.name),
+        "audio": str(cfg.audio._target_),
+        "image_size": int(cfg.image_size),
+        "num_frames": int(cfg.num_frames),
+        "batch_size": int(cfg.batch_size),
+        "repeats": int(cfg.repeats),
+        "warmup": int(cfg.warmup),
+        "quick": bool(cfg.quick),
+        "memory": memory,
+        "model_cfg": OmegaConf.to_container(cfg.model, resolve=True),
+    }
 
 
 def _core_timings(res: dict[str, Any], spec0: dict[str, Any], cfg: DictConfig, memory: bool) -> dict[str, Any]:
@@ -60,20 +69,37 @@ def _core_timings(res: dict[str, Any], spec0: dict[str, Any], cfg: DictConfig, m
     for r in (fwd, fb, tr, inf):
         if "error" in r:
             raise RuntimeError(f"benchmark measurement failed: {r['error']}")
-    res["backbone"] = {"fwd_s": fwd["backbone_fwd"]["seconds"], "fwd_batch": 1,
-                       "fwdbwd_s": fb["backbone_fwdbwd"]["seconds"], "fwdbwd_batch": int(cfg.batch_size),
-                       "fwdbwd_peak_mb": fb.get("peak_mb")}
-    res["train"] = {"step_s": tr["train_step"]["seconds"], "batch_size": int(cfg.batch_size),
-                    "peak_mb": tr.get("peak_mb"),
-                    "note": "forward + backward + optimizer step (the trainer's Adam); "
-                            "loss = unweighted sum of the loss terms"}
+    res["backbone"] = {
+        "fwd_s": fwd["backbone_fwd"]["seconds"],
+        "fwd_batch": 1,
+        "fwdbwd_s": fb["backbone_fwdbwd"]["seconds"],
+        "fwdbwd_batch": int(cfg.batch_size),
+        "fwdbwd_peak_mb": fb.get("peak_mb"),
+    }
+    res["train"] = {
+        "step_s": tr["train_step"]["seconds"],
+        "batch_size": int(cfg.batch_size),
+        "peak_mb": tr.get("peak_mb"),
+        "note": "forward + backward + optimizer step (the trainer's Adam); loss = unweighted sum of the loss terms",
+    }
     clip_s = inf["infer_clip"]["seconds"]
-    res["inference"] = {"clip_s": clip_s, "frame_s": clip_s / T, "frames_per_s": T / clip_s, "batch_size": 1,
-                        "peak_mb": inf.get("peak_mb")}
-    res["memory"] = {"source": tr.get("memory_source", "not measured"), "backbone_train_mb": fb.get("peak_mb"),
-                     "train_step_mb": tr.get("peak_mb"), "inference_mb": inf.get("peak_mb")}
-    res["ratios"] = {"train_step/backbone_fwdbwd": res["train"]["step_s"] / res["backbone"]["fwdbwd_s"],
-                     "infer_clip/backbone_fwd": clip_s / res["backbone"]["fwd_s"]}
+    res["inference"] = {
+        "clip_s": clip_s,
+        "frame_s": clip_s / T,
+        "frames_per_s": T / clip_s,
+        "batch_size": 1,
+        "peak_mb": inf.get("peak_mb"),
+    }
+    res["memory"] = {
+        "source": tr.get("memory_source", "not measured"),
+        "backbone_train_mb": fb.get("peak_mb"),
+        "train_step_mb": tr.get("peak_mb"),
+        "inference_mb": inf.get("peak_mb"),
+    }
+    res["ratios"] = {
+        "train_step/backbone_fwdbwd": res["train"]["step_s"] / res["backbone"]["fwdbwd_s"],
+        "infer_clip/backbone_fwd": clip_s / res["backbone"]["fwd_s"],
+    }
     return inf["infer_clip"]
 
 
@@ -93,14 +119,16 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
     log.info("host syncs and graph breaks of a training step")
     T = int(cfg.num_frames)
     sync_model = perturb_zero_init(build_bench_model(bench_model_config(cfg), device))
-    sync_batch = make_batch(int(cfg.batch_size), T, int(cfg.image_size), "logmel", device,
-                            int(cfg.model.get("audio_dim", 128)))
+    sync_batch = make_batch(
+        int(cfg.batch_size), T, int(cfg.image_size), "logmel", device, int(cfg.model.get("audio_dim", 128))
+    )
     res["host_syncs"] = train_step_syncs(sync_model, sync_batch)
     if bool(cfg.get("graph_breaks", True)):
         res["graph_breaks"] = graph_breaks(sync_model, sync_batch)
     del sync_model
     res["data_loader"] = data_loader_throughput(cfg, int(cfg.data_clips), max(1, int(cfg.repeats)))
-    res["metrics"] = metrics_throughput(num_frames=int(cfg.metrics_frames), size=int(cfg.metrics_size),
-                                        clip_len=T, device=str(device))
+    res["metrics"] = metrics_throughput(
+        num_frames=int(cfg.metrics_frames), size=int(cfg.metrics_size), clip_len=T, device=str(device)
+    )
     res["targets"] = check_targets(res, cfg.get("targets") or {})
     return res

@@ -25,8 +25,9 @@ from avs.benchmark.models import (
 from avs.errors import ConfigError
 
 
-def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1,
-                sync: Callable[[], None] | None = None) -> float:
+def median_time(
+    fn: Callable[[], Any], repeats: int = 5, warmup: int = 1, sync: Callable[[], None] | None = None
+) -> float:
     """Median wall time of `fn()` in seconds over `repeats` runs after `warmup` discarded runs."""
     for _ in range(warmup):
         fn()
@@ -80,8 +81,9 @@ def peak_rss_mb(baseline_kib: int) -> float:
     return (hwm - baseline_kib) / 1024
 
 
-def _timed_fn(kind: str, m: torch.nn.Module, batch: dict[str, torch.Tensor], cfg, device: torch.device,
-              runtime: dict[str, Any]) -> tuple[Callable[[], Any], Callable[..., Any]]:
+def _timed_fn(
+    kind: str, m: torch.nn.Module, batch: dict[str, torch.Tensor], cfg, device: torch.device, runtime: dict[str, Any]
+) -> tuple[Callable[[], Any], Callable[..., Any]]:
     """(the function timed for measurement `kind`, the forward it calls: compiled when asked)."""
     amp = bool(runtime.get("amp"))
     x = batch["frames"].flatten(0, 1)  # [B,T,3,S,S] -> [B*T,3,S,S]
@@ -91,6 +93,7 @@ def _timed_fn(kind: str, m: torch.nn.Module, batch: dict[str, torch.Tensor], cfg
         def fn():
             with torch.no_grad(), _autocast(device, amp):
                 return m.backbone(x)
+
         return fn, m
     if kind == "backbone_fwdbwd":
         m.backbone.train()
@@ -100,6 +103,7 @@ def _timed_fn(kind: str, m: torch.nn.Module, batch: dict[str, torch.Tensor], cfg
             with _autocast(device, amp):
                 feats = m.backbone(x)
             sum(f.float().mean() for f in feats).backward()
+
         return fn, m
     if kind == "train_step":
         from avs.engine.optim import build_optimizer
@@ -114,6 +118,7 @@ def _timed_fn(kind: str, m: torch.nn.Module, batch: dict[str, torch.Tensor], cfg
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+
         return fn, m
     if kind == "infer_clip":
         m.eval()
@@ -122,6 +127,7 @@ def _timed_fn(kind: str, m: torch.nn.Module, batch: dict[str, torch.Tensor], cfg
         def fn():
             with torch.no_grad(), _autocast(device, amp):
                 return fwd(batch)
+
         return fn, fwd
     raise ConfigError(f"unknown benchmark measurement {kind!r}")
 

@@ -21,7 +21,9 @@ def native_bf16(device: torch.device) -> bool:
     return bool(torch.cuda.is_bf16_supported(including_emulation=False))
 
 
-def load_scaler_state(scaler: torch.amp.GradScaler, state: dict[str, Any] | None, source: Any = "the checkpoint") -> bool:
+def load_scaler_state(
+    scaler: torch.amp.GradScaler, state: dict[str, Any] | None, source: Any = "the checkpoint"
+) -> bool:
     """Restore a GradScaler; a checkpoint of a run without fp16 AMP holds an empty state: start fresh.
 
     Returns True when a state was loaded. (torch raises "The source state dict is empty" when an
@@ -31,8 +33,11 @@ def load_scaler_state(scaler: torch.amp.GradScaler, state: dict[str, Any] | None
     if not scaler.is_enabled():
         return False
     if not state:
-        log.info("%s holds no GradScaler state (written without fp16 AMP): the fp16 loss scale starts fresh "
-                 "at %.0f", source, scaler.get_scale())
+        log.info(
+            "%s holds no GradScaler state (written without fp16 AMP): the fp16 loss scale starts fresh at %.0f",
+            source,
+            scaler.get_scale(),
+        )
         return False
     scaler.load_state_dict(state)
     return True

@@ -119,8 +119,12 @@ def wrap_ddp(model: torch.nn.Module, cfg: DictConfig, device: torch.device, dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [device.index] if device.type == "cuda" else None
-    return DDP(model, device_ids=ids, output_device=ids[0] if ids else None,
-               find_unused_parameters=ddp_find_unused_parameters(cfg))
+    return DDP(
+        model,
+        device_ids=ids,
+        output_device=ids[0] if ids else None,
+        find_unused_parameters=ddp_find_unused_parameters(cfg),
+    )
 
 
 def init_from(model: torch.nn.Module, path: str) -> None:
@@ -131,14 +135,16 @@ def init_from(model: torch.nn.Module, path: str) -> None:
     skipped = sorted(set(state) - set(usable))
     missing = sorted(set(own) - set(usable))
     model.load_state_dict(usable, strict=False)
-    log.info("init_from %s: loaded %d tensors, skipped %d, left %d at init",
-             path, len(usable), len(skipped), len(missing))
+    log.info(
+        "init_from %s: loaded %d tensors, skipped %d, left %d at init", path, len(usable), len(skipped), len(missing)
+    )
     if not usable:
         raise CheckpointError(f"model.init_from={path}: no tensor matches this model")
 
 
-def build_run_model(cfg: DictConfig, device: torch.device, dist: D.DistInfo,
-                    before_build: Callable[[], Any] | None = None) -> torch.nn.Module:
+def build_run_model(
+    cfg: DictConfig, device: torch.device, dist: D.DistInfo, before_build: Callable[[], Any] | None = None
+) -> torch.nn.Module:
     """Seed, build the model on `device` (init_from, channels_last, cuDNN autotune, SyncBatchNorm), reseed per rank.
 
     `before_build` runs after seeding, before the model is built (e.g. verifying a checkpoint to resume).
@@ -160,8 +166,9 @@ def build_run_model(cfg: DictConfig, device: torch.device, dist: D.DistInfo,
     if dist.enabled:
         if tcfg.get("sync_bn", False):
             if device.type != "cuda":
-                raise ValueError("trainer.sync_bn=true needs CUDA devices (torch's SyncBatchNorm); "
-                                 "set trainer.sync_bn=false on CPU")
+                raise ValueError(
+                    "trainer.sync_bn=true needs CUDA devices (torch's SyncBatchNorm); set trainer.sync_bn=false on CPU"
+                )
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         seed_everything(int(cfg.seed) + dist.rank, bool(tcfg.deterministic))  # per-rank dropout etc.
     return model

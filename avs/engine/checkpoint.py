@@ -42,7 +42,7 @@ def state_digest(state: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
-def _feed(h: "hashlib._Hash", obj: Any) -> None:
+def _feed(h: hashlib._Hash, obj: Any) -> None:
     if isinstance(obj, torch.Tensor):
         t = obj.detach().to("cpu").contiguous()
         h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
@@ -61,22 +61,37 @@ def _feed(h: "hashlib._Hash", obj: Any) -> None:
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Serialise `state` (with its content hash) fully in memory, then write it atomically (a failed write keeps the old file)."""
+    """Serialise `state` (with its content hash) fully in memory, then write it atomically.
+
+    A failed write keeps the old file."""
     state = {**state, INTEGRITY_KEY: {"algorithm": HASH_ALGORITHM, "digest": state_digest(state)}}
     buf = io.BytesIO()
     torch.save(state, buf)
     try:
         atomic_write_bytes(path, buf.getvalue())
     except OSError as exc:
-        raise CheckpointError(f"could not write checkpoint {path}: {exc} (the previous file, if any, is intact)") from exc
+        raise CheckpointError(
+            f"could not write checkpoint {path}: {exc} (the previous file, if any, is intact)"
+        ) from exc
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint with `weights_only=True` (no code from the file is executed), verify its hash and weights."""
     path = Path(path)
     if path.is_dir():
-        hint = next((c for c in (path / "checkpoints" / "best.ckpt", path / "best.ckpt", path / "checkpoints" / "last.ckpt",
-                                 path / "last.ckpt") if c.is_file()), path / "checkpoints" / "best.ckpt")
+        hint = next(
+            (
+                c
+                for c in (
+                    path / "checkpoints" / "best.ckpt",
+                    path / "best.ckpt",
+                    path / "checkpoints" / "last.ckpt",
+                    path / "last.ckpt",
+                )
+                if c.is_file()
+            ),
+            path / "checkpoints" / "best.ckpt",
+        )
         raise CheckpointError(f"{path} is a directory, expected a .ckpt file (did you mean {hint}?)")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -89,7 +104,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             ) from exc
         # truncated zips, overwritten headers, ...  # truncated zips, overwritten headers, ...
         raise CheckpointError(
-            f"checkpoint {path} is damaged: it cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            f"checkpoint {path} is damaged: it cannot be read "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
             "use another checkpoint (e.g. best.ckpt, or train again)"
         ) from exc
     if not isinstance(state, dict):
@@ -102,7 +118,9 @@ def verify_checkpoint(state: dict[str, Any], path: str | Path = "<checkpoint>") 
     """Check the stored content hash (when present) and that the model weights are finite; CheckpointError otherwise."""
     stored = state.get(INTEGRITY_KEY)
     if stored is None:
-        log.warning("%s has no content hash (written before checkpoints carried one): loaded without verification", path)
+        log.warning(
+            "%s has no content hash (written before checkpoints carried one): loaded without verification", path
+        )
     else:
         digest = stored.get("digest") if isinstance(stored, dict) else None
         if not isinstance(digest, str) or state_digest(state) != digest:
@@ -112,11 +130,15 @@ def verify_checkpoint(state: dict[str, Any], path: str | Path = "<checkpoint>") 
             )
     weights = state.get("model", state.get("state_dict"))
     if isinstance(weights, dict):
-        bad = [k for k, v in weights.items()
-               if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        bad = [
+            k
+            for k, v in weights.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())
+        ]
         if bad:
             raise CheckpointError(
-                f"checkpoint {path} holds non-finite model weights ({len(bad)} tensor(s), e.g. {', '.join(bad[:3])}): refused"
+                f"checkpoint {path} holds non-finite model weights "
+                f"({len(bad)} tensor(s), e.g. {', '.join(bad[:3])}): refused"
             )
 
 
@@ -136,8 +158,12 @@ def capture_rng() -> dict[str, Any]:
     np_state = np.random.get_state()
     out: dict[str, Any] = {
         "python": _to_lists(random.getstate()),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached": float(np_state[4]),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -173,11 +199,23 @@ def _restore_cuda_rng(saved: list[torch.Tensor], saved_device: int | None, own_d
     for i in range(kept):
         torch.cuda.set_rng_state(saved[i], i)
     if len(saved) > kept:
-        log.info("checkpoint holds CUDA RNG states of %d devices, %d visible now: the states of devices %d..%d "
-                 "were not restored", len(saved), visible, kept, len(saved) - 1)
+        log.info(
+            "checkpoint holds CUDA RNG states of %d devices, %d visible now: the states of devices %d..%d "
+            "were not restored",
+            len(saved),
+            visible,
+            kept,
+            len(saved) - 1,
+        )
     elif visible > kept:
-        log.info("checkpoint holds CUDA RNG states of %d devices, %d visible now: devices %d..%d keep their "
-                 "current generator state", len(saved), visible, kept, visible - 1)
+        log.info(
+            "checkpoint holds CUDA RNG states of %d devices, %d visible now: devices %d..%d keep their "
+            "current generator state",
+            len(saved),
+            visible,
+            kept,
+            visible - 1,
+        )
 
 
 def _to_lists(x: Any) -> Any:

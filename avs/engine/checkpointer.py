@@ -32,8 +32,17 @@ CHECKPOINT_VERSION = 2
 class Checkpointer:
     """Saves the model, optimizer, scaler, scheduler and `RunState` of a run; restores them on resume."""
 
-    def __init__(self, run_dir: str | Path, cfg: DictConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 scaler: torch.amp.GradScaler, state: RunState, dist: D.DistInfo, device: torch.device) -> None:
+    def __init__(
+        self,
+        run_dir: str | Path,
+        cfg: DictConfig,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
+        state: RunState,
+        dist: D.DistInfo,
+        device: torch.device,
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.cfg, self.model, self.optimizer, self.scaler = cfg, model, optimizer, scaler
@@ -102,8 +111,9 @@ class Checkpointer:
         self.state.faults["resumed_from"].append({"path": str(path), "step": self.state.step, "changes": changes})
         self.adopt_best(path.parent / "best.ckpt")
         s = self.state
-        log.info("resumed from %s at epoch %d, step %d (batch %d of the epoch)",
-                 path, s.epoch, s.step, s.batch_in_epoch)
+        log.info(
+            "resumed from %s at epoch %d, step %d (batch %d of the epoch)", path, s.epoch, s.step, s.batch_in_epoch
+        )
 
     def _restore_rng(self, ckpt: dict[str, Any], path: Path) -> None:
         per_rank = ckpt.get("rng_per_rank")
@@ -114,8 +124,12 @@ class Checkpointer:
         if self.dist.enabled:
             if self.dist.rank > 0:
                 seed_everything(int(self.cfg.seed) + 7919 * self.dist.rank + self.state.step)
-            log.warning("%s was written by %s process(es), now %d: per-rank RNG streams re-derived",
-                        path, ckpt.get("world_size", 1), self.dist.world_size)
+            log.warning(
+                "%s was written by %s process(es), now %d: per-rank RNG streams re-derived",
+                path,
+                ckpt.get("world_size", 1),
+                self.dist.world_size,
+            )
 
     def adopt_best(self, src: Path) -> None:
         """Resuming into another run dir: copy the source run's best.ckpt so selection carries over."""

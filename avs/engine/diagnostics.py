@@ -10,13 +10,17 @@ from torch.utils.data import DataLoader
 from avs.models.segmentor import AVSegmentor
 
 
-def gaussian_kl_per_dim(mu_q: torch.Tensor, logvar_q: torch.Tensor, mu_p: torch.Tensor, logvar_p: torch.Tensor) -> torch.Tensor:
+def gaussian_kl_per_dim(
+    mu_q: torch.Tensor, logvar_q: torch.Tensor, mu_p: torch.Tensor, logvar_p: torch.Tensor
+) -> torch.Tensor:
     """KL(N(mu_q, e^logvar_q) || N(mu_p, e^logvar_p)) per dimension, [N,L] -> [N,L]."""
     return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p) ** 2) / logvar_p.exp() - 1.0)
 
 
 @torch.no_grad()
-def latent_kl_per_dimension(model: AVSegmentor, loader: DataLoader, device: torch.device | str = "cpu") -> dict[str, Any]:
+def latent_kl_per_dimension(
+    model: AVSegmentor, loader: DataLoader, device: torch.device | str = "cpu"
+) -> dict[str, Any]:
     """Mean over a split's frames of KL(posterior || prior) for each latent dimension of each code.
 
     A dimension whose KL stays near 0 carries no information from the ground truth (collapsed).

@@ -83,8 +83,13 @@ class LoggingHook(HookBase):
 
     def before_train(self) -> None:
         total = self.loop.plan.total_steps
-        self.bar = tqdm(total=total, initial=min(self.loop.state.step, total), desc="train", disable=not self.progress,
-                        dynamic_ncols=True)
+        self.bar = tqdm(
+            total=total,
+            initial=min(self.loop.state.step, total),
+            desc="train",
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
 
     def after_step(self) -> None:
         loop, last = self.loop, self.loop.last
@@ -122,7 +127,7 @@ class NonFiniteGuard(HookBase):
         s = self.loop.state
         if s.consecutive_nonfinite < self.max_bad:
             return
-        bad = s.bad_steps()[-s.consecutive_nonfinite:]
+        bad = s.bad_steps()[-s.consecutive_nonfinite :]
         steps = [f["step"] for f in bad]
         clips = sorted({v for f in bad for v in f["video_ids"]})
         s.interrupted("non-finite")
@@ -141,8 +146,16 @@ class NonFiniteGuard(HookBase):
 class ValidationHook(HookBase):
     """Every `every` epochs and after the last: evaluate the selection split; a better value saves best.ckpt."""
 
-    def __init__(self, evaluate: Callable[..., dict], save: Callable[[str], Any], tb: TensorBoard, every: int,
-                 split: str, protocol: str, metric: str) -> None:
+    def __init__(
+        self,
+        evaluate: Callable[..., dict],
+        save: Callable[[str], Any],
+        tb: TensorBoard,
+        every: int,
+        split: str,
+        protocol: str,
+        metric: str,
+    ) -> None:
         self.evaluate, self.save, self.tb, self.every = evaluate, save, tb, every
         self.split, self.protocol, self.metric = split, protocol, metric
 
@@ -255,15 +268,23 @@ class RunReportHook(HookBase):
         s = self.loop.state
         self.write("finished")
         if s.faults["nonfinite_steps"] or s.skipped:
-            log.warning("run finished with %d skipped step(s) and %d skipped clip(s): see %s",
-                        len(s.faults["nonfinite_steps"]), len(set(s.skipped)), self.run_dir / "run_report.json")
+            log.warning(
+                "run finished with %d skipped step(s) and %d skipped clip(s): see %s",
+                len(s.faults["nonfinite_steps"]),
+                len(set(s.skipped)),
+                self.run_dir / "run_report.json",
+            )
 
     def on_interrupt(self, reason: str) -> None:
         self.write("interrupted", reason)
         log.warning(
             "stopped by %s at step %d: saved %s; resume with trainer.resume=auto hydra.run.dir=%s "
-            "(or trainer.resume=%s)", reason, self.loop.state.step, self.run_dir / "checkpoints" / "last.ckpt",
-            self.run_dir, self.run_dir,
+            "(or trainer.resume=%s)",
+            reason,
+            self.loop.state.step,
+            self.run_dir / "checkpoints" / "last.ckpt",
+            self.run_dir,
+            self.run_dir,
         )
 
     def on_failure(self, exc: BaseException) -> None:

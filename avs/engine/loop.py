@@ -75,10 +75,24 @@ class StepOutcome:
 class TrainLoop:
     """Owns the model, optimizer, scheduler, scaler and `RunState`; runs epochs and calls the hooks."""
 
-    def __init__(self, model: torch.nn.Module, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: Any, scaler: torch.amp.GradScaler, state: RunState, data: Any, sampler: Any, plan: Plan,
-                 *, loss_weights: dict[str, float], device: torch.device, dist: D.DistInfo,
-                 autocast: Callable[[], AbstractContextManager] = nullcontext, skip_mode: bool = False) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        net: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        scaler: torch.amp.GradScaler,
+        state: RunState,
+        data: Any,
+        sampler: Any,
+        plan: Plan,
+        *,
+        loss_weights: dict[str, float],
+        device: torch.device,
+        dist: D.DistInfo,
+        autocast: Callable[[], AbstractContextManager] = nullcontext,
+        skip_mode: bool = False,
+    ) -> None:
         self.model, self.net, self.optimizer, self.scheduler, self.scaler = model, net, optimizer, scheduler, scaler
         self.state, self.data, self.sampler, self.plan = state, data, sampler, plan
         self.loss_weights, self.device, self.dist, self.autocast = loss_weights, device, dist, autocast
@@ -224,8 +238,9 @@ class TrainLoop:
             self.scaler.scale(loss / self.plan.accum).backward()
         return loss, terms
 
-    def _finish_step(self, loss: torch.Tensor, terms: dict[str, torch.Tensor], window: LossWindow,
-                     window_ids: list[str]) -> None:
+    def _finish_step(
+        self, loss: torch.Tensor, terms: dict[str, torch.Tensor], window: LossWindow, window_ids: list[str]
+    ) -> None:
         outcome = self.optimizer_step(self.plan.clip, window.nonfinite())
         self.state.step += 1
         self.state.loss_log.add(loss)  # read in batches (logging steps, checkpoints): no sync per step
@@ -272,15 +287,27 @@ class TrainLoop:
         ids = list(dict.fromkeys(video_ids))
         if self.dist.enabled:  # the clips of every rank
             ids = list(dict.fromkeys(v for part in D.gather_objects(ids) for v in part))
-        entry = {"step": s.step, "epoch": s.epoch, "kind": kind, "video_ids": ids,
-                 "terms": {k: (v if math.isfinite(v) else str(v)) for k, v in terms.items()}}
+        entry = {
+            "step": s.step,
+            "epoch": s.epoch,
+            "kind": kind,
+            "video_ids": ids,
+            "terms": {k: (v if math.isfinite(v) else str(v)) for k, v in terms.items()},
+        }
         s.faults["nonfinite_steps"].append(entry)
         if kind == "amp_overflow":
-            log.info("step %d: fp16 gradient overflow, update skipped by the GradScaler (scale now %.1f)",
-                     s.step, self.scaler.get_scale())
+            log.info(
+                "step %d: fp16 gradient overflow, update skipped by the GradScaler (scale now %.1f)",
+                s.step,
+                self.scaler.get_scale(),
+            )
             return
         what = f"loss {loss_value}" if kind == "loss" else "gradient"
         log.warning(
             "step %d: non-finite %s%s; optimizer update skipped (%d in a row). clips: %s",
-            s.step, what, f" (terms {entry['terms']})" if terms else "", s.consecutive_nonfinite, ", ".join(ids),
+            s.step,
+            what,
+            f" (terms {entry['terms']})" if terms else "",
+            s.consecutive_nonfinite,
+            ", ".join(ids),
         )

@@ -53,8 +53,9 @@ def use_fused(spec: Any, params: list[torch.Tensor], optimizer: type | None = No
     else:
         requirement = f"an optimizer with a fused kernel ({getattr(optimizer, '__qualname__', optimizer)} has none)"
     supported = on_device and has_kernel
-    return auto_flag(spec, "trainer.fused_optimizer", auto=bool(params) and supported, supported=supported,
-                     requirement=requirement)
+    return auto_flag(
+        spec, "trainer.fused_optimizer", auto=bool(params) and supported, supported=supported, requirement=requirement
+    )
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], tcfg: Mapping[str, Any]) -> torch.optim.Optimizer:
@@ -71,8 +72,10 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], tcfg: Mapping[str, Any
         if key in spec:
             raise ConfigError(f"trainer.optimizer.{key} is set by the trainer from {knob}: set {knob} instead")
     factory = instantiate(spec, _partial_=True, _convert_="all")
-    kwargs: dict[str, Any] = {"lr": float(tcfg.get("lr", 1e-4)),
-                              "weight_decay": float(tcfg.get("weight_decay", 0.0) or 0.0)}
+    kwargs: dict[str, Any] = {
+        "lr": float(tcfg.get("lr", 1e-4)),
+        "weight_decay": float(tcfg.get("weight_decay", 0.0) or 0.0),
+    }
     if use_fused(tcfg.get("fused_optimizer", "auto"), params, factory.func):
         kwargs["fused"] = True
     return factory(params, **kwargs)

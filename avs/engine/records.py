@@ -25,8 +25,9 @@ def git_commit() -> str | None:
         return None
 
 
-def write_run_report(run_dir: str | Path, state: RunState, world_size: int, status: str,
-                     message: str | None = None) -> Path:
+def write_run_report(
+    run_dir: str | Path, state: RunState, world_size: int, status: str, message: str | None = None
+) -> Path:
     """run_report.json: status (finished | interrupted | failed), steps and every fault met."""
     report = {
         "status": status,
@@ -63,8 +64,9 @@ def _faults_record(state: RunState) -> dict[str, Any]:
     }
 
 
-def metrics_record(cfg: DictConfig, state: RunState, result: dict[str, Any], world_size: int,
-                   loss_weights: dict[str, float]) -> dict[str, Any]:
+def metrics_record(
+    cfg: DictConfig, state: RunState, result: dict[str, Any], world_size: int, loss_weights: dict[str, float]
+) -> dict[str, Any]:
     """The metrics.json record of a finished run (its keys are the schema tables and tests read)."""
     tcfg = cfg.trainer
     return {
@@ -74,8 +76,11 @@ def metrics_record(cfg: DictConfig, state: RunState, result: dict[str, Any], wor
         "resolution": int(cfg.data.image_size),
         "num_frames": int(cfg.data.num_frames),
         "metric_protocols": list(cfg.eval.protocols),
-        "selection": {"split": str(tcfg.get("select_split", "val")), "protocol": str(cfg.eval.protocol),
-                      "metric": str(tcfg.get("select_metric", "miou"))},
+        "selection": {
+            "split": str(tcfg.get("select_split", "val")),
+            "protocol": str(cfg.eval.protocol),
+            "metric": str(tcfg.get("select_metric", "miou")),
+        },
         "eval_batch_size": int(cfg.data.eval_batch_size),
         "legacy_batch_size": int(cfg.eval.get("legacy_batch_size", cfg.data.eval_batch_size)),
         "init_from": cfg.model.get("init_from"),

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -98,9 +99,15 @@ def config_changes(stored: Any, cfg: DictConfig) -> list[dict[str, Any]]:
         va, vb = a.get(key, _ABSENT), b.get(key, _ABSENT)
         if va == vb or _matches(key, FREE_KEYS):
             continue
-        changes.append({"key": key, "checkpoint": None if va is _ABSENT else va, "now": None if vb is _ABSENT else vb,
-                        "text": f"{key}: {_text(va)} in the checkpoint, {_text(vb)} now",
-                        "schema": va is _ABSENT or vb is _ABSENT})
+        changes.append(
+            {
+                "key": key,
+                "checkpoint": None if va is _ABSENT else va,
+                "now": None if vb is _ABSENT else vb,
+                "text": f"{key}: {_text(va)} in the checkpoint, {_text(vb)} now",
+                "schema": va is _ABSENT or vb is _ABSENT,
+            }
+        )
     return changes
 
 
@@ -114,12 +121,16 @@ def check_resume_config(stored: Any, cfg: DictConfig, path: str | Path) -> list[
         return []
     allowed = [str(k) for k in (cfg.trainer.get("resume_allow_changes") or [])]
     changes = config_changes(stored, cfg)
-    refused = [c for c in changes if not _matches(c["key"], allowed) and not _matches(c["key"], SCHEDULE_LENGTH_KEYS)
-               and not c["schema"]]
+    refused = [
+        c
+        for c in changes
+        if not _matches(c["key"], allowed) and not _matches(c["key"], SCHEDULE_LENGTH_KEYS) and not c["schema"]
+    ]
     if refused:
         keys = ",".join(dict.fromkeys(c["key"] for c in refused))
         raise ConfigError(
-            f"resuming {path} with a config that changes its results: " + "; ".join(c["text"] for c in refused)
+            f"resuming {path} with a config that changes its results: "
+            + "; ".join(c["text"] for c in refused)
             + f". Resume with the values the run was started with, or allow the change explicitly with "
             f"{ALLOW_KEY}=[{keys}] (it then takes effect and is recorded in run_report.json and metrics.json)"
         )
@@ -157,8 +168,10 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, scheduler: Any, state: d
             group["lr"] = current["lr"]
         return
     base = [g.get("initial_lr", g["lr"]) for g in fresh]
-    if saved and list(saved.get("base_lrs", [])) == base and all(
-        saved.get(k) == getattr(scheduler, k) for k in ("T_max", "total_iters") if hasattr(scheduler, k)
+    if (
+        saved
+        and list(saved.get("base_lrs", [])) == base
+        and all(saved.get(k) == getattr(scheduler, k) for k in ("T_max", "total_iters") if hasattr(scheduler, k))
     ):
         for group, lr in zip(optimizer.param_groups, saved_lrs):
             group["lr"] = lr
@@ -171,5 +184,9 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, scheduler: Any, state: d
     for group, lr in zip(optimizer.param_groups, lrs):
         group["lr"] = lr
     scheduler._last_lr = list(lrs)
-    log.info("lr schedule rebuilt on resume: %s over the current length, continuing at step %d (lr %s)",
-             type(scheduler).__name__, step, lrs)
+    log.info(
+        "lr schedule rebuilt on resume: %s over the current length, continuing at step %d (lr %s)",
+        type(scheduler).__name__,
+        step,
+        lrs,
+    )

@@ -79,9 +79,16 @@ class RunDirLock:
             ) from None
         previous = _read_owner(fd)
         if previous:  # a clean release empties the file: an owner still named here died holding it
-            log.warning("run dir lock %s was left by %s, which is no longer running: taking it over",
-                        self.path, _describe(previous))
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": _dt.datetime.now().isoformat(timespec="seconds")}
+            log.warning(
+                "run dir lock %s was left by %s, which is no longer running: taking it over",
+                self.path,
+                _describe(previous),
+            )
+        me = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": _dt.datetime.now().isoformat(timespec="seconds"),
+        }
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, json.dumps(me).encode())
@@ -125,8 +132,9 @@ def check_run_dir_free(run_dir: str | Path, resume_path: str | Path | None) -> N
     )
 
 
-def claim_run_dir(run_dir: str | Path, resume_path: str | Path | None, is_main: bool = True,
-                  distributed: bool = False) -> RunDirLock | None:
+def claim_run_dir(
+    run_dir: str | Path, resume_path: str | Path | None, is_main: bool = True, distributed: bool = False
+) -> RunDirLock | None:
     """Lock `run_dir` (rank 0) and check it holds no other run's checkpoints; every rank raises the same RunDirError."""
     lock: RunDirLock | None = None
     error: str | None = None

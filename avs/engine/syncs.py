@@ -35,11 +35,14 @@ _INDEX_OPS = {_aten.index.Tensor, _aten.index_put.default, _aten.index_put_.defa
 def _bool_index(args: tuple[Any, ...]) -> bool:
     indices = args[1] if len(args) > 1 else None
     return isinstance(indices, (list, tuple)) and any(
-        torch.is_tensor(i) and i.dtype in (torch.bool, torch.uint8) for i in indices)
+        torch.is_tensor(i) and i.dtype in (torch.bool, torch.uint8) for i in indices
+    )
 
 
 class SyncCounter(TorchDispatchMode):
-    """Count host syncs inside `with SyncCounter() as c: ...`; `c.total`, `c.counts` {kind: n}, `c.where` (kinds in order)."""
+    """Count host syncs inside `with SyncCounter() as c: ...`.
+
+    `c.total`, `c.counts` {kind: n}, `c.where` (kinds in order)."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -70,8 +70,9 @@ class Trainer:
         self.state = RunState()
         self.data = RunData(cfg, is_main=self.is_main, cuda=self.device.type == "cuda", barrier=D.barrier)
         self.tb = H.TensorBoard(self.run_dir, enabled=self.is_main and bool(self.tcfg.get("tensorboard", True)))
-        self.checkpointer = Checkpointer(self.run_dir, cfg, self.model, self.optimizer, self.scaler, self.state,
-                                         self.dist, self.device)
+        self.checkpointer = Checkpointer(
+            self.run_dir, cfg, self.model, self.optimizer, self.scaler, self.state, self.dist, self.device
+        )
         self.loop: TrainLoop | None = None
         self._net: torch.nn.Module | None = None  # the module that runs training forwards (DDP wrapper or model)
         self._eval_net: torch.nn.Module | None = None  # the module that runs eval forwards (model, maybe compiled)
@@ -120,8 +121,19 @@ class Trainer:
             on_output = self._first_batch_images(split)
         net = self._eval_net if self._eval_net is not None else self.model
         show = bool(self.tcfg.get("progress", True)) and self.is_main
-        return evaluate_split(net, self.data, split, self.cfg, device=self.device, dist=self.dist, model=self.model,
-                              autocast=self.autocast, state=self.state, on_output=on_output, progress=show)
+        return evaluate_split(
+            net,
+            self.data,
+            split,
+            self.cfg,
+            device=self.device,
+            dist=self.dist,
+            model=self.model,
+            autocast=self.autocast,
+            state=self.state,
+            on_output=on_output,
+            progress=show,
+        )
 
     def _first_batch_images(self, split: str):
         from avs.evaluation.visuals import overlay_grid
@@ -178,25 +190,39 @@ class Trainer:
         drop_last = bool(tcfg.get("drop_last", False))
         if not drop_last and str(tcfg.get("compile", False)).lower() not in ("false", "off", "none"):
             # a smaller last batch would recompile every compiled graph (the batch dimension is specialised)
-            log.info("trainer.compile: the short last batch of each epoch is dropped (as trainer.drop_last=true), "
-                     "so the compiled training graphs are never recompiled")
+            log.info(
+                "trainer.compile: the short last batch of each epoch is dropped (as trainer.drop_last=true), "
+                "so the compiled training graphs are never recompiled"
+            )
             drop_last = True
         sampler = ResumableSampler(
-            num_clips, shuffle=True, seed=int(self.cfg.seed), num_replicas=self.dist.world_size, rank=self.dist.rank,
+            num_clips,
+            shuffle=True,
+            seed=int(self.cfg.seed),
+            num_replicas=self.dist.world_size,
+            rank=self.dist.rank,
             with_epoch=True,  # the (epoch, index) pairs seed the flips, also in persistent workers
         )
         shard = len(sampler)
         batches_per_epoch = shard // bs if drop_last else math.ceil(shard / bs)
         if batches_per_epoch == 0:
-            raise ValueError(f"data.batch_size={bs} is larger than the train split ({shard} clips per process) "
-                             "with drop_last")
+            raise ValueError(
+                f"data.batch_size={bs} is larger than the train split ({shard} clips per process) with drop_last"
+            )
         max_steps = int(tcfg.get("max_steps") or 0)
         total_steps = max_steps if max_steps > 0 else int(tcfg.epochs) * max(1, batches_per_epoch // accum)
         # with max_steps the step count ends the run (also one extended on resume past a cut-short epoch)
         epochs = math.inf if max_steps > 0 else int(tcfg.epochs)
-        plan = Plan(batch_size=bs, batches_per_epoch=batches_per_epoch, total_steps=total_steps, epochs=epochs,
-                    accum=accum, drop_last=drop_last, clip=float(tcfg.get("grad_clip", 0) or 0),
-                    nan_steps=frozenset(int(s) for s in (tcfg.get("debug_nan_steps") or [])))
+        plan = Plan(
+            batch_size=bs,
+            batches_per_epoch=batches_per_epoch,
+            total_steps=total_steps,
+            epochs=epochs,
+            accum=accum,
+            drop_last=drop_last,
+            clip=float(tcfg.get("grad_clip", 0) or 0),
+            nan_steps=frozenset(int(s) for s in (tcfg.get("debug_nan_steps") or [])),
+        )
         return plan, sampler
 
     def _build_loop(self, stop: StopSignal) -> TrainLoop:
@@ -219,9 +245,22 @@ class Trainer:
         self._eval_net = self._net if not self.dist.enabled else compile_module(self.model, self.tcfg)
         if save_on_start:
             self.save("last")
-        loop = TrainLoop(self.model, self._net, self.optimizer, scheduler, self.scaler, self.state, self.data, sampler,
-                         plan, loss_weights=self.loss_weights, device=self.device, dist=self.dist,
-                         autocast=self.autocast, skip_mode=self.cfg.data.get("on_error", "raise") == "skip")
+        loop = TrainLoop(
+            self.model,
+            self._net,
+            self.optimizer,
+            scheduler,
+            self.scaler,
+            self.state,
+            self.data,
+            sampler,
+            plan,
+            loss_weights=self.loss_weights,
+            device=self.device,
+            dist=self.dist,
+            autocast=self.autocast,
+            skip_mode=self.cfg.data.get("on_error", "raise") == "skip",
+        )
         loop.stop = stop
         loop.register(*self._hooks())
         return loop
@@ -232,9 +271,15 @@ class Trainer:
         return [
             H.LoggingHook(self.tb, int(tcfg.get("log_every_steps", 10)), progress),
             H.NonFiniteGuard(int(tcfg.get("max_consecutive_nonfinite", 3)), save, self.run_dir),
-            H.ValidationHook(self.evaluate, save, self.tb, int(tcfg.get("val_every_epochs", 1)),
-                             split=str(tcfg.get("select_split", "val")),  # test only with allow_test_selection
-                             protocol=str(self.cfg.eval.protocol), metric=str(tcfg.get("select_metric", "miou"))),
+            H.ValidationHook(
+                self.evaluate,
+                save,
+                self.tb,
+                int(tcfg.get("val_every_epochs", 1)),
+                split=str(tcfg.get("select_split", "val")),  # test only with allow_test_selection
+                protocol=str(self.cfg.eval.protocol),
+                metric=str(tcfg.get("select_metric", "miou")),
+            ),
             H.CheckpointHook(save, int(tcfg.get("checkpoint_every_steps", 0) or 0)),
             H.InterruptAfterHook(int(tcfg.get("interrupt_after_steps", 0) or 0)),
             H.SignalHook(),

@@ -113,12 +113,18 @@ def _load_weights(model: torch.nn.Module, state: dict[str, Any], checkpoint: Any
         model.load_state_dict(state["model"])
     except RuntimeError as exc:  # e.g. a size mismatch from a data.image_size the model was not built for
         trained = OmegaConf.create(state["config"])
-        diff = [f"data.{k}: {trained.data.get(k)} in the checkpoint, {run_cfg.data.get(k)} now"
-                for k in SHAPE_KEYS if trained.data.get(k) != run_cfg.data.get(k)]
+        diff = [
+            f"data.{k}: {trained.data.get(k)} in the checkpoint, {run_cfg.data.get(k)} now"
+            for k in SHAPE_KEYS
+            if trained.data.get(k) != run_cfg.data.get(k)
+        ]
         raise CheckpointError(
             f"{checkpoint} does not fit the model built for this evaluation"
-            + (f" ({'; '.join(diff)}): evaluate with the checkpoint's values (drop those overrides)" if diff
-               else f" ({str(exc).splitlines()[0][:200]})")
+            + (
+                f" ({'; '.join(diff)}): evaluate with the checkpoint's values (drop those overrides)"
+                if diff
+                else f" ({str(exc).splitlines()[0][:200]})"
+            )
         ) from None
 
 
@@ -171,8 +177,18 @@ def evaluate_checkpoint(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         on_output = lambda batch, logits: save_pred_masks(masks_dir, ds, batch, logits)  # noqa: E731
     autocast = autocast_for(amp_dtype(run_cfg.trainer.get("amp", "auto"), device), device)
     show = bool(run_cfg.trainer.get("progress", True)) and dist.is_main
-    metrics = evaluate_split(model, data, str(cfg.split), run_cfg, device=device, dist=dist, autocast=autocast,
-                             state=RunState(), on_output=on_output, progress=show)
+    metrics = evaluate_split(
+        model,
+        data,
+        str(cfg.split),
+        run_cfg,
+        device=device,
+        dist=dist,
+        autocast=autocast,
+        state=RunState(),
+        on_output=on_output,
+        progress=show,
+    )
     meta = _meta(cfg, run_cfg, dist.world_size)
     paths = write_tables(out_dir, f"metrics_{cfg.split}", metrics, meta, title=f"{cfg.split}") if dist.is_main else {}
     if masks_dir is not None:

@@ -88,7 +88,10 @@ def evaluate(
 
 
 def metrics_of(
-    accumulator: MetricAccumulator, protocols: list[str], legacy_batch_size: int, split: str = "the",
+    accumulator: MetricAccumulator,
+    protocols: list[str],
+    legacy_batch_size: int,
+    split: str = "the",
     distributed: bool = False,
 ) -> dict[str, dict[str, float]]:
     """{protocol: metrics} of the accumulated clips (gathered over every rank when `distributed`)."""
@@ -131,8 +134,18 @@ def evaluate_split(
     it = iter(loader)
     failed = True
     try:
-        acc = evaluate(net, it, MetricAccumulator(), device=device, batch_size=batch_size, autocast=autocast,
-                       on_batch=on_batch, on_output=on_output, desc=f"eval {split}", progress=progress)
+        acc = evaluate(
+            net,
+            it,
+            MetricAccumulator(),
+            device=device,
+            batch_size=batch_size,
+            autocast=autocast,
+            on_batch=on_batch,
+            on_output=on_output,
+            desc=f"eval {split}",
+            progress=progress,
+        )
         failed = False
     finally:
         data.end_pass(it, loader, failed)

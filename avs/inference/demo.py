@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -143,8 +144,12 @@ def predict_video(
     if last is None:
         raise VideoError(f"{video}: no frame could be decoded")
     if next_window < len(windows):  # the stream decoded to fewer frames than it has packets
-        log.warning("%s: decoded %d frames, fewer than the %d packets; later frames repeat the last one",
-                    video, last[0] + 1, plan.video_frames)
+        log.warning(
+            "%s: decoded %d frames, fewer than the %d packets; later frames repeat the last one",
+            video,
+            last[0] + 1,
+            plan.video_frames,
+        )
         last_frame = to_model_frame(last[1], size)
         for w in windows[next_window:]:
             for f in w.frames:
@@ -197,21 +202,40 @@ def run_demo(cfg: Mapping[str, Any], out_dir: str | Path, return_probs: bool = F
     # within one video frame counts as covering the video (container and codec rounding)
     samples16k, uncovered = fit_audio_to_video(samples16k, info.duration, short_audio, audio_source, 1.0 / info.fps)
     if uncovered is not None:
-        log.warning("%s: the audio (%.2f s) is shorter than the video (%.2f s): seconds %.2f-%.2f have no sound; %s",
-                    audio_source, audio_seconds, info.duration, *uncovered,
-                    "they get silence (short_audio=silence; short_audio=repeat reuses the last 0.975 s of audio)"
-                    if short_audio == "silence" else "they reuse the last 0.975 s of audio (short_audio=repeat)")
+        log.warning(
+            "%s: the audio (%.2f s) is shorter than the video (%.2f s): seconds %.2f-%.2f have no sound; %s",
+            audio_source,
+            audio_seconds,
+            info.duration,
+            *uncovered,
+            "they get silence (short_audio=silence; short_audio=repeat reuses the last 0.975 s of audio)"
+            if short_audio == "silence"
+            else "they reuse the last 0.975 s of audio (short_audio=repeat)",
+        )
 
     num_samples = int(_opt(cfg, "num_samples", 1))
     loaded = load_model(str(cfg["checkpoint"]), _opt(cfg, "device", "auto"), num_samples)
     plan = plan_windows(
-        info.num_frames, info.fps, samples16k.shape[0], loaded.num_frames,
-        sampling=str(_opt(cfg, "sampling", "avsbench")), stride=cfg.get("stride"),
-        spacing=float(_opt(cfg, "dense_spacing", 1.0)), source=str(video),
+        info.num_frames,
+        info.fps,
+        samples16k.shape[0],
+        loaded.num_frames,
+        sampling=str(_opt(cfg, "sampling", "avsbench")),
+        stride=cfg.get("stride"),
+        spacing=float(_opt(cfg, "dense_spacing", 1.0)),
+        source=str(video),
     )
-    log.info("%s: %d frames at %.3f fps (%.2f s); %s sampling -> %d analysed frames in %d windows of T=%d",
-             video, info.num_frames, info.fps, info.duration, plan.sampling, len(plan.slots), len(plan.windows),
-             plan.num_frames)
+    log.info(
+        "%s: %d frames at %.3f fps (%.2f s); %s sampling -> %d analysed frames in %d windows of T=%d",
+        video,
+        info.num_frames,
+        info.fps,
+        info.duration,
+        plan.sampling,
+        len(plan.slots),
+        len(plan.windows),
+        plan.num_frames,
+    )
 
     stem = video.stem
     masks_dir, var_dir = out / "masks", out / "variance"
@@ -227,8 +251,9 @@ def run_demo(cfg: Mapping[str, Any], out_dir: str | Path, return_probs: bool = F
 
     def on_slot(key: int, prob: torch.Tensor, var: torch.Tensor | None) -> None:
         if mask_res == "video" and (info.height, info.width) != (H, W):
-            prob_out = F.interpolate(prob[None, None], size=(info.height, info.width), mode="bilinear",
-                                     align_corners=False)[0, 0]
+            prob_out = F.interpolate(
+                prob[None, None], size=(info.height, info.width), mode="bilinear", align_corners=False
+            )[0, 0]
         else:
             prob_out = prob
         mask = (prob_out > threshold).numpy()
@@ -269,8 +294,13 @@ def run_demo(cfg: Mapping[str, Any], out_dir: str | Path, return_probs: bool = F
         "threshold": threshold,
         "mask_resolution": mask_res,
         "slots": [
-            {"k": s.key + 1, "frame": s.frame, "time_s": round(s.time, 4), "mask": str(mask_paths[i].relative_to(out)),
-             "foreground_fraction": round(fg_fraction[i], 5)}
+            {
+                "k": s.key + 1,
+                "frame": s.frame,
+                "time_s": round(s.time, 4),
+                "mask": str(mask_paths[i].relative_to(out)),
+                "foreground_fraction": round(fg_fraction[i], 5),
+            }
             for i, s in enumerate(plan.slots)
         ],
         "overlay_video": str(result.overlay_video) if result.overlay_video else None,
@@ -287,8 +317,17 @@ def _tile_keys(num_slots: int, max_tiles: int) -> list[int]:
     return sorted({int(round(x)) for x in np.linspace(0, num_slots - 1, max(1, max_tiles))})
 
 
-def _write_visuals(cfg, result: DemoResult, video: Path, stem: str, samples: np.ndarray, rate: int,
-                   tile_keys: list[int], tile_var: dict[int, np.ndarray], progress: bool) -> None:
+def _write_visuals(
+    cfg,
+    result: DemoResult,
+    video: Path,
+    stem: str,
+    samples: np.ndarray,
+    rate: int,
+    tile_keys: list[int],
+    tile_var: dict[int, np.ndarray],
+    progress: bool,
+) -> None:
     """Pass 2: overlay video (with audio) and contact sheet."""
     plan, info, out = result.plan, result.info, result.out_dir
     ocfg = _opt(cfg, "overlay", {})
@@ -313,12 +352,19 @@ def _write_visuals(cfg, result: DemoResult, video: Path, stem: str, samples: np.
 
     writer = None
     if write_video:
-        writer = OverlayVideoWriter(out / f"{stem}_overlay.mp4", info.rate or info.fps, disp, audio=samples,
-                                    sample_rate=rate, crf=int(_opt(ocfg, "crf", 20)))
+        writer = OverlayVideoWriter(
+            out / f"{stem}_overlay.mp4",
+            info.rate or info.fps,
+            disp,
+            audio=samples,
+            sample_rate=rate,
+            crf=int(_opt(ocfg, "crf", 20)),
+        )
     last: tuple[int, np.ndarray] | None = None
     try:
-        for idx, rgb in tqdm(iter_frames(video, disp), total=info.num_frames, desc="overlay", disable=not progress,
-                             dynamic_ncols=True):
+        for idx, rgb in tqdm(
+            iter_frames(video, disp), total=info.num_frames, desc="overlay", disable=not progress, dynamic_ncols=True
+        ):
             last = (idx, rgb)
             if writer is None and len(tiles) == len(tile_frames):
                 break

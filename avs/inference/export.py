@@ -23,15 +23,16 @@ import io
 import json
 import logging
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
-from avs.models.segmentor import AVSegmentor
 from avs.errors import AVSError, ExitCode
+from avs.models.segmentor import AVSegmentor
 from avs.utils.io import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -101,8 +102,9 @@ def _traceable_motion() -> Iterator[None]:
         motion_mod._mean_relu_correlation = original
 
 
-def example_inputs(batch: int, num_frames: int, image_size: tuple[int, int], seed: int = 0,
-                   device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def example_inputs(
+    batch: int, num_frames: int, image_size: tuple[int, int], seed: int = 0, device: str | torch.device = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Random (frames [B,T,3,H,W] ~ N(0,1), log-mel [B,T,1,96,64] ~ N(-4,2)) for tracing and checking."""
     g = torch.Generator().manual_seed(int(seed))
     frames = torch.randn(batch, num_frames, 3, *image_size, generator=g)
@@ -169,8 +171,10 @@ def export_torchscript(
     shapes = {"frames": list(frames.shape), "audio": list(audio.shape), "logits": list(eager.shape)}
     record = {
         "format": "torchscript",
-        "inputs": {"frames": "float32 [B,T,3,H,W], RGB / 255, ImageNet-normalised",
-                   "audio": "float32 [B,T,1,96,64], VGGish log-mel (avs.data.audio)"},
+        "inputs": {
+            "frames": "float32 [B,T,3,H,W], RGB / 255, ImageNet-normalised",
+            "audio": "float32 [B,T,1,96,64], VGGish log-mel (avs.data.audio)",
+        },
         "output": "logits [B,T,1,H,W] (foreground probability = sigmoid)",
         "traced_shapes": shapes,
         "fixed_batch": model.motion is not None,
@@ -208,13 +212,28 @@ def export_checkpoint(cfg: Any, out_dir: str | Path) -> ExportResult:
         raise ValueError(f"batch_size must be >= 1, got {batch}")
     seed = int(cfg.get("seed", 0) or 0)
     frames, audio = example_inputs(batch, loaded.num_frames, loaded.image_size, seed, loaded.device)
-    checks = [example_inputs(batch, loaded.num_frames, loaded.image_size, seed + 1 + i, loaded.device)
-              for i in range(int(cfg.get("num_checks", 2) or 0))]
+    checks = [
+        example_inputs(batch, loaded.num_frames, loaded.image_size, seed + 1 + i, loaded.device)
+        for i in range(int(cfg.get("num_checks", 2) or 0))
+    ]
     name = cfg.get("name") or f"{Path(str(cfg.checkpoint)).stem}_{loaded.method}"
-    meta = {"checkpoint": str(loaded.checkpoint), "method": loaded.method,
-            "backbone": str(loaded.cfg.backbone.get("name", "")), "num_frames": loaded.num_frames,
-            "image_size": list(loaded.image_size), "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
-    result = export_torchscript(loaded.model, Path(out_dir) / f"{name}.pt", frames, audio,
-                                atol=float(cfg.get("atol", 1e-4)), meta=meta, check_inputs=checks)
+    meta = {
+        "checkpoint": str(loaded.checkpoint),
+        "method": loaded.method,
+        "backbone": str(loaded.cfg.backbone.get("name", "")),
+        "num_frames": loaded.num_frames,
+        "image_size": list(loaded.image_size),
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+    }
+    result = export_torchscript(
+        loaded.model,
+        Path(out_dir) / f"{name}.pt",
+        frames,
+        audio,
+        atol=float(cfg.get("atol", 1e-4)),
+        meta=meta,
+        check_inputs=checks,
+    )
     log.info("exported %s -> %s (max |exported - eager| = %.3g)", cfg.checkpoint, result.path, result.max_abs_diff)
     return result

@@ -53,8 +53,8 @@ def inference_config(state: dict, path: str | Path, num_samples: int = 1) -> Dic
 def load_model(checkpoint: str | Path, device: str | torch.device = "auto", num_samples: int = 1) -> LoadedModel:
     """Checkpoint path -> LoadedModel in eval mode on `device` (K = `num_samples` prior samples for latent models)."""
     from avs.data.transforms import as_size
-    from avs.utils.device import select_device
     from avs.models.build import build_model
+    from avs.utils.device import select_device
 
     if int(num_samples) < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -73,8 +73,9 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "auto", num_
         )
     model = model.to(dev).eval()
     if int(num_samples) > 1 and model.latent is None:
-        log.warning("num_samples=%d ignored: %s has no latent part (deterministic model)", num_samples,
-                    cfg.model.get("name"))
+        log.warning(
+            "num_samples=%d ignored: %s has no latent part (deterministic model)", num_samples, cfg.model.get("name")
+        )
     size = as_size(OmegaConf.select(cfg, "data.image_size"), "data.image_size")
     if size is None:
         raise CheckpointError(f"{path}: the stored config has no data.image_size")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -30,8 +31,9 @@ _FG = (235, 235, 235)
 _PALETTE = [(255, 99, 71), (65, 160, 255), (80, 200, 120), (255, 200, 40), (190, 110, 255), (0, 200, 200)]
 
 
-def tint(rgb: np.ndarray, mask: np.ndarray, color: Sequence[int] = (255, 40, 120), alpha: float = 0.5,
-         outline: bool = True) -> np.ndarray:
+def tint(
+    rgb: np.ndarray, mask: np.ndarray, color: Sequence[int] = (255, 40, 120), alpha: float = 0.5, outline: bool = True
+) -> np.ndarray:
     """Blend `color` over the foreground of bool mask [H,W] on uint8 RGB [H,W,3] (+ 1-px outline) -> uint8 [H,W,3]."""
     if rgb.shape[:2] != mask.shape[:2]:
         raise ValueError(f"tint: image {rgb.shape[:2]} and mask {mask.shape[:2]} differ in size")
@@ -138,8 +140,9 @@ def _row_label(width: int, height: int, text: str) -> np.ndarray:
     return bar
 
 
-def scatter_plot(points: np.ndarray, labels: np.ndarray, names: Sequence[str], size: int = 480,
-                 title: str = "") -> np.ndarray:
+def scatter_plot(
+    points: np.ndarray, labels: np.ndarray, names: Sequence[str], size: int = 480, title: str = ""
+) -> np.ndarray:
     """2-D points [N,2] coloured by integer label [N] (legend from `names`) -> uint8 RGB [size,size,3]."""
     points = np.asarray(points, dtype=np.float64)
     if points.ndim != 2 or points.shape[1] != 2:
@@ -182,8 +185,16 @@ class OverlayVideoWriter:
     even numbers (yuv420p needs them). Written to a temp file and renamed on close.
     """
 
-    def __init__(self, path: str | os.PathLike, rate: Any, size: tuple[int, int], audio: np.ndarray | None = None,
-                 sample_rate: int = 16000, crf: int = 20, codec: str = "libx264") -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        rate: Any,
+        size: tuple[int, int],
+        audio: np.ndarray | None = None,
+        sample_rate: int = 16000,
+        crf: int = 20,
+        codec: str = "libx264",
+    ) -> None:
         from avs.inference.video import require_av
 
         av = require_av()
@@ -228,7 +239,7 @@ class OverlayVideoWriter:
         until = min(until, self._audio.shape[0])
         if until <= self._audio_pos:
             return
-        chunk = self._audio[None, self._audio_pos:until]  # [1, n]
+        chunk = self._audio[None, self._audio_pos : until]  # [1, n]
         frame = self._av.AudioFrame.from_ndarray(np.ascontiguousarray(chunk), format="flt", layout="mono")
         frame.sample_rate = self.sample_rate
         frame.pts = self._audio_pos
@@ -263,7 +274,7 @@ class OverlayVideoWriter:
         finally:
             self._tmp.unlink(missing_ok=True)
 
-    def __enter__(self) -> "OverlayVideoWriter":
+    def __enter__(self) -> OverlayVideoWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -62,7 +62,9 @@ def _pvt_rules(prefix: str) -> list[Rule]:
         s = i - 1
         if i > 1:
             rules.append((rf"{p}patch_embed{i}\.(.+)", rf"backbone.body.stages_{s}.downsample.\1"))
-        rules.append((rf"{p}block{i}\.(\d+)\.mlp\.dwconv\.dwconv\.(.+)", rf"backbone.body.stages_{s}.blocks.\1.mlp.dwconv.\2"))
+        rules.append(
+            (rf"{p}block{i}\.(\d+)\.mlp\.dwconv\.dwconv\.(.+)", rf"backbone.body.stages_{s}.blocks.\1.mlp.dwconv.\2")
+        )
         rules.append((rf"{p}block{i}\.(\d+)\.(.+)", rf"backbone.body.stages_{s}.blocks.\1.\2"))
         rules.append((rf"{p}norm{i}\.(.+)", rf"backbone.body.stages_{s}.norm.\1"))
     return rules
@@ -73,7 +75,10 @@ def _resnet_rules(prefix: str, two_branch: bool) -> list[Rule]:
     p = re.escape(prefix)
     rules: list[Rule] = [(rf"{p}(conv1|bn1|layer1|layer2)\.(.+)", r"backbone.body.\1.\2")]
     if two_branch:
-        rules += [(rf"{p}layer3_1\.(.+)", r"backbone.body.layer3.\1"), (rf"{p}layer4_1\.(.+)", r"backbone.body.layer4.\1")]
+        rules += [
+            (rf"{p}layer3_1\.(.+)", r"backbone.body.layer3.\1"),
+            (rf"{p}layer4_1\.(.+)", r"backbone.body.layer4.\1"),
+        ]
     else:
         rules += [(rf"{p}(layer3|layer4)\.(.+)", r"backbone.body.\1.\2")]
     return rules
@@ -98,10 +103,30 @@ def _simple_decoder_rules(src: str, dst: str) -> list[Rule]:
     for n in range(1, 5):
         for block in (rf"fusion_block_{n}", rf"short_connect_with_decode_module\.{n - 1}"):
             for unit in (1, 2):
-                rules.append((rf"{src}\.{block}\.resConfUnit{unit}\.ConvBNReLU1\.conv\.(.+)", rf"{dst}.path{5 - n}.resConfUnit{unit}.body.0.\1"))
-                rules.append((rf"{src}\.{block}\.resConfUnit{unit}\.ConvBNReLU1\.norm\.(.+)", rf"{dst}.path{5 - n}.resConfUnit{unit}.body.1.\1"))
-                rules.append((rf"{src}\.{block}\.resConfUnit{unit}\.ConvBNReLU2\.conv\.(.+)", rf"{dst}.path{5 - n}.resConfUnit{unit}.body.3.\1"))
-                rules.append((rf"{src}\.{block}\.resConfUnit{unit}\.ConvBNReLU2\.norm\.(.+)", rf"{dst}.path{5 - n}.resConfUnit{unit}.body.4.\1"))
+                rules.append(
+                    (
+                        rf"{src}\.{block}\.resConfUnit{unit}\.ConvBNReLU1\.conv\.(.+)",
+                        rf"{dst}.path{5 - n}.resConfUnit{unit}.body.0.\1",
+                    )
+                )
+                rules.append(
+                    (
+                        rf"{src}\.{block}\.resConfUnit{unit}\.ConvBNReLU1\.norm\.(.+)",
+                        rf"{dst}.path{5 - n}.resConfUnit{unit}.body.1.\1",
+                    )
+                )
+                rules.append(
+                    (
+                        rf"{src}\.{block}\.resConfUnit{unit}\.ConvBNReLU2\.conv\.(.+)",
+                        rf"{dst}.path{5 - n}.resConfUnit{unit}.body.3.\1",
+                    )
+                )
+                rules.append(
+                    (
+                        rf"{src}\.{block}\.resConfUnit{unit}\.ConvBNReLU2\.norm\.(.+)",
+                        rf"{dst}.path{5 - n}.resConfUnit{unit}.body.4.\1",
+                    )
+                )
     rules.append((rf"{src}\.head_up_2\.output_conv\.([024])\.(.+)", rf"{dst}.output_conv.\1.\2"))
     return rules
 
@@ -112,7 +137,9 @@ _ECMVAE_LATENT_ENCODERS = r"(enc_vs|enc_as|enc_vac|enc_vs_y|enc_as_y|enc_vac_y)"
 
 
 def _ecmvae_latent_rules() -> list[Rule]:
-    """`mm_vae_model.*` -> `latent.*`: conv stacks layerK/bnK -> convs.{3(K-1)}/{3(K-1)+1}, BA heads -> ba_{prior,post}."""
+    """`mm_vae_model.*` -> `latent.*`.
+
+    Conv stacks layerK/bnK -> convs.{3(K-1)}/{3(K-1)+1}, BA heads -> ba_{prior,post}."""
     src = r"mm_vae_model"
     rules: list[Rule] = []
     for k in range(1, 6):
@@ -169,19 +196,26 @@ RULES: dict[str, list[Rule]] = {
 # Released keys that exist in the file but that the released forward never reads: (regex, why).
 UNUSED: dict[str, list[Rule]] = {
     "avsbench": [
-        (r"path4\.resConfUnit1\..+", "the deepest FeatureFusionBlock is called with one input: its resConfUnit1 never runs"),
+        (
+            r"path4\.resConfUnit1\..+",
+            "the deepest FeatureFusionBlock is called with one input: its resConfUnit1 never runs",
+        ),
         (r"resnet\.(layer3_2|layer4_2)\..+", "B2_ResNet's second branch is built and loaded but never called"),
         (r"encoder_backbone\.head\..+", "PVT classification head (not called by the segmentation forward)"),
     ],
     "mmvae_avs": [
-        (r"(decoder_prior|decoder_post)\.(fusion_block_1|short_connect_with_decode_module\.0)\.resConfUnit1\..+",
-         "the first decoder block gets one input: its resConfUnit1 never runs"),
+        (
+            r"(decoder_prior|decoder_post)\.(fusion_block_1|short_connect_with_decode_module\.0)\.resConfUnit1\..+",
+            "the first decoder block gets one input: its resConfUnit1 never runs",
+        ),
         (r"audio_neck\..+", "audio_neck (Linear 128->128) is built but never called"),
         (r"encoder\.(head|fc)\..+", "backbone classifier (not called by the segmentation forward)"),
     ],
     "avs_bidirectional": [
-        (r"decoder\.(short_connect_with_decode_module\.0|fusion_block_1)\.resConfUnit1\..+",
-         "the first decoder block gets one input: its resConfUnit1 never runs"),
+        (
+            r"decoder\.(short_connect_with_decode_module\.0|fusion_block_1)\.resConfUnit1\..+",
+            "the first decoder block gets one input: its resConfUnit1 never runs",
+        ),
         (r"audio_neck\..+", "audio_neck (Linear 128->128) is built but never called"),
         (r"encoder\.(head|fc)\..+", "backbone classifier (not called by the segmentation forward)"),
     ],
@@ -233,7 +267,7 @@ def map_keys(keys: Sequence[str], rules: Sequence[Rule], unused: Sequence[Rule] 
 
 
 def _strip_module(sd: Mapping[str, Any]) -> dict[str, Any]:
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
+    return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in sd.items()}
 
 
 def _listing(keys: Sequence[str]) -> str:
@@ -363,8 +397,11 @@ def import_checkpoint(
         raise ValueError(f"source must be one of {list(SOURCES)}, got {source!r}")
     released_path = Path(released_path).expanduser()
     if str(cfg.model.get("preset", "paper")) != "release":
-        log.warning("model.preset=%s: the checkpoint will not carry the released model's legacy flags "
-                    "(use release_config / scripts/import_checkpoint.py)", cfg.model.get("preset"))
+        log.warning(
+            "model.preset=%s: the checkpoint will not carry the released model's legacy flags "
+            "(use release_config / scripts/import_checkpoint.py)",
+            cfg.model.get("preset"),
+        )
     released = load_released(released_path)
     vggish = None
     if _uses_vggish(cfg):
@@ -393,17 +430,26 @@ def import_checkpoint(
         "vggish_sha256": None if vggish_path is None else sha256_of(vggish_path),
         "counts": counts,
     }
-    save_checkpoint(out_path, {
-        "model": state,
-        "config": OmegaConf.to_yaml(cfg, resolve=True),
-        "avs_checkpoint_version": CHECKPOINT_VERSION,
-        "released": record,
-        "release_flags": flags,
-        "step": 0,
-        "epoch": 0,
-    })
-    log.info("wrote %s: %d released keys mapped, %d documented unused; %d/%d avs keys filled",
-             out_path, counts["mapped"], counts["documented_unused"], counts["avs_filled"], counts["avs_keys"])
+    save_checkpoint(
+        out_path,
+        {
+            "model": state,
+            "config": OmegaConf.to_yaml(cfg, resolve=True),
+            "avs_checkpoint_version": CHECKPOINT_VERSION,
+            "released": record,
+            "release_flags": flags,
+            "step": 0,
+            "epoch": 0,
+        },
+    )
+    log.info(
+        "wrote %s: %d released keys mapped, %d documented unused; %d/%d avs keys filled",
+        out_path,
+        counts["mapped"],
+        counts["documented_unused"],
+        counts["avs_filled"],
+        counts["avs_keys"],
+    )
     return record | {"release_flags": flags}
 
 

@@ -24,9 +24,10 @@ past the end reuse the last 0.975 s of audio, ``error`` refuses the video.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +35,6 @@ import torch
 from avs.data.audio import MIN_SAMPLES, SAMPLE_RATE, logmel_clip, resample_to_16k, waveform_to_examples
 from avs.data.transforms import normalize_frames, resize_frames
 from avs.errors import AVSError, ExitCode, MissingFileError
-
 
 __all__ = [
     "MissingDependencyError",
@@ -270,7 +270,7 @@ def _avsbench_plan(
         starts.append(starts[-1] + stride)
     windows = []
     for s in starts:
-        secs = [s + l for l in range(T)]
+        secs = [s + k for k in range(T)]
         frames = tuple(index[min(sec, seconds - 1)] for sec in secs)
         keys = tuple(sec if sec < seconds else None for sec in secs)
         span = (s * SAMPLE_RATE, min(num_audio, (s + T) * SAMPLE_RATE))
@@ -289,7 +289,7 @@ def _dense_plan(num_video_frames: int, fps: float, T: int, spacing: float) -> tu
             first = b + o
             if first >= N:
                 break
-            idx = [first + l * step for l in range(T)]
+            idx = [first + k * step for k in range(T)]
             last_real = max(i for i in idx if i < N)
             frames = tuple(min(i, last_real) for i in idx)
             keys = tuple(i if i < N else None for i in idx)
@@ -298,8 +298,9 @@ def _dense_plan(num_video_frames: int, fps: float, T: int, spacing: float) -> tu
     return slots, windows
 
 
-def check_duration(num_video_frames: int, fps: float, num_audio_samples: int, source: str = "video",
-                   audio_source: str | None = None) -> int:
+def check_duration(
+    num_video_frames: int, fps: float, num_audio_samples: int, source: str = "video", audio_source: str | None = None
+) -> int:
     """Number of analysable seconds; VideoError when the video or its 16 kHz audio is shorter than one second.
 
     AVSBench analyses second l when its frame at (l + 15/16) s exists, and each second needs one
@@ -316,13 +317,15 @@ def check_duration(num_video_frames: int, fps: float, num_audio_samples: int, so
     if num_audio_samples < MIN_SAMPLES:
         raise VideoError(
             f"{audio_source or source}: the audio is shorter than one second "
-            f"({num_audio_samples / SAMPLE_RATE:.3f} s at 16 kHz); one VGGish example needs {MIN_SAMPLES} samples (0.975 s)"
+            f"({num_audio_samples / SAMPLE_RATE:.3f} s at 16 kHz); "
+            f"one VGGish example needs {MIN_SAMPLES} samples (0.975 s)"
         )
     return seconds
 
 
-def fit_audio_to_video(samples16k: np.ndarray, duration: float, mode: str = "silence", source: str = "audio",
-                       tolerance: float = 0.0) -> tuple[np.ndarray, tuple[float, float] | None]:
+def fit_audio_to_video(
+    samples16k: np.ndarray, duration: float, mode: str = "silence", source: str = "audio", tolerance: float = 0.0
+) -> tuple[np.ndarray, tuple[float, float] | None]:
     """16 kHz audio [n] for a video of `duration` s -> (audio [m], the uncovered (start, end) seconds or None).
 
     Audio that ends more than `tolerance` s before the video: `mode` 'silence' appends zero samples
@@ -340,7 +343,8 @@ def fit_audio_to_video(samples16k: np.ndarray, duration: float, mode: str = "sil
         raise VideoError(
             f"{source}: the audio ({have:.2f} s) is shorter than the video ({duration:.2f} s): seconds "
             f"{have:.2f}-{duration:.2f} have no sound; set short_audio=silence (zeros) or short_audio=repeat "
-            "(reuse the last 0.975 s of audio) to run anyway")
+            "(reuse the last 0.975 s of audio) to run anyway"
+        )
     if mode == "silence":
         need = int(np.ceil(duration * SAMPLE_RATE))
         samples16k = np.concatenate([samples16k, np.zeros(need - samples16k.shape[0], dtype=samples16k.dtype)])
@@ -405,8 +409,10 @@ def window_logmel(window: Window, samples16k: np.ndarray, num_frames: int) -> np
     if window.audio_centres is None:
         raise ValueError("window has neither audio_span nor audio_centres")
     half = MIN_SAMPLES // 2
-    examples = [waveform_to_examples(_fit_segment(samples16k, c - half, MIN_SAMPLES), SAMPLE_RATE)[:1]
-                for c in window.audio_centres]
+    examples = [
+        waveform_to_examples(_fit_segment(samples16k, c - half, MIN_SAMPLES), SAMPLE_RATE)[:1]
+        for c in window.audio_centres
+    ]
     return np.concatenate(examples, axis=0)  # T x [1,1,96,64] -> [T,1,96,64]
 
 
@@ -419,4 +425,3 @@ def seconds_label(t: float) -> str:
     """Time label for figures, e.g. 3.94 -> '0:03.94'."""
     m = int(t // 60)
     return f"{m}:{t - 60 * m:05.2f}"
-

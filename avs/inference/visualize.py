@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -85,8 +86,12 @@ def visualize_split(cfg: Mapping[str, Any], out_dir: str | Path) -> VisualizeRes
     want_tsne = bool(_opt(cfg, "tsne", True)) and loaded.has_latent
     tsne_clips = cfg.get("tsne_clips")
     total = len(ds) if want_tsne and tsne_clips is None else min(len(ds), max(num_clips, int(tsne_clips or 0)))
-    loader = DataLoader(torch.utils.data.Subset(ds, range(total)), batch_size=int(_opt(cfg, "batch_size", 2)),
-                        shuffle=False, num_workers=0)
+    loader = DataLoader(
+        torch.utils.data.Subset(ds, range(total)),
+        batch_size=int(_opt(cfg, "batch_size", 2)),
+        shuffle=False,
+        num_workers=0,
+    )
     torch.manual_seed(int(_opt(cfg, "seed", 0)))
     result = VisualizeResult()
     codes: dict[str, list[np.ndarray]] = {}
@@ -101,8 +106,17 @@ def visualize_split(cfg: Mapping[str, Any], out_dir: str | Path) -> VisualizeRes
             codes.setdefault(name, []).append(value.float().cpu().numpy())  # [B*T,L]
         for b in range(probs.shape[0]):
             if seen < num_clips:
-                result.grids.append(_clip_grid(out, batch, b, probs[b], None if var is None else var[b].float().cpu(),
-                                               threshold, int(_opt(cfg, "tile_height", 128))))
+                result.grids.append(
+                    _clip_grid(
+                        out,
+                        batch,
+                        b,
+                        probs[b],
+                        None if var is None else var[b].float().cpu(),
+                        threshold,
+                        int(_opt(cfg, "tile_height", 128)),
+                    )
+                )
             seen += 1
     if not loaded.has_latent:
         result.tsne_skipped = f"{loaded.method} has no latent codes (t-SNE is for ECMVAE-style models)"
@@ -130,8 +144,9 @@ def visualize_split(cfg: Mapping[str, Any], out_dir: str | Path) -> VisualizeRes
     return result
 
 
-def _clip_grid(out: Path, batch: dict, b: int, probs: torch.Tensor, var: torch.Tensor | None, threshold: float,
-               tile_height: int) -> Path:
+def _clip_grid(
+    out: Path, batch: dict, b: int, probs: torch.Tensor, var: torch.Tensor | None, threshold: float, tile_height: int
+) -> Path:
     """One clip: rows frame / GT / prediction [/ variance], columns t = 1..T -> grids/<video_id>.png."""
     frames = denormalize(batch["frames"][b])  # [T,H,W,3]
     gt = batch["masks"][b, :, 0].numpy() > 0.5  # [T,H,W]

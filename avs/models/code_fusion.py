@@ -72,8 +72,16 @@ class LinearCodeFusion:
         for name in ("sc1_prior", "sc2_prior", "sc1_posterior", "sc2_posterior"):
             setattr(latent, name, nn.Linear(2 * latent_dim, latent_dim))
 
-    def fuse(self, latent, dists: Dists, z: dict[str, Tensor], branch: str, draw: Draw, use_mean: bool,
-             generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    def fuse(
+        self,
+        latent,
+        dists: Dists,
+        z: dict[str, Tensor],
+        branch: str,
+        draw: Draw,
+        use_mean: bool,
+        generator: torch.Generator | None,
+    ) -> tuple[Tensor, Tensor]:
         f_v, f_a = getattr(latent, f"sc1_{branch}"), getattr(latent, f"sc2_{branch}")
         sc_v = f_v(torch.cat([z["s_v"], z["c"]], dim=1))  # [N,2L] -> [N,L]
         sc_a = f_a(torch.cat([z["s_a"], z["c"]], dim=1))
@@ -90,8 +98,16 @@ class PoECodeFusion:
     def build(self, latent: nn.Module, latent_dim: int) -> None:
         pass
 
-    def fuse(self, latent, dists: Dists, z: dict[str, Tensor], branch: str, draw: Draw, use_mean: bool,
-             generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    def fuse(
+        self,
+        latent,
+        dists: Dists,
+        z: dict[str, Tensor],
+        branch: str,
+        draw: Draw,
+        use_mean: bool,
+        generator: torch.Generator | None,
+    ) -> tuple[Tensor, Tensor]:
         return draw(poe_joint(dists["s_v"], dists["c"])), draw(poe_joint(dists["s_a"], dists["c"]))
 
     def kl(self, latent, q: Dists, p: Dists) -> Tensor:
@@ -105,8 +121,16 @@ class MoECodeFusion:
     def build(self, latent: nn.Module, latent_dim: int) -> None:
         pass
 
-    def fuse(self, latent, dists: Dists, z: dict[str, Tensor], branch: str, draw: Draw, use_mean: bool,
-             generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    def fuse(
+        self,
+        latent,
+        dists: Dists,
+        z: dict[str, Tensor],
+        branch: str,
+        draw: Draw,
+        use_mean: bool,
+        generator: torch.Generator | None,
+    ) -> tuple[Tensor, Tensor]:
         if use_mean:
             return 0.5 * (z["s_v"] + z["c"]), 0.5 * (z["s_a"] + z["c"])
         pick = coin(z["c"], generator)  # [2,N,1] bool
@@ -115,12 +139,15 @@ class MoECodeFusion:
     def kl(self, latent, q: Dists, p: Dists) -> Tensor:
         total = q["c"].mu.new_zeros(())
         for s in SPECIFIC:
-            total = total + moe_kl(
-                torch.stack([q[s].mu, q["c"].mu]),
-                torch.stack([q[s].logvar, q["c"].logvar]),
-                torch.stack([p[s].mu, p["c"].mu]),
-                torch.stack([p[s].logvar, p["c"].logvar]),
-            ).mean()
+            total = (
+                total
+                + moe_kl(
+                    torch.stack([q[s].mu, q["c"].mu]),
+                    torch.stack([q[s].logvar, q["c"].logvar]),
+                    torch.stack([p[s].mu, p["c"].mu]),
+                    torch.stack([p[s].logvar, p["c"].logvar]),
+                ).mean()
+            )
         return total
 
 

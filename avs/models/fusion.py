@@ -30,14 +30,10 @@ def _l2n(x: Tensor, dim: int) -> Tensor:
     return x / torch.sqrt(x.pow(2).sum(dim=dim, keepdim=True) + _L2_EPS)
 
 
-def _check_clip_inputs(
-    owner: str, x: Tensor, audio: Tensor | None, channels: int, audio_dim: int
-) -> None:
+def _check_clip_inputs(owner: str, x: Tensor, audio: Tensor | None, channels: int, audio_dim: int) -> None:
     """Raise ValueError unless x is [B,channels,T,H,W] and audio is None or [B,T,audio_dim]."""
     if x.dim() != 5 or x.shape[1] != channels:
-        raise ValueError(
-            f"{owner}: visual input must be [B,{channels},T,H,W], got {tuple(x.shape)}"
-        )
+        raise ValueError(f"{owner}: visual input must be [B,{channels},T,H,W], got {tuple(x.shape)}")
     if audio is None:
         return
     b, _, t = x.shape[:3]
@@ -261,13 +257,10 @@ class EinsumFusion(nn.Module):
             raise ValueError(f"EinsumFusion: kernel_size must be odd and >= 1, got {kernel_size}")
         if attention_channels not in (1, channels):
             raise ValueError(
-                f"EinsumFusion: attention_channels must be 1 or channels ({channels}), "
-                f"got {attention_channels}"
+                f"EinsumFusion: attention_channels must be 1 or channels ({channels}), got {attention_channels}"
             )
         if without_audio not in ("identity", "normalize"):
-            raise ValueError(
-                f"EinsumFusion: without_audio must be 'identity' or 'normalize', got {without_audio!r}"
-            )
+            raise ValueError(f"EinsumFusion: without_audio must be 'identity' or 'normalize', got {without_audio!r}")
         self.channels = channels
         self.audio_dim = audio_dim
         self.without_audio = without_audio
@@ -317,9 +310,7 @@ class MultiStageFusion(nn.Module):
             raise ValueError(f"fusion.stages has duplicates: {stages}")
         bad = [s for s in stages if not 0 <= s < num_stages]
         if bad:
-            raise ValueError(
-                f"fusion.stages must lie in [0, {num_stages - 1}] (num_stages={num_stages}), got {stages}"
-            )
+            raise ValueError(f"fusion.stages must lie in [0, {num_stages - 1}] (num_stages={num_stages}), got {stages}")
         if block is None:
             block = functools.partial(TPAVIFusion)
         self.channels = channels
@@ -327,9 +318,7 @@ class MultiStageFusion(nn.Module):
         self.stages = sorted(stages)
         self.num_stages = num_stages
         # blocks[k] serves stage self.stages[k] (ECMVAE checkpoint layout: fusion_modules.{k}).
-        self.blocks = nn.ModuleList(
-            block(channels=channels, audio_dim=audio_dim) for _ in self.stages
-        )
+        self.blocks = nn.ModuleList(block(channels=channels, audio_dim=audio_dim) for _ in self.stages)
 
     def forward(
         self, feats: Sequence[Tensor], audio: Tensor | None, num_frames: int
@@ -346,9 +335,7 @@ class MultiStageFusion(nn.Module):
         for stage, blk in zip(self.stages, self.blocks):
             x = feats[stage]
             if x.dim() != 4:
-                raise ValueError(
-                    f"MultiStageFusion: stage {stage} map must be [B*T,C,h,w], got {tuple(x.shape)}"
-                )
+                raise ValueError(f"MultiStageFusion: stage {stage} map must be [B*T,C,h,w], got {tuple(x.shape)}")
             bt, c, h, w = x.shape
             if bt % num_frames != 0:
                 raise ValueError(

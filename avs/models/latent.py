@@ -107,14 +107,21 @@ class Latent(nn.Module):
     # ------------------------------------------------------------------ construction hooks
     def image_encoder(self, in_channels: int) -> GaussianLatentEncoder:
         """Conv stack over frames [+ mask] -> Gaussian [N,L]."""
-        return GaussianLatentEncoder(self.latent_dim, in_channels, self.img_widths, self.image_size,
-                                     deterministic=self.deterministic)
+        return GaussianLatentEncoder(
+            self.latent_dim, in_channels, self.img_widths, self.image_size, deterministic=self.deterministic
+        )
 
     def audio_spatial_encoder(self, in_channels: int) -> GaussianLatentEncoder:
         """[audio, embedded spatial input] -> Gaussian [N,L]."""
-        return GaussianLatentEncoder(self.latent_dim, in_channels, self.av_widths, self.image_size,
-                                     spatial_embed=SPATIAL_EMBED, audio_dim=self.audio_dim,
-                                     deterministic=self.deterministic)
+        return GaussianLatentEncoder(
+            self.latent_dim,
+            in_channels,
+            self.av_widths,
+            self.image_size,
+            spatial_embed=SPATIAL_EMBED,
+            audio_dim=self.audio_dim,
+            deterministic=self.deterministic,
+        )
 
     def build_encoders(self) -> None:
         """Prior (frames) and posterior (frames + mask) encoders of s_v."""
@@ -200,8 +207,16 @@ class Latent(nn.Module):
         state.draws[branch] = rec
         return rec["code"]
 
-    def fuse(self, dists: dict[str, Gaussian], z: dict[str, Tensor], branch: str, draw: Callable[[Gaussian], Tensor],
-             use_mean: bool, generator: torch.Generator | None, rec: dict[str, Tensor]) -> Tensor:
+    def fuse(
+        self,
+        dists: dict[str, Gaussian],
+        z: dict[str, Tensor],
+        branch: str,
+        draw: Callable[[Gaussian], Tensor],
+        use_mean: bool,
+        generator: torch.Generator | None,
+        rec: dict[str, Tensor],
+    ) -> Tensor:
         """The injected code [N, code_dim] from the drawn codes z (extra draws recorded in rec)."""
         return z["s_v"]
 

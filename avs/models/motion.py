@@ -246,9 +246,7 @@ class CorrelationPyramidMotion(nn.Module):
     @staticmethod
     def _check_frames(feat: Tensor, num_frames: int) -> None:
         if feat.dim() != 4:
-            raise ValueError(
-                f"CorrelationPyramidMotion expects [B*T,C,h,w] features, got shape {tuple(feat.shape)}"
-            )
+            raise ValueError(f"CorrelationPyramidMotion expects [B*T,C,h,w] features, got shape {tuple(feat.shape)}")
         if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 2:
             raise ValueError(
                 f"CorrelationPyramidMotion needs num_frames >= 2 (each frame is correlated with a "

@@ -27,9 +27,7 @@ class _ASPP(nn.Module):
 
     def __init__(self, c_in: int, c_out: int, dilations: Sequence[int], bias: bool) -> None:
         super().__init__()
-        self.branches = nn.ModuleList(
-            nn.Conv2d(c_in, c_out, 3, padding=d, dilation=d, bias=bias) for d in dilations
-        )
+        self.branches = nn.ModuleList(nn.Conv2d(c_in, c_out, 3, padding=d, dilation=d, bias=bias) for d in dilations)
         if bias:  # AVSBench Classifier_Module init; the ECMVAE (bias-free) variant keeps PyTorch's.
             for conv in self.branches:
                 nn.init.normal_(conv.weight, 0.0, 0.01)

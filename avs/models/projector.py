@@ -83,9 +83,7 @@ class VisualToAudioProjector(nn.Module):
 
     def _check_mask(self, feat: Tensor, mask: Tensor) -> None:
         if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] != feat.shape[0]:
-            raise ValueError(
-                f"VisualToAudioProjector expects mask [{feat.shape[0]},1,H,W], got {tuple(mask.shape)}"
-            )
+            raise ValueError(f"VisualToAudioProjector expects mask [{feat.shape[0]},1,H,W], got {tuple(mask.shape)}")
 
     def _pool(self, feat: Tensor, mask: Tensor, mask_is_logits: bool) -> Tensor:
         pooled = F.adaptive_avg_pool2d(mask.to(feat.dtype), self.feature_size)  # [N,1,H,W] -> [N,1,h,w]
@@ -114,8 +112,7 @@ def consistency_loss(audio: Tensor, audio_hat: Tensor, valid: Tensor | None = No
         return dist.mean()
     if valid.dtype != torch.bool or valid.shape != dist.shape:
         raise ValueError(
-            f"consistency_loss expects valid as a bool tensor [{dist.shape[0]}], "
-            f"got {valid.dtype} {tuple(valid.shape)}"
+            f"consistency_loss expects valid as a bool tensor [{dist.shape[0]}], got {valid.dtype} {tuple(valid.shape)}"
         )
     # no valid row -> 0 (graph kept, no host sync)
     return (dist * valid.to(dist.dtype)).sum() / valid.sum().clamp(min=1).to(dist.dtype)

@@ -88,21 +88,31 @@ class AVSegmentor(nn.Module):
         self.eval_num_samples = eval_num_samples
         self.audio_dim = audio_dim
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs) -> None:
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
         """Checkpoints of no-audio runs made before audio parts were left out still load: their
         audio-part weights (audio encoder, projector, audio-only fusion weights) are dropped with one note."""
         if not self.use_audio:
             own = set(self.state_dict(keep_vars=True))
-            stale = [k for k in state_dict if k.startswith(prefix) and k[len(prefix):] not in own
-                     and k[len(prefix):].split(".", 1)[0] in AUDIO_PARTS]
+            stale = [
+                k
+                for k in state_dict
+                if k.startswith(prefix)
+                and k[len(prefix) :] not in own
+                and k[len(prefix) :].split(".", 1)[0] in AUDIO_PARTS
+            ]
             for k in stale:
                 del state_dict[k]
             if stale:
-                log.info("model.use_audio=false builds no audio parts: ignored %d audio weights of the checkpoint "
-                         "(%s)", len(stale), ", ".join(sorted({k[len(prefix):].split(".")[0] for k in stale})))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+                log.info(
+                    "model.use_audio=false builds no audio parts: ignored %d audio weights of the checkpoint (%s)",
+                    len(stale),
+                    ", ".join(sorted({k[len(prefix) :].split(".")[0] for k in stale})),
+                )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     # ------------------------------------------------------------------ helpers
     def encode_audio(self, audio: torch.Tensor) -> torch.Tensor:
@@ -161,8 +171,13 @@ class AVSegmentor(nn.Module):
         if variant == "s4_cos":
             return L.av_cosine_loss(out["logits"], fused, out["audio_feats"], stages=opts.get("stages"))
         return L.av_closer_loss(
-            out["logits"], fused, out["audio_feats"], stages=opts.get("stages"), normalize=bool(opts.get("normalize")),
-            distance=variant.removeprefix("closer_"), legacy_sum=bool(opts.get("legacy_sum")),
+            out["logits"],
+            fused,
+            out["audio_feats"],
+            stages=opts.get("stages"),
+            normalize=bool(opts.get("normalize")),
+            distance=variant.removeprefix("closer_"),
+            legacy_sum=bool(opts.get("legacy_sum")),
         )
 
     def _consistency(self, out: Branch, audio: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor):

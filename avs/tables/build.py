@@ -17,7 +17,6 @@ NOT_IN_SOURCES = "n/a"
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class Cell:
     """Mean and sample std (None for n = 1) of one metric over the runs of a row, in %."""
@@ -131,8 +130,9 @@ def _metric_value(record: dict[str, Any], split: str, protocol: str, metric: str
 
 
 # ----------------------------------------------------------------------------- building
-def _fill_row(row: TableRow, members: list[RunResult], subsets: Sequence[str], metrics: Sequence[str],
-              split: str, protocol: str) -> None:
+def _fill_row(
+    row: TableRow, members: list[RunResult], subsets: Sequence[str], metrics: Sequence[str], split: str, protocol: str
+) -> None:
     """Our cells (mean +- std over the row's runs) and the published numbers of one row."""
     for subset in subsets:
         group = [r for r in members if r.subset == subset]
@@ -220,8 +220,9 @@ def _caption(runs: Sequence[RunResult], keys: Sequence[str], split: str, protoco
     parts.append("Cells: mean ± sample std over runs (seeds), in %; n = number of runs.")
     parts.append(f"Row keys: {', '.join(keys)} ({len(runs)} runs).")
     if any(r.synthetic for r in runs):
-        parts.append("Data: Sounding Shapes (synthetic) for some or all runs; "
-                     "published AVSBench numbers are not shown for them.")
+        parts.append(
+            "Data: Sounding Shapes (synthetic) for some or all runs; published AVSBench numbers are not shown for them."
+        )
     if show_published:
         papers = []
         protocols = set()
@@ -239,14 +240,18 @@ def _caption(runs: Sequence[RunResult], keys: Sequence[str], split: str, protoco
                 papers.append(text)
             if p.get("protocol"):
                 protocols.add((p.get("protocol"), p.get("legacy_batch_size")))
-        parts.append(f"Columns marked (paper): as published, in % ({'; '.join(papers)}); "
-                     f"{NOT_IN_SOURCES} = not in our sources.")
+        parts.append(
+            f"Columns marked (paper): as published, in % ({'; '.join(papers)}); {NOT_IN_SOURCES} = not in our sources."
+        )
         for proto, bs in sorted(protocols, key=str):
             note = f"Published numbers were computed under `{proto}`" + (f" with {bs} clip(s) per batch" if bs else "")
             if proto != protocol:
                 note += f"; ours use `{protocol}`, so compare with care"
-            elif (proto == "avsbench_legacy" and bs is not None
-                  and _legacy_batch_sizes(runs, split) not in ([], [int(bs)])):
+            elif (
+                proto == "avsbench_legacy"
+                and bs is not None
+                and _legacy_batch_sizes(runs, split) not in ([], [int(bs)])
+            ):
                 note += "; our legacy batch size differs, so the F-score is not directly comparable"
             parts.append(note + ".")
     return " ".join(parts)

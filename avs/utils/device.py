@@ -32,7 +32,7 @@ def to_channels_last(module: torch.nn.Module) -> torch.nn.Module:
     fmt = torch.channels_last
     with torch.no_grad():
         for mod in module.modules():
-            for name, param in mod.named_parameters(recurse=False):
+            for _name, param in mod.named_parameters(recurse=False):
                 if param.dim() == 4 and not param.is_contiguous(memory_format=fmt):
                     param.data = param.data.contiguous(memory_format=fmt)
             for name, buf in mod.named_buffers(recurse=False):

@@ -23,8 +23,13 @@ from tests.conftest import compose_cfg, tiny_overrides
 
 WORLD = 2
 CLIPS = ["data.synthetic.clips={train: 4, val: 3, test: 2}"]  # val: 3 clips over 2 ranks -> one padded repeat
-COMMON = ["model.channels=32", "data.batch_size=1", "data.eval_batch_size=1", "trainer.max_steps=2",
-          "trainer.checkpoint_every_steps=1"]
+COMMON = [
+    "model.channels=32",
+    "data.batch_size=1",
+    "data.eval_batch_size=1",
+    "trainer.max_steps=2",
+    "trainer.checkpoint_every_steps=1",
+]
 
 
 def _free_port() -> int:
@@ -35,13 +40,14 @@ def _free_port() -> int:
 
 def _worker(rank: int, port: int, cfg_yaml: str, eval_yaml: str, run_dir: str, eval_dir: str, out: str) -> None:
     """One DDP rank: train, then evaluate the best checkpoint distributed; record every file it wrote."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     import avs.utils.io as io_mod
     from avs.engine import distributed as D
-    from avs.evaluation.checkpoint import evaluate_checkpoint
     from avs.engine.trainer import Trainer
+    from avs.evaluation.checkpoint import evaluate_checkpoint
 
     written: list[str] = []
     real_open = io_mod.atomic_open
@@ -57,9 +63,16 @@ def _worker(rank: int, port: int, cfg_yaml: str, eval_yaml: str, run_dir: str, e
         trainer = Trainer(OmegaConf.create(cfg_yaml), run_dir)
         result = trainer.fit()
         ev = evaluate_checkpoint(OmegaConf.create(eval_yaml), eval_dir)
-        record = {"rank": rank, "world": trainer.dist.world_size, "written": written, "steps": result["steps"],
-                  "val": trainer.best["val"], "test": result["test"], "eval": ev["metrics"],
-                  "loss_history": trainer.loss_history}
+        record = {
+            "rank": rank,
+            "world": trainer.dist.world_size,
+            "written": written,
+            "steps": result["steps"],
+            "val": trainer.best["val"],
+            "test": result["test"],
+            "eval": ev["metrics"],
+            "loss_history": trainer.loss_history,
+        }
     finally:
         D.cleanup()
     with open(out.format(rank=rank), "w") as fh:  # the harness's own file, outside the run dir
@@ -75,11 +88,31 @@ def ddp_run(synth_data_dir, tmp_path_factory):
     cfg = compose_cfg("train", tiny_overrides(synth_data_dir) + CLIPS + COMMON)
     ensure_synthetic(cfg.data)  # generated once here, not raced by the ranks
     run_dir, eval_dir = tmp / "run", tmp / "eval"
-    ecfg = compose_cfg("eval", [f"checkpoint={run_dir / 'checkpoints' / 'best.ckpt'}", "split=val", "device=cpu",
-                                "batch_size=1", f"paths.log_dir={tmp}/logs"])
+    ecfg = compose_cfg(
+        "eval",
+        [
+            f"checkpoint={run_dir / 'checkpoints' / 'best.ckpt'}",
+            "split=val",
+            "device=cpu",
+            "batch_size=1",
+            f"paths.log_dir={tmp}/logs",
+        ],
+    )
     out = str(tmp / "rank{rank}.json")
-    mp.start_processes(_worker, args=(_free_port(), OmegaConf.to_yaml(cfg, resolve=True), OmegaConf.to_yaml(ecfg),
-                                      str(run_dir), str(eval_dir), out), nprocs=WORLD, join=True, start_method="spawn")
+    mp.start_processes(
+        _worker,
+        args=(
+            _free_port(),
+            OmegaConf.to_yaml(cfg, resolve=True),
+            OmegaConf.to_yaml(ecfg),
+            str(run_dir),
+            str(eval_dir),
+            out,
+        ),
+        nprocs=WORLD,
+        join=True,
+        start_method="spawn",
+    )
     records = [json.loads(Path(out.format(rank=r)).read_text()) for r in range(WORLD)]
     return {"cfg": cfg, "ecfg": ecfg, "run_dir": run_dir, "eval_dir": eval_dir, "records": records, "tmp": tmp}
 
@@ -91,7 +124,14 @@ def test_ddp_trains_and_only_rank0_writes(ddp_run):
     assert r0["steps"] == r1["steps"] == 2 and len(r0["loss_history"]) == 2
     assert r1["written"] == []
     names = {Path(p).name for p in r0["written"]}
-    assert {"last.ckpt", "best.ckpt", "metrics.json", "run_report.json", "config_resolved.yaml", "metrics_val.json"} <= names
+    assert {
+        "last.ckpt",
+        "best.ckpt",
+        "metrics.json",
+        "run_report.json",
+        "config_resolved.yaml",
+        "metrics_val.json",
+    } <= names
     metrics = json.loads((ddp_run["run_dir"] / "metrics.json").read_text())
     assert metrics["world_size"] == WORLD and metrics["global_batch_size"] == WORLD
     # every rank computed the same (gathered) metrics
@@ -129,11 +169,23 @@ def test_distributed_eval_equals_single_process_exactly(ddp_run):
 
 def test_torchrun_script_shares_one_run_dir(synth_data_dir, tmp_path):
     """scripts/train.py under torchrun: one Hydra run dir for both ranks, rank 1 writes no Hydra files."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
-           str(PROJECT_ROOT / "scripts" / "train.py"), *tiny_overrides(synth_data_dir), *CLIPS, *COMMON,
-           f"paths.log_dir={tmp_path}/logs", "trainer.max_steps=1", "trainer.test_at_end=false"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={WORLD}",
+        str(PROJECT_ROOT / "scripts" / "train.py"),
+        *tiny_overrides(synth_data_dir),
+        *CLIPS,
+        *COMMON,
+        f"paths.log_dir={tmp_path}/logs",
+        "trainer.max_steps=1",
+        "trainer.test_at_end=false",
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     runs = list((tmp_path / "logs" / "train" / "runs").iterdir())
     assert len(runs) == 1, runs
@@ -144,10 +196,17 @@ def test_torchrun_script_shares_one_run_dir(synth_data_dir, tmp_path):
 
 
 # ----------------------------------------------------------------------------- DDP settings (single process)
-@pytest.mark.parametrize("overrides,unused", [
-    (["model=tpavi"], False), (["model=ecmvae"], False), (["model=avsbg"], False), (["model=ecmvae_bg"], False),
-    (["model=avsbg", "model.use_audio=false"], False), (["model=ecmvae", "model.use_audio=false"], False),
-])
+@pytest.mark.parametrize(
+    "overrides,unused",
+    [
+        (["model=tpavi"], False),
+        (["model=ecmvae"], False),
+        (["model=avsbg"], False),
+        (["model=ecmvae_bg"], False),
+        (["model=avsbg", "model.use_audio=false"], False),
+        (["model=ecmvae", "model.use_audio=false"], False),
+    ],
+)
 def test_find_unused_parameters_default_matches_the_graph(tmp_path, overrides, unused):
     """No shipped variant (no-audio ablations included) leaves a parameter without grad, so DDP's search is off."""
     from avs.engine.build import ddp_find_unused_parameters, resolve_loss_weights
@@ -158,8 +217,12 @@ def test_find_unused_parameters_default_matches_the_graph(tmp_path, overrides, u
     torch.manual_seed(0)
     net = build_model(cfg).train()
     B, T, S = 1, cfg.data.num_frames, cfg.data.image_size
-    batch = {"frames": torch.randn(B, T, 3, S, S), "masks": (torch.rand(B, T, 1, S, S) > 0.5).float(),
-             "mask_valid": torch.ones(B, T, dtype=torch.bool), "audio": torch.randn(B, T, 1, 96, 64)}
+    batch = {
+        "frames": torch.randn(B, T, 3, S, S),
+        "masks": (torch.rand(B, T, 1, S, S) > 0.5).float(),
+        "mask_valid": torch.ones(B, T, dtype=torch.bool),
+        "audio": torch.randn(B, T, 1, 96, 64),
+    }
     weights = resolve_loss_weights(cfg)
     sum(weights.get(k, 0.0) * v for k, v in net(batch).items()).backward()
     starved = [n for n, p in net.named_parameters() if p.requires_grad and p.grad is None]
@@ -177,7 +240,13 @@ def test_slurm_multi_task_step_gives_env_variables(monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "123456")
     monkeypatch.setenv("SLURM_STEP_NODELIST", "gpu[07-08,11],login1")
     env = D.slurm_env()
-    assert env == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu07", "MASTER_PORT": str(20000 + 123456 % 20000)}
+    assert env == {
+        "RANK": "5",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "gpu07",
+        "MASTER_PORT": str(20000 + 123456 % 20000),
+    }
     assert D.env_world_size() == 8
     assert D.expand_nodelist("gpu[07-08,11],login1") == ["gpu07", "gpu08", "gpu11", "login1"]
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")  # one task (e.g. python in an sbatch script): no DDP

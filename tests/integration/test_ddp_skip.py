@@ -8,7 +8,6 @@ import os
 import shutil
 from pathlib import Path
 
-import pytest
 import torch
 import torch.multiprocessing as mp
 from omegaconf import OmegaConf
@@ -21,8 +20,9 @@ TIMEOUT_S = 60.0  # a rank waiting on a collective the other never joins fails a
 
 
 def _worker(rank: int, port: int, cfg_yaml: str, run_dir: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     from avs.engine import distributed as D
     from avs.engine.trainer import Trainer
@@ -31,8 +31,12 @@ def _worker(rank: int, port: int, cfg_yaml: str, run_dir: str, out: str) -> None
     try:
         trainer = Trainer(OmegaConf.create(cfg_yaml), run_dir)
         result = trainer.fit()
-        record = {"steps": result["steps"], "loss_history": trainer.loss_history, "skipped": sorted(set(trainer.skipped)),
-                  "epoch": trainer.epoch}
+        record = {
+            "steps": result["steps"],
+            "loss_history": trainer.loss_history,
+            "skipped": sorted(set(trainer.skipped)),
+            "epoch": trainer.epoch,
+        }
     finally:
         D.cleanup()
     with open(out.format(rank=rank), "w") as fh:
@@ -46,9 +50,15 @@ def test_clip_lost_on_one_rank_with_drop_last_keeps_the_ranks_in_step(synth_data
 
     data_dir = tmp_path / "data"
     overrides = tiny_overrides(data_dir) + [
-        "data.synthetic.clips={train: 6, val: 2, test: 2}", "model.channels=32", "data.batch_size=2",
-        "data.eval_batch_size=1", "trainer.drop_last=true", "data.on_error=skip",
-        "trainer.max_steps=2", "trainer.test_at_end=false", "trainer.checkpoint_every_steps=0",
+        "data.synthetic.clips={train: 6, val: 2, test: 2}",
+        "model.channels=32",
+        "data.batch_size=2",
+        "data.eval_batch_size=1",
+        "trainer.drop_last=true",
+        "data.on_error=skip",
+        "trainer.max_steps=2",
+        "trainer.test_at_end=false",
+        "trainer.checkpoint_every_steps=0",
     ]
     cfg = compose_cfg("train", overrides)
     ensure_synthetic(cfg.data)
@@ -61,8 +71,13 @@ def test_clip_lost_on_one_rank_with_drop_last_keeps_the_ranks_in_step(synth_data
     path = mask_path(root, get_layout("ms3"), rec, 1)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(64))
     out = str(tmp_path / "rank{rank}.json")
-    mp.start_processes(_worker, args=(_free_port(), OmegaConf.to_yaml(cfg, resolve=True), str(tmp_path / "run"), out),
-                       nprocs=WORLD, join=True, start_method="spawn")
+    mp.start_processes(
+        _worker,
+        args=(_free_port(), OmegaConf.to_yaml(cfg, resolve=True), str(tmp_path / "run"), out),
+        nprocs=WORLD,
+        join=True,
+        start_method="spawn",
+    )
     r0, r1 = (json.loads(Path(out.format(rank=r)).read_text()) for r in range(WORLD))
     assert r0["steps"] == r1["steps"] == 2
     assert r0["epoch"] == r1["epoch"] == 2  # one step per epoch: the short last batch dropped on both ranks

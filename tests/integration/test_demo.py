@@ -33,8 +33,9 @@ SMALL = {
 
 
 def _checkpoint(data_dir: Path, run: Path, model: str) -> Path:
-    cfg = compose_cfg("train", tiny_overrides(data_dir, "s4") + SMALL[model] + ["trainer.max_steps=1",
-                                                                                "trainer.test_at_end=false"])
+    cfg = compose_cfg(
+        "train", tiny_overrides(data_dir, "s4") + SMALL[model] + ["trainer.max_steps=1", "trainer.test_at_end=false"]
+    )
     Trainer(cfg, run).fit()
     return run / "checkpoints" / "best.ckpt"
 
@@ -49,8 +50,9 @@ def ecmvae_ckpt(synth_data_dir, tmp_path_factory) -> Path:
     return _checkpoint(synth_data_dir, tmp_path_factory.mktemp("ecmvae"), "ecmvae")
 
 
-def write_video(path: Path, frames: list[np.ndarray], audio: np.ndarray | None, sr: int = 16000,
-                hold: int = FPS) -> None:
+def write_video(
+    path: Path, frames: list[np.ndarray], audio: np.ndarray | None, sr: int = 16000, hold: int = FPS
+) -> None:
     """Lossless mkv: ffv1 (bgr0) video, each frame repeated `hold` times at FPS, int16 PCM audio."""
     with av.open(str(path), "w") as c:
         vs = c.add_stream("ffv1", rate=FPS)
@@ -87,8 +89,14 @@ def clip(synth_data_dir, tmp_path_factory) -> dict:
     write_video(out / "clip.mkv", frames, audio, sr)
     write_video(out / "silent.mkv", frames, None)
     write_video(out / "short.mkv", frames[:1], audio, sr, hold=3)  # 0.75 s
-    return {"video": out / "clip.mkv", "silent": out / "silent.mkv", "short": out / "short.mkv", "wav": wav,
-            "frames": frames, "dir": out}
+    return {
+        "video": out / "clip.mkv",
+        "silent": out / "silent.mkv",
+        "short": out / "short.mkv",
+        "wav": wav,
+        "frames": frames,
+        "dir": out,
+    }
 
 
 def _demo_cfg(video: Path, ckpt: Path, *extra: str):
@@ -126,9 +134,19 @@ def test_demo_matches_the_dataset_path_and_writes_every_output(clip, tpavi_ckpt,
 
 def test_demo_hydra_entry_point_dense(clip, tpavi_ckpt, tmp_path):
     out = tmp_path / "dense"
-    cmd = [sys.executable, str(PROJECT_ROOT / "scripts" / "demo.py"), f"video={clip['video']}",
-           f"checkpoint={tpavi_ckpt}", "sampling=dense", "device=cpu", "progress=false", f"out_dir={out}",
-           "mask_resolution=video", "overlay.max_size=48", f"hydra.run.dir={tmp_path / 'hydra'}"]
+    cmd = [
+        sys.executable,
+        str(PROJECT_ROOT / "scripts" / "demo.py"),
+        f"video={clip['video']}",
+        f"checkpoint={tpavi_ckpt}",
+        "sampling=dense",
+        "device=cpu",
+        "progress=false",
+        f"out_dir={out}",
+        "mask_resolution=video",
+        "overlay.max_size=48",
+        f"hydra.run.dir={tmp_path / 'hydra'}",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     masks = sorted((out / "masks").glob("clip_*.png"))
@@ -150,22 +168,32 @@ def test_demo_errors_and_separate_audio(clip, tpavi_ckpt, tmp_path):
     bad.write_bytes(b"\x00\x01 definitely not a video" * 64)
     with pytest.raises(VideoError, match="broken.mp4: unreadable"):
         run_demo(_demo_cfg(bad, tpavi_ckpt), tmp_path / "c")
-    ok = run_demo(_demo_cfg(clip["silent"], tpavi_ckpt, f"audio_file={clip['wav']}", "overlay.enabled=false"),
-                  tmp_path / "d", return_probs=True)
+    ok = run_demo(
+        _demo_cfg(clip["silent"], tpavi_ckpt, f"audio_file={clip['wav']}", "overlay.enabled=false"),
+        tmp_path / "d",
+        return_probs=True,
+    )
     assert len(ok.masks) == T and ok.overlay_video is None and ok.contact_sheet is not None
-    with_track = run_demo(_demo_cfg(clip["video"], tpavi_ckpt, "overlay.enabled=false", "contact_sheet.enabled=false"),
-                          tmp_path / "e", return_probs=True)
+    with_track = run_demo(
+        _demo_cfg(clip["video"], tpavi_ckpt, "overlay.enabled=false", "contact_sheet.enabled=false"),
+        tmp_path / "e",
+        return_probs=True,
+    )
     np.testing.assert_array_equal(ok.probs, with_track.probs)  # the wav is the clip's own track
 
 
 def test_demo_latent_samples_give_variance_maps(clip, ecmvae_ckpt, tmp_path):
-    result = run_demo(_demo_cfg(clip["video"], ecmvae_ckpt, "num_samples=3", "overlay.enabled=false"), tmp_path,
-                      return_probs=True)
+    result = run_demo(
+        _demo_cfg(clip["video"], ecmvae_ckpt, "num_samples=3", "overlay.enabled=false"), tmp_path, return_probs=True
+    )
     assert len(result.variance) == T and all(p.is_file() for p in result.variance)
     v = result.variance_maps
     assert v.shape == (T, 64, 64) and v.min() >= 0 and v.max() <= 0.25 and v.max() > 0
-    again = run_demo(_demo_cfg(clip["video"], ecmvae_ckpt, "num_samples=3", "overlay.enabled=false",
-                               "contact_sheet.enabled=false"), tmp_path / "again", return_probs=True)
+    again = run_demo(
+        _demo_cfg(clip["video"], ecmvae_ckpt, "num_samples=3", "overlay.enabled=false", "contact_sheet.enabled=false"),
+        tmp_path / "again",
+        return_probs=True,
+    )
     np.testing.assert_array_equal(result.probs, again.probs)  # seeded samples
 
 
@@ -260,19 +288,29 @@ def test_demo_short_audio_gets_silence_and_long_audio_is_cut(clip, tpavi_ckpt, t
     write_video(tmp_path / "short_audio.mkv", clip["frames"], half, sr)
     quiet = dict(overlay="overlay.enabled=false", sheet="contact_sheet.enabled=false")
     with caplog.at_level("WARNING", logger="avs.inference.demo"):
-        silence = run_demo(_demo_cfg(tmp_path / "short_audio.mkv", tpavi_ckpt, *quiet.values()), tmp_path / "s",
-                           return_probs=True)
-    assert any("short_audio.mkv: the audio (1.50 s) is shorter than the video (3.00 s): seconds 1.50-3.00 have no "
-               "sound; they get silence" in r.getMessage() for r in caplog.records)
+        silence = run_demo(
+            _demo_cfg(tmp_path / "short_audio.mkv", tpavi_ckpt, *quiet.values()), tmp_path / "s", return_probs=True
+        )
+    assert any(
+        "short_audio.mkv: the audio (1.50 s) is shorter than the video (3.00 s): seconds 1.50-3.00 have no "
+        "sound; they get silence" in r.getMessage()
+        for r in caplog.records
+    )
     assert json.loads(silence.summary.read_text())["audio_uncovered_s"] == [1.5, 3.0]
     # the same as giving the model the sound followed by real silence
     padded = np.concatenate([half, np.zeros(3 * sr - half.shape[0], np.int16)])
     sf.write(tmp_path / "padded.wav", padded, sr, subtype="PCM_16")
-    ref = run_demo(_demo_cfg(clip["silent"], tpavi_ckpt, f"audio_file={tmp_path / 'padded.wav'}", *quiet.values()),
-                   tmp_path / "r", return_probs=True)
+    ref = run_demo(
+        _demo_cfg(clip["silent"], tpavi_ckpt, f"audio_file={tmp_path / 'padded.wav'}", *quiet.values()),
+        tmp_path / "r",
+        return_probs=True,
+    )
     np.testing.assert_array_equal(silence.probs, ref.probs)
-    repeat = run_demo(_demo_cfg(tmp_path / "short_audio.mkv", tpavi_ckpt, "short_audio=repeat", *quiet.values()),
-                      tmp_path / "p", return_probs=True)
+    repeat = run_demo(
+        _demo_cfg(tmp_path / "short_audio.mkv", tpavi_ckpt, "short_audio=repeat", *quiet.values()),
+        tmp_path / "p",
+        return_probs=True,
+    )
     assert not np.array_equal(repeat.probs, silence.probs)  # the old behaviour, on request
     with pytest.raises(VideoError, match=r"seconds 1.50-3.00 have no sound"):
         run_demo(_demo_cfg(tmp_path / "short_audio.mkv", tpavi_ckpt, "short_audio=error"), tmp_path / "e")

@@ -23,8 +23,8 @@ from omegaconf.errors import InterpolationToMissingValueError
 
 from avs.config import CONFIG_DIR
 from avs.config_checks import ConfigError, check_config
-from avs.engine.checkpoint import save_checkpoint
 from avs.engine.build import resolve_loss_weights
+from avs.engine.checkpoint import save_checkpoint
 from avs.engine.trainer import Trainer
 from avs.models.build import build_model
 from tests.conftest import compose_cfg, tiny_overrides
@@ -32,8 +32,15 @@ from tests.conftest import compose_cfg, tiny_overrides
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 PAPER_EXPERIMENTS = [e for e in EXPERIMENTS if e != "quickstart"]
 # One overlay per method x backbone; the subset comes from data= (name -> model config).
-MAIN_EXPERIMENTS = {"avsbench_tpavi_pvt": "tpavi", "avsbench_tpavi_r50": "tpavi", "avsbg_pvt": "avsbg",
-                    "avsbg_r50": "avsbg", "ecmvae_pvt": "ecmvae", "ecmvae_r50": "ecmvae", "ecmvae_bg_pvt": "ecmvae_bg"}
+MAIN_EXPERIMENTS = {
+    "avsbench_tpavi_pvt": "tpavi",
+    "avsbench_tpavi_r50": "tpavi",
+    "avsbg_pvt": "avsbg",
+    "avsbg_r50": "avsbg",
+    "ecmvae_pvt": "ecmvae",
+    "ecmvae_r50": "ecmvae",
+    "ecmvae_bg_pvt": "ecmvae_bg",
+}
 # ECMVAE's TPAVI flavour and the AVS-BG projector need channels == audio width: shrink both together.
 SMALL = ["model.channels=32", "model.audio_dim=32", "audio.embed_dim=32"]
 
@@ -223,8 +230,9 @@ def test_table4_sweep_covers_every_divergence(tmp_path):
     assert subsets == {("data=s4",), ("data=ms3",)}
 
 
-INIT_EXPERIMENTS = [e for e in PAPER_EXPERIMENTS
-                    if "/recipe/ms3_from_s4" in (CONFIG_DIR / "experiment" / f"{e}.yaml").read_text()]
+INIT_EXPERIMENTS = [
+    e for e in PAPER_EXPERIMENTS if "/recipe/ms3_from_s4" in (CONFIG_DIR / "experiment" / f"{e}.yaml").read_text()
+]
 
 
 def test_s4_init_rows_exist_and_demand_a_checkpoint(tmp_path):
@@ -269,8 +277,9 @@ def test_s4_to_ms3_run_trains_one_step(synth_data_dir, tmp_path):
     """The S4 -> MS3 protocol end to end through the Trainer (one step, val, checkpoints)."""
     experiment = "avsbench_tpavi_pvt_ms3_from_s4"
     ckpt, _ = _s4_checkpoint(experiment, synth_data_dir, tmp_path)
-    cfg = _tiny(experiment, synth_data_dir, "ms3",
-                [f"s4_checkpoint={ckpt}", "trainer.max_steps=1", "trainer.test_at_end=false"])
+    cfg = _tiny(
+        experiment, synth_data_dir, "ms3", [f"s4_checkpoint={ckpt}", "trainer.max_steps=1", "trainer.test_at_end=false"]
+    )
     trainer = Trainer(cfg, tmp_path / "ms3")
     result = trainer.fit()
     assert result["steps"] == 1 and all(math.isfinite(v) for v in trainer.loss_history)
@@ -284,15 +293,35 @@ def test_experiment_names_cover_the_paper_rows():
     assert expected <= names, sorted(expected - names)
     per_subset = {n for n in names if n.endswith(("_s4", "_ms3")) and not n.endswith("_from_s4")}
     assert not per_subset, f"the subset of a main overlay is data=, not its name: {sorted(per_subset)}"
-    for table in ("ecmvae_table2", "ecmvae_table3", "ecmvae_table4", "ecmvae_table5", "ecmvae_table6",
-                  "avsbg_table1", "avsbg_table3", "avsbg_table4", "avsbg_table5"):
+    for table in (
+        "ecmvae_table2",
+        "ecmvae_table3",
+        "ecmvae_table4",
+        "ecmvae_table5",
+        "ecmvae_table6",
+        "avsbg_table1",
+        "avsbg_table3",
+        "avsbg_table4",
+        "avsbg_table5",
+    ):
         assert any(n.startswith(table) for n in names), table
 
 
 # ----------------------------------------------------------------------------- SLURM launcher
 SLURM_YAML = CONFIG_DIR / "hydra" / "launcher" / "slurm.yaml"
-SLURM_KEYS = {"partition", "gpus_per_node", "timeout_min", "cpus_per_task", "mem_gb", "nodes", "tasks_per_node",
-              "array_parallelism", "submitit_folder", "setup", "additional_parameters"}
+SLURM_KEYS = {
+    "partition",
+    "gpus_per_node",
+    "timeout_min",
+    "cpus_per_task",
+    "mem_gb",
+    "nodes",
+    "tasks_per_node",
+    "array_parallelism",
+    "submitit_folder",
+    "setup",
+    "additional_parameters",
+}
 
 
 def test_slurm_launcher_yaml_parses_and_has_the_documented_keys():
@@ -312,8 +341,16 @@ def test_slurm_launcher_composes_with_the_plugin(tmp_path):
         "hydra_plugins.hydra_submitit_launcher",
         reason="hydra-submitit-launcher not installed (pip install 'avs[slurm]')",
     )
-    cfg = compose_cfg("train", ["hydra/launcher=slurm", "experiment=ecmvae_table4_divergence",
-                                "hydra.launcher.partition=gpu", f"paths.data_dir={tmp_path}"], hydra_cfg=True)
+    cfg = compose_cfg(
+        "train",
+        [
+            "hydra/launcher=slurm",
+            "experiment=ecmvae_table4_divergence",
+            "hydra.launcher.partition=gpu",
+            f"paths.data_dir={tmp_path}",
+        ],
+        hydra_cfg=True,
+    )
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert launcher.partition == "gpu" and int(launcher.gpus_per_node) == 1 and int(launcher.cpus_per_task) == 4
@@ -321,8 +358,10 @@ def test_slurm_launcher_composes_with_the_plugin(tmp_path):
 
 @pytest.mark.parametrize("experiment", sorted(MAIN_EXPERIMENTS))
 def test_main_overlay_takes_its_subset_from_data(experiment, tmp_path):
-    runs = {subset: compose_cfg("train", [f"experiment={experiment}", f"data={subset}", f"paths.data_dir={tmp_path}"])
-            for subset in ("s4", "ms3", "synth_s4")}
+    runs = {
+        subset: compose_cfg("train", [f"experiment={experiment}", f"data={subset}", f"paths.data_dir={tmp_path}"])
+        for subset in ("s4", "ms3", "synth_s4")
+    }
     for subset, epochs in (("s4", 15), ("ms3", 30)):
         cfg = runs[subset]
         assert cfg.data.subset == subset and cfg.task_name == f"{experiment}_{subset}"

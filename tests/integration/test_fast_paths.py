@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from avs.data import build_dataset
-from avs.engine.checkpoint import load_checkpoint
 from avs.data.loaders import RunData
+from avs.engine.checkpoint import load_checkpoint
 from avs.engine.trainer import Trainer
 from tests.conftest import compose_cfg, tiny_overrides
 
@@ -83,8 +83,11 @@ def test_persistent_workers_need_workers(synth_data_dir, tmp_path):
 
 def test_compiled_training_matches_eager(synth_data_dir, tmp_path):
     eager = _fit(synth_data_dir, tmp_path / "eager", ["trainer.epochs=1"])
-    compiled = _fit(synth_data_dir, tmp_path / "compiled",
-                       ["trainer.epochs=1", "trainer.compile=true", "trainer.compile_backend=aot_eager"])
+    compiled = _fit(
+        synth_data_dir,
+        tmp_path / "compiled",
+        ["trainer.epochs=1", "trainer.compile=true", "trainer.compile_backend=aot_eager"],
+    )
     assert compiled._net is not compiled.model  # the forward ran through torch.compile's wrapper
     a = load_checkpoint(tmp_path / "eager" / "checkpoints" / "last.ckpt")["model"]
     b = load_checkpoint(tmp_path / "compiled" / "checkpoints" / "last.ckpt")["model"]
@@ -93,4 +96,6 @@ def test_compiled_training_matches_eager(synth_data_dir, tmp_path):
     # elementwise; the losses (step 2 follows the first update) and the validation metrics are.
     torch.testing.assert_close(compiled.loss_history, eager.loss_history, rtol=1e-5, atol=1e-6)
     for key in ("miou", "fscore"):
-        assert compiled.history[-1]["val"]["per_frame"][key] == pytest.approx(eager.history[-1]["val"]["per_frame"][key], abs=1e-4)
+        assert compiled.history[-1]["val"]["per_frame"][key] == pytest.approx(
+            eager.history[-1]["val"]["per_frame"][key], abs=1e-4
+        )

@@ -20,8 +20,8 @@ import torch
 from avs.config import PROJECT_ROOT
 from avs.data.avsbench import AVSDataError, get_layout, mask_path, split_records
 from avs.engine.checkpoint import CheckpointError, load_checkpoint
-from avs.engine.sampler import ResumableSampler
 from avs.engine.loop import NonFiniteLossError, TrainLoop
+from avs.engine.sampler import ResumableSampler
 from avs.engine.trainer import Trainer
 from tests.conftest import compose_cfg, tiny_overrides
 
@@ -72,15 +72,25 @@ def _metrics(run: Path) -> dict:
 
 def test_kill9_then_sigterm_then_resume_matches_uninterrupted_run(synth_data_dir, tmp_path):
     script = str(PROJECT_ROOT / "scripts" / "train.py")
-    base = [sys.executable, script, *tiny_overrides(synth_data_dir), *SMALL, "data.batch_size=1", "data.flip_prob=0.5",
-            "trainer.max_steps=6", "trainer.deterministic=true", "trainer.checkpoint_every_steps=1"]
+    base = [
+        sys.executable,
+        script,
+        *tiny_overrides(synth_data_dir),
+        *SMALL,
+        "data.batch_size=1",
+        "data.flip_prob=0.5",
+        "trainer.max_steps=6",
+        "trainer.deterministic=true",
+        "trainer.checkpoint_every_steps=1",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def launch(run_dir: Path, extra: list[str], tag: str) -> tuple[subprocess.Popen, Path]:
         err = tmp_path / f"{tag}.err"
         with open(err, "w") as fh:  # Hydra logs to stdout
-            proc = subprocess.Popen(base + [f"hydra.run.dir={run_dir}"] + extra, stdout=fh, stderr=subprocess.STDOUT,
-                                    env=env, cwd=tmp_path)
+            proc = subprocess.Popen(
+                base + [f"hydra.run.dir={run_dir}"] + extra, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=tmp_path
+            )
         return proc, err
 
     ref, ref_err = launch(tmp_path / "ref", [], "ref")
@@ -140,10 +150,14 @@ def test_sigint_saves_a_resumable_checkpoint(synth_data_dir, tmp_path, monkeypat
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
     monkeypatch.undo()
     # continue in a new run dir (trainer.resume=<old run dir>): it holds a resumable last.ckpt at once
-    resumed = _trainer(synth_data_dir, tmp_path / "run2", DET + ["trainer.max_steps=4", f"trainer.resume={tmp_path / 'run'}"])
+    resumed = _trainer(
+        synth_data_dir, tmp_path / "run2", DET + ["trainer.max_steps=4", f"trainer.resume={tmp_path / 'run'}"]
+    )
     assert resumed.fit()["steps"] == 4 and len(resumed.loss_history) == 4
     report = json.loads((tmp_path / "run2" / "run_report.json").read_text())
-    assert report["resumed_from"] == [{"path": str(tmp_path / "run" / "checkpoints" / "last.ckpt"), "step": 2, "changes": []}]
+    assert report["resumed_from"] == [
+        {"path": str(tmp_path / "run" / "checkpoints" / "last.ckpt"), "step": 2, "changes": []}
+    ]
     assert {p.name for p in (tmp_path / "run2" / "checkpoints").iterdir()} == {"last.ckpt", "best.ckpt"}
 
 
@@ -164,7 +178,9 @@ def test_disk_full_during_checkpoint_keeps_previous_and_stops(synth_data_dir, tm
     monkeypatch.setattr(io_mod.os, "replace", replace)
     run = tmp_path / "run"
     trainer = _trainer(synth_data_dir, run, DET + ["trainer.max_steps=3", "trainer.checkpoint_every_steps=1"])
-    with pytest.raises(CheckpointError, match=r"No space left on device.*stopped at step 2\. Previous last\.ckpt: step 1"):
+    with pytest.raises(
+        CheckpointError, match=r"No space left on device.*stopped at step 2\. Previous last\.ckpt: step 1"
+    ):
         trainer.fit()
     state = load_checkpoint(run / "checkpoints" / "last.ckpt")  # the previous one, complete
     assert state["step"] == 1 and len(state["loss_history"]) == 1
@@ -188,7 +204,7 @@ def test_nan_step_is_skipped_counted_and_reported(synth_data_dir, tmp_path, monk
     assert entry["step"] == 2 and entry["kind"] == "loss" and len(entry["video_ids"]) == 1
     assert report["status"] == "finished" and report["num_nonfinite_steps"] == 1
     assert json.loads((run / "metrics.json").read_text())["faults"]["nonfinite_steps"] == [2]
-    assert f"step 2: non-finite loss nan" in caplog.text and entry["video_ids"][0] in caplog.text
+    assert "step 2: non-finite loss nan" in caplog.text and entry["video_ids"][0] in caplog.text
     assert trainer.consecutive_nonfinite == 0
 
 
@@ -269,9 +285,20 @@ def test_soak_1000_steps_no_memory_or_fd_growth(synth_data_dir, tmp_path, monkey
             samples[trainer.step + 1] = (_rss_mb(), len(os.listdir("/proc/self/fd")), time.time())
 
     _watch_steps(monkeypatch, sample)
-    trainer = _trainer(synth_data_dir, tmp_path / "run", [
-        "data.batch_size=1", "trainer.max_steps=1000", "trainer.val_every_epochs=50", "trainer.checkpoint_every_steps=100",
-        "data.num_workers=1", "trainer.tensorboard=true", "trainer.test_at_end=false", "trainer.log_every_steps=1"])
+    trainer = _trainer(
+        synth_data_dir,
+        tmp_path / "run",
+        [
+            "data.batch_size=1",
+            "trainer.max_steps=1000",
+            "trainer.val_every_epochs=50",
+            "trainer.checkpoint_every_steps=100",
+            "data.num_workers=1",
+            "trainer.tensorboard=true",
+            "trainer.test_at_end=false",
+            "trainer.log_every_steps=1",
+        ],
+    )
     trainer.fit()
     (rss0, fd0, t0), (rss1, fd1, t1) = samples[50], samples[1000]
     print(f"\nsoak: RSS {rss0:.1f} -> {rss1:.1f} MB, open fds {fd0} -> {fd1}, {950 / (t1 - t0):.2f} steps/s")

@@ -145,8 +145,12 @@ def unused_extras(source: str, sd: dict[str, torch.Tensor], gen: torch.Generator
             continue
         for k, v in sd.items():
             if k.startswith(f"{src}.path3.resConfUnit1."):
-                name = _simple_decoder(k.replace(".path3.", ".path4."), src, "decoder" if source == "avs_bidirectional" else dst,
-                                       modulelist=source == "avs_bidirectional")
+                name = _simple_decoder(
+                    k.replace(".path3.", ".path4."),
+                    src,
+                    "decoder" if source == "avs_bidirectional" else dst,
+                    modulelist=source == "avs_bidirectional",
+                )
                 out[name] = _random_like(v, gen, k)
     return out
 
@@ -179,8 +183,17 @@ def imported(request, synth_data_dir, tmp_path_factory):
     torch.save(released, rel_path)
     torch.save(vggish, vgg_path)
     record = import_checkpoint(source, rel_path, cfg, out, vggish_path=vgg_path)
-    return {"source": source, "overrides": overrides, "released": released, "vggish": vggish, "ours": ours,
-            "record": record, "out": out, "tmp": tmp, "cfg": cfg}
+    return {
+        "source": source,
+        "overrides": overrides,
+        "released": released,
+        "vggish": vggish,
+        "ours": ours,
+        "record": record,
+        "out": out,
+        "tmp": tmp,
+        "cfg": cfg,
+    }
 
 
 # ----------------------------------------------------------------------------- tests
@@ -212,8 +225,10 @@ def test_imported_predictions_equal_direct_load_with_recorded_flags(imported):
     cfg = imported["cfg"]
     t, size = int(cfg.data.num_frames), int(cfg.data.image_size)
     gen = torch.Generator().manual_seed(1)
-    batch = {"frames": torch.randn(2, t, 3, size, size, generator=gen),
-             "audio": torch.randn(2, t, 1, 96, 64, generator=gen)}
+    batch = {
+        "frames": torch.randn(2, t, 3, size, size, generator=gen),
+        "audio": torch.randn(2, t, 1, 96, 64, generator=gen),
+    }
     torch.manual_seed(5)
     a = loaded.model(batch)["logits"]
     torch.manual_seed(5)
@@ -233,8 +248,16 @@ def test_imported_predictions_equal_direct_load_with_recorded_flags(imported):
 def test_eval_runs_on_the_imported_checkpoint(imported, synth_data_dir, tmp_path):
     from avs.evaluation.checkpoint import evaluate_checkpoint
 
-    ecfg = compose_cfg("eval", [f"checkpoint={imported['out']}", "split=val", "device=cpu",
-                                f"paths.data_dir={synth_data_dir}", f"paths.log_dir={tmp_path}/logs"])
+    ecfg = compose_cfg(
+        "eval",
+        [
+            f"checkpoint={imported['out']}",
+            "split=val",
+            "device=cpu",
+            f"paths.data_dir={synth_data_dir}",
+            f"paths.log_dir={tmp_path}/logs",
+        ],
+    )
     out = evaluate_checkpoint(ecfg, tmp_path / "eval")
     miou = out["metrics"]["per_frame"]["miou"]
     assert 0.0 <= miou <= 1.0
@@ -288,7 +311,9 @@ def test_avsbench_resnet_two_branch_layout_maps_to_torchvision_names():
     assert sorted(km.mapped.values()) == sorted(ours)
     assert all(re.match(r"resnet\.layer[34]_2\.", k) for k in km.unused)
     # ECMVAE / AVS-BG keep torchvision names under encoder.
-    km2 = map_keys(["encoder." + k.removeprefix("backbone.body.") for k in ours], RULES["mmvae_avs"], UNUSED["mmvae_avs"])
+    km2 = map_keys(
+        ["encoder." + k.removeprefix("backbone.body.") for k in ours], RULES["mmvae_avs"], UNUSED["mmvae_avs"]
+    )
     assert not km2.unmatched and sorted(km2.mapped.values()) == sorted(ours)
 
 
@@ -296,14 +321,25 @@ def test_import_script_cli(imported, tmp_path):
     if imported["source"] != "avsbench":
         pytest.skip("one CLI run is enough")
     out = tmp_path / "cli.ckpt"
-    cmd = [sys.executable, str(PROJECT_ROOT / "scripts" / "import_checkpoint.py"), "--source", "avsbench",
-           "--released", str(imported["tmp"] / "avsbench_best.pth"),
-           "--vggish", str(imported["tmp"] / "vggish-10086976.pth"), "--out", str(out), *imported["overrides"]]
+    cmd = [
+        sys.executable,
+        str(PROJECT_ROOT / "scripts" / "import_checkpoint.py"),
+        "--source",
+        "avsbench",
+        "--released",
+        str(imported["tmp"] / "avsbench_best.pth"),
+        "--vggish",
+        str(imported["tmp"] / "vggish-10086976.pth"),
+        "--out",
+        str(out),
+        *imported["overrides"],
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert out.is_file() and "documented_unused" in proc.stdout
-    bad = subprocess.run(cmd[:3] + ["avs_bidirectional"] + cmd[4:], capture_output=True, text=True, timeout=600,
-                         cwd=tmp_path)
+    bad = subprocess.run(
+        cmd[:3] + ["avs_bidirectional"] + cmd[4:], capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
     assert bad.returncode != 0 and "match no rule" in bad.stderr
 
 

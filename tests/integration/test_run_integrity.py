@@ -16,13 +16,19 @@ import pytest
 
 from avs.config_checks import ConfigError
 from avs.engine.checkpoint import CheckpointError, load_checkpoint
-from avs.evaluation.checkpoint import evaluate_checkpoint
 from avs.engine.loop import TrainLoop
 from avs.engine.trainer import Trainer
+from avs.evaluation.checkpoint import evaluate_checkpoint
 from tests.conftest import compose_cfg, tiny_overrides
 
-BASE = ["model.channels=32", "data.batch_size=1", "trainer.deterministic=true", "trainer.test_at_end=false",
-        "scheduler=cosine", "trainer.lr=1e-3"]
+BASE = [
+    "model.channels=32",
+    "data.batch_size=1",
+    "trainer.deterministic=true",
+    "trainer.test_at_end=false",
+    "scheduler=cosine",
+    "trainer.lr=1e-3",
+]
 
 
 def _cfg(data_dir: Path, extra: list[str]):
@@ -83,7 +89,9 @@ def test_rerun_into_a_finished_run_dir_without_resume_is_refused(synth_data_dir,
 # ----------------------------------------------------------------------------- resume = the same run
 def test_resume_with_a_changed_result_key_is_refused_by_name(synth_data_dir, finished_run, tmp_path):
     run = _copy(finished_run, tmp_path)
-    with pytest.raises(ConfigError, match=r"trainer\.lr: 0\.001 in the checkpoint, 0\.05 now.*resume_allow_changes=\[trainer\.lr\]"):
+    with pytest.raises(
+        ConfigError, match=r"trainer\.lr: 0\.001 in the checkpoint, 0\.05 now.*resume_allow_changes=\[trainer\.lr\]"
+    ):
         Trainer(_cfg(synth_data_dir, ["trainer.resume=auto", "trainer.lr=0.05", "trainer.max_steps=4"]), run)
     with pytest.raises(ConfigError, match=r"seed: 123 in the checkpoint, 5 now"):
         Trainer(_cfg(synth_data_dir, ["trainer.resume=auto", "seed=5"]), run)
@@ -95,19 +103,35 @@ def _first_step_after_resume(monkeypatch) -> dict:
 
     def wrapped(self, clip, loss_bad):
         if not seen:
-            seen.update(step=self.step, lrs=[g["lr"] for g in self.optimizer.param_groups],
-                        base_lrs=list(self.scheduler.base_lrs), t_max=self.scheduler.T_max)
+            seen.update(
+                step=self.step,
+                lrs=[g["lr"] for g in self.optimizer.param_groups],
+                base_lrs=list(self.scheduler.base_lrs),
+                t_max=self.scheduler.T_max,
+            )
         return original(self, clip, loss_bad)
 
     monkeypatch.setattr(TrainLoop, "optimizer_step", wrapped)
     return seen
 
 
-def test_allowed_lr_change_reaches_optimizer_and_schedule_and_is_recorded(synth_data_dir, finished_run, tmp_path, monkeypatch):
+def test_allowed_lr_change_reaches_optimizer_and_schedule_and_is_recorded(
+    synth_data_dir, finished_run, tmp_path, monkeypatch
+):
     run = _copy(finished_run, tmp_path)
     seen = _first_step_after_resume(monkeypatch)
-    trainer = Trainer(_cfg(synth_data_dir, ["trainer.resume=auto", "trainer.lr=0.05", "trainer.max_steps=4",
-                                            "trainer.resume_allow_changes=[trainer.lr]"]), run)
+    trainer = Trainer(
+        _cfg(
+            synth_data_dir,
+            [
+                "trainer.resume=auto",
+                "trainer.lr=0.05",
+                "trainer.max_steps=4",
+                "trainer.resume_allow_changes=[trainer.lr]",
+            ],
+        ),
+        run,
+    )
     trainer.fit()
     assert seen["step"] == 2 and seen["t_max"] == 4
     assert seen["base_lrs"] == [0.05]
@@ -119,7 +143,9 @@ def test_allowed_lr_change_reaches_optimizer_and_schedule_and_is_recorded(synth_
     assert metrics["steps"] == 4
 
 
-def test_extending_the_run_rebuilds_the_schedule_for_the_new_length(synth_data_dir, finished_run, tmp_path, monkeypatch):
+def test_extending_the_run_rebuilds_the_schedule_for_the_new_length(
+    synth_data_dir, finished_run, tmp_path, monkeypatch
+):
     run = _copy(finished_run, tmp_path)
     seen = _first_step_after_resume(monkeypatch)
     Trainer(_cfg(synth_data_dir, ["trainer.resume=auto", "trainer.max_steps=4"]), run).fit()
@@ -131,8 +157,18 @@ def test_extending_the_run_rebuilds_the_schedule_for_the_new_length(synth_data_d
 
 def test_free_keys_change_silently_on_resume(synth_data_dir, finished_run, tmp_path):
     run = _copy(finished_run, tmp_path)
-    trainer = Trainer(_cfg(synth_data_dir, ["trainer.resume=auto", "trainer.log_every_steps=1",
-                                            "trainer.checkpoint_every_steps=5", "data.eval_batch_size=1"]), run)
+    trainer = Trainer(
+        _cfg(
+            synth_data_dir,
+            [
+                "trainer.resume=auto",
+                "trainer.log_every_steps=1",
+                "trainer.checkpoint_every_steps=5",
+                "data.eval_batch_size=1",
+            ],
+        ),
+        run,
+    )
     assert trainer._resume is not None and trainer._resume[1] == []
 
 
@@ -142,8 +178,8 @@ def _largest_entry_offset(path: Path) -> tuple[int, int]:
     with zipfile.ZipFile(path) as zf:
         info = max(zf.infolist(), key=lambda i: i.file_size)
     raw = path.read_bytes()
-    name_len = int.from_bytes(raw[info.header_offset + 26: info.header_offset + 28], "little")
-    extra_len = int.from_bytes(raw[info.header_offset + 28: info.header_offset + 30], "little")
+    name_len = int.from_bytes(raw[info.header_offset + 26 : info.header_offset + 28], "little")
+    extra_len = int.from_bytes(raw[info.header_offset + 28 : info.header_offset + 30], "little")
     return info.header_offset + 30 + name_len + extra_len, info.file_size
 
 
@@ -151,7 +187,7 @@ def _damage(path: Path, size: int, byte: int) -> None:
     offset, length = _largest_entry_offset(path)
     raw = bytearray(path.read_bytes())
     start = offset + max(0, (length - size) // 2)
-    raw[start: start + size] = bytes([byte]) * size
+    raw[start : start + size] = bytes([byte]) * size
     path.write_bytes(bytes(raw))
 
 
@@ -174,8 +210,17 @@ def test_eval_with_a_data_group_keeps_the_checkpoint_image_size_and_frames(synth
     best = finished_run / "checkpoints" / "best.ckpt"
     trained = load_checkpoint(best)["config"]
     assert "image_size: 64" in trained and "num_frames: 3" in trained
-    ecfg = compose_cfg("eval", [f"checkpoint={best}", "split=val", "device=cpu", f"paths.data_dir={synth_data_dir}",
-                                "data=synth_ms3", "data.synthetic.clips={train: 4, val: 2, test: 2}"])
+    ecfg = compose_cfg(
+        "eval",
+        [
+            f"checkpoint={best}",
+            "split=val",
+            "device=cpu",
+            f"paths.data_dir={synth_data_dir}",
+            "data=synth_ms3",
+            "data.synthetic.clips={train: 4, val: 2, test: 2}",
+        ],
+    )
     assert ecfg.data.image_size == 96 and ecfg.data.num_frames == 5  # the group's own values
     evaluate_checkpoint(ecfg, tmp_path / "eval")
     meta = json.loads((tmp_path / "eval" / "metrics_val.json").read_text())
@@ -210,15 +255,29 @@ def test_eval_script_takes_data_root_alone(synth_data_dir, finished_run, tmp_pat
     import subprocess
     import sys
 
-    from avs.config import PROJECT_ROOT
     from omegaconf import OmegaConf
+
+    from avs.config import PROJECT_ROOT
 
     best = finished_run / "checkpoints" / "best.ckpt"
     moved = tmp_path / "moved"
     shutil.copytree(OmegaConf.create(load_checkpoint(best)["config"]).data.root, moved)  # the dataset moved
-    proc = subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "eval.py"), f"checkpoint={best}", "split=val",
-                           "device=cpu", f"data.root={moved}", f"output_dir={tmp_path}/out"],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(PROJECT_ROOT / "scripts" / "eval.py"),
+            f"checkpoint={best}",
+            "split=val",
+            "device=cpu",
+            f"data.root={moved}",
+            f"output_dir={tmp_path}/out",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     meta = json.loads((tmp_path / "out" / "metrics_val.json").read_text())
     assert meta["data"]["root"] == str(moved) and meta["resolution"] == 64
@@ -230,8 +289,14 @@ def _train_script(args: list[str], cwd: Path):
 
     from avs.config import PROJECT_ROOT
 
-    return subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "train.py"), *args], capture_output=True,
-                          text=True, timeout=300, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "scripts" / "train.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 def test_train_script_refuses_before_hydra_writes_into_the_run_dir(synth_data_dir, finished_run, tmp_path):

@@ -30,11 +30,20 @@ from tests.fixtures.behaviour_baseline import (
 
 # Old case overrides -> the overrides that spell the same run now (identity when absent).
 # The s4 / ms3 pairs of main overlays merged into one overlay per method x backbone (the subset is data=).
-_MERGED = ["avsbench_tpavi_pvt", "avsbench_tpavi_r50", "avsbg_pvt", "avsbg_r50", "ecmvae_pvt", "ecmvae_r50",
-           "ecmvae_bg_pvt"]
+_MERGED = [
+    "avsbench_tpavi_pvt",
+    "avsbench_tpavi_r50",
+    "avsbg_pvt",
+    "avsbg_r50",
+    "ecmvae_pvt",
+    "ecmvae_r50",
+    "ecmvae_bg_pvt",
+]
 TRANSLATE_OVERRIDES: dict[str, str] = {
     f"experiment={name}_{old} data={subset}": f"experiment={name} data={subset}"
-    for name in _MERGED for old in ("s4", "ms3") for subset in ("s4", "ms3")
+    for name in _MERGED
+    for old in ("s4", "ms3")
+    for subset in ("s4", "ms3")
 }
 # Old dotted key -> new dotted key (same value expected there).
 RENAMED_KEYS: dict[str, str] = {
@@ -47,10 +56,14 @@ RENAMED_KEYS: dict[str, str] = {
 # `_target_` is now the small factory that maps the name to one class per kind.
 TRANSLATE_VALUES: dict[tuple[str, str], tuple[str, Any]] = {
     ("model.neck._target_", '"avs.models.neck.Neck"'): ("model.neck._target_", "avs.models.neck.build_neck"),
-    ("model.decoder._target_", '"avs.models.decoder.Decoder"'):
-        ("model.decoder._target_", "avs.models.decoder.build_decoder"),
-    ("model.latent._target_", '"avs.models.latent.ECMVAELatent"'):
-        ("model.latent._target_", "avs.models.latent.build_latent"),
+    ("model.decoder._target_", '"avs.models.decoder.Decoder"'): (
+        "model.decoder._target_",
+        "avs.models.decoder.build_decoder",
+    ),
+    ("model.latent._target_", '"avs.models.latent.ECMVAELatent"'): (
+        "model.latent._target_",
+        "avs.models.latent.build_latent",
+    ),
     ("model.seg_loss", '"bce"'): ("model.seg_loss._target_", "avs.losses.BCESegLoss"),
     ("model.seg_loss", '"structure"'): ("model.seg_loss._target_", "avs.losses.StructureLoss"),
     # BCE had an empty options node; BCESegLoss takes no options, so the node is just its `_target_`
@@ -186,16 +199,20 @@ def test_every_config_builds_the_same_model(baseline):
             continue  # test_no_audio_models_lose_only_their_audio_parts
         new = structure(compose_cfg("train", _new_overrides(case) + PLACEHOLDER_PATHS))
         if new != old:
-            problems.append(f"{case}: {old['tensors']} tensors {old['values_by_part']} before, "
-                            f"{new['tensors']} tensors {new['values_by_part']} now")
+            problems.append(
+                f"{case}: {old['tensors']} tensors {old['values_by_part']} before, "
+                f"{new['tensors']} tensors {new['values_by_part']} now"
+            )
     assert not problems, "\n".join(problems[:20])
 
 
 @pytest.mark.parametrize("name", sorted(WEIGHT_CASES))
 def test_tiny_training_gives_bit_identical_weights(name, baseline, synth_data_dir, tmp_path):
     if baseline["machine"] != machine():
-        pytest.skip(f"baseline recorded on {baseline['machine']}, this is {machine()}: bitwise equality "
-                    "holds only for the same torch build and CPU kernels")
+        pytest.skip(
+            f"baseline recorded on {baseline['machine']}, this is {machine()}: bitwise equality "
+            "holds only for the same torch build and CPU kernels"
+        )
     torch.set_num_threads(1)
     overrides = tiny_overrides(synth_data_dir) + WEIGHT_CASES[name] + WEIGHT_COMMON
     expected = NO_AUDIO_WEIGHTS.get(name, baseline["weights"][name])

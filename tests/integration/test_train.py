@@ -12,8 +12,8 @@ import torch
 
 from avs.config import PROJECT_ROOT
 from avs.engine.checkpoint import load_checkpoint
-from avs.evaluation.checkpoint import evaluate_checkpoint
 from avs.engine.trainer import Trainer
+from avs.evaluation.checkpoint import evaluate_checkpoint
 from tests.conftest import compose_cfg, tiny_overrides
 
 SMALL = ["model.channels=32"]
@@ -31,15 +31,35 @@ def test_fit_writes_run_dir_and_eval_reproduces_val(synth_data_dir, tmp_path):
     assert (run / "checkpoints" / "best.ckpt").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
     assert (run / "config_resolved.yaml").is_file()
     record = json.loads((run / "metrics.json").read_text())
-    for key in ("method", "backbone", "data", "resolution", "metric_protocols", "eval_batch_size",
-                "legacy_batch_size", "init_from", "supervised_frames", "seed", "git_commit", "config"):
+    for key in (
+        "method",
+        "backbone",
+        "data",
+        "resolution",
+        "metric_protocols",
+        "eval_batch_size",
+        "legacy_batch_size",
+        "init_from",
+        "supervised_frames",
+        "seed",
+        "git_commit",
+        "config",
+    ):
         assert key in record, key
     assert record["selection"]["split"] == "val"
     assert set(record["test"]) == {"per_frame", "avsbench_legacy", "dataset_level"}
     assert result["steps"] == 4
     # eval.py path on the best checkpoint reproduces the val metrics logged during training
-    ecfg = compose_cfg("eval", [f"checkpoint={run / 'checkpoints' / 'best.ckpt'}", "split=val", "device=cpu",
-                                f"paths.data_dir={synth_data_dir}", f"paths.log_dir={tmp_path}/logs"])
+    ecfg = compose_cfg(
+        "eval",
+        [
+            f"checkpoint={run / 'checkpoints' / 'best.ckpt'}",
+            "split=val",
+            "device=cpu",
+            f"paths.data_dir={synth_data_dir}",
+            f"paths.log_dir={tmp_path}/logs",
+        ],
+    )
     out = evaluate_checkpoint(ecfg, tmp_path / "eval")
     for protocol, values in record["val"].items():
         for k, v in values.items():
@@ -56,8 +76,13 @@ def test_test_split_selection_is_refused(synth_data_dir, tmp_path):
 
 
 def test_resume_reproduces_uninterrupted_run(synth_data_dir, tmp_path):
-    common = ["trainer.max_steps=6", "data.batch_size=1", "trainer.deterministic=true", "trainer.test_at_end=false",
-              "data.flip_prob=0.5"]
+    common = [
+        "trainer.max_steps=6",
+        "data.batch_size=1",
+        "trainer.deterministic=true",
+        "trainer.test_at_end=false",
+        "data.flip_prob=0.5",
+    ]
     full = _trainer(synth_data_dir, tmp_path / "full", common)
     full.fit()
     cut = _trainer(synth_data_dir, tmp_path / "cut", common + ["trainer.interrupt_after_steps=3"])
@@ -74,8 +99,16 @@ def test_resume_reproduces_uninterrupted_run(synth_data_dir, tmp_path):
 
 def test_multirun_writes_one_dir_per_job(synth_data_dir, tmp_path):
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, str(PROJECT_ROOT / "scripts" / "train.py"), "-m", "seed=1,2", f"hydra.sweep.dir={sweep}",
-           *tiny_overrides(synth_data_dir), *SMALL, "trainer.max_steps=1"]
+    cmd = [
+        sys.executable,
+        str(PROJECT_ROOT / "scripts" / "train.py"),
+        "-m",
+        "seed=1,2",
+        f"hydra.sweep.dir={sweep}",
+        *tiny_overrides(synth_data_dir),
+        *SMALL,
+        "trainer.max_steps=1",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/metrics.json"))]
@@ -92,8 +125,11 @@ def test_latent_kl_per_dimension_on_a_split(synth_data_dir, tmp_path):
     # closed form against a hand value: KL(N(1, 1) || N(0, e^0)) = 0.5 per dimension
     one = torch.ones(1, 2)
     assert torch.allclose(gaussian_kl_per_dim(one, 0 * one, 0 * one, 0 * one), torch.full((1, 2), 0.5))
-    cfg = compose_cfg("train", tiny_overrides(synth_data_dir) + ["model=ecmvae", "model.channels=32",
-                                                               "model.audio_dim=32", "audio.embed_dim=32"])
+    cfg = compose_cfg(
+        "train",
+        tiny_overrides(synth_data_dir)
+        + ["model=ecmvae", "model.channels=32", "model.audio_dim=32", "audio.embed_dim=32"],
+    )
     model = build_model(cfg)
     loader = DataLoader(build_dataset(cfg.data, "val", train=False), batch_size=2)
     out = latent_kl_per_dimension(model, loader)
@@ -106,11 +142,15 @@ def test_validation_logs_mask_overlays_to_tensorboard(synth_data_dir, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = tmp_path / "tb"
-    _trainer(synth_data_dir, run, ["trainer.max_steps=2", "trainer.tensorboard=true", "trainer.test_at_end=false"]).fit()
+    _trainer(
+        synth_data_dir, run, ["trainer.max_steps=2", "trainer.tensorboard=true", "trainer.test_at_end=false"]
+    ).fit()
     ea = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0})
     ea.Reload()
     assert "val/masks" in ea.Tags()["images"]
-    assert any(t.startswith("train/") for t in ea.Tags()["scalars"]) and any(t.startswith("val/") for t in ea.Tags()["scalars"])
+    assert any(t.startswith("train/") for t in ea.Tags()["scalars"]) and any(
+        t.startswith("val/") for t in ea.Tags()["scalars"]
+    )
 
 
 def test_checkpoint_config_needs_no_weight_files():
@@ -118,11 +158,15 @@ def test_checkpoint_config_needs_no_weight_files():
 
     from avs.evaluation.checkpoint import config_from_checkpoint
 
-    stored = OmegaConf.to_yaml(OmegaConf.create({
-        "backbone": {"name": "pvt_v2_b5", "pretrained": "file", "weights_path": "/nowhere/pvt_v2_b5.pth"},
-        "audio": {"pretrained": True},
-        "model": {"audio_encoder": {"pretrained": True}},
-    }))
+    stored = OmegaConf.to_yaml(
+        OmegaConf.create(
+            {
+                "backbone": {"name": "pvt_v2_b5", "pretrained": "file", "weights_path": "/nowhere/pvt_v2_b5.pth"},
+                "audio": {"pretrained": True},
+                "model": {"audio_encoder": {"pretrained": True}},
+            }
+        )
+    )
     cfg = config_from_checkpoint({"config": stored}, "x.ckpt")
     assert cfg.backbone.pretrained is None and cfg.audio.pretrained is False
     assert cfg.model.audio_encoder.pretrained is False

@@ -183,7 +183,8 @@ def test_resampy_is_used_when_installed_and_matches_a_direct_call(rate, caplog):
         audio.resample_to_16k(x, rate)
     np.testing.assert_array_equal(got, resampy.resample(x, rate, 16000, filter="kaiser_best"))
     assert [r.getMessage() for r in caplog.records].count(
-        f"resampling {rate} Hz audio to 16 kHz with resampy (kaiser_best, as the released VGGish front end)") == 1
+        f"resampling {rate} Hz audio to 16 kHz with resampy (kaiser_best, as the released VGGish front end)"
+    ) == 1
 
 
 def test_torchaudio_is_the_fallback_without_resampy(monkeypatch, caplog):

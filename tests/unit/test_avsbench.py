@@ -213,8 +213,9 @@ def test_embedding_source(tree, tmp_path):
     np.save(p, e)
     with pytest.raises(AVSDataError, match=r"audio shaped \[4, 128\] has 4 example\(s\), data.num_frames=5 needs 5"):
         AVSBenchDataset(root, "s4", "val", image_size=SIZE, audio_source="embedding", embedding_dir=emb_dir)[0]
-    item = AVSBenchDataset(root, "s4", "val", image_size=SIZE, audio_source="embedding", embedding_dir=emb_dir,
-                           pad_short_audio=True)[0]
+    item = AVSBenchDataset(
+        root, "s4", "val", image_size=SIZE, audio_source="embedding", embedding_dir=emb_dir, pad_short_audio=True
+    )[0]
     assert item["audio"].shape == (T, 128)
     np.testing.assert_array_equal(item["audio"].numpy()[:4], e)
     np.testing.assert_array_equal(item["audio"].numpy()[4], e[3])
@@ -373,15 +374,18 @@ def test_short_logmel_pkl_is_an_error_in_loader_and_check_data_unless_padding_is
     pkl = logmel_path(root, LAYOUTS["s4"], rec)
     short = np.random.default_rng(0).standard_normal((3, 1, 96, 64)).astype(np.float32)
     dump_logmel_pkl(pkl, short)
-    expected = rf"{pkl}: audio shaped \[3, 1, 96, 64\] has 3 example\(s\), data.num_frames=5 needs 5; " \
-               r"set data.pad_short_audio=true"
+    expected = (
+        rf"{pkl}: audio shaped \[3, 1, 96, 64\] has 3 example\(s\), data.num_frames=5 needs 5; "
+        r"set data.pad_short_audio=true"
+    )
     cfg = OmegaConf.create({"root": str(root), "subset": "s4", "image_size": SIZE, "num_frames": T})
     with pytest.raises(AVSDataError, match=expected):
         build_dataset(cfg, "train", train=True)[0]
     report = check_dataset(root, "s4", num_frames=T)
     assert [str(p) for p in report.problems] == [
         f"{pkl}: audio shaped [3, 1, 96, 64] has 3 example(s), data.num_frames=5 needs 5; "
-        "set data.pad_short_audio=true to repeat the last example instead"]
+        "set data.pad_short_audio=true to repeat the last example instead"
+    ]
     # opted in: both accept it, and the loader repeats the last example
     cfg.pad_short_audio = True
     audio = build_dataset(cfg, "train", train=True)[0]["audio"].numpy()
@@ -407,8 +411,10 @@ def test_unknown_split_value_is_an_error_naming_csv_rows_and_allowed_values(tree
     vid = lines[i].split(",")[0]
     lines[i] = lines[i][: -len("val")] + "validation"
     csv_p.write_text("\n".join(lines) + "\n")
-    expected = (f"{csv_p}: unknown split value in 1 row(s): line {i + 1} (video '{vid}': 'validation'); "
-                "the 'split' column allows train, val, test")
+    expected = (
+        f"{csv_p}: unknown split value in 1 row(s): line {i + 1} (video '{vid}': 'validation'); "
+        "the 'split' column allows train, val, test"
+    )
     for split in ("train", "val"):  # every split refuses, not only the one that lost a clip
         with pytest.raises(AVSDataError) as err:
             AVSBenchDataset(root, "ms3", split, image_size=SIZE)

@@ -297,8 +297,10 @@ def _remap_before_timm(key: str) -> str | None:
     rules = (
         (r"^patch_embed1\.(.*)$", lambda m: f"patch_embed.{m[1]}"),
         (r"^patch_embed([2-4])\.(.*)$", lambda m: f"stages_{int(m[1]) - 1}.downsample.{m[2]}"),
-        (r"^block([1-4])\.(\d+)\.(.*)$",
-         lambda m: f"stages_{int(m[1]) - 1}.blocks.{m[2]}.{m[3].replace('mlp.dwconv.dwconv.', 'mlp.dwconv.')}"),
+        (
+            r"^block([1-4])\.(\d+)\.(.*)$",
+            lambda m: f"stages_{int(m[1]) - 1}.blocks.{m[2]}.{m[3].replace('mlp.dwconv.dwconv.', 'mlp.dwconv.')}",
+        ),
         (r"^norm([1-4])\.(.*)$", lambda m: f"stages_{int(m[1]) - 1}.norm.{m[2]}"),
     )
     for pattern, repl in rules:

@@ -11,8 +11,20 @@ import torch
 from avs import benchmark as bench
 from tests.conftest import compose_cfg
 
-SECTIONS = ("hardware", "config", "params", "backbone", "train", "inference", "memory", "ratios", "comparisons",
-            "data_loader", "metrics", "targets")
+SECTIONS = (
+    "hardware",
+    "config",
+    "params",
+    "backbone",
+    "train",
+    "inference",
+    "memory",
+    "ratios",
+    "comparisons",
+    "data_loader",
+    "metrics",
+    "targets",
+)
 
 
 def _positive(x) -> bool:
@@ -21,8 +33,9 @@ def _positive(x) -> bool:
 
 @pytest.fixture(scope="module")
 def quick_result():
-    cfg = compose_cfg("benchmark", ["model=tpavi", "quick=true", "compare=[fusion,audio]", "num_frames=3",
-                                    "save_default=false"])
+    cfg = compose_cfg(
+        "benchmark", ["model=tpavi", "quick=true", "compare=[fusion,audio]", "num_frames=3", "save_default=false"]
+    )
     cfg = bench.apply_quick(cfg)
     return bench.run_benchmark(cfg)
 
@@ -31,8 +44,14 @@ def test_quick_run_has_every_section(quick_result, tmp_path):
     r = quick_result
     assert set(SECTIONS) <= set(r)
     assert r["config"]["backbone"] == "pvt_v2_b0" and r["config"]["image_size"] == 64 and r["config"]["num_frames"] == 3
-    for v in (r["backbone"]["fwd_s"], r["backbone"]["fwdbwd_s"], r["train"]["step_s"], r["inference"]["clip_s"],
-              r["inference"]["frame_s"], *r["ratios"].values()):
+    for v in (
+        r["backbone"]["fwd_s"],
+        r["backbone"]["fwdbwd_s"],
+        r["train"]["step_s"],
+        r["inference"]["clip_s"],
+        r["inference"]["frame_s"],
+        *r["ratios"].values(),
+    ):
         assert _positive(v)
     assert r["inference"]["frame_s"] == pytest.approx(r["inference"]["clip_s"] / 3)
     # CPU: peak RSS of spawned children; a training step holds at least the model's fp32 weights
@@ -63,8 +82,9 @@ def test_pairs_keep_outputs(quick_result):
 
 
 def test_dense_vs_factorised_outputs_differ_only_by_rounding():
-    cfg = bench.bench_model_config(compose_cfg("benchmark", ["model=tpavi", "backbone=pvt_v2_b0", "image_size=64",
-                                                             "num_frames=2"]))
+    cfg = bench.bench_model_config(
+        compose_cfg("benchmark", ["model=tpavi", "backbone=pvt_v2_b0", "image_size=64", "num_frames=2"])
+    )
     diff = bench.output_diff(cfg, "fusion", torch.device("cpu"))
     assert diff < 1e-3
     # the comparison is not vacuous: zero-init gammas are perturbed, so the fusion changes the output
@@ -110,9 +130,13 @@ def test_peak_rss_sees_a_freed_allocation_in_a_fresh_process():
 
 
 def test_targets_are_checked():
-    res = {"config": {"model": "ecmvae"}, "ratios": {"train_step/backbone_fwdbwd": 2.5, "infer_clip/backbone_fwd": 1.2},
-           "comparisons": {"fusion": {"memory_ratio_b_over_a": 0.3}}, "data_loader": {"logmel": {"clips_per_s": 40.0}},
-           "metrics": {"frames_per_s": 5000.0}}
+    res = {
+        "config": {"model": "ecmvae"},
+        "ratios": {"train_step/backbone_fwdbwd": 2.5, "infer_clip/backbone_fwd": 1.2},
+        "comparisons": {"fusion": {"memory_ratio_b_over_a": 0.3}},
+        "data_loader": {"logmel": {"clips_per_s": 40.0}},
+        "metrics": {"frames_per_s": 5000.0},
+    }
     t = bench.check_targets(res, compose_cfg("benchmark", []).targets)
     assert t["train_step/backbone_fwdbwd"]["met"] is False and t["train_step/backbone_fwdbwd"]["bound"] == 2.0
     assert t["infer_clip/backbone_fwd"]["met"] is True

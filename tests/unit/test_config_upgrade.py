@@ -35,7 +35,9 @@ def test_a_changed_schedule_of_an_old_checkpoint_is_refused_by_its_new_name(tmp_
 
 def test_an_old_checkpoint_trained_with_adam_refuses_adamw(tmp_path):
     cfg = compose_cfg("train", ["optimizer=adamw", f"paths.data_dir={tmp_path}"])
-    with pytest.raises(ConfigError, match=r"trainer\.optimizer: \{'_target_': 'torch\.optim\.Adam'.* in the checkpoint"):
+    with pytest.raises(
+        ConfigError, match=r"trainer\.optimizer: \{'_target_': 'torch\.optim\.Adam'.* in the checkpoint"
+    ):
         check_resume_config(_stored(cfg, "constant"), cfg, "old.ckpt")
 
 

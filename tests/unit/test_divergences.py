@@ -23,9 +23,11 @@ def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _params(n: int = 3, l: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def _params(n: int = 3, dim: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = _gen(seed)
-    return torch.randn(n, l, generator=g, dtype=torch.float64), 0.8 * torch.randn(n, l, generator=g, dtype=torch.float64)
+    return torch.randn(n, dim, generator=g, dtype=torch.float64), 0.8 * torch.randn(
+        n, dim, generator=g, dtype=torch.float64
+    )
 
 
 def _js_mixture_quadrature(m1: float, v1: float, m2: float, v2: float) -> float:

@@ -22,8 +22,9 @@ def vggish():
 
 def test_cache_roundtrip_exact(tmp_path, vggish):
     root = make_avsbench_tree(tmp_path, "s4", {"train": 2, "val": 1}, size=32)
-    summary = extract_embeddings(root, "s4", vggish, splits=["train", "val"], num_frames=5, device="cpu",
-                                 overwrite=False, batch_size=1)
+    summary = extract_embeddings(
+        root, "s4", vggish, splits=["train", "val"], num_frames=5, device="cpu", overwrite=False, batch_size=1
+    )
     assert summary["written"] == 3 and summary["skipped"] == 0
     lay = LAYOUTS["s4"]
     for split in ("train", "val"):
@@ -38,8 +39,7 @@ def test_cache_roundtrip_exact(tmp_path, vggish):
             assert on_disk.dtype == np.float32 and np.array_equal(on_disk, got.numpy())
 
     # resumable: existing files are kept, overwrite rewrites them
-    again = extract_embeddings(root, "s4", vggish, splits=["train", "val"], num_frames=5, device="cpu",
-                               overwrite=False)
+    again = extract_embeddings(root, "s4", vggish, splits=["train", "val"], num_frames=5, device="cpu", overwrite=False)
     assert again["written"] == 0 and again["skipped"] == 3
     rec = split_records(root, "s4", "val")[0]
     p = embedding_path(root, lay, rec, None)
@@ -51,13 +51,15 @@ def test_cache_roundtrip_exact(tmp_path, vggish):
 def test_batched_matches_single_and_wav_fallback(tmp_path, vggish):
     root = make_avsbench_tree(tmp_path, "ms3", {"test": 3}, size=32)
     out_a, out_b = tmp_path / "a", tmp_path / "b"
-    extract_embeddings(root, "ms3", vggish, splits=["test"], num_frames=5, device="cpu", overwrite=False,
-                       out_dir=out_a, batch_size=1)
+    extract_embeddings(
+        root, "ms3", vggish, splits=["test"], num_frames=5, device="cpu", overwrite=False, out_dir=out_a, batch_size=1
+    )
     # remove the pkls: the wav (which the pkls were computed from) is used instead
     for rec in split_records(root, "ms3", "test"):
         logmel_path(root, LAYOUTS["ms3"], rec).unlink()
-    extract_embeddings(root, "ms3", vggish, splits=["test"], num_frames=5, device="cpu", overwrite=False,
-                       out_dir=out_b, batch_size=3)
+    extract_embeddings(
+        root, "ms3", vggish, splits=["test"], num_frames=5, device="cpu", overwrite=False, out_dir=out_b, batch_size=3
+    )
     for rec in split_records(root, "ms3", "test"):
         a = np.load(embedding_path(root, LAYOUTS["ms3"], rec, out_a))
         b = np.load(embedding_path(root, LAYOUTS["ms3"], rec, out_b))

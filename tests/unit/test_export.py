@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from avs.inference.export import ExportError, ExportedSegmentor, example_inputs, export_torchscript, load_exported
+from avs.inference.export import ExportedSegmentor, ExportError, example_inputs, export_torchscript, load_exported
 from avs.models.build import build_model
 from avs.models.motion import CorrelationPyramidMotion
 from tests.conftest import compose_cfg, tiny_overrides

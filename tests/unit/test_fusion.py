@@ -333,7 +333,10 @@ def test_blocks_built_without_audio_have_no_audio_weights():
     tpavi = TPAVIFusion(8, audio_dim=None, align_audio=True)
     assert tpavi.align_channel is None
     names = {n for n, _ in tpavi.named_parameters()}
-    assert names == {n for n, _ in TPAVIFusion(8, audio_dim=16, align_audio=True).named_parameters()
-                     if not n.startswith("align_channel.")}
+    assert names == {
+        n
+        for n, _ in TPAVIFusion(8, audio_dim=16, align_audio=True).named_parameters()
+        if not n.startswith("align_channel.")
+    }
     z, a_fea = tpavi(x, None)  # the visual-visual path
     assert a_fea is None and z.shape == x.shape

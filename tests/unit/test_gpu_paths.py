@@ -19,10 +19,19 @@ cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (["data.audio_source=embedding"], r"data\.audio_source=embedding .*model\.audio_encoder is TinyAudioEncoder.*set audio=vggish"),
+        (
+            ["data.audio_source=embedding"],
+            r"data\.audio_source=embedding .*model\.audio_encoder is TinyAudioEncoder.*set audio=vggish",
+        ),
         (["experiment=quickstart", "data.audio_source=embedding"], r"data\.audio_source=embedding.*set audio=vggish"),
-        (["data.audio_source=embedding", "audio=vggish", "audio.trainable=true"], r"audio\.trainable=true.*set audio\.trainable=false"),
-        (["data.audio_source=embedding", "audio=vggish", "model.audio_dim=64"], r"model\.audio_dim=64: set model\.audio_dim=128"),
+        (
+            ["data.audio_source=embedding", "audio=vggish", "audio.trainable=true"],
+            r"audio\.trainable=true.*set audio\.trainable=false",
+        ),
+        (
+            ["data.audio_source=embedding", "audio=vggish", "model.audio_dim=64"],
+            r"model\.audio_dim=64: set model\.audio_dim=128",
+        ),
     ],
     ids=["tiny", "quickstart", "trainable_vggish", "audio_dim"],
 )
@@ -34,7 +43,9 @@ def test_cached_embeddings_refuse_an_encoder_that_would_not_run(overrides, messa
 
 def test_cached_embeddings_with_frozen_vggish_pass(tmp_path):
     check_config(compose_cfg("train", tiny_overrides(tmp_path) + ["data.audio_source=embedding", "audio=vggish"]))
-    check_config(compose_cfg("train", tiny_overrides(tmp_path) + ["data.audio_source=embedding", "model.use_audio=false"]))
+    check_config(
+        compose_cfg("train", tiny_overrides(tmp_path) + ["data.audio_source=embedding", "model.use_audio=false"])
+    )
 
 
 # ----------------------------------------------------------------------------- channels_last
@@ -44,7 +55,9 @@ MODELS = ("tpavi", "ecmvae", "avsbg", "ecmvae_bg")
 def _tiny_batch(cfg, batch_size: int = 2, seed: int = 0) -> dict:
     from avs.benchmark import make_batch
 
-    return make_batch(batch_size, int(cfg.data.num_frames), int(cfg.data.image_size), "logmel", torch.device("cpu"), seed=seed)
+    return make_batch(
+        batch_size, int(cfg.data.num_frames), int(cfg.data.image_size), "logmel", torch.device("cpu"), seed=seed
+    )
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -128,7 +141,11 @@ class FakeCudaRng:
         return [torch.full((16,), i, dtype=torch.uint8) for i in range(self.count)]
 
     def set_rng_state(self, new_state, device="cuda"):
-        idx = device if isinstance(device, int) else (torch.device(device).index if torch.device(device).index is not None else self.current)
+        idx = (
+            device
+            if isinstance(device, int)
+            else (torch.device(device).index if torch.device(device).index is not None else self.current)
+        )
         if idx >= self.count:
             raise IndexError(f"list index out of range (device {idx} of {self.count})")
         self.set[idx] = int(new_state[0])
@@ -182,13 +199,19 @@ def test_sync_batchnorm_conversion_keeps_frozen_batchnorm_frozen(freeze):
 
     from avs.models.backbones import VisualBackbone
 
-    net = nn.ModuleDict({"backbone": VisualBackbone("resnet50", freeze=freeze, drop_path_rate=0.0),
-                         "head": nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))})
+    net = nn.ModuleDict(
+        {
+            "backbone": VisualBackbone("resnet50", freeze=freeze, drop_path_rate=0.0),
+            "head": nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)),
+        }
+    )
     net = nn.SyncBatchNorm.convert_sync_batchnorm(net).train()
     body = net["backbone"].body
     sync = [m for m in body.modules() if isinstance(m, nn.SyncBatchNorm)]
     assert len(sync) == 53 and not any(isinstance(m, nn.BatchNorm2d) for m in body.modules())
-    frozen = sync if freeze == "bn" else [body.bn1] + [m for m in body.layer1.modules() if isinstance(m, nn.SyncBatchNorm)]
+    frozen = (
+        sync if freeze == "bn" else [body.bn1] + [m for m in body.layer1.modules() if isinstance(m, nn.SyncBatchNorm)]
+    )
     assert all(not m.training for m in frozen)
     assert all(not p.requires_grad for m in frozen for p in m.parameters())
     assert net["head"][1].training  # only the backbone's frozen parts stay in eval
@@ -198,7 +221,7 @@ def test_sync_batchnorm_conversion_keeps_frozen_batchnorm_frozen(freeze):
     assert all(not m.training for m in frozen)
 
 
-# ----------------------------------------------------------------------------- TPAVI factorised attention in fp16 / bf16
+# ------------------------------------------------------------------- TPAVI factorised attention in fp16 / bf16
 def _tpavi_attention(dtype, scale: float = 1.5, size: int = 56):
     """The factorised TPAVI attention output y (input of W_z) at stage-1 size N = 5*56*56 = 15,680:
     fp64 reference and under CPU autocast with `dtype` (None = fp32)."""
@@ -239,8 +262,10 @@ def test_traced_export_holds_no_device_constant(model, tmp_path):
     from avs.inference.export import example_inputs, export_torchscript, load_exported
     from avs.models.build import build_model
 
-    cfg = compose_cfg("train", tiny_overrides(tmp_path) + [f"model={model}", "model.channels=32", "model.audio_dim=32",
-                                                           "audio.embed_dim=32"])
+    cfg = compose_cfg(
+        "train",
+        tiny_overrides(tmp_path) + [f"model={model}", "model.channels=32", "model.audio_dim=32", "audio.embed_dim=32"],
+    )
     torch.manual_seed(0)
     net = build_model(cfg).eval()
     frames, audio = example_inputs(1, 3, (64, 64))
@@ -297,7 +322,9 @@ def test_motion_correlation_backward_runs_at_the_forward_precision():
     gq32, gk32 = torch.autograd.grad(m32, (q, k), g)
     ref32 = torch.bmm(q.transpose(1, 2), k).clamp(min=0).mean(-1)
     rq32, rk32 = torch.autograd.grad(ref32, (q, k), g)
-    assert m32.dtype == torch.float32 and torch.allclose(gq32, rq32, atol=1e-6) and torch.allclose(gk32, rk32, atol=1e-6)
+    assert (
+        m32.dtype == torch.float32 and torch.allclose(gq32, rq32, atol=1e-6) and torch.allclose(gk32, rk32, atol=1e-6)
+    )
 
 
 # ----------------------------------------------------------------------------- losses unchanged, no host sync
@@ -351,18 +378,25 @@ def test_losses_equal_the_boolean_mask_formulas_without_host_syncs(labelled):
     n = 6
     logits = 3 * torch.randn(n, 1, 32, 32, generator=g)
     masks = (torch.rand(n, 1, 32, 32, generator=g) > 0.6).float()
-    keep = {"all": torch.ones(n, dtype=torch.bool), "none": torch.zeros(n, dtype=torch.bool),
-            "first": torch.arange(n) % 3 == 0}[labelled]
+    keep = {
+        "all": torch.ones(n, dtype=torch.bool),
+        "none": torch.zeros(n, dtype=torch.bool),
+        "first": torch.arange(n) % 3 == 0,
+    }[labelled]
     vfeats = [torch.randn(n, 8, s, s, generator=g) for s in (8, 4)]
     afeats = [torch.randn(n, 8, generator=g) for _ in range(2)]
     pairs = [
         (lambda: L.bce_loss(logits, masks, keep), _old_bce(logits, masks, keep)),
         (lambda: L.structure_loss(logits, masks, keep), _old_structure(logits, masks, keep)),
-        (lambda: L.structure_loss(logits, masks, keep, legacy_mean_bce=True, smoothing=0.001),
-         _old_structure(logits, masks, keep, legacy_mean_bce=True, smoothing=0.001)),
+        (
+            lambda: L.structure_loss(logits, masks, keep, legacy_mean_bce=True, smoothing=0.001),
+            _old_structure(logits, masks, keep, legacy_mean_bce=True, smoothing=0.001),
+        ),
         (lambda: L.av_mapping_loss(logits, vfeats, afeats, valid=keep), _old_avm(logits, vfeats, afeats, keep)),
-        (lambda: L.av_mapping_loss(logits, vfeats, afeats, valid=keep, legacy_sum=True),
-         _old_avm(logits, vfeats, afeats, keep, legacy_sum=True)),
+        (
+            lambda: L.av_mapping_loss(logits, vfeats, afeats, valid=keep, legacy_sum=True),
+            _old_avm(logits, vfeats, afeats, keep, legacy_sum=True),
+        ),
     ]
     for new, old in pairs:
         with SyncCounter() as counter:
@@ -405,9 +439,21 @@ def test_trainer_step_makes_at_most_one_host_sync(model, synth_data_dir, tmp_pat
     from avs.engine.syncs import SyncCounter
     from avs.engine.trainer import Trainer
 
-    cfg = compose_cfg("train", tiny_overrides(synth_data_dir) + [
-        f"model={model}", "model.channels=32", "model.audio_dim=32", "audio.embed_dim=32", "trainer.max_steps=4",
-        "trainer.log_every_steps=100", "trainer.test_at_end=false", "data.num_workers=1", "trainer.val_every_epochs=100"])
+    cfg = compose_cfg(
+        "train",
+        tiny_overrides(synth_data_dir)
+        + [
+            f"model={model}",
+            "model.channels=32",
+            "model.audio_dim=32",
+            "audio.embed_dim=32",
+            "trainer.max_steps=4",
+            "trainer.log_every_steps=100",
+            "trainer.test_at_end=false",
+            "data.num_workers=1",
+            "trainer.val_every_epochs=100",
+        ],
+    )
     trainer = Trainer(cfg, tmp_path / "run")
     counter = SyncCounter()
     marks: list[int] = []
@@ -441,9 +487,20 @@ def test_compiled_training_is_not_recompiled_for_a_short_last_batch(synth_data_d
     from avs.engine.hooks import ValidationHook
     from avs.engine.trainer import Trainer
 
-    cfg = compose_cfg("train", tiny_overrides(synth_data_dir) + [
-        "model=tpavi", "model.channels=32", "data.batch_size=3", "trainer.max_steps=0", "trainer.epochs=2",
-        "trainer.compile=true", "trainer.compile_backend=eager", "trainer.test_at_end=false"])
+    cfg = compose_cfg(
+        "train",
+        tiny_overrides(synth_data_dir)
+        + [
+            "model=tpavi",
+            "model.channels=32",
+            "data.batch_size=3",
+            "trainer.max_steps=0",
+            "trainer.epochs=2",
+            "trainer.compile=true",
+            "trainer.compile_backend=eager",
+            "trainer.test_at_end=false",
+        ],
+    )
     monkeypatch.setattr(ValidationHook, "validate", lambda self: None)
     torch._dynamo.reset()
     counters.clear()
@@ -461,8 +518,10 @@ def test_benchmark_sync_counter_sees_at_most_two_syncs_per_step(model, tmp_path)
     from avs.engine.syncs import SyncCounter
     from avs.models.build import build_model
 
-    cfg = compose_cfg("train", tiny_overrides(tmp_path) + [f"model={model}", "model.channels=32", "model.audio_dim=32",
-                                                           "audio.embed_dim=32"])
+    cfg = compose_cfg(
+        "train",
+        tiny_overrides(tmp_path) + [f"model={model}", "model.channels=32", "model.audio_dim=32", "audio.embed_dim=32"],
+    )
     torch.manual_seed(0)
     net = build_model(cfg)
     batch = _tiny_batch(cfg)
@@ -482,8 +541,10 @@ def test_cuda_export_traced_on_the_gpu_runs_on_the_cpu(tmp_path):
     from avs.inference.export import example_inputs, export_torchscript, load_exported
     from avs.models.build import build_model
 
-    cfg = compose_cfg("train", tiny_overrides(tmp_path) + ["model=avsbg", "model.channels=32", "model.audio_dim=32",
-                                                           "audio.embed_dim=32"])
+    cfg = compose_cfg(
+        "train",
+        tiny_overrides(tmp_path) + ["model=avsbg", "model.channels=32", "model.audio_dim=32", "audio.embed_dim=32"],
+    )
     torch.manual_seed(0)
     net = build_model(cfg).eval().cuda()
     frames, audio = example_inputs(1, 3, (64, 64), device="cuda")
@@ -503,9 +564,19 @@ def test_cuda_amp_channels_last_training_step(model, tmp_path):
     from avs.engine.loop import TrainLoop
     from avs.engine.trainer import Trainer
 
-    cfg = compose_cfg("train", tiny_overrides(tmp_path) + [f"model={model}", "model.channels=32", "model.audio_dim=32",
-                                                           "audio.embed_dim=32", "trainer.device=cuda",
-                                                           "trainer.channels_last=true", "trainer.amp=auto"])
+    cfg = compose_cfg(
+        "train",
+        tiny_overrides(tmp_path)
+        + [
+            f"model={model}",
+            "model.channels=32",
+            "model.audio_dim=32",
+            "audio.embed_dim=32",
+            "trainer.device=cuda",
+            "trainer.channels_last=true",
+            "trainer.amp=auto",
+        ],
+    )
     trainer = Trainer(cfg, tmp_path / "run")
     assert trainer.amp_dtype in (torch.bfloat16, torch.float16)
     assert trainer.scaler.is_enabled() == (trainer.amp_dtype == torch.float16)
@@ -515,8 +586,14 @@ def test_cuda_amp_channels_last_training_step(model, tmp_path):
         terms = trainer.model(batch)
     loss = sum(terms.values())
     trainer.scaler.scale(loss).backward()
-    loop = SimpleNamespace(model=trainer.model, optimizer=trainer.optimizer, scaler=trainer.scaler, scheduler=None,
-                           dist=trainer.dist, state=trainer.state)
+    loop = SimpleNamespace(
+        model=trainer.model,
+        optimizer=trainer.optimizer,
+        scaler=trainer.scaler,
+        scheduler=None,
+        dist=trainer.dist,
+        state=trainer.state,
+    )
     assert TrainLoop.optimizer_step(loop, 0.0, ~torch.isfinite(loss.detach())) in ("ok", "amp_overflow")
 
 
@@ -538,16 +615,21 @@ def test_compiled_evaluation_pads_a_short_last_batch_instead_of_recompiling(synt
     from avs.engine.trainer import Trainer
     from avs.evaluation import pad_batch
 
-    over = tiny_overrides(synth_data_dir) + ["model=tpavi", "model.channels=32", "data.eval_batch_size=3",
-                                              "data.flip_prob=0"]
+    over = tiny_overrides(synth_data_dir) + [
+        "model=tpavi",
+        "model.channels=32",
+        "data.eval_batch_size=3",
+        "data.flip_prob=0",
+    ]
     torch.manual_seed(0)
     eager = Trainer(compose_cfg("train", over), tmp_path / "eager")
     expected = eager.evaluate("train")  # 4 clips: batches of 3 and 1
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
-    compiled = Trainer(compose_cfg("train", over + ["trainer.compile=true", "trainer.compile_backend=eager"]),
-                       tmp_path / "compiled")
+    compiled = Trainer(
+        compose_cfg("train", over + ["trainer.compile=true", "trainer.compile_backend=eager"]), tmp_path / "compiled"
+    )
     compiled._eval_net = compile_module(compiled.model, compiled.tcfg)
     got = compiled.evaluate("train")
     assert counters["stats"]["unique_graphs"] == 1

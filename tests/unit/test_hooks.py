@@ -45,8 +45,16 @@ def _checkpointer(run_dir, seed):
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     cfg = OmegaConf.create({"seed": 1, "trainer": {"lr": 1e-3}})
-    return Checkpointer(run_dir, cfg, model, opt, torch.amp.GradScaler("cpu", enabled=False), RunState(), DistInfo(),
-                        torch.device("cpu"))
+    return Checkpointer(
+        run_dir,
+        cfg,
+        model,
+        opt,
+        torch.amp.GradScaler("cpu", enabled=False),
+        RunState(),
+        DistInfo(),
+        torch.device("cpu"),
+    )
 
 
 def test_checkpoint_hook_writes_last_every_n_steps_and_at_epoch_end(tmp_path):
@@ -134,8 +142,18 @@ def test_validation_selects_the_best_val_value(tmp_path):
 
     saved = []
     loop = fake_loop(epochs=4, total_steps=100)
-    hook = attach(ValidationHook(evaluate_split, saved.append, TensorBoard(tmp_path, enabled=False), every=1,
-                                 split="val", protocol="legacy", metric="miou"), loop)
+    hook = attach(
+        ValidationHook(
+            evaluate_split,
+            saved.append,
+            TensorBoard(tmp_path, enabled=False),
+            every=1,
+            split="val",
+            protocol="legacy",
+            metric="miou",
+        ),
+        loop,
+    )
     for epoch in (1, 2, 3, 4):
         loop.state.epoch, loop.state.step = epoch, 10 * epoch
         hook.after_epoch()
@@ -147,9 +165,18 @@ def test_validation_selects_the_best_val_value(tmp_path):
 def test_validation_runs_every_n_epochs_and_after_the_last(tmp_path):
     calls = []
     loop = fake_loop(epochs=5, total_steps=100)
-    hook = attach(ValidationHook(lambda s, log_images=False: calls.append(loop.state.epoch) or {"p": {"m": 0.0}},
-                                 lambda name: None, TensorBoard(tmp_path, enabled=False), every=2,
-                                 split="val", protocol="p", metric="m"), loop)
+    hook = attach(
+        ValidationHook(
+            lambda s, log_images=False: calls.append(loop.state.epoch) or {"p": {"m": 0.0}},
+            lambda name: None,
+            TensorBoard(tmp_path, enabled=False),
+            every=2,
+            split="val",
+            protocol="p",
+            metric="m",
+        ),
+        loop,
+    )
     for epoch in range(1, 6):
         loop.state.epoch = epoch
         hook.after_epoch()
@@ -189,8 +216,14 @@ def _batches():
     for n in (3, 1):
         frames = torch.randn(n, 2, 3, 8, 8, generator=g)
         masks = (torch.rand(n, 2, 1, 8, 8, generator=g) > 0.5).float()
-        out.append({"frames": frames, "masks": masks, "index": torch.arange(index, index + n),
-                    "video_id": [f"v{i}" for i in range(index, index + n)]})
+        out.append(
+            {
+                "frames": frames,
+                "masks": masks,
+                "index": torch.arange(index, index + n),
+                "video_id": [f"v{i}" for i in range(index, index + n)],
+            }
+        )
         index += n
     return out
 

@@ -46,8 +46,14 @@ def test_parameter_count_matches_released_mm_vae_model():
     assert abs(total - 2.159e6) / 2.159e6 < 1e-3
     # released-model breakdown (M params, 3 decimals)
     parts = {name: _nparams(mod) / 1e6 for name, mod in m16.named_children()}
-    for name, ref in [("enc_vs", 0.637), ("enc_vs_y", 0.637), ("enc_as", 0.004), ("enc_vac", 0.279),
-                      ("enc_as_y", 0.279), ("enc_vac_y", 0.279)]:
+    for name, ref in [
+        ("enc_vs", 0.637),
+        ("enc_vs_y", 0.637),
+        ("enc_as", 0.004),
+        ("enc_vac", 0.279),
+        ("enc_as_y", 0.279),
+        ("enc_vac_y", 0.279),
+    ]:
         assert round(parts[name], 3) == ref, (name, parts[name])
     sc = sum(parts[k] for k in ("sc1_prior", "sc2_prior", "sc1_posterior", "sc2_posterior"))
     assert round(sc, 3) == 0.002
@@ -238,10 +244,12 @@ def test_kl_term_composition_per_divergence():
         if divergence == "kl":
             ref = spec + kl_normal(q["c"].mu, q["c"].logvar, p["c"].mu, p["c"].logvar).mean()
         elif divergence == "js":
-            ref = spec + js_divergence(
-                torch.stack([q["c"].mu, p["c"].mu]), torch.stack([q["c"].logvar, p["c"].logvar])
-            ).mean()
+            ref = (
+                spec
+                + js_divergence(torch.stack([q["c"].mu, p["c"].mu]), torch.stack([q["c"].logvar, p["c"].logvar])).mean()
+            )
         else:
+
             def joint(d, k):  # PoE of N(0,I), the specific and the shared expert
                 return poe(torch.stack([d[k].mu, d["c"].mu]), torch.stack([d[k].logvar, d["c"].logvar]))
 
@@ -254,9 +262,13 @@ def test_kl_term_composition_per_divergence():
         st = m.encode(frames, audio, masks)
         q, p = st.posterior, st.prior
         ref = sum(
-            moe_kl(torch.stack([q[k].mu, q["c"].mu]), torch.stack([q[k].logvar, q["c"].logvar]),
-                   torch.stack([p[k].mu, p["c"].mu]), torch.stack([p[k].logvar, p["c"].logvar]),
-                   num_samples=20_000).mean()
+            moe_kl(
+                torch.stack([q[k].mu, q["c"].mu]),
+                torch.stack([q[k].logvar, q["c"].logvar]),
+                torch.stack([p[k].mu, p["c"].mu]),
+                torch.stack([p[k].logvar, p["c"].logvar]),
+                num_samples=20_000,
+            ).mean()
             for k in ("s_v", "s_a")
         )
         est = torch.stack([m.losses(st, {})["kl"] for _ in range(200)]).mean()
@@ -362,8 +374,9 @@ def test_loss_weight_constants_and_hybrid_mapping():
 
 
 def test_gaussian_latent_encoder_grid_and_inputs():
-    enc = GaussianLatentEncoder(8, spatial_channels=1, widths=(4, 4, 4, 4, 4), image_size=100,
-                                spatial_embed=5, audio_dim=3)
+    enc = GaussianLatentEncoder(
+        8, spatial_channels=1, widths=(4, 4, 4, 4, 4), image_size=100, spatial_embed=5, audio_dim=3
+    )
     assert enc.grid == 3  # 100 -> 50 -> 25 -> 12 -> 6 -> 3
     g = enc(torch.randn(2, 1, 100, 100), torch.randn(2, 3))
     assert g.mu.shape == (2, 8) and g.logvar.shape == (2, 8)

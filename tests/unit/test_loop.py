@@ -41,7 +41,7 @@ class FakeData:
         return DS()
 
     def loader(self, split, sampler=None, batch_size=None):
-        return list(self.batches[sampler.start:])
+        return list(self.batches[sampler.start :])
 
     def end_pass(self, it, loader, failed):
         pass
@@ -77,11 +77,29 @@ def make_loop(n_batches=2, epochs=2, accum=1, nan_steps=(), lr=0.1):
     model = TinyNet()
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     steps = epochs * (n_batches // accum)
-    plan = Plan(batch_size=1, batches_per_epoch=n_batches, total_steps=steps, epochs=epochs, accum=accum,
-                nan_steps=frozenset(nan_steps))
+    plan = Plan(
+        batch_size=1,
+        batches_per_epoch=n_batches,
+        total_steps=steps,
+        epochs=epochs,
+        accum=accum,
+        nan_steps=frozenset(nan_steps),
+    )
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    return TrainLoop(model, model, opt, None, scaler, RunState(), FakeData(n_batches), FakeSampler(), plan,
-                     loss_weights={"a": 1.0}, device=torch.device("cpu"), dist=DistInfo())
+    return TrainLoop(
+        model,
+        model,
+        opt,
+        None,
+        scaler,
+        RunState(),
+        FakeData(n_batches),
+        FakeSampler(),
+        plan,
+        loss_weights={"a": 1.0},
+        device=torch.device("cpu"),
+        dist=DistInfo(),
+    )
 
 
 def test_hooks_are_called_in_order_around_epochs_and_steps():

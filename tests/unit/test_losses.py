@@ -95,9 +95,7 @@ def test_structure_loss_boundary_errors_cost_more():
     bce_i = F.binary_cross_entropy_with_logits(interior, mask)
     bce_b = F.binary_cross_entropy_with_logits(boundary, mask)
     torch.testing.assert_close(bce_i, bce_b)
-    assert structure_loss(boundary, mask, legacy_mean_bce=True) > structure_loss(
-        interior, mask, legacy_mean_bce=True
-    )
+    assert structure_loss(boundary, mask, legacy_mean_bce=True) > structure_loss(interior, mask, legacy_mean_bce=True)
 
 
 @pytest.mark.parametrize("legacy", [False, True])

@@ -11,8 +11,9 @@ from avs.errors import ConfigError
 
 def _train(fused: bool, steps: int = 5) -> list[torch.Tensor]:
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
-                                torch.nn.Conv2d(8, 1, 1))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Conv2d(8, 1, 1)
+    )
     model[1].weight.requires_grad_(False)  # frozen parameters are left out
     opt = build_optimizer(model.parameters(), {"lr": 1e-2, "weight_decay": 1e-4, "fused_optimizer": fused})
     assert opt.defaults["fused"] is (True if fused else None)
@@ -52,8 +53,16 @@ def _params() -> list[torch.nn.Parameter]:
 def test_adamw_is_a_config_choice_with_the_trainer_lr_and_weight_decay(tmp_path):
     from tests.conftest import compose_cfg
 
-    cfg = compose_cfg("train", ["optimizer=adamw", "trainer.lr=0.02", "trainer.weight_decay=0.1",
-                                "+trainer.optimizer.amsgrad=true", f"paths.data_dir={tmp_path}"])
+    cfg = compose_cfg(
+        "train",
+        [
+            "optimizer=adamw",
+            "trainer.lr=0.02",
+            "trainer.weight_decay=0.1",
+            "+trainer.optimizer.amsgrad=true",
+            f"paths.data_dir={tmp_path}",
+        ],
+    )
     opt = build_optimizer(_params(), cfg.trainer)
     assert type(opt) is torch.optim.AdamW
     assert opt.defaults["lr"] == 0.02 and opt.defaults["weight_decay"] == 0.1 and opt.defaults["amsgrad"] is True
@@ -75,10 +84,13 @@ def test_the_trainer_keys_fill_the_optimizer_and_the_node_may_not_set_them():
         build_optimizer(_params(), {"optimizer": rms, "lr": 0.1, "fused_optimizer": True})
 
 
-@pytest.mark.parametrize(("choice", "cls", "length_arg"), [
-    ("cosine", torch.optim.lr_scheduler.CosineAnnealingLR, "T_max"),
-    ("poly", torch.optim.lr_scheduler.PolynomialLR, "total_iters"),
-])
+@pytest.mark.parametrize(
+    ("choice", "cls", "length_arg"),
+    [
+        ("cosine", torch.optim.lr_scheduler.CosineAnnealingLR, "T_max"),
+        ("poly", torch.optim.lr_scheduler.PolynomialLR, "total_iters"),
+    ],
+)
 def test_scheduler_choice_gets_the_run_length_at_build_time(choice, cls, length_arg, tmp_path):
     from tests.conftest import compose_cfg
 

@@ -10,7 +10,7 @@ import soundfile as sf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from avs.data.audio import MIN_SAMPLES, logmel_clip, waveform_to_examples, wav_to_logmel
+from avs.data.audio import MIN_SAMPLES, logmel_clip, wav_to_logmel, waveform_to_examples
 
 RATES = [8000, 11025, 16000, 22050, 32000, 44100, 48000]
 DTYPES = ["int16", "int32", "float32", "float64"]
@@ -78,7 +78,12 @@ def test_too_short_input_raises_the_front_ends_error(rate, fraction, dtype):
         logmel_clip(x, rate, 5)
 
 
-@settings(max_examples=15, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=15,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(
     rate=st.sampled_from([8000, 16000, 22050, 44100, 48000]),
     channels=st.integers(1, 3),

@@ -27,8 +27,12 @@ from avs.data.layout import (
 )
 from tests.conftest import compose_cfg, tiny_overrides
 
-FUZZ = settings(max_examples=50, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=50,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 
 
 # ----------------------------------------------------------------------------- masks: any PNG mode
@@ -146,10 +150,14 @@ def test_fuzzed_files_only_raise_avs_data_error(fuzz_root, kind):
 
 
 @FUZZ
-@given(arr=hnp.arrays(
-    dtype=st.one_of(hnp.integer_dtypes(), hnp.unsigned_integer_dtypes(), hnp.floating_dtypes(), hnp.boolean_dtypes()),
-    shape=hnp.array_shapes(min_dims=0, max_dims=3, max_side=140),
-))
+@given(
+    arr=hnp.arrays(
+        dtype=st.one_of(
+            hnp.integer_dtypes(), hnp.unsigned_integer_dtypes(), hnp.floating_dtypes(), hnp.boolean_dtypes()
+        ),
+        shape=hnp.array_shapes(min_dims=0, max_dims=3, max_side=140),
+    )
+)
 def test_embedding_arrays_of_any_numeric_dtype_and_shape(fuzz_root, arr):
     ds = AVSBenchDataset(fuzz_root, "ms3", "val", num_frames=3, image_size=64, audio_source="embedding")
     path = embedding_path(fuzz_root, get_layout("ms3"), ds.records[0], None)

@@ -82,8 +82,10 @@ def test_closer_loss_kl_mean_and_legacy_sum():
     total = L.av_closer_loss(logits, [vmap], [audio], distance="kl", legacy_sum=True)
     assert mean.item() == pytest.approx(per_frame.mean().item(), rel=1e-6)
     assert total.item() == pytest.approx(per_frame.sum().item(), rel=1e-6)
-    via_model = _avm({"variant": "closer_kl", "stages": [0], "normalize": False, "legacy_sum": True},
-                     {"logits": logits, "fused": [vmap], "audio_feats": [audio]})
+    via_model = _avm(
+        {"variant": "closer_kl", "stages": [0], "normalize": False, "legacy_sum": True},
+        {"logits": logits, "fused": [vmap], "audio_feats": [audio]},
+    )
     assert via_model.item() == pytest.approx(per_frame.sum().item(), rel=1e-6)
     with pytest.raises(ValueError, match="at least 2 frames"):
         L.av_closer_loss(logits[:1], [vmap[:1]], [audio[:1]])
@@ -193,8 +195,13 @@ def test_sampled_js_surrogate_known_values():
 # ----------------------------------------------------------------------------- presets
 PAPER_FALSE = {
     "tpavi": ["model.avm_loss.legacy_sum", "model.avm_loss.legacy_relu_maps", "model.decoder.legacy_inplace_relu_skip"],
-    "ecmvae": ["model.seg_loss.legacy_mean_bce", "model.avm_loss.legacy_sum", "model.latent.legacy_sigma",
-               "model.latent.legacy_lld", "model.latent.legacy_test_sample"],
+    "ecmvae": [
+        "model.seg_loss.legacy_mean_bce",
+        "model.avm_loss.legacy_sum",
+        "model.latent.legacy_sigma",
+        "model.latent.legacy_lld",
+        "model.latent.legacy_test_sample",
+    ],
     "avsbg": ["model.seg_loss.legacy_mean_bce", "model.avm_loss.legacy_sum", "model.projector.legacy_raw_logits"],
 }
 
@@ -226,8 +233,13 @@ def test_release_preset_trains_one_step_per_method(synth_data_dir, tmp_path):
     from avs.engine.trainer import Trainer
 
     for model in ("tpavi", "ecmvae", "avsbg"):
-        extra = [f"model={model}", "model.preset=release", "model.channels=32" if model == "tpavi" else "seed=1",
-                 "trainer.max_steps=1", "trainer.test_at_end=false"]
+        extra = [
+            f"model={model}",
+            "model.preset=release",
+            "model.channels=32" if model == "tpavi" else "seed=1",
+            "trainer.max_steps=1",
+            "trainer.test_at_end=false",
+        ]
         cfg = compose_cfg("train", tiny_overrides(synth_data_dir) + extra)
         result = Trainer(cfg, tmp_path / model).fit()
         assert result["steps"] == 1
@@ -240,8 +252,9 @@ def test_legacy_lld_and_test_sample_reach_the_model(tmp_path):
     overrides = tiny_overrides(tmp_path) + ["model=ecmvae"]
     default = build_model(compose_cfg("train", overrides))
     assert default.latent.ba_prior.legacy_lld is False and default.latent.legacy_test_sample is False
-    flagged = build_model(compose_cfg("train", overrides + ["model.latent.legacy_lld=true",
-                                                            "model.latent.legacy_test_sample=true"]))
+    flagged = build_model(
+        compose_cfg("train", overrides + ["model.latent.legacy_lld=true", "model.latent.legacy_test_sample=true"])
+    )
     assert flagged.latent.ba_prior.legacy_lld and flagged.latent.ba_post.legacy_lld
     flagged.load_state_dict(default.state_dict())
     default.eval()

@@ -20,11 +20,10 @@ from omegaconf import OmegaConf
 from avs.config import PROJECT_ROOT
 from avs.config_checks import ConfigError, check_config, override_hints, suggest
 from avs.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from avs.evaluation.outputs import OutputPathError, check_output_path, save_pred_masks
 from avs.engine.sampler import ResumableSampler
 from avs.engine.signals import StopSignal
+from avs.evaluation.outputs import OutputPathError, check_output_path, save_pred_masks
 from tests.conftest import compose_cfg, tiny_overrides
-
 
 # ----------------------------------------------------------------------------- bad configs
 BAD_CONFIGS = [
@@ -32,13 +31,22 @@ BAD_CONFIGS = [
     (["model=avsbg", "data.num_frames=1"], r"model\.motion needs data\.num_frames >= 2"),
     (["eval.num_samples=3"], r"eval\.num_samples=3 .*model\.latent is null"),
     (["model=ecmvae", "model.use_audio=false"], r"model\.latent\.variant=factorised .*model\.use_audio=false"),
-    (["model=avsbg", "model.projector.legacy_raw_logits=true"], r"model\.projector\.legacy_raw_logits=true is an S4 option"),
-    (["model=avsbg", "data=synth_s4", "model.projector_mask=gt"], r"model\.projector_mask=gt needs all frames labelled"),
+    (
+        ["model=avsbg", "model.projector.legacy_raw_logits=true"],
+        r"model\.projector\.legacy_raw_logits=true is an S4 option",
+    ),
+    (
+        ["model=avsbg", "data=synth_s4", "model.projector_mask=gt"],
+        r"model\.projector_mask=gt needs all frames labelled",
+    ),
     (["trainer.select_split=test"], r"trainer\.select_split=test .*allow_test_selection"),
     (["~model.auto_weights.avm.ms3"], r"model\.loss_weights\.avm=auto needs model\.auto_weights\.avm\.ms3"),
     (["model.loss_weights.seg=nan"], r"model\.loss_weights\.seg=nan must be finite"),
     (["model.init_from=/nonexistent/best.ckpt"], r"model\.init_from=/nonexistent/best\.ckpt: file not found"),
-    (["trainer.resume=/nonexistent/run"], r"trainer\.resume=/nonexistent/run: neither a checkpoint file nor a run directory"),
+    (
+        ["trainer.resume=/nonexistent/run"],
+        r"trainer\.resume=/nonexistent/run: neither a checkpoint file nor a run directory",
+    ),
     (["trainer.grad_accum=0"], r"trainer\.grad_accum must be an integer >= 1"),
     (["trainer.max_consecutive_nonfinite=0"], r"trainer\.max_consecutive_nonfinite must be an integer >= 1"),
     (["trainer.debug_nan_steps=[0]"], r"trainer\.debug_nan_steps must be a list of step numbers >= 1"),
@@ -46,7 +54,10 @@ BAD_CONFIGS = [
     (["data.batch_size=0"], r"data\.batch_size must be an integer >= 1"),
     (["data.on_error=ignore"], r"data\.on_error must be 'raise' or 'skip'"),
     (["eval.protocol=iou"], r"eval\.protocol=iou must be one of eval\.protocols"),
-    (["experiment=avsbench_tpavi_pvt_ms3_from_s4"], r"config key model\.init_from must be set: it takes its value from s4_checkpoint"),
+    (
+        ["experiment=avsbench_tpavi_pvt_ms3_from_s4"],
+        r"config key model\.init_from must be set: it takes its value from s4_checkpoint",
+    ),
 ]
 
 
@@ -78,8 +89,17 @@ def test_valid_tiny_config_passes(tmp_path):
 
 # ----------------------------------------------------------------------------- override hints
 def test_override_hints_suggest_the_nearest_key_and_group_option():
-    hints = override_hints(["trainer.lrr=1", "data.batch_sise=3", "model=ecmvea", "seed=1,2", "+trainer.new_key=1",
-                            "trainer.lr=0.1", "data=synth_s4,synth_ms3"])
+    hints = override_hints(
+        [
+            "trainer.lrr=1",
+            "data.batch_sise=3",
+            "model=ecmvea",
+            "seed=1,2",
+            "+trainer.new_key=1",
+            "trainer.lr=0.1",
+            "data=synth_s4,synth_ms3",
+        ]
+    )
     assert len(hints) == 3, hints
     assert "'trainer.lrr'" in hints[1] and "did you mean 'trainer.lr'" in hints[1]
     assert "did you mean 'data.batch_size'" in hints[2]
@@ -98,8 +118,13 @@ def test_suggest_skips_ancestors():
 
 
 def test_train_script_prints_hint_for_unknown_key(tmp_path):
-    proc = subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "train.py"), "trainer.lrr=1"],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "scripts" / "train.py"), "trainer.lrr=1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 1
     assert "Key 'lrr' is not in struct" in proc.stderr
     assert "hint: unknown config key 'trainer.lrr'" in proc.stderr and "did you mean 'trainer.lr'" in proc.stderr
@@ -201,14 +226,27 @@ def test_no_eval_exec_shell_or_raw_pickle_in_the_code():
     for path in _sources():
         rel = path.relative_to(PROJECT_ROOT).as_posix()
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Attribute) and node.attr in ("Unpickler", "load", "loads") \
-                    and _dotted(node.value) in ("pickle", "cPickle", "dill") and rel != "avs/data/safe_pickle.py":
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr in ("Unpickler", "load", "loads")
+                and _dotted(node.value) in ("pickle", "cPickle", "dill")
+                and rel != "avs/data/safe_pickle.py"
+            ):
                 bad.append(f"{rel}:{node.lineno}: raw pickle {_dotted(node)}")
             if not isinstance(node, ast.Call):
                 continue
             name = _dotted(node.func)
             where = f"{rel}:{node.lineno}: {name}"
-            if name in ("eval", "exec", "compile", "os.system", "os.popen", "yaml.load", "yaml.unsafe_load", "marshal.loads"):
+            if name in (
+                "eval",
+                "exec",
+                "compile",
+                "os.system",
+                "os.popen",
+                "yaml.load",
+                "yaml.unsafe_load",
+                "marshal.loads",
+            ):
                 bad.append(where)
             if _kw(node, "shell") not in (None, False):
                 bad.append(where + " shell=True")

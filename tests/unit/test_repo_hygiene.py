@@ -4,6 +4,7 @@ repository, and scripts/setup_env.sh copes with whatever a checkout holds at the
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -136,3 +137,48 @@ def test_setup_env_recreates_its_own_broken_venv(tmp_path):
     os.symlink(tmp_path / "no-python", folder / "bin" / "python")
     out = _plan(folder)
     assert out.returncode == 0 and "plan: recreate" in out.stdout
+
+
+# Words that lead out of the repository: notes a reader of the repository does not have, issue numbers.
+OUTSIDE_REFERENCE = re.compile(r"research/|\w+_spec(\.md|\s*§)|landscape\.md|\b[Ii]ssues?\s*#?\d+|\bsee #\d+")
+TEXT_SUFFIXES = {".py", ".yaml", ".yml", ".md", ".sh", ".toml", ".txt", ".cfg", ".ini"}
+
+
+def outside_references(root: Path, files: list[str]) -> list[str]:
+    hits = []
+    for name in files:
+        path = root / name
+        if path.suffix not in TEXT_SUFFIXES or not path.is_file():
+            continue
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+            if OUTSIDE_REFERENCE.search(line):
+                hits.append(f"{name}:{number}: {line.strip()[:100]}")
+    return hits
+
+
+def test_code_and_docs_point_only_inside_the_repository():
+    root = _checkout_root()
+    files = _git("ls-files", cwd=root).stdout.splitlines()
+    files = [f for f in files if f != "tests/unit/test_repo_hygiene.py"]  # the pattern itself
+    assert outside_references(root, files) == []
+
+
+def test_outside_reference_check_catches_spec_pointers_and_issue_numbers(tmp_path):
+    (tmp_path / "a.py").write_text("x = 1  # see research/ecmvae_spec.md §9\n# as asked in issue #12\nok = 'job #1'\n")
+    (tmp_path / "b.yaml").write_text("lr: 1e-4   # ecmvae_spec §11.1\n")
+    assert [h.split(":")[:2] for h in outside_references(tmp_path, ["a.py", "b.yaml"])] == [
+        ["a.py", "1"],
+        ["a.py", "2"],
+        ["b.yaml", "1"],
+    ]
+
+
+def test_lint_and_format_are_clean():
+    """ruff (configured in pyproject.toml) finds nothing to report and nothing to reformat."""
+    ruff = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
+    if not Path(ruff).is_file():
+        pytest.skip("ruff is not installed (pip install -e '.[test]')")
+    root = _checkout_root()
+    for args in (["check", "."], ["format", "--check", "."]):
+        proc = subprocess.run([ruff, *args], cwd=root, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]

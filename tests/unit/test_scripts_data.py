@@ -17,7 +17,10 @@ REPO = Path(__file__).resolve().parents[2]
 def _run(script: str, *overrides: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(REPO / "scripts" / script), *overrides],
-        cwd=cwd, capture_output=True, text=True, timeout=300,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -43,8 +46,14 @@ def test_check_data_clean_and_broken(tmp_path):
 def test_extract_audio_script(tmp_path):
     root = make_avsbench_tree(tmp_path / "data", "ms3", {"val": 1, "test": 1}, size=32)
     out = tmp_path / "emb"
-    args = ["data=ms3", f"data.root={root}", f"data.embedding_dir={out}", "vggish.pretrained=false",
-            "splits=[val,test]", "device=cpu"]
+    args = [
+        "data=ms3",
+        f"data.root={root}",
+        f"data.embedding_dir={out}",
+        "vggish.pretrained=false",
+        "splits=[val,test]",
+        "device=cpu",
+    ]
     r = _run("extract_audio.py", *args, cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     for split in ("val", "test"):
@@ -68,7 +77,8 @@ def test_check_data_short_pkl_and_the_pad_short_audio_key(tmp_path):
     dump_logmel_pkl(pkl, np.zeros((3, 1, 96, 64), np.float32))
     bad = _run("check_data.py", f"data.root={root}", cwd=tmp_path)
     assert bad.returncode == 1
-    assert (f"{pkl}: audio shaped [3, 1, 96, 64] has 3 example(s), data.num_frames=5 needs 5; "
-            "set data.pad_short_audio=true") in bad.stdout
+    assert (
+        f"{pkl}: audio shaped [3, 1, 96, 64] has 3 example(s), data.num_frames=5 needs 5; set data.pad_short_audio=true"
+    ) in bad.stdout
     ok = _run("check_data.py", f"data.root={root}", "data.pad_short_audio=true", cwd=tmp_path)
     assert ok.returncode == 0, ok.stdout + ok.stderr

@@ -63,11 +63,15 @@ def test_ecmvae_variants_train_and_reach_every_latent_encoder(tmp_path, variant,
     model = _model(tmp_path, *extra)
     terms = _step(model, _batch(s4))
     assert {"seg_post", "seg_prior"} <= set(terms)
-    expected = {"factorised": {"kl", "diff", "sic"}, "no_factor": {"kl"}, "visual_only": {"kl"},
-                "ae": {"diff", "sic"}}[variant]
+    expected = {"factorised": {"kl", "diff", "sic"}, "no_factor": {"kl"}, "visual_only": {"kl"}, "ae": {"diff", "sic"}}[
+        variant
+    ]
     assert expected <= set(terms)
-    starved = [n for n, p in model.latent.named_parameters()
-               if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    starved = [
+        n
+        for n, p in model.latent.named_parameters()
+        if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)
+    ]
     assert not starved, f"no gradient reaches {starved[:6]}"
 
 
@@ -128,9 +132,12 @@ def test_combined_ecmvae_bg_trains_both_subsets(tmp_path):
 
 
 def test_tpavi_plus_bg_trains(tmp_path):
-    model = _model(tmp_path, "model=tpavi",
-                   "+model.projector={_target_: avs.models.projector.VisualToAudioProjector, _partial_: true}",
-                   "+model.loss_weights.consistency=1.0")
+    model = _model(
+        tmp_path,
+        "model=tpavi",
+        "+model.projector={_target_: avs.models.projector.VisualToAudioProjector, _partial_: true}",
+        "+model.loss_weights.consistency=1.0",
+    )
     terms = _step(model, _batch(False))
     assert "consistency" in terms
 

@@ -240,7 +240,10 @@ def test_ceiling_arithmetic_on_a_hand_made_clip(tmp_path: Path) -> None:
     b = np.zeros((S, S), dtype=bool)
     b[4:] = True  # 60 px
     meta = {
-        "video_id": "v0", "image_size": S, "num_frames": 1, "category": "cat_a",
+        "video_id": "v0",
+        "image_size": S,
+        "num_frames": 1,
+        "category": "cat_a",
         "objects": [
             {"category": "cat_a", "sounding": [True], "visible_rle": [sy.rle_encode(a)]},
             {"category": "cat_b", "sounding": [False], "visible_rle": [sy.rle_encode(b)]},
@@ -330,8 +333,15 @@ def test_data_configs_extend_the_avsbench_ones(subset: str, tmp_path: Path, monk
 
 
 def _data_cfg(root: Path, **syn) -> dict:
-    synthetic = {"name": "x", "seed": 0, "subset": "s4", "image_size": 32, "num_frames": 2,
-                 "clips": {"train": 1, "val": 1, "test": 1}, **syn}
+    synthetic = {
+        "name": "x",
+        "seed": 0,
+        "subset": "s4",
+        "image_size": 32,
+        "num_frames": 2,
+        "clips": {"train": 1, "val": 1, "test": 1},
+        **syn,
+    }
     return {"subset": "s4", "root": str(root), "image_size": 32, "num_frames": 2, "synthetic": synthetic}
 
 
@@ -370,8 +380,15 @@ def test_ensure_synthetic_refuses_foreign_dirs_and_bad_configs(tmp_path: Path) -
 
 def test_make_synthetic_script(tmp_path: Path) -> None:
     env = {**os.environ, "AVS_DATA_DIR": str(tmp_path)}
-    cmd = [sys.executable, str(PROJECT_ROOT / "scripts" / "make_synthetic.py"), "data=synth_s4", "data.image_size=32",
-           "data.num_frames=2", "data.synthetic.clips={train: 2, val: 1, test: 1}", "progress=false"]
+    cmd = [
+        sys.executable,
+        str(PROJECT_ROOT / "scripts" / "make_synthetic.py"),
+        "data=synth_s4",
+        "data.image_size=32",
+        "data.num_frames=2",
+        "data.synthetic.clips={train: 2, val: 1, test: 1}",
+        "progress=false",
+    ]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert out.returncode == 0, out.stderr
     root = tmp_path / "sounding_shapes" / "s4_2-1-1_32px_t2_s0"

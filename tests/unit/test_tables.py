@@ -145,8 +145,15 @@ def test_without_published_rows_the_varied_key_is_the_row(tmp_path):
 def test_covarying_keys_collapse_to_the_named_one(tmp_path):
     # a backbone swap changes name, weights path and drop path together: one row key, backbone.name
     for i, (name, dpr) in enumerate([("resnet50", 0.0), ("pvt_v2_b5", 0.1), ("pvt_v2_b5", 0.1)]):
-        cfg = _config("s4", i, "js", published=None, backbone__name=name, backbone__drop_path_rate=dpr,
-                      backbone__weights_path=f"/w/{name}.pth")
+        cfg = _config(
+            "s4",
+            i,
+            "js",
+            published=None,
+            backbone__name=name,
+            backbone__drop_path_rate=dpr,
+            backbone__weights_path=f"/w/{name}.pth",
+        )
         _write_run(tmp_path / f"r{i}", cfg, 0.7, 0.8)
     assert varied_keys(load_runs([tmp_path])) == ["backbone.name"]
 
@@ -207,16 +214,31 @@ def test_real_multirun_to_table_end_to_end(synth_data_dir, tmp_path):
 
     sweep_dir = tmp_path / "sweep"
     train = [
-        sys.executable, str(PROJECT_ROOT / "scripts" / "train.py"), "-m", "experiment=avsbench_tpavi_pvt",
-        "seed=1,2", f"hydra.sweep.dir={sweep_dir}", *tiny_overrides(synth_data_dir, "ms3"),
-        "model.channels=32", "trainer.max_steps=1",
+        sys.executable,
+        str(PROJECT_ROOT / "scripts" / "train.py"),
+        "-m",
+        "experiment=avsbench_tpavi_pvt",
+        "seed=1,2",
+        f"hydra.sweep.dir={sweep_dir}",
+        *tiny_overrides(synth_data_dir, "ms3"),
+        "model.channels=32",
+        "trainer.max_steps=1",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: one thread each, robust on a busy CPU
     proc = subprocess.run(train, capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(list(sweep_dir.glob("*/metrics.json"))) == 2
-    tables = [sys.executable, str(PROJECT_ROOT / "scripts" / "tables.py"), str(sweep_dir), "--name", "tpavi",
-              "--protocol", "avsbench_legacy", "--out", str(tmp_path / "tables")]
+    tables = [
+        sys.executable,
+        str(PROJECT_ROOT / "scripts" / "tables.py"),
+        str(sweep_dir),
+        "--name",
+        "tpavi",
+        "--protocol",
+        "avsbench_legacy",
+        "--out",
+        str(tmp_path / "tables"),
+    ]
     proc = subprocess.run(tables, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     md = (tmp_path / "tables" / "tpavi.md").read_text()
@@ -233,18 +255,31 @@ def test_real_multirun_to_table_end_to_end(synth_data_dir, tmp_path):
     rows = list(csv.DictReader(io.StringIO((tmp_path / "tables" / "tpavi.csv").read_text())))
     assert len(rows) == 1 and rows[0]["ms3_miou_n"] == "2"
     assert float(rows[0]["ms3_miou_mean"]) == pytest.approx(mean, abs=1e-3)
-    bad = subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "tables.py"), str(tmp_path / "nothing")],
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "scripts" / "tables.py"), str(tmp_path / "nothing")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "does not exist" in bad.stderr
 
 
 def test_published_rows_match_several_numeric_keys_and_synthetic_runs_hide_paper_numbers(tmp_path):
     published = {
-        "paper": "P", "table": "5", "row": "full", "protocol": "avsbench_legacy", "legacy_batch_size": 1,
-        "s4": {"miou": 81.7, "fscore": 90.1}, "ms3": None,
+        "paper": "P",
+        "table": "5",
+        "row": "full",
+        "protocol": "avsbench_legacy",
+        "legacy_batch_size": 1,
+        "s4": {"miou": 81.7, "fscore": 90.1},
+        "ms3": None,
         "rows": [
-            {"match": {"model.loss_weights.diff": 0.0, "model.loss_weights.sic": 0.01}, "row": "-L_diff",
-             "s4": None, "ms3": None},
+            {
+                "match": {"model.loss_weights.diff": 0.0, "model.loss_weights.sic": 0.01},
+                "row": "-L_diff",
+                "s4": None,
+                "ms3": None,
+            },
         ],
     }
     for i, diff in enumerate([0.001, 0.0]):

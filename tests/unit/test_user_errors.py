@@ -23,8 +23,14 @@ SCRIPTS = PROJECT_ROOT / "scripts"
 
 
 def _script(name: str, args: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPTS / name), *args], capture_output=True, text=True, timeout=300,
-                          cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    return subprocess.run(
+        [sys.executable, str(SCRIPTS / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
 
 
 def _plain(proc: subprocess.CompletedProcess) -> None:
@@ -37,7 +43,10 @@ def _plain(proc: subprocess.CompletedProcess) -> None:
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (["experiment=quickstart", "audio=vggish"], r"audio\.embed_dim, audio\.width: not parameters of avs\.models\.vggish\.VGGish"),
+        (
+            ["experiment=quickstart", "audio=vggish"],
+            r"audio\.embed_dim, audio\.width: not parameters of avs\.models\.vggish\.VGGish",
+        ),
         (["trainer.epochs=0", "trainer.max_steps=0"], r"trainer\.epochs must be >= 1"),
         (["trainer.lr=abc"], r"trainer\.lr: expected a number, got 'abc'"),
         (["trainer.weight_decay=abc"], r"trainer\.weight_decay: expected a number, got 'abc'"),
@@ -81,7 +90,7 @@ def test_checkpoint_with_tensor_bytes_changed_is_damaged(tmp_path):
     assert load_checkpoint(path)["step"] == 1
     raw = bytearray(path.read_bytes())
     mid = len(raw) // 2
-    raw[mid: mid + 4096] = bytes(4096)
+    raw[mid : mid + 4096] = bytes(4096)
     path.write_bytes(bytes(raw))
     with pytest.raises(CheckpointError, match=rf"checkpoint {path} is damaged"):
         load_checkpoint(path)
@@ -106,8 +115,11 @@ def test_non_finite_weights_are_refused(tmp_path):
 
 def test_a_directory_is_not_called_a_missing_checkpoint(tmp_path):
     (tmp_path / "checkpoints").mkdir()
-    with pytest.raises(CheckpointError, match=rf"{tmp_path} is a directory, expected a \.ckpt file "
-                                              rf"\(did you mean {tmp_path}/checkpoints/best\.ckpt\?\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"{tmp_path} is a directory, expected a \.ckpt file "
+        rf"\(did you mean {tmp_path}/checkpoints/best\.ckpt\?\)",
+    ):
         load_checkpoint(tmp_path)
 
 
@@ -115,8 +127,11 @@ def test_a_directory_is_not_called_a_missing_checkpoint(tmp_path):
 def test_every_script_reports_project_errors_through_the_shared_wrapper():
     for path in sorted(SCRIPTS.glob("*.py")):
         tree = ast.parse(path.read_text())
-        tasks = [f for f in tree.body if isinstance(f, ast.FunctionDef)
-                 and any("hydra.main" in ast.unparse(d) for d in f.decorator_list)]
+        tasks = [
+            f
+            for f in tree.body
+            if isinstance(f, ast.FunctionDef) and any("hydra.main" in ast.unparse(d) for d in f.decorator_list)
+        ]
         if tasks:
             names = [ast.unparse(d) for d in tasks[0].decorator_list]
             assert names[-1] == "plain_errors", f"{path.name}: @plain_errors must sit below @hydra.main"
@@ -125,8 +140,11 @@ def test_every_script_reports_project_errors_through_the_shared_wrapper():
 
 
 def test_train_with_a_missing_data_root_prints_one_plain_error(tmp_path):
-    proc = _script("train.py", ["data=ms3", f"data.root={tmp_path}/nope", "backbone=pvt_v2_b0", "audio=tiny",
-                                f"hydra.run.dir={tmp_path}/run"], tmp_path)
+    proc = _script(
+        "train.py",
+        ["data=ms3", f"data.root={tmp_path}/nope", "backbone=pvt_v2_b0", "audio=tiny", f"hydra.run.dir={tmp_path}/run"],
+        tmp_path,
+    )
     assert proc.returncode == 5
     _plain(proc)
     assert f"error: data.root={tmp_path}/nope: no such folder" in proc.stderr
@@ -151,8 +169,17 @@ def test_eval_prints_override_hints(tmp_path):
 
 def test_sweep_with_a_missing_weight_file_stops_before_the_first_job(tmp_path):
     data = tmp_path / "data"
-    proc = _script("train.py", ["-m", *tiny_overrides(data), "backbone=pvt_v2_b0,resnet50",
-                                f"backbone.weights_path={tmp_path}/none.pth", f"hydra.sweep.dir={tmp_path}/sweep"], tmp_path)
+    proc = _script(
+        "train.py",
+        [
+            "-m",
+            *tiny_overrides(data),
+            "backbone=pvt_v2_b0,resnet50",
+            f"backbone.weights_path={tmp_path}/none.pth",
+            f"hydra.sweep.dir={tmp_path}/sweep",
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 5
     _plain(proc)
     assert "sweep job #1 of 2 (" in proc.stderr and "backbone=resnet50" in proc.stderr
@@ -182,8 +209,12 @@ def test_resume_comparison_refuses_result_keys_and_tolerates_keys_added_since(tm
 def test_a_model_without_audio_needs_no_audio_weight_file(tmp_path):
     from avs.config_checks import MissingFileError, check_files
 
-    vggish = tiny_overrides(tmp_path) + ["audio=vggish", f"audio.weights_path={tmp_path}/vggish.pth",
-                                         "data.synthetic=null", f"data.root={tmp_path}"]
+    vggish = tiny_overrides(tmp_path) + [
+        "audio=vggish",
+        f"audio.weights_path={tmp_path}/vggish.pth",
+        "data.synthetic=null",
+        f"data.root={tmp_path}",
+    ]
     with pytest.raises(MissingFileError, match=r"audio\.weights_path=.*vggish\.pth: weight file not found"):
         check_files(compose_cfg("train", vggish))
     check_files(compose_cfg("train", vggish + ["model.use_audio=false"]))  # no audio encoder is built

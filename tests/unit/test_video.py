@@ -48,7 +48,7 @@ def write_video(path, frames: np.ndarray, fps: int, audio: np.ndarray | None = N
 def test_avsbench_plan_takes_the_frame_at_15_16_of_each_second():
     plan = plan_windows(125, 25.0, 5 * SAMPLE_RATE, num_frames=5)
     # AVSBench: int(l*fps + 15/16*fps) for l in 0..4 at 25 fps
-    assert [s.frame for s in plan.slots] == [int(l * 25 + 15 / 16 * 25) for l in range(5)] == [23, 48, 73, 98, 123]
+    assert [s.frame for s in plan.slots] == [int(k * 25 + 15 / 16 * 25) for k in range(5)] == [23, 48, 73, 98, 123]
     assert len(plan.windows) == 1
     w = plan.windows[0]
     assert w.frames == (23, 48, 73, 98, 123) and w.slots == (0, 1, 2, 3, 4)
@@ -142,8 +142,9 @@ def test_model_frame_normalises_and_resizes():
     rgb = np.full((10, 20, 3), 255, dtype=np.uint8)
     x = to_model_frame(rgb, (8, 8))
     assert x.shape == (3, 8, 8)
-    np.testing.assert_allclose(x[:, 0, 0].numpy(), [(1 - 0.485) / 0.229, (1 - 0.456) / 0.224, (1 - 0.406) / 0.225],
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        x[:, 0, 0].numpy(), [(1 - 0.485) / 0.229, (1 - 0.456) / 0.224, (1 - 0.406) / 0.225], rtol=1e-5
+    )
 
 
 def test_decoding_errors_name_the_file(tmp_path):
@@ -198,8 +199,12 @@ def test_mask_resize_heatmap_grid_and_scatter_shapes():
     assert big.shape == (8, 12) and big[0].all() and not big[-1].any()
     hm = heatmap(np.array([[0.0, 0.25]]), vmax=0.25)
     assert hm.shape == (1, 2, 3) and hm.dtype == np.uint8 and hm[0, 1].sum() > hm[0, 0].sum()
-    grid = image_grid([[np.zeros((10, 10, 3), np.uint8)] * 3, [np.ones((10, 10))] * 2],
-                      col_labels=["a", "b", "c"], row_labels=["x", "y"], pad=2)
+    grid = image_grid(
+        [[np.zeros((10, 10, 3), np.uint8)] * 3, [np.ones((10, 10))] * 2],
+        col_labels=["a", "b", "c"],
+        row_labels=["x", "y"],
+        pad=2,
+    )
     assert grid.ndim == 3 and grid.shape[0] == 18 + 2 * (10 + 2) and grid.shape[1] > 3 * 12
     plot = scatter_plot(np.random.default_rng(0).standard_normal((20, 2)), np.arange(20) % 3, ["c", "s_a", "s_v"])
     assert plot.shape == (480, 480, 3)
@@ -230,8 +235,11 @@ def test_short_audio_gets_silence_repeat_or_error_for_the_uncovered_seconds():
     assert not out[3 * SAMPLE_RATE :].any()  # zeros, not a repeat of the end
     out, gap = fit_audio_to_video(x, 5.0, "repeat", "a.wav", tolerance=0.04)
     assert gap == (3.0, 5.0) and out is x
-    with pytest.raises(VideoError, match=r"a.wav: the audio \(3.00 s\) is shorter than the video \(5.00 s\): "
-                                         r"seconds 3.00-5.00 have no sound; set short_audio=silence"):
+    with pytest.raises(
+        VideoError,
+        match=r"a.wav: the audio \(3.00 s\) is shorter than the video \(5.00 s\): "
+        r"seconds 3.00-5.00 have no sound; set short_audio=silence",
+    ):
         fit_audio_to_video(x, 5.0, "error", "a.wav")
     out, gap = fit_audio_to_video(x, 3.03, "error", "a.wav", tolerance=0.04)  # within one frame: covered
     assert gap is None and out is x
