@@ -10,7 +10,9 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from collections.abc import Iterable
+import sys
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -513,3 +515,16 @@ def override_hints(overrides: list[str], config_name: str = "train", config_dir:
         msg += f" To add a new key on purpose use '+{line}'."
         hints.append(msg)
     return hints
+
+
+@contextmanager
+def hints_on_rejection(user_args: list[str], config_name: str = "train") -> Iterator[None]:
+    """Around a Hydra main: when Hydra rejects the command line (exit code 1), print `hint:` lines for
+    the overrides it could not place (`override_hints`), then let the exit go on."""
+    try:
+        yield
+    except SystemExit as exc:
+        if exc.code == 1:  # Hydra's exit code for a rejected override (and for errors in the run)
+            for hint in override_hints([a for a in user_args if "=" in a], config_name=config_name):
+                print(f"hint: {hint}", file=sys.stderr)
+        raise

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import avs  # noqa: E402,F401
 from avs.config import CONFIG_DIR  # noqa: E402
+from avs.config_checks import hints_on_rejection  # noqa: E402
 from avs.engine import distributed as D  # noqa: E402
 from avs.errors import plain_errors  # noqa: E402
 from avs.evaluation.checkpoint import data_overrides, evaluate_checkpoint  # noqa: E402
@@ -47,14 +48,8 @@ def run() -> None:
     sys.argv[1:] = user_args
     sys.argv += D.hydra_overrides(user_args, CONFIG_DIR)
     try:
-        main()
-    except SystemExit as exc:
-        if exc.code == 1:  # Hydra's exit code for a rejected override
-            from avs.config_checks import override_hints
-
-            for hint in override_hints([a for a in user_args if "=" in a], config_name="eval"):
-                print(f"hint: {hint}", file=sys.stderr)
-        raise
+        with hints_on_rejection(user_args, config_name="eval"):
+            main()
     finally:
         D.cleanup()
 

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import avs  # noqa: E402,F401  (registers config resolvers)
 from avs.config import CONFIG_DIR  # noqa: E402
-from avs.config_checks import check_sweep, is_multirun  # noqa: E402
+from avs.config_checks import check_sweep, hints_on_rejection, is_multirun  # noqa: E402
 from avs.engine import distributed as D  # noqa: E402
 from avs.engine.rundir import precheck_run_dir  # noqa: E402
 from avs.engine.trainer import Trainer  # noqa: E402
@@ -71,14 +71,8 @@ def run() -> None:
             run_plain(lambda: check_sweep([a for a in user_args if "=" in a]))
         elif os.environ.get("RANK", "0") == "0":  # a run dir in use or holding a run: refused before Hydra writes to it
             run_plain(lambda: precheck_run_dir(user_args))
-        main()
-    except SystemExit as exc:
-        if exc.code == 1:  # Hydra's exit code for a rejected override (and for errors in the run)
-            from avs.config_checks import override_hints
-
-            for hint in override_hints([a for a in user_args if "=" in a]):
-                print(f"hint: {hint}", file=sys.stderr)
-        raise
+        with hints_on_rejection(user_args):
+            main()
     finally:
         D.cleanup()
 

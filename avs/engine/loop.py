@@ -14,7 +14,6 @@ skipped (never applied) when the loss or a gradient is not finite.
 from __future__ import annotations
 
 import logging
-import math
 import time
 import warnings
 from collections.abc import Callable
@@ -245,7 +244,8 @@ class TrainLoop:
         self.state.step += 1
         self.state.loss_log.add(loss)  # read in batches (logging steps, checkpoints): no sync per step
         if outcome != "ok":
-            self._record_nonfinite(outcome, window_ids, window.bad_terms(), float(loss.detach()))
+            scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
+            self.state.record_nonfinite(outcome, window_ids, window.bad_terms(), float(loss.detach()), self.dist, scale)
         self.last = StepOutcome(outcome, loss, terms)
         self.call("after_step")
 
@@ -281,33 +281,3 @@ class TrainLoop:
         elif outcome == "ok":
             self.state.consecutive_nonfinite = 0
         return outcome
-
-    def _record_nonfinite(self, kind: str, video_ids: list[str], terms: dict[str, float], loss_value: float) -> None:
-        s = self.state
-        ids = list(dict.fromkeys(video_ids))
-        if self.dist.enabled:  # the clips of every rank
-            ids = list(dict.fromkeys(v for part in D.gather_objects(ids) for v in part))
-        entry = {
-            "step": s.step,
-            "epoch": s.epoch,
-            "kind": kind,
-            "video_ids": ids,
-            "terms": {k: (v if math.isfinite(v) else str(v)) for k, v in terms.items()},
-        }
-        s.faults["nonfinite_steps"].append(entry)
-        if kind == "amp_overflow":
-            log.info(
-                "step %d: fp16 gradient overflow, update skipped by the GradScaler (scale now %.1f)",
-                s.step,
-                self.scaler.get_scale(),
-            )
-            return
-        what = f"loss {loss_value}" if kind == "loss" else "gradient"
-        log.warning(
-            "step %d: non-finite %s%s; optimizer update skipped (%d in a row). clips: %s",
-            s.step,
-            what,
-            f" (terms {entry['terms']})" if terms else "",
-            s.consecutive_nonfinite,
-            ", ".join(ids),
-        )

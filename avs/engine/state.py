@@ -6,11 +6,14 @@ run_report.json and metrics.json are written from it.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
 from avs.engine import distributed as D
 from avs.engine.syncs import LossLog
+
+log = logging.getLogger("avs.engine.loop")  # the step's warnings, under the loop's name
 
 
 def empty_faults() -> dict[str, Any]:
@@ -94,3 +97,42 @@ class RunState:
         self.consecutive_nonfinite = int(state.get("consecutive_nonfinite", 0))
         for table in self.faults.get("skipped_clips", {}).values():
             self.skipped += list(table)
+
+    def record_nonfinite(
+        self,
+        kind: str,
+        video_ids: list[str],
+        terms: dict[str, float],
+        loss_value: float,
+        dist: D.DistInfo,
+        amp_scale: float | None = None,
+    ) -> None:
+        """Record (faults.nonfinite_steps) and log a skipped update: its kind, clips (of every rank) and bad terms."""
+        s = self
+        ids = list(dict.fromkeys(video_ids))
+        if dist.enabled:  # the clips of every rank
+            ids = list(dict.fromkeys(v for part in D.gather_objects(ids) for v in part))
+        entry = {
+            "step": s.step,
+            "epoch": s.epoch,
+            "kind": kind,
+            "video_ids": ids,
+            "terms": {k: (v if math.isfinite(v) else str(v)) for k, v in terms.items()},
+        }
+        s.faults["nonfinite_steps"].append(entry)
+        if kind == "amp_overflow":
+            log.info(
+                "step %d: fp16 gradient overflow, update skipped by the GradScaler (scale now %.1f)",
+                s.step,
+                amp_scale,
+            )
+            return
+        what = f"loss {loss_value}" if kind == "loss" else "gradient"
+        log.warning(
+            "step %d: non-finite %s%s; optimizer update skipped (%d in a row). clips: %s",
+            s.step,
+            what,
+            f" (terms {entry['terms']})" if terms else "",
+            s.consecutive_nonfinite,
+            ", ".join(ids),
+        )

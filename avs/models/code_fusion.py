@@ -61,7 +61,31 @@ SHARED_DIVERGENCES: dict[str, Callable[..., Tensor]] = {
 }
 
 
-class LinearCodeFusion:
+class CodeFusion:
+    """A fusion strategy: `build` registers its weights (if any) on the latent; `fuse` -> (sc_v, sc_a) [N,L]
+    of one branch (prior | posterior) from its codes `z` (drawn by `draw`, or the means); `kl` -> the
+    latent's regulariser between the posterior `q` and prior `p` distributions."""
+
+    def build(self, latent: nn.Module, latent_dim: int) -> None:
+        """No weights by default."""
+
+    def fuse(
+        self,
+        latent,
+        dists: Dists,
+        z: dict[str, Tensor],
+        branch: str,
+        draw: Draw,
+        use_mean: bool,
+        generator: torch.Generator | None,
+    ) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def kl(self, latent, q: Dists, p: Dists) -> Tensor:
+        raise NotImplementedError
+
+
+class LinearCodeFusion(CodeFusion):
     """sc_v = f_v([s_v, c]), sc_a = f_a([s_a, c]) with one Linear(2L -> L) pair per branch (released)."""
 
     def __init__(self, shared: str = "js") -> None:
@@ -92,11 +116,8 @@ class LinearCodeFusion:
         return specific + self.shared(latent, q["c"], p["c"])
 
 
-class PoECodeFusion:
+class PoECodeFusion(CodeFusion):
     """sc ~ PoE(N(0,I), s, c): no weights; the fused posterior is pulled to the fused prior."""
-
-    def build(self, latent: nn.Module, latent_dim: int) -> None:
-        pass
 
     def fuse(
         self,
@@ -115,11 +136,8 @@ class PoECodeFusion:
         return kl_v + latent.kl(poe_joint(q["s_a"], q["c"]), poe_joint(p["s_a"], p["c"]))
 
 
-class MoECodeFusion:
+class MoECodeFusion(CodeFusion):
     """sc = s or c (a fair coin per item; the mean code averages them); sampled mixture KL."""
-
-    def build(self, latent: nn.Module, latent_dim: int) -> None:
-        pass
 
     def fuse(
         self,
@@ -151,7 +169,7 @@ class MoECodeFusion:
         return total
 
 
-def make_code_fusion(divergence: str) -> LinearCodeFusion | PoECodeFusion | MoECodeFusion:
+def make_code_fusion(divergence: str) -> CodeFusion:
     """The strategy for `model.latent.divergence` (kl | js | js_sampled: Linear; poe; moe)."""
     if divergence == "poe":
         return PoECodeFusion()

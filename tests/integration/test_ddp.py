@@ -204,7 +204,7 @@ def test_torchrun_script_shares_one_run_dir(synth_data_dir, tmp_path):
         (["model=avsbg"], False),
         (["model=ecmvae_bg"], False),
         (["model=avsbg", "model.use_audio=false"], False),
-        (["model=ecmvae", "model.use_audio=false"], False),
+        (["experiment=ecmvae_table2_cvae"], False),
     ],
 )
 def test_find_unused_parameters_default_matches_the_graph(tmp_path, overrides, unused):
