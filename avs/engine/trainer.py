@@ -265,6 +265,21 @@ class Trainer:
         loop.register(*self._hooks())
         return loop
 
+    def _user_hooks(self) -> list[H.HookBase]:
+        """`trainer.hooks`: `_target_` nodes of HookBase subclasses, run after the built-in step hooks and
+        before the final evaluation and the run records (docs/architecture.md, "Training loop and hooks")."""
+        from hydra.utils import instantiate
+
+        from avs.errors import ConfigError
+
+        hooks = []
+        for i, node in enumerate(self.tcfg.get("hooks") or []):
+            hook = instantiate(node)
+            if not isinstance(hook, H.HookBase):
+                raise ConfigError(f"trainer.hooks[{i}]: {type(hook).__name__} is not an avs.engine.hooks.HookBase")
+            hooks.append(hook)
+        return hooks
+
     def _hooks(self) -> list[H.HookBase]:
         tcfg, save = self.tcfg, self.save
         progress = bool(tcfg.get("progress", True)) and self.is_main
@@ -283,6 +298,7 @@ class Trainer:
             H.CheckpointHook(save, int(tcfg.get("checkpoint_every_steps", 0) or 0)),
             H.InterruptAfterHook(int(tcfg.get("interrupt_after_steps", 0) or 0)),
             H.SignalHook(),
+            *self._user_hooks(),
             H.FinalEvaluationHook(self.evaluate, self.ckpt_dir, bool(tcfg.get("test_at_end", True))),
             H.MetricsHook(self.cfg, self.run_dir, self.loss_weights),
             H.RunReportHook(self.run_dir),

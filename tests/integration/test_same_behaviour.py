@@ -74,6 +74,7 @@ TRANSLATE_VALUES: dict[tuple[str, str], tuple[str, Any]] = {
 # Dotted key prefixes that only the new configs have (they must not change any old value).
 ADDED_KEYS: tuple[str, ...] = (
     "trainer.optimizer",  # configs/optimizer/adam.yaml: torch.optim.Adam, as build_optimizer hard-coded
+    "trainer.hooks",  # extra hooks of the user's (none by default)
 )
 # Dotted keys whose values are not results (names of runs, free-text provenance) and may differ.
 NOT_RESULTS: tuple[str, ...] = (

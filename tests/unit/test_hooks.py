@@ -15,6 +15,7 @@ from avs.engine.checkpointer import CHECKPOINT_VERSION, Checkpointer
 from avs.engine.distributed import DistInfo
 from avs.engine.hooks import (
     CheckpointHook,
+    HookBase,
     InterruptAfterHook,
     NonFiniteGuard,
     RunReportHook,
@@ -248,3 +249,51 @@ def test_evaluate_equals_scoring_the_batches_by_hand():
 def test_pad_batch_repeats_the_last_clip():
     padded = pad_batch({"frames": torch.arange(2.0).view(2, 1), "video_id": ["a", "b"], "n": 7}, 4)
     assert padded["frames"].flatten().tolist() == [0.0, 1.0, 1.0, 1.0] and padded["video_id"] == ["a", "b", "b", "b"]
+
+
+class CountingHook(HookBase):
+    """A user hook for the trainer.hooks test: counts events, keeps the steps it saw."""
+
+    made: list[CountingHook] = []
+
+    def __init__(self, tag: str = "") -> None:
+        self.tag, self.steps, self.trained = tag, [], 0
+        CountingHook.made.append(self)
+
+    def after_step(self) -> None:
+        self.steps.append(self.loop.step)
+
+    def after_train(self) -> None:
+        self.trained += 1
+
+
+def test_user_hooks_come_from_the_config_and_see_every_step(synth_data_dir, tmp_path):
+    from avs.engine.trainer import Trainer
+    from tests.conftest import compose_cfg, tiny_overrides
+
+    hook = "{_target_: tests.unit.test_hooks.CountingHook, tag: mine}"
+    cfg = compose_cfg(
+        "train",
+        tiny_overrides(synth_data_dir)
+        + ["model.channels=32", "trainer.max_steps=3", "trainer.test_at_end=false", f"trainer.hooks=[{hook}]"],
+    )
+    trainer = Trainer(cfg, tmp_path / "run")
+    names = [type(h).__name__ for h in trainer._build_loop(StopSignal()).hooks]
+    assert names.index("SignalHook") < names.index("CountingHook") < names.index("FinalEvaluationHook")
+    CountingHook.made.clear()
+    Trainer(cfg, tmp_path / "run2").fit()
+    (mine,) = CountingHook.made
+    assert (mine.tag, mine.steps, mine.trained) == ("mine", [1, 2, 3], 1)
+
+
+def test_a_user_hook_that_is_not_a_hook_is_refused_by_name(synth_data_dir, tmp_path):
+    from avs.engine.trainer import Trainer
+    from avs.errors import ConfigError
+    from tests.conftest import compose_cfg, tiny_overrides
+
+    cfg = compose_cfg(
+        "train",
+        tiny_overrides(synth_data_dir) + ["model.channels=32", "trainer.hooks=[{_target_: collections.OrderedDict}]"],
+    )
+    with pytest.raises(ConfigError, match=r"trainer\.hooks\[0\]: OrderedDict is not an avs\.engine\.hooks\.HookBase"):
+        Trainer(cfg, tmp_path / "run")._user_hooks()
