@@ -45,6 +45,7 @@ def check_config(cfg: DictConfig) -> None:
     _check_data(data)
     _check_model(cfg, data, model)
     _check_trainer(trainer)
+    _check_latent_remedies(model, trainer)
     if cfg.get("eval") is not None:
         _check_eval(cfg.eval, model)
 
@@ -216,6 +217,44 @@ def _check_model(cfg: DictConfig, data: DictConfig, model: DictConfig) -> None:
     if init_from and not Path(str(init_from)).expanduser().is_file():
         raise ConfigError(
             f"model.init_from={init_from}: file not found (give an avs checkpoint, e.g. <S4 run>/checkpoints/best.ckpt)"
+        )
+
+
+def _check_latent_remedies(model: DictConfig, trainer: DictConfig) -> None:
+    """model.latent.free_bits, trainer.kl_warmup and trainer.record_latent_kl (docs/ecmvae_notes.md)."""
+    from avs.models.latent_parts import FREE_BITS_DIVERGENCES
+
+    latent = model.get("latent")
+    variant = str(latent.get("variant", "factorised")) if latent is not None else None
+    has_kl = latent is not None and variant != "ae"
+    free_bits = _number(latent.get("free_bits", 0.0) or 0.0, "model.latent.free_bits") if latent is not None else 0.0
+    if free_bits < 0:
+        raise ConfigError(f"model.latent.free_bits={free_bits} must be >= 0 (nats per dimension; 0 = off)")
+    if free_bits > 0 and not has_kl:
+        raise ConfigError(f"model.latent.free_bits={free_bits}: variant=ae has no KL term to floor; set it to 0")
+    divergence = str(latent.get("divergence", "js")) if latent is not None else None
+    if free_bits > 0 and variant == "factorised" and divergence not in FREE_BITS_DIVERGENCES:
+        raise ConfigError(
+            f"model.latent.free_bits={free_bits} floors a divergence per dimension, but divergence={divergence} "
+            f"is a sampled estimate that does not split over dimensions: use one of {list(FREE_BITS_DIVERGENCES)}"
+        )
+    warmup = trainer.get("kl_warmup") or {}
+    steps = _positive_int(warmup.get("steps", 0) or 0, "trainer.kl_warmup.steps", minimum=0)
+    cycle = _positive_int(warmup.get("cycle_steps", 0) or 0, "trainer.kl_warmup.cycle_steps", minimum=0)
+    start = _number(warmup.get("start", 0.0) or 0.0, "trainer.kl_warmup.start")
+    if not 0.0 <= start <= 1.0:
+        raise ConfigError(f"trainer.kl_warmup.start={start} must lie in [0, 1] (a fraction of the kl weight)")
+    if cycle and cycle < max(steps, 1):
+        raise ConfigError(f"trainer.kl_warmup.cycle_steps={cycle} must be 0 or >= trainer.kl_warmup.steps={steps}")
+    if steps and not has_kl:
+        raise ConfigError(
+            f"trainer.kl_warmup.steps={steps} ramps the kl loss weight, but model {model.get('name')!r} has no KL "
+            "term (no latent, or variant=ae): set trainer.kl_warmup.steps=0"
+        )
+    if bool(trainer.get("record_latent_kl", False)) and latent is None:
+        raise ConfigError(
+            f"trainer.record_latent_kl=true records the latent's per-dimension KL, but model {model.get('name')!r} "
+            "has no latent part: set it to false"
         )
 
 

@@ -1,6 +1,9 @@
 """Per-dimension KL(posterior || prior) of a latent model's codes on a split (posterior-collapse check).
 
 python scripts/latent_kl.py checkpoint=outputs/.../checkpoints/best.ckpt split=val
+
+Prints one line per code and then the record as JSON, in the shape of the lines a run writes to
+latent_kl.jsonl with trainer.record_latent_kl=true (avs.engine.diagnostics.latent_kl_record).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import avs  # noqa: E402,F401
 from avs.data import build_dataset  # noqa: E402
-from avs.engine.diagnostics import latent_kl_per_dimension  # noqa: E402
+from avs.engine.diagnostics import latent_kl_per_dimension, latent_kl_record  # noqa: E402
 from avs.errors import plain_errors  # noqa: E402
 from avs.evaluation.checkpoint import eval_data_config  # noqa: E402
 from avs.inference.model import load_model  # noqa: E402
@@ -33,10 +36,10 @@ def main(cfg: DictConfig) -> None:
     result = latent_kl_per_dimension(loaded.model, loader, loaded.device)
     if not result:
         raise SystemExit(f"{cfg.checkpoint}: model {loaded.method!r} has no latent part")
-    for key, values in result.items():
-        if key != "frames":
-            print(f"{key:>4}: " + " ".join(f"{v:.3f}" for v in values) + f"   (sum {sum(values):.3f} nats)")
-    print(json.dumps(result))
+    record = latent_kl_record(result, checkpoint=str(cfg.checkpoint), split=str(cfg.split))
+    for key, values in record["kl"].items():
+        print(f"{key:>4}: " + " ".join(f"{v:.3f}" for v in values) + f"   (sum {record['total'][key]:.3f} nats)")
+    print(json.dumps(record))
 
 
 if __name__ == "__main__":

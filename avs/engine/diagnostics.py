@@ -1,13 +1,23 @@
-"""Model diagnostics: per-dimension KL of the latent codes (posterior-collapse check)."""
+"""Model diagnostics: per-dimension KL of the latent codes (posterior-collapse check).
+
+`latent_kl_per_dimension` measures one split; `LatentKLHook` (avs.engine.hooks, `trainer.record_latent_kl`)
+appends one `latent_kl_record` per validation to `<run dir>/latent_kl.jsonl` with `append_latent_kl`.
+"""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
 from avs.models.segmentor import AVSegmentor
+from avs.utils.io import atomic_write_text
+
+LATENT_KL_FILE = "latent_kl.jsonl"
 
 
 def gaussian_kl_per_dim(
@@ -19,12 +29,14 @@ def gaussian_kl_per_dim(
 
 @torch.no_grad()
 def latent_kl_per_dimension(
-    model: AVSegmentor, loader: DataLoader, device: torch.device | str = "cpu"
+    model: AVSegmentor, loader: DataLoader | Iterable[dict[str, Any]], device: torch.device | str = "cpu"
 ) -> dict[str, Any]:
     """Mean over a split's frames of KL(posterior || prior) for each latent dimension of each code.
 
     A dimension whose KL stays near 0 carries no information from the ground truth (collapsed).
-    Returns {code: [L floats]} plus "frames"; empty for models without a latent part.
+    Returns {code: [L floats]} plus "frames"; empty for models without a latent part. The KL is the
+    one between the distributions the codes are drawn from (log-variance scale, whatever
+    `legacy_sigma` makes the training term see), without free bits.
     """
     if model.latent is None:
         return {}
@@ -49,3 +61,19 @@ def latent_kl_per_dimension(
     out: dict[str, Any] = {k: (v / max(frames, 1)).tolist() for k, v in sums.items()}
     out["frames"] = frames
     return out
+
+
+def latent_kl_record(result: dict[str, Any], **meta: Any) -> dict[str, Any]:
+    """One line of latent_kl.jsonl: `meta` (epoch, step, split), frames, per-dimension KL and per-code sums."""
+    kl = {k: v for k, v in result.items() if k != "frames"}
+    return {**meta, "frames": result.get("frames", 0), "kl": kl, "total": {k: float(sum(v)) for k, v in kl.items()}}
+
+
+def append_latent_kl(run_dir: str | Path, record: dict[str, Any]) -> Path:
+    """Append `record` to <run_dir>/latent_kl.jsonl (rewritten atomically; an earlier line of the same step,
+    left by a run resumed at an epoch end, is replaced)."""
+    path = Path(run_dir) / LATENT_KL_FILE
+    lines = path.read_text().splitlines() if path.is_file() else []
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step") != record.get("step")]
+    atomic_write_text(path, "\n".join([*kept, json.dumps(record)]) + "\n")
+    return path

@@ -2,9 +2,10 @@
 
 Registered in this order (a hook's events run in registration order): `LoggingHook` (progress bar,
 TensorBoard), `NonFiniteGuard`, `ValidationHook` (val + best selection), `CheckpointHook`,
-`InterruptAfterHook`, `SignalHook` (SIGTERM / SIGINT), `FinalEvaluationHook` (best weights, test at
-the end), `MetricsHook` (metrics.json), `RunReportHook` (run_report.json). Fault handling is
-described in docs/reliability.md.
+`InterruptAfterHook`, `SignalHook` (SIGTERM / SIGINT), when configured `KLWarmupHook` (the `kl` weight's
+ramp) and `LatentKLHook` (per-dimension KL after each validation), the user's `trainer.hooks`,
+`FinalEvaluationHook` (best weights, test at the end), `MetricsHook` (metrics.json), `RunReportHook`
+(run_report.json). Fault handling is described in docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -293,3 +294,103 @@ class RunReportHook(HookBase):
                 self.write("failed", f"{type(exc).__name__}: {exc}")
             except OSError:
                 pass
+
+
+class KLWarmupHook(HookBase):
+    """KL warm-up (`trainer.kl_warmup`): before each optimizer step, the `term` loss weight is its configured
+    value times a factor rising linearly from `start` to 1 over `steps` optimizer steps.
+
+    With `cycle_steps` > 0 the ramp restarts every `cycle_steps` steps and the factor holds 1 for the
+    rest of each cycle (cyclical annealing, Fu et al. 2019). The factor depends on the step count
+    only, so a resumed run continues the schedule. The hook works on its own copy of the loop's
+    weights: metrics.json keeps the configured ones. The current weight goes to TensorBoard as
+    `train/weight/<term>` every `log_every` steps (and at step 1).
+    """
+
+    def __init__(
+        self,
+        steps: int,
+        start: float = 0.0,
+        cycle_steps: int = 0,
+        term: str = "kl",
+        tb: TensorBoard | None = None,
+        log_every: int = 0,
+    ) -> None:
+        if steps < 1:
+            raise ValueError(f"trainer.kl_warmup.steps must be >= 1 for the warm-up hook, got {steps}")
+        if not 0.0 <= start <= 1.0:
+            raise ValueError(f"trainer.kl_warmup.start must lie in [0, 1], got {start}")
+        if cycle_steps and cycle_steps < steps:
+            raise ValueError(f"trainer.kl_warmup.cycle_steps={cycle_steps} must be 0 or >= steps={steps}")
+        self.steps, self.start, self.cycle_steps, self.term = int(steps), float(start), int(cycle_steps), term
+        self.tb, self.log_every = tb, int(log_every)
+        self.target = 0.0
+
+    def factor(self, done: int) -> float:
+        """The weight factor of the step that follows `done` completed optimizer steps."""
+        if self.cycle_steps:
+            done %= self.cycle_steps
+        if done >= self.steps:
+            return 1.0
+        return self.start + (1.0 - self.start) * done / self.steps
+
+    def before_train(self) -> None:
+        self.loop.loss_weights = dict(self.loop.loss_weights)
+        self.target = float(self.loop.loss_weights.get(self.term, 0.0))
+        log.info(
+            "KL warm-up: loss weight %s ramps from %g to %g over %d steps%s",
+            self.term,
+            self.start * self.target,
+            self.target,
+            self.steps,
+            f", restarting every {self.cycle_steps} steps" if self.cycle_steps else "",
+        )
+
+    def before_step(self) -> None:
+        self.loop.loss_weights[self.term] = self.target * self.factor(self.loop.state.step)
+
+    def after_step(self) -> None:
+        step = self.loop.state.step
+        if self.tb is not None and self.log_every and (step % self.log_every == 0 or step == 1):
+            self.tb.scalars("train", {f"weight/{self.term}": self.loop.loss_weights[self.term]}, step)
+
+
+class LatentKLHook(HookBase):
+    """`trainer.record_latent_kl`: after each validation (a new entry in the run's history), the per-dimension
+    KL(posterior || prior) of every latent code on `split` is appended to <run_dir>/latent_kl.jsonl.
+
+    Rank 0 measures, over the split's loader (under DDP: rank 0's shard); see
+    avs.engine.diagnostics.latent_kl_per_dimension. The model's train/eval mode is restored.
+    """
+
+    def __init__(self, run_dir: str | Path, split: str = "val") -> None:
+        self.run_dir, self.split = Path(run_dir), split
+        self._recorded_step: int | None = None
+
+    def after_epoch(self) -> None:
+        loop, s = self.loop, self.loop.state
+        if not loop.dist.is_main or not s.history or self._recorded_step == s.step:
+            return
+        last = s.history[-1]
+        if last.get("epoch") != s.epoch or last.get("step") != s.step:
+            return  # no validation at this epoch end
+        self._recorded_step = s.step
+        self.record()
+
+    def record(self) -> Path:
+        from avs.engine.diagnostics import append_latent_kl, latent_kl_per_dimension, latent_kl_record
+
+        loop, s = self.loop, self.loop.state
+        model = loop.model
+        was_training = model.training
+        loader = loop.data.loader(self.split)
+        it = iter(loader)
+        failed = True
+        try:
+            result = latent_kl_per_dimension(model, it, loop.device)
+            failed = False
+        finally:
+            loop.data.end_pass(it, loader, failed)
+            model.train(was_training)
+        record = latent_kl_record(result, epoch=s.epoch, step=s.step, split=self.split)
+        return append_latent_kl(self.run_dir, record)

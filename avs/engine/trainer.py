@@ -280,6 +280,24 @@ class Trainer:
             hooks.append(hook)
         return hooks
 
+    def _latent_hooks(self) -> list[H.HookBase]:
+        """`trainer.kl_warmup` (steps > 0) and `trainer.record_latent_kl`: off by default."""
+        tcfg, hooks = self.tcfg, []
+        warmup = tcfg.get("kl_warmup") or {}
+        if int(warmup.get("steps", 0) or 0) > 0:
+            hooks.append(
+                H.KLWarmupHook(
+                    int(warmup.steps),
+                    float(warmup.get("start", 0.0)),
+                    int(warmup.get("cycle_steps", 0) or 0),
+                    tb=self.tb,
+                    log_every=int(tcfg.get("log_every_steps", 10)),
+                )
+            )
+        if bool(tcfg.get("record_latent_kl", False)):
+            hooks.append(H.LatentKLHook(self.run_dir, split=str(tcfg.get("select_split", "val"))))
+        return hooks
+
     def _hooks(self) -> list[H.HookBase]:
         tcfg, save = self.tcfg, self.save
         progress = bool(tcfg.get("progress", True)) and self.is_main
@@ -298,6 +316,7 @@ class Trainer:
             H.CheckpointHook(save, int(tcfg.get("checkpoint_every_steps", 0) or 0)),
             H.InterruptAfterHook(int(tcfg.get("interrupt_after_steps", 0) or 0)),
             H.SignalHook(),
+            *self._latent_hooks(),
             *self._user_hooks(),
             H.FinalEvaluationHook(self.evaluate, self.ckpt_dir, bool(tcfg.get("test_at_end", True))),
             H.MetricsHook(self.cfg, self.run_dir, self.loss_weights),

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from avs.models.divergences import js_divergence, moe_kl, poe, sampled_js_surrogate
-from avs.models.latent_parts import Gaussian
+from avs.models.latent_parts import Gaussian, free_bits_sum
 
 Dists = dict[str, Gaussian]
 Draw = Callable[[Gaussian], Tensor]
@@ -45,8 +45,16 @@ def _shared_kl(latent, q: Gaussian, p: Gaussian) -> Tensor:
 
 
 def _shared_js(latent, q: Gaussian, p: Gaussian) -> Tensor:
-    """Closed-form mmJSD JS between the shared posterior and prior (batch mean)."""
-    return js_divergence(torch.stack([q.mu, p.mu]), torch.stack([q.logvar, p.logvar])).mean()
+    """Closed-form mmJSD JS between the shared posterior and prior (batch mean).
+
+    With the latent's `free_bits` > 0: floored per dimension like the KL terms (the geometric JS of
+    diagonal Gaussians is a sum of per-dimension terms, each computed as a 1-wide distribution).
+    """
+    mus, logvars = torch.stack([q.mu, p.mu]), torch.stack([q.logvar, p.logvar])  # [2,N,L]
+    if not latent.free_bits:
+        return js_divergence(mus, logvars).mean()
+    per_dim = js_divergence(mus.reshape(2, -1, 1), logvars.reshape(2, -1, 1)).view_as(q.mu)  # [N*L] -> [N,L]
+    return free_bits_sum(per_dim, latent.free_bits)
 
 
 def _shared_js_sampled(latent, q: Gaussian, p: Gaussian) -> Tensor:

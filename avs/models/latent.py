@@ -25,6 +25,7 @@ from avs.models.code_fusion import DIVERGENCES, make_code_fusion
 from avs.models.divergences import kl_logvar, kl_normal, reparameterize
 from avs.models.latent_parts import (
     BRANCHES,
+    FREE_BITS_DIVERGENCES,
     PAPER_LOSS_WEIGHTS,
     RELEASED_LOSS_WEIGHTS,
     SPATIAL_EMBED,
@@ -33,6 +34,7 @@ from avs.models.latent_parts import (
     GaussianLatentEncoder,
     LatentState,
     diff_loss,
+    free_bits_sum,
     hybrid_loss_weights,
 )
 
@@ -81,9 +83,16 @@ class Latent(nn.Module):
         legacy_sigma: bool = False,
         legacy_lld: bool = False,
         legacy_test_sample: bool = False,
+        free_bits: float = 0.0,
     ) -> None:
         super().__init__()
         _check_sizes(channels=channels, audio_dim=audio_dim, latent_dim=latent_dim, mi_dim=mi_dim)
+        if free_bits < 0:
+            raise ValueError(f"model.latent.free_bits must be >= 0 (nats per dimension), got {free_bits}")
+        if free_bits > 0 and not self.has_kl:
+            raise ValueError(f"model.latent.free_bits={free_bits}: variant {self.variant!r} has no KL term to floor")
+        # nats per dimension below which a code's divergence is not penalised (0 = off)
+        self.free_bits = float(free_bits)
         self.channels = channels
         self.audio_dim = audio_dim
         self.latent_dim = latent_dim
@@ -249,9 +258,16 @@ class Latent(nn.Module):
 
     # ------------------------------------------------------------------ losses
     def kl(self, q: Gaussian, p: Gaussian) -> Tensor:
-        """Batch-mean closed-form KL(q || p) (legacy_sigma: the released exp(logvar) scale)."""
+        """Batch-mean closed-form KL(q || p) (legacy_sigma: the released exp(logvar) scale).
+
+        With `free_bits` > 0: sum_d max(free_bits, batch-mean KL_d) instead (see `free_bits_sum`).
+        """
         ls = self.legacy_sigma
-        return kl_normal(q.mu, kl_logvar(q.logvar, ls), p.mu, kl_logvar(p.logvar, ls)).mean()
+        args = (q.mu, kl_logvar(q.logvar, ls), p.mu, kl_logvar(p.logvar, ls))
+        if not self.free_bits:
+            return kl_normal(*args).mean()
+        per_dim = kl_normal(*(a.unsqueeze(-1) for a in args))  # a trailing axis of 1: the sum keeps [N,L]
+        return free_bits_sum(per_dim, self.free_bits)
 
     def kl_term(self, q: dict[str, Gaussian], p: dict[str, Gaussian]) -> Tensor:
         """The "kl" term from posterior q and prior p distributions (scalar, batch-mean)."""
@@ -349,6 +365,11 @@ class FactorisedLatent(_AudioVisualLatent):
     def __init__(self, *args, divergence: str = "js", **kwargs) -> None:
         if divergence not in DIVERGENCES:
             raise ValueError(f"model.latent.divergence must be one of {DIVERGENCES}, got {divergence!r}")
+        if kwargs.get("free_bits", 0.0) > 0 and divergence not in FREE_BITS_DIVERGENCES:
+            raise ValueError(
+                f"model.latent.free_bits needs a per-dimension divergence {FREE_BITS_DIVERGENCES}; "
+                f"divergence={divergence!r} is a sampled estimate that does not split over dimensions"
+            )
         self.divergence = divergence
         self.code_fusion = make_code_fusion(divergence)
         super().__init__(*args, **kwargs)

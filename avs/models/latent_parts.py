@@ -22,6 +22,8 @@ __all__ = [
     "GaussianLatentEncoder",
     "BarberAgakovMI",
     "diff_loss",
+    "free_bits_sum",
+    "FREE_BITS_DIVERGENCES",
 ]
 
 # Loss weights of the paper (Eq. 6 beta on the KL term, Eq. 8 hybrid, Eq. 13 lambda_1 / lambda_2;
@@ -80,6 +82,24 @@ class LatentState:
     prior: dict[str, Gaussian]
     posterior: dict[str, Gaussian] | None = None
     draws: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+
+
+# Divergences whose regulariser is a sum of closed-form per-dimension terms, so free bits can floor each
+# dimension: the Linear fusion's KL on every code (kl) or KL on s_v, s_a + geometric JS on c (js), and the
+# KL between the PoE-fused Gaussians (poe). js_sampled and moe are one-sample estimates of quantities
+# that do not split over dimensions (density values; a mixture of diagonal Gaussians is not diagonal).
+FREE_BITS_DIVERGENCES = ("kl", "js", "poe")
+
+
+def free_bits_sum(per_dim: Tensor, free_bits: float) -> Tensor:
+    """Free bits per dimension (Kingma et al. 2016): [N,L] divergences -> scalar sum_d max(free_bits, mean_n).
+
+    The batch mean of each dimension is floored at `free_bits` nats, so a dimension below the floor
+    gets no gradient from the regulariser: each dimension may carry that much information at no cost.
+    """
+    if per_dim.dim() != 2:
+        raise ValueError(f"free_bits_sum: need per-dimension values [N,L], got {tuple(per_dim.shape)}")
+    return per_dim.mean(0).clamp(min=free_bits).sum()
 
 
 def _down_size(size: int, num_layers: int = _NUM_DOWN) -> int:

@@ -75,6 +75,9 @@ TRANSLATE_VALUES: dict[tuple[str, str], tuple[str, Any]] = {
 ADDED_KEYS: tuple[str, ...] = (
     "trainer.optimizer",  # configs/optimizer/adam.yaml: torch.optim.Adam, as build_optimizer hard-coded
     "trainer.hooks",  # extra hooks of the user's (none by default)
+    "model.latent.free_bits",  # free bits per KL dimension; 0 = off (the plain KL of before)
+    "trainer.kl_warmup",  # ramp of the kl weight; steps 0 = off (the hook is not registered)
+    "trainer.record_latent_kl",  # per-dimension KL after each validation; false = off
 )
 # Dotted keys whose values are not results (names of runs, free-text provenance) and may differ.
 NOT_RESULTS: tuple[str, ...] = (
