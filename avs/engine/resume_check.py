@@ -58,6 +58,7 @@ FREE_KEYS: tuple[str, ...] = (
     "trainer.cudnn_benchmark",
     "trainer.channels_last",
     "trainer.find_unused_parameters",
+    "trainer.record_latent_kl",  # a measurement on val; training is unchanged
 )
 # Result keys that may change on resume without being listed: the schedule is rebuilt for the new length.
 SCHEDULE_LENGTH_KEYS: tuple[str, ...] = ("trainer.epochs", "trainer.max_steps")
