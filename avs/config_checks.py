@@ -488,14 +488,61 @@ def suggest(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:
     return best[:n]
 
 
+def _group_option_hints(root: Path, key: str, values: list[str]) -> list[str]:
+    """One hint per value that names no config file of group `key`, with the nearest options (an old per-subset
+    experiment name gets its merged overlay plus data=<subset>)."""
+    options = sorted(p.stem for p in (root / key).glob("*.yaml"))
+    hints = []
+    for v in values:
+        if v in options or v == "null":
+            continue
+        near = suggest(v, options)
+        stem, _, subset = v.rpartition("_")
+        if key == "experiment" and subset in ("s4", "ms3") and stem in options:  # the merged s4/ms3 overlays
+            near = [f"{stem} data={subset}"]
+        hints.append(
+            f"'{key}={v}': no config {key}/{v}.yaml"
+            + (f"; did you mean {' or '.join(f'{key}={s}' for s in near)}?" if near else "")
+            + f" (options: {', '.join(options)})"
+        )
+    return hints
+
+
+def _known_keys(root: Path, config_name: str, groups: list[str]) -> list[str] | None:
+    """Every key of `config_name` composed with the group choices `groups`; None when it does not compose."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(root.resolve()), version_base="1.3"):
+            cfg = compose(config_name, overrides=groups)
+    except Exception:
+        return None
+    finally:
+        GlobalHydra.instance().clear()
+    return config_keys(cfg)
+
+
+def _unknown_key_hint(key: str, line: str, known: list[str]) -> str | None:
+    """The hint for override `line` setting `key`: where a moved key went, or the nearest known keys."""
+    if key in known:
+        return None
+    msg = f"unknown config key '{key}' (in '{line}')"
+    if key in MOVED_KEYS:
+        return f"{msg}: {MOVED_KEYS[key]}"
+    near = suggest(key, known)
+    if near:
+        msg += f"; did you mean {' or '.join(repr(s) for s in near)}?"
+    return msg + f" To add a new key on purpose use '+{line}'."
+
+
 def override_hints(overrides: list[str], config_name: str = "train", config_dir: str | Path | None = None) -> list[str]:
     """Explain each command-line override that names an unknown key or group option, with suggestions.
 
     Returns one message per bad override (empty when every override is valid or the list does not
     parse). Keys added with `+`/`++`, deletions and `hydra.*` overrides are not checked.
     """
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from avs.config import CONFIG_DIR
@@ -514,46 +561,16 @@ def override_hints(overrides: list[str], config_name: str = "train", config_dir:
             continue
         values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
         if (root / key).is_dir():
-            options = sorted(p.stem for p in (root / key).glob("*.yaml"))
-            bad = [v for v in values if v not in options and v != "null"]
-            for v in bad:
-                near = suggest(v, options)
-                stem, _, subset = v.rpartition("_")
-                if key == "experiment" and subset in ("s4", "ms3") and stem in options:  # the merged s4/ms3 overlays
-                    near = [f"{stem} data={subset}"]
-                hints.append(
-                    f"'{key}={v}': no config {key}/{v}.yaml"
-                    + (f"; did you mean {' or '.join(f'{key}={s}' for s in near)}?" if near else "")
-                    + f" (options: {', '.join(options)})"
-                )
+            bad = _group_option_hints(root, key, values)
+            hints += bad
             if not bad:
                 groups.append(f"{key}={values[0]}")
         else:
             keys.append((key, o.input_line or key))
-    if not keys:
+    known = _known_keys(root, config_name, groups) if keys else None
+    if known is None:
         return hints
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(root.resolve()), version_base="1.3"):
-            cfg = compose(config_name, overrides=groups)
-    except Exception:
-        return hints
-    finally:
-        GlobalHydra.instance().clear()
-    known = config_keys(cfg)
-    for key, line in keys:
-        if key in known:
-            continue
-        near = suggest(key, known)
-        msg = f"unknown config key '{key}' (in '{line}')"
-        if key in MOVED_KEYS:
-            hints.append(f"{msg}: {MOVED_KEYS[key]}")
-            continue
-        if near:
-            msg += f"; did you mean {' or '.join(repr(s) for s in near)}?"
-        msg += f" To add a new key on purpose use '+{line}'."
-        hints.append(msg)
-    return hints
+    return hints + [h for key, line in keys if (h := _unknown_key_hint(key, line, known)) is not None]
 
 
 @contextmanager

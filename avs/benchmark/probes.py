@@ -102,6 +102,32 @@ def graph_breaks(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict
     return {"graphs": ex.graph_count, "breaks": ex.graph_break_count, "reasons": reasons}
 
 
+def _write_random_embeddings(ds, num_frames: int, rng: np.random.Generator) -> None:
+    """A random [T,128] audio embedding (.npy) for every clip of `ds`, where the embedding source reads them."""
+    from avs.data.layout import embedding_path
+
+    for rec in ds.records:
+        path = embedding_path(ds.root, ds.layout, rec, None)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, rng.standard_normal((num_frames, 128)).astype(np.float32))
+
+
+def _clips_per_second(ds, repeats: int) -> dict[str, float]:
+    """Median seconds of one in-process pass over `ds` (batch size 1) and the clips/s it gives."""
+    from torch.utils.data import DataLoader
+
+    from avs.data.avsbench import collate_skip_none
+
+    loader = DataLoader(ds, batch_size=1, shuffle=False, num_workers=0, collate_fn=collate_skip_none)
+
+    def run() -> None:
+        for _ in loader:
+            pass
+
+    sec = median_time(run, repeats=repeats, warmup=1)
+    return {"seconds": sec, "clips_per_s": len(ds) / sec}
+
+
 def data_loader_throughput(
     cfg: DictConfig,
     num_clips: int,
@@ -110,10 +136,7 @@ def data_loader_throughput(
     root: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Clips/s of AVSBenchDataset (num_workers=0, in-process) for each audio source on generated data."""
-    from torch.utils.data import DataLoader
-
-    from avs.data.avsbench import AVSBenchDataset, collate_skip_none
-    from avs.data.layout import embedding_path
+    from avs.data.avsbench import AVSBenchDataset
     from avs.data.synthetic import SyntheticConfig, generate
 
     size, T = int(cfg.image_size), int(cfg.num_frames)
@@ -134,37 +157,17 @@ def data_loader_throughput(
             "generation_s": gen_s,
             "note": "in-process loading (num_workers=0): clips/s of one worker",
         }
+
+        def dataset(audio_source: str) -> AVSBenchDataset:
+            return AVSBenchDataset(
+                root=data_root, subset=subset, split="train", num_frames=T, image_size=size, audio_source=audio_source
+            )
+
         rng = np.random.default_rng(0)
         for source in sources:
-            ds = AVSBenchDataset(
-                root=data_root,
-                subset=subset,
-                split="train",
-                num_frames=T,
-                image_size=size,
-                audio_source="logmel" if source == "embedding" else source,
-            )
-            if source == "embedding":
-                for rec in ds.records:
-                    path = embedding_path(ds.root, ds.layout, rec, None)
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    np.save(path, rng.standard_normal((T, 128)).astype(np.float32))
-                ds = AVSBenchDataset(
-                    root=data_root,
-                    subset=subset,
-                    split="train",
-                    num_frames=T,
-                    image_size=size,
-                    audio_source="embedding",
-                )
-            loader = DataLoader(ds, batch_size=1, shuffle=False, num_workers=0, collate_fn=collate_skip_none)
-
-            def run(loader=loader):
-                for _ in loader:
-                    pass
-
-            sec = median_time(run, repeats=repeats, warmup=1)
-            results[source] = {"seconds": sec, "clips_per_s": len(ds) / sec}
+            if source == "embedding":  # the embeddings are written next to the clips the log-mel dataset finds
+                _write_random_embeddings(dataset("logmel"), T, rng)
+            results[source] = _clips_per_second(dataset(source), repeats)
         return results
     finally:
         if tmp:

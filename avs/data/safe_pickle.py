@@ -56,21 +56,9 @@ class SafeUnpickler(pickle.Unpickler):
 
     # -- allow-list -----------------------------------------------------------------------------
     def _build_allow_list(self) -> dict[tuple[str, str], Any]:
-        source = self._source
-        import torch._tensor as torch_tensor
         import torch._utils as tu
 
-        def load_from_bytes(data: bytes) -> Any:
-            # Replaces torch.storage._load_from_bytes, which calls torch.load(weights_only=False).
-            if not isinstance(data, (bytes, bytearray)):
-                raise UnsafePickleError(f"{source}: _load_from_bytes expects bytes, got {type(data).__name__}")
-            try:
-                return torch.load(io.BytesIO(bytes(data)), map_location="cpu", weights_only=True)
-            except pickle.UnpicklingError as exc:
-                raise UnsafePickleError(
-                    f"{source}: embedded torch storage refused by torch.load(weights_only=True): {exc}"
-                ) from exc
-
+        source = self._source
         rebuilders = {
             "_rebuild_tensor": _checked_rebuild(tu._rebuild_tensor, source, dtype_at=None),
             "_rebuild_tensor_v2": _checked_rebuild(tu._rebuild_tensor_v2, source, dtype_at=None),
@@ -78,44 +66,19 @@ class SafeUnpickler(pickle.Unpickler):
         }
         if hasattr(tu, "_rebuild_tensor_v3"):  # (storage, offset, size, stride, requires_grad, hooks, dtype, ...)
             rebuilders["_rebuild_tensor_v3"] = _checked_rebuild(tu._rebuild_tensor_v3, source, dtype_at=6)
-        rebuild_funcs = set(rebuilders.values())
-        tensor_types = (torch.Tensor, torch.nn.Parameter)
-
-        def rebuild_from_type_v2(func: Callable, new_type: type, args: tuple, state: Any) -> Any:
-            # torch._tensor._rebuild_from_type_v2, restricted to plain tensor rebuilds.
-            if func not in rebuild_funcs or new_type not in tensor_types:
-                raise UnsafePickleError(
-                    f"{source}: _rebuild_from_type_v2 with {getattr(func, '__name__', func)!r} / {new_type!r} refused"
-                )
-            return torch_tensor._rebuild_from_type_v2(func, new_type, args, state)
-
-        multiarray = _numpy_multiarray()
         allowed: dict[tuple[str, str], Any] = {
-            ("torch.storage", "_load_from_bytes"): load_from_bytes,
-            ("torch._tensor", "_rebuild_from_type_v2"): rebuild_from_type_v2,
+            ("torch.storage", "_load_from_bytes"): _safe_load_from_bytes(source),
+            ("torch._tensor", "_rebuild_from_type_v2"): _plain_rebuild_from_type_v2(set(rebuilders.values()), source),
             ("torch", "Tensor"): torch.Tensor,
             ("torch.nn.parameter", "Parameter"): torch.nn.Parameter,
             ("collections", "OrderedDict"): collections.OrderedDict,
-            ("numpy", "ndarray"): np.ndarray,
-            ("numpy", "dtype"): np.dtype,
         }
         for name, fn in rebuilders.items():
             allowed[("torch._utils", name)] = fn
-        for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
-            allowed[(mod, "_reconstruct")] = multiarray._reconstruct
-        frombuffer = _checked_frombuffer(source)
-        for mod in ("numpy.core.numeric", "numpy._core.numeric"):  # protocol 5 arrays
-            allowed[(mod, "_frombuffer")] = frombuffer
-        allowed[("_codecs", "encode")] = _latin1_encoder(source)  # protocol 2 bytes
         for dt in ("float16", "bfloat16", "float32", "float64"):
             allowed[("torch", dt)] = getattr(torch, dt)
-        # dtype classes NumPy >= 1.25 pickles as numpy.dtypes.Float32DType etc.
-        dtypes = getattr(np, "dtypes", None)
-        if dtypes is not None:
-            for cls in ("Float16DType", "Float32DType", "Float64DType"):
-                if hasattr(dtypes, cls):
-                    allowed[("numpy.dtypes", cls)] = getattr(dtypes, cls)
-        return allowed
+        allowed[("_codecs", "encode")] = _latin1_encoder(source)  # protocol 2 bytes
+        return allowed | _numpy_allow_list(source)
 
     def find_class(self, module: str, name: str) -> Any:
         """Return an allow-listed global; refuse everything else without importing it."""
@@ -131,6 +94,56 @@ class SafeUnpickler(pickle.Unpickler):
         raise UnsafePickleError(f"{self._source}: persistent ids are not allowed in a log-mel pickle")
 
 
+def _safe_load_from_bytes(source: str) -> Callable:
+    """Replaces torch.storage._load_from_bytes, which calls torch.load(weights_only=False)."""
+
+    def load_from_bytes(data: bytes) -> Any:
+        if not isinstance(data, (bytes, bytearray)):
+            raise UnsafePickleError(f"{source}: _load_from_bytes expects bytes, got {type(data).__name__}")
+        try:
+            return torch.load(io.BytesIO(bytes(data)), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise UnsafePickleError(
+                f"{source}: embedded torch storage refused by torch.load(weights_only=True): {exc}"
+            ) from exc
+
+    return load_from_bytes
+
+
+def _plain_rebuild_from_type_v2(rebuild_funcs: set[Callable], source: str) -> Callable:
+    """torch._tensor._rebuild_from_type_v2, restricted to the (checked) tensor rebuilders as plain tensors."""
+    import torch._tensor as torch_tensor
+
+    tensor_types = (torch.Tensor, torch.nn.Parameter)
+
+    def rebuild_from_type_v2(func: Callable, new_type: type, args: tuple, state: Any) -> Any:
+        if func not in rebuild_funcs or new_type not in tensor_types:
+            raise UnsafePickleError(
+                f"{source}: _rebuild_from_type_v2 with {getattr(func, '__name__', func)!r} / {new_type!r} refused"
+            )
+        return torch_tensor._rebuild_from_type_v2(func, new_type, args, state)
+
+    return rebuild_from_type_v2
+
+
+def _numpy_allow_list(source: str) -> dict[tuple[str, str], Any]:
+    """The NumPy globals a pickled float array needs, under both the NumPy 1.x and 2.x module names."""
+    multiarray = _numpy_multiarray()
+    allowed: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed[(mod, "_reconstruct")] = multiarray._reconstruct
+    frombuffer = _checked_frombuffer(source)
+    for mod in ("numpy.core.numeric", "numpy._core.numeric"):  # protocol 5 arrays
+        allowed[(mod, "_frombuffer")] = frombuffer
+    # dtype classes NumPy >= 1.25 pickles as numpy.dtypes.Float32DType etc.
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        for cls in ("Float16DType", "Float32DType", "Float64DType"):
+            if hasattr(dtypes, cls):
+                allowed[("numpy.dtypes", cls)] = getattr(dtypes, cls)
+    return allowed
+
+
 def _storage_elements(storage: Any, dtype: torch.dtype | None, source: str) -> int:
     """Number of elements a pickled tensor's storage holds."""
     if isinstance(storage, torch.storage.TypedStorage):
@@ -140,23 +153,29 @@ def _storage_elements(storage: Any, dtype: torch.dtype | None, source: str) -> i
     raise AVSDataError(f"{source}: malformed tensor: its storage is a {type(storage).__name__}, not a torch storage")
 
 
-def check_tensor_fits_storage(source: str, storage: Any, offset: Any, size: Any, stride: Any,
-                              dtype: torch.dtype | None = None) -> None:
+def check_tensor_fits_storage(
+    source: str, storage: Any, offset: Any, size: Any, stride: Any, dtype: torch.dtype | None = None
+) -> None:
     """Raise AVSDataError naming `source` unless size / stride / offset address only elements of `storage`."""
 
     def ints(value: Any) -> bool:
         return isinstance(value, (tuple, list, torch.Size)) and all(
-            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+        )
 
     if not (isinstance(offset, int) and offset >= 0 and ints(size) and ints(stride) and len(size) == len(stride)):
-        raise AVSDataError(f"{source}: malformed tensor: size {size!r}, stride {stride!r}, offset {offset!r} "
-                           "(expected equal-length tuples of non-negative ints and an offset >= 0)")
+        raise AVSDataError(
+            f"{source}: malformed tensor: size {size!r}, stride {stride!r}, offset {offset!r} "
+            "(expected equal-length tuples of non-negative ints and an offset >= 0)"
+        )
     have = _storage_elements(storage, dtype, source)
     # elements addressed: offset + sum((size_i - 1) * stride_i) + 1; none when any size is 0
     need = 0 if 0 in size else offset + sum((n - 1) * st for n, st in zip(size, stride)) + 1
     if need > have:
-        raise AVSDataError(f"{source}: malformed tensor: size {list(size)} with stride {list(stride)} and offset "
-                           f"{offset} needs {need} values but its storage holds {have}")
+        raise AVSDataError(
+            f"{source}: malformed tensor: size {list(size)} with stride {list(stride)} and offset "
+            f"{offset} needs {need} values but its storage holds {have}"
+        )
 
 
 def _checked_rebuild(fn: Callable, source: str, dtype_at: int | None) -> Callable:
@@ -187,8 +206,10 @@ def _checked_frombuffer(source: str) -> Callable:
             raise AVSDataError(f"{source}: malformed array: order {order!r}")
         need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         if need != len(bytes(buf)):
-            raise AVSDataError(f"{source}: malformed array: shape {list(shape)} of {dtype} needs {need} bytes, "
-                               f"the buffer holds {len(bytes(buf))}")
+            raise AVSDataError(
+                f"{source}: malformed array: shape {list(shape)} of {dtype} needs {need} bytes, "
+                f"the buffer holds {len(bytes(buf))}"
+            )
         array = np.frombuffer(bytes(buf), dtype=dtype).copy()  # writable, owns its memory
         if order == "K" and axis_order is not None:
             if sorted(axis_order) != list(range(len(shape))):

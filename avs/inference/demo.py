@@ -91,6 +91,57 @@ class _SlotAccumulator:
             self.on_done(key, entry[0] / n, None if entry[1] is None else entry[1] / n)
 
 
+class _WindowRunner:
+    """Runs batches of windows through the model and frees each decoded frame once no pending window needs it."""
+
+    def __init__(
+        self, loaded: LoadedModel, plan: WindowPlan, samples16k: np.ndarray, on_slot, windows, progress: bool
+    ) -> None:
+        self.loaded, self.plan, self.samples16k = loaded, plan, samples16k
+        self.need = Counter(f for w in windows for f in w.frames)
+        self.frames: dict[int, torch.Tensor] = {}
+        self.acc = _SlotAccumulator(plan, on_slot)
+        self.bar = tqdm(total=len(windows), desc="windows", disable=not progress, dynamic_ncols=True)
+
+    def keep(self, idx: int, rgb: np.ndarray) -> None:
+        """Hold decoded frame `idx` (at model size) when some window reads it."""
+        if self.need.get(idx, 0) > 0:
+            self.frames[idx] = to_model_frame(rgb, self.loaded.image_size)
+
+    def repeat_last(self, windows: list[Window], rgb: np.ndarray) -> None:
+        """Give every frame of `windows` that was never decoded the last decoded frame `rgb`."""
+        last_frame = to_model_frame(rgb, self.loaded.image_size)
+        for w in windows:
+            for f in w.frames:
+                self.frames.setdefault(f, last_frame)
+
+    def _forward(self, batch: list[Window]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Probabilities [B,T,H,W] and variances [B,T,H,W] (or None) of a batch of windows."""
+        loaded = self.loaded
+        x = torch.stack([torch.stack([self.frames[f] for f in w.frames]) for w in batch])  # [B,T,3,H,W]
+        logmels = [window_logmel(w, self.samples16k, self.plan.num_frames) for w in batch]
+        a = torch.from_numpy(np.stack(logmels))  # [B,T,1,96,64]
+        with torch.no_grad():
+            out = loaded.model({"frames": x.to(loaded.device), "audio": a.to(loaded.device)})
+        probs = torch.sigmoid(out["logits"].float())[:, :, 0].cpu()  # [B,T,1,H,W] -> [B,T,H,W]
+        var = out.get("variance")
+        var = var.float()[:, :, 0].cpu() if var is not None else None
+        return probs, var
+
+    def run(self, batch: list[Window]) -> None:
+        """Add the batch's predictions to their slots; drop the frames no later window reads."""
+        probs, var = self._forward(batch)
+        for b, w in enumerate(batch):
+            for pos, key in enumerate(w.slots):
+                if key is not None:
+                    self.acc.add(key, probs[b, pos], None if var is None else var[b, pos])
+            for f in w.frames:
+                self.need[f] -= 1
+                if self.need[f] == 0:
+                    self.frames.pop(f, None)
+        self.bar.update(len(batch))
+
+
 def predict_video(
     loaded: LoadedModel,
     video: Path,
@@ -104,42 +155,18 @@ def predict_video(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     windows = sorted(plan.windows, key=lambda w: max(w.frames))
-    need = Counter(f for w in windows for f in w.frames)
-    frames: dict[int, torch.Tensor] = {}
-    acc = _SlotAccumulator(plan, on_slot)
-    size = loaded.image_size
-    bar = tqdm(total=len(windows), desc="windows", disable=not progress, dynamic_ncols=True)
-
-    def run(batch: list[Window]) -> None:
-        x = torch.stack([torch.stack([frames[f] for f in w.frames]) for w in batch])  # [B,T,3,H,W]
-        a = torch.from_numpy(np.stack([window_logmel(w, samples16k, plan.num_frames) for w in batch]))  # [B,T,1,96,64]
-        with torch.no_grad():
-            out = loaded.model({"frames": x.to(loaded.device), "audio": a.to(loaded.device)})
-        probs = torch.sigmoid(out["logits"].float())[:, :, 0].cpu()  # [B,T,1,H,W] -> [B,T,H,W]
-        var = out.get("variance")
-        var = var.float()[:, :, 0].cpu() if var is not None else None
-        for b, w in enumerate(batch):
-            for pos, key in enumerate(w.slots):
-                if key is not None:
-                    acc.add(key, probs[b, pos], None if var is None else var[b, pos])
-            for f in w.frames:
-                need[f] -= 1
-                if need[f] == 0:
-                    frames.pop(f, None)
-        bar.update(len(batch))
-
+    runner = _WindowRunner(loaded, plan, samples16k, on_slot, windows, progress)
     queue: list[Window] = []
     next_window = 0
     last: tuple[int, np.ndarray] | None = None
     for idx, rgb in iter_frames(video):
         last = (idx, rgb)
-        if need.get(idx, 0) > 0:
-            frames[idx] = to_model_frame(rgb, size)
+        runner.keep(idx, rgb)
         while next_window < len(windows) and max(windows[next_window].frames) <= idx:
             queue.append(windows[next_window])
             next_window += 1
             if len(queue) == batch_size:
-                run(queue)
+                runner.run(queue)
                 queue = []
     if last is None:
         raise VideoError(f"{video}: no frame could be decoded")
@@ -150,14 +177,11 @@ def predict_video(
             last[0] + 1,
             plan.video_frames,
         )
-        last_frame = to_model_frame(last[1], size)
-        for w in windows[next_window:]:
-            for f in w.frames:
-                frames.setdefault(f, last_frame)
+        runner.repeat_last(windows[next_window:], last[1])
         queue += windows[next_window:]
     for i in range(0, len(queue), batch_size):
-        run(queue[i : i + batch_size])
-    bar.close()
+        runner.run(queue[i : i + batch_size])
+    runner.bar.close()
 
 
 def _display_size(width: int, height: int, max_size: int | None) -> tuple[int, int]:
@@ -167,26 +191,28 @@ def _display_size(width: int, height: int, max_size: int | None) -> tuple[int, i
     return height, width
 
 
-def run_demo(cfg: Mapping[str, Any], out_dir: str | Path, return_probs: bool = False) -> DemoResult:
-    """Segment the sounding objects of `cfg.video` with `cfg.checkpoint`; write everything under `out_dir`.
+@dataclass
+class _DemoAudio:
+    """The sound the demo feeds the model: as loaded, at 16 kHz fitted to the video, and where it came from."""
 
-    Keys (configs/demo.yaml): video, checkpoint, audio_file, short_audio, sampling, stride, dense_spacing, num_samples,
-    batch_size, device, threshold, seed, mask_resolution, overlay.{enabled,color,alpha,max_size,crf},
-    contact_sheet.{columns,max_tiles,tile_height}, progress.
-    """
+    samples: np.ndarray  # as loaded (muxed back into the overlay video)
+    rate: int
+    samples16k: np.ndarray  # resampled and fitted to the video's duration
+    source: str
+    seconds: float  # duration before fitting
+    short_audio: str
+    uncovered: tuple[float, float] | None  # seconds of video the audio did not reach
+
+
+def _check_required(cfg: Mapping[str, Any]) -> None:
     if not cfg.get("video"):
         raise ValueError("video=PATH is required (the video file to segment)")
     if not cfg.get("checkpoint"):
         raise ValueError("checkpoint=PATH is required (an avs checkpoint, e.g. outputs/.../checkpoints/best.ckpt)")
-    out = Path(out_dir)
-    video = Path(str(cfg["video"])).expanduser()
-    progress = bool(_opt(cfg, "progress", True))
-    threshold = float(_opt(cfg, "threshold", 0.5))
-    mask_res = str(_opt(cfg, "mask_resolution", "model"))
-    if mask_res not in ("model", "video"):
-        raise ValueError(f"mask_resolution must be 'model' or 'video', got {mask_res!r}")
 
-    info = probe_video(video)
+
+def _demo_audio(cfg: Mapping[str, Any], video: Path, info: VideoInfo) -> _DemoAudio:
+    """Load the audio (audio_file or the video's own track), resample to 16 kHz, fit it to the video."""
     if cfg.get("audio_file"):
         samples, rate = load_audio(str(cfg["audio_file"]))
         audio_source = str(cfg["audio_file"])
@@ -212,13 +238,17 @@ def run_demo(cfg: Mapping[str, Any], out_dir: str | Path, return_probs: bool = F
             if short_audio == "silence"
             else "they reuse the last 0.975 s of audio (short_audio=repeat)",
         )
+    return _DemoAudio(samples, rate, samples16k, audio_source, audio_seconds, short_audio, uncovered)
 
-    num_samples = int(_opt(cfg, "num_samples", 1))
-    loaded = load_model(str(cfg["checkpoint"]), _opt(cfg, "device", "auto"), num_samples)
+
+def _demo_plan(
+    cfg: Mapping[str, Any], video: Path, info: VideoInfo, audio_samples: int, loaded: LoadedModel
+) -> WindowPlan:
+    """The window plan over the video for the model's clip length (logged)."""
     plan = plan_windows(
         info.num_frames,
         info.fps,
-        samples16k.shape[0],
+        audio_samples,
         loaded.num_frames,
         sampling=str(_opt(cfg, "sampling", "avsbench")),
         stride=cfg.get("stride"),
@@ -236,85 +266,154 @@ def run_demo(cfg: Mapping[str, Any], out_dir: str | Path, return_probs: bool = F
         len(plan.windows),
         plan.num_frames,
     )
+    return plan
 
-    stem = video.stem
-    masks_dir, var_dir = out / "masks", out / "variance"
-    H, W = loaded.image_size
-    probs_all = np.zeros((len(plan.slots), H, W), np.float32) if return_probs else None
-    sampled = num_samples > 1 and loaded.has_latent
-    var_all = np.zeros((len(plan.slots), H, W), np.float32) if (return_probs and sampled) else None
-    fg_fraction = [0.0] * len(plan.slots)
-    mask_paths = [masks_dir / f"{stem}_{s.key + 1}.png" for s in plan.slots]
-    var_paths = [var_dir / f"{stem}_{s.key + 1}.png" for s in plan.slots] if sampled else []
-    tile_keys = _tile_keys(len(plan.slots), int(_opt(_opt(cfg, "contact_sheet", {}), "max_tiles", 20)))
-    tile_var: dict[int, np.ndarray] = {}
 
-    def on_slot(key: int, prob: torch.Tensor, var: torch.Tensor | None) -> None:
-        if mask_res == "video" and (info.height, info.width) != (H, W):
-            prob_out = F.interpolate(
-                prob[None, None], size=(info.height, info.width), mode="bilinear", align_corners=False
-            )[0, 0]
-        else:
-            prob_out = prob
-        mask = (prob_out > threshold).numpy()
-        fg_fraction[key] = float(mask.mean())
-        save_png(mask_paths[key], mask.astype(np.uint8) * 255)
-        if probs_all is not None:
-            probs_all[key] = prob.numpy()
+class _SlotWriter:
+    """on_slot of predict_video: writes each finished slot's mask (and variance) PNG and keeps what the summary,
+    the contact sheet and return_probs need."""
+
+    def __init__(
+        self,
+        out: Path,
+        stem: str,
+        plan: WindowPlan,
+        info: VideoInfo,
+        image_size: tuple[int, int],
+        threshold: float,
+        mask_res: str,
+        sampled: bool,
+        return_probs: bool,
+        tile_keys: list[int],
+    ) -> None:
+        H, W = image_size
+        self.info, self.image_size, self.threshold, self.mask_res = info, (H, W), threshold, mask_res
+        self.probs_all = np.zeros((len(plan.slots), H, W), np.float32) if return_probs else None
+        self.var_all = np.zeros((len(plan.slots), H, W), np.float32) if (return_probs and sampled) else None
+        self.fg_fraction = [0.0] * len(plan.slots)
+        self.mask_paths = [out / "masks" / f"{stem}_{s.key + 1}.png" for s in plan.slots]
+        self.var_paths = [out / "variance" / f"{stem}_{s.key + 1}.png" for s in plan.slots] if sampled else []
+        self.tile_keys = tile_keys
+        self.tile_var: dict[int, np.ndarray] = {}
+
+    def _at_output_resolution(self, prob: torch.Tensor) -> torch.Tensor:
+        size = (self.info.height, self.info.width)
+        if self.mask_res == "video" and size != self.image_size:
+            return F.interpolate(prob[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+        return prob
+
+    def __call__(self, key: int, prob: torch.Tensor, var: torch.Tensor | None) -> None:
+        mask = (self._at_output_resolution(prob) > self.threshold).numpy()
+        self.fg_fraction[key] = float(mask.mean())
+        save_png(self.mask_paths[key], mask.astype(np.uint8) * 255)
+        if self.probs_all is not None:
+            self.probs_all[key] = prob.numpy()
         if var is not None:
             v = var.numpy()
-            save_png(var_paths[key], (np.clip(v / VARIANCE_MAX, 0, 1) * 255).round().astype(np.uint8))
-            if var_all is not None:
-                var_all[key] = v
-            if key in tile_keys:
-                tile_var[key] = v
+            save_png(self.var_paths[key], (np.clip(v / VARIANCE_MAX, 0, 1) * 255).round().astype(np.uint8))
+            if self.var_all is not None:
+                self.var_all[key] = v
+            if key in self.tile_keys:
+                self.tile_var[key] = v
 
+
+def run_demo(cfg: Mapping[str, Any], out_dir: str | Path, return_probs: bool = False) -> DemoResult:
+    """Segment the sounding objects of `cfg.video` with `cfg.checkpoint`; write everything under `out_dir`.
+
+    Keys (configs/demo.yaml): video, checkpoint, audio_file, short_audio, sampling, stride, dense_spacing, num_samples,
+    batch_size, device, threshold, seed, mask_resolution, overlay.{enabled,color,alpha,max_size,crf},
+    contact_sheet.{columns,max_tiles,tile_height}, progress.
+    """
+    _check_required(cfg)
+    out = Path(out_dir)
+    video = Path(str(cfg["video"])).expanduser()
+    progress = bool(_opt(cfg, "progress", True))
+    threshold = float(_opt(cfg, "threshold", 0.5))
+    mask_res = str(_opt(cfg, "mask_resolution", "model"))
+    if mask_res not in ("model", "video"):
+        raise ValueError(f"mask_resolution must be 'model' or 'video', got {mask_res!r}")
+
+    info = probe_video(video)
+    audio = _demo_audio(cfg, video, info)
+    num_samples = int(_opt(cfg, "num_samples", 1))
+    loaded = load_model(str(cfg["checkpoint"]), _opt(cfg, "device", "auto"), num_samples)
+    plan = _demo_plan(cfg, video, info, audio.samples16k.shape[0], loaded)
+
+    sampled = num_samples > 1 and loaded.has_latent
+    tile_keys = _tile_keys(len(plan.slots), int(_opt(_opt(cfg, "contact_sheet", {}), "max_tiles", 20)))
+    slots = _SlotWriter(
+        out, video.stem, plan, info, loaded.image_size, threshold, mask_res, sampled, return_probs, tile_keys
+    )
     torch.manual_seed(int(_opt(cfg, "seed", 0)))
-    predict_video(loaded, video, plan, samples16k, on_slot, int(_opt(cfg, "batch_size", 1)), progress)
+    predict_video(loaded, video, plan, audio.samples16k, slots, int(_opt(cfg, "batch_size", 1)), progress)
 
-    result = DemoResult(out, plan, info, mask_paths, var_paths, probs=probs_all, variance_maps=var_all)
-    _write_visuals(cfg, result, video, stem, samples, rate, tile_keys, tile_var, progress)
-    summary = {
+    result = DemoResult(
+        out, plan, info, slots.mask_paths, slots.var_paths, probs=slots.probs_all, variance_maps=slots.var_all
+    )
+    _write_visuals(cfg, result, video, video.stem, audio.samples, audio.rate, tile_keys, slots.tile_var, progress)
+    summary = _summary(result, video, audio, loaded, slots, num_samples if sampled else 1)
+    result.summary = out / "demo.json"
+    atomic_write_text(result.summary, json.dumps(summary, indent=2))
+    return result
+
+
+def _summary(
+    result: DemoResult, video: Path, audio: _DemoAudio, loaded: LoadedModel, slots: _SlotWriter, num_samples: int
+) -> dict[str, Any]:
+    """The contents of demo.json: inputs, model, plan, options and one entry per analysed frame."""
+    plan, info, out = result.plan, result.info, result.out_dir
+    return {
         "video": str(video),
-        "audio": audio_source,
+        "audio": audio.source,
         "checkpoint": str(loaded.checkpoint),
         "method": loaded.method,
         "backbone": str(loaded.cfg.backbone.get("name", "")),
         "num_frames": plan.num_frames,
-        "image_size": [H, W],
+        "image_size": list(loaded.image_size),
         "sampling": plan.sampling,
         "fps": info.fps,
         "video_frames": info.num_frames,
         "duration_s": info.duration,
-        "audio_duration_s": audio_seconds,
-        "short_audio": short_audio,
-        "audio_uncovered_s": [round(t, 4) for t in uncovered] if uncovered is not None else None,
+        "audio_duration_s": audio.seconds,
+        "short_audio": audio.short_audio,
+        "audio_uncovered_s": [round(t, 4) for t in audio.uncovered] if audio.uncovered is not None else None,
         "windows": len(plan.windows),
-        "num_samples": num_samples if sampled else 1,
-        "threshold": threshold,
-        "mask_resolution": mask_res,
+        "num_samples": num_samples,
+        "threshold": slots.threshold,
+        "mask_resolution": slots.mask_res,
         "slots": [
             {
                 "k": s.key + 1,
                 "frame": s.frame,
                 "time_s": round(s.time, 4),
-                "mask": str(mask_paths[i].relative_to(out)),
-                "foreground_fraction": round(fg_fraction[i], 5),
+                "mask": str(slots.mask_paths[i].relative_to(out)),
+                "foreground_fraction": round(slots.fg_fraction[i], 5),
             }
             for i, s in enumerate(plan.slots)
         ],
         "overlay_video": str(result.overlay_video) if result.overlay_video else None,
         "contact_sheet": str(result.contact_sheet) if result.contact_sheet else None,
     }
-    result.summary = out / "demo.json"
-    atomic_write_text(result.summary, json.dumps(summary, indent=2))
-    return result
 
 
 def _tile_keys(num_slots: int, max_tiles: int) -> list[int]:
     if num_slots <= max_tiles:
         return list(range(num_slots))
     return sorted({int(round(x)) for x in np.linspace(0, num_slots - 1, max(1, max_tiles))})
+
+
+class _DisplayMasks:
+    """A slot's mask PNG at display size; the last one read is kept (consecutive frames share a slot)."""
+
+    def __init__(self, paths: list[Path], size: tuple[int, int]) -> None:
+        self.paths, self.size = paths, size
+        self.cached: tuple[int, np.ndarray] | None = None
+
+    def __getitem__(self, slot: int) -> np.ndarray:
+        if self.cached is None or self.cached[0] != slot:
+            with Image.open(self.paths[slot]) as im:
+                self.cached = (slot, mask_to_size(np.asarray(im) > 127, self.size))
+        return self.cached[1]
 
 
 def _write_visuals(
@@ -329,7 +428,7 @@ def _write_visuals(
     progress: bool,
 ) -> None:
     """Pass 2: overlay video (with audio) and contact sheet."""
-    plan, info, out = result.plan, result.info, result.out_dir
+    info, out = result.info, result.out_dir
     ocfg = _opt(cfg, "overlay", {})
     scfg = _opt(cfg, "contact_sheet", {})
     color = tuple(int(c) for c in _opt(ocfg, "color", (255, 40, 120)))
@@ -339,16 +438,10 @@ def _write_visuals(
     if not (write_video or write_sheet):
         return
     disp = _display_size(info.width, info.height, ocfg.get("max_size") if hasattr(ocfg, "get") else None)
-    tile_frames = {plan.slots[k].frame: k for k in tile_keys}
-    tiles: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    cached: tuple[int, np.ndarray] | None = None
+    masks = _DisplayMasks(result.masks, disp)
 
-    def mask_of(slot: int) -> np.ndarray:
-        nonlocal cached
-        if cached is None or cached[0] != slot:
-            with Image.open(result.masks[slot]) as im:
-                cached = (slot, mask_to_size(np.asarray(im) > 127, disp))
-        return cached[1]
+    def paint(rgb: np.ndarray, slot: int) -> np.ndarray:
+        return tint(rgb, masks[slot], color, alpha)
 
     writer = None
     if write_video:
@@ -360,16 +453,42 @@ def _write_visuals(
             sample_rate=rate,
             crf=int(_opt(ocfg, "crf", 20)),
         )
-    last: tuple[int, np.ndarray] | None = None
+    tiles, last = _overlay_pass(video, result, disp, writer, paint, tile_keys, progress)
+    if writer is not None:
+        result.overlay_video = writer.close()
+    if not write_sheet or last is None:
+        return
+    for k in tile_keys:  # tiles whose frame was never decoded (fewer frames than packets)
+        if k not in tiles:
+            tiles[k] = (last, paint(last, k))
+    columns = max(1, int(_opt(scfg, "columns", 5)))
+    sheet = _contact_sheet(result.plan, tile_keys, tiles, tile_var, columns, int(_opt(scfg, "tile_height", 160)))
+    result.contact_sheet = save_png(out / "contact_sheet.png", sheet)
+
+
+def _overlay_pass(
+    video: Path,
+    result: DemoResult,
+    disp: tuple[int, int],
+    writer: OverlayVideoWriter | None,
+    paint,
+    tile_keys: list[int],
+    progress: bool,
+) -> tuple[dict[int, tuple[np.ndarray, np.ndarray]], np.ndarray | None]:
+    """Decode the video at display size, write each frame tinted with its slot's mask (when `writer` is given) and
+    keep the frames of the contact sheet. Returns {slot: (frame, tinted frame)} and the last decoded frame."""
+    plan, info = result.plan, result.info
+    tile_frames = {plan.slots[k].frame: k for k in tile_keys}
+    tiles: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    last: np.ndarray | None = None
     try:
         for idx, rgb in tqdm(
             iter_frames(video, disp), total=info.num_frames, desc="overlay", disable=not progress, dynamic_ncols=True
         ):
-            last = (idx, rgb)
+            last = rgb
             if writer is None and len(tiles) == len(tile_frames):
                 break
-            slot = plan.slot_for_frame(idx)
-            over = tint(rgb, mask_of(slot), color, alpha)
+            over = paint(rgb, plan.slot_for_frame(idx))
             if writer is not None:
                 writer.write(over)
             if idx in tile_frames:
@@ -378,15 +497,18 @@ def _write_visuals(
         if writer is not None:
             writer.abort()
         raise
-    if writer is not None:
-        result.overlay_video = writer.close()
-    if not write_sheet or last is None:
-        return
-    for k in tile_keys:  # tiles whose frame was never decoded (fewer frames than packets)
-        if k not in tiles:
-            tiles[k] = (last[1], tint(last[1], mask_of(k), color, alpha))
-    columns = max(1, int(_opt(scfg, "columns", 5)))
-    th = int(_opt(scfg, "tile_height", 160))
+    return tiles, last
+
+
+def _contact_sheet(
+    plan: WindowPlan,
+    tile_keys: list[int],
+    tiles: dict[int, tuple[np.ndarray, np.ndarray]],
+    tile_var: dict[int, np.ndarray],
+    columns: int,
+    tile_height: int,
+) -> np.ndarray:
+    """Rows frame / prediction [/ variance] per group of `columns` tiles, labelled with the slots' times."""
     rows, row_labels, col_groups = [], [], []
     for g in range(0, len(tile_keys), columns):
         group = tile_keys[g : g + columns]
@@ -406,5 +528,4 @@ def _write_visuals(
         for group in col_groups:
             span = f"{seconds_label(plan.slots[group[0]].time)}-{seconds_label(plan.slots[group[-1]].time)}"
             row_labels += [f"frame {span}", "prediction"] + (["variance"] if per == 3 else [])
-    sheet = image_grid(rows, col_labels=labels, row_labels=row_labels, tile_height=th)
-    result.contact_sheet = save_png(out / "contact_sheet.png", sheet)
+    return image_grid(rows, col_labels=labels, row_labels=row_labels, tile_height=tile_height)

@@ -274,6 +274,48 @@ def _listing(keys: Sequence[str]) -> str:
     return "\n".join(f"  {k}" for k in keys)
 
 
+def _place(
+    pairs: Sequence[tuple[str, str, torch.Tensor]], target: Mapping[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Put each (released key, our key, value) into our state dict, cast to the target dtype; returns the state
+    dict and one line per pair that could not go in (name taken twice, no such key, shape mismatch)."""
+    out: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
+    problems: list[str] = []
+    for src_key, ours, value in pairs:
+        if ours in out:
+            problems.append(f"{src_key} and {origin[ours]} both map to {ours}")
+            continue
+        if ours not in target:
+            problems.append(f"{src_key} -> {ours}: no such avs key")
+            continue
+        if tuple(value.shape) != tuple(target[ours].shape):
+            problems.append(f"{src_key} -> {ours}: shape {tuple(value.shape)} != {tuple(target[ours].shape)}")
+            continue
+        out[ours] = value.to(dtype=target[ours].dtype)
+        origin[ours] = src_key
+    return out, problems
+
+
+def _mismatch_error(
+    name: str, source: str, unmatched: list[str], unfilled: list[str], problems: list[str]
+) -> CheckpointError:
+    """The error listing every released key without a rule, every unfilled avs key and every conflict."""
+    lines = [
+        f"{name}: not a {source} checkpoint for this avs model: {len(unmatched)} released key(s) match no rule "
+        f"(and are not on the documented-unused list), {len(unfilled)} avs key(s) are not filled, "
+        f"{len(problems)} key(s) conflict.",
+        "Check source= and the model/backbone/data overrides (fusion stages, neck kind, decoder, image size).",
+    ]
+    if unmatched:
+        lines += ["released keys with no rule:", _listing(unmatched)]
+    if unfilled:
+        lines += ["avs keys not filled:", _listing(unfilled)]
+    if problems:
+        lines += ["conflicts:", _listing(problems)]
+    return CheckpointError("\n".join(lines))
+
+
 def convert_state_dict(
     source: str,
     released: Mapping[str, torch.Tensor],
@@ -296,38 +338,12 @@ def convert_state_dict(
         vggish = _strip_module(vggish)
         vg = map_keys(list(vggish), VGGISH_RULES)
         pairs += [(f"[vggish] {k}", vg.mapped[k], vggish[k]) for k in vg.mapped]
-    out: dict[str, torch.Tensor] = {}
-    origin: dict[str, str] = {}
-    problems: list[str] = []
-    for src_key, ours, value in pairs:
-        if ours in out:
-            problems.append(f"{src_key} and {origin[ours]} both map to {ours}")
-            continue
-        if ours not in target:
-            problems.append(f"{src_key} -> {ours}: no such avs key")
-            continue
-        if tuple(value.shape) != tuple(target[ours].shape):
-            problems.append(f"{src_key} -> {ours}: shape {tuple(value.shape)} != {tuple(target[ours].shape)}")
-            continue
-        out[ours] = value.to(dtype=target[ours].dtype)
-        origin[ours] = src_key
+    out, problems = _place(pairs, target)
     unmatched = list(km.unmatched) + [f"[vggish] {k}" for k in vg.unmatched]
     unfilled = [k for k in target if k not in out and not k.endswith("num_batches_tracked")]
     defaulted = [k for k in target if k not in out and k.endswith("num_batches_tracked")]
     if unmatched or unfilled or problems:
-        lines = [
-            f"{name}: not a {source} checkpoint for this avs model: {len(unmatched)} released key(s) match no rule "
-            f"(and are not on the documented-unused list), {len(unfilled)} avs key(s) are not filled, "
-            f"{len(problems)} key(s) conflict.",
-            "Check source= and the model/backbone/data overrides (fusion stages, neck kind, decoder, image size).",
-        ]
-        if unmatched:
-            lines += ["released keys with no rule:", _listing(unmatched)]
-        if unfilled:
-            lines += ["avs keys not filled:", _listing(unfilled)]
-        if problems:
-            lines += ["conflicts:", _listing(problems)]
-        raise CheckpointError("\n".join(lines))
+        raise _mismatch_error(name, source, unmatched, unfilled, problems)
     for k in defaulted:  # BN step counters (not read by the forward) of files saved without them
         out[k] = target[k].clone()
     counts = {
@@ -378,6 +394,42 @@ def _uses_vggish(cfg: DictConfig) -> bool:
     return node is not None and str(node.get("_target_", "")).endswith("vggish.VGGish")
 
 
+def _load_vggish(cfg: DictConfig, vggish_path: str | Path | None, released_path: Path) -> dict | None:
+    """The torchvggish weights when the model's audio encoder is VGGish (the released files do not hold them)."""
+    if not _uses_vggish(cfg):
+        return None
+    if vggish_path is None:
+        raise CheckpointError(
+            f"{released_path.name}: the released models run VGGish outside the model file; "
+            "pass the torchvggish weights (vggish-10086976.pth) as vggish=<path>"
+        )
+    return load_released(vggish_path, what="VGGish weight file")
+
+
+def _without_pretrained(cfg: DictConfig) -> None:
+    """Build without downloading or reading pretrained weights: every weight comes from the released file."""
+    with open_dict(cfg):
+        if cfg.get("backbone") is not None and "pretrained" in cfg.backbone:
+            cfg.backbone.pretrained = None
+        for node in (cfg.get("audio"), cfg.model.get("audio_encoder")):
+            if node is not None and "pretrained" in node:
+                node.pretrained = False
+
+
+def _provenance(
+    source: str, released_path: Path, vggish_path: str | Path | None, counts: dict[str, Any]
+) -> dict[str, Any]:
+    """The `released` record of the checkpoint: source, file names, SHA-256 sums and key counts."""
+    return {
+        "source": source,
+        "file": released_path.name,
+        "sha256": sha256_of(released_path),
+        "vggish_file": None if vggish_path is None else Path(vggish_path).name,
+        "vggish_sha256": None if vggish_path is None else sha256_of(vggish_path),
+        "counts": counts,
+    }
+
+
 def import_checkpoint(
     source: str,
     released_path: str | Path,
@@ -403,45 +455,23 @@ def import_checkpoint(
             cfg.model.get("preset"),
         )
     released = load_released(released_path)
-    vggish = None
-    if _uses_vggish(cfg):
-        if vggish_path is None:
-            raise CheckpointError(
-                f"{released_path.name}: the released models run VGGish outside the model file; "
-                "pass the torchvggish weights (vggish-10086976.pth) as vggish=<path>"
-            )
-        vggish = load_released(vggish_path, what="VGGish weight file")
-    with open_dict(cfg):
-        if cfg.get("backbone") is not None and "pretrained" in cfg.backbone:
-            cfg.backbone.pretrained = None  # every weight comes from the released file
-        for node in (cfg.get("audio"), cfg.model.get("audio_encoder")):
-            if node is not None and "pretrained" in node:
-                node.pretrained = False
+    vggish = _load_vggish(cfg, vggish_path, released_path)
+    _without_pretrained(cfg)
     model = build_model(cfg)
-    target = model.state_dict()
-    state, counts = convert_state_dict(source, released, target, vggish, name=released_path.name)
+    state, counts = convert_state_dict(source, released, model.state_dict(), vggish, name=released_path.name)
     model.load_state_dict(state, strict=True)
     flags = {k: OmegaConf.select(cfg, k) for k in RELEASE_INFERENCE_FLAGS[source]}
-    record = {
-        "source": source,
-        "file": released_path.name,
-        "sha256": sha256_of(released_path),
-        "vggish_file": None if vggish_path is None else Path(vggish_path).name,
-        "vggish_sha256": None if vggish_path is None else sha256_of(vggish_path),
-        "counts": counts,
+    record = _provenance(source, released_path, vggish_path, counts)
+    checkpoint = {
+        "model": state,
+        "config": OmegaConf.to_yaml(cfg, resolve=True),
+        "avs_checkpoint_version": CHECKPOINT_VERSION,
+        "released": record,
+        "release_flags": flags,
+        "step": 0,
+        "epoch": 0,
     }
-    save_checkpoint(
-        out_path,
-        {
-            "model": state,
-            "config": OmegaConf.to_yaml(cfg, resolve=True),
-            "avs_checkpoint_version": CHECKPOINT_VERSION,
-            "released": record,
-            "release_flags": flags,
-            "step": 0,
-            "epoch": 0,
-        },
-    )
+    save_checkpoint(out_path, checkpoint)
     log.info(
         "wrote %s: %d released keys mapped, %d documented unused; %d/%d avs keys filled",
         out_path,

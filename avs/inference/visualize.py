@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from avs.evaluation.visuals import denormalize as rgb01
-from avs.inference.model import load_model
+from avs.inference.model import LoadedModel, load_model
 from avs.inference.overlay import heatmap, image_grid, save_png, scatter_plot, tint
 from avs.inference.video import MissingDependencyError
 
@@ -62,21 +62,51 @@ def _opt(cfg: Mapping[str, Any], key: str, default: Any) -> Any:
     return default if value is None else value
 
 
+@dataclass(frozen=True)
+class _GridOptions:
+    """The options of a visualize run, read (and checked) before anything is loaded."""
+
+    split: str
+    num_clips: int
+    num_samples: int
+    threshold: float
+    progress: bool
+
+
 def visualize_split(cfg: Mapping[str, Any], out_dir: str | Path) -> VisualizeResult:
     """Grids for the first `cfg.num_clips` clips of `cfg.split` and a t-SNE of the latent codes (latent models).
 
     Keys (configs/visualize.yaml): checkpoint, split, data (optional override), num_clips, num_samples,
     tsne, tsne_clips, batch_size, device, seed, threshold, tile_height, progress.
     """
+    out = Path(out_dir)
+    opts = _GridOptions(
+        split=str(_opt(cfg, "split", "val")),
+        num_clips=int(_opt(cfg, "num_clips", 8)),
+        num_samples=int(_opt(cfg, "num_samples", 1)),
+        threshold=float(_opt(cfg, "threshold", 0.5)),
+        progress=bool(_opt(cfg, "progress", True)),
+    )
+    loaded = load_model(str(cfg["checkpoint"]), _opt(cfg, "device", "auto"), opts.num_samples)
+    loader = _split_loader(cfg, loaded, opts.split, opts.num_clips)
+    torch.manual_seed(int(_opt(cfg, "seed", 0)))
+    result = VisualizeResult()
+    codes = _grids_and_codes(cfg, opts, loaded, loader, out, result)
+    if not loaded.has_latent:
+        result.tsne_skipped = f"{loaded.method} has no latent codes (t-SNE is for ECMVAE-style models)"
+    elif not bool(_opt(cfg, "tsne", True)):
+        result.tsne_skipped = "tsne=false"
+    elif codes:
+        _write_tsne(cfg, {k: np.concatenate(v, axis=0) for k, v in codes.items()}, out, opts.split, result)
+    if result.tsne_skipped:
+        log.warning("t-SNE skipped: %s", result.tsne_skipped)
+    return result
+
+
+def _split_loader(cfg: Mapping[str, Any], loaded: LoadedModel, split: str, num_clips: int) -> DataLoader:
+    """In-order loader over the clips the grids (and the t-SNE, over all clips unless tsne_clips) need."""
     from avs.data import build_dataset
 
-    out = Path(out_dir)
-    split = str(_opt(cfg, "split", "val"))
-    num_clips = int(_opt(cfg, "num_clips", 8))
-    K = int(_opt(cfg, "num_samples", 1))
-    threshold = float(_opt(cfg, "threshold", 0.5))
-    progress = bool(_opt(cfg, "progress", True))
-    loaded = load_model(str(cfg["checkpoint"]), _opt(cfg, "device", "auto"), K)
     data_cfg = cfg.get("data") or loaded.cfg.data
     if data_cfg.get("synthetic"):
         from avs.data.synthetic import ensure_synthetic
@@ -86,17 +116,27 @@ def visualize_split(cfg: Mapping[str, Any], out_dir: str | Path) -> VisualizeRes
     want_tsne = bool(_opt(cfg, "tsne", True)) and loaded.has_latent
     tsne_clips = cfg.get("tsne_clips")
     total = len(ds) if want_tsne and tsne_clips is None else min(len(ds), max(num_clips, int(tsne_clips or 0)))
-    loader = DataLoader(
+    return DataLoader(
         torch.utils.data.Subset(ds, range(total)),
         batch_size=int(_opt(cfg, "batch_size", 2)),
         shuffle=False,
         num_workers=0,
     )
-    torch.manual_seed(int(_opt(cfg, "seed", 0)))
-    result = VisualizeResult()
+
+
+def _grids_and_codes(
+    cfg: Mapping[str, Any],
+    opts: _GridOptions,
+    loaded: LoadedModel,
+    loader: DataLoader,
+    out: Path,
+    result: VisualizeResult,
+) -> dict[str, list[np.ndarray]]:
+    """Run the model over `loader`: a grid per clip for the first num_clips clips (into `result.grids`);
+    returns the latent codes of every clip by name."""
     codes: dict[str, list[np.ndarray]] = {}
     seen = 0
-    for batch in tqdm(loader, desc=f"visualize {split}", disable=not progress, dynamic_ncols=True):
+    for batch in tqdm(loader, desc=f"visualize {opts.split}", disable=not opts.progress, dynamic_ncols=True):
         inputs = {"frames": batch["frames"].to(loaded.device), "audio": batch["audio"].to(loaded.device)}
         with torch.no_grad():
             outp = loaded.model(inputs)
@@ -105,7 +145,7 @@ def visualize_split(cfg: Mapping[str, Any], out_dir: str | Path) -> VisualizeRes
         for name, value in (outp.get("latents") or {}).items():
             codes.setdefault(name, []).append(value.float().cpu().numpy())  # [B*T,L]
         for b in range(probs.shape[0]):
-            if seen < num_clips:
+            if seen < opts.num_clips:
                 result.grids.append(
                     _clip_grid(
                         out,
@@ -113,35 +153,33 @@ def visualize_split(cfg: Mapping[str, Any], out_dir: str | Path) -> VisualizeRes
                         b,
                         probs[b],
                         None if var is None else var[b].float().cpu(),
-                        threshold,
+                        opts.threshold,
                         int(_opt(cfg, "tile_height", 128)),
                     )
                 )
             seen += 1
-    if not loaded.has_latent:
-        result.tsne_skipped = f"{loaded.method} has no latent codes (t-SNE is for ECMVAE-style models)"
-    elif not bool(_opt(cfg, "tsne", True)):
-        result.tsne_skipped = "tsne=false"
-    elif codes:
-        arrays = {k: np.concatenate(v, axis=0) for k, v in codes.items()}
-        result.latents = out / "latents.npz"
-        result.latents.parent.mkdir(parents=True, exist_ok=True)
-        from avs.utils.io import atomic_save
+    return codes
 
-        atomic_save(result.latents, lambda fh: np.savez(fh, **arrays))
-        names = [n for n in CODE_NAMES if n in arrays] + sorted(set(arrays) - set(CODE_NAMES))
-        stacked = np.concatenate([arrays[n] for n in names], axis=0)  # [len(names)*N, L]
-        labels = np.concatenate([np.full(arrays[n].shape[0], i) for i, n in enumerate(names)])
-        try:
-            points = tsne_embed(stacked, int(_opt(cfg, "seed", 0)))
-        except MissingDependencyError as exc:
-            result.tsne_skipped = str(exc)
-        else:
-            title = f"t-SNE of prior codes ({split}, {stacked.shape[0] // len(names)} frames)"
-            result.tsne = save_png(out / "tsne.png", scatter_plot(points, labels, names, title=title))
-    if result.tsne_skipped:
-        log.warning("t-SNE skipped: %s", result.tsne_skipped)
-    return result
+
+def _write_tsne(
+    cfg: Mapping[str, Any], arrays: dict[str, np.ndarray], out: Path, split: str, result: VisualizeResult
+) -> None:
+    """Save the codes (latents.npz) and a t-SNE scatter of all of them, one colour per code (tsne.png)."""
+    from avs.utils.io import atomic_save
+
+    result.latents = out / "latents.npz"
+    result.latents.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save(result.latents, lambda fh: np.savez(fh, **arrays))
+    names = [n for n in CODE_NAMES if n in arrays] + sorted(set(arrays) - set(CODE_NAMES))
+    stacked = np.concatenate([arrays[n] for n in names], axis=0)  # [len(names)*N, L]
+    labels = np.concatenate([np.full(arrays[n].shape[0], i) for i, n in enumerate(names)])
+    try:
+        points = tsne_embed(stacked, int(_opt(cfg, "seed", 0)))
+    except MissingDependencyError as exc:
+        result.tsne_skipped = str(exc)
+    else:
+        title = f"t-SNE of prior codes ({split}, {stacked.shape[0] // len(names)} frames)"
+        result.tsne = save_png(out / "tsne.png", scatter_plot(points, labels, names, title=title))
 
 
 def _clip_grid(

@@ -1,8 +1,10 @@
 """A fresh clone must work: no tracked path that .gitignore ignores, no tracked symlink leaving the
-repository, and scripts/setup_env.sh copes with whatever a checkout holds at the env path."""
+repository, and scripts/setup_env.sh copes with whatever a checkout holds at the env path. The code
+stays readable: lint and format clean, no pointers out of the repository, no function over 60 lines."""
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import shutil
@@ -182,3 +184,41 @@ def test_lint_and_format_are_clean():
     for args in (["check", "."], ["format", "--check", "."]):
         proc = subprocess.run([ruff, *args], cwd=root, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- function length
+MAX_FUNCTION_LINES = 60  # def line to last line, decorators not counted, docstring and comments counted
+
+
+def long_functions(root: Path, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """`path:line name (N lines)` for every function or method under `root` longer than `limit` lines."""
+    hits = []
+    for path in sorted(root.rglob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        functions = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+        for node in sorted(functions, key=lambda n: n.lineno):
+            lines = node.end_lineno - node.lineno + 1
+            if lines > limit:
+                hits.append(f"{path.relative_to(root)}:{node.lineno} {node.name} ({lines} lines)")
+    return hits
+
+
+def test_no_function_in_avs_is_over_60_lines():
+    """Split a longer function into named steps (each one idea), not into part1/part2."""
+    assert long_functions(ROOT / "avs") == []
+
+
+def test_function_length_check_counts_nested_functions_and_methods(tmp_path):
+    body = "\n".join(f"        x{i} = {i}" for i in range(58))
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "m.py").write_text(
+        f"class A:\n    def fits(self):\n{body}\n        return 0\n\n"  # 60 lines: allowed
+        f"    def over(self):\n{body}\n        y = 1\n        return y\n\n"  # 61 lines
+        f"def outer():\n    def inner():\n{body.replace('        ', '            ')}\n"
+        "            z = 2\n            return z\n    return inner\n"
+    )
+    assert long_functions(tmp_path) == [
+        "pkg/m.py:63 over (61 lines)",
+        "pkg/m.py:125 outer (63 lines)",
+        "pkg/m.py:126 inner (61 lines)",
+    ]
