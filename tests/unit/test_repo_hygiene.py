@@ -222,3 +222,16 @@ def test_function_length_check_counts_nested_functions_and_methods(tmp_path):
         "pkg/m.py:125 outer (63 lines)",
         "pkg/m.py:126 inner (61 lines)",
     ]
+
+
+MAX_MODULE_LINES = 600
+
+
+def test_no_module_in_avs_is_over_600_lines():
+    """A module that grows past this holds more than one idea: split it by idea (docs/architecture.md)."""
+    long = {
+        str(p.relative_to(ROOT)): n
+        for p in sorted((ROOT / "avs").rglob("*.py"))
+        if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES
+    }
+    assert long == {}
