@@ -75,6 +75,11 @@ TRANSLATE_VALUES: dict[tuple[str, str], tuple[str, Any]] = {
 ADDED_KEYS: tuple[str, ...] = (
     "trainer.optimizer",  # configs/optimizer/adam.yaml: torch.optim.Adam, as build_optimizer hard-coded
     "trainer.hooks",  # extra hooks of the user's (none by default)
+    # audio=tiny can start from a weight file (scripts/pretrain.py); off by default (null / null)
+    "audio.pretrained",
+    "audio.weights_path",
+    "model.audio_encoder.pretrained",
+    "model.audio_encoder.weights_path",
 )
 # Dotted keys whose values are not results (names of runs, free-text provenance) and may differ.
 NOT_RESULTS: tuple[str, ...] = (
