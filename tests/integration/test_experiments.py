@@ -30,7 +30,9 @@ from avs.models.build import build_model
 from tests.conftest import compose_cfg, tiny_overrides
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
-PAPER_EXPERIMENTS = [e for e in EXPERIMENTS if e != "quickstart"]
+# CPU proxy overlays (Sounding Shapes), not paper rows.
+PROXY_EXPERIMENTS = ("quickstart", "proxy_pretrained")
+PAPER_EXPERIMENTS = [e for e in EXPERIMENTS if e not in PROXY_EXPERIMENTS]
 # One overlay per method x backbone; the subset comes from data= (name -> model config).
 MAIN_EXPERIMENTS = {
     "avsbench_tpavi_pvt": "tpavi",
@@ -87,6 +89,8 @@ def _batch(cfg, batch_size: int = 1) -> dict:
 def test_experiment_trains_one_step(experiment, tmp_path):
     base = _plain(experiment, tmp_path)
     extra = ["s4_checkpoint=null"] if _needs_init(base) else []  # init_from: see the test_s4_init_* tests
+    if experiment == "proxy_pretrained":
+        extra += _standin_files(tmp_path / "weights", base.audio)
     cfg = _tiny(experiment, tmp_path, str(base.data.subset), extra)
     # the tiny overrides win over the overlay; everything else of the overlay stays
     assert cfg.backbone.name == "pvt_v2_b0" and int(cfg.data.image_size) == 64 and int(cfg.data.num_frames) == 3
@@ -120,6 +124,18 @@ def test_experiment_trains_one_step(experiment, tmp_path):
         out = model(_batch(cfg))
     assert out["logits"].shape == (1, 3, 1, 64, 64)
     assert torch.isfinite(out["logits"]).all()
+
+
+def _standin_files(weights_dir: Path, audio) -> list[str]:
+    """Random-init files where experiment=proxy_pretrained reads its stand-ins -> overrides."""
+    from avs.models.audio_encoders import TinyAudioEncoder
+    from avs.models.backbones import VisualBackbone
+
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(VisualBackbone("pvt_v2_b0").body.state_dict(), weights_dir / "standin_pvt_v2_b0_64px.pth")
+    encoder = TinyAudioEncoder(int(audio.embed_dim), int(audio.width))
+    torch.save(encoder.state_dict(), weights_dir / "standin_tiny_audio.pth")
+    return [f"paths.weights_dir={weights_dir}"]
 
 
 def _expected_terms(experiment: str) -> set[str] | None:

@@ -78,6 +78,11 @@ ADDED_KEYS: tuple[str, ...] = (
     "model.latent.free_bits",  # free bits per KL dimension; 0 = off (the plain KL of before)
     "trainer.kl_warmup",  # ramp of the kl weight; steps 0 = off (the hook is not registered)
     "trainer.record_latent_kl",  # per-dimension KL after each validation; false = off
+    # audio=tiny can start from a weight file (scripts/pretrain.py); off by default (null / null)
+    "audio.pretrained",
+    "audio.weights_path",
+    "model.audio_encoder.pretrained",
+    "model.audio_encoder.weights_path",
 )
 # Dotted keys whose values are not results (names of runs, free-text provenance) and may differ.
 NOT_RESULTS: tuple[str, ...] = (
