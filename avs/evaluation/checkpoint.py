@@ -17,6 +17,7 @@ from avs.engine.checkpoint import CheckpointError, load_checkpoint
 from avs.evaluation.evaluator import evaluate_split
 from avs.evaluation.outputs import check_output_path, save_pred_masks
 from avs.evaluation.report import write_tables
+from avs.models.build import without_weight_files
 
 
 def config_from_checkpoint(state: dict[str, Any], path: str | Path, weight_files: bool = False) -> DictConfig:
@@ -30,15 +31,7 @@ def config_from_checkpoint(state: dict[str, Any], path: str | Path, weight_files
     stored = state["config"]
     stored = OmegaConf.to_container(OmegaConf.create(stored) if isinstance(stored, str) else OmegaConf.create(stored))
     cfg = OmegaConf.create(upgrade_config(stored))  # a config of an earlier version, in today's spelling
-    if not weight_files:
-        with open_dict(cfg):
-            if cfg.get("backbone") is not None and "pretrained" in cfg.backbone:
-                cfg.backbone.pretrained = None
-            # the stored config is resolved, so model.audio_encoder is a copy of `audio`, not a reference
-            for node in (cfg.get("audio"), cfg.model.get("audio_encoder")):
-                if node is not None and "pretrained" in node:
-                    node.pretrained = False
-    return cfg
+    return cfg if weight_files else without_weight_files(cfg)
 
 
 SHAPE_KEYS = ("image_size", "num_frames")  # data keys the trained model was built for

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from avs.engine.checkpoint import CheckpointError, save_checkpoint
 
@@ -406,16 +406,6 @@ def _load_vggish(cfg: DictConfig, vggish_path: str | Path | None, released_path:
     return load_released(vggish_path, what="VGGish weight file")
 
 
-def _without_pretrained(cfg: DictConfig) -> None:
-    """Build without downloading or reading pretrained weights: every weight comes from the released file."""
-    with open_dict(cfg):
-        if cfg.get("backbone") is not None and "pretrained" in cfg.backbone:
-            cfg.backbone.pretrained = None
-        for node in (cfg.get("audio"), cfg.model.get("audio_encoder")):
-            if node is not None and "pretrained" in node:
-                node.pretrained = False
-
-
 def _provenance(
     source: str, released_path: Path, vggish_path: str | Path | None, counts: dict[str, Any]
 ) -> dict[str, Any]:
@@ -443,7 +433,7 @@ def import_checkpoint(
     the provenance record written into the checkpoint (``released``).
     """
     from avs.engine.checkpointer import CHECKPOINT_VERSION
-    from avs.models.build import build_model
+    from avs.models.build import build_model, without_weight_files
 
     if source not in SOURCES:
         raise ValueError(f"source must be one of {list(SOURCES)}, got {source!r}")
@@ -456,7 +446,7 @@ def import_checkpoint(
         )
     released = load_released(released_path)
     vggish = _load_vggish(cfg, vggish_path, released_path)
-    _without_pretrained(cfg)
+    without_weight_files(cfg)  # every weight comes from the released file
     model = build_model(cfg)
     state, counts = convert_state_dict(source, released, model.state_dict(), vggish, name=released_path.name)
     model.load_state_dict(state, strict=True)

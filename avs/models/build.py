@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from avs.models.segmentor import AVSegmentor
 
@@ -35,3 +35,16 @@ def build_model(cfg: DictConfig) -> AVSegmentor:
             v = mcfg[k]
             scalars[k] = OmegaConf.to_container(v, resolve=True) if isinstance(v, (DictConfig, ListConfig)) else v
     return AVSegmentor(backbone=backbone, image_size=int(cfg.data.image_size), **parts, **scalars)
+
+
+def without_weight_files(cfg: DictConfig) -> DictConfig:
+    """Switch off every pretrained-weight load (ImageNet backbone, VGGish, stand-ins) in `cfg`, in place:
+    for a model whose weights all come from a checkpoint. A stored config is resolved, so
+    `model.audio_encoder` is a copy of `audio`, not a reference: both are switched off."""
+    with open_dict(cfg):
+        if cfg.get("backbone") is not None and "pretrained" in cfg.backbone:
+            cfg.backbone.pretrained = None
+        for node in (cfg.get("audio"), cfg.model.get("audio_encoder")):
+            if node is not None and "pretrained" in node:
+                node.pretrained = False
+    return cfg
