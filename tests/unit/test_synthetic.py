@@ -320,7 +320,7 @@ def _compose(overrides: list[str]):
 def test_data_configs_extend_the_avsbench_ones(subset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AVS_DATA_DIR", str(tmp_path))
     cfg = _compose([f"data=synth_{subset}", "data.image_size=64"])
-    real = OmegaConf.load(CONFIG_DIR / "data" / f"{subset}.yaml")
+    real = _compose([f"data={subset}"]).data  # the AVSBench data config, composed with its base
     assert set(real) <= set(cfg.data) and cfg.data.subset == subset
     syn = sy.SyntheticConfig.from_mapping(OmegaConf.to_container(cfg.data.synthetic, resolve=True))
     assert (syn.subset, syn.image_size, syn.num_frames) == (subset, 64, cfg.data.num_frames)
