@@ -9,6 +9,7 @@ now; a value may never change.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -190,7 +191,8 @@ def _shapes(overrides: list[str]) -> list[tuple[str, list[int]]]:
     return sorted((k, list(v.shape)) for k, v in model.state_dict().items())
 
 
-@pytest.mark.parametrize("case", sorted(NO_AUDIO_STRUCTURES))
+# the model of an overlay does not depend on the subset: one subset per overlay keeps the suite short
+@pytest.mark.parametrize("case", sorted(c for c in NO_AUDIO_STRUCTURES if c.endswith("data=s4")))
 def test_no_audio_models_lose_only_their_audio_parts(case, baseline):
     with_audio = _new_overrides(case) + ["model.use_audio=true"]  # builds what the old code built
     assert structure(compose_cfg("train", with_audio + PLACEHOLDER_PATHS)) == baseline["structures"][case]
@@ -215,8 +217,15 @@ def test_every_config_builds_the_same_model(baseline):
     assert not problems, "\n".join(problems[:20])
 
 
+# Variants whose parts the unit tests and the one-step experiment runs also cover; in the suite only
+# with AVS_FULL_GUARD=1 (run it before merging a refactor of the model or the engine).
+FULL_GUARD_ONLY = ("ecmvae_ae", "ecmvae_conv1", "ecmvae_kl")
+
+
 @pytest.mark.parametrize("name", sorted(WEIGHT_CASES))
 def test_tiny_training_gives_bit_identical_weights(name, baseline, synth_data_dir, tmp_path):
+    if name in FULL_GUARD_ONLY and os.environ.get("AVS_FULL_GUARD") != "1":
+        pytest.skip("set AVS_FULL_GUARD=1 for the full weight guard (three more ECMVAE variants, about 20 s)")
     if baseline["machine"] != machine():
         pytest.skip(
             f"baseline recorded on {baseline['machine']}, this is {machine()}: bitwise equality "
