@@ -68,7 +68,7 @@ fi
 
 "$venv/bin/python" -m pip install -q --upgrade pip
 # torch/torchvision/torchaudio are pinned together in constraints.txt
-"$venv/bin/python" -m pip install -q -c "$here/constraints.txt" -e "$here[test,video,slurm]"
+"$venv/bin/python" -m pip install -q -c "$here/constraints.txt" -e "$here[test,video,slurm,plot]"
 "$venv/bin/python" - <<'PY'
 import torch, torchvision, torchaudio
 print(f"[setup_env] torch {torch.__version__}, torchvision {torchvision.__version__}, "

@@ -3,6 +3,7 @@
 python scripts/tables.py outputs/train/multiruns/<time>
 python scripts/tables.py <multirun dir> [<more dirs>] --protocol avsbench_legacy --name ecmvae_table4 --out tables/
 python scripts/tables.py <dirs> --keys model.latent.divergence --metrics miou fscore fscore_at_0.5
+python scripts/tables.py <proxy benchmark dir> --proxy [--plot docs/images/proxy_methods.png] [--out dir]
 """
 
 from __future__ import annotations
@@ -14,8 +15,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from avs.errors import run_plain  # noqa: E402
+from avs.errors import (
+    AVSError,  # noqa: E402
+    run_plain,  # noqa: E402
+)
 from avs.tables import make_table, to_markdown  # noqa: E402
+from avs.tables.proxy import load_protocol  # noqa: E402
+from avs.tables.proxy_report import plot_methods, write_report  # noqa: E402
+from avs.tables.proxy_report import to_markdown as proxy_markdown  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,12 +41,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--metrics", nargs="+", default=["miou", "fscore"], help="metric keys (default: miou fscore)")
     p.add_argument("--keys", nargs="+", default=None, help="row keys (default: the config keys that vary across runs)")
     p.add_argument("--ignore", nargs="+", default=[], help="extra config keys (and their children) never used as rows")
+    p.add_argument(
+        "--proxy",
+        action="store_true",
+        help="the one input is a proxy benchmark dir (protocol.yaml): methods, claims, latent and targets tables",
+    )
+    p.add_argument("--plot", default=None, help="with --proxy: write the methods plot (PNG) to this path")
     return p.parse_args(argv)
+
+
+def proxy_main(args: argparse.Namespace) -> int:
+    """The --proxy mode: print the four tables, write md/csv (default into the benchmark dir) and the plot."""
+    if len(args.runs) != 1:
+        print(
+            f"error: --proxy takes one proxy benchmark dir, got {len(args.runs)}: {' '.join(args.runs)}",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        protocol, results = load_protocol(args.runs[0])
+        paths = write_report(protocol, results, args.out or args.runs[0])
+        print(proxy_markdown(protocol, results))
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
+        if args.plot is not None:
+            print(f"wrote {plot_methods(results, protocol, args.plot)}")
+    except (FileNotFoundError, ValueError, AVSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    if args.proxy:
+        return proxy_main(args)
+    if args.plot is not None:
+        print("error: --plot draws the proxy benchmark plot; use it with --proxy", file=sys.stderr)
+        return 2
     try:
         table, paths = make_table(
             args.runs,

@@ -115,7 +115,8 @@ def varied_keys(runs: Sequence[RunResult], ignore: Sequence[str] = ()) -> list[s
     return kept
 
 
-def _metric_value(record: dict[str, Any], split: str, protocol: str, metric: str, source: Path) -> float | None:
+def metric_value(record: dict[str, Any], split: str, protocol: str, metric: str, source: Path) -> float | None:
+    """One metric of a metrics.json record in % (split test or val, a metric protocol); None without that split."""
     block = record.get(split)
     if not isinstance(block, dict):
         return None
@@ -137,7 +138,7 @@ def _fill_row(
     for subset in subsets:
         group = [r for r in members if r.subset == subset]
         for m in metrics:
-            vals = [_metric_value(r.record, split, protocol, m, r.path) for r in group]
+            vals = [metric_value(r.record, split, protocol, m, r.path) for r in group]
             if vals:
                 std = statistics.stdev(vals) if len(vals) > 1 else None
                 row.cells[(subset, m)] = Cell(statistics.fmean(vals), std, len(vals))
@@ -166,7 +167,7 @@ def build_table(
         raise TableError("metrics must name at least one metric key (e.g. miou fscore)")
     usable = []
     for r in runs:
-        if _metric_value(r.record, split, protocol, metrics[0], r.path) is None:
+        if metric_value(r.record, split, protocol, metrics[0], r.path) is None:
             log.warning("%s: no %s metrics (%s=false or an interrupted run); skipped", r.path, split, TEST_AT_END_KEY)
             continue
         usable.append(r)

@@ -1,0 +1,283 @@
+"""Proxy benchmark report: t quantiles, seed statistics, paired claims, targets, tables, plot and the CLI."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from avs.errors import ConfigError
+from avs.tables.proxy import (
+    check_targets,
+    claim_differences,
+    describe,
+    final_total_kl,
+    load_protocol,
+    missing_runs,
+    t_cdf,
+    t_quantile,
+)
+from avs.tables.proxy_report import PlotUnavailable, plot_methods, to_csvs, to_markdown, write_report
+
+ROOT = Path(__file__).resolve().parents[2]
+T975_DF4 = 2.7764451051977987  # Student t table values
+T975_DF3 = 3.182446305284263
+
+# test mIoU (%) per (subset, cell), seeds 1..5; F = mIoU + 10
+TPAVI_S4 = [50.0, 51.0, 52.0, 53.0, 54.0]  # mean 52, sample var 2.5
+ECMVAE_S4 = [a + d for a, d in zip(TPAVI_S4, [2, 2, 3, 4, 4])]  # differences: mean 3, sample std 1
+NO_AUDIO_S4 = [a - d for a, d in zip(TPAVI_S4, [5, 6, 7, 8, 9])]  # differences: mean 7, sample var 2.5
+TPAVI_MS3 = [30.0, 32.0, 34.0, 36.0, 38.0]  # mean 34, sample var 10
+ECMVAE_MS3 = [a - d for a, d in zip(TPAVI_MS3, [1, -1, 2, -2, 0])]  # differences: mean 0
+FB_MS3 = [33.0, 34.0, 35.0, 36.0, 37.0]
+FB_KL = [0.5, 0.7, 0.9, 1.1, 1.3]  # final total KL per seed: mean 0.9
+FB_AUROC = [0.6, 0.7, 0.8]  # seeds 1..3 only
+
+PROTOCOL = {
+    "seeds": [1, 2, 3, 4, 5],
+    "subsets": {"s4": ["data=synth_s4"], "ms3": ["data=synth_ms3"]},
+    "base": ["experiment=proxy"],
+    "cells": {
+        "tpavi": {"label": "TPAVI", "overrides": ["model=tpavi"]},
+        "ecmvae": {"label": "ECMVAE", "overrides": ["model=ecmvae"]},
+        "tpavi_no_audio": {"label": "TPAVI without audio", "overrides": ["model.use_audio=false"], "subsets": ["s4"]},
+        "ecmvae_fb": {"label": "ECMVAE, free bits", "overrides": ["model=ecmvae"], "subsets": ["ms3"]},
+    },
+    "methods": ["tpavi", "ecmvae"],
+    "claims": [
+        {"name": "ECMVAE vs TPAVI", "a": "ecmvae", "b": "tpavi"},
+        {"name": "with vs without audio (TPAVI)", "a": "tpavi", "b": "tpavi_no_audio"},
+    ],
+    "targets": {"max_seed_std": 3.0, "min_total_kl": 1.0, "kl_cells": ["ecmvae_fb"]},
+    "metric": "miou",
+}
+
+
+def write_run(run_dir: Path, subset: str, seed: int, miou: float, tested: bool = True) -> None:
+    """A metrics.json shaped like the trainer's (config, data, seed, test/per_frame metrics in [0, 1])."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = {"config": {"data": {"subset": subset}, "seed": seed}, "data": {"subset": subset}, "seed": seed}
+    if tested:
+        record["test"] = {"per_frame": {"miou": miou / 100, "fscore": (miou + 10) / 100}}
+    (run_dir / "metrics.json").write_text(json.dumps(record))
+
+
+def write_kl(run_dir: Path, total: float, with_total: bool = True) -> None:
+    """Two validation lines like latent_kl_record writes; the last one carries `total` (its codes sum to it)."""
+    first = {"epoch": 1, "step": 2, "split": "val", "kl": {"s_v": [9.0], "s_a": [9.0]}, "total": {"s_v": 9, "s_a": 9}}
+    last = {"epoch": 2, "step": 4, "split": "val", "kl": {"s_v": [total / 4, total / 4], "s_a": [total / 2]}}
+    if with_total:
+        last["total"] = {"s_v": total / 2, "s_a": total / 2}
+    (run_dir / "latent_kl.jsonl").write_text(json.dumps(first) + "\n" + json.dumps(last) + "\n")
+
+
+def make_tree(out: Path, protocol: dict | None = None, ceilings: dict | None = None) -> Path:
+    """A protocol directory with the numbers above (all runs finished)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "protocol.yaml").write_text(yaml.safe_dump(protocol or PROTOCOL, sort_keys=False))
+    ceilings = ceilings or {"s4": {"val": 50.0, "test": 51.5}, "ms3": {"val": 28.0, "test": 29.0}}
+    (out / "ceilings.json").write_text(json.dumps(ceilings))
+    cells = {
+        ("s4", "tpavi"): TPAVI_S4,
+        ("s4", "ecmvae"): ECMVAE_S4,
+        ("s4", "tpavi_no_audio"): NO_AUDIO_S4,
+        ("ms3", "tpavi"): TPAVI_MS3,
+        ("ms3", "ecmvae"): ECMVAE_MS3,
+        ("ms3", "ecmvae_fb"): FB_MS3,
+    }
+    for (subset, cell), values in cells.items():
+        for seed, v in enumerate(values, start=1):
+            write_run(out / subset / cell / f"seed{seed}", subset, seed, v)
+    for seed, kl in enumerate(FB_KL, start=1):
+        write_kl(out / "ms3" / "ecmvae_fb" / f"seed{seed}", kl, with_total=seed != 2)
+    for seed, auroc in enumerate(FB_AUROC, start=1):
+        run = out / "ms3" / "ecmvae_fb" / f"seed{seed}"
+        (run / "uncertainty.json").write_text(json.dumps({"auroc": auroc, "num_samples": 20}))
+    return out
+
+
+def by_target(checks, prefix: str, where: str):
+    hits = [c for c in checks if c.target.startswith(prefix) and c.where == where]
+    assert len(hits) == 1, checks
+    return hits[0]
+
+
+# ----------------------------------------------------------------------------- statistics
+@pytest.mark.parametrize(
+    ("df", "expected"), [(1, 12.7062047362), (2, 4.3026527297), (4, T975_DF4), (29, 2.0452296421), (1e6, 1.9599650)]
+)
+def test_t_quantile_matches_table_values(df, expected):
+    assert t_quantile(0.975, df) == pytest.approx(expected, rel=1e-6)
+    assert t_quantile(0.025, df) == pytest.approx(-expected, rel=1e-6)
+    assert t_cdf(expected, df) == pytest.approx(0.975, abs=1e-7)
+
+
+def test_t_cdf_is_the_cauchy_cdf_for_one_degree_of_freedom():
+    for t in (-3.0, -0.5, 0.0, 0.7, 10.0):
+        assert t_cdf(t, 1) == pytest.approx(0.5 + math.atan(t) / math.pi, abs=1e-12)
+
+
+def test_describe_mean_std_interval_and_small_n():
+    s = describe(TPAVI_S4)
+    half = T975_DF4 * math.sqrt(2.5) / math.sqrt(5)
+    assert (s.n, s.mean, s.min) == (5, 52.0, 50.0)
+    assert s.std == pytest.approx(math.sqrt(2.5))
+    assert (s.lo, s.hi) == (pytest.approx(52 - half), pytest.approx(52 + half))
+    one = describe([7.0])
+    assert (one.n, one.mean, one.std, one.lo, one.hi) == (1, 7.0, None, None, None)
+    assert describe([]).mean is None
+
+
+# ----------------------------------------------------------------------------- loading, claims, targets
+def test_load_protocol_reads_metrics_kl_auroc_and_ceilings(tmp_path):
+    protocol, results = load_protocol(make_tree(tmp_path / "bench"))
+    assert protocol.ceilings.s4.test == 51.5
+    assert sorted(results) == sorted(
+        [("s4", "tpavi"), ("s4", "ecmvae"), ("s4", "tpavi_no_audio"), ("ms3", "tpavi"), ("ms3", "ecmvae")]
+        + [("ms3", "ecmvae_fb")]
+    )
+    run = results[("s4", "tpavi")][3]
+    assert run["miou"] == pytest.approx(52.0) and run["fscore"] == pytest.approx(62.0)
+    assert run["kl"] is None and run["auroc"] is None
+    fb = results[("ms3", "ecmvae_fb")]
+    assert [fb[k]["kl"] for k in range(1, 6)] == pytest.approx(FB_KL)  # seed 2 summed from the per-dimension KL
+    assert [fb[k]["auroc"] for k in range(1, 4)] == pytest.approx(FB_AUROC)
+    assert fb[4]["auroc"] is None and fb[5]["auroc"] is None
+    assert missing_runs(protocol, results) == []
+
+
+def test_final_total_kl_uses_the_last_line(tmp_path):
+    write_kl(tmp_path, 2.5)
+    assert final_total_kl(tmp_path / "latent_kl.jsonl") == pytest.approx(2.5)
+    assert final_total_kl(tmp_path / "absent.jsonl") is None
+
+
+def test_claim_differences_are_paired_over_common_seeds(tmp_path):
+    protocol, results = load_protocol(make_tree(tmp_path / "bench"))
+    claims = {(c.name, c.subset): c for c in claim_differences(protocol, results)}
+    assert sorted(claims) == sorted(
+        [("ECMVAE vs TPAVI", "s4"), ("ECMVAE vs TPAVI", "ms3"), ("with vs without audio (TPAVI)", "s4")]
+    )
+    c = claims[("ECMVAE vs TPAVI", "s4")]
+    half = T975_DF4 * 1.0 / math.sqrt(5)
+    assert (c.stats.n, c.stats.mean, c.verdict) == (5, pytest.approx(3.0), "holds")
+    assert (c.stats.lo, c.stats.hi) == (pytest.approx(3 - half), pytest.approx(3 + half))
+    assert claims[("ECMVAE vs TPAVI", "ms3")].verdict == "unresolved"
+    assert claims[("ECMVAE vs TPAVI", "ms3")].stats.mean == pytest.approx(0.0)
+    audio = claims[("with vs without audio (TPAVI)", "s4")]
+    assert audio.stats.mean == pytest.approx(7.0) and audio.verdict == "holds"
+
+
+def test_partial_tree_counts_the_finished_seeds_and_says_what_is_missing(tmp_path):
+    out = make_tree(tmp_path / "bench")
+    (out / "s4" / "tpavi" / "seed3" / "metrics.json").unlink()
+    write_run(out / "ms3" / "ecmvae" / "seed5", "ms3", 5, 0.0, tested=False)  # trained, never tested
+    protocol, results = load_protocol(out)
+    assert missing_runs(protocol, results) == [("s4", "tpavi", 3), ("ms3", "ecmvae", 5)]
+    s = describe([v["miou"] for v in results[("s4", "tpavi")].values()])
+    values = [50.0, 51.0, 53.0, 54.0]
+    std = math.sqrt(sum((v - 52.0) ** 2 for v in values) / 3)
+    assert (s.n, s.mean, s.std) == (4, pytest.approx(52.0), pytest.approx(std))
+    assert s.hi == pytest.approx(52.0 + T975_DF3 * std / 2)
+    claim = next(c for c in claim_differences(protocol, results) if c.subset == "s4" and c.b == "tpavi")
+    assert claim.seeds == [1, 2, 4, 5]
+    md = to_markdown(protocol, results)
+    assert "Missing (2 runs" in md and "s4/tpavi seed 3" in md and "ms3/ecmvae seed 5" in md
+    assert "| 4/5 |" in md
+    assert "s4,4,5," in to_csvs(protocol, results)["methods"].split("tpavi,TPAVI,")[1]
+
+
+def test_targets_are_measured_and_flip_when_the_numbers_change(tmp_path):
+    protocol, results = load_protocol(make_tree(tmp_path / "a"))
+    checks = check_targets(protocol, results)
+    ceiling = by_target(checks, "every seed above", "tpavi / s4")
+    assert ceiling.ok is False and "seeds 1, 2 not above" in ceiling.measured
+    assert by_target(checks, "every seed above", "ecmvae / s4").ok is True
+    assert by_target(checks, "seed std", "tpavi / s4").ok is True
+    assert by_target(checks, "seed std", "tpavi / ms3").ok is False  # std sqrt(10) > 3
+    assert by_target(checks, "audio claim", "tpavi / s4").ok is True
+    assert [c.where for c in checks if c.target.startswith("audio")] == ["tpavi / s4"]  # no ecmvae_no_audio cell
+    kl = by_target(checks, "mean total KL", "ecmvae_fb / ms3")
+    assert kl.ok is False and kl.measured.startswith("0.900")
+
+    out = make_tree(tmp_path / "b", ceilings={"s4": {"test": 49.0}, "ms3": {"test": 29.0}})
+    for seed, v in enumerate(TPAVI_S4, start=1):  # without audio now better: the claim is reversed
+        write_run(out / "s4" / "tpavi_no_audio" / f"seed{seed}", "s4", seed, v + seed + 4)
+    for seed in range(1, 6):
+        write_kl(out / "ms3" / "ecmvae_fb" / f"seed{seed}", 1.2)
+    protocol, results = load_protocol(out)
+    checks = check_targets(protocol, results)
+    assert by_target(checks, "every seed above", "tpavi / s4").ok is True
+    assert by_target(checks, "audio claim", "tpavi / s4").ok is False
+    assert "reversed" in by_target(checks, "audio claim", "tpavi / s4").measured
+    assert by_target(checks, "mean total KL", "ecmvae_fb / ms3").ok is True
+
+
+def test_unknown_cell_in_a_claim_is_a_plain_config_error(tmp_path):
+    bad = {**PROTOCOL, "claims": [{"name": "x", "a": "ecmvae", "b": "nope"}]}
+    with pytest.raises(ConfigError, match=r"claims\[0\]\.b names cell 'nope'"):
+        load_protocol(make_tree(tmp_path / "bench", protocol=bad))
+
+
+# ----------------------------------------------------------------------------- rendering, plot, CLI
+def test_markdown_and_csv_tables(tmp_path):
+    protocol, results = load_protocol(make_tree(tmp_path / "bench"))
+    md = to_markdown(protocol, results)
+    half = T975_DF4 * math.sqrt(2.5) / math.sqrt(5)
+    assert f"| TPAVI | 52.00 ± {math.sqrt(2.5):.2f} | [{52 - half:.2f}, {52 + half:.2f}] | 62.00 | 5 | 50.00 |" in md
+    assert "| TPAVI without audio | " in md and md.index("| ECMVAE |") < md.index("| TPAVI without audio |")
+    assert "| visual-only ceiling (test) | 51.50 |" in md
+    assert f"| ECMVAE vs TPAVI | S4 | +3.00 [{3 - T975_DF4 / math.sqrt(5):+.2f}, " in md
+    assert "| ECMVAE, free bits | MS3 | 0.900 ± " in md and "| 0.700 ± 0.100 | 3 |" in md
+    assert "Missing" not in md
+    csvs = to_csvs(protocol, results)
+    assert csvs["claims"].splitlines()[0] == "claim,a,b,subset,n,diff_mean,diff_std,ci_lo,ci_hi,verdict"
+    assert "ECMVAE vs TPAVI,ecmvae,tpavi,s4,5,3.0,1.0," in csvs["claims"]
+    paths = write_report(protocol, results, tmp_path / "report")
+    assert sorted(p.name for p in paths.values()) == sorted(
+        ["proxy_report.md", "proxy_methods.csv", "proxy_claims.csv", "proxy_latent.csv", "proxy_targets.csv"]
+    )
+    assert paths["md"].read_text() == md
+
+
+def test_plot_is_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    protocol, results = load_protocol(make_tree(tmp_path / "bench"))
+    path = plot_methods(results, protocol, tmp_path / "images" / "methods.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_names_the_extra(tmp_path, monkeypatch):
+    protocol, results = load_protocol(make_tree(tmp_path / "bench"))
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import fails as if not installed
+    with pytest.raises(PlotUnavailable, match=r"pip install -e \.\[plot\]"):
+        plot_methods(results, protocol, tmp_path / "p.png")
+
+
+def _tables_main():
+    spec = importlib.util.spec_from_file_location("tables_script", ROOT / "scripts" / "tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_cli_proxy_mode_writes_tables_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = make_tree(tmp_path / "bench")
+    plot = tmp_path / "img" / "proxy.png"
+    assert _tables_main()([str(out), "--proxy", "--plot", str(plot), "--out", str(tmp_path / "rep")]) == 0
+    printed = capsys.readouterr().out
+    assert "### Claims" in printed and "### Targets" in printed
+    assert (tmp_path / "rep" / "proxy_report.md").is_file() and plot.is_file()
+    assert not (out / "proxy_report.md").exists()
+
+
+def test_cli_proxy_mode_without_protocol_is_a_plain_error(tmp_path, capsys):
+    assert _tables_main()([str(tmp_path), "--proxy"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "protocol.yaml" in err[0] and str(tmp_path) in err[0]
