@@ -22,7 +22,6 @@ from typing import Any, NamedTuple
 
 from omegaconf import DictConfig, OmegaConf
 
-from avs.engine.diagnostics import LATENT_KL_FILE
 from avs.errors import ConfigError
 from avs.tables.build import metric_value
 from avs.tables.runs import TableError, load_runs
@@ -30,6 +29,7 @@ from avs.tables.runs import TableError, load_runs
 PROTOCOL_FILE = "protocol.yaml"
 CEILINGS_FILE = "ceilings.json"
 UNCERTAINTY_FILE = "uncertainty.json"
+LATENT_KL_FILE = "latent_kl.jsonl"  # avs.engine.diagnostics writes it; not imported here, which would load torch
 SPLIT = "test"
 METRIC_PROTOCOL = "per_frame"
 CONFIDENCE = 0.95

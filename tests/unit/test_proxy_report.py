@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from avs.engine.diagnostics import LATENT_KL_FILE, latent_kl_record
 from avs.errors import ConfigError
+from avs.tables import proxy
 from avs.tables.proxy import (
     check_targets,
     claim_differences,
@@ -68,12 +70,12 @@ def write_run(run_dir: Path, subset: str, seed: int, miou: float, tested: bool =
 
 
 def write_kl(run_dir: Path, total: float, with_total: bool = True) -> None:
-    """Two validation lines like latent_kl_record writes; the last one carries `total` (its codes sum to it)."""
-    first = {"epoch": 1, "step": 2, "split": "val", "kl": {"s_v": [9.0], "s_a": [9.0]}, "total": {"s_v": 9, "s_a": 9}}
-    last = {"epoch": 2, "step": 4, "split": "val", "kl": {"s_v": [total / 4, total / 4], "s_a": [total / 2]}}
-    if with_total:
-        last["total"] = {"s_v": total / 2, "s_a": total / 2}
-    (run_dir / "latent_kl.jsonl").write_text(json.dumps(first) + "\n" + json.dumps(last) + "\n")
+    """Two validation lines as the trainer writes them; the last one's per-dimension KL sums to `total`."""
+    first = latent_kl_record({"s_v": [9.0], "s_a": [9.0], "frames": 20}, epoch=1, step=2, split="val")
+    last = latent_kl_record({"s_v": [total / 4, total / 4], "s_a": [total / 2], "frames": 20}, epoch=2, step=4)
+    if not with_total:
+        del last["total"]
+    (run_dir / LATENT_KL_FILE).write_text(json.dumps(first) + "\n" + json.dumps(last) + "\n")
 
 
 def make_tree(out: Path, protocol: dict | None = None, ceilings: dict | None = None) -> Path:
@@ -152,6 +154,7 @@ def test_load_protocol_reads_metrics_kl_auroc_and_ceilings(tmp_path):
 
 
 def test_final_total_kl_uses_the_last_line(tmp_path):
+    assert proxy.LATENT_KL_FILE == LATENT_KL_FILE
     write_kl(tmp_path, 2.5)
     assert final_total_kl(tmp_path / "latent_kl.jsonl") == pytest.approx(2.5)
     assert final_total_kl(tmp_path / "absent.jsonl") is None
