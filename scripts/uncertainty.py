@@ -4,7 +4,8 @@ python scripts/uncertainty.py checkpoint=outputs/.../checkpoints/best.ckpt [spli
 
 Prints one line and writes the record as JSON to `out=` (default: `<run dir>/uncertainty.json`, the run
 dir holding checkpoints/). K = 8 prior samples unless eval.num_samples is given; `seed=` (default 0)
-makes two calls give the same numbers. Config: configs/uncertainty.yaml.
+makes two calls give the same numbers. `data.<key>=` changes one key of the checkpoint's data config,
+`data=<group>` replaces it (as in scripts/eval.py). Config: configs/uncertainty.yaml.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from omegaconf import DictConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import avs  # noqa: E402,F401
+from avs.config_checks import hints_on_rejection  # noqa: E402
 from avs.errors import plain_errors  # noqa: E402
-from avs.evaluation.checkpoint import eval_data_config  # noqa: E402
+from avs.evaluation.checkpoint import data_overrides, eval_data_config  # noqa: E402
 from avs.evaluation.uncertainty import summary_line, write_uncertainty  # noqa: E402
 
 
@@ -51,5 +53,13 @@ def main(cfg: DictConfig) -> None:
     print(summary_line(record))
 
 
+def run() -> None:
+    """Entry point: `data.<key>=` alone changes the checkpoint's data config (as in scripts/eval.py)."""
+    user_args = data_overrides(sys.argv[1:])
+    sys.argv[1:] = user_args
+    with hints_on_rejection(user_args, config_name="uncertainty"):
+        main()
+
+
 if __name__ == "__main__":
-    main()
+    run()

@@ -145,6 +145,15 @@ def test_a_deterministic_checkpoint_is_refused_plainly(synth_data_dir, tmp_path)
     assert not (tmp_path / "u.json").exists()
 
 
+def test_config_defaults_to_k_8_and_the_command_line_overrides_it():
+    cfg = compose_cfg("uncertainty", ["checkpoint=x.ckpt"])
+    assert cfg.eval.num_samples == 8 and cfg.seed == 0 and cfg.out is None and cfg.split == "test"
+    assert list(cfg.eval.protocols)  # the rest of the eval group is kept
+    assert compose_cfg("uncertainty", ["checkpoint=x.ckpt", "eval.num_samples=16"]).eval.num_samples == 16
+    with pytest.raises(ConfigError, match="num_samples=1"):
+        write_uncertainty("x.ckpt", num_samples=1)
+
+
 def _script(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(PROJECT_ROOT / "scripts" / "uncertainty.py"), *args],
@@ -158,13 +167,17 @@ def _script(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 def test_cli_default_k_is_8_and_a_missing_checkpoint_is_a_plain_error(ecmvae_ckpt, tmp_path):
     out = tmp_path / "u.json"
-    ok = _script([f"checkpoint={ecmvae_ckpt}", f"out={out}", f"hydra.run.dir={tmp_path}/h"], tmp_path)
+    args = [f"checkpoint={ecmvae_ckpt}", f"out={out}", "data.eval_batch_size=1", f"hydra.run.dir={tmp_path}/h"]
+    ok = _script(args, tmp_path)
     assert ok.returncode == 0, ok.stderr[-3000:]
     record = json.loads(out.read_text())
-    assert record["num_samples"] == 8 and record["split"] == "test"
+    assert record["num_samples"] == 8 and record["split"] == "test" and record["frames"] == 2 * 3
     assert ok.stdout.strip().splitlines()[-1].startswith("ecmvae test: AUROC(variance) ")
     missing = _script([f"checkpoint={tmp_path}/none.ckpt", f"hydra.run.dir={tmp_path}/h2"], tmp_path)
     assert missing.returncode == ExitCode.CHECKPOINT
     lines = [ln for ln in missing.stderr.splitlines() if ln.strip()]
     assert "Traceback" not in missing.stderr and len(lines) <= 2
     assert lines[0] == f"error: checkpoint not found: {tmp_path}/none.ckpt"
+    moved = [f"checkpoint={ecmvae_ckpt}", f"data.root={tmp_path}/moved", "data.synthetic=null"]
+    bad_root = _script([*moved, f"hydra.run.dir={tmp_path}/h3"], tmp_path)
+    assert bad_root.returncode == ExitCode.DATA and f"data.root {tmp_path}/moved does not exist" in bad_root.stderr
