@@ -20,6 +20,7 @@ from torch import Tensor
 
 from avs.errors import ConfigError
 from avs.evaluation.evaluator import move_to
+from avs.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +174,7 @@ def write_uncertainty(
     record = {"checkpoint": str(checkpoint), "method": loaded.method, "split": str(split), "seed": int(seed), **record}
     path = Path(out).expanduser() if out is not None else default_output(checkpoint)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
     log.info("uncertainty record written to %s", path)
     return record
 
