@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from avs.errors import ConfigError
-from avs.evaluation.evaluator import move_to
+from avs.evaluation.evaluator import EvaluationError, move_to
 from avs.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ def uncertainty_record(
         variances.append(var.reshape(-1).cpu())
         entropies.append(binary_entropy(prob).reshape(-1).float().cpu())
     if frames == 0:
-        raise ConfigError("no annotated frame to score: the split is empty or has no masks")
+        raise EvaluationError("no annotated frame to score: the split is empty or every clip was skipped")
     err, var, ent = torch.cat(errors), torch.cat(variances), torch.cat(entropies)
     return {
         "auroc": binary_auroc(var, err),

@@ -14,6 +14,7 @@ import torch
 
 from avs.config import PROJECT_ROOT
 from avs.errors import ConfigError, ExitCode
+from avs.evaluation.evaluator import EvaluationError
 from avs.evaluation.uncertainty import binary_auroc, binary_entropy, uncertainty_record, write_uncertainty
 from tests.conftest import compose_cfg, tiny_overrides
 
@@ -98,6 +99,8 @@ def test_uncertainty_record_counts_only_annotated_frames_and_splits_variance_by_
     batch["mask_valid"] = torch.tensor([[True, True]])
     rec = uncertainty_record(_Fixed(prob, var), [batch])
     assert rec["pixels"] == 4 and rec["error_rate"] == 0.75
+    with pytest.raises(EvaluationError, match="no annotated frame"):
+        uncertainty_record(_Fixed(prob, var), [{"skipped": ["x"]}])
 
 
 def test_uncertainty_record_refuses_a_deterministic_model_or_one_sample():
