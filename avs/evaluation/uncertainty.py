@@ -1,0 +1,192 @@
+"""Is a latent model's uncertainty map useful? AUROC of its per-pixel errors against its predicted variance.
+
+A latent model (ECMVAE-style) with `eval_num_samples = K > 1` draws K codes from the prior and returns
+the mean probability and the per-pixel variance of the K sampled probabilities. Here every scored pixel
+is labelled "wrong" when the thresholded mean probability disagrees with the ground truth, and the
+variance is read as a score for "wrong": its ROC AUC is 1.0 when every wrong pixel has a larger variance
+than every right one and 0.5 when the variance tells nothing. The binary entropy of the mean probability
+is the baseline any segmentation model has (high near p = 0.5).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from avs.errors import ConfigError
+from avs.evaluation.evaluator import EvaluationError, move_to
+from avs.utils.io import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+__all__ = ["UNCERTAINTY_FILE", "binary_auroc", "binary_entropy", "uncertainty_record", "write_uncertainty"]
+
+UNCERTAINTY_FILE = "uncertainty.json"
+
+
+def binary_auroc(scores: Tensor, labels: Tensor) -> float | None:
+    """Exact ROC AUC of `scores` for the positive `labels` (Mann-Whitney U, average ranks for ties).
+
+    Equals the probability that a random positive scores above a random negative, ties counting one
+    half. None when every label is the same (the AUC is undefined).
+    """
+    s = torch.as_tensor(scores).detach().reshape(-1).to("cpu", torch.float64)
+    y = torch.as_tensor(labels).detach().reshape(-1).to("cpu").bool()
+    if s.numel() != y.numel():
+        raise ValueError(f"scores and labels differ in size: {s.numel()} vs {y.numel()}")
+    if bool(torch.isnan(s).any()):
+        raise ValueError("scores contain NaN")
+    n_pos = int(y.sum())
+    n_neg = y.numel() - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    sorted_s, order = torch.sort(s, stable=True)
+    _, counts = torch.unique_consecutive(sorted_s, return_counts=True)
+    ends = torch.cumsum(counts, 0).to(torch.float64)  # 1-based rank of each tie group's last member
+    mean_rank = ends - (counts.to(torch.float64) - 1) / 2
+    ranks = torch.repeat_interleave(mean_rank, counts)  # rank of each sorted element
+    rank_sum = float(ranks[y[order]].sum())
+    u = rank_sum - n_pos * (n_pos + 1) / 2
+    return u / (n_pos * n_neg)
+
+
+def binary_entropy(p: Tensor) -> Tensor:
+    """Entropy (nats) of Bernoulli(p), elementwise; 0 at p = 0 or 1."""
+    p = p.to(torch.float64)
+    return -(torch.special.xlogy(p, p) + torch.special.xlogy(1 - p, 1 - p))
+
+
+def _sampled_k(model: torch.nn.Module) -> int:
+    net = getattr(model, "_orig_mod", model)
+    if getattr(net, "latent", None) is None:
+        name = type(net).__name__
+        raise ConfigError(f"{name} has no latent part: the uncertainty map needs a latent model (ecmvae, ecmvae_bg)")
+    k = int(getattr(net, "eval_num_samples", 1) or 1)
+    if k < 2:
+        raise ConfigError(f"eval.num_samples={k}: the uncertainty map needs K >= 2 prior samples")
+    return k
+
+
+def _mean(x: Tensor) -> float | None:
+    return float(x.to(torch.float64).mean()) if x.numel() else None
+
+
+@torch.no_grad()
+def uncertainty_record(
+    model: torch.nn.Module, loader: Any, device: torch.device | str = "cpu", threshold: float = 0.5
+) -> dict[str, Any]:
+    """Per-pixel error (mean prob > threshold vs GT > 0.5) against the K-sample variance over `loader`.
+
+    Frames with a False `mask_valid` (no ground truth) are left out; batches without frames (every
+    clip skipped) are passed over. Returns {"auroc", "auroc_entropy", "num_samples", "threshold",
+    "frames", "pixels", "error_rate", "mean_variance", "mean_variance_error", "mean_variance_correct"}
+    (the AUROCs and the conditional means are None when every pixel is right, or every one wrong).
+    """
+    k = _sampled_k(model)
+    device = torch.device(device)
+    model.eval()
+    variances, errors, entropies = [], [], []
+    frames = 0
+    for batch in loader:
+        if "frames" not in batch:
+            continue
+        batch = move_to(batch, device)
+        out = model(batch)
+        if "variance" not in out:
+            raise ConfigError(f"the model returned no variance map with eval.num_samples={k}")
+        prob = torch.sigmoid(out["logits"].float()).flatten(0, 1)  # [B*T,1,H,W]
+        var = out["variance"].float().flatten(0, 1)
+        gt = batch["masks"].flatten(0, 1) > 0.5
+        valid = batch.get("mask_valid")
+        if valid is not None:
+            keep = valid.reshape(-1).bool()
+            prob, var, gt = prob[keep], var[keep], gt[keep]
+        frames += int(prob.shape[0])
+        errors.append(((prob > threshold) != gt).reshape(-1).cpu())
+        variances.append(var.reshape(-1).cpu())
+        entropies.append(binary_entropy(prob).reshape(-1).float().cpu())
+    if frames == 0:
+        raise EvaluationError("no annotated frame to score: the split is empty or every clip was skipped")
+    err, var, ent = torch.cat(errors), torch.cat(variances), torch.cat(entropies)
+    return {
+        "auroc": binary_auroc(var, err),
+        "auroc_entropy": binary_auroc(ent, err),
+        "num_samples": k,
+        "threshold": float(threshold),
+        "frames": frames,
+        "pixels": int(err.numel()),
+        "error_rate": float(err.double().mean()),
+        "mean_variance": _mean(var),
+        "mean_variance_error": _mean(var[err]),
+        "mean_variance_correct": _mean(var[~err]),
+    }
+
+
+def default_output(checkpoint: str | Path) -> Path:
+    """`<run>/uncertainty.json` for a checkpoint `<run>/checkpoints/<name>.ckpt`."""
+    return Path(checkpoint).expanduser().resolve().parent.parent / UNCERTAINTY_FILE
+
+
+def write_uncertainty(
+    checkpoint: str | Path,
+    split: str = "test",
+    num_samples: int = 8,
+    out: str | Path | None = None,
+    seed: int = 0,
+    *,
+    device: str | torch.device = "auto",
+    data: Any = None,
+    batch_size: int | None = None,
+    threshold: float = 0.5,
+) -> dict[str, Any]:
+    """Score a checkpoint's uncertainty map on `split` with K = `num_samples` prior samples; write JSON.
+
+    `out`: the JSON file (default `<run dir>/uncertainty.json`). `data`: a data config to use instead of
+    the checkpoint's (scripts/uncertainty.py passes the command line's). The same `seed` gives the same
+    numbers. Returns the record (uncertainty_record plus checkpoint, method, split, seed).
+    """
+    from torch.utils.data import DataLoader
+
+    from avs.data import build_dataset
+    from avs.data.avsbench import collate_skip_none
+    from avs.inference.model import load_model
+
+    if int(num_samples) < 2:
+        raise ConfigError(f"num_samples={num_samples}: the uncertainty map needs K >= 2 prior samples")
+    loaded = load_model(checkpoint, device=device, num_samples=int(num_samples))
+    if not loaded.has_latent:
+        raise ConfigError(f"{checkpoint}: model {loaded.method!r} has no latent part (no uncertainty map)")
+    data_cfg = loaded.cfg.data if data is None else data
+    if data_cfg.get("synthetic"):
+        from avs.data.synthetic import ensure_synthetic
+
+        ensure_synthetic(data_cfg)
+    ds = build_dataset(data_cfg, str(split), train=False)
+    size = int(batch_size or data_cfg.get("eval_batch_size", 1) or 1)
+    loader = DataLoader(ds, batch_size=size, num_workers=0, collate_fn=collate_skip_none)
+    torch.manual_seed(int(seed))
+    record = uncertainty_record(loaded.model, loader, loaded.device, threshold)
+    record = {"checkpoint": str(checkpoint), "method": loaded.method, "split": str(split), "seed": int(seed), **record}
+    path = Path(out).expanduser() if out is not None else default_output(checkpoint)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+    log.info("uncertainty record written to %s", path)
+    return record
+
+
+def summary_line(record: dict[str, Any]) -> str:
+    """One line for the console: AUROC of the variance and of the entropy baseline, error rate, K."""
+
+    def fmt(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.4f}"
+
+    return (
+        f"{record.get('method', '?')} {record.get('split', '?')}: AUROC(variance) {fmt(record['auroc'])}, "
+        f"AUROC(entropy) {fmt(record['auroc_entropy'])}, error rate {fmt(record['error_rate'])}, "
+        f"K={record['num_samples']}, {record['pixels']} pixels"
+    )
