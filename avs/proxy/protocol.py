@@ -1,0 +1,143 @@
+"""The proxy benchmark's protocol: which runs it makes and where they live.
+
+A protocol (configs/proxy_benchmark.yaml, copied resolved to ``<out_dir>/protocol.yaml``) names
+the seeds, the subsets, the overrides every run shares (``base``) and the cells (a method or an
+ablation, each a list of overrides). One run = (subset, cell, seed) in
+``<out_dir>/<subset>/<cell>/seed<k>``. docs/reproducing.md, "Proxy benchmark", describes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from avs.config_checks import ConfigError
+
+PROTOCOL_FILE = "protocol.yaml"
+CEILINGS_FILE = "ceilings.json"
+# keys of the protocol that decide what a run computes: an out_dir made with other values is refused
+RUN_DEFINING = ("base", "subsets", "cells")
+PROTOCOL_KEYS = (
+    "seeds",
+    "subsets",
+    "base",
+    "extra_overrides",
+    "cells",
+    "methods",
+    "claims",
+    "targets",
+    "metric",
+    "uncertainty",
+)
+
+
+@dataclass(frozen=True)
+class ProxyRun:
+    """One training run of the protocol."""
+
+    subset: str
+    cell: str
+    seed: int
+    overrides: tuple[str, ...]
+    run_dir: Path
+
+    @property
+    def name(self) -> str:
+        return f"{self.subset}/{self.cell}/seed{self.seed}"
+
+
+def _strings(node: Any, where: str) -> list[str]:
+    if node is None:
+        return []
+    items = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+        raise ConfigError(f"{where} must be a list of override strings (key=value), got {items!r}")
+    return list(items)
+
+
+def cell_subsets(protocol: DictConfig, cell: str) -> list[str]:
+    """The subsets a cell runs on (all of the protocol's unless the cell lists some)."""
+    node = protocol.cells[cell]
+    wanted = node.get("subsets")
+    subsets = list(protocol.subsets.keys())
+    if wanted is None:
+        return subsets
+    unknown = [s for s in wanted if s not in subsets]
+    if unknown:
+        raise ConfigError(f"cells.{cell}.subsets: {unknown} not among the protocol's subsets {subsets}")
+    return list(wanted)
+
+
+def validate(protocol: DictConfig) -> None:
+    """Refuse a protocol whose references do not resolve (methods, claims and targets name cells)."""
+    for key in ("seeds", "subsets", "cells", "methods"):
+        if not protocol.get(key):
+            raise ConfigError(f"proxy protocol: `{key}` is missing or empty")
+    cells = set(protocol.cells.keys())
+    for m in protocol.methods:
+        if m not in cells:
+            raise ConfigError(f"methods: {m!r} is not a cell (cells: {sorted(cells)})")
+    for i, claim in enumerate(protocol.get("claims") or []):
+        for side in ("a", "b"):
+            if claim.get(side) not in cells:
+                raise ConfigError(f"claims[{i}] ({claim.get('name')}): {side}={claim.get(side)!r} is not a cell")
+    for c in (protocol.get("targets") or {}).get("kl_cells") or []:
+        if c not in cells:
+            raise ConfigError(f"targets.kl_cells: {c!r} is not a cell")
+    for name in cells:
+        _strings(protocol.cells[name].get("overrides"), f"cells.{name}.overrides")
+        cell_subsets(protocol, name)
+
+
+def expand(protocol: DictConfig, out_dir: Path) -> list[ProxyRun]:
+    """Every run of the protocol, seed-major (all cells of seed 1 first), so a stopped run has whole seeds."""
+    validate(protocol)
+    base = _strings(protocol.get("base"), "base")
+    extra = _strings(protocol.get("extra_overrides"), "extra_overrides")
+    runs = []
+    for seed in protocol.seeds:
+        for subset, subset_overrides in protocol.subsets.items():
+            for cell in protocol.cells:
+                if subset not in cell_subsets(protocol, cell):
+                    continue
+                cell_overrides = _strings(protocol.cells[cell].get("overrides"), f"cells.{cell}.overrides")
+                subset_part = _strings(subset_overrides, f"subsets.{subset}")
+                overrides = (*base, *subset_part, *cell_overrides, *extra, f"seed={int(seed)}")
+                run_dir = out_dir / subset / cell / f"seed{int(seed)}"
+                runs.append(ProxyRun(subset, cell, int(seed), overrides, run_dir))
+    return runs
+
+
+def protocol_node(cfg: DictConfig) -> DictConfig:
+    """The part of the script's config that is the protocol (what protocol.yaml holds)."""
+    data = {}
+    for k in PROTOCOL_KEYS:
+        if k in cfg:
+            data[k] = OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+    return OmegaConf.create(data)
+
+
+def check_same_protocol(out_dir: Path, protocol: DictConfig) -> None:
+    """An out_dir made by a different protocol (other base / subsets / cells) is refused, not mixed into."""
+    path = out_dir / PROTOCOL_FILE
+    if not path.is_file():
+        return
+    old = OmegaConf.load(path)
+    for key in RUN_DEFINING:
+        a = OmegaConf.to_container(old.get(key), resolve=True) if old.get(key) is not None else None
+        b = OmegaConf.to_container(protocol.get(key), resolve=True) if protocol.get(key) is not None else None
+        if key == "cells" and a is not None and b is not None:
+            changed = [c for c in b if c in a and a[c].get("overrides") != b[c].get("overrides")]
+            if changed:
+                raise ConfigError(
+                    f"{path}: cells {changed} were run with other overrides; use another out_dir "
+                    "(runs of two protocols are never mixed in one table)"
+                )
+        elif a != b:
+            raise ConfigError(
+                f"{path}: `{key}` differs from this protocol's ({a} there, {b} now); use another out_dir "
+                "(runs of two protocols are never mixed in one table)"
+            )

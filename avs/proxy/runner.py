@@ -1,0 +1,214 @@
+"""Run a proxy protocol: data and ceilings first, then every run in a few worker processes.
+
+Each run is ``scripts/train.py <overrides> hydra.run.dir=<run dir>`` in a child process with
+``threads`` torch threads (several one-thread runs side by side use a small CPU better than one
+run with all cores). A run whose dir already holds a finished metrics.json is kept; an unfinished
+one is moved aside and run again. A failed run is reported by name at the end (non-zero exit).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from avs.config import CONFIG_DIR, PROJECT_ROOT
+from avs.proxy.protocol import CEILINGS_FILE, PROTOCOL_FILE, ProxyRun, check_same_protocol, expand, protocol_node
+from avs.utils.io import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+TRAIN_SCRIPT = PROJECT_ROOT / "scripts" / "train.py"
+
+
+@dataclass
+class ProxyOutcome:
+    """What one invocation did: runs made, kept (already finished) and failed, and the wall time."""
+
+    made: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def finished(run_dir: Path) -> bool:
+    """True when the run wrote its final metrics.json with a test evaluation."""
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        return False
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(record.get("test"))
+
+
+def compose_train(overrides: Sequence[str]) -> DictConfig:
+    """The training config these overrides give (Hydra compose, no run dir made)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            return compose("train", overrides=[o for o in overrides if not o.startswith("hydra.")])
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def prepare_data(protocol: DictConfig, runs: Sequence[ProxyRun], out_dir: Path) -> dict[str, dict[str, float]]:
+    """Generate every subset's Sounding Shapes root once (before workers start) and record its ceilings."""
+    from avs.data.synthetic import compute_ceilings, ensure_synthetic
+
+    ceilings: dict[str, dict[str, float]] = {}
+    seen: set[str] = set()
+    for run in runs:
+        if run.subset in seen:
+            continue
+        seen.add(run.subset)
+        cfg = compose_train(run.overrides)
+        if cfg.data.get("synthetic") is None:
+            ceilings[run.subset] = {}
+            continue
+        root = ensure_synthetic(cfg.data, progress=True)
+        ceilings[run.subset] = {
+            split: round(float(compute_ceilings(root, cfg.data.synthetic.subset, split)["visual_only_ceiling"]), 4)
+            for split in ("val", "test")
+            if int(cfg.data.synthetic.clips[split]) > 0
+        }
+    atomic_write_text(out_dir / CEILINGS_FILE, json.dumps(ceilings, indent=2) + "\n")
+    return ceilings
+
+
+def _command(run: ProxyRun) -> list[str]:
+    return [sys.executable, str(TRAIN_SCRIPT), *run.overrides, f"hydra.run.dir={run.run_dir}", "trainer.progress=false"]
+
+
+def _log_path(log_dir: Path, run: ProxyRun) -> Path:
+    return log_dir / f"{run.subset}_{run.cell}_seed{run.seed}.log"
+
+
+def _run_one(run: ProxyRun, threads: int, log_dir: Path) -> tuple[ProxyRun, int, float]:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    log_path = _log_path(log_dir, run)
+    start = time.perf_counter()
+    with open(log_path, "w") as fh:
+        code = subprocess.call(_command(run), stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=PROJECT_ROOT)
+    return run, code, time.perf_counter() - start
+
+
+def _set_aside(run_dir: Path) -> None:
+    """An unfinished run dir is renamed (kept for inspection), never deleted."""
+    k = 1
+    while (target := run_dir.with_name(f"{run_dir.name}.unfinished{k}")).exists():
+        k += 1
+    run_dir.rename(target)
+    log.warning("%s: unfinished run moved to %s; running it again", run_dir, target.name)
+
+
+def _drop_last_checkpoint(run_dir: Path) -> None:
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        last.unlink()
+
+
+def _selected(cfg: DictConfig, runs: list[ProxyRun]) -> list[ProxyRun]:
+    """The runs `only` (cells) and `only_subsets` keep; a name the protocol does not have is refused."""
+    from avs.config_checks import ConfigError
+
+    for key, have in (("only", {r.cell for r in runs}), ("only_subsets", {r.subset for r in runs})):
+        unknown = sorted(set(cfg.get(key) or []) - have)
+        if unknown:
+            raise ConfigError(f"{key}: {unknown} not in the protocol (it has {sorted(have)})")
+    cells, subsets = set(cfg.get("only") or []), set(cfg.get("only_subsets") or [])
+    return [r for r in runs if (not cells or r.cell in cells) and (not subsets or r.subset in subsets)]
+
+
+def run_protocol(
+    cfg: DictConfig,
+    out_dir: Path,
+    after_run: Callable[[ProxyRun], None] | None = None,
+) -> ProxyOutcome:
+    """Write protocol.yaml, make the data, run what is not finished; `after_run` sees each new run."""
+    start = time.perf_counter()
+    protocol = protocol_node(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    check_same_protocol(out_dir, protocol)
+    runs = expand(protocol, out_dir)
+    runs = _selected(cfg, runs)
+    atomic_write_text(out_dir / PROTOCOL_FILE, OmegaConf.to_yaml(protocol))
+    outcome = ProxyOutcome()
+    todo = []
+    for run in runs:
+        if finished(run.run_dir):
+            outcome.kept.append(run.name)
+        else:
+            if run.run_dir.exists():
+                _set_aside(run.run_dir)
+            todo.append(run)
+    prepare_data(protocol, runs, out_dir)
+    log_dir = out_dir / "logs"
+    log_dir.mkdir(exist_ok=True)
+    if cfg.get("dry_run"):
+        for run in todo:
+            print(" ".join(_command(run)))
+        outcome.seconds = time.perf_counter() - start
+        return outcome
+    _execute(cfg, todo, log_dir, outcome, after_run)
+    outcome.seconds = time.perf_counter() - start
+    return outcome
+
+
+def _execute(cfg, todo, log_dir, outcome, after_run) -> None:
+    workers = max(1, int(cfg.workers))
+    bar = tqdm(total=len(todo), desc="proxy runs", unit="run", disable=not cfg.get("progress", True))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(_run_one, run, int(cfg.threads), log_dir) for run in todo]
+        for fut in as_completed(futures):
+            run, code, seconds = fut.result()
+            if code == 0 and finished(run.run_dir):
+                outcome.made.append(run.name)
+                if not cfg.get("keep_last_checkpoint", False):
+                    _drop_last_checkpoint(run.run_dir)
+                if after_run is not None:
+                    try:
+                        after_run(run)
+                    except Exception as exc:  # noqa: BLE001  (reported by name with the run, never lost)
+                        outcome.failed[run.name] = f"after-run step failed: {exc}"
+            else:
+                outcome.failed[run.name] = f"exit code {code}; log {_log_path(log_dir, run)}"
+            bar.set_postfix_str(f"{run.name} {seconds:.0f}s")
+            bar.update(1)
+    bar.close()
+
+
+def after_run_step(cfg: DictConfig) -> Callable[[ProxyRun], None] | None:
+    """The per-run follow-up: the uncertainty pass for the cells the protocol lists (None if none)."""
+    node = cfg.get("uncertainty")
+    cells = set(node.get("cells") or []) if node is not None else set()
+    if not cells:
+        return None
+
+    def step(run: ProxyRun) -> None:
+        if run.cell not in cells:
+            return
+        from avs.evaluation.uncertainty import write_uncertainty
+
+        write_uncertainty(
+            run.run_dir / "checkpoints" / "best.ckpt",
+            split=str(node.split),
+            num_samples=int(node.num_samples),
+            out=run.run_dir / "uncertainty.json",
+        )
+
+    return step

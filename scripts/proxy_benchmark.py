@@ -1,0 +1,48 @@
+"""Run the CPU proxy benchmark (configs/proxy_benchmark.yaml; docs/reproducing.md, "Proxy benchmark").
+
+    python scripts/proxy_benchmark.py                       # every run; finished runs are kept
+    python scripts/proxy_benchmark.py only=[tpavi,avsbg] seeds=[1,2]
+    python scripts/proxy_benchmark.py dry_run=true          # the train commands, nothing run
+    python scripts/proxy_benchmark.py toy=true out_dir=/tmp/proxy_toy
+
+Then the tables and the plot:
+    python scripts/tables.py outputs/proxy_benchmark --proxy --plot docs/images/proxy_methods.png
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
+import avs  # noqa: E402,F401  (registers config resolvers)
+from avs.errors import plain_errors  # noqa: E402
+from avs.proxy import after_run_step, run_protocol  # noqa: E402
+
+log = logging.getLogger("avs.proxy_benchmark")
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="proxy_benchmark")
+@plain_errors
+def main(cfg: DictConfig) -> None:
+    if cfg.toy:
+        cfg.extra_overrides = list(cfg.toy_overrides)
+    out_dir = Path(cfg.out_dir).expanduser()
+    outcome = run_protocol(cfg, out_dir, after_run=after_run_step(cfg))
+    print(
+        f"proxy benchmark in {out_dir}: {len(outcome.made)} runs made, {len(outcome.kept)} kept, "
+        f"{len(outcome.failed)} failed; {outcome.seconds / 60:.1f} min"
+    )
+    for name, why in outcome.failed.items():
+        print(f"failed: {name}: {why}", file=sys.stderr)
+    if outcome.failed:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""The proxy benchmark runner: protocol expansion, refusals, the run queue, and one real toy run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from avs.config import PROJECT_ROOT
+from avs.config_checks import ConfigError
+from avs.proxy import expand, finished, run_protocol, validate
+from avs.proxy import runner as runner_mod
+from avs.proxy.protocol import check_same_protocol, protocol_node
+from tests.conftest import compose_cfg
+
+
+def _cfg(tmp_path: Path, **changes):
+    cfg = compose_cfg("proxy_benchmark", [f"out_dir={tmp_path / 'out'}", "progress=false"])
+    for key, value in changes.items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    return cfg
+
+
+def test_expand_is_seed_major_and_respects_cell_subsets(tmp_path):
+    cfg = _cfg(tmp_path)
+    runs = expand(protocol_node(cfg), tmp_path)
+    seeds = [r.seed for r in runs]
+    assert seeds == sorted(seeds), "every run of seed 1 comes before any of seed 2"
+    per_seed = len(runs) // len(cfg.seeds)
+    restricted = {c for c in cfg.cells if cfg.cells[c].get("subsets")}
+    assert per_seed == sum(len(cfg.cells[c].get("subsets") or cfg.subsets) for c in cfg.cells)
+    for r in runs:
+        assert r.run_dir == tmp_path / r.subset / r.cell / f"seed{r.seed}"
+        assert r.overrides[0] == "experiment=proxy" and r.overrides[-1] == f"seed={r.seed}"
+        if r.cell in restricted:
+            assert r.subset in cfg.cells[r.cell].subsets
+
+
+def test_protocol_references_are_checked(tmp_path):
+    cfg = _cfg(tmp_path)
+    bad = protocol_node(cfg)
+    bad.claims.append({"name": "x", "a": "ecmvae", "b": "nope"})
+    with pytest.raises(ConfigError, match="nope"):
+        validate(bad)
+    bad = protocol_node(cfg)
+    bad.methods.append("missing_method")
+    with pytest.raises(ConfigError, match="missing_method"):
+        validate(bad)
+    with pytest.raises(ConfigError, match="only_subsets"):
+        run_protocol(_cfg(tmp_path, only_subsets=["avs"]), tmp_path / "never")
+
+
+def test_an_out_dir_of_another_protocol_is_refused(tmp_path):
+    cfg = _cfg(tmp_path)
+    node = protocol_node(cfg)
+    (tmp_path / "protocol.yaml").write_text(OmegaConf.to_yaml(node))
+    check_same_protocol(tmp_path, node)  # same protocol: fine
+    node.cells.tpavi.overrides = ["model=tpavi", "trainer.lr=5e-4"]
+    with pytest.raises(ConfigError, match="tpavi"):
+        check_same_protocol(tmp_path, node)
+
+
+FAKE_TRAIN = """
+import json, sys, pathlib
+args = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a)
+run = pathlib.Path(args["hydra.run.dir"]); run.mkdir(parents=True, exist_ok=True)
+if "model=avsbg" in sys.argv and "seed=2" in sys.argv:
+    sys.exit(3)
+(run / "metrics.json").write_text(json.dumps({"test": {"per_frame": {"miou": 0.5}}}))
+"""
+
+
+def test_queue_runs_keeps_finished_and_reports_failures_by_name(tmp_path, monkeypatch):
+    fake = tmp_path / "fake_train.py"
+    fake.write_text(FAKE_TRAIN)
+    monkeypatch.setattr(runner_mod, "TRAIN_SCRIPT", fake)
+    monkeypatch.setattr(runner_mod, "prepare_data", lambda *a, **k: {})
+    cfg = _cfg(tmp_path, seeds=[1, 2], only=["tpavi", "avsbg"], uncertainty=None)
+    out = Path(cfg.out_dir)
+    first = run_protocol(cfg, out)
+    made = [f"{s}/{c}/seed{k}" for s in ("ms3", "s4") for c, k in (("avsbg", 1), ("tpavi", 1), ("tpavi", 2))]
+    assert sorted(first.made) == made
+    assert sorted(first.failed) == ["ms3/avsbg/seed2", "s4/avsbg/seed2"]
+    assert "exit code 3" in first.failed["s4/avsbg/seed2"]
+    # an unfinished run dir is set aside (kept), the finished ones are not run again
+    broken = out / "s4" / "avsbg" / "seed2"
+    broken.mkdir(parents=True, exist_ok=True)
+    (broken / "partial.txt").write_text("x")
+    second = run_protocol(cfg, out)
+    assert len(second.kept) == 6 and second.made == []
+    assert (out / "s4" / "avsbg" / "seed2.unfinished1" / "partial.txt").is_file()
+    assert finished(out / "ms3" / "tpavi" / "seed1") and not finished(broken)
+
+
+def test_toy_protocol_end_to_end(tmp_path):
+    """A real toy run of one latent cell: metrics, latent KL, uncertainty, then the report."""
+    out = tmp_path / "out"
+    env = dict(os.environ, AVS_DATA_DIR=str(tmp_path / "data"), AVS_LOG_DIR=str(tmp_path / "logs"))
+    cmd = [
+        sys.executable,
+        str(PROJECT_ROOT / "scripts" / "proxy_benchmark.py"),
+        "toy=true",
+        f"out_dir={out}",
+        "seeds=[1]",
+        "only=[ecmvae]",
+        "only_subsets=[ms3]",
+        "workers=1",
+        "progress=false",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    run = out / "ms3" / "ecmvae" / "seed1"
+    assert finished(run)
+    assert (run / "latent_kl.jsonl").is_file()
+    record = json.loads((run / "uncertainty.json").read_text())
+    assert record["num_samples"] == 8 and record["split"] == "test"
+    assert not (run / "checkpoints" / "last.ckpt").exists() and (run / "checkpoints" / "best.ckpt").is_file()
+    ceilings = json.loads((out / "ceilings.json").read_text())
+    assert 0.0 <= ceilings["ms3"]["test"] <= 100.0
+    report = subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "scripts" / "tables.py"), str(out), "--proxy"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert report.returncode == 0, report.stderr
+    assert "ECMVAE" in report.stdout
