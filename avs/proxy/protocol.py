@@ -93,21 +93,25 @@ def validate(protocol: DictConfig) -> None:
 
 
 def expand(protocol: DictConfig, out_dir: Path) -> list[ProxyRun]:
-    """Every run of the protocol, seed-major (all cells of seed 1 first), so a stopped run has whole seeds."""
+    """Every run of the protocol: the methods' runs first, then the other cells', each group seed-major
+    (all of seed 1 before seed 2), so a benchmark stopped early has whole seeds of the methods table."""
     validate(protocol)
     base = _strings(protocol.get("base"), "base")
     extra = _strings(protocol.get("extra_overrides"), "extra_overrides")
+    methods = [c for c in protocol.cells if c in set(protocol.methods)]
+    others = [c for c in protocol.cells if c not in set(protocol.methods)]
     runs = []
-    for seed in protocol.seeds:
-        for subset, subset_overrides in protocol.subsets.items():
-            for cell in protocol.cells:
-                if subset not in cell_subsets(protocol, cell):
-                    continue
-                cell_overrides = _strings(protocol.cells[cell].get("overrides"), f"cells.{cell}.overrides")
+    for group in (methods, others):
+        for seed in protocol.seeds:
+            for subset, subset_overrides in protocol.subsets.items():
                 subset_part = _strings(subset_overrides, f"subsets.{subset}")
-                overrides = (*base, *subset_part, *cell_overrides, *extra, f"seed={int(seed)}")
-                run_dir = out_dir / subset / cell / f"seed{int(seed)}"
-                runs.append(ProxyRun(subset, cell, int(seed), overrides, run_dir))
+                for cell in group:
+                    if subset not in cell_subsets(protocol, cell):
+                        continue
+                    cell_overrides = _strings(protocol.cells[cell].get("overrides"), f"cells.{cell}.overrides")
+                    overrides = (*base, *subset_part, *cell_overrides, *extra, f"seed={int(seed)}")
+                    run_dir = out_dir / subset / cell / f"seed{int(seed)}"
+                    runs.append(ProxyRun(subset, cell, int(seed), overrides, run_dir))
     return runs
 
 

@@ -26,14 +26,17 @@ def _cfg(tmp_path: Path, **changes):
     return cfg
 
 
-def test_expand_is_seed_major_and_respects_cell_subsets(tmp_path):
+def test_expand_puts_the_methods_first_each_group_seed_major(tmp_path):
     cfg = _cfg(tmp_path)
     runs = expand(protocol_node(cfg), tmp_path)
-    seeds = [r.seed for r in runs]
-    assert seeds == sorted(seeds), "every run of seed 1 comes before any of seed 2"
-    per_seed = len(runs) // len(cfg.seeds)
+    methods = set(cfg.methods)
+    in_methods = [r.cell in methods for r in runs]
+    assert in_methods == sorted(in_methods, reverse=True), "every methods-table run comes before any ablation run"
+    for group in ([r for r in runs if r.cell in methods], [r for r in runs if r.cell not in methods]):
+        seeds = [r.seed for r in group]
+        assert seeds == sorted(seeds), "within a group, every run of seed 1 comes before any of seed 2"
     restricted = {c for c in cfg.cells if cfg.cells[c].get("subsets")}
-    assert per_seed == sum(len(cfg.cells[c].get("subsets") or cfg.subsets) for c in cfg.cells)
+    assert len(runs) == len(cfg.seeds) * sum(len(cfg.cells[c].get("subsets") or cfg.subsets) for c in cfg.cells)
     for r in runs:
         assert r.run_dir == tmp_path / r.subset / r.cell / f"seed{r.seed}"
         assert r.overrides[0] == "experiment=proxy" and r.overrides[-1] == f"seed={r.seed}"
