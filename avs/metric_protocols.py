@@ -23,7 +23,7 @@ def reduce_protocol(name: str, clip: Tensor, stats: FrameStats, legacy_batch_siz
     if name == "avsbench_legacy":
         return _legacy(clip, stats, legacy_batch_size)
     if name == "per_frame":
-        return _per_frame(stats)
+        return {**_per_frame(stats), "miou_se": clip_standard_error(clip, stats)}
     return _dataset_level(stats)
 
 
@@ -125,6 +125,28 @@ def _per_frame(s: FrameStats) -> dict:
         "num_fscore_frames": nf,
         "num_frames": len(s),
     }
+
+
+def clip_standard_error(clip: Tensor, s: FrameStats) -> float | None:
+    """Standard error of the per-frame mIoU over clips (frames of one clip are not independent).
+
+    The per-frame mIoU is the mean of per-clip sums divided by the frame count; its SE is estimated
+    from the spread of the clips' IoU sums (ratio estimator): sqrt(n/(n-1) * sum_c (S_c - m F_c)^2) / F,
+    with S_c the clip's IoU sum, F_c its frame count, m the mIoU and F the total frame count. None
+    with fewer than two clips.
+    """
+    if len(s) == 0:
+        return None
+    iou = s.inter.double() / s.union.double()
+    uniq, inv = torch.unique(clip, return_inverse=True)
+    n = uniq.numel()
+    if n < 2:
+        return None
+    sums = torch.zeros(n, dtype=torch.float64).index_add_(0, inv, iou)
+    counts = torch.zeros(n, dtype=torch.float64).index_add_(0, inv, torch.ones_like(iou))
+    m = float(iou.mean())
+    resid = sums - m * counts
+    return float(torch.sqrt(n / (n - 1) * (resid**2).sum()) / counts.sum())
 
 
 def _dataset_level(s: FrameStats) -> dict:

@@ -457,3 +457,25 @@ def test_binary_frame_iou_is_the_per_frame_rule():
         else:
             want = float((~pred[i]).double().mean())
         assert float(got[i]) == want
+
+
+def test_per_frame_standard_error_is_the_clip_level_one():
+    """Equal frames per clip: the SE is sd(clip mean IoU) / sqrt(clips); a lone clip has none."""
+    from avs.metric_protocols import clip_standard_error
+
+    torch.manual_seed(0)
+    masks = (torch.rand(4, 3, 1, 8, 8) > 0.5).float()
+    logits = torch.randn(4, 3, 1, 8, 8) * 3
+    acc = MetricAccumulator()
+    acc.update(logits, masks, indices=[0, 1, 2, 3])
+    r = acc.compute("per_frame")
+    iou = torch.stack([metrics.binary_frame_iou((logits[c] > 0).float(), masks[c]) for c in range(4)])  # [4,3]
+    clip_means = iou.double().mean(1)
+    expected = float(clip_means.std(unbiased=True) / 2.0)
+    assert r["miou"] == pytest.approx(float(iou.double().mean()), abs=1e-6)
+    assert r["miou_se"] == pytest.approx(expected, rel=1e-6)
+    one = MetricAccumulator()
+    one.update(logits[:1], masks[:1], indices=[0])
+    assert one.compute("per_frame")["miou_se"] is None
+    clip, _, stats = one._consolidated()
+    assert clip_standard_error(clip, stats) is None
