@@ -29,6 +29,7 @@ from avs.utils.io import atomic_write_text
 log = logging.getLogger(__name__)
 
 TRAIN_SCRIPT = PROJECT_ROOT / "scripts" / "train.py"
+RUNS_FILE = "runs.jsonl"  # one line per finished child process: run, exit code, wall seconds, end time
 
 
 @dataclass
@@ -107,6 +108,13 @@ def _run_one(run: ProxyRun, threads: int, log_dir: Path) -> tuple[ProxyRun, int,
     return run, code, time.perf_counter() - start
 
 
+def _record(path: Path, run: ProxyRun, code: int, seconds: float) -> None:
+    ended = time.strftime("%Y-%m-%dT%H:%M:%S")
+    line = {"run": run.name, "exit_code": code, "seconds": round(seconds, 1), "ended": ended}
+    with open(path, "a") as fh:
+        fh.write(json.dumps(line) + "\n")
+
+
 def _set_aside(run_dir: Path) -> None:
     """An unfinished run dir is renamed (kept for inspection), never deleted."""
     k = 1
@@ -176,6 +184,7 @@ def _execute(cfg, todo, log_dir, outcome, after_run) -> None:
         futures = [pool.submit(_run_one, run, int(cfg.threads), log_dir) for run in todo]
         for fut in as_completed(futures):
             run, code, seconds = fut.result()
+            _record(log_dir.parent / RUNS_FILE, run, code, seconds)
             if code == 0 and finished(run.run_dir):
                 outcome.made.append(run.name)
                 if not cfg.get("keep_last_checkpoint", False):

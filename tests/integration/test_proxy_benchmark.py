@@ -90,6 +90,10 @@ def test_queue_runs_keeps_finished_and_reports_failures_by_name(tmp_path, monkey
     assert sorted(first.made) == made
     assert sorted(first.failed) == ["ms3/avsbg/seed2", "s4/avsbg/seed2"]
     assert "exit code 3" in first.failed["s4/avsbg/seed2"]
+    lines = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
+    assert sorted((x["run"], x["exit_code"]) for x in lines) == sorted(
+        [(m, 0) for m in made] + [("ms3/avsbg/seed2", 3), ("s4/avsbg/seed2", 3)]
+    )
     # an unfinished run dir is set aside (kept), the finished ones are not run again
     broken = out / "s4" / "avsbg" / "seed2"
     broken.mkdir(parents=True, exist_ok=True)
