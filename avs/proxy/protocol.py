@@ -124,8 +124,15 @@ def protocol_node(cfg: DictConfig) -> DictConfig:
     return OmegaConf.create(data)
 
 
+def _has_finished_runs(out_dir: Path, cell: str) -> bool:
+    return any((d / "metrics.json").is_file() for d in out_dir.glob(f"*/{cell}/seed*"))
+
+
 def check_same_protocol(out_dir: Path, protocol: DictConfig) -> None:
-    """An out_dir made by a different protocol (other base / subsets / cells) is refused, not mixed into."""
+    """An out_dir whose finished runs were made with other base / subsets / cell overrides is refused.
+
+    New cells may be added to a protocol dir, and a cell without a finished run may change.
+    """
     path = out_dir / PROTOCOL_FILE
     if not path.is_file():
         return
@@ -135,10 +142,11 @@ def check_same_protocol(out_dir: Path, protocol: DictConfig) -> None:
         b = OmegaConf.to_container(protocol.get(key), resolve=True) if protocol.get(key) is not None else None
         if key == "cells" and a is not None and b is not None:
             changed = [c for c in b if c in a and a[c].get("overrides") != b[c].get("overrides")]
+            changed = [c for c in changed if _has_finished_runs(out_dir, c)]
             if changed:
                 raise ConfigError(
-                    f"{path}: cells {changed} were run with other overrides; use another out_dir "
-                    "(runs of two protocols are never mixed in one table)"
+                    f"{path}: cells {changed} have finished runs made with other overrides; use another "
+                    "out_dir (runs of two protocols are never mixed in one table)"
                 )
         elif a != b:
             raise ConfigError(

@@ -67,6 +67,23 @@ def compose_train(overrides: Sequence[str]) -> DictConfig:
         GlobalHydra.instance().clear()
 
 
+def check_runs(runs: Sequence[ProxyRun]) -> None:
+    """Every (subset, cell) config is checked (values and files) before the first run starts."""
+    from avs.config_checks import ConfigError, check_config, check_files
+
+    seen: set[tuple[str, str]] = set()
+    for run in runs:
+        if (run.subset, run.cell) in seen:
+            continue
+        seen.add((run.subset, run.cell))
+        cfg = compose_train(run.overrides)
+        try:
+            check_config(cfg)
+            check_files(cfg)
+        except ConfigError as exc:
+            raise type(exc)(f"cell {run.cell} on {run.subset}: {exc}") from exc
+
+
 def prepare_data(protocol: DictConfig, runs: Sequence[ProxyRun], out_dir: Path) -> dict[str, dict[str, float]]:
     """Generate every subset's Sounding Shapes root once (before workers start) and record its ceilings."""
     from avs.data.synthetic import compute_ceilings, ensure_synthetic
@@ -164,6 +181,7 @@ def run_protocol(
             if run.run_dir.exists():
                 _set_aside(run.run_dir)
             todo.append(run)
+    check_runs(todo)
     prepare_data(protocol, runs, out_dir)
     log_dir = out_dir / "logs"
     log_dir.mkdir(exist_ok=True)

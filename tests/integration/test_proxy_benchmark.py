@@ -64,8 +64,23 @@ def test_an_out_dir_of_another_protocol_is_refused(tmp_path):
     (tmp_path / "protocol.yaml").write_text(OmegaConf.to_yaml(node))
     check_same_protocol(tmp_path, node)  # same protocol: fine
     node.cells.tpavi.overrides = ["model=tpavi", "trainer.lr=5e-4"]
+    check_same_protocol(tmp_path, node)  # no finished tpavi run yet: the cell may change
+    done = tmp_path / "ms3" / "tpavi" / "seed1"
+    done.mkdir(parents=True)
+    (done / "metrics.json").write_text("{}")
     with pytest.raises(ConfigError, match="tpavi"):
         check_same_protocol(tmp_path, node)
+
+
+def test_every_cell_config_is_checked_before_the_first_run(tmp_path, monkeypatch):
+    started = []
+    monkeypatch.setattr(runner_mod, "_run_one", lambda *a, **k: started.append(a) or (a[0], 0, 0.0))
+    bad = ["model=ecmvae", "model.use_audio=false"]  # the factorised latent encodes audio: refused
+    cfg = _cfg(tmp_path, only=["ecmvae_no_audio"], seeds=[1])
+    OmegaConf.update(cfg, "cells.ecmvae_no_audio.overrides", bad, merge=False)
+    with pytest.raises(ConfigError, match="cell ecmvae_no_audio on"):
+        run_protocol(cfg, tmp_path / "out")
+    assert started == []
 
 
 FAKE_TRAIN = """
@@ -83,6 +98,7 @@ def test_queue_runs_keeps_finished_and_reports_failures_by_name(tmp_path, monkey
     fake.write_text(FAKE_TRAIN)
     monkeypatch.setattr(runner_mod, "TRAIN_SCRIPT", fake)
     monkeypatch.setattr(runner_mod, "prepare_data", lambda *a, **k: {})
+    monkeypatch.setattr(runner_mod, "check_runs", lambda runs: None)
     cfg = _cfg(tmp_path, seeds=[1, 2], only=["tpavi", "avsbg"], uncertainty=None)
     out = Path(cfg.out_dir)
     first = run_protocol(cfg, out)
