@@ -112,6 +112,7 @@ def _kl_panel(ax: Any, curves: KLCurves, subsets: list[str], cell: str, codes: l
                 ax.fill_between(steps, lo, hi, color=f"C{i}", alpha=0.15, lw=0)
             values += lo + hi
     _kl_scale(ax, values)
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("optimizer step", fontsize=8)
     ax.tick_params(labelsize=7)
 
