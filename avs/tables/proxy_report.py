@@ -177,8 +177,8 @@ def latent_rows(protocol: DictConfig, results: Results) -> list[list[Any]]:
     for cell, subset, st in _latent_stats(protocol, results):
         kl, auroc, ent = st["kl"], st["auroc"], st["auroc_entropy"]
         row = [cell, subset, kl.n, kl.mean, kl.std, auroc.n, auroc.mean, auroc.std, ent.mean, ent.std]
-        empty = Stats(0)
-        rows.append(row + [st["active_dims"].mean] + [st.get(KL_CODE + c, empty).mean for c in codes])
+        per_code = [st[KL_CODE + c].mean if KL_CODE + c in st else None for c in codes]
+        rows.append(row + [st["active_dims"].mean] + per_code)
     return rows
 
 
