@@ -3,7 +3,7 @@
 python scripts/tables.py outputs/train/multiruns/<time>
 python scripts/tables.py <multirun dir> [<more dirs>] --protocol avsbench_legacy --name ecmvae_table4 --out tables/
 python scripts/tables.py <dirs> --keys model.latent.divergence --metrics miou fscore fscore_at_0.5
-python scripts/tables.py <proxy benchmark dir> --proxy [--plot docs/images/proxy_methods.png] [--out dir]
+python scripts/tables.py <proxy benchmark dir> --proxy [--plot methods.png] [--plot-kl latent_kl.png] [--out dir]
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from avs.errors import (
     run_plain,  # noqa: E402
 )
 from avs.tables import make_table, to_markdown  # noqa: E402
-from avs.tables.proxy import load_protocol  # noqa: E402
-from avs.tables.proxy_report import plot_methods, write_report  # noqa: E402
+from avs.tables.proxy import load_kl_curves, load_protocol  # noqa: E402
+from avs.tables.proxy_plots import plot_latent_kl, plot_methods  # noqa: E402
 from avs.tables.proxy_report import to_markdown as proxy_markdown  # noqa: E402
+from avs.tables.proxy_report import write_report  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,11 +48,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the one input is a proxy benchmark dir (protocol.yaml): methods, claims, latent and targets tables",
     )
     p.add_argument("--plot", default=None, help="with --proxy: write the methods plot (PNG) to this path")
+    p.add_argument(
+        "--plot-kl", default=None, help="with --proxy: write the plot of the latent KL over training (PNG) to this path"
+    )
     return p.parse_args(argv)
 
 
 def proxy_main(args: argparse.Namespace) -> int:
-    """The --proxy mode: print the four tables, write md/csv (default into the benchmark dir) and the plot."""
+    """The --proxy mode: print the four tables, write md/csv (default into the benchmark dir) and the plots."""
     if len(args.runs) != 1:
         print(
             f"error: --proxy takes one proxy benchmark dir, got {len(args.runs)}: {' '.join(args.runs)}",
@@ -65,6 +69,9 @@ def proxy_main(args: argparse.Namespace) -> int:
         print("wrote " + ", ".join(str(p) for p in paths.values()))
         if args.plot is not None:
             print(f"wrote {plot_methods(results, protocol, args.plot)}")
+        if args.plot_kl is not None:
+            curves = load_kl_curves(args.runs[0], results)
+            print(f"wrote {plot_latent_kl(curves, protocol, args.plot_kl)}")
     except (FileNotFoundError, ValueError, AVSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -76,9 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.proxy:
         return proxy_main(args)
-    if args.plot is not None:
-        print("error: --plot draws the proxy benchmark plot; use it with --proxy", file=sys.stderr)
-        return 2
+    for flag, value in (("--plot", args.plot), ("--plot-kl", args.plot_kl)):
+        if value is not None:
+            print(f"error: {flag} draws a proxy benchmark plot; use it with --proxy", file=sys.stderr)
+            return 2
     try:
         table, paths = make_table(
             args.runs,

@@ -34,7 +34,11 @@ SPLIT = "test"
 METRIC_PROTOCOL = "per_frame"
 CONFIDENCE = 0.95
 
+ACTIVE_KL = 0.01  # nats: a latent dimension whose final KL on val is not above this carries next to nothing
+KL_CODE = "kl:"  # results key prefix of one code's final KL, e.g. "kl:s_v"
+
 Results = dict[tuple[str, str], dict[int, dict[str, float | None]]]
+KLCurves = dict[tuple[str, str], dict[int, dict[str, list[tuple[int, float]]]]]
 
 
 class ProtocolNotFound(TableError, FileNotFoundError):
@@ -189,26 +193,84 @@ def _read_json(path: Path) -> Any:
         raise TableError(f"{path}: not readable JSON ({exc})") from exc
 
 
+def read_latent_kl(path: Path) -> list[dict[str, Any]]:
+    """The lines of a latent_kl.jsonl in file order (empty when the file is not there)."""
+    if not path.is_file():
+        return []
+    records = []
+    for i, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise TableError(f"{path}: line {i} is not JSON ({exc})") from exc
+        if not isinstance(record, dict):
+            raise TableError(f"{path}: line {i} is not a JSON object")
+        records.append(record)
+    return records
+
+
+def code_totals(record: dict[str, Any], path: Path) -> dict[str, float] | None:
+    """KL per code (nats, summed over dimensions) of one latent_kl.jsonl line; None if it has only a grand total."""
+    total, kl = record.get("total"), record.get("kl")
+    if isinstance(total, dict):
+        return {str(code): float(v) for code, v in total.items()}
+    if isinstance(kl, dict):
+        return {str(code): float(sum(v)) for code, v in kl.items()}
+    if isinstance(total, (int, float)):
+        return None
+    raise TableError(f"{path}: a line has neither `total` nor `kl`")
+
+
+class FinalKL(NamedTuple):
+    """The last validation of a latent_kl.jsonl: total KL, KL per code (nats) and the active dimensions."""
+
+    total: float
+    codes: dict[str, float]
+    active: int | None  # None when the line has no per-dimension KL
+
+
+def final_kl(path: Path, threshold: float = ACTIVE_KL) -> FinalKL | None:
+    """The last line's KL; `active` counts the dimensions (over all codes) whose KL exceeds `threshold` nats."""
+    records = read_latent_kl(path)
+    if not records:
+        return None
+    last = records[-1]
+    codes = code_totals(last, path)
+    total = float(last["total"]) if codes is None else float(sum(codes.values()))
+    kl = last.get("kl")
+    active = sum(float(d) > threshold for v in kl.values() for d in v) if isinstance(kl, dict) else None
+    return FinalKL(total, codes or {}, active)
+
+
 def final_total_kl(path: Path) -> float | None:
     """Total KL (nats, summed over codes and dimensions) of the last line of a latent_kl.jsonl, None if absent."""
-    if not path.is_file():
-        return None
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    if not lines:
-        return None
-    try:
-        record = json.loads(lines[-1])
-    except json.JSONDecodeError as exc:
-        raise TableError(f"{path}: last line is not JSON ({exc})") from exc
-    total = record.get("total")
-    if isinstance(total, (int, float)):
-        return float(total)
-    if isinstance(total, dict):
-        return float(sum(total.values()))
-    kl = record.get("kl")
-    if not isinstance(kl, dict):
-        raise TableError(f"{path}: last line has neither `total` nor `kl`")
-    return float(sum(sum(v) for v in kl.values()))
+    final = final_kl(path)
+    return None if final is None else final.total
+
+
+def kl_curve(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """code -> [(optimizer step, KL of the code on val)] in step order, from every line that has a step."""
+    curve: dict[str, list[tuple[int, float]]] = {}
+    for record in read_latent_kl(path):
+        codes = code_totals(record, path)
+        if record.get("step") is None or codes is None:
+            continue
+        for code, value in codes.items():
+            curve.setdefault(code, []).append((int(record["step"]), value))
+    return {code: sorted(points) for code, points in curve.items()}
+
+
+def load_kl_curves(out_dir: str | Path, results: Results) -> KLCurves:
+    """(subset, cell) -> {seed: kl_curve} for the finished runs in `results` that have a latent_kl.jsonl."""
+    curves: KLCurves = {}
+    for (subset, cell), runs in results.items():
+        for seed in sorted(runs):
+            curve = kl_curve(Path(out_dir) / subset / cell / f"seed{seed}" / LATENT_KL_FILE)
+            if curve:
+                curves.setdefault((subset, cell), {})[seed] = curve
+    return curves
 
 
 def cell_subsets(protocol: DictConfig, cell: str) -> list[str]:
@@ -225,8 +287,24 @@ def expected_runs(protocol: DictConfig) -> Iterator[tuple[str, str, int]]:
                 yield subset, cell, int(seed)
 
 
+def _latent_values(run_dir: Path) -> dict[str, float | None]:
+    """Final KL (total, active dimensions, "kl:<code>") and the uncertainty AUROCs of one run dir."""
+    final = final_kl(run_dir / LATENT_KL_FILE)
+    values: dict[str, float | None] = {"kl": None, "active_dims": None}
+    if final is not None:
+        values["kl"] = final.total
+        values["active_dims"] = None if final.active is None else float(final.active)
+        values.update({KL_CODE + code: v for code, v in final.codes.items()})
+    record = _read_json(run_dir / UNCERTAINTY_FILE) if (run_dir / UNCERTAINTY_FILE).is_file() else {}
+    if not isinstance(record, dict):
+        raise TableError(f"{run_dir / UNCERTAINTY_FILE}: expected a JSON object")
+    for key in ("auroc", "auroc_entropy"):
+        values[key] = None if record.get(key) is None else float(record[key])
+    return values
+
+
 def _read_run(run_dir: Path, metrics: Sequence[str]) -> dict[str, float | None] | None:
-    """A finished run's test metrics (%), final total KL and AUROC; None when it has no test metrics yet."""
+    """A finished run's test metrics and mIoU SE (%), final KL and AUROCs; None when it has no test metrics yet."""
     mpath = run_dir / "metrics.json"
     if not mpath.is_file():
         return None
@@ -236,20 +314,19 @@ def _read_run(run_dir: Path, metrics: Sequence[str]) -> dict[str, float | None] 
         values[m] = metric_value(run.record, SPLIT, METRIC_PROTOCOL, m, run.path)
         if values[m] is None:
             return None  # trained, but not tested (an interrupted run)
-    values["kl"] = final_total_kl(run_dir / LATENT_KL_FILE)
-    auroc = None
-    if (run_dir / UNCERTAINTY_FILE).is_file():
-        auroc = _read_json(run_dir / UNCERTAINTY_FILE).get("auroc")
-    values["auroc"] = None if auroc is None else float(auroc)
-    return values
+    se = run.record[SPLIT][METRIC_PROTOCOL].get("miou_se")  # older runs lack it
+    values["miou_se"] = None if se is None else 100.0 * float(se)
+    return {**values, **_latent_values(run_dir)}
 
 
 def load_protocol(out_dir: str | Path) -> tuple[DictConfig, Results]:
     """Read a proxy benchmark dir -> (protocol, results).
 
     The protocol gains `ceilings` from ceilings.json (empty when the file is not there yet).
-    results maps (subset, cell) -> {seed: {"miou", "fscore", <metric>, "kl", "auroc"}} for the
-    finished runs only (metrics in %, KL in nats, AUROC in [0, 1]); see `missing_runs` for the rest.
+    results maps (subset, cell) -> {seed: {"miou", "fscore", <metric>, "miou_se", "kl", "active_dims",
+    "kl:<code>" per latent code, "auroc", "auroc_entropy"}} for the finished runs only (metrics and
+    the clip-level SE of the mIoU in %, KL in nats, AUROC in [0, 1], None where a run lacks the file
+    or key); see `missing_runs` for the rest.
     """
     out = Path(out_dir)
     protocol = _read_protocol(out)
@@ -274,9 +351,20 @@ def missing_runs(protocol: DictConfig, results: Results) -> list[tuple[str, str,
 
 
 def cell_stats(results: Results, subset: str, cell: str, key: str) -> Stats:
-    """Stats over the seeds of one cell for `key` (a metric, "kl" or "auroc"); seeds without it are left out."""
+    """Stats over the seeds of one cell for `key` (a key of the results, e.g. "miou" or "kl"); seeds without it
+    are left out."""
     runs = results.get((subset, cell), {})
     return describe([v[key] for _, v in sorted(runs.items()) if v.get(key) is not None])
+
+
+def latent_codes(results: Results, subset: str | None = None, cell: str | None = None) -> list[str]:
+    """The latent codes with a final KL in the finished runs (of one cell and subset if given), first seen first."""
+    codes: dict[str, None] = {}
+    for (s, c), runs in results.items():
+        if (subset is None or s == subset) and (cell is None or c == cell):
+            for values in runs.values():
+                codes.update((k[len(KL_CODE) :], None) for k in values if k.startswith(KL_CODE))
+    return list(codes)
 
 
 # ----------------------------------------------------------------------------- claims

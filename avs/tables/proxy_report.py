@@ -1,4 +1,4 @@
-"""The proxy benchmark report: four markdown tables (methods, claims, latent, targets), their csv files, a plot."""
+"""The proxy benchmark report: four markdown tables (methods, claims, latent, targets) and their csv files."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from avs.errors import AVSError, ExitCode
 from avs.tables.proxy import (
+    ACTIVE_KL,
+    KL_CODE,
     METRIC_PROTOCOL,
     SPLIT,
     Results,
@@ -20,13 +21,16 @@ from avs.tables.proxy import (
     cell_subsets,
     check_targets,
     claim_differences,
+    latent_codes,
     missing_runs,
 )
 from avs.tables.render import METRIC_LABELS
 from avs.utils.io import atomic_write_text
 
 CEILING_ROW = "visual-only ceiling"
+SE_LABEL = "SE (one run)"
 DASH = "–"
+LATENT_KEYS = ["kl", "active_dims", "auroc", "auroc_entropy"]
 REPORT_FILES = {
     "md": "proxy_report.md",
     "methods": "proxy_methods.csv",
@@ -34,10 +38,6 @@ REPORT_FILES = {
     "latent": "proxy_latent.csv",
     "targets": "proxy_targets.csv",
 }
-
-
-class PlotUnavailable(AVSError, ImportError, code=ExitCode.CONFIG):
-    """matplotlib is not installed, so no plot can be drawn."""
 
 
 def _f(v: float | None, fmt: str = ".2f") -> str:
@@ -72,7 +72,8 @@ def _csv(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return buf.getvalue()
 
 
-def _label(protocol: DictConfig, cell: str) -> str:
+def cell_label(protocol: DictConfig, cell: str) -> str:
+    """The cell's `label` in the protocol, else its name."""
     return str(protocol.cells[cell].get("label") or cell)
 
 
@@ -88,14 +89,16 @@ def _metrics(protocol: DictConfig) -> tuple[str, str]:
     return primary, "fscore" if primary != "fscore" else "miou"
 
 
-def _ceiling(protocol: DictConfig, subset: str) -> float | None:
+def split_ceiling(protocol: DictConfig, subset: str) -> float | None:
+    """The visual-only ceiling (%) of `subset` on the test split, None when ceilings.json has none."""
     value = (protocol.ceilings.get(subset) or {}).get(SPLIT)
     return None if value is None else float(value)
 
 
 # ----------------------------------------------------------------------------- methods table
 def methods_rows(protocol: DictConfig, results: Results) -> list[list[Any]]:
-    """Long-format rows [cell, label, subset, n, n_expected, mean, std, lo, hi, min, second mean, missing seeds]."""
+    """Long-format rows [cell, label, subset, n, n_expected, mean, std, lo, hi, min, second mean, mIoU SE mean,
+    missing seeds]; the SE (one run's clip-level standard error of its mIoU, %) is averaged over the seeds."""
     primary, second = _metrics(protocol)
     rows = []
     for cell in table_cells(protocol):
@@ -103,10 +106,11 @@ def methods_rows(protocol: DictConfig, results: Results) -> list[list[Any]]:
             s = cell_stats(results, subset, cell, primary)
             f = cell_stats(results, subset, cell, second)
             missing = [k for k in protocol.seeds if k not in results.get((subset, cell), {})]
-            row = [cell, _label(protocol, cell), subset, s.n, len(protocol.seeds), s.mean, s.std, s.lo, s.hi, s.min]
-            rows.append(row + [f.mean, " ".join(map(str, missing))])
+            row = [cell, cell_label(protocol, cell), subset, s.n, len(protocol.seeds), s.mean, s.std, s.lo, s.hi, s.min]
+            se = cell_stats(results, subset, cell, "miou_se").mean
+            rows.append(row + [f.mean, se, " ".join(map(str, missing))])
     for subset in protocol.subsets:
-        rows.append([CEILING_ROW, CEILING_ROW, subset, None, None, _ceiling(protocol, subset)] + [None] * 6)
+        rows.append([CEILING_ROW, CEILING_ROW, subset, None, None, split_ceiling(protocol, subset)] + [None] * 7)
     return rows
 
 
@@ -116,23 +120,26 @@ def _methods_markdown(protocol: DictConfig, results: Results) -> list[str]:
     header = ["cell"]
     for subset in protocol.subsets:
         up = subset.upper()
-        header += [f"{up} {p_label}", f"{up} 95% CI", f"{up} {s_label}", f"{up} n", f"{up} min seed"]
+        names = [p_label, "95% CI", SE_LABEL, s_label, "n", "min seed"]
+        header += [f"{up} {name}" for name in names]
     rows = []
     for cell in table_cells(protocol):
-        row = [_label(protocol, cell)]
+        row = [cell_label(protocol, cell)]
         for subset in protocol.subsets:
             if subset not in cell_subsets(protocol, cell):
-                row += [DASH] * 5
+                row += [DASH] * 6
                 continue
             s = cell_stats(results, subset, cell, primary)
             n = str(s.n) if s.n == len(protocol.seeds) else f"{s.n}/{len(protocol.seeds)}"
-            row += [_pm(s), _ci(s), _f(cell_stats(results, subset, cell, second).mean), n, _f(s.min)]
+            se = _f(cell_stats(results, subset, cell, "miou_se").mean)
+            row += [_pm(s), _ci(s), se, _f(cell_stats(results, subset, cell, second).mean), n, _f(s.min)]
         rows.append(row)
     ceiling = [f"{CEILING_ROW} ({SPLIT})"]
     for subset in protocol.subsets:
-        ceiling += [_f(_ceiling(protocol, subset))] + [""] * 4
+        ceiling += [_f(split_ceiling(protocol, subset))] + [""] * 5
     lines = [f"### Methods: {SPLIT} {p_label} ({METRIC_PROTOCOL}, %), mean ± sample std over seeds", ""]
     lines += _md(header, rows + [ceiling])
+    lines += ["", f"{SE_LABEL}: the clip-level standard error of one run's {SPLIT} mIoU (%), mean over the seeds."]
     gone = missing_runs(protocol, results)
     if gone:
         where = "; ".join(f"{s}/{c} seed {k}" for s, c, k in gone)
@@ -150,15 +157,43 @@ def claims_rows(protocol: DictConfig, results: Results) -> list[list[Any]]:
     ]
 
 
-def latent_rows(protocol: DictConfig, results: Results) -> list[list[Any]]:
-    """[cell, subset, n_kl, kl mean, kl std, n_auroc, auroc mean, auroc std] for cells that have KL or AUROC."""
-    rows = []
+def _latent_stats(protocol: DictConfig, results: Results) -> list[tuple[str, str, dict[str, Stats]]]:
+    """(cell, subset, stats per results key) of the cells and subsets that have a final KL or an AUROC."""
+    out = []
     for cell in table_cells(protocol):
         for subset in cell_subsets(protocol, cell):
-            kl, auroc = cell_stats(results, subset, cell, "kl"), cell_stats(results, subset, cell, "auroc")
-            if kl.n or auroc.n:
-                rows.append([cell, subset, kl.n, kl.mean, kl.std, auroc.n, auroc.mean, auroc.std])
+            keys = LATENT_KEYS + [KL_CODE + code for code in latent_codes(results, subset, cell)]
+            stats = {key: cell_stats(results, subset, cell, key) for key in keys}
+            if stats["kl"].n or stats["auroc"].n or stats["auroc_entropy"].n:
+                out.append((cell, subset, stats))
+    return out
+
+
+def latent_rows(protocol: DictConfig, results: Results) -> list[list[Any]]:
+    """[cell, subset, n_kl, kl mean, kl std, n_auroc, auroc mean, auroc std, auroc_entropy mean, auroc_entropy std,
+    active dims mean, final KL mean of each code of `latent_codes(results)`] for cells that have KL or AUROC."""
+    codes = latent_codes(results)
+    rows = []
+    for cell, subset, st in _latent_stats(protocol, results):
+        kl, auroc, ent = st["kl"], st["auroc"], st["auroc_entropy"]
+        row = [cell, subset, kl.n, kl.mean, kl.std, auroc.n, auroc.mean, auroc.std, ent.mean, ent.std]
+        per_code = [st[KL_CODE + c].mean if KL_CODE + c in st else None for c in codes]
+        rows.append(row + [st["active_dims"].mean] + per_code)
     return rows
+
+
+def _latent_markdown(protocol: DictConfig, results: Results) -> list[str]:
+    rows = []
+    for cell, subset, st in _latent_stats(protocol, results):
+        codes = [k for k in st if k.startswith(KL_CODE) and st[k].mean is not None]
+        per_code = " / ".join(f"{k[len(KL_CODE) :]} {_f(st[k].mean, '.3f')}" for k in codes) or DASH
+        kl, active, auroc, ent = st["kl"], st["active_dims"], st["auroc"], st["auroc_entropy"]
+        row = [cell_label(protocol, cell), subset.upper(), _pm(kl, ".3f"), per_code, _f(active.mean, ".1f"), kl.n]
+        rows.append(row + [_pm(auroc, ".3f"), _pm(ent, ".3f"), auroc.n])
+    lines = ["### Latent cells: final KL on val (nats) and uncertainty AUROC, mean ± std over seeds", ""]
+    header = ["cell", "subset", "total KL", "KL per code (mean)", f"active dims (KL > {ACTIVE_KL:g})", "n"]
+    lines += _md(header + ["AUROC (variance)", "AUROC (entropy baseline)", "n"], rows)
+    return lines
 
 
 def to_markdown(protocol: DictConfig, results: Results) -> str:
@@ -171,12 +206,7 @@ def to_markdown(protocol: DictConfig, results: Results) -> str:
     ]
     lines += ["", f"### Claims: paired difference a − b in {SPLIT} {p_label} points, 95% t-interval", ""]
     lines += _md(["claim", "subset", "a − b [95% CI]", "n", "verdict"], claims)
-    latent = [
-        [_label(protocol, c), s.upper(), _pm(Stats(nk, km, ks), ".3f"), nk, _pm(Stats(na, am, ast), ".3f"), na]
-        for c, s, nk, km, ks, na, am, ast in latent_rows(protocol, results)
-    ]
-    lines += ["", "### Latent cells: final total KL on val (nats) and uncertainty AUROC, mean ± std", ""]
-    lines += _md(["cell", "subset", "total KL", "n", "AUROC", "n"], latent)
+    lines += ["", *_latent_markdown(protocol, results)]
     marks = {True: "✓", False: "✗", None: "?"}
     targets = [[t.target, t.where, t.measured, marks[t.ok]] for t in check_targets(protocol, results)]
     lines += ["", "### Targets (? = cannot be checked yet)", ""]
@@ -188,9 +218,12 @@ def to_csvs(protocol: DictConfig, results: Results) -> dict[str, str]:
     """The same four tables as csv texts (raw numbers), keyed methods / claims / latent / targets."""
     primary, second = _metrics(protocol)
     head = ["cell", "label", "subset", "n", "n_expected"]
-    head += [f"{primary}_{k}" for k in ("mean", "std", "ci_lo", "ci_hi", "min")] + [f"{second}_mean", "missing_seeds"]
+    head += [f"{primary}_{k}" for k in ("mean", "std", "ci_lo", "ci_hi", "min")]
+    head += [f"{second}_mean", "miou_se_mean", "missing_seeds"]
     claims = ["claim", "a", "b", "subset", "n", "diff_mean", "diff_std", "ci_lo", "ci_hi", "verdict"]
     latent = ["cell", "subset", "kl_n", "kl_mean", "kl_std", "auroc_n", "auroc_mean", "auroc_std"]
+    latent += ["auroc_entropy_mean", "auroc_entropy_std", "active_dims_mean"]
+    latent += [f"kl_{code}_mean" for code in latent_codes(results)]
     checks = [[t.target, t.where, t.measured, "" if t.ok is None else t.ok] for t in check_targets(protocol, results)]
     return {
         "methods": _csv(head, methods_rows(protocol, results)),
@@ -209,52 +242,3 @@ def write_report(protocol: DictConfig, results: Results, out_dir: str | Path) ->
     for key, text in to_csvs(protocol, results).items():
         atomic_write_text(paths[key], text)
     return paths
-
-
-# ----------------------------------------------------------------------------- plot
-def _figure(n_panels: int) -> Any:
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as exc:
-        raise PlotUnavailable("plotting needs matplotlib: pip install -e .[plot]") from exc
-    fig = Figure(figsize=(3.2 + 2.4 * n_panels, 3.6), layout="constrained")
-    FigureCanvasAgg(fig)  # the Agg backend, without touching pyplot's global state
-    return fig
-
-
-def _panel(ax: Any, protocol: DictConfig, results: Results, subset: str) -> None:
-    """One subset: bars of the mean, 95% CI error bars, one dot per seed, the ceiling as a dashed line."""
-    metric = str(protocol.metric)
-    cells = [m for m in protocol.methods if subset in cell_subsets(protocol, m)]
-    for x, cell in enumerate(cells):
-        s = cell_stats(results, subset, cell, metric)
-        if s.mean is None:
-            continue
-        ax.bar(x, s.mean, width=0.6, color=f"C{x}", alpha=0.6)
-        if s.lo is not None:
-            ax.errorbar(x, s.mean, yerr=[[s.mean - s.lo], [s.hi - s.mean]], color="black", capsize=4, lw=1)
-        seeds = sorted(results.get((subset, cell), {}).items())
-        offsets = [0.4 * (i / max(len(seeds) - 1, 1) - 0.5) for i in range(len(seeds))]
-        ax.scatter([x + o for o in offsets], [v[metric] for _, v in seeds], s=12, color="black", zorder=3)
-    ceiling = _ceiling(protocol, subset)
-    if ceiling is not None:
-        ax.axhline(ceiling, ls="--", color="gray", lw=1, label=f"visual-only ceiling {ceiling:.1f}")
-        ax.legend(loc="lower right", fontsize=7)
-    ax.set_xticks(range(len(cells)), [_label(protocol, c) for c in cells], rotation=20, ha="right", fontsize=8)
-    ax.set_title(subset.upper())
-
-
-def plot_methods(results: Results, protocol: DictConfig, path: str | Path) -> Path:
-    """PNG of the methods' mean test metric per subset (one panel each) with 95% CIs, seeds and the ceiling."""
-    subsets = list(protocol.subsets)
-    fig = _figure(len(subsets))
-    axes = fig.subplots(1, len(subsets), sharey=True, squeeze=False)[0]
-    for ax, subset in zip(axes, subsets):
-        _panel(ax, protocol, results, subset)
-    label = METRIC_LABELS.get(str(protocol.metric), str(protocol.metric))
-    axes[0].set_ylabel(f"{SPLIT} {label} (%), {METRIC_PROTOCOL}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=150)
-    return path

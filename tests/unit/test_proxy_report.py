@@ -1,4 +1,4 @@
-"""Proxy benchmark report: t quantiles, seed statistics, paired claims, targets, tables, plot and the CLI."""
+"""Proxy benchmark report: t quantiles, seed statistics, paired claims, targets, tables, plots and the CLI."""
 
 from __future__ import annotations
 
@@ -18,13 +18,18 @@ from avs.tables.proxy import (
     check_targets,
     claim_differences,
     describe,
+    final_kl,
     final_total_kl,
+    kl_curve,
+    load_kl_curves,
     load_protocol,
     missing_runs,
     t_cdf,
     t_quantile,
 )
-from avs.tables.proxy_report import PlotUnavailable, plot_methods, to_csvs, to_markdown, write_report
+from avs.tables.proxy_plots import PlotUnavailable, mean_band, plot_latent_kl, plot_methods
+from avs.tables.proxy_report import to_csvs, to_markdown, write_report
+from avs.tables.runs import TableError
 
 ROOT = Path(__file__).resolve().parents[2]
 T975_DF4 = 2.7764451051977987  # Student t table values
@@ -39,6 +44,8 @@ ECMVAE_MS3 = [a - d for a, d in zip(TPAVI_MS3, [1, -1, 2, -2, 0])]  # difference
 FB_MS3 = [33.0, 34.0, 35.0, 36.0, 37.0]
 FB_KL = [0.5, 0.7, 0.9, 1.1, 1.3]  # final total KL per seed: mean 0.9
 FB_AUROC = [0.6, 0.7, 0.8]  # seeds 1..3 only
+FB_AUROC_ENTROPY = [0.55, 0.6, 0.65]  # the entropy baseline: mean 0.6, std 0.05
+TPAVI_S4_SE = [0.010, 0.012, 0.014]  # clip-level SE of the mIoU (fraction), seeds 1..3; the other runs predate it
 
 PROTOCOL = {
     "seeds": [1, 2, 3, 4, 5],
@@ -60,19 +67,25 @@ PROTOCOL = {
 }
 
 
-def write_run(run_dir: Path, subset: str, seed: int, miou: float, tested: bool = True) -> None:
+def write_run(
+    run_dir: Path, subset: str, seed: int, miou: float, tested: bool = True, miou_se: float | None = None
+) -> None:
     """A metrics.json shaped like the trainer's (config, data, seed, test/per_frame metrics in [0, 1])."""
     run_dir.mkdir(parents=True, exist_ok=True)
     record = {"config": {"data": {"subset": subset}, "seed": seed}, "data": {"subset": subset}, "seed": seed}
     if tested:
         record["test"] = {"per_frame": {"miou": miou / 100, "fscore": (miou + 10) / 100}}
+        if miou_se is not None:
+            record["test"]["per_frame"]["miou_se"] = miou_se
     (run_dir / "metrics.json").write_text(json.dumps(record))
 
 
 def write_kl(run_dir: Path, total: float, with_total: bool = True) -> None:
-    """Two validation lines as the trainer writes them; the last one's per-dimension KL sums to `total`."""
+    """Two validation lines as the trainer writes them; the last one's per-dimension KL sums to `total`, half
+    of it on each code, with 3 active dimensions (the fourth is exactly at the 0.01 nats threshold)."""
     first = latent_kl_record({"s_v": [9.0], "s_a": [9.0], "frames": 20}, epoch=1, step=2, split="val")
-    last = latent_kl_record({"s_v": [total / 4, total / 4], "s_a": [total / 2], "frames": 20}, epoch=2, step=4)
+    kl = {"s_v": [total / 4, total / 4], "s_a": [total / 2 - 0.01, 0.01], "frames": 20}
+    last = latent_kl_record(kl, epoch=2, step=4, split="val")
     if not with_total:
         del last["total"]
     (run_dir / LATENT_KL_FILE).write_text(json.dumps(first) + "\n" + json.dumps(last) + "\n")
@@ -94,12 +107,14 @@ def make_tree(out: Path, protocol: dict | None = None, ceilings: dict | None = N
     }
     for (subset, cell), values in cells.items():
         for seed, v in enumerate(values, start=1):
-            write_run(out / subset / cell / f"seed{seed}", subset, seed, v)
+            se = TPAVI_S4_SE[seed - 1] if (subset, cell) == ("s4", "tpavi") and seed <= len(TPAVI_S4_SE) else None
+            write_run(out / subset / cell / f"seed{seed}", subset, seed, v, miou_se=se)
     for seed, kl in enumerate(FB_KL, start=1):
         write_kl(out / "ms3" / "ecmvae_fb" / f"seed{seed}", kl, with_total=seed != 2)
-    for seed, auroc in enumerate(FB_AUROC, start=1):
+    for seed, (auroc, entropy) in enumerate(zip(FB_AUROC, FB_AUROC_ENTROPY), start=1):
         run = out / "ms3" / "ecmvae_fb" / f"seed{seed}"
-        (run / "uncertainty.json").write_text(json.dumps({"auroc": auroc, "num_samples": 20}))
+        record = {"auroc": auroc, "auroc_entropy": entropy, "num_samples": 20}
+        (run / "uncertainty.json").write_text(json.dumps(record))
     return out
 
 
@@ -150,6 +165,11 @@ def test_load_protocol_reads_metrics_kl_auroc_and_ceilings(tmp_path):
     assert [fb[k]["kl"] for k in range(1, 6)] == pytest.approx(FB_KL)  # seed 2 summed from the per-dimension KL
     assert [fb[k]["auroc"] for k in range(1, 4)] == pytest.approx(FB_AUROC)
     assert fb[4]["auroc"] is None and fb[5]["auroc"] is None
+    assert [fb[k]["auroc_entropy"] for k in range(1, 4)] == pytest.approx(FB_AUROC_ENTROPY)
+    assert [fb[k]["active_dims"] for k in range(1, 6)] == [3.0] * 5
+    assert [fb[k]["kl:s_v"] for k in range(1, 6)] == pytest.approx([v / 2 for v in FB_KL])
+    assert results[("s4", "tpavi")][2]["miou_se"] == pytest.approx(1.2)  # in %, like the mIoU
+    assert results[("s4", "tpavi")][4]["miou_se"] is None and run["auroc_entropy"] is None
     assert missing_runs(protocol, results) == []
 
 
@@ -232,11 +252,13 @@ def test_markdown_and_csv_tables(tmp_path):
     protocol, results = load_protocol(make_tree(tmp_path / "bench"))
     md = to_markdown(protocol, results)
     half = T975_DF4 * math.sqrt(2.5) / math.sqrt(5)
-    assert f"| TPAVI | 52.00 ± {math.sqrt(2.5):.2f} | [{52 - half:.2f}, {52 + half:.2f}] | 62.00 | 5 | 50.00 |" in md
+    ci = f"[{52 - half:.2f}, {52 + half:.2f}]"
+    assert f"| TPAVI | 52.00 ± {math.sqrt(2.5):.2f} | {ci} | 1.20 | 62.00 | 5 | 50.00 |" in md
     assert "| TPAVI without audio | " in md and md.index("| ECMVAE |") < md.index("| TPAVI without audio |")
     assert "| visual-only ceiling (test) | 51.50 |" in md
     assert f"| ECMVAE vs TPAVI | S4 | +3.00 [{3 - T975_DF4 / math.sqrt(5):+.2f}, " in md
-    assert "| ECMVAE, free bits | MS3 | 0.900 ± " in md and "| 0.700 ± 0.100 | 3 |" in md
+    assert "| ECMVAE, free bits | MS3 | 0.900 ± " in md and "| 0.700 ± 0.100 | 0.600 ± 0.050 | 3 |" in md
+    assert "| s_v 0.450 / s_a 0.450 | 3.0 | 5 |" in md
     assert "Missing" not in md
     csvs = to_csvs(protocol, results)
     assert csvs["claims"].splitlines()[0] == "claim,a,b,subset,n,diff_mean,diff_std,ci_lo,ci_hi,verdict"
@@ -284,3 +306,103 @@ def test_cli_proxy_mode_without_protocol_is_a_plain_error(tmp_path, capsys):
     assert _tables_main()([str(tmp_path), "--proxy"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "protocol.yaml" in err[0] and str(tmp_path) in err[0]
+
+
+# ----------------------------------------------------------------------------- SE, latent KL, KL plot
+def test_se_column_is_the_seed_mean_of_one_runs_se_and_a_dash_without_it(tmp_path):
+    protocol, results = load_protocol(make_tree(tmp_path / "bench"))
+    md = to_markdown(protocol, results)
+    assert "| S4 SE (one run) |" in md
+    ecmvae = next(line for line in md.splitlines() if line.startswith("| ECMVAE |"))
+    assert ecmvae.split(" | ")[3] == "–"  # S4 SE: no ECMVAE run has miou_se
+    methods = to_csvs(protocol, results)["methods"].splitlines()
+    header = methods[0].split(",")
+    assert header[-2:] == ["miou_se_mean", "missing_seeds"]
+    rows = {(r[0], r[2]): r for r in (line.split(",") for line in methods[1:])}
+    assert float(rows[("tpavi", "s4")][header.index("miou_se_mean")]) == pytest.approx(1.2)
+    assert rows[("ecmvae", "s4")][header.index("miou_se_mean")] == ""
+
+
+def test_final_kl_counts_active_dimensions_over_codes(tmp_path):
+    early = latent_kl_record({"s_v": [2.0, 2.0], "c": [3.0], "frames": 8}, epoch=1, step=10, split="val")
+    kl = {"s_v": [0.5, 0.011, 0.0], "s_a": [0.009, 0.02], "c": [0.01], "frames": 8}
+    late = latent_kl_record(kl, epoch=2, step=20, split="val")
+    path = tmp_path / LATENT_KL_FILE
+    path.write_text(json.dumps(early) + "\n\n" + json.dumps(late) + "\n")
+    final = final_kl(path)
+    assert final.active == 3  # 0.5, 0.011 and 0.02 exceed 0.01 nats; 0.01 itself does not
+    assert final.codes == pytest.approx({"s_v": 0.511, "s_a": 0.029, "c": 0.01})
+    assert final.total == pytest.approx(0.55)
+    assert final_kl(path, threshold=0.001).active == 5
+    curve = {
+        "s_v": [(10, 4.0), (20, pytest.approx(0.511))],
+        "c": [(10, 3.0), (20, 0.01)],
+        "s_a": [(20, pytest.approx(0.029))],
+    }
+    assert kl_curve(path) == curve
+    old = {"epoch": 1, "step": 5, "total": 1.5}  # a line with only the grand total: no per-code values
+    path.write_text(json.dumps(old) + "\n")
+    assert final_kl(path) == (1.5, {}, None) and kl_curve(path) == {}
+    path.write_text("{not json\n")
+    with pytest.raises(TableError, match=r"latent_kl\.jsonl: line 1 is not JSON"):
+        final_kl(path)
+
+
+def test_latent_table_has_entropy_auroc_active_dims_and_per_code_kl(tmp_path):
+    out = make_tree(tmp_path / "bench")
+    for seed, dims in enumerate([[0.3, 0.2], [0.3, 0.005]], start=1):  # 4 and 3 active dimensions, 3 in the rest
+        kl = {"s_v": dims, "s_a": [0.1], "c": [0.4], "frames": 8}
+        line = latent_kl_record(kl, epoch=3, step=6, split="val")
+        (out / "ms3" / "ecmvae_fb" / f"seed{seed}" / LATENT_KL_FILE).write_text(json.dumps(line) + "\n")
+    protocol, results = load_protocol(out)
+    md = to_markdown(protocol, results)
+    row = next(line for line in md.splitlines() if line.startswith("| ECMVAE, free bits | MS3 |"))
+    s_v = (0.5 + 0.305 + sum(v / 2 for v in FB_KL[2:])) / 5
+    s_a = (0.1 + 0.1 + sum(v / 2 for v in FB_KL[2:])) / 5
+    assert f"| s_v {s_v:.3f} / s_a {s_a:.3f} / c 0.400 | 3.2 | 5 |" in row  # c only in seeds 1, 2
+    latent = to_csvs(protocol, results)["latent"].splitlines()
+    header = latent[0].split(",")
+    assert header[8:] == ["auroc_entropy_mean", "auroc_entropy_std", "active_dims_mean"] + [
+        f"kl_{c}_mean" for c in ("s_v", "s_a", "c")
+    ]
+    values = dict(zip(header, latent[1].split(",")))
+    assert float(values["active_dims_mean"]) == pytest.approx(3.2)
+    assert float(values["auroc_entropy_mean"]) == pytest.approx(0.6)
+    assert float(values["kl_c_mean"]) == pytest.approx(0.4)
+
+
+def test_mean_band_over_seeds_that_reached_each_step():
+    runs = {1: {"s_v": [(2, 1.0), (4, 3.0)]}, 2: {"s_v": [(2, 2.0)], "c": [(2, 0.5)]}, 3: {"s_v": [(2, 6.0)]}}
+    assert mean_band(runs, "s_v") == [(2, 3.0, 1.0, 6.0), (4, 3.0, 3.0, 3.0)]
+    assert mean_band(runs, "s_a") == []
+
+
+def test_latent_kl_plot_is_a_png_and_needs_curves(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = make_tree(tmp_path / "bench")
+    collapsed = latent_kl_record({"s_v": [0.0], "s_a": [50.0], "frames": 8}, epoch=3, step=6, split="val")
+    with (out / "ms3" / "ecmvae_fb" / "seed1" / LATENT_KL_FILE).open("a") as f:
+        f.write(json.dumps(collapsed) + "\n")  # 0 and decades apart: the symlog axis
+    protocol, results = load_protocol(out)
+    curves = load_kl_curves(out, results)
+    assert sorted(curves) == [("ms3", "ecmvae_fb")] and sorted(curves[("ms3", "ecmvae_fb")]) == [1, 2, 3, 4, 5]
+    path = plot_latent_kl(curves, protocol, tmp_path / "img" / "kl.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(TableError, match="no finished run has a latent_kl.jsonl"):
+        plot_latent_kl({}, protocol, tmp_path / "none.png")
+
+
+def test_cli_plot_kl_flag(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = make_tree(tmp_path / "bench")
+    plot = tmp_path / "img" / "kl.png"
+    assert _tables_main()([str(out), "--proxy", "--plot-kl", str(plot), "--out", str(tmp_path / "rep")]) == 0
+    assert f"wrote {plot}" in capsys.readouterr().out
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_plot_kl_without_proxy_is_a_plain_error(tmp_path, capsys):
+    assert _tables_main()([str(tmp_path), "--plot-kl", str(tmp_path / "kl.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--plot-kl" in err[0] and "--proxy" in err[0]
+    assert not (tmp_path / "kl.png").exists()

@@ -1,0 +1,157 @@
+"""The proxy benchmark's plots (PNG, matplotlib's Agg canvas): methods per subset, latent KL over training."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from avs.errors import AVSError, ExitCode
+from avs.tables.proxy import LATENT_KL_FILE, METRIC_PROTOCOL, SPLIT, KLCurves, Results, cell_stats, cell_subsets
+from avs.tables.proxy_report import cell_label, split_ceiling, table_cells
+from avs.tables.render import METRIC_LABELS
+from avs.tables.runs import TableError
+
+KL_FLOOR = 1e-3  # nats: the linear range of the symlog axis never starts below this (smaller KL is collapsed)
+DECADES = 2  # a KL axis whose values span this many decades above the floor is drawn symlog
+SUBSET_STYLES = ("-", "--", ":", "-.")
+MAX_COLUMNS = 3
+
+
+class PlotUnavailable(AVSError, ImportError, code=ExitCode.CONFIG):
+    """matplotlib is not installed, so no plot can be drawn."""
+
+
+def _figure(width: float, height: float) -> Any:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise PlotUnavailable("plotting needs matplotlib: pip install -e .[plot]") from exc
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)  # the Agg backend, without touching pyplot's global state
+    return fig
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=150)
+    return path
+
+
+# ----------------------------------------------------------------------------- methods
+def _panel(ax: Any, protocol: DictConfig, results: Results, subset: str) -> None:
+    """One subset: bars of the mean, 95% CI error bars, one dot per seed, the ceiling as a dashed line."""
+    metric = str(protocol.metric)
+    cells = [m for m in protocol.methods if subset in cell_subsets(protocol, m)]
+    for x, cell in enumerate(cells):
+        s = cell_stats(results, subset, cell, metric)
+        if s.mean is None:
+            continue
+        ax.bar(x, s.mean, width=0.6, color=f"C{x}", alpha=0.6)
+        if s.lo is not None:
+            ax.errorbar(x, s.mean, yerr=[[s.mean - s.lo], [s.hi - s.mean]], color="black", capsize=4, lw=1)
+        seeds = sorted(results.get((subset, cell), {}).items())
+        offsets = [0.4 * (i / max(len(seeds) - 1, 1) - 0.5) for i in range(len(seeds))]
+        ax.scatter([x + o for o in offsets], [v[metric] for _, v in seeds], s=12, color="black", zorder=3)
+    ceiling = split_ceiling(protocol, subset)
+    if ceiling is not None:
+        ax.axhline(ceiling, ls="--", color="gray", lw=1, label=f"visual-only ceiling {ceiling:.1f}")
+        ax.legend(loc="lower right", fontsize=7)
+    ax.set_xticks(range(len(cells)), [cell_label(protocol, c) for c in cells], rotation=20, ha="right", fontsize=8)
+    ax.set_title(subset.upper())
+
+
+def plot_methods(results: Results, protocol: DictConfig, path: str | Path) -> Path:
+    """PNG of the methods' mean test metric per subset (one panel each) with 95% CIs, seeds and the ceiling."""
+    subsets = list(protocol.subsets)
+    fig = _figure(3.2 + 2.4 * len(subsets), 3.6)
+    axes = fig.subplots(1, len(subsets), sharey=True, squeeze=False)[0]
+    for ax, subset in zip(axes, subsets):
+        _panel(ax, protocol, results, subset)
+    label = METRIC_LABELS.get(str(protocol.metric), str(protocol.metric))
+    axes[0].set_ylabel(f"{SPLIT} {label} (%), {METRIC_PROTOCOL}")
+    return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- latent KL over training
+def mean_band(runs: dict[int, dict[str, list[tuple[int, float]]]], code: str) -> list[tuple[int, float, float, float]]:
+    """(step, mean, min, max) over the seeds that reached each step, for one code's KL curve."""
+    by_step: dict[int, list[float]] = {}
+    for curve in runs.values():
+        for step, value in curve.get(code, []):
+            by_step.setdefault(step, []).append(value)
+    return [(s, statistics.fmean(v), min(v), max(v)) for s, v in sorted(by_step.items())]
+
+
+def _kl_scale(ax: Any, values: list[float]) -> None:
+    """symlog y when the positive values span DECADES decades (0 happens: a collapsed code), else linear."""
+    positive = [v for v in values if v > 0]
+    if not positive:
+        return
+    floor = max(min(positive), KL_FLOOR)
+    if max(positive) / floor >= 10**DECADES:
+        ax.set_yscale("symlog", linthresh=10 ** math.floor(math.log10(floor)))
+
+
+def _kl_panel(ax: Any, curves: KLCurves, subsets: list[str], cell: str, codes: list[str]) -> None:
+    values: list[float] = []
+    for subset, style in zip(subsets, SUBSET_STYLES * len(subsets)):
+        runs = curves.get((subset, cell)) or {}
+        for i, code in enumerate(codes):
+            band = mean_band(runs, code)
+            if not band:
+                continue
+            steps, mean, lo, hi = (list(col) for col in zip(*band))
+            ax.plot(steps, mean, color=f"C{i}", ls=style, lw=1.2)
+            if len(runs) > 1:
+                ax.fill_between(steps, lo, hi, color=f"C{i}", alpha=0.15, lw=0)
+            values += lo + hi
+    _kl_scale(ax, values)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel("optimizer step", fontsize=8)
+    ax.tick_params(labelsize=7)
+
+
+def _kl_legend(fig: Any, subsets: list[str], codes: list[str]) -> None:
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=f"C{i}", label=code) for i, code in enumerate(codes)]
+    if len(subsets) > 1:
+        styles = SUBSET_STYLES * len(subsets)
+        handles += [Line2D([], [], color="black", ls=st, label=s.upper()) for s, st in zip(subsets, styles)]
+    fig.legend(handles=handles, loc="outside right upper", fontsize=7)
+
+
+def plot_latent_kl(curves: KLCurves, protocol: DictConfig, path: str | Path) -> Path:
+    """PNG of the KL on val (nats, summed over dimensions) over training, one panel per latent cell.
+
+    `curves`: `avs.tables.proxy.load_kl_curves`. One colour per code, one line style per subset; a line
+    is the mean over the seeds, its band the min-max. A panel's y axis is symlog when its values span
+    decades. Raises TableError when no finished run has a latent_kl.jsonl.
+    """
+    subsets = [str(s) for s in protocol.subsets]
+    cells = [c for c in table_cells(protocol) if any((s, c) in curves for s in subsets)]
+    if not cells:
+        raise TableError(f"no finished run has a {LATENT_KL_FILE}: no KL curve to plot")
+    codes: dict[str, None] = {}
+    for runs in curves.values():
+        for curve in runs.values():
+            codes.update(dict.fromkeys(curve))
+    cols = min(len(cells), MAX_COLUMNS)
+    rows = math.ceil(len(cells) / cols)
+    fig = _figure(1.2 + 3.0 * cols, 0.4 + 2.6 * rows)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, cell in zip(axes, cells):
+        _kl_panel(ax, curves, subsets, cell, list(codes))
+        ax.set_title(cell_label(protocol, cell), fontsize=9)
+    for ax in axes[len(cells) :]:
+        ax.set_visible(False)
+    for row in range(rows):
+        axes[row * cols].set_ylabel("KL on val (nats)", fontsize=8)
+    _kl_legend(fig, subsets, list(codes))
+    return _save(fig, path)
