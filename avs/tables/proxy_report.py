@@ -142,10 +142,22 @@ def _methods_markdown(protocol: DictConfig, results: Results) -> list[str]:
     lines += ["", f"{SE_LABEL}: the clip-level standard error of one run's {SPLIT} mIoU (%), mean over the seeds."]
     gone = missing_runs(protocol, results)
     if gone:
-        where = "; ".join(f"{s}/{c} seed {k}" for s, c, k in gone)
+        where = _missing_text(gone)
         runs = "run" if len(gone) == 1 else "runs"
         lines += ["", f"Missing ({len(gone)} {runs} without {SPLIT} metrics, not finished or not tested): {where}."]
     return lines
+
+
+def _missing_text(gone: Sequence[tuple[str, str, int]]) -> str:
+    """'s4/tpavi seeds 2, 3; ms3/avsbg seed 1' (one entry per subset and cell, in table order)."""
+    grouped: dict[tuple[str, str], list[int]] = {}
+    for subset, cell, seed in gone:
+        grouped.setdefault((subset, cell), []).append(seed)
+    parts = []
+    for (subset, cell), seeds in grouped.items():
+        word = "seed" if len(seeds) == 1 else "seeds"
+        parts.append(f"{subset}/{cell} {word} {', '.join(str(k) for k in seeds)}")
+    return "; ".join(parts)
 
 
 # ----------------------------------------------------------------------------- claims, latent, targets

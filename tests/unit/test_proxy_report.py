@@ -210,7 +210,11 @@ def test_partial_tree_counts_the_finished_seeds_and_says_what_is_missing(tmp_pat
     claim = next(c for c in claim_differences(protocol, results) if c.subset == "s4" and c.b == "tpavi")
     assert claim.seeds == [1, 2, 4, 5]
     md = to_markdown(protocol, results)
-    assert "Missing (2 runs" in md and "s4/tpavi seed 3" in md and "ms3/ecmvae seed 5" in md
+    assert "Missing (2 runs" in md and "s4/tpavi seed 3;" in md and "ms3/ecmvae seed 5." in md
+    from avs.tables.proxy_report import _missing_text
+
+    gone = [("s4", "tpavi", 2), ("s4", "tpavi", 3), ("ms3", "avsbg", 1)]
+    assert _missing_text(gone) == "s4/tpavi seeds 2, 3; ms3/avsbg seed 1"
     assert "| 4/5 |" in md
     assert "s4,4,5," in to_csvs(protocol, results)["methods"].split("tpavi,TPAVI,")[1]
 
