@@ -208,12 +208,18 @@ def _latent_markdown(protocol: DictConfig, results: Results) -> list[str]:
     return lines
 
 
+def _difference(s: Stats) -> str:
+    if s.mean is None:
+        return DASH
+    return f"{_f(s.mean, '+.2f')} {_ci(s, '+.2f')}" if s.lo is not None else _f(s.mean, "+.2f")
+
+
 def to_markdown(protocol: DictConfig, results: Results) -> str:
     """The four tables (methods, claims, latent, targets) as one markdown text."""
     lines = _methods_markdown(protocol, results)
     p_label = METRIC_LABELS.get(str(protocol.metric), str(protocol.metric))
     claims = [
-        [name, subset.upper(), f"{_f(mean, '+.2f')} {_ci(Stats(n, mean, std, lo, hi), '+.2f')}", n, word]
+        [name, subset.upper(), _difference(Stats(n, mean, std, lo, hi)), n, word]
         for name, _, _, subset, n, mean, std, lo, hi, word in claims_rows(protocol, results)
     ]
     lines += ["", f"### Claims: paired difference a − b in {SPLIT} {p_label} points, 95% t-interval", ""]
