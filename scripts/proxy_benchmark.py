@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import avs  # noqa: E402,F401  (registers config resolvers)
 from avs.errors import plain_errors  # noqa: E402
-from avs.proxy import after_run_step, run_protocol  # noqa: E402
+from avs.proxy import run_protocol  # noqa: E402
 
 log = logging.getLogger("avs.proxy_benchmark")
 
@@ -33,7 +33,7 @@ def main(cfg: DictConfig) -> None:
     if cfg.toy:
         cfg.extra_overrides = list(cfg.toy_overrides)
     out_dir = Path(cfg.out_dir).expanduser()
-    outcome = run_protocol(cfg, out_dir, after_run=after_run_step(cfg))
+    outcome = run_protocol(cfg, out_dir)
     print(
         f"proxy benchmark in {out_dir}: {len(outcome.made)} runs made, {len(outcome.kept)} kept, "
         f"{len(outcome.failed)} failed; {outcome.seconds / 60:.1f} min"

@@ -1,16 +1,16 @@
 """The CPU proxy benchmark: a protocol of runs on Sounding Shapes and the runner that makes them."""
 
 from avs.proxy.protocol import CEILINGS_FILE, PROTOCOL_FILE, ProxyRun, expand, validate
-from avs.proxy.runner import ProxyOutcome, after_run_step, finished, run_protocol
+from avs.proxy.runner import ProxyOutcome, finished, followup_commands, run_protocol
 
 __all__ = [
     "CEILINGS_FILE",
     "PROTOCOL_FILE",
     "ProxyOutcome",
     "ProxyRun",
-    "after_run_step",
     "expand",
     "finished",
+    "followup_commands",
     "run_protocol",
     "validate",
 ]

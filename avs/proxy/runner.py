@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +29,18 @@ from avs.utils.io import atomic_write_text
 log = logging.getLogger(__name__)
 
 TRAIN_SCRIPT = PROJECT_ROOT / "scripts" / "train.py"
+UNCERTAINTY_SCRIPT = PROJECT_ROOT / "scripts" / "uncertainty.py"
 RUNS_FILE = "runs.jsonl"  # one line per finished child process: run, exit code, wall seconds, end time
+
+
+@dataclass
+class RunEnd:
+    """How one worker task ended: the training's exit code, the wall time and a failed follow-up."""
+
+    run: ProxyRun
+    code: int
+    seconds: float
+    followup_error: str | None = None
 
 
 @dataclass
@@ -116,13 +127,24 @@ def _log_path(log_dir: Path, run: ProxyRun) -> Path:
     return log_dir / f"{run.subset}_{run.cell}_seed{run.seed}.log"
 
 
-def _run_one(run: ProxyRun, threads: int, log_dir: Path) -> tuple[ProxyRun, int, float]:
+def _run_one(run: ProxyRun, threads: int, log_dir: Path, followups: Sequence[list[str]] = ()) -> RunEnd:
+    """Train, then (after a finished training) each follow-up command, in this worker's slot."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     log_path = _log_path(log_dir, run)
     start = time.perf_counter()
     with open(log_path, "w") as fh:
         code = subprocess.call(_command(run), stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=PROJECT_ROOT)
-    return run, code, time.perf_counter() - start
+    followup_error = None
+    if code == 0 and finished(run.run_dir):
+        for cmd in followups:
+            with open(log_path, "a") as fh:
+                fh.write(f"\n$ {' '.join(cmd)}\n")
+                fh.flush()
+                extra = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=PROJECT_ROOT)
+            if extra != 0:
+                followup_error = f"{Path(cmd[1]).name} exit code {extra}; log {log_path}"
+                break
+    return RunEnd(run, code, time.perf_counter() - start, followup_error)
 
 
 def _record(path: Path, run: ProxyRun, code: int, seconds: float) -> None:
@@ -159,12 +181,8 @@ def _selected(cfg: DictConfig, runs: list[ProxyRun]) -> list[ProxyRun]:
     return [r for r in runs if (not cells or r.cell in cells) and (not subsets or r.subset in subsets)]
 
 
-def run_protocol(
-    cfg: DictConfig,
-    out_dir: Path,
-    after_run: Callable[[ProxyRun], None] | None = None,
-) -> ProxyOutcome:
-    """Write protocol.yaml, make the data, run what is not finished; `after_run` sees each new run."""
+def run_protocol(cfg: DictConfig, out_dir: Path) -> ProxyOutcome:
+    """Write protocol.yaml, make the data, run what is not finished (with its follow-ups)."""
     start = time.perf_counter()
     protocol = protocol_node(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -190,52 +208,46 @@ def run_protocol(
             print(" ".join(_command(run)))
         outcome.seconds = time.perf_counter() - start
         return outcome
-    _execute(cfg, todo, log_dir, outcome, after_run)
+    _execute(cfg, todo, log_dir, outcome)
     outcome.seconds = time.perf_counter() - start
     return outcome
 
 
-def _execute(cfg, todo, log_dir, outcome, after_run) -> None:
+def _execute(cfg: DictConfig, todo: Sequence[ProxyRun], log_dir: Path, outcome: ProxyOutcome) -> None:
     workers = max(1, int(cfg.workers))
     bar = tqdm(total=len(todo), desc="proxy runs", unit="run", disable=not cfg.get("progress", True))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(_run_one, run, int(cfg.threads), log_dir) for run in todo]
+        futures = [pool.submit(_run_one, run, int(cfg.threads), log_dir, followup_commands(cfg, run)) for run in todo]
         for fut in as_completed(futures):
-            run, code, seconds = fut.result()
-            _record(log_dir.parent / RUNS_FILE, run, code, seconds)
-            if code == 0 and finished(run.run_dir):
+            end = fut.result()
+            run = end.run
+            _record(log_dir.parent / RUNS_FILE, run, end.code, end.seconds)
+            if end.code == 0 and finished(run.run_dir):
                 outcome.made.append(run.name)
                 if not cfg.get("keep_last_checkpoint", False):
                     _drop_last_checkpoint(run.run_dir)
-                if after_run is not None:
-                    try:
-                        after_run(run)
-                    except Exception as exc:  # noqa: BLE001  (reported by name with the run, never lost)
-                        outcome.failed[run.name] = f"after-run step failed: {exc}"
+                if end.followup_error:
+                    outcome.failed[run.name] = f"follow-up failed: {end.followup_error}"
             else:
-                outcome.failed[run.name] = f"exit code {code}; log {_log_path(log_dir, run)}"
-            bar.set_postfix_str(f"{run.name} {seconds:.0f}s")
+                outcome.failed[run.name] = f"exit code {end.code}; log {_log_path(log_dir, run)}"
+            bar.set_postfix_str(f"{run.name} {end.seconds:.0f}s")
             bar.update(1)
     bar.close()
 
 
-def after_run_step(cfg: DictConfig) -> Callable[[ProxyRun], None] | None:
-    """The per-run follow-up: the uncertainty pass for the cells the protocol lists (None if none)."""
+def followup_commands(cfg: DictConfig, run: ProxyRun) -> list[list[str]]:
+    """Commands run after the training in the same worker: the uncertainty pass for the listed cells."""
     node = cfg.get("uncertainty")
-    cells = set(node.get("cells") or []) if node is not None else set()
-    if not cells:
-        return None
-
-    def step(run: ProxyRun) -> None:
-        if run.cell not in cells:
-            return
-        from avs.evaluation.uncertainty import write_uncertainty
-
-        write_uncertainty(
-            run.run_dir / "checkpoints" / "best.ckpt",
-            split=str(node.split),
-            num_samples=int(node.num_samples),
-            out=run.run_dir / "uncertainty.json",
-        )
-
-    return step
+    if node is None or run.cell not in set(node.get("cells") or []):
+        return []
+    return [
+        [
+            sys.executable,
+            str(UNCERTAINTY_SCRIPT),
+            f"checkpoint={run.run_dir / 'checkpoints' / 'best.ckpt'}",
+            f"split={node.split}",
+            f"eval.num_samples={int(node.num_samples)}",
+            f"out={run.run_dir / 'uncertainty.json'}",
+            f"hydra.run.dir={run.run_dir.parent.parent.parent / 'logs' / 'uncertainty' / run.name.replace('/', '_')}",
+        ]
+    ]

@@ -74,7 +74,7 @@ def test_an_out_dir_of_another_protocol_is_refused(tmp_path):
 
 def test_every_cell_config_is_checked_before_the_first_run(tmp_path, monkeypatch):
     started = []
-    monkeypatch.setattr(runner_mod, "_run_one", lambda *a, **k: started.append(a) or (a[0], 0, 0.0))
+    monkeypatch.setattr(runner_mod, "_run_one", lambda *a, **k: started.append(a) or runner_mod.RunEnd(a[0], 0, 0.0))
     bad = ["model=ecmvae", "model.use_audio=false"]  # the factorised latent encodes audio: refused
     cfg = _cfg(tmp_path, only=["ecmvae_no_audio"], seeds=[1])
     OmegaConf.update(cfg, "cells.ecmvae_no_audio.overrides", bad, merge=False)
@@ -118,6 +118,33 @@ def test_queue_runs_keeps_finished_and_reports_failures_by_name(tmp_path, monkey
     assert len(second.kept) == 6 and second.made == []
     assert (out / "s4" / "avsbg" / "seed2.unfinished1" / "partial.txt").is_file()
     assert finished(out / "ms3" / "tpavi" / "seed1") and not finished(broken)
+
+
+FAKE_UNCERTAINTY = """
+import json, sys, pathlib
+args = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a)
+if "seed2" in args["checkpoint"]:
+    sys.exit(5)
+pathlib.Path(args["out"]).write_text(json.dumps({"auroc": 0.7, "num_samples": int(args["eval.num_samples"])}))
+"""
+
+
+def test_the_uncertainty_pass_runs_in_the_worker_after_training(tmp_path, monkeypatch):
+    for name, text, attr in (("t.py", FAKE_TRAIN, "TRAIN_SCRIPT"), ("u.py", FAKE_UNCERTAINTY, "UNCERTAINTY_SCRIPT")):
+        (tmp_path / name).write_text(text)
+        monkeypatch.setattr(runner_mod, attr, tmp_path / name)
+    monkeypatch.setattr(runner_mod, "prepare_data", lambda *a, **k: {})
+    monkeypatch.setattr(runner_mod, "check_runs", lambda runs: None)
+    cfg = _cfg(tmp_path, seeds=[1, 2], only=["ecmvae"], only_subsets=["s4"])
+    out = Path(cfg.out_dir)
+    outcome = run_protocol(cfg, out)
+    assert json.loads((out / "s4" / "ecmvae" / "seed1" / "uncertainty.json").read_text()) == {
+        "auroc": 0.7,
+        "num_samples": int(cfg.uncertainty.num_samples),
+    }
+    assert list(outcome.failed) == ["s4/ecmvae/seed2"]
+    assert "follow-up failed: u.py exit code 5" in outcome.failed["s4/ecmvae/seed2"]
+    assert runner_mod.followup_commands(cfg, expand(protocol_node(cfg), out)[0]) == []  # tpavi: no latent pass
 
 
 def test_toy_protocol_end_to_end(tmp_path):
