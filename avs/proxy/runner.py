@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 TRAIN_SCRIPT = PROJECT_ROOT / "scripts" / "train.py"
 UNCERTAINTY_SCRIPT = PROJECT_ROOT / "scripts" / "uncertainty.py"
-RUNS_FILE = "runs.jsonl"  # one line per finished child process: run, exit code, wall seconds, end time
+UNCERTAINTY_FILE = "uncertainty.json"
+RUNS_FILE = "runs.jsonl"  # one line per worker task: run, task (train / follow-up), exit code, wall seconds, end
 
 
 @dataclass
@@ -127,13 +128,18 @@ def _log_path(log_dir: Path, run: ProxyRun) -> Path:
     return log_dir / f"{run.subset}_{run.cell}_seed{run.seed}.log"
 
 
-def _run_one(run: ProxyRun, threads: int, log_dir: Path, followups: Sequence[list[str]] = ()) -> RunEnd:
-    """Train, then (after a finished training) each follow-up command, in this worker's slot."""
+def _run_one(
+    run: ProxyRun, threads: int, log_dir: Path, followups: Sequence[list[str]] = (), train: bool = True
+) -> RunEnd:
+    """Train (unless `train` is False: a finished run missing a follow-up's output), then each
+    follow-up command after a finished training, in this worker's slot."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     log_path = _log_path(log_dir, run)
     start = time.perf_counter()
-    with open(log_path, "w") as fh:
-        code = subprocess.call(_command(run), stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=PROJECT_ROOT)
+    code = 0
+    if train:
+        with open(log_path, "w") as fh:
+            code = subprocess.call(_command(run), stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=PROJECT_ROOT)
     followup_error = None
     if code == 0 and finished(run.run_dir):
         for cmd in followups:
@@ -147,9 +153,9 @@ def _run_one(run: ProxyRun, threads: int, log_dir: Path, followups: Sequence[lis
     return RunEnd(run, code, time.perf_counter() - start, followup_error)
 
 
-def _record(path: Path, run: ProxyRun, code: int, seconds: float) -> None:
+def _record(path: Path, run: ProxyRun, code: int, seconds: float, task: str = "train") -> None:
     ended = time.strftime("%Y-%m-%dT%H:%M:%S")
-    line = {"run": run.name, "exit_code": code, "seconds": round(seconds, 1), "ended": ended}
+    line = {"run": run.name, "task": task, "exit_code": code, "seconds": round(seconds, 1), "ended": ended}
     with open(path, "a") as fh:
         fh.write(json.dumps(line) + "\n")
 
@@ -192,9 +198,12 @@ def run_protocol(cfg: DictConfig, out_dir: Path) -> ProxyOutcome:
     atomic_write_text(out_dir / PROTOCOL_FILE, OmegaConf.to_yaml(protocol))
     outcome = ProxyOutcome()
     todo = []
+    followup_only = []
     for run in runs:
         if finished(run.run_dir):
             outcome.kept.append(run.name)
+            if followup_commands(cfg, run) and not (run.run_dir / UNCERTAINTY_FILE).is_file():
+                followup_only.append(run)
         else:
             if run.run_dir.exists():
                 _set_aside(run.run_dir)
@@ -206,23 +215,35 @@ def run_protocol(cfg: DictConfig, out_dir: Path) -> ProxyOutcome:
     if cfg.get("dry_run"):
         for run in todo:
             print(" ".join(_command(run)))
+        for run in followup_only:
+            for cmd in followup_commands(cfg, run):
+                print(" ".join(cmd))
         outcome.seconds = time.perf_counter() - start
         return outcome
-    _execute(cfg, todo, log_dir, outcome)
+    _execute(cfg, todo, followup_only, log_dir, outcome)
     outcome.seconds = time.perf_counter() - start
     return outcome
 
 
-def _execute(cfg: DictConfig, todo: Sequence[ProxyRun], log_dir: Path, outcome: ProxyOutcome) -> None:
+def _execute(
+    cfg: DictConfig, todo: Sequence[ProxyRun], followup_only: Sequence[ProxyRun], log_dir: Path, outcome: ProxyOutcome
+) -> None:
     workers = max(1, int(cfg.workers))
-    bar = tqdm(total=len(todo), desc="proxy runs", unit="run", disable=not cfg.get("progress", True))
+    total = len(todo) + len(followup_only)
+    bar = tqdm(total=total, desc="proxy runs", unit="run", disable=not cfg.get("progress", True))
+    threads = int(cfg.threads)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(_run_one, run, int(cfg.threads), log_dir, followup_commands(cfg, run)) for run in todo]
+        futures = [pool.submit(_run_one, r, threads, log_dir, followup_commands(cfg, r), False) for r in followup_only]
+        futures += [pool.submit(_run_one, r, threads, log_dir, followup_commands(cfg, r)) for r in todo]
         for fut in as_completed(futures):
             end = fut.result()
             run = end.run
-            _record(log_dir.parent / RUNS_FILE, run, end.code, end.seconds)
-            if end.code == 0 and finished(run.run_dir):
+            only = run in followup_only
+            _record(log_dir.parent / RUNS_FILE, run, end.code, end.seconds, "follow-up" if only else "train")
+            if only:
+                if end.followup_error:
+                    outcome.failed[run.name] = f"follow-up failed: {end.followup_error}"
+            elif end.code == 0 and finished(run.run_dir):
                 outcome.made.append(run.name)
                 if not cfg.get("keep_last_checkpoint", False):
                     _drop_last_checkpoint(run.run_dir)
@@ -247,7 +268,7 @@ def followup_commands(cfg: DictConfig, run: ProxyRun) -> list[list[str]]:
             f"checkpoint={run.run_dir / 'checkpoints' / 'best.ckpt'}",
             f"split={node.split}",
             f"eval.num_samples={int(node.num_samples)}",
-            f"out={run.run_dir / 'uncertainty.json'}",
+            f"out={run.run_dir / UNCERTAINTY_FILE}",
             f"hydra.run.dir={run.run_dir.parent.parent.parent / 'logs' / 'uncertainty' / run.name.replace('/', '_')}",
         ]
     ]

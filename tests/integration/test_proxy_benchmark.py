@@ -145,6 +145,14 @@ def test_the_uncertainty_pass_runs_in_the_worker_after_training(tmp_path, monkey
     assert list(outcome.failed) == ["s4/ecmvae/seed2"]
     assert "follow-up failed: u.py exit code 5" in outcome.failed["s4/ecmvae/seed2"]
     assert runner_mod.followup_commands(cfg, expand(protocol_node(cfg), out)[0]) == []  # tpavi: no latent pass
+    # a finished run without its uncertainty.json gets the pass alone (no training) on the next call
+    (out / "s4" / "ecmvae" / "seed1" / "uncertainty.json").unlink()
+    (out / "s4" / "ecmvae" / "seed1" / "metrics.json").write_text(json.dumps({"test": {"per_frame": {"miou": 0.25}}}))
+    again = run_protocol(cfg, out)
+    assert sorted(again.kept) == ["s4/ecmvae/seed1", "s4/ecmvae/seed2"] and again.made == []
+    assert (out / "s4" / "ecmvae" / "seed1" / "uncertainty.json").is_file()
+    record = json.loads((out / "s4" / "ecmvae" / "seed1" / "metrics.json").read_text())
+    assert record["test"]["per_frame"]["miou"] == 0.25
 
 
 def test_toy_protocol_end_to_end(tmp_path):
@@ -168,7 +176,7 @@ def test_toy_protocol_end_to_end(tmp_path):
     assert finished(run)
     assert (run / "latent_kl.jsonl").is_file()
     record = json.loads((run / "uncertainty.json").read_text())
-    assert record["num_samples"] == 8 and record["split"] == "test"
+    assert record["num_samples"] == 4 and record["split"] == "test"  # configs/proxy_benchmark.yaml
     assert not (run / "checkpoints" / "last.ckpt").exists() and (run / "checkpoints" / "best.ckpt").is_file()
     ceilings = json.loads((out / "ceilings.json").read_text())
     assert 0.0 <= ceilings["ms3"]["test"] <= 100.0
