@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from avs.config_checks import ConfigError
+from avs.errors import ConfigError
 
 PROTOCOL_FILE = "protocol.yaml"
 CEILINGS_FILE = "ceilings.json"
@@ -22,6 +22,7 @@ CEILINGS_FILE = "ceilings.json"
 RUN_DEFINING = ("base", "subsets", "cells")
 PROTOCOL_KEYS = (
     "seeds",
+    "ablation_seeds",
     "subsets",
     "base",
     "extra_overrides",
@@ -71,6 +72,17 @@ def cell_subsets(protocol: DictConfig, cell: str) -> list[str]:
     return list(wanted)
 
 
+def cell_seeds(protocol: DictConfig, cell: str) -> list[int]:
+    """The seeds a cell runs: its own `seeds`, else `ablation_seeds` for a cell outside the methods
+    table (when set), else the protocol's `seeds`."""
+    node = protocol.cells[cell]
+    if node.get("seeds") is not None:
+        return [int(k) for k in node.seeds]
+    if cell not in set(protocol.methods) and protocol.get("ablation_seeds") is not None:
+        return [int(k) for k in protocol.ablation_seeds]
+    return [int(k) for k in protocol.seeds]
+
+
 def validate(protocol: DictConfig) -> None:
     """Refuse a protocol whose references do not resolve (methods, claims and targets name cells)."""
     for key in ("seeds", "subsets", "cells", "methods"):
@@ -101,12 +113,13 @@ def expand(protocol: DictConfig, out_dir: Path) -> list[ProxyRun]:
     methods = [c for c in protocol.cells if c in set(protocol.methods)]
     others = [c for c in protocol.cells if c not in set(protocol.methods)]
     runs = []
+    all_seeds = sorted({k for c in protocol.cells for k in cell_seeds(protocol, c)})
     for group in (methods, others):
-        for seed in protocol.seeds:
+        for seed in all_seeds:
             for subset, subset_overrides in protocol.subsets.items():
                 subset_part = _strings(subset_overrides, f"subsets.{subset}")
                 for cell in group:
-                    if subset not in cell_subsets(protocol, cell):
+                    if subset not in cell_subsets(protocol, cell) or int(seed) not in cell_seeds(protocol, cell):
                         continue
                     cell_overrides = _strings(protocol.cells[cell].get("overrides"), f"cells.{cell}.overrides")
                     overrides = (*base, *subset_part, *cell_overrides, *extra, f"seed={int(seed)}")

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 from omegaconf import DictConfig, OmegaConf
 
 from avs.errors import ConfigError
+from avs.proxy.protocol import cell_seeds, cell_subsets
 from avs.tables.build import metric_value
 from avs.tables.runs import TableError, load_runs
 
@@ -273,17 +274,11 @@ def load_kl_curves(out_dir: str | Path, results: Results) -> KLCurves:
     return curves
 
 
-def cell_subsets(protocol: DictConfig, cell: str) -> list[str]:
-    """The subsets a cell runs on: its own `subsets` list, else every protocol subset."""
-    own = protocol.cells[cell].get("subsets")
-    return [s for s in protocol.subsets if own is None or s in own]
-
-
 def expected_runs(protocol: DictConfig) -> Iterator[tuple[str, str, int]]:
     """(subset, cell, seed) of every run the protocol asks for."""
     for cell in protocol.cells:
         for subset in cell_subsets(protocol, cell):
-            for seed in protocol.seeds:
+            for seed in cell_seeds(protocol, cell):
                 yield subset, cell, int(seed)
 
 
@@ -414,8 +409,9 @@ class TargetCheck(NamedTuple):
     ok: bool | None
 
 
-def _of_expected(n: int, protocol: DictConfig) -> str:
-    return "" if n == len(protocol.seeds) else f" ({n} of {len(protocol.seeds)} seeds)"
+def _of_expected(n: int, protocol: DictConfig, cell: str) -> str:
+    expected = len(cell_seeds(protocol, cell))
+    return "" if n == expected else f" ({n} of {expected} seeds)"
 
 
 def _ceiling_check(protocol: DictConfig, results: Results, subset: str, cell: str) -> TargetCheck:
@@ -433,7 +429,7 @@ def _ceiling_check(protocol: DictConfig, results: Results, subset: str, cell: st
     text = f"min {worst:.2f} vs ceiling {float(ceiling):.2f}"
     if below:
         text = f"seed{'s' if len(below) > 1 else ''} {', '.join(map(str, below))} not above; " + text
-    return TargetCheck(name, where, text + _of_expected(len(runs), protocol), not below)
+    return TargetCheck(name, where, text + _of_expected(len(runs), protocol, cell), not below)
 
 
 def _std_check(protocol: DictConfig, results: Results, subset: str, cell: str, limit: float) -> TargetCheck:
@@ -442,7 +438,7 @@ def _std_check(protocol: DictConfig, results: Results, subset: str, cell: str, l
     where = f"{cell} / {subset}"
     if stats.std is None:
         return TargetCheck(name, where, f"n={stats.n}: no std", None)
-    return TargetCheck(name, where, f"{stats.std:.2f}" + _of_expected(stats.n, protocol), stats.std <= limit)
+    return TargetCheck(name, where, f"{stats.std:.2f}" + _of_expected(stats.n, protocol, cell), stats.std <= limit)
 
 
 def _audio_checks(protocol: DictConfig, results: Results) -> list[TargetCheck]:
@@ -478,7 +474,7 @@ def _kl_checks(protocol: DictConfig, results: Results, floor: float) -> list[Tar
             if stats.mean is None:
                 checks.append(TargetCheck(name, where, f"no {LATENT_KL_FILE} in the finished runs", None))
                 continue
-            measured = f"{stats.mean:.3f}" + _of_expected(stats.n, protocol)
+            measured = f"{stats.mean:.3f}" + _of_expected(stats.n, protocol, cell)
             checks.append(TargetCheck(name, where, measured, stats.mean >= floor))
     return checks
 

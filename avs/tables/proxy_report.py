@@ -17,6 +17,7 @@ from avs.tables.proxy import (
     SPLIT,
     Results,
     Stats,
+    cell_seeds,
     cell_stats,
     cell_subsets,
     check_targets,
@@ -105,8 +106,9 @@ def methods_rows(protocol: DictConfig, results: Results) -> list[list[Any]]:
         for subset in cell_subsets(protocol, cell):
             s = cell_stats(results, subset, cell, primary)
             f = cell_stats(results, subset, cell, second)
-            missing = [k for k in protocol.seeds if k not in results.get((subset, cell), {})]
-            row = [cell, cell_label(protocol, cell), subset, s.n, len(protocol.seeds), s.mean, s.std, s.lo, s.hi, s.min]
+            seeds = cell_seeds(protocol, cell)
+            missing = [k for k in seeds if k not in results.get((subset, cell), {})]
+            row = [cell, cell_label(protocol, cell), subset, s.n, len(seeds), s.mean, s.std, s.lo, s.hi, s.min]
             se = cell_stats(results, subset, cell, "miou_se").mean
             rows.append(row + [f.mean, se, " ".join(map(str, missing))])
     for subset in protocol.subsets:
@@ -130,7 +132,8 @@ def _methods_markdown(protocol: DictConfig, results: Results) -> list[str]:
                 row += [DASH] * 6
                 continue
             s = cell_stats(results, subset, cell, primary)
-            n = str(s.n) if s.n == len(protocol.seeds) else f"{s.n}/{len(protocol.seeds)}"
+            expected = len(cell_seeds(protocol, cell))
+            n = str(s.n) if s.n == expected else f"{s.n}/{expected}"
             se = _f(cell_stats(results, subset, cell, "miou_se").mean)
             row += [_pm(s), _ci(s), se, _f(cell_stats(results, subset, cell, second).mean), n, _f(s.min)]
         rows.append(row)

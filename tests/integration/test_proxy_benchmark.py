@@ -36,7 +36,9 @@ def test_expand_puts_the_methods_first_each_group_seed_major(tmp_path):
         seeds = [r.seed for r in group]
         assert seeds == sorted(seeds), "within a group, every run of seed 1 comes before any of seed 2"
     restricted = {c for c in cfg.cells if cfg.cells[c].get("subsets")}
-    assert len(runs) == len(cfg.seeds) * sum(len(cfg.cells[c].get("subsets") or cfg.subsets) for c in cfg.cells)
+    n_seeds = {c: len(cfg.seeds if c in methods else cfg.ablation_seeds) for c in cfg.cells}
+    assert cfg.ablation_seeds is not None and len(cfg.ablation_seeds) < len(cfg.seeds)
+    assert len(runs) == sum(n_seeds[c] * len(cfg.cells[c].get("subsets") or cfg.subsets) for c in cfg.cells)
     for r in runs:
         assert r.run_dir == tmp_path / r.subset / r.cell / f"seed{r.seed}"
         assert r.overrides[0] == "experiment=proxy" and r.overrides[-1] == f"seed={r.seed}"
