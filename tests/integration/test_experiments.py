@@ -31,7 +31,7 @@ from tests.conftest import compose_cfg, tiny_overrides
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 # CPU proxy overlays (Sounding Shapes), not paper rows.
-PROXY_EXPERIMENTS = ("quickstart", "proxy_pretrained")
+PROXY_EXPERIMENTS = ("quickstart", "proxy_pretrained", "proxy")
 PAPER_EXPERIMENTS = [e for e in EXPERIMENTS if e not in PROXY_EXPERIMENTS]
 # One overlay per method x backbone; the subset comes from data= (name -> model config).
 MAIN_EXPERIMENTS = {
@@ -89,7 +89,7 @@ def _batch(cfg, batch_size: int = 1) -> dict:
 def test_experiment_trains_one_step(experiment, tmp_path):
     base = _plain(experiment, tmp_path)
     extra = ["s4_checkpoint=null"] if _needs_init(base) else []  # init_from: see the test_s4_init_* tests
-    if experiment == "proxy_pretrained":
+    if experiment in ("proxy_pretrained", "proxy"):
         extra += _standin_files(tmp_path / "weights", base.audio)
     cfg = _tiny(experiment, tmp_path, str(base.data.subset), extra)
     # the tiny overrides win over the overlay; everything else of the overlay stays
