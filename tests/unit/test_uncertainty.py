@@ -181,6 +181,3 @@ def test_cli_default_k_is_8_and_a_missing_checkpoint_is_a_plain_error(ecmvae_ckp
     lines = [ln for ln in missing.stderr.splitlines() if ln.strip()]
     assert "Traceback" not in missing.stderr and len(lines) <= 2
     assert lines[0] == f"error: checkpoint not found: {tmp_path}/none.ckpt"
-    moved = [f"checkpoint={ecmvae_ckpt}", f"data.root={tmp_path}/moved", "data.synthetic=null"]
-    bad_root = _script([*moved, f"hydra.run.dir={tmp_path}/h3"], tmp_path)
-    assert bad_root.returncode == ExitCode.DATA and f"data.root {tmp_path}/moved does not exist" in bad_root.stderr
