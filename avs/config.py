@@ -13,6 +13,20 @@ CONFIG_DIR = PROJECT_ROOT / "configs"
 PRESETS: tuple[str, ...] = ("paper", "release")
 
 
+def compose_config(config_name: str = "train", overrides=()):
+    """The config `scripts/<name>.py` would get from these overrides (Hydra compose; `hydra.*`
+    overrides are left out, no run dir is made)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            return compose(config_name, overrides=[o for o in overrides if not o.startswith("hydra.")])
+    finally:
+        GlobalHydra.instance().clear()
+
+
 def preset_value(preset, paper, release):
     """`${avs_preset:${model.preset},<paper value>,<release value>}`: the value the preset selects."""
     name = str(preset).strip().lower()

@@ -202,20 +202,13 @@ def precheck_run_dir(overrides: list[str], config_name: str = "train") -> None:
             f"run dir {run_dir} is in use by another training ({_describe(owner)}; lock file {run_dir / LOCK_NAME}): "
             "wait for it to finish or choose another hydra.run.dir"
         )
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from avs.config import CONFIG_DIR
+    from avs.config import compose_config
     from avs.engine.build import resolve_resume_path
 
-    GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            cfg = compose(config_name, overrides=[a for a in overrides if "=" in a and not a.startswith("hydra.")])
+        cfg = compose_config(config_name, [a for a in overrides if "=" in a])
     except Exception:  # noqa: BLE001  (a rejected override: Hydra itself reports it, with hints)
         return
-    finally:
-        GlobalHydra.instance().clear()
     resume = resolve_resume_path(cfg.trainer.get("resume"), run_dir / "checkpoints")
     if resume is not None and not resume.is_file():
         return  # no checkpoint there: check_config refuses that trainer.resume with the reason

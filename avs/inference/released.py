@@ -475,14 +475,8 @@ def import_checkpoint(
 
 def release_config(overrides: Sequence[str] = ()) -> DictConfig:
     """Compose the train config from `overrides` with ``model.preset=release`` appended (resolved)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from avs.config import compose_config
 
-    from avs.config import CONFIG_DIR
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=[*overrides, "model.preset=release"])
-    GlobalHydra.instance().clear()
+    cfg = compose_config("train", [*overrides, "model.preset=release"])
     OmegaConf.resolve(cfg)
     return cfg

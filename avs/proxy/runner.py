@@ -22,7 +22,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from avs.config import CONFIG_DIR, PROJECT_ROOT
+from avs.config import PROJECT_ROOT, compose_config
 from avs.proxy.protocol import CEILINGS_FILE, PROTOCOL_FILE, ProxyRun, check_same_protocol, expand, protocol_node
 from avs.utils.io import atomic_write_text
 
@@ -67,16 +67,8 @@ def finished(run_dir: Path) -> bool:
 
 
 def compose_train(overrides: Sequence[str]) -> DictConfig:
-    """The training config these overrides give (Hydra compose, no run dir made)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            return compose("train", overrides=[o for o in overrides if not o.startswith("hydra.")])
-    finally:
-        GlobalHydra.instance().clear()
+    """The training config these overrides give (no run dir made)."""
+    return compose_config("train", overrides)
 
 
 def check_runs(runs: Sequence[ProxyRun]) -> None:
