@@ -137,7 +137,15 @@ def test_kill9_then_sigterm_then_resume_matches_uninterrupted_run(synth_data_dir
 
 
 # ----------------------------------------------------------------------------- SIGINT, in process
-def test_sigint_saves_a_resumable_checkpoint(synth_data_dir, tmp_path, monkeypatch):
+@pytest.fixture
+def default_sigint():
+    """Python's own SIGINT handler for the test (a shell's background job starts with SIGINT ignored)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_sigint_saves_a_resumable_checkpoint(synth_data_dir, tmp_path, monkeypatch, default_sigint):
     def send_sigint(trainer):
         if trainer.step == 1:  # during step 2
             os.kill(os.getpid(), signal.SIGINT)
