@@ -20,7 +20,7 @@ from avs.errors import (
     run_plain,  # noqa: E402
 )
 from avs.tables import make_table, to_markdown  # noqa: E402
-from avs.tables.proxy import load_kl_curves, load_protocol  # noqa: E402
+from avs.tables.proxy import load_costs, load_kl_curves, load_protocol  # noqa: E402
 from avs.tables.proxy_plots import plot_latent_kl, plot_methods  # noqa: E402
 from avs.tables.proxy_report import to_markdown as proxy_markdown  # noqa: E402
 from avs.tables.proxy_report import write_report  # noqa: E402
@@ -64,8 +64,9 @@ def proxy_main(args: argparse.Namespace) -> int:
         return 2
     try:
         protocol, results = load_protocol(args.runs[0])
-        paths = write_report(protocol, results, args.out or args.runs[0])
-        print(proxy_markdown(protocol, results))
+        costs = load_costs(args.runs[0], protocol)
+        paths = write_report(protocol, results, args.out or args.runs[0], costs)
+        print(proxy_markdown(protocol, results, costs))
         print("wrote " + ", ".join(str(p) for p in paths.values()))
         if args.plot is not None:
             print(f"wrote {plot_methods(results, protocol, args.plot)}")

@@ -18,6 +18,8 @@ from avs.errors import ConfigError
 
 PROTOCOL_FILE = "protocol.yaml"
 CEILINGS_FILE = "ceilings.json"
+# one line per worker task: run, task (train / follow-up), exit code, wall seconds, end, workers, threads
+RUNS_FILE = "runs.jsonl"
 # keys of the protocol that decide what a run computes: an out_dir made with other values is refused
 RUN_DEFINING = ("base", "subsets", "cells")
 PROTOCOL_KEYS = (

@@ -23,7 +23,15 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from avs.config import PROJECT_ROOT, compose_config
-from avs.proxy.protocol import CEILINGS_FILE, PROTOCOL_FILE, ProxyRun, check_same_protocol, expand, protocol_node
+from avs.proxy.protocol import (
+    CEILINGS_FILE,
+    PROTOCOL_FILE,
+    RUNS_FILE,
+    ProxyRun,
+    check_same_protocol,
+    expand,
+    protocol_node,
+)
 from avs.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -31,7 +39,6 @@ log = logging.getLogger(__name__)
 TRAIN_SCRIPT = PROJECT_ROOT / "scripts" / "train.py"
 UNCERTAINTY_SCRIPT = PROJECT_ROOT / "scripts" / "uncertainty.py"
 UNCERTAINTY_FILE = "uncertainty.json"
-RUNS_FILE = "runs.jsonl"  # one line per worker task: run, task (train / follow-up), exit code, wall seconds, end
 
 
 @dataclass
@@ -145,9 +152,12 @@ def _run_one(
     return RunEnd(run, code, time.perf_counter() - start, followup_error)
 
 
-def _record(path: Path, run: ProxyRun, code: int, seconds: float, task: str = "train") -> None:
+def _record(
+    path: Path, run: ProxyRun, code: int, seconds: float, task: str = "train", workers: int = 1, threads: int = 1
+) -> None:
     ended = time.strftime("%Y-%m-%dT%H:%M:%S")
     line = {"run": run.name, "task": task, "exit_code": code, "seconds": round(seconds, 1), "ended": ended}
+    line.update(workers=workers, threads=threads)  # how many tasks shared the machine, and their torch threads
     with open(path, "a") as fh:
         fh.write(json.dumps(line) + "\n")
 
@@ -231,7 +241,8 @@ def _execute(
             end = fut.result()
             run = end.run
             only = run in followup_only
-            _record(log_dir.parent / RUNS_FILE, run, end.code, end.seconds, "follow-up" if only else "train")
+            task = "follow-up" if only else "train"
+            _record(log_dir.parent / RUNS_FILE, run, end.code, end.seconds, task, workers, threads)
             if only:
                 if end.followup_error:
                     outcome.failed[run.name] = f"follow-up failed: {end.followup_error}"

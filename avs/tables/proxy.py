@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 from omegaconf import DictConfig, OmegaConf
 
 from avs.errors import ConfigError
-from avs.proxy.protocol import cell_seeds, cell_subsets
+from avs.proxy.protocol import RUNS_FILE, cell_seeds, cell_subsets
 from avs.tables.build import metric_value
 from avs.tables.runs import TableError, load_runs
 
@@ -343,6 +343,81 @@ def load_protocol(out_dir: str | Path) -> tuple[DictConfig, Results]:
 def missing_runs(protocol: DictConfig, results: Results) -> list[tuple[str, str, int]]:
     """(subset, cell, seed) of the runs the protocol asks for that have no test metrics (yet)."""
     return [(s, c, k) for s, c, k in expected_runs(protocol) if k not in results.get((s, c), {})]
+
+
+# ----------------------------------------------------------------------------- cost
+class RunCosts(NamedTuple):
+    """Wall seconds of the timed runs per (subset, cell), and how many runs shared the machine."""
+
+    seconds: dict[tuple[str, str], list[float]]
+    workers: int | None  # from the newest runs.jsonl line that says; None when no line does
+
+
+def run_times(out_dir: str | Path) -> tuple[dict[str, float], int | None]:
+    """runs.jsonl -> ({run name: wall seconds}, workers). A run's time is its last successful training task
+    (which includes the follow-ups run in the same worker) plus the follow-up-only tasks recorded after it;
+    failed tasks are not counted."""
+    path = Path(out_dir) / RUNS_FILE
+    if not path.is_file():
+        return {}, None
+    times: dict[str, float] = {}
+    workers = None
+    for i, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise TableError(f"{path}: line {i} is not JSON ({exc})") from exc
+        name, seconds = record.get("run") if isinstance(record, dict) else None, None
+        if isinstance(record, dict) and isinstance(record.get("seconds"), (int, float)):
+            seconds = float(record["seconds"])
+        if not isinstance(name, str) or seconds is None:
+            raise TableError(f"{path}: line {i} needs a `run` name and its `seconds`")
+        if record.get("workers") is not None:
+            workers = int(record["workers"])
+        if record.get("exit_code") != 0:
+            continue
+        if record.get("task", "train") == "train":  # the first runner version wrote no task
+            times[name] = seconds  # a run made again replaces its earlier time
+        elif name in times:
+            times[name] += seconds
+    return times, workers
+
+
+def load_costs(out_dir: str | Path, protocol: DictConfig) -> RunCosts:
+    """The wall seconds of every timed run of the protocol, grouped by (subset, cell)."""
+    times, workers = run_times(out_dir)
+    seconds: dict[tuple[str, str], list[float]] = {}
+    for subset, cell, seed in expected_runs(protocol):
+        t = times.get(f"{subset}/{cell}/seed{seed}")
+        if t is not None:
+            seconds.setdefault((subset, cell), []).append(t)
+    return RunCosts(seconds, workers)
+
+
+class CostEstimate(NamedTuple):
+    """Σ over the runs of some cells of their cell's fastest wall time; runs of untimed cells are not in it."""
+
+    seconds: float
+    runs: int
+    untimed: int
+
+
+def cost_estimate(protocol: DictConfig, costs: RunCosts, cells: Sequence[str]) -> CostEstimate:
+    """What the runs of `cells` cost on the machine that timed them, one after another (divide by the workers
+    for runs side by side). Each run counts the fastest timed run of its cell: the runs of a cell do the same
+    work, and other load on the machine only adds time."""
+    total, runs, untimed = 0.0, 0, 0
+    for subset, cell, _ in expected_runs(protocol):
+        if cell not in cells:
+            continue
+        timed = costs.seconds.get((subset, cell))
+        if timed:
+            total, runs = total + min(timed), runs + 1
+        else:
+            untimed += 1
+    return CostEstimate(total, runs, untimed)
 
 
 def cell_stats(results: Results, subset: str, cell: str, key: str) -> Stats:

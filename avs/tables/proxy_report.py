@@ -1,9 +1,11 @@
-"""The proxy benchmark report: four markdown tables (methods, claims, latent, targets) and their csv files."""
+"""The proxy benchmark report: markdown tables (methods, claims, latent, targets, and the cost when runs.jsonl
+is given) and their csv files."""
 
 from __future__ import annotations
 
 import csv
 import io
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,12 +18,14 @@ from avs.tables.proxy import (
     METRIC_PROTOCOL,
     SPLIT,
     Results,
+    RunCosts,
     Stats,
     cell_seeds,
     cell_stats,
     cell_subsets,
     check_targets,
     claim_differences,
+    cost_estimate,
     latent_codes,
     missing_runs,
 )
@@ -38,6 +42,7 @@ REPORT_FILES = {
     "claims": "proxy_claims.csv",
     "latent": "proxy_latent.csv",
     "targets": "proxy_targets.csv",
+    "costs": "proxy_costs.csv",
 }
 
 
@@ -217,8 +222,48 @@ def _difference(s: Stats) -> str:
     return f"{_f(s.mean, '+.2f')} {_ci(s, '+.2f')}" if s.lo is not None else _f(s.mean, "+.2f")
 
 
-def to_markdown(protocol: DictConfig, results: Results) -> str:
-    """The four tables (methods, claims, latent, targets) as one markdown text."""
+def cost_rows(protocol: DictConfig, costs: RunCosts) -> list[list[Any]]:
+    """[cell, label, subset, timed runs, expected runs, median s, min s, max s] per cell and subset."""
+    rows = []
+    for cell in protocol.cells:
+        for subset in cell_subsets(protocol, cell):
+            timed = sorted(costs.seconds.get((subset, cell), []))
+            median = statistics.median(timed) if timed else None
+            low, high = (timed[0], timed[-1]) if timed else (None, None)
+            rows.append([cell, cell_label(protocol, cell), subset, len(timed), len(cell_seeds(protocol, cell))])
+            rows[-1] += [median, low, high]
+    return rows
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h"
+
+
+def _cost_markdown(protocol: DictConfig, costs: RunCosts) -> list[str]:
+    rows = [
+        [label, subset.upper(), f"{n}/{expected}", _f(median, ".0f"), DASH if low is None else f"{low:.0f}–{high:.0f}"]
+        for _, label, subset, n, expected, median, low, high in cost_rows(protocol, costs)
+    ]
+    lines = ["### Cost: wall seconds per run (runs.jsonl; training, test and follow-ups)", ""]
+    lines += _md(["cell", "subset", "timed", "median s", "min–max s"], rows)
+    w = costs.workers
+    parts = []
+    for name, cells in (("the methods table", list(protocol.methods)), ("the whole protocol", list(protocol.cells))):
+        est = cost_estimate(protocol, costs, cells)
+        if est.runs == 0:
+            continue
+        text = f"{name} ({est.runs} runs) {_hours(est.seconds)} one after another"
+        text += f", {_hours(est.seconds / w)} with {w} side by side" if w else ""
+        text += f", not counting {est.untimed} runs of untimed cells" if est.untimed else ""
+        parts.append(text)
+    if parts:
+        lines += ["", "Estimate (each run costs the fastest timed run of its cell): " + "; ".join(parts) + "."]
+        lines += ["Recorded times include whatever else the machine was doing."]
+    return lines
+
+
+def to_markdown(protocol: DictConfig, results: Results, costs: RunCosts | None = None) -> str:
+    """The four tables (methods, claims, latent, targets), and the cost table when `costs` is given, as markdown."""
     lines = _methods_markdown(protocol, results)
     p_label = METRIC_LABELS.get(str(protocol.metric), str(protocol.metric))
     claims = [
@@ -232,11 +277,13 @@ def to_markdown(protocol: DictConfig, results: Results) -> str:
     targets = [[t.target, t.where, t.measured, marks[t.ok]] for t in check_targets(protocol, results)]
     lines += ["", "### Targets (? = cannot be checked yet)", ""]
     lines += _md(["target", "cell / subset", "measured", "ok"], targets)
+    if costs is not None:
+        lines += ["", *_cost_markdown(protocol, costs)]
     return "\n".join(lines) + "\n"
 
 
-def to_csvs(protocol: DictConfig, results: Results) -> dict[str, str]:
-    """The same four tables as csv texts (raw numbers), keyed methods / claims / latent / targets."""
+def to_csvs(protocol: DictConfig, results: Results, costs: RunCosts | None = None) -> dict[str, str]:
+    """The same tables as csv texts (raw numbers), keyed methods / claims / latent / targets (/ costs)."""
     primary, second = _metrics(protocol)
     head = ["cell", "label", "subset", "n", "n_expected"]
     head += [f"{primary}_{k}" for k in ("mean", "std", "ci_lo", "ci_hi", "min")]
@@ -246,20 +293,27 @@ def to_csvs(protocol: DictConfig, results: Results) -> dict[str, str]:
     latent += ["auroc_entropy_mean", "auroc_entropy_std", "active_dims_mean"]
     latent += [f"kl_{code}_mean" for code in latent_codes(results)]
     checks = [[t.target, t.where, t.measured, "" if t.ok is None else t.ok] for t in check_targets(protocol, results)]
-    return {
+    tables = {
         "methods": _csv(head, methods_rows(protocol, results)),
         "claims": _csv(claims, claims_rows(protocol, results)),
         "latent": _csv(latent, latent_rows(protocol, results)),
         "targets": _csv(["target", "where", "measured", "ok"], checks),
     }
+    if costs is not None:
+        header = ["cell", "label", "subset", "timed", "expected", "median_s", "min_s", "max_s"]
+        tables["costs"] = _csv(header, cost_rows(protocol, costs))
+    return tables
 
 
-def write_report(protocol: DictConfig, results: Results, out_dir: str | Path) -> dict[str, Path]:
-    """Write proxy_report.md and the four proxy_*.csv files atomically under out_dir; return their paths."""
+def write_report(
+    protocol: DictConfig, results: Results, out_dir: str | Path, costs: RunCosts | None = None
+) -> dict[str, Path]:
+    """Write proxy_report.md and the proxy_*.csv files atomically under out_dir; return their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {key: out / name for key, name in REPORT_FILES.items()}
-    atomic_write_text(paths["md"], to_markdown(protocol, results))
-    for key, text in to_csvs(protocol, results).items():
+    paths = {"md": out / REPORT_FILES["md"]}
+    atomic_write_text(paths["md"], to_markdown(protocol, results, costs))
+    for key, text in to_csvs(protocol, results, costs).items():
+        paths[key] = out / REPORT_FILES[key]
         atomic_write_text(paths[key], text)
     return paths

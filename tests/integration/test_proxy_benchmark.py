@@ -112,6 +112,7 @@ def test_queue_runs_keeps_finished_and_reports_failures_by_name(tmp_path, monkey
     assert sorted((x["run"], x["exit_code"]) for x in lines) == sorted(
         [(m, 0) for m in made] + [("ms3/avsbg/seed2", 3), ("s4/avsbg/seed2", 3)]
     )
+    assert {(x["task"], x["workers"], x["threads"]) for x in lines} == {("train", int(cfg.workers), int(cfg.threads))}
     # an unfinished run dir is set aside (kept), the finished ones are not run again
     broken = out / "s4" / "avsbg" / "seed2"
     broken.mkdir(parents=True, exist_ok=True)

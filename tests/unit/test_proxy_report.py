@@ -410,3 +410,63 @@ def test_cli_plot_kl_without_proxy_is_a_plain_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--plot-kl" in err[0] and "--proxy" in err[0]
     assert not (tmp_path / "kl.png").exists()
+
+
+# ----------------------------------------------------------------------------- cost (runs.jsonl)
+def write_runs_log(out: Path, lines: list[dict]) -> None:
+    (out / "runs.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+
+def test_run_times_take_the_last_good_training_plus_later_follow_ups(tmp_path):
+    out = make_tree(tmp_path / "bench")
+    write_runs_log(
+        out,
+        [
+            {"run": "s4/tpavi/seed1", "exit_code": 0, "seconds": 500.0},  # the first runner wrote no task
+            {"run": "s4/tpavi/seed2", "task": "train", "exit_code": 1, "seconds": 30.0},  # failed: not a time
+            {"run": "s4/tpavi/seed2", "task": "train", "exit_code": 0, "seconds": 300.0, "workers": 2},
+            {"run": "s4/tpavi/seed1", "task": "train", "exit_code": 0, "seconds": 200.0},  # made again: replaces
+            {"run": "ms3/ecmvae/seed1", "task": "train", "exit_code": 0, "seconds": 600.0},
+            {"run": "ms3/ecmvae/seed1", "task": "follow-up", "exit_code": 0, "seconds": 40.0},
+            {"run": "ms3/ecmvae/seed2", "task": "follow-up", "exit_code": 0, "seconds": 40.0},  # no training timed
+        ],
+    )
+    times, workers = proxy.run_times(out)
+    assert times == {"s4/tpavi/seed1": 200.0, "s4/tpavi/seed2": 300.0, "ms3/ecmvae/seed1": 640.0}
+    assert workers == 2
+    protocol, _ = load_protocol(out)
+    costs = proxy.load_costs(out, protocol)
+    assert costs.seconds == {("s4", "tpavi"): [200.0, 300.0], ("ms3", "ecmvae"): [640.0]}
+    # each run of a timed cell costs the cell's fastest run; the other cells' runs are counted as untimed
+    est = proxy.cost_estimate(protocol, costs, ["tpavi", "ecmvae"])
+    assert est == proxy.CostEstimate(seconds=5 * 200.0 + 5 * 640.0, runs=10, untimed=10)
+
+
+def test_cost_table_and_estimate_in_the_report(tmp_path):
+    out = make_tree(tmp_path / "bench")
+    lines = [{"run": f"s4/tpavi/seed{k}", "task": "train", "exit_code": 0, "seconds": 100.0 * k} for k in (1, 2, 3)]
+    write_runs_log(out, [{**x, "workers": 2} for x in lines])
+    protocol, results = load_protocol(out)
+    costs = proxy.load_costs(out, protocol)
+    md = to_markdown(protocol, results, costs)
+    assert "### Cost" in md and "| TPAVI | S4 | 3/5 | 200 | 100–300 |" in md
+    assert "| ECMVAE | MS3 | 0/5 | – | – |" in md
+    # methods: 5 TPAVI S4 runs at 100 s = 500 s, halved by 2 workers; 15 runs of untimed cells not counted
+    assert "the methods table (5 runs) 0.1 h one after another, 0.1 h with 2 side by side" in md
+    assert "not counting 15 runs of untimed cells" in md
+    assert "### Cost" not in to_markdown(protocol, results)  # without runs.jsonl data asked for: no section
+    csv_text = to_csvs(protocol, results, costs)["costs"]
+    assert csv_text.splitlines()[0] == "cell,label,subset,timed,expected,median_s,min_s,max_s"
+    assert "tpavi,TPAVI,s4,3,5,200.0,100.0,300.0" in csv_text
+    paths = write_report(protocol, results, tmp_path / "rep", costs)
+    assert paths["costs"].read_text() == csv_text
+
+
+def test_a_broken_runs_log_line_is_named(tmp_path):
+    out = make_tree(tmp_path / "bench")
+    (out / "runs.jsonl").write_text('{"run": "s4/tpavi/seed1", "exit_code": 0, "seconds": 1}\n{"run": "x"}\n')
+    with pytest.raises(TableError, match=r"runs.jsonl: line 2 needs a `run` name and its `seconds`"):
+        proxy.run_times(out)
+    (out / "runs.jsonl").write_text("not json\n")
+    with pytest.raises(TableError, match="line 1 is not JSON"):
+        proxy.run_times(out)
