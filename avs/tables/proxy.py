@@ -194,8 +194,9 @@ def _read_json(path: Path) -> Any:
         raise TableError(f"{path}: not readable JSON ({exc})") from exc
 
 
-def read_latent_kl(path: Path) -> list[dict[str, Any]]:
-    """The lines of a latent_kl.jsonl in file order (empty when the file is not there)."""
+def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) of every non-empty line of a JSON-lines file, in file order (empty when the file
+    is not there); a line that is not a JSON object is a TableError naming the file and line."""
     if not path.is_file():
         return []
     records = []
@@ -208,8 +209,13 @@ def read_latent_kl(path: Path) -> list[dict[str, Any]]:
             raise TableError(f"{path}: line {i} is not JSON ({exc})") from exc
         if not isinstance(record, dict):
             raise TableError(f"{path}: line {i} is not a JSON object")
-        records.append(record)
+        records.append((i, record))
     return records
+
+
+def read_latent_kl(path: Path) -> list[dict[str, Any]]:
+    """The lines of a latent_kl.jsonl in file order (empty when the file is not there)."""
+    return [record for _, record in read_jsonl(path)]
 
 
 def code_totals(record: dict[str, Any], path: Path) -> dict[str, float] | None:
@@ -358,22 +364,13 @@ def run_times(out_dir: str | Path) -> tuple[dict[str, float], int | None]:
     (which includes the follow-ups run in the same worker) plus the follow-up-only tasks recorded after it;
     failed tasks are not counted."""
     path = Path(out_dir) / RUNS_FILE
-    if not path.is_file():
-        return {}, None
     times: dict[str, float] = {}
     workers = None
-    for i, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise TableError(f"{path}: line {i} is not JSON ({exc})") from exc
-        name, seconds = record.get("run") if isinstance(record, dict) else None, None
-        if isinstance(record, dict) and isinstance(record.get("seconds"), (int, float)):
-            seconds = float(record["seconds"])
-        if not isinstance(name, str) or seconds is None:
+    for i, record in read_jsonl(path):
+        name, seconds = record.get("run"), record.get("seconds")
+        if not isinstance(name, str) or not isinstance(seconds, (int, float)):
             raise TableError(f"{path}: line {i} needs a `run` name and its `seconds`")
+        seconds = float(seconds)
         if record.get("workers") is not None:
             workers = int(record["workers"])
         if record.get("exit_code") != 0:
