@@ -152,9 +152,7 @@ def _run_one(
     return RunEnd(run, code, time.perf_counter() - start, followup_error)
 
 
-def _record(
-    path: Path, run: ProxyRun, code: int, seconds: float, task: str = "train", workers: int = 1, threads: int = 1
-) -> None:
+def _record(path: Path, run: ProxyRun, code: int, seconds: float, task: str, workers: int, threads: int) -> None:
     ended = time.strftime("%Y-%m-%dT%H:%M:%S")
     line = {"run": run.name, "task": task, "exit_code": code, "seconds": round(seconds, 1), "ended": ended}
     line.update(workers=workers, threads=threads)  # how many tasks shared the machine, and their torch threads

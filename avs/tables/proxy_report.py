@@ -230,8 +230,8 @@ def cost_rows(protocol: DictConfig, costs: RunCosts) -> list[list[Any]]:
             timed = sorted(costs.seconds.get((subset, cell), []))
             median = statistics.median(timed) if timed else None
             low, high = (timed[0], timed[-1]) if timed else (None, None)
-            rows.append([cell, cell_label(protocol, cell), subset, len(timed), len(cell_seeds(protocol, cell))])
-            rows[-1] += [median, low, high]
+            expected = len(cell_seeds(protocol, cell))
+            rows.append([cell, cell_label(protocol, cell), subset, len(timed), expected, median, low, high])
     return rows
 
 
