@@ -3,7 +3,8 @@
 python scripts/tables.py outputs/train/multiruns/<time>
 python scripts/tables.py <multirun dir> [<more dirs>] --protocol avsbench_legacy --name ecmvae_table4 --out tables/
 python scripts/tables.py <dirs> --keys model.latent.divergence --metrics miou fscore fscore_at_0.5
-python scripts/tables.py <proxy benchmark dir> --proxy [--plot methods.png] [--plot-kl latent_kl.png] [--out dir]
+python scripts/tables.py <proxy benchmark dir> --proxy [--out dir]
+    [--plot methods.png] [--plot-claims claims.png] [--plot-kl latent_kl.png]
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from avs.errors import (
 )
 from avs.tables import make_table, to_markdown  # noqa: E402
 from avs.tables.proxy import load_costs, load_kl_curves, load_protocol  # noqa: E402
-from avs.tables.proxy_plots import plot_latent_kl, plot_methods  # noqa: E402
+from avs.tables.proxy_plots import plot_claims, plot_latent_kl, plot_methods  # noqa: E402
 from avs.tables.proxy_report import to_markdown as proxy_markdown  # noqa: E402
 from avs.tables.proxy_report import write_report  # noqa: E402
 
@@ -49,6 +50,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--plot", default=None, help="with --proxy: write the methods plot (PNG) to this path")
     p.add_argument(
+        "--plot-claims",
+        default=None,
+        help="with --proxy: write the plot of every claim's paired difference (PNG) to this path",
+    )
+    p.add_argument(
         "--plot-kl", default=None, help="with --proxy: write the plot of the latent KL over training (PNG) to this path"
     )
     return p.parse_args(argv)
@@ -70,6 +76,8 @@ def proxy_main(args: argparse.Namespace) -> int:
         print("wrote " + ", ".join(str(p) for p in paths.values()))
         if args.plot is not None:
             print(f"wrote {plot_methods(results, protocol, args.plot)}")
+        if args.plot_claims is not None:
+            print(f"wrote {plot_claims(results, protocol, args.plot_claims)}")
         if args.plot_kl is not None:
             curves = load_kl_curves(args.runs[0], results)
             print(f"wrote {plot_latent_kl(curves, protocol, args.plot_kl)}")
@@ -84,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.proxy:
         return proxy_main(args)
-    for flag, value in (("--plot", args.plot), ("--plot-kl", args.plot_kl)):
+    for flag, value in (("--plot", args.plot), ("--plot-claims", args.plot_claims), ("--plot-kl", args.plot_kl)):
         if value is not None:
             print(f"error: {flag} draws a proxy benchmark plot; use it with --proxy", file=sys.stderr)
             return 2

@@ -446,13 +446,19 @@ class ClaimResult:
     seeds: list[int]
     stats: Stats
     verdict: str
+    differences: list[float]  # d_k = a_k - b_k, one per entry of `seeds`
+
+
+def paired_values(results: Results, subset: str, a: str, b: str, metric: str) -> dict[int, float]:
+    """d_k = a_k - b_k for every seed k present in both cells, in seed order."""
+    runs_a, runs_b = results.get((subset, a), {}), results.get((subset, b), {})
+    return {k: runs_a[k][metric] - runs_b[k][metric] for k in sorted(set(runs_a) & set(runs_b))}
 
 
 def paired_difference(results: Results, subset: str, a: str, b: str, metric: str) -> tuple[list[int], Stats]:
     """Seeds present in both cells and the stats of d_k = a_k - b_k over them."""
-    runs_a, runs_b = results.get((subset, a), {}), results.get((subset, b), {})
-    seeds = sorted(set(runs_a) & set(runs_b))
-    return seeds, describe([runs_a[k][metric] - runs_b[k][metric] for k in seeds])
+    d = paired_values(results, subset, a, b, metric)
+    return list(d), describe(list(d.values()))
 
 
 def claim_differences(protocol: DictConfig, results: Results) -> list[ClaimResult]:
@@ -465,9 +471,10 @@ def claim_differences(protocol: DictConfig, results: Results) -> list[ClaimResul
         for subset in cell_subsets(protocol, a):
             if subset not in cell_subsets(protocol, b) or (only is not None and subset not in only):
                 continue
-            seeds, stats = paired_difference(results, subset, a, b, metric)
+            d = paired_values(results, subset, a, b, metric)
+            stats = describe(list(d.values()))
             name = str(claim.get("name") or f"{a} vs {b}")
-            out.append(ClaimResult(name, a, b, subset, seeds, stats, verdict(stats)))
+            out.append(ClaimResult(name, a, b, subset, list(d), stats, verdict(stats), list(d.values())))
     return out
 
 

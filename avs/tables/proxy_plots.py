@@ -1,4 +1,5 @@
-"""The proxy benchmark's plots (PNG, matplotlib's Agg canvas): methods per subset, latent KL over training."""
+"""The proxy benchmark's plots (PNG, matplotlib's Agg canvas): methods per subset, the claims' paired
+differences, latent KL over training."""
 
 from __future__ import annotations
 
@@ -10,7 +11,16 @@ from typing import Any
 from omegaconf import DictConfig
 
 from avs.errors import AVSError, ExitCode
-from avs.tables.proxy import LATENT_KL_FILE, METRIC_PROTOCOL, SPLIT, KLCurves, Results, cell_stats, cell_subsets
+from avs.tables.proxy import (
+    LATENT_KL_FILE,
+    METRIC_PROTOCOL,
+    SPLIT,
+    KLCurves,
+    Results,
+    cell_stats,
+    cell_subsets,
+    claim_differences,
+)
 from avs.tables.proxy_report import cell_label, split_ceiling, table_cells
 from avs.tables.render import METRIC_LABELS
 from avs.tables.runs import TableError
@@ -19,6 +29,7 @@ KL_FLOOR = 1e-3  # nats: the linear range of the symlog axis never starts below 
 DECADES = 2  # a KL axis whose values span this many decades above the floor is drawn symlog
 SUBSET_STYLES = ("-", "--", ":", "-.")
 MAX_COLUMNS = 3
+VERDICT_COLOURS = {"holds": "tab:green", "reversed": "tab:red", "unresolved": "tab:gray"}
 
 
 class PlotUnavailable(AVSError, ImportError, code=ExitCode.CONFIG):
@@ -75,6 +86,46 @@ def plot_methods(results: Results, protocol: DictConfig, path: str | Path) -> Pa
         _panel(ax, protocol, results, subset)
     label = METRIC_LABELS.get(str(protocol.metric), str(protocol.metric))
     axes[0].set_ylabel(f"{SPLIT} {label} (%), {METRIC_PROTOCOL}")
+    return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- claims
+def plot_claims(results: Results, protocol: DictConfig, path: str | Path) -> Path:
+    """PNG of every claim's paired difference a - b (one row per claim and subset, in protocol order).
+
+    A row is the mean difference with its 95% t-interval, one dot per seed's difference, and the verdict
+    as its colour (holds / reversed / unresolved); 0 is the dashed line. Claims without a paired seed are
+    left out; raises TableError when no claim has one.
+    """
+    rows = [c for c in claim_differences(protocol, results) if c.stats.mean is not None]
+    if not rows:
+        raise TableError("no claim has a seed finished in both of its cells: no difference to plot")
+    fig = _figure(6.4, 0.9 + 0.3 * len(rows))
+    ax = fig.subplots()
+    for y, c in enumerate(rows):
+        colour = VERDICT_COLOURS[c.verdict]
+        ax.scatter(c.differences, [y] * len(c.differences), s=10, color=colour, alpha=0.5, lw=0)
+        if c.stats.lo is not None:
+            ax.errorbar(
+                c.stats.mean,
+                y,
+                xerr=[[c.stats.mean - c.stats.lo], [c.stats.hi - c.stats.mean]],
+                color=colour,
+                capsize=3,
+                lw=1.2,
+            )
+        ax.scatter([c.stats.mean], [y], s=28, color=colour, marker="D", zorder=3)
+    ax.axvline(0.0, ls="--", color="black", lw=0.8)
+    labels = [f"{c.name}, {c.subset.upper()} (n={c.stats.n})" for c in rows]
+    ax.set_yticks(range(len(rows)), labels, fontsize=7)
+    ax.set_ylim(len(rows) - 0.5, -0.5)  # the first claim on top
+    metric = METRIC_LABELS.get(str(protocol.metric), str(protocol.metric))
+    ax.set_xlabel(f"a − b, {SPLIT} {metric} points ({METRIC_PROTOCOL}); mean, 95% interval, seeds", fontsize=8)
+    ax.tick_params(axis="x", labelsize=7)
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=col, marker="D", ls="", label=v) for v, col in VERDICT_COLOURS.items()]
+    fig.legend(handles=handles, loc="outside upper center", ncols=len(handles), fontsize=7)
     return _save(fig, path)
 
 

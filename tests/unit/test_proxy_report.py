@@ -27,7 +27,7 @@ from avs.tables.proxy import (
     t_cdf,
     t_quantile,
 )
-from avs.tables.proxy_plots import PlotUnavailable, mean_band, plot_latent_kl, plot_methods
+from avs.tables.proxy_plots import PlotUnavailable, mean_band, plot_claims, plot_latent_kl, plot_methods
 from avs.tables.proxy_report import to_csvs, to_markdown, write_report
 from avs.tables.runs import TableError
 
@@ -194,6 +194,17 @@ def test_claim_differences_are_paired_over_common_seeds(tmp_path):
     assert claims[("ECMVAE vs TPAVI", "ms3")].stats.mean == pytest.approx(0.0)
     audio = claims[("with vs without audio (TPAVI)", "s4")]
     assert audio.stats.mean == pytest.approx(7.0) and audio.verdict == "holds"
+    assert audio.seeds == [1, 2, 3, 4, 5] and audio.differences == pytest.approx([5, 6, 7, 8, 9])
+
+
+def test_claim_differences_keep_the_seed_of_each_difference(tmp_path):
+    out = make_tree(tmp_path / "bench")
+    for seed in (2, 4):  # unfinished in one cell: those seeds are not paired
+        (out / "s4" / "tpavi_no_audio" / f"seed{seed}" / "metrics.json").unlink()
+    protocol, results = load_protocol(out)
+    audio = next(c for c in claim_differences(protocol, results) if c.name.startswith("with vs without"))
+    assert audio.seeds == [1, 3, 5] and audio.differences == pytest.approx([5, 7, 9])
+    assert audio.stats.mean == pytest.approx(7.0) and audio.stats.n == 3
 
 
 def test_partial_tree_counts_the_finished_seeds_and_says_what_is_missing(tmp_path):
@@ -279,6 +290,21 @@ def test_plot_is_a_png(tmp_path):
     protocol, results = load_protocol(make_tree(tmp_path / "bench"))
     path = plot_methods(results, protocol, tmp_path / "images" / "methods.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_claims_plot_is_a_png_and_needs_a_paired_seed(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = make_tree(tmp_path / "bench")
+    protocol, results = load_protocol(out)
+    path = plot_claims(results, protocol, tmp_path / "images" / "claims.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for run in (out / "s4" / "tpavi").iterdir():  # b of every claim on S4, and a of the MS3 one is gone too
+        (run / "metrics.json").unlink()
+    for run in (out / "ms3" / "tpavi").iterdir():
+        (run / "metrics.json").unlink()
+    protocol, results = load_protocol(out)
+    with pytest.raises(TableError, match="no claim has a seed finished in both of its cells"):
+        plot_claims(results, protocol, tmp_path / "none.png")
 
 
 def test_plot_without_matplotlib_names_the_extra(tmp_path, monkeypatch):
@@ -394,6 +420,17 @@ def test_latent_kl_plot_is_a_png_and_needs_curves(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(TableError, match="no finished run has a latent_kl.jsonl"):
         plot_latent_kl({}, protocol, tmp_path / "none.png")
+
+
+def test_cli_plot_claims_flag(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = make_tree(tmp_path / "bench")
+    plot = tmp_path / "img" / "claims.png"
+    assert _tables_main()([str(out), "--proxy", "--plot-claims", str(plot), "--out", str(tmp_path / "rep")]) == 0
+    assert f"wrote {plot}" in capsys.readouterr().out
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert _tables_main()([str(out), "--plot-claims", str(plot)]) == 2
+    assert "--plot-claims draws a proxy benchmark plot; use it with --proxy" in capsys.readouterr().err
 
 
 def test_cli_plot_kl_flag(tmp_path, capsys):
