@@ -422,24 +422,17 @@ def test_latent_kl_plot_is_a_png_and_needs_curves(tmp_path):
         plot_latent_kl({}, protocol, tmp_path / "none.png")
 
 
-def test_cli_plot_claims_flag(tmp_path, capsys):
+@pytest.mark.parametrize("flag", ["--plot-claims", "--plot-kl"])
+def test_cli_plot_flags_write_a_png_only_with_proxy(tmp_path, capsys, flag):
     pytest.importorskip("matplotlib")
     out = make_tree(tmp_path / "bench")
-    plot = tmp_path / "img" / "claims.png"
-    assert _tables_main()([str(out), "--proxy", "--plot-claims", str(plot), "--out", str(tmp_path / "rep")]) == 0
+    plot = tmp_path / "img" / "plot.png"
+    assert _tables_main()([str(out), "--proxy", flag, str(plot), "--out", str(tmp_path / "rep")]) == 0
     assert f"wrote {plot}" in capsys.readouterr().out
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert _tables_main()([str(out), "--plot-claims", str(plot)]) == 2
-    assert "--plot-claims draws a proxy benchmark plot; use it with --proxy" in capsys.readouterr().err
-
-
-def test_cli_plot_kl_flag(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
-    out = make_tree(tmp_path / "bench")
-    plot = tmp_path / "img" / "kl.png"
-    assert _tables_main()([str(out), "--proxy", "--plot-kl", str(plot), "--out", str(tmp_path / "rep")]) == 0
-    assert f"wrote {plot}" in capsys.readouterr().out
-    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert _tables_main()([str(out), flag, str(tmp_path / "other.png")]) == 2
+    assert f"{flag} draws a proxy benchmark plot; use it with --proxy" in capsys.readouterr().err
+    assert not (tmp_path / "other.png").exists()
 
 
 def test_cli_plot_kl_without_proxy_is_a_plain_error(tmp_path, capsys):
