@@ -449,16 +449,11 @@ class ClaimResult:
     differences: list[float]  # d_k = a_k - b_k, one per entry of `seeds`
 
 
-def paired_values(results: Results, subset: str, a: str, b: str, metric: str) -> dict[int, float]:
-    """d_k = a_k - b_k for every seed k present in both cells, in seed order."""
+def paired_difference(results: Results, subset: str, a: str, b: str, metric: str) -> tuple[dict[int, float], Stats]:
+    """d_k = a_k - b_k for every seed k present in both cells (in seed order), and the stats over them."""
     runs_a, runs_b = results.get((subset, a), {}), results.get((subset, b), {})
-    return {k: runs_a[k][metric] - runs_b[k][metric] for k in sorted(set(runs_a) & set(runs_b))}
-
-
-def paired_difference(results: Results, subset: str, a: str, b: str, metric: str) -> tuple[list[int], Stats]:
-    """Seeds present in both cells and the stats of d_k = a_k - b_k over them."""
-    d = paired_values(results, subset, a, b, metric)
-    return list(d), describe(list(d.values()))
+    d = {k: runs_a[k][metric] - runs_b[k][metric] for k in sorted(set(runs_a) & set(runs_b))}
+    return d, describe(list(d.values()))
 
 
 def claim_differences(protocol: DictConfig, results: Results) -> list[ClaimResult]:
@@ -471,8 +466,7 @@ def claim_differences(protocol: DictConfig, results: Results) -> list[ClaimResul
         for subset in cell_subsets(protocol, a):
             if subset not in cell_subsets(protocol, b) or (only is not None and subset not in only):
                 continue
-            d = paired_values(results, subset, a, b, metric)
-            stats = describe(list(d.values()))
+            d, stats = paired_difference(results, subset, a, b, metric)
             name = str(claim.get("name") or f"{a} vs {b}")
             out.append(ClaimResult(name, a, b, subset, list(d), stats, verdict(stats), list(d.values())))
     return out
@@ -530,7 +524,7 @@ def _audio_checks(protocol: DictConfig, results: Results) -> list[TargetCheck]:
         for subset in cell_subsets(protocol, m):
             if subset not in cell_subsets(protocol, b):
                 continue
-            seeds, stats = paired_difference(results, subset, m, b, str(protocol.metric))
+            _, stats = paired_difference(results, subset, m, b, str(protocol.metric))
             word = verdict(stats)
             if stats.mean is None:
                 measured = "no paired seeds"
