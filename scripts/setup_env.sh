@@ -3,6 +3,7 @@
 # Usage: bash scripts/setup_env.sh            -> .venv in the repo root
 #        AVS_VENV=/path bash scripts/setup_env.sh
 #        bash scripts/setup_env.sh --plan     -> only say what would be done with the env path
+#        AVS_MIN_FREE_GB=N (default 10)         -> free space a new env needs on its disk (0: no check)
 #
 # What is found at the env path decides what happens (nothing is deleted that this script did not make):
 #   nothing                           -> create a venv
@@ -50,6 +51,24 @@ elif [ -d "$venv" ]; then
   refuse "$venv exists but is not a working virtual env (no bin/python that runs), and this script did not make it, so it is left untouched. Move or remove it yourself, or install elsewhere with AVS_VENV=<path> bash scripts/setup_env.sh"
 else
   refuse "$venv exists and is not a folder (a file or a link to one); it is left untouched. Move or remove it yourself, or install elsewhere with AVS_VENV=<path> bash scripts/setup_env.sh"
+fi
+
+# Room for the install: PyPI's x86_64 torch stack is a CUDA build (the env is about 7.5 GB) and pip
+# unpacks its wheels on the way, so a new env wants AVS_MIN_FREE_GB (default 10) free where it goes.
+# A full disk otherwise shows up as an OSError deep in pip's output, after minutes of work.
+min_free_gb="${AVS_MIN_FREE_GB:-10}"
+[[ "$min_free_gb" =~ ^[0-9]+$ ]] || refuse "AVS_MIN_FREE_GB='$min_free_gb' is not a whole number of GB (use 0 to skip the free-space check)"
+if [ "$action" != reuse ] && [ "$min_free_gb" -gt 0 ]; then
+  probe="$(dirname -- "$venv")"
+  while [ ! -d "$probe" ]; do probe="$(dirname -- "$probe")"; done
+  free_kb="$(df -Pk -- "$probe" 2>/dev/null | awk 'NR == 2 {print $4}')"
+  if [[ "$free_kb" =~ ^[0-9]+$ ]]; then
+    free_gb=$(( free_kb / 1048576 ))
+    [ "$free_gb" -ge "$min_free_gb" ] || refuse "only $free_gb GB free on the disk holding $probe; a new env needs about $min_free_gb GB (the torch stack is a CUDA build). Free some space, install elsewhere with AVS_VENV=<path>, or set AVS_MIN_FREE_GB to change the threshold"
+    say "$free_gb GB free at $probe (a new env needs about $min_free_gb GB)"
+  else
+    say "could not read the free space at $probe with df; going on without the check"
+  fi
 fi
 
 if $plan_only; then

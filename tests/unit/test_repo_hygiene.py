@@ -91,8 +91,10 @@ def test_checks_catch_a_tracked_venv_symlink(tmp_path):
 
 
 # ----------------------------------------------------------------------------- setup_env.sh decisions
-def _plan(venv: Path) -> subprocess.CompletedProcess:
+def _plan(venv: Path, min_free_gb: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "AVS_VENV": str(venv)}
+    if min_free_gb is not None:
+        env["AVS_MIN_FREE_GB"] = min_free_gb
     return subprocess.run(["bash", str(SETUP), "--plan"], capture_output=True, text=True, env=env, timeout=60)
 
 
@@ -139,6 +141,23 @@ def test_setup_env_recreates_its_own_broken_venv(tmp_path):
     os.symlink(tmp_path / "no-python", folder / "bin" / "python")
     out = _plan(folder)
     assert out.returncode == 0 and "plan: recreate" in out.stdout
+
+
+def test_setup_env_refuses_a_new_env_on_a_full_disk_before_installing(tmp_path):
+    out = _plan(tmp_path / "deep" / "env", min_free_gb="1000000000")
+    assert out.returncode == 2 and "plan:" not in out.stdout
+    assert "GB free on the disk holding" in out.stderr and str(tmp_path) in out.stderr
+    assert "AVS_MIN_FREE_GB" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "deep").exists()
+    assert "plan: create" in _plan(tmp_path / "deep" / "env", min_free_gb="0").stdout  # the documented way around
+    bad = _plan(tmp_path / "env", min_free_gb="ten")
+    assert bad.returncode == 2 and "AVS_MIN_FREE_GB='ten'" in bad.stderr
+
+
+def test_setup_env_skips_the_space_check_when_reusing(tmp_path):
+    _make_venv(tmp_path / "env")
+    out = _plan(tmp_path / "env", min_free_gb="1000000000")
+    assert out.returncode == 0 and "plan: reuse" in out.stdout
 
 
 # Words that lead out of the repository: notes a reader of the repository does not have, issue numbers.
