@@ -443,10 +443,17 @@ class ClaimResult:
     a: str
     b: str
     subset: str
-    seeds: list[int]
+    paired: dict[int, float]  # seed k -> d_k = a_k - b_k, in seed order
     stats: Stats
     verdict: str
-    differences: list[float]  # d_k = a_k - b_k, one per entry of `seeds`
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(self.paired)
+
+    @property
+    def differences(self) -> list[float]:
+        return list(self.paired.values())
 
 
 def paired_difference(results: Results, subset: str, a: str, b: str, metric: str) -> tuple[dict[int, float], Stats]:
@@ -468,7 +475,7 @@ def claim_differences(protocol: DictConfig, results: Results) -> list[ClaimResul
                 continue
             d, stats = paired_difference(results, subset, a, b, metric)
             name = str(claim.get("name") or f"{a} vs {b}")
-            out.append(ClaimResult(name, a, b, subset, list(d), stats, verdict(stats), list(d.values())))
+            out.append(ClaimResult(name, a, b, subset, d, stats, verdict(stats)))
     return out
 
 

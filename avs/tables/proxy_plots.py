@@ -17,6 +17,7 @@ from avs.tables.proxy import (
     SPLIT,
     KLCurves,
     Results,
+    Stats,
     cell_stats,
     cell_subsets,
     claim_differences,
@@ -54,6 +55,11 @@ def _save(fig: Any, path: str | Path) -> Path:
     return path
 
 
+def _ci_span(s: Stats) -> list[list[float]]:
+    """A Stats' 95% interval as matplotlib's asymmetric error-bar lengths around the mean."""
+    return [[s.mean - s.lo], [s.hi - s.mean]]
+
+
 # ----------------------------------------------------------------------------- methods
 def _panel(ax: Any, protocol: DictConfig, results: Results, subset: str) -> None:
     """One subset: bars of the mean, 95% CI error bars, one dot per seed, the ceiling as a dashed line."""
@@ -65,7 +71,7 @@ def _panel(ax: Any, protocol: DictConfig, results: Results, subset: str) -> None
             continue
         ax.bar(x, s.mean, width=0.6, color=f"C{x}", alpha=0.6)
         if s.lo is not None:
-            ax.errorbar(x, s.mean, yerr=[[s.mean - s.lo], [s.hi - s.mean]], color="black", capsize=4, lw=1)
+            ax.errorbar(x, s.mean, yerr=_ci_span(s), color="black", capsize=4, lw=1)
         seeds = sorted(results.get((subset, cell), {}).items())
         offsets = [0.4 * (i / max(len(seeds) - 1, 1) - 0.5) for i in range(len(seeds))]
         ax.scatter([x + o for o in offsets], [v[metric] for _, v in seeds], s=12, color="black", zorder=3)
@@ -106,14 +112,7 @@ def plot_claims(results: Results, protocol: DictConfig, path: str | Path) -> Pat
         colour = VERDICT_COLOURS[c.verdict]
         ax.scatter(c.differences, [y] * len(c.differences), s=10, color=colour, alpha=0.5, lw=0)
         if c.stats.lo is not None:
-            ax.errorbar(
-                c.stats.mean,
-                y,
-                xerr=[[c.stats.mean - c.stats.lo], [c.stats.hi - c.stats.mean]],
-                color=colour,
-                capsize=3,
-                lw=1.2,
-            )
+            ax.errorbar(c.stats.mean, y, xerr=_ci_span(c.stats), color=colour, capsize=3, lw=1.2)
         ax.scatter([c.stats.mean], [y], s=28, color=colour, marker="D", zorder=3)
     ax.axvline(0.0, ls="--", color="black", lw=0.8)
     labels = [f"{c.name}, {c.subset.upper()} (n={c.stats.n})" for c in rows]
