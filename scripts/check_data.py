@@ -1,6 +1,7 @@
 """Check an AVSBench-object folder: clips per split and every missing / unreadable / mis-sized file.
 
     python scripts/check_data.py data=s4 data.root=/path/to/AVSBench-object [image_size=224]
+    python scripts/check_data.py data=avss data.root=/path/to/AVSBench-semantic
 
 Exits 1 when any problem is found.
 """
@@ -30,6 +31,14 @@ def main(cfg: DictConfig) -> None:
     image_size = cfg.get("image_size")
     if image_size is not None and not isinstance(image_size, int):
         image_size = list(OmegaConf.to_container(image_size))
+    if cfg.data.subset == "avss":  # AVSBench-semantic (docs/avss.md)
+        from avs.data.avss_check import check_avss
+
+        report = check_avss(cfg.data.root, int(cfg.data.num_classes), progress=True)
+        print(report.format())
+        if not report.ok:
+            sys.exit(1)
+        return
     report = check_dataset(
         cfg.data.root,
         cfg.data.subset,

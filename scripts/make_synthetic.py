@@ -2,6 +2,7 @@
 
     python scripts/make_synthetic.py                                   # MS3, quickstart size
     python scripts/make_synthetic.py data=synth_s4 force=true
+    python scripts/make_synthetic.py data=synth_avss                   # AVSS layout (docs/avss.md)
     python scripts/make_synthetic.py data.synthetic.clips='{train: 600, val: 100, test: 100}'
 
 Prints the root, the generation speed (clips/s), the disk size and, with `ceilings=true`, the
@@ -38,7 +39,12 @@ def _disk_bytes(root: Path) -> int:
 def main(cfg: DictConfig) -> None:
     if cfg.data.get("synthetic") is None:
         raise ConfigError("data.synthetic is not set: choose a synthetic data config, e.g. data=synth_ms3")
-    syn = SyntheticConfig.from_mapping(OmegaConf.to_container(cfg.data.synthetic, resolve=True))
+    if cfg.data.subset == "avss":  # semantic Sounding Shapes in the AVSS layout (docs/avss.md)
+        from avs.data.synthetic.semantic import semantic_config
+
+        syn, _ = semantic_config(cfg.data)
+    else:
+        syn = SyntheticConfig.from_mapping(OmegaConf.to_container(cfg.data.synthetic, resolve=True))
     root = Path(cfg.data.root)
     cached = not cfg.force and is_complete(root, syn)
     start = time.perf_counter()
@@ -55,6 +61,13 @@ def main(cfg: DictConfig) -> None:
     if cfg.ceilings:
         for split in ("val", "test"):
             if syn.clips[split] == 0:
+                continue
+            if cfg.data.subset == "avss":
+                from avs.data.synthetic.semantic_ceilings import compute_semantic_ceilings
+
+                c = compute_semantic_ceilings(root, split, syn.num_classes)
+                print(f"avss {split}: visual-only ceiling {c['visual_only_ceiling']:.1f} per-class mIoU "
+                      f"({c['visual_only_best']}), oracle {c['oracle']:.1f}")
                 continue
             c = compute_ceilings(root, syn.subset, split)
             table = json.dumps({k: round(v, 1) for k, v in c["visual_only"].items()})

@@ -285,7 +285,13 @@ def collate_skip_none(batch: list[Any]) -> dict[str, Any]:
 
 
 def build_dataset(data_cfg: Mapping[str, Any], split: str, train: bool) -> AVSBenchDataset:
-    """AVSBenchDataset from a `data` config node (configs/data/*.yaml); flip only when `train`."""
+    """AVSBenchDataset from a `data` config node (configs/data/*.yaml); flip only when `train`.
+
+    `data.subset=avss` builds the AVSBench-semantic dataset instead (avs.data.avss)."""
+    if data_cfg.get("subset") == "avss":
+        from avs.data.avss import build_avss_dataset
+
+        return build_avss_dataset(data_cfg, split, train)
     missing = [k for k in ("subset", "root") if data_cfg.get(k) is None]
     if missing:
         raise ValueError(f"data config lacks required key(s) {', '.join('data.' + k for k in missing)}")

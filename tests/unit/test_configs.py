@@ -28,7 +28,7 @@ def test_primary_configs_compose(name, tmp_path):
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_data_and_backbone_groups_compose(data, backbone, tmp_path):
     cfg = compose_cfg("train", [f"data={data}", f"backbone={backbone}", f"paths.data_dir={tmp_path}"])
-    assert cfg.data.subset in ("s4", "ms3")
+    assert cfg.data.subset in ("s4", "ms3", "avss")
     assert str(cfg.data.root).startswith("/")
 
 

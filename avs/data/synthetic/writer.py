@@ -191,6 +191,10 @@ def ensure_synthetic(data_cfg: Any, force: bool = False, progress: bool = True) 
     `force`) is moved aside and deleted only after the new one is in place. A non-empty root
     without a `_COMPLETE` marker is not ours and raises instead of being touched.
     """
+    if (_to_plain(data_cfg) or {}).get("subset") == "avss":  # semantic Sounding Shapes (AVSS layout)
+        from avs.data.synthetic.semantic import ensure_semantic
+
+        return ensure_semantic(data_cfg, force=force, progress=progress)
     cfg, root = _synthetic_config(data_cfg)
     if not force and is_complete(root, cfg):
         log.info("Sounding Shapes at %s is complete (hash %s)", root, config_hash(cfg)[:12])
