@@ -41,8 +41,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["SEMANTIC_PROTOCOLS", "SemanticAccumulator", "semantic_frame_counts", "class_table",
-           "write_class_table"]
+__all__ = ["SEMANTIC_PROTOCOLS", "SemanticAccumulator", "semantic_frame_counts", "class_table", "write_class_table"]
 
 SEMANTIC_PROTOCOLS: tuple[str, ...] = ("avsbench_legacy", "per_class")
 _EPS = 2.220446049250313e-16  # the released IoU denominator offset (float64 machine epsilon)
@@ -52,13 +51,15 @@ _BETA2 = 0.3
 def semantic_frame_counts(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """logits [N,C,H,W], labels [N,H,W] in 0..C-1 -> (inter, pred, lab) int64 [N,C] (CPU)."""
     if logits.dim() != 4 or labels.dim() != 3 or labels.shape != logits.shape[:1] + logits.shape[2:]:
-        raise ValueError(f"expected logits [N,C,H,W] and labels [N,H,W], got {tuple(logits.shape)} and "
-                         f"{tuple(labels.shape)}")
+        raise ValueError(
+            f"expected logits [N,C,H,W] and labels [N,H,W], got {tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
     n, c = int(logits.shape[0]), int(logits.shape[1])
     labels = labels.long()
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= c):
-        raise ValueError(f"labels must be class indices in 0..{c - 1}, got values in "
-                         f"[{int(labels.min())}, {int(labels.max())}]")
+        raise ValueError(
+            f"labels must be class indices in 0..{c - 1}, got values in [{int(labels.min())}, {int(labels.max())}]"
+        )
     pred = torch.argmax(torch.softmax(logits.float(), dim=1), dim=1)  # [N,H,W]
     offset = (torch.arange(n, device=labels.device) * c).view(n, 1, 1)
 
@@ -90,13 +91,21 @@ class SemanticAccumulator:
     def __len__(self) -> int:
         return sum(int(r["clip"].numel()) for r in self._rows)
 
-    def update(self, logits: Tensor, masks: Tensor, indices: Sequence[int] | Tensor,
-               mask_valid: Tensor | None = None, frame_valid: Tensor | None = None) -> None:
+    def update(
+        self,
+        logits: Tensor,
+        masks: Tensor,
+        indices: Sequence[int] | Tensor,
+        mask_valid: Tensor | None = None,
+        frame_valid: Tensor | None = None,
+    ) -> None:
         """Add a batch: logits [B,T,C,H,W], masks [B,T,H,W] class indices, clip `indices` [B],
         mask_valid / frame_valid bool [B,T] (None: all True). A clip seen before is ignored."""
         if logits.dim() != 5 or masks.dim() != 4 or logits.shape[2] != self.num_classes:
-            raise ValueError(f"expected logits [B,T,{self.num_classes},H,W] and masks [B,T,H,W], got "
-                             f"{tuple(logits.shape)} and {tuple(masks.shape)}")
+            raise ValueError(
+                f"expected logits [B,T,{self.num_classes},H,W] and masks [B,T,H,W], got "
+                f"{tuple(logits.shape)} and {tuple(masks.shape)}"
+            )
         b, t = int(logits.shape[0]), int(logits.shape[1])
         clip_ids = torch.as_tensor(indices).detach().to("cpu", torch.int64).reshape(-1)
         if clip_ids.numel() != b:
@@ -113,8 +122,15 @@ class SemanticAccumulator:
                 x[pad, 0] = pixels
         keep = torch.tensor([int(i) not in self._seen for i in clip_ids.tolist()]).repeat_interleave(t)
         self._seen.update(int(i) for i in clip_ids.tolist())
-        row = {"clip": clip_ids.repeat_interleave(t), "frame": torch.arange(t).repeat(b), "inter": inter,
-               "pred": pred, "lab": lab, "mask_valid": mv.reshape(-1), "frame_valid": fv.reshape(-1)}
+        row = {
+            "clip": clip_ids.repeat_interleave(t),
+            "frame": torch.arange(t).repeat(b),
+            "inter": inter,
+            "pred": pred,
+            "lab": lab,
+            "mask_valid": mv.reshape(-1),
+            "frame_valid": fv.reshape(-1),
+        }
         self._rows.append({k: v[keep] for k, v in row.items()})
 
     def merge(self, other: SemanticAccumulator) -> SemanticAccumulator:
@@ -140,8 +156,9 @@ class SemanticAccumulator:
         names = [protocol] if isinstance(protocol, str) else list(protocol)
         for name in names:
             if name not in SEMANTIC_PROTOCOLS:
-                raise ValueError(f"unknown AVSS metric protocol {name!r}; expected one of "
-                                 f"{', '.join(SEMANTIC_PROTOCOLS)}")
+                raise ValueError(
+                    f"unknown AVSS metric protocol {name!r}; expected one of {', '.join(SEMANTIC_PROTOCOLS)}"
+                )
         if not isinstance(legacy_batch_size, int) or legacy_batch_size < 1:
             raise ValueError(f"legacy_batch_size must be an int >= 1, got {legacy_batch_size!r}")
         table = self._table()

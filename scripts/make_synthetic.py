@@ -66,8 +66,10 @@ def main(cfg: DictConfig) -> None:
                 from avs.data.synthetic.semantic_ceilings import compute_semantic_ceilings
 
                 c = compute_semantic_ceilings(root, split, syn.num_classes)
-                print(f"avss {split}: visual-only ceiling {c['visual_only_ceiling']:.1f} per-class mIoU "
-                      f"({c['visual_only_best']}), oracle {c['oracle']:.1f}")
+                print(
+                    f"avss {split}: visual-only ceiling {c['visual_only_ceiling']:.1f} per-class mIoU "
+                    f"({c['visual_only_best']}), oracle {c['oracle']:.1f}"
+                )
                 continue
             c = compute_ceilings(root, syn.subset, split)
             table = json.dumps({k: round(v, 1) for k, v in c["visual_only"].items()})

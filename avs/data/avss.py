@@ -65,8 +65,7 @@ def release_geometry(img: Image.Image, size: int, crop: bool, nearest: bool) -> 
     return img.crop((x1, y1, x1 + size, y1 + size))
 
 
-def load_colour_mask(path: Path, size: int | None, crop: bool, num_classes: int,
-                     legacy_unknown: bool) -> np.ndarray:
+def load_colour_mask(path: Path, size: int | None, crop: bool, num_classes: int, legacy_unknown: bool) -> np.ndarray:
     """labels_rgb png -> int64 [S,S] class indices; AVSDataError naming colours outside the palette
     unless `legacy_unknown` (then they become class 0, as the released loader does)."""
     with Image.open(path) as img:
@@ -77,8 +76,10 @@ def load_colour_mask(path: Path, size: int | None, crop: bool, num_classes: int,
     labels, unknown = colours_to_labels(np.asarray(rgb), num_classes)
     if unknown and not legacy_unknown:
         shown = ", ".join(str(c) for c in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
-        raise AVSDataError(f"{path}: {len(unknown)} colour(s) not in the {num_classes}-class AVSS palette: {shown}; "
-                           "set data.legacy_unknown_colours=true to map them to background as the released loader does")
+        raise AVSDataError(
+            f"{path}: {len(unknown)} colour(s) not in the {num_classes}-class AVSS palette: {shown}; "
+            "set data.legacy_unknown_colours=true to map them to background as the released loader does"
+        )
     return labels
 
 
@@ -106,10 +107,20 @@ def _load_audio(path: Path, num_real: int) -> torch.Tensor:
 class AVSSDataset(Dataset):
     """AVSBench-semantic clips of one split (optionally of some source subsets) -> padded 10-frame items."""
 
-    def __init__(self, root: str | os.PathLike, split: str, *, sources: Sequence[str] = SOURCES,
-                 image_size: int | None = 224, train_crop: bool = False, num_classes: int = NUM_CLASSES,
-                 legacy_unknown_colours: bool = False, flip_prob: float = 0.0, on_error: str = "raise",
-                 seed: int = 0) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str,
+        *,
+        sources: Sequence[str] = SOURCES,
+        image_size: int | None = 224,
+        train_crop: bool = False,
+        num_classes: int = NUM_CLASSES,
+        legacy_unknown_colours: bool = False,
+        flip_prob: float = 0.0,
+        on_error: str = "raise",
+        seed: int = 0,
+    ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
         unknown = [s for s in sources if s not in SOURCES]
@@ -166,18 +177,26 @@ class AVSSDataset(Dataset):
 
     def _load(self, rec: AVSSRecord, index: int, epoch: int) -> dict[str, Any]:
         n_real, size, crop = SOURCE_FRAMES[rec.source], self.image_size, self.train_crop
-        real = [self._read(lambda p: _load_frame(p, size, crop), frame_path(self.root, rec, k), rec, "frame")
-                for k in range(n_real)]
+        real = [
+            self._read(lambda p: _load_frame(p, size, crop), frame_path(self.root, rec, k), rec, "frame")
+            for k in range(n_real)
+        ]
         frames = torch.zeros(PAD_FRAMES, *real[0].shape)
         frames[:n_real] = torch.stack(real)
         masks = torch.zeros(PAD_FRAMES, *real[0].shape[-2:], dtype=torch.int64)
         mask_valid = torch.zeros(PAD_FRAMES, dtype=torch.bool)
         for k in labelled_frames(rec.source, rec.split):
-            lab = self._read(lambda p: load_colour_mask(p, size, crop, self.num_classes, self.legacy_unknown),
-                             mask_path(self.root, rec, k), rec, "colour mask")
+            lab = self._read(
+                lambda p: load_colour_mask(p, size, crop, self.num_classes, self.legacy_unknown),
+                mask_path(self.root, rec, k),
+                rec,
+                "colour mask",
+            )
             if tuple(lab.shape) != tuple(masks.shape[-2:]):
-                raise AVSDataError(f"{mask_path(self.root, rec, k)}: mask size {lab.shape} differs from the "
-                                   f"frame size {tuple(masks.shape[-2:])} of {rec.tag()}")
+                raise AVSDataError(
+                    f"{mask_path(self.root, rec, k)}: mask size {lab.shape} differs from the "
+                    f"frame size {tuple(masks.shape[-2:])} of {rec.tag()}"
+                )
             masks[k] = torch.from_numpy(lab)
             mask_valid[k] = True
         audio = self._read(lambda p: _load_audio(p, n_real), wav_path(self.root, rec), rec, "wav")
@@ -187,9 +206,17 @@ class AVSSDataset(Dataset):
             frames, masks, _ = hflip_clip(frames, masks, self.flip_prob, gen)
         frame_valid = torch.zeros(PAD_FRAMES, dtype=torch.bool)
         frame_valid[:n_real] = True
-        return {"frames": frames.contiguous(), "masks": masks.contiguous(), "mask_valid": mask_valid,
-                "frame_valid": frame_valid, "audio": audio, "video_id": rec.uid, "source": rec.source,
-                "category": "", "index": index}
+        return {
+            "frames": frames.contiguous(),
+            "masks": masks.contiguous(),
+            "mask_valid": mask_valid,
+            "frame_valid": frame_valid,
+            "audio": audio,
+            "video_id": rec.uid,
+            "source": rec.source,
+            "category": "",
+            "index": index,
+        }
 
 
 def _flag(data_cfg: Mapping[str, Any], key: str, default: bool) -> bool:
@@ -204,13 +231,17 @@ def build_avss_dataset(data_cfg: Mapping[str, Any], split: str, train: bool) -> 
     if data_cfg.get("root") is None:
         raise ConfigError("data config lacks required key data.root")
     if data_cfg.get("audio_source", "wav") != "wav":
-        raise ConfigError(f"data.audio_source={data_cfg.get('audio_source')!r}: AVSS reads audio.wav only "
-                          "(set data.audio_source=wav)")
+        raise ConfigError(
+            f"data.audio_source={data_cfg.get('audio_source')!r}: AVSS reads audio.wav only (set data.audio_source=wav)"
+        )
     if int(data_cfg.get("num_frames", PAD_FRAMES)) != PAD_FRAMES:
-        raise ConfigError(f"data.num_frames must be {PAD_FRAMES} for AVSS (every clip is padded to it), "
-                          f"got {data_cfg.get('num_frames')}")
+        raise ConfigError(
+            f"data.num_frames must be {PAD_FRAMES} for AVSS (every clip is padded to it), "
+            f"got {data_cfg.get('num_frames')}"
+        )
     return AVSSDataset(
-        data_cfg["root"], split,
+        data_cfg["root"],
+        split,
         sources=list(data_cfg.get("sources") or SOURCES),
         image_size=data_cfg.get("image_size", 224),
         train_crop=_flag(data_cfg, "train_crop", True) and train,

@@ -43,11 +43,13 @@ def _csv_problems(report: DatasetReport, csv_p: Path, records: list[AVSSRecord])
     good, seen = [], set()
     for r in records:
         if r.source not in SOURCES:
-            report.add(csv_p, f"line {r.line}: clip {r.uid!r} has label {r.source!r}; expected one of "
-                              f"{', '.join(SOURCES)}")
+            report.add(
+                csv_p, f"line {r.line}: clip {r.uid!r} has label {r.source!r}; expected one of {', '.join(SOURCES)}"
+            )
         elif r.split not in SPLITS:
-            report.add(csv_p, f"line {r.line}: clip {r.uid!r} has split {r.split!r}; expected one of "
-                              f"{', '.join(SPLITS)}")
+            report.add(
+                csv_p, f"line {r.line}: clip {r.uid!r} has split {r.split!r}; expected one of {', '.join(SPLITS)}"
+            )
         elif (r.source, r.uid) in seen:
             report.add(csv_p, f"line {r.line}: duplicate row for clip {r.uid!r} ({r.source})")
         else:
@@ -86,8 +88,9 @@ def _check_frames(report: DatasetReport, root: Path, rec: AVSSRecord) -> tuple[i
     return next(iter(sizes)) if len(sizes) == 1 else None
 
 
-def _check_masks(report: DatasetReport, root: Path, rec: AVSSRecord, num_classes: int,
-                 size: tuple[int, int] | None) -> None:
+def _check_masks(
+    report: DatasetReport, root: Path, rec: AVSSRecord, num_classes: int, size: tuple[int, int] | None
+) -> None:
     folder = mask_path(root, rec, 0).parent
     need = labelled_frames(rec.source, rec.split)
     if folder.is_dir():
@@ -104,8 +107,11 @@ def _check_masks(report: DatasetReport, root: Path, rec: AVSSRecord, num_classes
         _, unknown = colours_to_labels(np.asarray(img), num_classes)
         if unknown:
             shown = ", ".join(str(c) for c in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
-            report.add(p, f"{len(unknown)} colour(s) not in the {num_classes}-class palette (class ids out of "
-                          f"range or foreign colours): {shown}")
+            report.add(
+                p,
+                f"{len(unknown)} colour(s) not in the {num_classes}-class palette (class ids out of "
+                f"range or foreign colours): {shown}",
+            )
 
 
 def _check_wav(report: DatasetReport, root: Path, rec: AVSSRecord) -> None:
@@ -124,8 +130,10 @@ def _check_wav(report: DatasetReport, root: Path, rec: AVSSRecord) -> None:
     if len(samples) * 16000 < MIN_SAMPLES * sr:
         report.add(p, f"wav too short for one VGGish example ({len(samples) / sr:.3f} s)")
     elif len(samples) / sr < 0.96 * (n - 1) + 0.975:
-        report.add(p, f"wav of {len(samples) / sr:.3f} s gives fewer than {n} VGGish examples "
-                      "(the loader repeats the last one)")
+        report.add(
+            p,
+            f"wav of {len(samples) / sr:.3f} s gives fewer than {n} VGGish examples (the loader repeats the last one)",
+        )
 
 
 def check_avss(root: str | os.PathLike, num_classes: int = NUM_CLASSES, progress: bool = False) -> DatasetReport:

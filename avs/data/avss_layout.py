@@ -27,9 +27,26 @@ import numpy as np
 from avs.data.layout import SPLITS, AVSDataError
 
 __all__ = [
-    "NUM_CLASSES", "SOURCES", "SOURCE_FRAMES", "PAD_FRAMES", "CSV_NAME", "LABELS_NAME", "CSV_COLUMNS",
-    "AVSSRecord", "palette", "colour_keys", "colours_to_labels", "labels_to_colours", "labelled_frames",
-    "read_metadata", "metadata_text", "read_label2idx", "frame_path", "mask_path", "wav_path", "clip_dir",
+    "NUM_CLASSES",
+    "SOURCES",
+    "SOURCE_FRAMES",
+    "PAD_FRAMES",
+    "CSV_NAME",
+    "LABELS_NAME",
+    "CSV_COLUMNS",
+    "AVSSRecord",
+    "palette",
+    "colour_keys",
+    "colours_to_labels",
+    "labels_to_colours",
+    "labelled_frames",
+    "read_metadata",
+    "metadata_text",
+    "read_label2idx",
+    "frame_path",
+    "mask_path",
+    "wav_path",
+    "clip_dir",
 ]
 
 NUM_CLASSES = 71  # 70 sounding categories + background (class 0)
@@ -144,8 +161,9 @@ def read_metadata(path: str | os.PathLike) -> list[AVSSRecord]:
     header = [h.strip() for h in rows[0]]
     missing = [c for c in CSV_COLUMNS if c not in header]
     if missing:
-        raise AVSDataError(f"{path}: metadata csv lacks column(s) {missing} (header: {header}); "
-                           f"AVSS needs {', '.join(CSV_COLUMNS)}")
+        raise AVSDataError(
+            f"{path}: metadata csv lacks column(s) {missing} (header: {header}); AVSS needs {', '.join(CSV_COLUMNS)}"
+        )
     cols = [header.index(c) for c in CSV_COLUMNS]
     records = []
     for line_no, row in enumerate(rows[1:], start=2):
@@ -164,8 +182,10 @@ def check_values(records: Sequence[AVSSRecord], path: str | os.PathLike) -> None
     if bad:
         shown = ", ".join(f"line {r.line} ({r.uid!r}: label {r.source!r}, split {r.split!r})" for r in bad[:5])
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
-        raise AVSDataError(f"{path}: unknown label/split value in {len(bad)} row(s): {shown}{more}; "
-                           f"label allows {', '.join(SOURCES)}, split allows {', '.join(SPLITS)}")
+        raise AVSDataError(
+            f"{path}: unknown label/split value in {len(bad)} row(s): {shown}{more}; "
+            f"label allows {', '.join(SOURCES)}, split allows {', '.join(SPLITS)}"
+        )
 
 
 def metadata_text(records: Sequence[AVSSRecord]) -> str:
@@ -190,7 +210,8 @@ def read_label2idx(path: str | os.PathLike, num_classes: int = NUM_CLASSES) -> l
     names = [None] * num_classes
     for name, idx in table.items():
         if not isinstance(idx, int) or not 0 <= idx < num_classes or names[idx] is not None:
-            raise AVSDataError(f"{path}: class {name!r} has index {idx!r}; indices must be 0..{num_classes - 1}, "
-                               "each once")
+            raise AVSDataError(
+                f"{path}: class {name!r} has index {idx!r}; indices must be 0..{num_classes - 1}, each once"
+            )
         names[idx] = name
     return names  # type: ignore[return-value]

@@ -151,7 +151,16 @@ def test_check_finds_every_planted_defect(avss_root):
     Image.fromarray(m).save(avss_root / "v1s" / "b" / "labels_rgb" / "1.png")  # colour outside the palette
     (avss_root / "v1s" / "a" / "audio.wav").write_bytes(b"not a wav")
     text = check_avss(avss_root).format()
-    for needle in ("duplicate row for clip 'c'", "label 'v9'", "split 'dev'", "70 entries",
-                   "9 frame file(s)", "missing frame 9", "4 colour mask(s)", "missing colour mask 4",
-                   "(5, 5, 5)", "unreadable wav"):
+    for needle in (
+        "duplicate row for clip 'c'",
+        "label 'v9'",
+        "split 'dev'",
+        "70 entries",
+        "9 frame file(s)",
+        "missing frame 9",
+        "4 colour mask(s)",
+        "missing colour mask 4",
+        "(5, 5, 5)",
+        "unreadable wav",
+    ):
         assert needle in text, needle

@@ -26,7 +26,7 @@ FRAME_VALID = torch.tensor([[True, False, True]])
 
 def _release_port(logits: torch.Tensor, labels: torch.Tensor, batch_frames: list[range]) -> tuple:
     """Independent line-by-line re-computation of the released calc_color_miou_fscore + test.py totals."""
-    n, c = logits.shape[0], logits.shape[1]
+    c = logits.shape[1]
     miou_pc, fs_pc, cls_pc = torch.zeros(c), torch.zeros(c), torch.zeros(c)
     for frames in batch_frames:
         out = torch.softmax(logits[list(frames)], dim=1)

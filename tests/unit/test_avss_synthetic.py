@@ -35,11 +35,15 @@ def sem_root(tmp_path_factory):
 
 def test_layout_and_check(sem_root):
     assert (sem_root / "metadata.csv").read_text().splitlines()[:3] == [
-        "uid,label,split", "shapes_avss_v1s_train_00000,v1s,train", "shapes_avss_v1m_train_00001,v1m,train"]
+        "uid,label,split",
+        "shapes_avss_v1s_train_00000,v1s,train",
+        "shapes_avss_v1m_train_00001,v1m,train",
+    ]
     names = json.loads((sem_root / "label2idx.json").read_text())
     assert len(names) == 5 and names["background"] == 0
     assert sorted(p.name for p in (sem_root / "v2" / "shapes_avss_v2_val_00002" / "frames").iterdir()) == sorted(
-        f"{k}.jpg" for k in range(10))
+        f"{k}.jpg" for k in range(10)
+    )
     assert [p.name for p in (sem_root / "v1s" / "shapes_avss_v1s_train_00000" / "labels_rgb").iterdir()] == ["0.png"]
     rep = check_avss(sem_root, num_classes=5)
     assert rep.ok, rep.format()
@@ -80,7 +84,11 @@ def test_ensure_and_scripts(tmp_path):
     env_over = [f"paths.data_dir={tmp_path}", "data.synthetic.clips={train: 3, val: 3, test: 3}", "data.image_size=32"]
     run = lambda script, *a: subprocess.run(  # noqa: E731
         [sys.executable, str(REPO / "scripts" / script), "data=synth_avss", *env_over, *a],
-        capture_output=True, text=True, cwd=REPO, timeout=300)
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     out = run("make_synthetic.py", "progress=false")
     assert out.returncode == 0, out.stderr
     assert "avss val: visual-only ceiling" in out.stdout and "oracle 100.0" in out.stdout
@@ -91,8 +99,13 @@ def test_ensure_and_scripts(tmp_path):
     bad.unlink()
     chk = run("check_data.py")
     assert chk.returncode == 1 and "missing colour mask 3" in chk.stdout
-    data = {"subset": "avss", "root": str(root), "image_size": 32, "num_classes": 9,
-            "synthetic": {"clips": {"train": 3, "val": 3, "test": 3}, "image_size": 32}}
+    data = {
+        "subset": "avss",
+        "root": str(root),
+        "image_size": 32,
+        "num_classes": 9,
+        "synthetic": {"clips": {"train": 3, "val": 3, "test": 3}, "image_size": 32},
+    }
     assert ensure_semantic(data) == root and not bad.exists()  # complete marker: not regenerated
     ensure_semantic(data, force=True, progress=False)
     assert bad.exists()

@@ -83,12 +83,23 @@ class SemanticConfig:
     def source_config(self, source: str) -> SyntheticConfig:
         """The S4 (v1s) or MS3 (v1m / v2) Sounding Shapes config of one source subset."""
         return SyntheticConfig(
-            seed=self.seed, subset="s4" if source == "v1s" else "ms3", clips=self.clips,
-            image_size=self.image_size, num_frames=SOURCE_FRAMES[source], num_categories=self.num_categories,
-            num_objects=self.num_objects, object_area=self.object_area, min_visible=self.min_visible,
-            max_speed=self.max_speed, frame_noise=self.frame_noise, sample_rate=self.sample_rate,
-            snr_db=self.snr_db, crossfade_ms=self.crossfade_ms, ms3_sounding_probs=self.sounding_probs,
-            offscreen_prob=self.offscreen_prob)
+            seed=self.seed,
+            subset="s4" if source == "v1s" else "ms3",
+            clips=self.clips,
+            image_size=self.image_size,
+            num_frames=SOURCE_FRAMES[source],
+            num_categories=self.num_categories,
+            num_objects=self.num_objects,
+            object_area=self.object_area,
+            min_visible=self.min_visible,
+            max_speed=self.max_speed,
+            frame_noise=self.frame_noise,
+            sample_rate=self.sample_rate,
+            snr_db=self.snr_db,
+            crossfade_ms=self.crossfade_ms,
+            ms3_sounding_probs=self.sounding_probs,
+            offscreen_prob=self.offscreen_prob,
+        )
 
     @property
     def num_classes(self) -> int:
@@ -134,13 +145,24 @@ def _make_clip(cfg: SemanticConfig, cats_all: list, split: str, index: int) -> d
         sources.append((offscreen, off_active))
     waveform, snr = _mix_audio(rng, sources, scfg)
     uid = semantic_video_id(source, split, index)
-    meta = {"video_id": uid, "source": source, "split": split, "image_size": cfg.image_size,
-            "num_frames": scfg.num_frames, "snr_db": round(snr, 3),
-            "objects": [{"category": c.name, "class": c.index + 1, "sounding": active[i].tolist(),
-                         "visible_rle": [rle_encode(visible[i, t]) for t in range(scfg.num_frames)]}
-                        for i, c in enumerate(cats)],
-            "offscreen": None if offscreen is None else {"category": offscreen.name,
-                                                         "sounding": off_active.tolist()}}
+    meta = {
+        "video_id": uid,
+        "source": source,
+        "split": split,
+        "image_size": cfg.image_size,
+        "num_frames": scfg.num_frames,
+        "snr_db": round(snr, 3),
+        "objects": [
+            {
+                "category": c.name,
+                "class": c.index + 1,
+                "sounding": active[i].tolist(),
+                "visible_rle": [rle_encode(visible[i, t]) for t in range(scfg.num_frames)],
+            }
+            for i, c in enumerate(cats)
+        ],
+        "offscreen": None if offscreen is None else {"category": offscreen.name, "sounding": off_active.tolist()},
+    }
     return {"source": source, "uid": uid, "frames": frames, "labels": labels, "waveform": waveform, "meta": meta}
 
 
@@ -173,13 +195,18 @@ def generate_semantic(root: str | os.PathLike, cfg: SemanticConfig, progress: bo
     root.mkdir(parents=True, exist_ok=True)
     cats = build_categories(cfg.num_categories)
     jobs = [(split, i) for split in SPLITS for i in range(cfg.clips[split])]
-    rows = [_write_clip(root, cfg, _make_clip(cfg, cats, split, i), split)
-            for split, i in tqdm(jobs, desc="Sounding Shapes avss", unit="clip", disable=not progress)]
+    rows = [
+        _write_clip(root, cfg, _make_clip(cfg, cats, split, i), split)
+        for split, i in tqdm(jobs, desc="Sounding Shapes avss", unit="clip", disable=not progress)
+    ]
     atomic_write_text(root / CSV_NAME, metadata_text(rows))
     names = {"background": 0, **{c.name: c.index + 1 for c in cats}}
     atomic_write_text(root / LABELS_NAME, json.dumps(names, indent=1))
-    world = {"config": cfg.to_dict(), "config_hash": config_hash(cfg),
-             "categories": [dataclasses.asdict(c) for c in cats]}
+    world = {
+        "config": cfg.to_dict(),
+        "config_hash": config_hash(cfg),
+        "categories": [dataclasses.asdict(c) for c in cats],
+    }
     atomic_write_text(root / SEMANTIC_META_DIRNAME / "generation.json", json.dumps(world, indent=1, sort_keys=True))
     atomic_write_text(root / COMPLETE_MARKER, config_hash(cfg) + "\n")
     return root
@@ -197,8 +224,7 @@ def semantic_config(data_cfg: Any) -> tuple[SemanticConfig, Path]:
     cfg = SemanticConfig.from_mapping(data["synthetic"])
     for key, value in (("image_size", cfg.image_size), ("num_classes", cfg.num_classes)):
         if key in data and data[key] != value:
-            raise ConfigError(f"data.{key}={data[key]!r} differs from the generated {value!r} "
-                              f"(data.synthetic sets it)")
+            raise ConfigError(f"data.{key}={data[key]!r} differs from the generated {value!r} (data.synthetic sets it)")
     return cfg, Path(data["root"]).expanduser()
 
 

@@ -92,6 +92,13 @@ def compute_semantic_ceilings(root: str | os.PathLike, split: str, num_classes: 
             n += 1
     miou = {k: 100.0 * accs[k].compute("per_class")["miou"] for k in names}
     best = max(miou, key=miou.get)
-    return {"split": split, "num_clips": len(clips), "num_frames": n, "visual_only": miou,
-            "visual_only_best": best, "visual_only_ceiling": miou[best],
-            "oracle": 100.0 * accs["oracle"].compute("per_class")["miou"], "category_prior": prior}
+    return {
+        "split": split,
+        "num_clips": len(clips),
+        "num_frames": n,
+        "visual_only": miou,
+        "visual_only_best": best,
+        "visual_only_ceiling": miou[best],
+        "oracle": 100.0 * accs["oracle"].compute("per_class")["miou"],
+        "category_prior": prior,
+    }
