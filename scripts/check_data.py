@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import avs  # noqa: E402,F401  (registers config resolvers)
 from avs.data.check import check_dataset  # noqa: E402
 from avs.data.options import pad_short_audio_flag  # noqa: E402
-from avs.errors import plain_errors  # noqa: E402
+from avs.errors import ConfigError, plain_errors  # noqa: E402
 
 log = logging.getLogger("avs.check_data")
 
@@ -34,6 +34,8 @@ def main(cfg: DictConfig) -> None:
     if cfg.data.subset == "avss":  # AVSBench-semantic (docs/avss.md)
         from avs.data.avss_check import check_avss
 
+        if image_size is not None:
+            raise ConfigError("image_size: the AVSS check compares mask and frame sizes per clip only; drop image_size")
         report = check_avss(cfg.data.root, int(cfg.data.num_classes), progress=True)
         print(report.format())
         if not report.ok:

@@ -15,6 +15,7 @@ from avs.data.avss import AVSSDataset
 from avs.data.avss_check import check_avss
 from avs.data.synthetic.semantic import SemanticConfig, ensure_semantic, generate_semantic
 from avs.data.synthetic.semantic_ceilings import compute_semantic_ceilings
+from avs.errors import ExitCode
 
 REPO = Path(__file__).resolve().parents[2]
 CFG = SemanticConfig(clips={"train": 3, "val": 3, "test": 0}, image_size=32, num_categories=4, num_objects=(2, 3))
@@ -94,6 +95,8 @@ def test_ensure_and_scripts(tmp_path):
     assert "avss val: visual-only ceiling" in out.stdout and "oracle 100.0" in out.stdout
     chk = run("check_data.py")
     assert chk.returncode == 0 and "0 problem(s)" in chk.stdout, chk.stdout + chk.stderr
+    refused = run("check_data.py", "image_size=32")
+    assert refused.returncode == int(ExitCode.CONFIG) and "error: image_size" in refused.stderr
     root = Path(out.stdout.split("root: ")[1].splitlines()[0])
     bad = root / "v2" / "shapes_avss_v2_train_00002" / "labels_rgb" / "3.png"
     bad.unlink()
