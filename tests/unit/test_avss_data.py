@@ -164,3 +164,20 @@ def test_check_finds_every_planted_defect(avss_root):
         "unreadable wav",
     ):
         assert needle in text, needle
+
+
+def test_frames_values_and_mixed_source_batches(avss_root):
+    from torch.utils.data import DataLoader
+
+    from avs.data.avsbench import build_dataset
+    from avs.data.transforms import normalize_frames
+
+    cfg = {"subset": "avss", "root": str(avss_root), "image_size": None, "num_frames": 10}
+    ds = build_dataset(cfg, "val", train=False)  # the S4/MS3 entry point dispatches on data.subset
+    batch = next(iter(DataLoader(ds, batch_size=2)))
+    assert batch["frames"].shape == (2, 10, 3, S, S) and batch["masks"].shape == (2, 10, S, S)
+    assert batch["mask_valid"].shape == (2, 10) and batch["frame_valid"].shape == (2, 10)
+    assert batch["source"] == ["v1s", "v1m"]
+    for k in range(5):  # frame k is the constant grey 20 k + 10 (JPEG keeps a flat image to +-1)
+        want = normalize_frames(torch.full((1, 3, S, S), (20 * k + 10) / 255.0))[0]
+        assert torch.allclose(batch["frames"][0, k], want, atol=0.03)
