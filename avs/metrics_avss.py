@@ -144,6 +144,51 @@ class SemanticAccumulator:
             self._seen.update(int(c) for c in row["clip"].tolist())
         return self
 
+    def to_tensor(self) -> Tensor:
+        """Stored frames as an int64 table [M, 4 + 3C]: clip, frame, mask_valid, frame_valid, inter, pred, lab."""
+        if not self._rows:
+            return torch.zeros((0, 4 + 3 * self.num_classes), dtype=torch.int64)
+        t = {k: torch.cat([r[k] for r in self._rows]) for k in self._rows[0]}
+        head = torch.stack([t["clip"], t["frame"], t["mask_valid"].long(), t["frame_valid"].long()], 1)
+        return torch.cat([head, t["inter"], t["pred"], t["lab"]], 1)
+
+    @classmethod
+    def from_tensor(cls, table: Tensor, num_classes: int) -> SemanticAccumulator:
+        """Inverse of `to_tensor` of one accumulator (each (clip, frame) pair at most once)."""
+        c = int(num_classes)
+        if table.dim() != 2 or table.shape[1] != 4 + 3 * c:
+            raise ValueError(f"expected a [M, {4 + 3 * c}] table from to_tensor(), got {tuple(table.shape)}")
+        acc = cls(c)
+        table = table.detach().to("cpu", torch.int64)
+        row = {
+            "clip": table[:, 0],
+            "frame": table[:, 1],
+            "mask_valid": table[:, 2].bool(),
+            "frame_valid": table[:, 3].bool(),
+            "inter": table[:, 4 : 4 + c],
+            "pred": table[:, 4 + c : 4 + 2 * c],
+            "lab": table[:, 4 + 2 * c :],
+        }
+        pairs = torch.stack([row["clip"], row["frame"]], 1)
+        if table.shape[0] and torch.unique(pairs, dim=0).shape[0] != table.shape[0]:
+            raise ValueError("the table holds a (clip, frame) pair twice; merge() accumulators instead")
+        acc._rows.append(row)
+        acc._seen.update(row["clip"].tolist())
+        return acc
+
+    def all_gather(self) -> SemanticAccumulator:
+        """Accumulator holding every rank's frames (rank order, repeated clips kept once); self if not distributed."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return self
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, self.to_tensor())
+        out = SemanticAccumulator(self.num_classes)
+        for part in parts:
+            out.merge(SemanticAccumulator.from_tensor(part, self.num_classes))
+        return out
+
     def _table(self) -> dict[str, Tensor]:
         if not self._rows or len(self) == 0:
             raise ValueError("no frames to evaluate: call update() before compute()")

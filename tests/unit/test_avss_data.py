@@ -181,3 +181,23 @@ def test_frames_values_and_mixed_source_batches(avss_root):
     for k in range(5):  # frame k is the constant grey 20 k + 10 (JPEG keeps a flat image to +-1)
         want = normalize_frames(torch.full((1, 3, S, S), (20 * k + 10) / 255.0))[0]
         assert torch.allclose(batch["frames"][0, k], want, atol=0.03)
+
+
+def test_csv_and_label_file_errors_name_the_file(avss_root):
+    (avss_root / "metadata.csv").write_text("uid,split\na,train\n")
+    with pytest.raises(AVSDataError, match=r"metadata.csv: metadata csv lacks column\(s\) \['label'\]"):
+        AVSSDataset(avss_root, "train")
+    rep = check_avss(avss_root)
+    assert not rep.ok and "lacks column(s) ['label']" in rep.format()
+    (avss_root / "label2idx.json").write_text(json.dumps({"background": 0, "dog": 0}))
+    with pytest.raises(AVSDataError, match="label2idx.json: 2 entries, data.num_classes=71"):
+        AVSSDataset(avss_root, "train")
+
+
+def test_synthetic_config_refuses_unknown_keys():
+    from avs.data.synthetic.semantic import SemanticConfig
+
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['subset_x'\]"):
+        SemanticConfig.from_mapping({"subset_x": 1})
+    with pytest.raises(ConfigError, match="num_objects"):
+        SemanticConfig(num_categories=2, num_objects=(2, 3))

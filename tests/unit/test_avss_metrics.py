@@ -144,3 +144,21 @@ def test_class_table_csv_and_markdown(tmp_path):
     assert "| 2 | car | 0.250000 |" in md
     with pytest.raises(ValueError, match="class names"):
         write_class_table(tmp_path / "t.csv", res, names[:2])
+
+
+def test_ranks_merge_like_one_accumulator():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(4, 2, 5, 3, 3, generator=g)
+    labels = torch.randint(0, 5, (4, 2, 3, 3), generator=g)
+    mv = torch.tensor([[True, False], [True, True], [True, True], [False, True]])
+    one = SemanticAccumulator(5)
+    one.update(logits, labels, [0, 1, 2, 3], mask_valid=mv)
+    rank0, rank1 = SemanticAccumulator(5), SemanticAccumulator(5)
+    rank0.update(logits[[0, 2]], labels[[0, 2]], [0, 2], mask_valid=mv[[0, 2]])
+    rank1.update(logits[[1, 3, 0]], labels[[1, 3, 0]], [1, 3, 0], mask_valid=mv[[1, 3, 0]])  # clip 0 padded in
+    table0, table1 = rank0.to_tensor(), rank1.to_tensor()
+    merged = SemanticAccumulator.from_tensor(table0, 5).merge(SemanticAccumulator.from_tensor(table1, 5))
+    for protocol in ("avsbench_legacy", "per_class"):
+        assert merged.compute(protocol, legacy_batch_size=2) == one.compute(protocol, legacy_batch_size=2)
+    with pytest.raises(ValueError, match="twice"):
+        SemanticAccumulator.from_tensor(torch.cat([table0, table0]), 5)
