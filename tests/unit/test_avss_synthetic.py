@@ -112,3 +112,17 @@ def test_ensure_and_scripts(tmp_path):
     assert ensure_semantic(data) == root and not bad.exists()  # complete marker: not regenerated
     ensure_semantic(data, force=True, progress=False)
     assert bad.exists()
+
+
+def test_run_data_generates_and_loads(tmp_path):
+    from avs.data.loaders import RunData
+    from tests.conftest import compose_cfg
+
+    over = [f"paths.data_dir={tmp_path}", "data=synth_avss", "data.image_size=32", "data.num_workers=0"]
+    cfg = compose_cfg("train", [*over, "data.synthetic.clips={train: 2, val: 1, test: 0}"])
+    run = RunData(cfg)
+    train, val = run.dataset("train"), run.dataset("val")
+    assert len(train) == 2 and len(val) == 1 and val.num_classes == 9
+    batch = next(iter(run.loader("train", batch_size=2)))
+    assert batch["masks"].shape == (2, 10, 32, 32) and batch["source"] == ["v1s", "v1m"]
+    assert batch["mask_valid"].sum(1).tolist() == [1, 5] and batch["frame_valid"].sum(1).tolist() == [5, 5]
