@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import logging
 import os
 import shutil
 from collections.abc import Mapping
@@ -44,6 +45,8 @@ from avs.data.synthetic.world import SyntheticConfig, build_categories, config_h
 from avs.data.synthetic.writer import COMPLETE_MARKER, _move_into_place, _refuse_foreign, _wav_bytes, is_complete
 from avs.errors import ConfigError
 from avs.utils.io import atomic_write_bytes, atomic_write_text
+
+log = logging.getLogger(__name__)
 
 __all__ = ["SemanticConfig", "generate_semantic", "ensure_semantic", "semantic_video_id", "SEMANTIC_META_DIRNAME"]
 
@@ -233,8 +236,10 @@ def ensure_semantic(data_cfg: Any, force: bool = False, progress: bool = True) -
     (same caching and replacement rules as avs.data.synthetic.ensure_synthetic)."""
     cfg, root = semantic_config(data_cfg)
     if not force and is_complete(root, cfg):
+        log.info("semantic Sounding Shapes at %s is complete (hash %s)", root, config_hash(cfg)[:12])
         return root
     _refuse_foreign(root)
+    log.warning("generating semantic Sounding Shapes at %s (%s clips, %d px)", root, cfg.clips, cfg.image_size)
     tmp = root.parent / f"{root.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -191,7 +191,8 @@ def ensure_synthetic(data_cfg: Any, force: bool = False, progress: bool = True) 
     `force`) is moved aside and deleted only after the new one is in place. A non-empty root
     without a `_COMPLETE` marker is not ours and raises instead of being touched.
     """
-    if (_to_plain(data_cfg) or {}).get("subset") == "avss":  # semantic Sounding Shapes (AVSS layout)
+    plain = _to_plain(data_cfg)
+    if isinstance(plain, Mapping) and plain.get("subset") == "avss":  # semantic Sounding Shapes (AVSS layout)
         from avs.data.synthetic.semantic import ensure_semantic
 
         return ensure_semantic(data_cfg, force=force, progress=progress)
