@@ -4,6 +4,7 @@ share of the whole each takes. The parts plus "other" tile the measured whole (a
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -15,8 +16,11 @@ from avs.benchmark.attach import attached, param_owner, part_names
 from avs.benchmark.models import _autocast, bench_model_config, build_bench_model, make_batch, perturb_zero_init
 from avs.benchmark.timeline import EXCLUDED, OTHER, PartTimer, make_clock
 from avs.benchmark.timing import median_time
+from avs.errors import ConfigError
 
-__all__ = ["profile_model", "profile_rows", "format_profile"]
+__all__ = ["format_profile", "format_profile_report", "pin_threads", "profile_model", "profile_module", "profile_rows", "run_profile"]
+
+log = logging.getLogger(__name__)
 
 
 def _train_run(model, batch, opt, device, amp: bool, slot, clock, owner) -> tuple[dict, PartTimer, int]:
@@ -48,7 +52,7 @@ def _infer_run(model, batch, device, amp: bool, slot, clock, owner) -> tuple[dic
     return timer.timeline.close(), timer, 0
 
 
-def _median_run(run: Callable[[], tuple], repeats: int, warmup: int) -> tuple[dict, PartTimer, int, list[float]]:
+def _median_run(run: Callable[[], tuple], repeats: int, warmup: int) -> tuple:
     """`warmup` discarded runs, then `repeats`; the run whose whole (graph walk excluded) is the median."""
     for _ in range(warmup):
         run()
@@ -115,27 +119,36 @@ def _plain_step(model, batch, opt, device, amp: bool, mode: str) -> Callable[[],
     return step
 
 
-def profile_model(cfg: DictConfig, mode: str, amp: bool = False, event_cls=None) -> dict[str, Any]:
-    """Per-part table of a training step (`mode='train'`) or an inference forward (`mode='infer'`, B=1)."""
-    from avs.engine.optim import build_optimizer
-
-    device = torch.device(str(cfg.device))
-    spec = OmegaConf.to_container(cfg.profile_parts, resolve=True)
-    c, model, batch = _setup(cfg, device, mode)
+def profile_module(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    spec: Mapping[str, Any],
+    mode: str,
+    opt: torch.optim.Optimizer | None = None,
+    amp: bool = False,
+    repeats: int = 5,
+    warmup: int = 1,
+    event_cls=None,
+) -> dict[str, Any]:
+    """Per-part table of any model whose training forward returns a dict of loss terms (`mode='train'`,
+    stepping `opt`) or of its no-grad forward (`mode='infer'`); `spec` as `profile_parts` in the config."""
+    device = batch["frames"].device
     model.train(mode == "train")
-    opt = build_optimizer(model.parameters(), {**dict(c.get("trainer") or {}), "lr": 1e-5}) if mode == "train" else None
     owner, parts = param_owner(model, spec), part_names(model, spec)
     clock = make_clock(device, event_cls)
     sync = torch.cuda.synchronize if device.type == "cuda" else None
-    repeats, warmup = int(c.repeats), int(c.warmup)
     plain_s = median_time(_plain_step(model, batch, opt, device, amp, mode), repeats, warmup, sync)
-    t0 = time.perf_counter()
     with attached(model, spec) as slot:
-        if mode == "train":
-            run = lambda: _train_run(model, batch, opt, device, amp, slot, clock, owner)  # noqa: E731
-        else:
-            run = lambda: _infer_run(model, batch, device, amp, slot, clock, owner)  # noqa: E731
-        seconds, timer, nodes, wholes = _median_run(run, repeats, warmup)
+
+        def run() -> tuple:
+            t0 = time.perf_counter()
+            if mode == "train":
+                r = _train_run(model, batch, opt, device, amp, slot, clock, owner)
+            else:
+                r = _infer_run(model, batch, device, amp, slot, clock, owner)
+            return (*r, time.perf_counter() - t0)
+
+        seconds, timer, nodes, wall, wholes = _median_run(run, repeats, warmup)
     out = profile_rows(seconds, timer, parts)
     out.update(
         {
@@ -147,12 +160,24 @@ def profile_model(cfg: DictConfig, mode: str, amp: bool = False, event_cls=None)
             "instrumented_wholes_s": wholes,
             "overhead": out["whole_s"] / plain_s - 1.0 if plain_s > 0 else None,
             "autograd_nodes_hooked": nodes,
-            "wall_s": time.perf_counter() - t0,
+            "run_wall_s": wall,  # perf_counter around the chosen run (graph walk included)
         }
     )
     if getattr(clock, "syncs", None) is not None:
         out["syncs"] = clock.syncs
     return out
+
+
+def profile_model(cfg: DictConfig, mode: str, amp: bool = False, event_cls=None) -> dict[str, Any]:
+    """Per-part table of the configured model: a training step (`mode='train'`, the trainer's optimizer)
+    or an inference forward (`mode='infer'`, B=1)."""
+    from avs.engine.optim import build_optimizer
+
+    device = torch.device(str(cfg.device))
+    spec = OmegaConf.to_container(cfg.profile_parts, resolve=True)
+    c, model, batch = _setup(cfg, device, mode)
+    opt = build_optimizer(model.parameters(), {**dict(c.get("trainer") or {}), "lr": 1e-5}) if mode == "train" else None
+    return profile_module(model, batch, spec, mode, opt, amp, int(c.repeats), int(c.warmup), event_cls)
 
 
 def format_profile(res: Mapping[str, Any], title: str) -> str:
@@ -168,7 +193,8 @@ def format_profile(res: Mapping[str, Any], title: str) -> str:
         step = r["part"] == "optimizer step"
         fwd = f"{'-':>12}" if step else f"{r['forward_s'] * 1e3:>12.2f}"
         bwd = (f"{'-':>13}" if step else f"{r['backward_s'] * 1e3:>13.2f}") + f"{r['total_s'] * 1e3:>10.2f}"
-        L.append(f"{r['part'][:27]:<28}{r['calls']:>6}{fwd}{bwd if train else ''}{r['share'] * 100:>7.1f}%")
+        calls = "-" if r["part"] == OTHER else r["calls"]
+        L.append(f"{r['part'][:27]:<28}{calls:>6}{fwd}{bwd if train else ''}{r['share'] * 100:>7.1f}%")
     whole = res["whole_s"] * 1e3
     L.append(
         f"{'whole (instrumented)':<28}{'':>6}"
@@ -182,3 +208,62 @@ def format_profile(res: Mapping[str, Any], title: str) -> str:
     )
     return "\n".join(L)
 
+
+
+MODES = ("train", "infer")
+
+
+def pin_threads(cfg: DictConfig) -> dict[str, int]:
+    """Apply `threads` (null = torch's default) and report the intra- and inter-op thread counts."""
+    if cfg.get("threads") is not None:
+        n = int(cfg.threads)
+        if n < 1:
+            raise ConfigError(f"threads must be >= 1 or null, got {n}")
+        torch.set_num_threads(n)
+    return {"threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads()}
+
+
+def run_profile(cfgs: list[tuple[str, DictConfig]], event_cls=None) -> dict[str, Any]:
+    """Per-part tables of every (model, amp, mode) asked for -> a JSON-ready dict."""
+    from avs.benchmark.probes import hardware_info
+
+    first = cfgs[0][1]
+    modes = [str(m) for m in first.profile_modes]
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise ConfigError(f"profile_modes must be a non-empty list of {list(MODES)}, got {modes}")
+    threads = pin_threads(first)
+    device = torch.device(str(first.device))
+    res: dict[str, Any] = {"hardware": {**hardware_info(device), **threads}, "profiles": {}}
+    res["config"] = {
+        "backbone": str(first.backbone.name),
+        "image_size": int(first.image_size),
+        "num_frames": int(first.num_frames),
+        "batch_size": int(first.batch_size),
+        "repeats": int(first.repeats),
+        "warmup": int(first.warmup),
+        "quick": bool(first.quick),
+        "note": "each table is the repeat whose instrumented whole is the median of the repeats",
+    }
+    for name, cfg in cfgs:
+        tables: dict[str, Any] = {}
+        for amp in list(cfg.profile_amp):
+            for mode in modes:
+                log.info("profile %s %s amp=%s", name, mode, bool(amp))
+                tables[f"{mode}_amp" if amp else mode] = profile_model(cfg, mode, bool(amp), event_cls)
+        res["profiles"][name] = tables
+    return res
+
+
+def format_profile_report(res: Mapping[str, Any]) -> str:
+    """All tables of a run_profile result, under one header line."""
+    c, h = res["config"], res["hardware"]
+    L = [
+        f"per-part profile: backbone={c['backbone']} size={c['image_size']} T={c['num_frames']} "
+        f"B={c['batch_size']} repeats={c['repeats']} warmup={c['warmup']} device={h['device']} "
+        f"threads={h['threads']} interop={h['interop_threads']}"
+    ]
+    for name, tables in res["profiles"].items():
+        for table in tables.values():
+            L += ["", format_profile(table, name)]
+    return "\n".join(L)
