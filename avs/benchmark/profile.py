@@ -18,7 +18,15 @@ from avs.benchmark.timeline import EXCLUDED, OTHER, PartTimer, make_clock
 from avs.benchmark.timing import median_time
 from avs.errors import ConfigError
 
-__all__ = ["format_profile", "format_profile_report", "pin_threads", "profile_model", "profile_module", "profile_rows", "run_profile"]
+__all__ = [
+    "format_profile",
+    "format_profile_report",
+    "pin_threads",
+    "profile_model",
+    "profile_module",
+    "profile_rows",
+    "run_profile",
+]
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +194,8 @@ def format_profile(res: Mapping[str, Any], title: str) -> str:
     L = [
         f"{title}: {'training step' if train else 'inference per clip'} (B={res['batch_size']}, "
         f"amp={'on' if res['amp'] else 'off'}, clock={res['clock']})",
-        f"{'part':<28}{'calls':>6}{'forward ms':>12}" + (f"{'backward ms':>13}{'total ms':>10}" if train else "")
+        f"{'part':<28}{'calls':>6}{'forward ms':>12}"
+        + (f"{'backward ms':>13}{'total ms':>10}" if train else "")
         + f"{'share':>8}",
     ]
     for r in res["rows"]:
@@ -207,7 +216,6 @@ def format_profile(res: Mapping[str, Any], title: str) -> str:
         + (f"; graph walk (not in the whole) {res['excluded_graph_walk_s'] * 1e3:.2f} ms" if train else "")
     )
     return "\n".join(L)
-
 
 
 MODES = ("train", "infer")
