@@ -1,7 +1,8 @@
 """Demo throughput (`demo=true`, docs/performance.md): frames per second of scripts/demo.py's first pass
 (decode the video, wav -> log-mel -> audio encoder (VGGish by default), the model) and the share of
-each, on a video generated here and a random-init model of the configured method. The demo's own functions run; they are timed by
-wrapping the names avs.inference.demo calls (restored afterwards) and by hooks on the model."""
+each, on a video generated here and a random-init model of the configured method. The demo's own
+functions run; they are timed by wrapping the names avs.inference.demo calls (restored afterwards)
+and by hooks on the model."""
 
 from __future__ import annotations
 
