@@ -46,11 +46,15 @@ def profile_configs(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
         return [(str(cfg.model.name), apply_quick(cfg) if cfg.quick else cfg)]
     from hydra import compose
     from hydra.core.hydra_config import HydraConfig
+    from hydra.errors import MissingConfigException
 
     overrides = [o for o in HydraConfig.get().overrides.task if not o.split("=", 1)[0].lstrip("+~") == "model"]
     out = []
     for name in names:
-        c = compose("benchmark", overrides=[*overrides, f"model={name}"])
+        try:
+            c = compose("benchmark", overrides=[*overrides, f"model={name}"])
+        except MissingConfigException:
+            raise ConfigError(f"profile_models: no model config {name!r} (expected configs/model/{name}.yaml)") from None
         out.append((name, apply_quick(c) if c.quick else c))
     return out
 

@@ -140,6 +140,8 @@ def profile_module(
 ) -> dict[str, Any]:
     """Per-part table of any model whose training forward returns a dict of loss terms (`mode='train'`,
     stepping `opt`) or of its no-grad forward (`mode='infer'`); `spec` as `profile_parts` in the config."""
+    if mode not in MODES or (mode == "train" and opt is None):
+        raise ValueError(f"profile_module: mode must be one of {MODES} (train needs an optimizer), got {mode!r}")
     device = batch["frames"].device
     model.train(mode == "train")
     owner, parts = param_owner(model, spec), part_names(model, spec)
