@@ -54,7 +54,9 @@ def profile_configs(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
         try:
             c = compose("benchmark", overrides=[*overrides, f"model={name}"])
         except MissingConfigException:
-            raise ConfigError(f"profile_models: no model config {name!r} (expected configs/model/{name}.yaml)") from None
+            raise ConfigError(
+                f"profile_models: no model config {name!r} (expected configs/model/{name}.yaml)"
+            ) from None
         out.append((name, apply_quick(c) if c.quick else c))
     return out
 

@@ -206,3 +206,15 @@ def test_script_refuses_profile_and_demo_together(tmp_path):
     p = subprocess.run(cmd + [f"paths.log_dir={tmp_path}"], capture_output=True, text=True, timeout=300)
     assert p.returncode == ExitCode.CONFIG
     assert "error: profile=true and demo=true" in p.stderr
+
+
+def test_script_refuses_an_unknown_profile_model(tmp_path):
+    cmd = [sys.executable, str(PROJECT_ROOT / "scripts" / "benchmark.py"), "profile=true", "profile_models=[nosuch]"]
+    p = subprocess.run(cmd + [f"paths.log_dir={tmp_path}"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == ExitCode.CONFIG
+    assert "error: profile_models: no model config 'nosuch'" in p.stderr
+
+
+def test_profile_module_refuses_a_training_profile_without_optimizer():
+    with pytest.raises(ValueError, match="train needs an optimizer"):
+        profile_module(Toy(), _batch(), SPEC, "train")
