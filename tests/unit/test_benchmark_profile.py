@@ -218,3 +218,13 @@ def test_script_refuses_an_unknown_profile_model(tmp_path):
 def test_profile_module_refuses_a_training_profile_without_optimizer():
     with pytest.raises(ValueError, match="train needs an optimizer"):
         profile_module(Toy(), _batch(), SPEC, "train")
+
+
+def test_amp_training_step_parts_add_up():
+    model = Toy()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    res = profile_module(model, _batch(), SPEC, "train", opt, amp=True, repeats=1, warmup=0)
+    assert res["amp"] is True and "amp=on" in format_profile(res, "toy")
+    rows = _rows(res)
+    assert rows["fusion"]["calls"] == 2 and rows["fusion"]["backward_s"] > 0
+    _check_adds_up(res)
