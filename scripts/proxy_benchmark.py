@@ -22,8 +22,8 @@ from omegaconf import DictConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 import avs  # noqa: E402,F401  (registers config resolvers)
-from avs.errors import plain_errors  # noqa: E402
 from avs.config import PROJECT_ROOT  # noqa: E402
+from avs.errors import plain_errors  # noqa: E402
 from avs.proxy import run_protocol  # noqa: E402
 from avs.proxy.reproduce import reproduce  # noqa: E402
 

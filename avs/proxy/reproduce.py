@@ -61,7 +61,9 @@ def reproduce(cfg: DictConfig, out_dir: Path, results: Path) -> bool:
     start = time.perf_counter()
     end = runner._run_one(run, int(cfg.threads), where / "logs", runner.followup_commands(cfg, run))
     if end.code != 0 or not runner.finished(run.run_dir) or end.followup_error:
-        raise ReproduceFailed(f"{run.name}: rerun failed ({end.followup_error or f'exit code {end.code}'}); log in {where / 'logs'}")
+        raise ReproduceFailed(
+            f"{run.name}: rerun failed ({end.followup_error or f'exit code {end.code}'}); log in {where / 'logs'}"
+        )
     runner._record_results(cfg, run, standins, where, tracked=False)
     from avs.proxy.results import RESULTS_FILE
 

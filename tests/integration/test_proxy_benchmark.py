@@ -198,7 +198,9 @@ def _tree(root: Path) -> dict[str, float]:
 
 
 def _repo_state() -> str:
-    out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=PROJECT_ROOT, capture_output=True, text=True)
+    out = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all"], cwd=PROJECT_ROOT, capture_output=True, text=True
+    )
     return out.stdout
 
 
@@ -236,7 +238,9 @@ def test_toy_run_reaches_paths_and_reproduces_exactly(tmp_path):
     listening = rows[0]["listening"]
     assert set(listening["test_shuffled_audio"]) == {"miou_05", "miou_val_threshold", "fscore"}
     assert rows[0]["test"]["miou"] is not None and rows[0]["threads"] == 1
-    again = subprocess.run([*common, "reproduce=ms3/tpavi:1"], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    again = subprocess.run(
+        [*common, "reproduce=ms3/tpavi:1"], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path
+    )
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
     assert "every number is the same" in again.stdout and "listening.test_shuffled_audio.miou_05" in again.stdout
     assert "differs" not in again.stdout

@@ -29,7 +29,6 @@ class _Clip:
     meta: dict[str, Any]
 
 
-
 _SUBSET_SEED = {"s4": 0, "ms3": 1}  # enters each clip's seed: changing it changes every clip
 
 
@@ -90,9 +89,20 @@ def _who_sounds(rng: np.random.Generator, cfg: SyntheticConfig, cats_all: list[C
     return active, offscreen, off_active
 
 
-def _clip_meta(cfg: SyntheticConfig, vid: str, split: str, cats: list[Category], order: np.ndarray,
-               tracks: dict[str, np.ndarray], visible: np.ndarray, active: np.ndarray,
-               offscreen: Category | None, off_active: np.ndarray, masks: np.ndarray, snr: float) -> dict[str, Any]:
+def _clip_meta(
+    cfg: SyntheticConfig,
+    vid: str,
+    split: str,
+    cats: list[Category],
+    order: np.ndarray,
+    tracks: dict[str, np.ndarray],
+    visible: np.ndarray,
+    active: np.ndarray,
+    offscreen: Category | None,
+    off_active: np.ndarray,
+    masks: np.ndarray,
+    snr: float,
+) -> dict[str, Any]:
     """The clip's sidecar: everything needed to rebuild its GT and score visual-only predictors."""
     T = cfg.num_frames
     r4 = lambda a: [round(float(x), 3) for x in a]  # noqa: E731

@@ -85,7 +85,6 @@ def build_categories(num_categories: int) -> list[Category]:
     return cats
 
 
-
 def _pair(value: Any, key: str, cast: type) -> tuple:
     if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != 2:
         raise ConfigError(f"{key}: expected a [low, high] pair, got {value!r}")
@@ -193,4 +192,3 @@ def config_hash(cfg: SyntheticConfig) -> str:
     """sha256 (hex) of the generator version and every generation parameter."""
     payload = json.dumps({"generator_version": GENERATOR_VERSION, **cfg.to_dict()}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
-
