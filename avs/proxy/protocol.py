@@ -146,6 +146,10 @@ def _has_finished_runs(out_dir: Path, cell: str) -> bool:
     return any((d / "metrics.json").is_file() for d in out_dir.glob(f"*/{cell}/seed*"))
 
 
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
 def check_same_protocol(out_dir: Path, protocol: DictConfig) -> None:
     """An out_dir whose finished runs were made with other base / subsets / cell overrides is refused.
 
@@ -156,8 +160,7 @@ def check_same_protocol(out_dir: Path, protocol: DictConfig) -> None:
         return
     old = OmegaConf.load(path)
     for key in RUN_DEFINING:
-        a = OmegaConf.to_container(old.get(key), resolve=True) if old.get(key) is not None else None
-        b = OmegaConf.to_container(protocol.get(key), resolve=True) if protocol.get(key) is not None else None
+        a, b = (_plain(node.get(key)) for node in (old, protocol))
         if key == "cells" and a is not None and b is not None:
             changed = [c for c in b if c in a and a[c].get("overrides") != b[c].get("overrides")]
             changed = [c for c in changed if _has_finished_runs(out_dir, c)]
