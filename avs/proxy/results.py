@@ -24,7 +24,7 @@ def _split_metrics(record: Mapping[str, Any], split: str) -> dict[str, float | N
     node = record.get(split) or {}
     node = node.get("per_frame", node) if isinstance(node, Mapping) else {}
     out: dict[str, float | None] = {}
-    for key in ("miou", "fscore"):
+    for key in ("miou", "fscore", "miou_se"):
         value = node.get(key)
         out[key] = None if value is None else round(100.0 * float(value), 4)
     return out
@@ -41,7 +41,22 @@ def run_row(run_dir: Path, head: Mapping[str, Any], listening: Path | None) -> d
         data = json.loads(listening.read_text())
         row["listening"] = {k: v for k, v in data.items() if k != "checkpoint"}
     row["commit"] = record.get("git_commit")
+    from avs.tables.proxy import _latent_values  # the same final KL and AUROCs the tables read
+
+    row["latent"] = _latent_values(run_dir)
     return row
+
+
+def write_protocol_snapshot(results: Path, protocol: Any, ceilings: Mapping[str, Any]) -> Path:
+    """`proxy_protocol_v<version>.yaml` beside the results file: the protocol and its ceilings."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.create(OmegaConf.to_container(protocol, resolve=True))
+    node.ceilings = dict(ceilings)
+    path = results.parent / f"proxy_protocol_v{protocol.get('version')}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, OmegaConf.to_yaml(node))
+    return path
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -70,7 +85,7 @@ def find_row(rows: list[dict[str, Any]], subset: str, cell: str, seed: int, vers
 
 def numbers(row: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
     """(dotted name, value) of every number a row records (test, val, listening)."""
-    for part in ("test", "val", "listening"):
+    for part in ("test", "val", "listening", "latent"):
         node = row.get(part) or {}
         for key in sorted(node):
             value = node[key]

@@ -33,7 +33,7 @@ from avs.proxy.protocol import (
     expand,
     protocol_node,
 )
-from avs.proxy.results import RESULTS_FILE, run_row, update_rows
+from avs.proxy.results import RESULTS_FILE, run_row, update_rows, write_protocol_snapshot
 from avs.proxy.standins import PIN_KEY, check_pinned, sha256_file, weight_files
 from avs.utils.io import atomic_write_text
 
@@ -252,7 +252,9 @@ def run_protocol(cfg: DictConfig, out_dir: Path) -> ProxyOutcome:
     atomic_write_text(out_dir / PROTOCOL_FILE, OmegaConf.to_yaml(protocol))
     todo, followup_only = _sort_runs(cfg, runs, outcome)
     standins = check_runs([*todo, *followup_only], protocol.get(PIN_KEY)) or {}
-    prepare_data(protocol, runs, out_dir)
+    ceilings = prepare_data(protocol, runs, out_dir)
+    if results_path(cfg) is not None:
+        write_protocol_snapshot(results_path(cfg), protocol, ceilings)
     log_dir = out_dir / "logs"
     log_dir.mkdir(exist_ok=True)
     _execute(cfg, todo, followup_only, log_dir, outcome, standins)
