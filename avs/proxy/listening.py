@@ -108,8 +108,12 @@ def main(argv: list[str]) -> int:
     if len(argv) not in (2, 3):
         print("usage: python -m avs.proxy.listening <checkpoint> <out.json> [seed]", file=sys.stderr)
         return 2
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    record = listening_record(argv[0], int(argv[2]) if len(argv) == 3 else 0)
+    from avs.errors import AVSError, report
+
+    try:
+        record = listening_record(argv[0], int(argv[2]) if len(argv) == 3 else 0)
+    except AVSError as exc:  # a user error: one line naming what, not a traceback
+        return report(exc)
     atomic_write_text(Path(argv[1]), json.dumps(record, indent=2) + "\n")
     t, s = record["test"], record["test_shuffled_audio"]
     print(f"test mIoU@0.5 {t['miou_05']:.2f}, shuffled audio {s['miou_05']:.2f}; threshold {record['val_threshold']}")
