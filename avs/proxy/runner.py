@@ -273,7 +273,7 @@ def print_plan(cfg: DictConfig, protocol: DictConfig, runs: Sequence[ProxyRun], 
     print(f"results file: {results_path(cfg)}")
     pins = dict(protocol.get(PIN_KEY) or {})
     files: dict[Path, str] = {}
-    for run in runs:
+    for run in {(r.subset, r.cell): r for r in runs}.values():  # one config per cell and subset
         train_cfg = compose_train(run.overrides)
         check_config(train_cfg)
         files.update({path: key for key, path in weight_files(train_cfg)})
