@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import avs  # noqa: E402,F401  (registers config resolvers)
 from avs.errors import ConfigError, plain_errors  # noqa: E402
-from avs.pretrain import pretrain_audio, pretrain_visual  # noqa: E402
+from avs.pretrain import deterministic, pretrain_audio, pretrain_visual  # noqa: E402
 
 log = logging.getLogger("avs.pretrain")
 TASKS = {"visual": pretrain_visual, "audio": pretrain_audio}
@@ -28,18 +28,15 @@ TASKS = {"visual": pretrain_visual, "audio": pretrain_audio}
 
 def run(cfg: DictConfig) -> dict[str, dict]:
     """Run every task of `cfg.tasks` -> {task: manifest}."""
-    import torch
-
     tasks = list(cfg.tasks)
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
         raise ConfigError(f"tasks: expected a non-empty list from {sorted(TASKS)}, got {tasks}")
-    if cfg.get("num_threads"):
-        torch.set_num_threads(int(cfg.num_threads))
     out = {}
     for task in tasks:
         node = OmegaConf.to_container(cfg[task], resolve=True)
-        out[task] = TASKS[task](node, cfg.out_dir, int(cfg.seed))
+        with deterministic(cfg.get("num_threads")):
+            out[task] = TASKS[task](node, cfg.out_dir, int(cfg.seed))
         rec = out[task]
         acc = rec.get("heldout_accuracy", rec.get("heldout_exact_match"))
         chance = rec.get("chance_accuracy", rec.get("chance_exact_match"))

@@ -2,8 +2,9 @@
 
     python scripts/proxy_benchmark.py                       # every run; finished runs are kept
     python scripts/proxy_benchmark.py only=[tpavi,avsbg] seeds=[1,2]
-    python scripts/proxy_benchmark.py dry_run=true          # the train commands, nothing run
+    python scripts/proxy_benchmark.py dry_run=true          # the plan: paths, stand-ins vs pins, commands
     python scripts/proxy_benchmark.py toy=true out_dir=/tmp/proxy_toy
+    python scripts/proxy_benchmark.py reproduce=ms3/tpavi:1  # rerun one recorded run, recorded vs now
 
 Then the tables and the plot:
     python scripts/tables.py outputs/proxy_benchmark --proxy --plot docs/images/proxy_methods.png
@@ -21,8 +22,10 @@ from omegaconf import DictConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 import avs  # noqa: E402,F401  (registers config resolvers)
+from avs.config import PROJECT_ROOT  # noqa: E402
 from avs.errors import plain_errors  # noqa: E402
 from avs.proxy import run_protocol  # noqa: E402
+from avs.proxy.reproduce import reproduce  # noqa: E402
 
 log = logging.getLogger("avs.proxy_benchmark")
 
@@ -32,7 +35,12 @@ log = logging.getLogger("avs.proxy_benchmark")
 def main(cfg: DictConfig) -> None:
     if cfg.toy:
         cfg.extra_overrides = list(cfg.toy_overrides)
+    if cfg.get("results_file") is None and not cfg.toy:  # toy runs are never recorded in the repository
+        cfg.results_file = str(PROJECT_ROOT / "docs" / "results" / "proxy_runs.jsonl")
     out_dir = Path(cfg.out_dir).expanduser()
+    if cfg.get("reproduce"):
+        results = cfg.get("results_file") or str(PROJECT_ROOT / "docs" / "results" / "proxy_runs.jsonl")
+        raise SystemExit(0 if reproduce(cfg, out_dir, Path(results)) else 1)
     outcome = run_protocol(cfg, out_dir)
     print(
         f"proxy benchmark in {out_dir}: {len(outcome.made)} runs made, {len(outcome.kept)} kept, "

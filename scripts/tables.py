@@ -71,7 +71,8 @@ def proxy_main(args: argparse.Namespace) -> int:
     try:
         protocol, results = load_protocol(args.runs[0])
         costs = load_costs(args.runs[0], protocol)
-        paths = write_report(protocol, results, args.out or args.runs[0], costs)
+        source = Path(args.runs[0])
+        paths = write_report(protocol, results, args.out or (source.parent if source.is_file() else source), costs)
         print(proxy_markdown(protocol, results, costs))
         print("wrote " + ", ".join(str(p) for p in paths.values()))
         if args.plot is not None:

@@ -12,6 +12,6 @@ Each writes a weight file that the normal config path reads (`backbone.pretraine
 `audio.pretrained=file`) and a manifest json beside it. See docs/synthetic.md.
 """
 
-from avs.pretrain.run import pretrain_audio, pretrain_visual
+from avs.pretrain.run import deterministic, machine_kind, pretrain_audio, pretrain_visual
 
-__all__ = ["pretrain_audio", "pretrain_visual"]
+__all__ = ["deterministic", "machine_kind", "pretrain_audio", "pretrain_visual"]

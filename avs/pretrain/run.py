@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import platform
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -90,10 +92,36 @@ def _save(state: Mapping[str, torch.Tensor], path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def machine_kind() -> str:
+    """What, besides the config and the thread count, decides the stand-ins' bytes: OS, CPU
+    architecture, the SIMD level torch dispatches to, the torch version (docs/synthetic.md)."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    return f"{platform.system()} {platform.machine()} {cap} torch {torch.__version__}"
+
+
+@contextmanager
+def deterministic(num_threads: int | None) -> Iterator[int]:
+    """Within: torch's CPU threads fixed (None keeps torch's default) and nondeterministic kernels
+    refused; yields the thread count. Same config, threads and machine kind -> the same weight bytes.
+    Both settings are restored on exit."""
+    threads, flag = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    if num_threads:
+        torch.set_num_threads(int(num_threads))
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.use_deterministic_algorithms(flag)
+        torch.set_num_threads(threads)
+
+
 def _write_manifest(path: Path, record: dict[str, Any]) -> None:
-    """Add the command line and torch version to `record` (in place) and write it beside the weights."""
+    """Add the command line, torch version, threads and machine kind to `record` (in place) and
+    write it beside the weights."""
     record["command"] = " ".join([Path(sys.argv[0]).name] + sys.argv[1:])
     record["torch_version"] = torch.__version__
+    record["num_threads"] = torch.get_num_threads()
+    record["machine_kind"] = machine_kind()
     path.with_suffix(".json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 

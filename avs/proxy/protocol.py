@@ -21,8 +21,10 @@ CEILINGS_FILE = "ceilings.json"
 # one line per worker task: run, task (train / follow-up), exit code, wall seconds, end, workers, threads
 RUNS_FILE = "runs.jsonl"
 # keys of the protocol that decide what a run computes: an out_dir made with other values is refused
-RUN_DEFINING = ("base", "subsets", "cells")
+RUN_DEFINING = ("version", "base", "subsets", "cells", "standins")
 PROTOCOL_KEYS = (
+    "version",
+    "standins",
     "seeds",
     "ablation_seeds",
     "subsets",
@@ -106,9 +108,10 @@ def validate(protocol: DictConfig) -> None:
         cell_subsets(protocol, name)
 
 
-def expand(protocol: DictConfig, out_dir: Path) -> list[ProxyRun]:
+def expand(protocol: DictConfig, out_dir: Path, context: tuple[str, ...] = ()) -> list[ProxyRun]:
     """Every run of the protocol: the methods' runs first, then the other cells', each group seed-major
-    (all of seed 1 before seed 2), so a benchmark stopped early has whole seeds of the methods table."""
+    (all of seed 1 before seed 2), so a benchmark stopped early has whole seeds of the methods table.
+    `context` (the invocation's `paths.*`, not part of the protocol) goes before each run's seed."""
     validate(protocol)
     base = _strings(protocol.get("base"), "base")
     extra = _strings(protocol.get("extra_overrides"), "extra_overrides")
@@ -124,7 +127,7 @@ def expand(protocol: DictConfig, out_dir: Path) -> list[ProxyRun]:
                     if subset not in cell_subsets(protocol, cell) or int(seed) not in cell_seeds(protocol, cell):
                         continue
                     cell_overrides = _strings(protocol.cells[cell].get("overrides"), f"cells.{cell}.overrides")
-                    overrides = (*base, *subset_part, *cell_overrides, *extra, f"seed={int(seed)}")
+                    overrides = (*base, *subset_part, *cell_overrides, *extra, *context, f"seed={int(seed)}")
                     run_dir = out_dir / subset / cell / f"seed{int(seed)}"
                     runs.append(ProxyRun(subset, cell, int(seed), overrides, run_dir))
     return runs
@@ -143,6 +146,10 @@ def _has_finished_runs(out_dir: Path, cell: str) -> bool:
     return any((d / "metrics.json").is_file() for d in out_dir.glob(f"*/{cell}/seed*"))
 
 
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
 def check_same_protocol(out_dir: Path, protocol: DictConfig) -> None:
     """An out_dir whose finished runs were made with other base / subsets / cell overrides is refused.
 
@@ -153,8 +160,7 @@ def check_same_protocol(out_dir: Path, protocol: DictConfig) -> None:
         return
     old = OmegaConf.load(path)
     for key in RUN_DEFINING:
-        a = OmegaConf.to_container(old.get(key), resolve=True) if old.get(key) is not None else None
-        b = OmegaConf.to_container(protocol.get(key), resolve=True) if protocol.get(key) is not None else None
+        a, b = (_plain(node.get(key)) for node in (old, protocol))
         if key == "cells" and a is not None and b is not None:
             changed = [c for c in b if c in a and a[c].get("overrides") != b[c].get("overrides")]
             changed = [c for c in changed if _has_finished_runs(out_dir, c)]

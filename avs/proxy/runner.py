@@ -16,8 +16,9 @@ import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
@@ -32,6 +33,8 @@ from avs.proxy.protocol import (
     expand,
     protocol_node,
 )
+from avs.proxy.results import RESULTS_FILE, run_row, update_rows, write_protocol_snapshot
+from avs.proxy.standins import PIN_KEY, check_pinned, sha256_file, weight_files
 from avs.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,8 @@ log = logging.getLogger(__name__)
 TRAIN_SCRIPT = PROJECT_ROOT / "scripts" / "train.py"
 UNCERTAINTY_SCRIPT = PROJECT_ROOT / "scripts" / "uncertainty.py"
 UNCERTAINTY_FILE = "uncertainty.json"
+LISTENING_FILE = "listening.json"  # avs/proxy/listening.py (not imported here: it loads torch)
+PATH_KEYS = ("data_dir", "avsbench_root", "weights_dir", "log_dir")
 
 
 @dataclass
@@ -78,21 +83,49 @@ def compose_train(overrides: Sequence[str]) -> DictConfig:
     return compose_config("train", overrides)
 
 
-def check_runs(runs: Sequence[ProxyRun]) -> None:
-    """Every (subset, cell) config is checked (values and files) before the first run starts."""
+def path_overrides(cfg: DictConfig) -> tuple[str, ...]:
+    """The invocation's resolved `paths.*` as overrides of every child run (command line and AVS_* alike)."""
+    paths = cfg.get("paths")
+    if paths is None:
+        return ()
+    return tuple(f"paths.{k}={paths[k]}" for k in PATH_KEYS if paths.get(k) is not None)
+
+
+def name_persistence(runs: Sequence[ProxyRun]) -> list[ProxyRun]:
+    """A subset whose Sounding Shapes data persist sources (data.synthetic.persistence > 0) gets its
+    own data root: `_p<persistence>` is added to data.synthetic.name (the default name does not
+    carry the knob, and two roots of one name would regenerate each other)."""
+    names: dict[str, str | None] = {}
+    out = []
+    for run in runs:
+        if run.subset not in names:
+            data = compose_train(run.overrides).data
+            syn = data.get("synthetic")
+            p = float(syn.get("persistence", 0.0) or 0.0) if syn is not None else 0.0
+            names[run.subset] = f"data.synthetic.name={syn.name}_p{p:g}" if p > 0 else None
+        extra = names[run.subset]
+        out.append(replace(run, overrides=(*run.overrides[:-1], extra, run.overrides[-1])) if extra else run)
+    return out
+
+
+def check_runs(runs: Sequence[ProxyRun], pins: Any = None) -> dict[tuple[str, str], dict[str, str]]:
+    """Every (subset, cell) config is checked (values, files, pinned stand-ins) before the first run
+    starts -> {(subset, cell): {stand-in file name: sha256}}."""
     from avs.config_checks import ConfigError, check_config, check_files
 
-    seen: set[tuple[str, str]] = set()
+    found: dict[tuple[str, str], dict[str, str]] = {}
     for run in runs:
-        if (run.subset, run.cell) in seen:
+        if (run.subset, run.cell) in found:
             continue
-        seen.add((run.subset, run.cell))
         cfg = compose_train(run.overrides)
+        where = f"cell {run.cell} on {run.subset}"
         try:
             check_config(cfg)
             check_files(cfg)
         except ConfigError as exc:
-            raise type(exc)(f"cell {run.cell} on {run.subset}: {exc}") from exc
+            raise type(exc)(f"{where}: {exc}") from exc
+        found[(run.subset, run.cell)] = check_pinned(pins, weight_files(cfg), where)
+    return found
 
 
 def prepare_data(protocol: DictConfig, runs: Sequence[ProxyRun], out_dir: Path) -> dict[str, dict[str, float]]:
@@ -147,7 +180,8 @@ def _run_one(
                 fh.flush()
                 extra = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=PROJECT_ROOT)
             if extra != 0:
-                followup_error = f"{Path(cmd[1]).name} exit code {extra}; log {log_path}"
+                name = cmd[2] if cmd[1] == "-m" else Path(cmd[1]).name
+                followup_error = f"{name} exit code {extra}; log {log_path}"
                 break
     return RunEnd(run, code, time.perf_counter() - start, followup_error)
 
@@ -187,89 +221,173 @@ def _selected(cfg: DictConfig, runs: list[ProxyRun]) -> list[ProxyRun]:
     return [r for r in runs if (not cells or r.cell in cells) and (not subsets or r.subset in subsets)]
 
 
-def run_protocol(cfg: DictConfig, out_dir: Path) -> ProxyOutcome:
-    """Write protocol.yaml, make the data, run what is not finished (with its follow-ups)."""
-    start = time.perf_counter()
-    protocol = protocol_node(cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    check_same_protocol(out_dir, protocol)
-    runs = expand(protocol, out_dir)
-    runs = _selected(cfg, runs)
-    atomic_write_text(out_dir / PROTOCOL_FILE, OmegaConf.to_yaml(protocol))
-    outcome = ProxyOutcome()
-    todo = []
-    followup_only = []
+def _sort_runs(cfg: DictConfig, runs: Sequence[ProxyRun], outcome: ProxyOutcome) -> tuple[list, list]:
+    """(runs to train, finished runs missing a follow-up's output); unfinished dirs are set aside."""
+    todo, followup_only = [], []
     for run in runs:
         if finished(run.run_dir):
             outcome.kept.append(run.name)
-            if followup_commands(cfg, run) and not (run.run_dir / UNCERTAINTY_FILE).is_file():
+            if followup_commands(cfg, run, missing_only=True):
                 followup_only.append(run)
         else:
             if run.run_dir.exists():
                 _set_aside(run.run_dir)
             todo.append(run)
-    check_runs(todo)
-    prepare_data(protocol, runs, out_dir)
-    log_dir = out_dir / "logs"
-    log_dir.mkdir(exist_ok=True)
+    return todo, followup_only
+
+
+def run_protocol(cfg: DictConfig, out_dir: Path) -> ProxyOutcome:
+    """Write protocol.yaml, make the data, run what is not finished (with its follow-ups), record
+    each finished run's line in the results files. `dry_run`: print the plan, write nothing."""
+    start = time.perf_counter()
+    protocol = protocol_node(cfg)
+    runs = name_persistence(_selected(cfg, expand(protocol, out_dir, path_overrides(cfg))))
+    outcome = ProxyOutcome()
     if cfg.get("dry_run"):
-        for run in todo:
-            print(" ".join(_command(run)))
-        for run in followup_only:
-            for cmd in followup_commands(cfg, run):
-                print(" ".join(cmd))
+        print_plan(cfg, protocol, runs, out_dir)
         outcome.seconds = time.perf_counter() - start
         return outcome
-    _execute(cfg, todo, followup_only, log_dir, outcome)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    check_same_protocol(out_dir, protocol)
+    atomic_write_text(out_dir / PROTOCOL_FILE, OmegaConf.to_yaml(protocol))
+    todo, followup_only = _sort_runs(cfg, runs, outcome)
+    standins = check_runs([*todo, *followup_only], protocol.get(PIN_KEY)) or {}
+    ceilings = prepare_data(protocol, runs, out_dir)
+    if results_path(cfg) is not None:
+        write_protocol_snapshot(results_path(cfg), protocol, ceilings)
+    log_dir = out_dir / "logs"
+    log_dir.mkdir(exist_ok=True)
+    _execute(cfg, todo, followup_only, log_dir, outcome, standins)
     outcome.seconds = time.perf_counter() - start
     return outcome
 
 
+def print_plan(cfg: DictConfig, protocol: DictConfig, runs: Sequence[ProxyRun], out_dir: Path) -> None:
+    """The dry run: where everything goes, the stand-ins against their pins, every command. Reads only."""
+    from avs.config_checks import check_config
+
+    paths = cfg.get("paths") or {}
+    print(f"out_dir: {out_dir}")
+    for key in PATH_KEYS:
+        print(f"paths.{key}: {paths.get(key)}")
+    print(f"results file: {results_path(cfg)}")
+    pins = dict(protocol.get(PIN_KEY) or {})
+    files: dict[Path, str] = {}
+    for run in {(r.subset, r.cell): r for r in runs}.values():  # one config per cell and subset
+        train_cfg = compose_train(run.overrides)
+        check_config(train_cfg)
+        files.update({path: key for key, path in weight_files(train_cfg)})
+    for path, key in sorted(files.items()):
+        found = sha256_file(path) if path.is_file() else "missing"
+        status = "ok" if pins.get(path.name) == found else "would be refused"
+        print(f"stand-in {key}={path}: pinned {pins.get(path.name)}, found {found} ({status})")
+    for run in runs:
+        if finished(run.run_dir):
+            print(f"kept {run.name}")
+            cmds = followup_commands(cfg, run, missing_only=True)
+        else:
+            print(" ".join(_command(run)))
+            cmds = followup_commands(cfg, run)
+        for cmd in cmds:
+            print(" ".join(cmd))
+
+
+def results_path(cfg: DictConfig) -> Path | None:
+    """The tracked results file the runs' lines also go to (None: only `<out_dir>/proxy_runs.jsonl`)."""
+    value = cfg.get("results_file")
+    return None if value in (None, "") else Path(str(value)).expanduser()
+
+
+def _record_results(cfg: DictConfig, run: ProxyRun, standins: dict, out_dir: Path, tracked: bool = True) -> None:
+    """Write the run's line into `<out_dir>/proxy_runs.jsonl` and (`tracked`) the tracked results file."""
+    from avs.pretrain import machine_kind
+
+    cell = cfg.cells[run.cell]
+    head = {
+        "protocol_version": cfg.get("version"),
+        "subset": run.subset,
+        "cell": run.cell,
+        "seed": run.seed,
+        "method": str(cell.get("label", run.cell)),
+        "standins": standins.get((run.subset, run.cell), {}),
+        "threads": int(cfg.threads),
+        "machine_kind": machine_kind(),
+    }
+    row = run_row(run.run_dir, head, run.run_dir / LISTENING_FILE)
+    for path in (out_dir / RESULTS_FILE, results_path(cfg) if tracked else None):
+        if path is not None:
+            update_rows(path, [row])
+
+
 def _execute(
-    cfg: DictConfig, todo: Sequence[ProxyRun], followup_only: Sequence[ProxyRun], log_dir: Path, outcome: ProxyOutcome
+    cfg: DictConfig,
+    todo: Sequence[ProxyRun],
+    followup_only: Sequence[ProxyRun],
+    log_dir: Path,
+    outcome: ProxyOutcome,
+    standins: dict | None = None,
 ) -> None:
     workers = max(1, int(cfg.workers))
     total = len(todo) + len(followup_only)
     bar = tqdm(total=total, desc="proxy runs", unit="run", disable=not cfg.get("progress", True))
     threads = int(cfg.threads)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(_run_one, r, threads, log_dir, followup_commands(cfg, r), False) for r in followup_only]
+        futures = [
+            pool.submit(_run_one, r, threads, log_dir, followup_commands(cfg, r, missing_only=True), False)
+            for r in followup_only
+        ]
         futures += [pool.submit(_run_one, r, threads, log_dir, followup_commands(cfg, r)) for r in todo]
         for fut in as_completed(futures):
             end = fut.result()
             run = end.run
             only = run in followup_only
-            task = "follow-up" if only else "train"
-            _record(log_dir.parent / RUNS_FILE, run, end.code, end.seconds, task, workers, threads)
-            if only:
-                if end.followup_error:
-                    outcome.failed[run.name] = f"follow-up failed: {end.followup_error}"
-            elif end.code == 0 and finished(run.run_dir):
-                outcome.made.append(run.name)
-                if not cfg.get("keep_last_checkpoint", False):
-                    _drop_last_checkpoint(run.run_dir)
-                if end.followup_error:
-                    outcome.failed[run.name] = f"follow-up failed: {end.followup_error}"
-            else:
+            _record(
+                log_dir.parent / RUNS_FILE,
+                run,
+                end.code,
+                end.seconds,
+                "follow-up" if only else "train",
+                workers,
+                threads,
+            )
+            if not only and not (end.code == 0 and finished(run.run_dir)):
                 outcome.failed[run.name] = f"exit code {end.code}; log {_log_path(log_dir, run)}"
+            else:
+                if not only:
+                    outcome.made.append(run.name)
+                    if not cfg.get("keep_last_checkpoint", False):
+                        _drop_last_checkpoint(run.run_dir)
+                if end.followup_error:
+                    outcome.failed[run.name] = f"follow-up failed: {end.followup_error}"
+                _record_results(cfg, run, standins or {}, log_dir.parent)
             bar.set_postfix_str(f"{run.name} {end.seconds:.0f}s")
             bar.update(1)
     bar.close()
 
 
-def followup_commands(cfg: DictConfig, run: ProxyRun) -> list[list[str]]:
-    """Commands run after the training in the same worker: the uncertainty pass for the listed cells."""
+def followup_commands(cfg: DictConfig, run: ProxyRun, missing_only: bool = False) -> list[list[str]]:
+    """Commands run after the training in the same worker: the uncertainty pass for the listed cells,
+    the listening pass (avs/proxy/listening.py) for every cell when `listening` is set.
+    `missing_only`: only those whose output file is not there yet."""
+    cmds: list[tuple[list[str], Path]] = []
+    ckpt = run.run_dir / "checkpoints" / "best.ckpt"
     node = cfg.get("uncertainty")
-    if node is None or run.cell not in set(node.get("cells") or []):
-        return []
-    return [
-        [
+    if node is not None and run.cell in set(node.get("cells") or []):
+        logs = run.run_dir.parent.parent.parent / "logs" / "uncertainty" / run.name.replace("/", "_")
+        cmd = [
             sys.executable,
             str(UNCERTAINTY_SCRIPT),
-            f"checkpoint={run.run_dir / 'checkpoints' / 'best.ckpt'}",
+            f"checkpoint={ckpt}",
             f"split={node.split}",
             f"eval.num_samples={int(node.num_samples)}",
             f"out={run.run_dir / UNCERTAINTY_FILE}",
-            f"hydra.run.dir={run.run_dir.parent.parent.parent / 'logs' / 'uncertainty' / run.name.replace('/', '_')}",
+            f"hydra.run.dir={logs}",
         ]
-    ]
+        cmds.append((cmd, run.run_dir / UNCERTAINTY_FILE))
+    listen = cfg.get("listening")
+    if listen is not None:
+        out = run.run_dir / LISTENING_FILE
+        cmds.append(
+            ([sys.executable, "-m", "avs.proxy.listening", str(ckpt), str(out), str(int(listen.shuffle_seed))], out)
+        )
+    return [cmd for cmd, out in cmds if not (missing_only and out.is_file())]

@@ -317,7 +317,10 @@ def _read_run(run_dir: Path, metrics: Sequence[str]) -> dict[str, float | None] 
             return None  # trained, but not tested (an interrupted run)
     se = run.record[SPLIT][METRIC_PROTOCOL].get("miou_se")  # older runs lack it
     values["miou_se"] = None if se is None else 100.0 * float(se)
-    return {**values, **_latent_values(run_dir)}
+    from avs.tables.proxy_listening import LISTEN_FILE, listening_values
+
+    listen = _read_json(run_dir / LISTEN_FILE) if (run_dir / LISTEN_FILE).is_file() else None
+    return {**values, **_latent_values(run_dir), **listening_values(listen)}
 
 
 def load_protocol(out_dir: str | Path) -> tuple[DictConfig, Results]:
@@ -330,6 +333,10 @@ def load_protocol(out_dir: str | Path) -> tuple[DictConfig, Results]:
     or key); see `missing_runs` for the rest.
     """
     out = Path(out_dir)
+    if out.is_file() and out.suffix == ".jsonl":  # a results file (docs/results/proxy_runs.jsonl)
+        from avs.tables.proxy_results import load_results_file
+
+        return load_results_file(out)
     protocol = _read_protocol(out)
     ceilings = out / CEILINGS_FILE
     if ceilings.is_file():

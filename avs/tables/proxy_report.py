@@ -29,6 +29,7 @@ from avs.tables.proxy import (
     latent_codes,
     missing_runs,
 )
+from avs.tables.proxy_listening import listening_markdown, listening_rows
 from avs.tables.render import METRIC_LABELS
 from avs.utils.io import atomic_write_text
 
@@ -43,7 +44,10 @@ REPORT_FILES = {
     "latent": "proxy_latent.csv",
     "targets": "proxy_targets.csv",
     "costs": "proxy_costs.csv",
+    "listening": "proxy_listening.csv",
 }
+LISTEN_HEAD = ["cell", "subset", "reading", "n", "with_audio_mean"]
+LISTEN_HEAD += [f"minus_{w}_{k}" for w in ("shuffled", "no_audio") for k in ("mean", "ci_lo", "ci_hi", "verdict")]
 
 
 def _f(v: float | None, fmt: str = ".2f") -> str:
@@ -273,6 +277,8 @@ def to_markdown(protocol: DictConfig, results: Results, costs: RunCosts | None =
     lines += ["", f"### Claims: paired difference a − b in {SPLIT} {p_label} points, 95% t-interval", ""]
     lines += _md(["claim", "subset", "a − b [95% CI]", "n", "verdict"], claims)
     lines += ["", *_latent_markdown(protocol, results)]
+    listening = listening_markdown(protocol, results)
+    lines += ["", *listening] if listening else []
     marks = {True: "✓", False: "✗", None: "?"}
     targets = [[t.target, t.where, t.measured, marks[t.ok]] for t in check_targets(protocol, results)]
     lines += ["", "### Targets (? = cannot be checked yet)", ""]
@@ -298,6 +304,7 @@ def to_csvs(protocol: DictConfig, results: Results, costs: RunCosts | None = Non
         "claims": _csv(claims, claims_rows(protocol, results)),
         "latent": _csv(latent, latent_rows(protocol, results)),
         "targets": _csv(["target", "where", "measured", "ok"], checks),
+        "listening": _csv(LISTEN_HEAD, listening_rows(protocol, results)),
     }
     if costs is not None:
         header = ["cell", "label", "subset", "timed", "expected", "median_s", "min_s", "max_s"]

@@ -100,8 +100,8 @@ def test_queue_runs_keeps_finished_and_reports_failures_by_name(tmp_path, monkey
     fake.write_text(FAKE_TRAIN)
     monkeypatch.setattr(runner_mod, "TRAIN_SCRIPT", fake)
     monkeypatch.setattr(runner_mod, "prepare_data", lambda *a, **k: {})
-    monkeypatch.setattr(runner_mod, "check_runs", lambda runs: None)
-    cfg = _cfg(tmp_path, seeds=[1, 2], only=["tpavi", "avsbg"], uncertainty=None)
+    monkeypatch.setattr(runner_mod, "check_runs", lambda *a: None)
+    cfg = _cfg(tmp_path, seeds=[1, 2], only=["tpavi", "avsbg"], uncertainty=None, listening=None)
     out = Path(cfg.out_dir)
     first = run_protocol(cfg, out)
     made = [f"{s}/{c}/seed{k}" for s in ("ms3", "s4") for c, k in (("avsbg", 1), ("tpavi", 1), ("tpavi", 2))]
@@ -137,8 +137,8 @@ def test_the_uncertainty_pass_runs_in_the_worker_after_training(tmp_path, monkey
         (tmp_path / name).write_text(text)
         monkeypatch.setattr(runner_mod, attr, tmp_path / name)
     monkeypatch.setattr(runner_mod, "prepare_data", lambda *a, **k: {})
-    monkeypatch.setattr(runner_mod, "check_runs", lambda runs: None)
-    cfg = _cfg(tmp_path, seeds=[1, 2], only=["ecmvae"], only_subsets=["s4"])
+    monkeypatch.setattr(runner_mod, "check_runs", lambda *a: None)
+    cfg = _cfg(tmp_path, seeds=[1, 2], only=["ecmvae"], only_subsets=["s4"], listening=None)
     out = Path(cfg.out_dir)
     outcome = run_protocol(cfg, out)
     assert json.loads((out / "s4" / "ecmvae" / "seed1" / "uncertainty.json").read_text()) == {
@@ -191,3 +191,84 @@ def test_toy_protocol_end_to_end(tmp_path):
     )
     assert report.returncode == 0, report.stderr
     assert "ECMVAE" in report.stdout
+
+
+def _tree(root: Path) -> dict[str, float]:
+    return {str(p.relative_to(root)): p.stat().st_mtime for p in sorted(root.rglob("*"))} if root.exists() else {}
+
+
+def _repo_state() -> str:
+    out = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all"], cwd=PROJECT_ROOT, capture_output=True, text=True
+    )
+    return out.stdout
+
+
+def test_toy_run_reaches_paths_and_reproduces_exactly(tmp_path):
+    """A toy protocol with paths.* in tmp dirs: the child's config has them, nothing lands in the
+    repository, the results line is written, and reproduce= gives the recorded numbers exactly."""
+    before = _repo_state()
+    data, weights, out, results = tmp_path / "data", tmp_path / "weights", tmp_path / "out", tmp_path / "runs.jsonl"
+    weights.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AVS_")}
+    common = [
+        sys.executable,
+        str(PROJECT_ROOT / "scripts" / "proxy_benchmark.py"),
+        "toy=true",
+        f"out_dir={out}",
+        f"paths.data_dir={data}",
+        f"paths.weights_dir={weights}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        f"results_file={results}",
+        "seeds=[1]",
+        "only=[tpavi]",
+        "only_subsets=[ms3]",
+        "workers=1",
+        "progress=false",
+    ]
+    proc = subprocess.run(common, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    run = out / "ms3" / "tpavi" / "seed1"
+    child = json.loads((run / "metrics.json").read_text())["config"]
+    assert child["paths"]["data_dir"] == str(data) and child["paths"]["weights_dir"] == str(weights)
+    assert child["data"]["root"].startswith(str(data)) and child["data"]["root"].endswith("_p0.8")
+    assert child["data"]["synthetic"]["persistence"] == 0.8
+    rows = [json.loads(x) for x in results.read_text().splitlines()]
+    assert [(r["subset"], r["cell"], r["seed"], r["protocol_version"]) for r in rows] == [("ms3", "tpavi", 1, 2)]
+    listening = rows[0]["listening"]
+    assert set(listening["test_shuffled_audio"]) == {"miou_05", "miou_val_threshold", "fscore"}
+    assert rows[0]["test"]["miou"] is not None and rows[0]["threads"] == 1
+    again = subprocess.run(
+        [*common, "reproduce=ms3/tpavi:1"], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path
+    )
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
+    assert "every number is the same" in again.stdout and "listening.test_shuffled_audio.miou_05" in again.stdout
+    assert "differs" not in again.stdout
+    assert _repo_state() == before  # nothing written into the repository
+
+
+def test_dry_run_writes_nothing_and_needs_no_standins(tmp_path):
+    before = _repo_state()
+    data, weights, out = tmp_path / "data", tmp_path / "weights", tmp_path / "out"
+    data.mkdir()
+    weights.mkdir()
+    snapshot = _tree(tmp_path)
+    cmd = [
+        sys.executable,
+        str(PROJECT_ROOT / "scripts" / "proxy_benchmark.py"),
+        "dry_run=true",
+        f"out_dir={out}",
+        f"paths.data_dir={data}",
+        f"paths.weights_dir={weights}",
+        "seeds=[1]",
+        "only=[tpavi]",
+        "progress=false",
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AVS_")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"paths.weights_dir: {weights}" in proc.stdout
+    assert f"{weights}/standin_pvt_v2_b0_64px.pth: pinned" in proc.stdout and "found missing" in proc.stdout
+    assert f"paths.data_dir={data}" in proc.stdout and "train.py" in proc.stdout
+    assert _tree(tmp_path) == snapshot and not out.exists()
+    assert _repo_state() == before

@@ -84,6 +84,8 @@ ADDED_KEYS: tuple[str, ...] = (
     "audio.weights_path",
     "model.audio_encoder.pretrained",
     "model.audio_encoder.weights_path",
+    # MS3 persistence of the sounding set; 0 = a new set in every segment, byte-identical data of before
+    "data.synthetic.persistence",
 )
 # Dotted keys whose values are not results (names of runs, free-text provenance) and may differ.
 NOT_RESULTS: tuple[str, ...] = (

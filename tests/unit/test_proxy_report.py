@@ -281,6 +281,7 @@ def test_markdown_and_csv_tables(tmp_path):
     paths = write_report(protocol, results, tmp_path / "report")
     assert sorted(p.name for p in paths.values()) == sorted(
         ["proxy_report.md", "proxy_methods.csv", "proxy_claims.csv", "proxy_latent.csv", "proxy_targets.csv"]
+        + ["proxy_listening.csv"]
     )
     assert paths["md"].read_text() == md
 

@@ -29,7 +29,6 @@ class _Clip:
     meta: dict[str, Any]
 
 
-
 _SUBSET_SEED = {"s4": 0, "ms3": 1}  # enters each clip's seed: changing it changes every clip
 
 
@@ -60,7 +59,11 @@ def _place_objects(rng: np.random.Generator, cats: list[Category], order: np.nda
 
 
 def _who_sounds(rng: np.random.Generator, cfg: SyntheticConfig, cats_all: list[Category], chosen: np.ndarray):
-    """[n,T] on-screen activity, and an optional off-screen category with its [T] activity."""
+    """[n,T] on-screen activity, and an optional off-screen category with its [T] activity.
+
+    MS3: each segment keeps the previous segment's set of sounding on-screen objects with
+    probability `cfg.persistence`, else draws a new set (1, 2, 3 sources with `ms3_sounding_probs`).
+    """
     n, T = len(chosen), cfg.num_frames
     active = np.zeros((n, T), dtype=bool)
     offscreen: Category | None = None
@@ -71,6 +74,10 @@ def _who_sounds(rng: np.random.Generator, cfg: SyntheticConfig, cats_all: list[C
     probs = np.asarray(cfg.ms3_sounding_probs[:n], dtype=np.float64)
     probs /= probs.sum()
     for t in range(T):
+        # persistence 0 (the default) draws nothing here: the random stream of older data is unchanged
+        if t > 0 and cfg.persistence > 0 and rng.uniform() < cfg.persistence:
+            active[:, t] = active[:, t - 1]  # this segment keeps the previous segment's sounding set
+            continue
         k = int(rng.choice(len(probs), p=probs)) + 1
         active[rng.choice(n, size=k, replace=False), t] = True
     if rng.uniform() < cfg.offscreen_prob:
@@ -82,9 +89,20 @@ def _who_sounds(rng: np.random.Generator, cfg: SyntheticConfig, cats_all: list[C
     return active, offscreen, off_active
 
 
-def _clip_meta(cfg: SyntheticConfig, vid: str, split: str, cats: list[Category], order: np.ndarray,
-               tracks: dict[str, np.ndarray], visible: np.ndarray, active: np.ndarray,
-               offscreen: Category | None, off_active: np.ndarray, masks: np.ndarray, snr: float) -> dict[str, Any]:
+def _clip_meta(
+    cfg: SyntheticConfig,
+    vid: str,
+    split: str,
+    cats: list[Category],
+    order: np.ndarray,
+    tracks: dict[str, np.ndarray],
+    visible: np.ndarray,
+    active: np.ndarray,
+    offscreen: Category | None,
+    off_active: np.ndarray,
+    masks: np.ndarray,
+    snr: float,
+) -> dict[str, Any]:
     """The clip's sidecar: everything needed to rebuild its GT and score visual-only predictors."""
     T = cfg.num_frames
     r4 = lambda a: [round(float(x), 3) for x in a]  # noqa: E731

@@ -85,7 +85,6 @@ def build_categories(num_categories: int) -> list[Category]:
     return cats
 
 
-
 def _pair(value: Any, key: str, cast: type) -> tuple:
     if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != 2:
         raise ConfigError(f"{key}: expected a [low, high] pair, got {value!r}")
@@ -117,6 +116,9 @@ class SyntheticConfig:
     # MS3: probabilities of 1, 2, 3, ... sounding on-screen objects per segment (truncated at the count)
     ms3_sounding_probs: tuple[float, ...] = (0.6, 0.3, 0.1)
     offscreen_prob: float = 0.25  # MS3: chance that a clip also carries an off-screen category's sound
+    # MS3: probability that a segment keeps the previous segment's sounding set (0 = a new set in
+    # every segment, the data of generator version 1; a value of 0 is left out of `to_dict` and the hash)
+    persistence: float = 0.0
 
     def __post_init__(self) -> None:
         if self.subset not in LAYOUTS:
@@ -153,6 +155,9 @@ class SyntheticConfig:
         object.__setattr__(self, "ms3_sounding_probs", probs)
         if not 0.0 <= self.offscreen_prob <= 1.0:
             raise ConfigError(f"offscreen_prob: expected a probability, got {self.offscreen_prob}")
+        if not 0.0 <= float(self.persistence) <= 1.0:
+            raise ConfigError(f"persistence: expected a probability in [0, 1], got {self.persistence}")
+        object.__setattr__(self, "persistence", float(self.persistence))
         if not 0.0 <= self.min_visible <= 1.0:
             raise ConfigError(f"min_visible: expected a fraction in [0, 1], got {self.min_visible}")
         for name in ("seed", "image_size", "num_frames", "num_categories", "sample_rate"):
@@ -178,6 +183,8 @@ class SyntheticConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of every field (tuples as lists)."""
         out = dataclasses.asdict(self)
+        if out["persistence"] == 0.0:  # neutral: the same dict (and hash) as before the knob existed
+            del out["persistence"]
         return json.loads(json.dumps(out))
 
 
@@ -185,4 +192,3 @@ def config_hash(cfg: SyntheticConfig) -> str:
     """sha256 (hex) of the generator version and every generation parameter."""
     payload = json.dumps({"generator_version": GENERATOR_VERSION, **cfg.to_dict()}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
-

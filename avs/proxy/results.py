@@ -1,0 +1,110 @@
+"""Per-run results of the proxy benchmark, one JSON line per run, and the recorded-vs-now comparison.
+
+Every finished run becomes one line of `proxy_runs.jsonl` (in the out dir, and in the tracked
+docs/results/proxy_runs.jsonl): protocol version, subset, cell, seed, method label, test and val
+mIoU and F (%, per_frame protocol), the listening readings (avs/proxy/listening.py: val-chosen
+threshold, shuffled-audio test), the stand-ins' SHA-256, the commit, threads and machine kind.
+A line is keyed by (protocol_version, subset, cell, seed): a rerun replaces it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from avs.utils.io import atomic_write_text
+
+RESULTS_FILE = "proxy_runs.jsonl"
+KEY = ("protocol_version", "subset", "cell", "seed")
+
+
+def _split_metrics(record: Mapping[str, Any], split: str) -> dict[str, float | None]:
+    node = record.get(split) or {}
+    node = node.get("per_frame", node) if isinstance(node, Mapping) else {}
+    out: dict[str, float | None] = {}
+    for key in ("miou", "fscore", "miou_se"):
+        value = node.get(key)
+        out[key] = None if value is None else round(100.0 * float(value), 4)
+    return out
+
+
+def run_row(run_dir: Path, head: Mapping[str, Any], listening: Path | None) -> dict[str, Any]:
+    """The results line of one finished run dir; `head` gives the key, label, stand-ins and machine."""
+    record = json.loads((run_dir / "metrics.json").read_text())
+    row = dict(head)
+    row["test"] = _split_metrics(record, "test")
+    row["val"] = _split_metrics(record, "val")
+    row["listening"] = None
+    if listening is not None and listening.is_file():
+        data = json.loads(listening.read_text())
+        row["listening"] = {k: v for k, v in data.items() if k != "checkpoint"}
+    row["commit"] = record.get("git_commit")
+    from avs.tables.proxy import _latent_values  # the same final KL and AUROCs the tables read
+
+    row["latent"] = _latent_values(run_dir)
+    return row
+
+
+def write_protocol_snapshot(results: Path, protocol: Any, ceilings: Mapping[str, Any]) -> Path:
+    """`proxy_protocol_v<version>.yaml` beside the results file: the protocol and its ceilings."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.create(OmegaConf.to_container(protocol, resolve=True))
+    node.ceilings = dict(ceilings)
+    path = results.parent / f"proxy_protocol_v{protocol.get('version')}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, OmegaConf.to_yaml(node))
+    return path
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Every line of a results file (none when it does not exist)."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def update_rows(path: Path, new: list[dict[str, Any]]) -> None:
+    """Replace the lines with the same key, add the others, keep the file sorted by key."""
+    rows = {tuple(r.get(k) for k in KEY): r for r in read_rows(path)}
+    rows.update({tuple(r.get(k) for k in KEY): r for r in new})
+    ordered = sorted(rows.values(), key=lambda r: tuple(str(r.get(k)) for k in KEY))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in ordered))
+
+
+def find_row(rows: list[dict[str, Any]], subset: str, cell: str, seed: int, version: Any) -> dict[str, Any] | None:
+    """The line of (subset, cell, seed) made under protocol `version`."""
+    for r in rows:
+        if (r.get("subset"), r.get("cell"), r.get("seed"), r.get("protocol_version")) == (subset, cell, seed, version):
+            return r
+    return None
+
+
+def numbers(row: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
+    """(dotted name, value) of every number a row records (test, val, listening)."""
+    for part in ("test", "val", "listening", "latent"):
+        node = row.get(part) or {}
+        for key in sorted(node):
+            value = node[key]
+            if isinstance(value, Mapping):
+                for sub in sorted(value):
+                    yield f"{part}.{key}.{sub}", value[sub]
+            else:
+                yield f"{part}.{key}", value
+
+
+def compare(recorded: Mapping[str, Any], now: Mapping[str, Any]) -> tuple[list[str], bool]:
+    """Lines `name: recorded -> now (same / differs)` for every number, and whether all are the same."""
+    old, new = dict(numbers(recorded)), dict(numbers(now))
+    lines, same = [], True
+    for name in list(old) + [n for n in new if n not in old]:
+        a, b = old.get(name), new.get(name)
+        ok = a == b
+        same = same and ok
+        lines.append(f"{name}: recorded {a}, now {b} ({'same' if ok else 'differs'})")
+    for key in ("standins", "threads", "machine_kind", "commit"):
+        lines.append(f"{key}: recorded {recorded.get(key)}, now {now.get(key)}")
+    return lines, same

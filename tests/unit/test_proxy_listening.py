@@ -1,0 +1,80 @@
+"""Listening readings: shuffled audio pairs every clip with another's, the threshold sweep, and the
+report read from a results file (one line per run) instead of a run dir."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from avs.data.shuffled_audio import ShuffledAudio, derangement
+from avs.metrics import frame_stats
+from avs.proxy.listening import fscore_max, miou_curve, readings
+from avs.proxy.results import compare, update_rows, write_protocol_snapshot
+from avs.tables.proxy import load_protocol
+from avs.tables.proxy_report import to_csvs, to_markdown
+from tests.conftest import compose_cfg
+
+
+def test_derangement_is_seeded_and_has_no_fixed_point():
+    for n in (2, 3, 17):
+        perm = derangement(n, 0)
+        assert sorted(perm.tolist()) == list(range(n)) and not np.any(perm == np.arange(n))
+        assert np.array_equal(perm, derangement(n, 0))
+    assert not np.array_equal(derangement(17, 0), derangement(17, 1))
+    items = [{"audio": torch.tensor([float(i)]), "video_id": f"v{i}", "frames": i} for i in range(5)]
+    shuffled = ShuffledAudio(items, seed=3)
+    for i in range(5):
+        assert shuffled[i]["frames"] == i and shuffled[i]["audio_from"] != f"v{i}"
+
+
+def test_a_low_but_right_model_gains_at_the_val_threshold():
+    masks = torch.zeros(4, 8, 8, dtype=torch.bool)
+    masks[:, 2:6, 2:6] = True
+    logits = torch.where(masks, torch.logit(torch.tensor(0.4)), torch.logit(torch.tensor(0.1)))  # P 0.4 < 0.5
+    s = frame_stats(logits, masks, 255)
+    curve = miou_curve(s)
+    k = int(curve.argmax())
+    r = readings(s, k)
+    assert r["miou_05"] < 1.0 and r["miou_val_threshold"] == 100.0 and fscore_max(s) > 99.0
+
+
+def _row(cell, seed, miou, listen, shuffled):
+    reading = {"miou_05": listen, "miou_val_threshold": listen + 1, "fscore": listen + 2}
+    shuf = {"miou_05": shuffled, "miou_val_threshold": shuffled + 1, "fscore": shuffled + 2}
+    return {
+        "protocol_version": 2,
+        "subset": "ms3",
+        "cell": cell,
+        "seed": seed,
+        "method": cell,
+        "test": {"miou": miou, "fscore": miou},
+        "val": {"miou": miou, "fscore": miou},
+        "listening": {"test": reading, "test_shuffled_audio": shuf, "val": reading, "val_threshold": 0.3},
+    }
+
+
+def test_tables_read_a_results_file(tmp_path):
+    cfg = compose_cfg("proxy_benchmark", [f"out_dir={tmp_path}"])
+    from avs.proxy.protocol import protocol_node
+
+    results = tmp_path / "proxy_runs.jsonl"
+    write_protocol_snapshot(results, protocol_node(cfg), {"ms3": {"test": 40.0}})
+    rows = [_row("tpavi", k, 50.0 + k, 50.0 + k, 30.0 + 2 * k) for k in (1, 2, 3)]
+    rows += [_row("tpavi_no_audio", k, 40.0, 40.0 + k / 10, 40.0) for k in (1, 2, 3)]
+    update_rows(results, rows)
+    update_rows(results, [_row("tpavi", 1, 51.0, 51.0, 31.0)])  # a rerun replaces its line
+    assert len(results.read_text().splitlines()) == 6
+    protocol, res = load_protocol(results)
+    assert res[("ms3", "tpavi")][1]["miou"] == 51.0 and protocol.ceilings.ms3.test == 40.0
+    text = to_markdown(protocol, res)
+    assert "### Listening" in text and "| tpavi | MS3 | mIoU@0.5 | 3 |" in text
+    csv = to_csvs(protocol, res)["listening"]
+    assert "minus_shuffled_mean" in csv.splitlines()[0]
+    lines, same = compare(rows[1], json.loads(json.dumps(rows[1])))
+    assert same and all("differs" not in x for x in lines)
+    lines, same = compare(rows[1], {**rows[1], "test": {"miou": 0.0, "fscore": rows[1]["test"]["fscore"]}})
+    assert not same and any(x.startswith("test.miou: recorded 52.0, now 0.0 (differs)") for x in lines)
+    assert OmegaConf.load(tmp_path / "proxy_protocol_v2.yaml").version == 2
