@@ -39,8 +39,9 @@ def builtin_arguments(trainer: Any) -> dict[type, dict[str, Any] | None]:
     cfg, tcfg, save, tb = trainer.cfg, trainer.tcfg, trainer.save, trainer.tb
     log_every = int(tcfg.get("log_every_steps", 10))
     warmup = tcfg.get("kl_warmup") or {}
+    progress = bool(tcfg.get("progress", True)) and trainer.is_main
     return {
-        H.LoggingHook: {"tb": tb, "log_every": log_every, "progress": bool(tcfg.get("progress", True)) and trainer.is_main},
+        H.LoggingHook: {"tb": tb, "log_every": log_every, "progress": progress},
         H.NonFiniteGuard: {
             "max_bad": int(tcfg.get("max_consecutive_nonfinite", 3)),
             "save": save,

@@ -171,7 +171,8 @@ def build_evaluators(nodes: Any, key: str = "eval.evaluators") -> list[DatasetEv
         try:
             ev = instantiate(node)
         except Exception as exc:  # noqa: BLE001  (an import or argument error of the user's node)
-            raise ConfigError(f"{where}: could not be built ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise ConfigError(f"{where}: could not be built ({type(exc).__name__}: {first})") from exc
         if not isinstance(ev, DatasetEvaluator):
             raise ConfigError(f"{where}: {type(ev).__name__} is not an avs.evaluation.DatasetEvaluator")
         if name is not None:
