@@ -3,9 +3,9 @@
 `TrainLoop.train()` calls, on every registered hook in order: before_train, then per epoch
 before_epoch / (before_step, after_backward, after_step per optimizer step) / after_epoch, then
 after_train (avs.engine.hooks.HookBase says when exactly each runs).
-A hook stops the run by raising `StopTraining` (signals, trainer.interrupt_after_steps): every hook's
-`on_interrupt` then runs and `train()` returns {'interrupted': True, ...}. Any other exception runs
-every hook's `on_failure` and propagates.
+A hook stops the run by raising `StopTraining` (signals, trainer.interrupt_after_steps): the other
+hooks still see that event, then every hook's `on_interrupt` runs and `train()` returns
+{'interrupted': True, ...}. Any other exception runs every hook's `on_failure` and propagates.
 
 One optimizer step: forwards under autocast, the weighted sum of the loss terms, gradient
 accumulation over `trainer.grad_accum` batches, backward, unscaling (fp16), the total gradient norm
@@ -122,8 +122,16 @@ class TrainLoop:
             self.hooks.append(hook)
 
     def call(self, event: str, *args: Any) -> None:
+        """`event` on every hook in order; a StopTraining is raised once every hook has seen the event
+        (a hook after the one that stops still sees the last step, so its state matches the checkpoint)."""
+        stop: StopTraining | None = None
         for hook in self.hooks:
-            getattr(hook, event)(*args)
+            try:
+                getattr(hook, event)(*args)
+            except StopTraining as exc:
+                stop = stop or exc
+        if stop is not None:
+            raise stop
 
     def finished(self) -> bool:
         """Every step taken and the last epoch's end (validation, save) done."""
