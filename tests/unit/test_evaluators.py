@@ -8,6 +8,7 @@ and real batches; the evaluator path must match it.
 from __future__ import annotations
 
 import json
+import types
 
 import numpy as np
 import pytest
@@ -191,3 +192,75 @@ def test_a_config_evaluator_that_is_not_one_is_refused_by_name():
     with pytest.raises(ConfigError, match=r"eval\.evaluators\.gone: could not be built"):
         build_evaluators({"gone": {"_target_": "no_such_module.Evaluator"}})
     assert build_evaluators({"off": None}) == []
+
+
+# ---------------------------------------------------------------- DDP: the latent KL covers the whole split
+class _Gauss:
+    def __init__(self, mu, logvar):
+        self.mu, self.logvar = mu, logvar
+
+
+class _StandInLatent(torch.nn.Module):
+    """Posterior N(mean of the frame, 1), prior N(0, 1) for one 2-dim code: KL = mean^2 / 2 per dimension."""
+
+    def encode(self, x, audio, masks):
+        mu = x.mean((1, 2, 3))[:, None].repeat(1, 2)  # [N,2]
+        zero = torch.zeros_like(mu)
+        return types.SimpleNamespace(posterior={"c": _Gauss(mu, zero)}, prior={"c": _Gauss(zero, zero)})
+
+
+class _StandInNet(torch.nn.Module):
+    use_audio = False
+
+    def __init__(self):
+        super().__init__()
+        self.latent = _StandInLatent()
+
+    def _posterior_masks(self, masks, valid):
+        return masks
+
+    def forward(self, batch):
+        return {"logits": torch.zeros_like(batch["masks"])}
+
+
+def _clips(indices):
+    g = [torch.Generator().manual_seed(int(i)) for i in indices]
+    frames = torch.stack([torch.randn(3, 3, 4, 4, generator=x) for x in g])  # [B,T=3,3,4,4]
+    n = len(indices)
+    return {
+        "frames": frames,
+        "masks": torch.zeros(n, 3, 1, 4, 4),
+        "mask_valid": torch.ones(n, 3, dtype=torch.bool),
+        "index": torch.tensor(indices),
+    }
+
+
+def _shard_latent_kl(rank, world, store, out):
+    import torch.distributed as dist
+
+    from avs.engine.sampler import ResumableSampler
+    from avs.evaluation import LatentKLEvaluator
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        shard = list(ResumableSampler(5, shuffle=False, num_replicas=world, rank=rank))  # 3 per rank: one repeat
+        batches = [_clips(shard[i : i + 2]) for i in range(0, len(shard), 2)]
+        result = evaluate(_StandInNet(), batches, [LatentKLEvaluator()])["latent_kl"]
+        torch.save(result, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_latent_kl_under_ddp_gathers_every_rank_and_drops_padded_repeats(tmp_path):
+    import torch.multiprocessing as mp
+
+    from avs.evaluation import LatentKLEvaluator
+
+    single = evaluate(_StandInNet(), [_clips([0, 1]), _clips([2, 3]), _clips([4])], [LatentKLEvaluator()])
+    mp.spawn(_shard_latent_kl, args=(2, str(tmp_path / "store"), str(tmp_path / "kl")), nprocs=2, join=True)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"kl.{rank}", weights_only=True)
+        assert got["frames"] == 5 * 3  # 5 clips, not the 6 the padded shards hold
+        np.testing.assert_allclose(got["c"], single["latent_kl"]["c"], rtol=1e-6)
+    means = torch.cat([_clips([i])["frames"].mean((2, 3, 4)).flatten() for i in range(5)]).double()
+    np.testing.assert_allclose(single["latent_kl"]["c"], [float((means**2 / 2).mean())] * 2, rtol=1e-5)
