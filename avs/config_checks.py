@@ -130,7 +130,8 @@ def _check_targets(cfg: DictConfig, node: Any = None, path: str = "") -> None:
         except (TypeError, ValueError):
             params = None
         if params is not None and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            unknown = [k for k in node.keys() if k not in _HYDRA_KEYS and k not in params]
+            skip = _HYDRA_KEYS | ({"priority"} if path.startswith("hooks.") else set())  # avs.engine.hook_config
+            unknown = [k for k in node.keys() if k not in skip and k not in params]
             if unknown:
                 where = path or "<root>"
                 raise ConfigError(

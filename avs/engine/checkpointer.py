@@ -2,7 +2,9 @@
 
 Checkpoint keys: model, optimizer, scaler, scheduler, epoch, step, batch_in_epoch, best, history,
 loss_history, faults, consecutive_nonfinite, rng (and rng_per_rank under DDP), world_size, config,
-avs_checkpoint_version. Writes are atomic; under DDP every rank calls `save` and rank 0 writes.
+avs_checkpoint_version, and `hooks` ({hook name: state}) when a hook has state (HookBase.state_dict;
+rank 0's under DDP), handed back to the hooks of the same names on resume. Writes are atomic; under
+DDP every rank calls `save` and rank 0 writes.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ class Checkpointer:
         self.cfg, self.model, self.optimizer, self.scaler = cfg, model, optimizer, scaler
         self.state, self.dist, self.device = state, dist, device
         self.scheduler: Any = None  # set once the number of steps is known
+        self.hooks: list[Any] = []  # the loop's hooks (attach_hooks), whose states are saved
+        self._hook_states: dict[str, Any] = {}  # states read on resume, for hooks not attached yet
 
     def state_dict(self) -> dict[str, Any]:
         s = self.state
@@ -61,7 +65,27 @@ class Checkpointer:
             "world_size": self.dist.world_size,
             "config": OmegaConf.to_yaml(self.cfg, resolve=True),
             "avs_checkpoint_version": CHECKPOINT_VERSION,
+            **self._hooks_entry(),
         }
+
+    def _hooks_entry(self) -> dict[str, Any]:
+        states = {h.name: state for h in self.hooks if (state := h.state_dict())}
+        return {"hooks": states} if states else {}
+
+    def attach_hooks(self, hooks: list[Any]) -> None:
+        """Save these hooks' states from now on; hand them the states a resumed checkpoint holds."""
+        self.hooks = list(hooks)
+        self._load_hook_states()
+
+    def _load_hook_states(self) -> None:
+        if not self.hooks:
+            return
+        states, self._hook_states = self._hook_states, {}
+        for hook in self.hooks:
+            if hook.name in states:
+                hook.load_state_dict(states.pop(hook.name))
+        for name in states:
+            log.warning("the checkpoint holds the state of hook %r, which this run does not have: not restored", name)
 
     def save(self, name: str) -> Path:
         """Write checkpoints/<name>.ckpt atomically (rank 0; every rank must call it under DDP).
@@ -107,6 +131,8 @@ class Checkpointer:
             ) from exc
         load_scaler_state(self.scaler, ckpt.get("scaler"), path)  # empty when written without fp16
         self.state.restore(ckpt)
+        self._hook_states = dict(ckpt.get("hooks") or {})
+        self._load_hook_states()
         self._restore_rng(ckpt, path)
         self.state.faults["resumed_from"].append({"path": str(path), "step": self.state.step, "changes": changes})
         self.adopt_best(path.parent / "best.ckpt")

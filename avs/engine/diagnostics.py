@@ -1,7 +1,9 @@
 """Model diagnostics: per-dimension KL of the latent codes (posterior-collapse check).
 
-`latent_kl_per_dimension` measures one split; `LatentKLHook` (avs.engine.hooks, `trainer.record_latent_kl`)
-appends one `latent_kl_record` per validation to `<run dir>/latent_kl.jsonl` with `append_latent_kl`.
+`latent_kl_per_dimension` measures one split (scripts/latent_kl.py) through avs.evaluation.evaluate and
+avs.evaluation.evaluators.LatentKLEvaluator; `LatentKLHook` (avs.engine.hooks, `trainer.record_latent_kl`)
+runs that evaluator inside each validation pass and appends one `latent_kl_record` per validation to
+`<run dir>/latent_kl.jsonl` with `append_latent_kl`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from avs.models.segmentor import AVSegmentor
 from avs.utils.io import atomic_write_text
 
 LATENT_KL_FILE = "latent_kl.jsonl"
@@ -27,40 +28,20 @@ def gaussian_kl_per_dim(
     return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p) ** 2) / logvar_p.exp() - 1.0)
 
 
-@torch.no_grad()
 def latent_kl_per_dimension(
-    model: AVSegmentor, loader: DataLoader | Iterable[dict[str, Any]], device: torch.device | str = "cpu"
+    model: torch.nn.Module, loader: DataLoader | Iterable[dict[str, Any]], device: torch.device | str = "cpu"
 ) -> dict[str, Any]:
     """Mean over a split's frames of KL(posterior || prior) for each latent dimension of each code.
 
-    A dimension whose KL stays near 0 carries no information from the ground truth (collapsed).
-    Returns {code: [L floats]} plus "frames"; empty for models without a latent part. The KL is the
-    one between the distributions the codes are drawn from (log-variance scale, whatever
-    `legacy_sigma` makes the training term see), without free bits.
+    Returns {code: [L floats]} plus "frames"; empty for models without a latent part. One pass of
+    avs.evaluation.evaluate with avs.evaluation.evaluators.LatentKLEvaluator (which says what is measured).
     """
-    if model.latent is None:
+    from avs.evaluation.evaluator import evaluate
+    from avs.evaluation.evaluators import LatentKLEvaluator
+
+    if getattr(getattr(model, "_orig_mod", model), "latent", None) is None:
         return {}
-    model.eval()
-    sums: dict[str, torch.Tensor] = {}
-    frames = 0
-    for batch in loader:
-        if "frames" not in batch:
-            continue
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        x = batch["frames"].flatten(0, 1)  # [B,T,3,H,W] -> [B*T,3,H,W]
-        audio = model.encode_audio(batch["audio"]) if model.use_audio else None
-        masks = model._posterior_masks(batch["masks"].flatten(0, 1), batch["mask_valid"])
-        state = model.latent.encode(x, audio, masks)
-        for key, q in (state.posterior or {}).items():
-            p = state.prior.get(key)
-            if p is None or q.logvar is None or p.logvar is None:
-                continue
-            kl = gaussian_kl_per_dim(q.mu, q.logvar, p.mu, p.logvar).sum(0).double().cpu()
-            sums[key] = sums.get(key, 0) + kl
-        frames += x.shape[0]
-    out: dict[str, Any] = {k: (v / max(frames, 1)).tolist() for k, v in sums.items()}
-    out["frames"] = frames
-    return out
+    return evaluate(model, loader, [LatentKLEvaluator()], device=device)["latent_kl"]
 
 
 def latent_kl_record(result: dict[str, Any], **meta: Any) -> dict[str, Any]:

@@ -1,11 +1,12 @@
 """Hooks of the training loop (avs.engine.loop.TrainLoop), each one concern of a run.
 
-Registered in this order (a hook's events run in registration order): `LoggingHook` (progress bar,
-TensorBoard), `NonFiniteGuard`, `ValidationHook` (val + best selection), `CheckpointHook`,
+Which hooks run, and in which order, is config: the `hooks` group (configs/hooks/default.yaml, built by
+avs.engine.hook_config) lists the built-in ones by name with a `priority` (lower runs first): `LoggingHook`
+(progress bar, TensorBoard), `NonFiniteGuard`, `ValidationHook` (val + best selection), `CheckpointHook`,
 `InterruptAfterHook`, `SignalHook` (SIGTERM / SIGINT), when configured `KLWarmupHook` (the `kl` weight's
-ramp) and `LatentKLHook` (per-dimension KL after each validation), the user's `trainer.hooks`,
-`FinalEvaluationHook` (best weights, test at the end), `MetricsHook` (metrics.json), `RunReportHook`
-(run_report.json). Fault handling is described in docs/reliability.md.
+ramp) and `LatentKLHook` (per-dimension KL in each validation), the user's hooks, `FinalEvaluationHook`
+(best weights, test at the end), `MetricsHook` (metrics.json), `RunReportHook` (run_report.json). Fault
+handling is described in docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -26,15 +27,32 @@ log = logging.getLogger(__name__)
 
 
 class HookBase:
-    """A hook does nothing at any event unless it overrides it; `loop` is set when registered."""
+    """A hook does nothing at any event unless it overrides it; `loop` is set when registered.
+
+    Events, in order: before_train; per epoch before_epoch, then per optimizer step before_step,
+    after_backward, after_step; after_epoch; after_train (on_interrupt / on_failure instead when
+    stopped). `after_backward` runs once per optimizer step with the step's gradients in place
+    (accumulated over trainer.grad_accum micro-batches, all-reduced under DDP, unscaled by the fp16
+    GradScaler), before clipping, the non-finite check and the update; `loop.grad_norm` is their total
+    L2 norm, a 0-dim device tensor that clipping uses too (no extra host sync unless the hook reads it
+    with float()). A hook must not change the gradients there: clipping uses the norm computed before.
+
+    A hook with state returns it from `state_dict()` (tensors, numbers, strings, lists, dicts: what a
+    weights_only checkpoint holds); it is saved in every checkpoint under `hooks.<name>` (rank 0's state
+    under DDP) and handed to `load_state_dict` on resume. `evaluators(split)` returns evaluators to run
+    in every evaluation of `split` (their summaries are then in `loop.evaluations[split][<name>]`).
+    """
 
     loop: Any = None
+    name: str = ""  # its key in the `hooks` config (or trainer.hooks[i]); names its state in a checkpoint
 
     def before_train(self) -> None: ...
 
     def before_epoch(self) -> None: ...
 
     def before_step(self) -> None: ...
+
+    def after_backward(self) -> None: ...
 
     def after_step(self) -> None: ...
 
@@ -45,6 +63,14 @@ class HookBase:
     def on_interrupt(self, reason: str) -> None: ...
 
     def on_failure(self, exc: BaseException) -> None: ...
+
+    def evaluators(self, split: str) -> list[Any]:
+        return []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class TensorBoard:
@@ -356,16 +382,21 @@ class KLWarmupHook(HookBase):
 
 
 class LatentKLHook(HookBase):
-    """`trainer.record_latent_kl`: after each validation (a new entry in the run's history), the per-dimension
-    KL(posterior || prior) of every latent code on `split` is appended to <run_dir>/latent_kl.jsonl.
+    """`trainer.record_latent_kl`: every validation of `split` also runs a LatentKLEvaluator (the per-dimension
+    KL(posterior || prior) of every latent code, avs.evaluation.evaluators); after each validation (a new
+    entry in the run's history) its summary is appended to <run_dir>/latent_kl.jsonl by rank 0.
 
-    Rank 0 measures, over the split's loader (under DDP: rank 0's shard); see
-    avs.engine.diagnostics.latent_kl_per_dimension. The model's train/eval mode is restored.
+    Under DDP the evaluator gathers every rank's shard: the line covers the whole split.
     """
 
     def __init__(self, run_dir: str | Path, split: str = "val") -> None:
         self.run_dir, self.split = Path(run_dir), split
         self._recorded_step: int | None = None
+
+    def evaluators(self, split: str) -> list[Any]:
+        from avs.evaluation.evaluators import LatentKLEvaluator
+
+        return [LatentKLEvaluator()] if split == self.split else []
 
     def after_epoch(self) -> None:
         loop, s = self.loop, self.loop.state
@@ -378,19 +409,12 @@ class LatentKLHook(HookBase):
         self.record()
 
     def record(self) -> Path:
-        from avs.engine.diagnostics import append_latent_kl, latent_kl_per_dimension, latent_kl_record
+        """Append the latest validation's latent KL (loop.evaluations[split]['latent_kl']) to latent_kl.jsonl."""
+        from avs.engine.diagnostics import append_latent_kl, latent_kl_record
 
-        loop, s = self.loop, self.loop.state
-        model = loop.model
-        was_training = model.training
-        loader = loop.data.loader(self.split)
-        it = iter(loader)
-        failed = True
-        try:
-            result = latent_kl_per_dimension(model, it, loop.device)
-            failed = False
-        finally:
-            loop.data.end_pass(it, loader, failed)
-            model.train(was_training)
+        s = self.loop.state
+        result = self.loop.evaluations.get(self.split, {}).get("latent_kl")
+        if result is None:
+            raise RuntimeError(f"LatentKLHook: the {self.split} evaluation ran without its LatentKLEvaluator")
         record = latent_kl_record(result, epoch=s.epoch, step=s.step, split=self.split)
         return append_latent_kl(self.run_dir, record)

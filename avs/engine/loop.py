@@ -1,14 +1,16 @@
 """The training loop: epochs of optimizer steps, with hooks called around them.
 
 `TrainLoop.train()` calls, on every registered hook in order: before_train, then per epoch
-before_epoch / (before_step, after_step per optimizer step) / after_epoch, then after_train.
-A hook stops the run by raising `StopTraining` (signals, trainer.interrupt_after_steps): every hook's
-`on_interrupt` then runs and `train()` returns {'interrupted': True, ...}. Any other exception runs
-every hook's `on_failure` and propagates.
+before_epoch / (before_step, after_backward, after_step per optimizer step) / after_epoch, then
+after_train (avs.engine.hooks.HookBase says when exactly each runs).
+A hook stops the run by raising `StopTraining` (signals, trainer.interrupt_after_steps): the other
+hooks still see that event, then every hook's `on_interrupt` runs and `train()` returns
+{'interrupted': True, ...}. Any other exception runs every hook's `on_failure` and propagates.
 
 One optimizer step: forwards under autocast, the weighted sum of the loss terms, gradient
-accumulation over `trainer.grad_accum` batches, backward, clipping, and the update, which is
-skipped (never applied) when the loss or a gradient is not finite.
+accumulation over `trainer.grad_accum` batches, backward, unscaling (fp16), the total gradient norm
+(`loop.grad_norm`), the after_backward hooks, clipping, and the update, which is skipped (never
+applied) when the loss or a gradient is not finite.
 """
 
 from __future__ import annotations
@@ -64,11 +66,13 @@ class Plan:
 
 @dataclass
 class StepOutcome:
-    """The last optimizer step: 'ok' | 'loss' | 'grad' | 'amp_overflow', its loss and loss terms."""
+    """The last optimizer step: 'ok' | 'loss' | 'grad' | 'amp_overflow', its loss, loss terms and the
+    total gradient norm before clipping (a 0-dim device tensor)."""
 
     outcome: str
     loss: torch.Tensor
     terms: dict[str, torch.Tensor]
+    grad_norm: torch.Tensor | None = None
 
 
 class TrainLoop:
@@ -99,6 +103,8 @@ class TrainLoop:
         self.hooks: list[Any] = []
         self.stop: Any = None  # the StopSignal of the run, if any
         self.last: StepOutcome | None = None
+        self.grad_norm: torch.Tensor | None = None  # of the current step's gradients, from after_backward on
+        self.evaluations: dict[str, dict[str, Any]] = {}  # split -> {evaluator name: summary} of its last evaluation
         self.result: dict[str, Any] = {}
         self.start_time = time.time()
 
@@ -116,8 +122,16 @@ class TrainLoop:
             self.hooks.append(hook)
 
     def call(self, event: str, *args: Any) -> None:
+        """`event` on every hook in order; a StopTraining is raised once every hook has seen the event
+        (a hook after the one that stops still sees the last step, so its state matches the checkpoint)."""
+        stop: StopTraining | None = None
         for hook in self.hooks:
-            getattr(hook, event)(*args)
+            try:
+                getattr(hook, event)(*args)
+            except StopTraining as exc:
+                stop = stop or exc
+        if stop is not None:
+            raise stop
 
     def finished(self) -> bool:
         """Every step taken and the last epoch's end (validation, save) done."""
@@ -246,18 +260,21 @@ class TrainLoop:
         if outcome != "ok":
             scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
             self.state.record_nonfinite(outcome, window_ids, window.bad_terms(), float(loss.detach()), self.dist, scale)
-        self.last = StepOutcome(outcome, loss, terms)
+        self.last = StepOutcome(outcome, loss, terms, self.grad_norm)
         self.call("after_step")
 
     # ------------------------------------------------------------------ the update
     def optimizer_step(self, clip: float, loss_bad: torch.Tensor | bool) -> str:
-        """Unscale, check, clip and apply the accumulated gradients -> 'ok' | 'loss' | 'grad' | 'amp_overflow'."""
+        """Unscale, measure, run the after_backward hooks, check, clip and apply the accumulated gradients
+        -> 'ok' | 'loss' | 'grad' | 'amp_overflow'."""
         self.scaler.unscale_(self.optimizer)  # no-op without fp16 AMP
         params = [p for p in self.model.parameters() if p.grad is not None]
-        if clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+        # the norm clip_grad_norm_ computes, taken first so the hooks see it (one norm per step, no sync)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+        self.grad_norm = norm
+        self.call("after_backward")
+        if clip > 0 and params:
+            torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
         # one host sync for both flags; grads are already all-reduced: same grad answer on every rank
         loss_bad, grad_bad = read_step_flags(loss_bad, norm)
         if self.dist.enabled:

@@ -30,6 +30,7 @@ from avs.engine.build import (
     wrap_ddp,
 )
 from avs.engine.checkpointer import Checkpointer
+from avs.engine.hook_config import build_hooks
 from avs.engine.loop import NonFiniteLossError, Plan, TrainingError, TrainLoop  # noqa: F401  (the run's errors)
 from avs.engine.optim import build_optimizer, build_scheduler
 from avs.engine.records import write_run_report
@@ -38,7 +39,8 @@ from avs.engine.rundir import claim_run_dir
 from avs.engine.sampler import ResumableSampler
 from avs.engine.signals import StopSignal
 from avs.engine.state import RunState
-from avs.evaluation.evaluator import evaluate_split
+from avs.evaluation.evaluator import build_evaluators, evaluate_split
+from avs.evaluation.evaluators import OverlayImages
 from avs.utils.device import select_device
 from avs.utils.io import atomic_write_text
 
@@ -114,14 +116,20 @@ class Trainer:
     def evaluate(self, split: str, log_images: bool = False) -> dict[str, dict[str, float]]:
         """Metrics of the current weights on `split` under every configured protocol (all ranks agree).
 
-        `log_images`: also write frame | GT | prediction overlays of the first batch to TensorBoard.
+        One evaluation pass runs every evaluator: the metrics, the user's `eval.evaluators`, those the
+        hooks ask for (HookBase.evaluators) and, with `log_images`, frame | GT | prediction overlays of the
+        first batch for TensorBoard. The other evaluators' summaries go to `loop.evaluations[split]`.
         """
-        on_output = None
+        evaluators = build_evaluators(self.cfg.eval.get("evaluators"))
+        if self.loop is not None:
+            for hook in self.loop.hooks:
+                evaluators += hook.evaluators(split)
         if log_images and self.is_main and self.tb.writer() is not None:
-            on_output = self._first_batch_images(split)
+            step = self.state.step
+            evaluators.append(OverlayImages(lambda grid: self.tb.writer().add_image(f"{split}/masks", grid, step)))
         net = self._eval_net if self._eval_net is not None else self.model
         show = bool(self.tcfg.get("progress", True)) and self.is_main
-        return evaluate_split(
+        results = evaluate_split(
             net,
             self.data,
             split,
@@ -131,22 +139,13 @@ class Trainer:
             model=self.model,
             autocast=self.autocast,
             state=self.state,
-            on_output=on_output,
+            evaluators=evaluators,
             progress=show,
         )
-
-    def _first_batch_images(self, split: str):
-        from avs.evaluation.visuals import overlay_grid
-
-        pending = [True]
-
-        def log_images(batch: dict[str, Any], logits: torch.Tensor) -> None:
-            if pending:
-                grid = overlay_grid(batch["frames"], batch["masks"], logits)
-                self.tb.writer().add_image(f"{split}/masks", grid, self.state.step)
-                pending.clear()
-
-        return log_images
+        metrics = results.pop("metrics")
+        if self.loop is not None:
+            self.loop.evaluations[split] = results
+        return metrics
 
     # ------------------------------------------------------------------ training
     def fit(self) -> dict[str, Any]:
@@ -262,63 +261,6 @@ class Trainer:
             skip_mode=self.cfg.data.get("on_error", "raise") == "skip",
         )
         loop.stop = stop
-        loop.register(*self._hooks())
+        loop.register(*build_hooks(self))  # the `hooks` group and trainer.hooks (avs.engine.hook_config)
+        self.checkpointer.attach_hooks(loop.hooks)  # a resumed run's hook states are loaded here
         return loop
-
-    def _user_hooks(self) -> list[H.HookBase]:
-        """`trainer.hooks`: `_target_` nodes of HookBase subclasses, run after the built-in step hooks and
-        before the final evaluation and the run records (docs/architecture.md, "Training loop and hooks")."""
-        from hydra.utils import instantiate
-
-        from avs.errors import ConfigError
-
-        hooks = []
-        for i, node in enumerate(self.tcfg.get("hooks") or []):
-            hook = instantiate(node)
-            if not isinstance(hook, H.HookBase):
-                raise ConfigError(f"trainer.hooks[{i}]: {type(hook).__name__} is not an avs.engine.hooks.HookBase")
-            hooks.append(hook)
-        return hooks
-
-    def _latent_hooks(self) -> list[H.HookBase]:
-        """`trainer.kl_warmup` (steps > 0) and `trainer.record_latent_kl`: off by default."""
-        tcfg, hooks = self.tcfg, []
-        warmup = tcfg.get("kl_warmup") or {}
-        if int(warmup.get("steps", 0) or 0) > 0:
-            hooks.append(
-                H.KLWarmupHook(
-                    int(warmup.steps),
-                    float(warmup.get("start", 0.0)),
-                    int(warmup.get("cycle_steps", 0) or 0),
-                    tb=self.tb,
-                    log_every=int(tcfg.get("log_every_steps", 10)),
-                )
-            )
-        if bool(tcfg.get("record_latent_kl", False)):
-            hooks.append(H.LatentKLHook(self.run_dir, split=str(tcfg.get("select_split", "val"))))
-        return hooks
-
-    def _hooks(self) -> list[H.HookBase]:
-        tcfg, save = self.tcfg, self.save
-        progress = bool(tcfg.get("progress", True)) and self.is_main
-        return [
-            H.LoggingHook(self.tb, int(tcfg.get("log_every_steps", 10)), progress),
-            H.NonFiniteGuard(int(tcfg.get("max_consecutive_nonfinite", 3)), save, self.run_dir),
-            H.ValidationHook(
-                self.evaluate,
-                save,
-                self.tb,
-                int(tcfg.get("val_every_epochs", 1)),
-                split=str(tcfg.get("select_split", "val")),  # test only with allow_test_selection
-                protocol=str(self.cfg.eval.protocol),
-                metric=str(tcfg.get("select_metric", "miou")),
-            ),
-            H.CheckpointHook(save, int(tcfg.get("checkpoint_every_steps", 0) or 0)),
-            H.InterruptAfterHook(int(tcfg.get("interrupt_after_steps", 0) or 0)),
-            H.SignalHook(),
-            *self._latent_hooks(),
-            *self._user_hooks(),
-            H.FinalEvaluationHook(self.evaluate, self.ckpt_dir, bool(tcfg.get("test_at_end", True))),
-            H.MetricsHook(self.cfg, self.run_dir, self.loss_weights),
-            H.RunReportHook(self.run_dir),
-        ]

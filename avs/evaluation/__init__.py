@@ -1,5 +1,27 @@
-"""Evaluation: the free `evaluate(model, loader, accumulator)`, checkpoint evaluation, metric tables, saved masks."""
+"""Evaluation: the free `evaluate(model, loader, evaluators)`, the built-in evaluators, checkpoint evaluation,
+metric tables, saved masks."""
 
-from avs.evaluation.evaluator import EvaluationError, evaluate, evaluate_split, metrics_of, pad_batch
+from avs.evaluation.evaluator import (
+    DatasetEvaluator,
+    EvaluationError,
+    build_evaluators,
+    evaluate,
+    evaluate_split,
+    metrics_of,
+    pad_batch,
+)
+from avs.evaluation.evaluators import LatentKLEvaluator, MaskWriter, MetricsEvaluator, OverlayImages
 
-__all__ = ["EvaluationError", "evaluate", "evaluate_split", "metrics_of", "pad_batch"]
+__all__ = [
+    "DatasetEvaluator",
+    "EvaluationError",
+    "LatentKLEvaluator",
+    "MaskWriter",
+    "MetricsEvaluator",
+    "OverlayImages",
+    "build_evaluators",
+    "evaluate",
+    "evaluate_split",
+    "metrics_of",
+    "pad_batch",
+]

@@ -14,8 +14,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from avs.config_upgrade import upgrade_config
 from avs.engine.checkpoint import CheckpointError, load_checkpoint
-from avs.evaluation.evaluator import evaluate_split
-from avs.evaluation.outputs import check_output_path, save_pred_masks
+from avs.evaluation.evaluator import build_evaluators, evaluate_split
+from avs.evaluation.evaluators import MaskWriter
+from avs.evaluation.outputs import check_output_path
 from avs.evaluation.report import write_tables
 from avs.models.build import without_weight_files
 
@@ -164,13 +165,12 @@ def evaluate_checkpoint(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     model = build_run_model(run_cfg, device, dist)  # seeds as training did: latent samples draw the same numbers
     _load_weights(model, state, cfg.checkpoint, run_cfg)
     data = RunData(run_cfg, is_main=dist.is_main, cuda=device.type == "cuda", barrier=D.barrier)
-    on_output = None
+    evaluators = build_evaluators(run_cfg.eval.get("evaluators"))
     if masks_dir is not None:
-        ds = data.dataset(str(cfg.split))
-        on_output = lambda batch, logits: save_pred_masks(masks_dir, ds, batch, logits)  # noqa: E731
+        evaluators.append(MaskWriter(masks_dir, data.dataset(str(cfg.split))))
     autocast = autocast_for(amp_dtype(run_cfg.trainer.get("amp", "auto"), device), device)
     show = bool(run_cfg.trainer.get("progress", True)) and dist.is_main
-    metrics = evaluate_split(
+    results = evaluate_split(
         model,
         data,
         str(cfg.split),
@@ -179,10 +179,14 @@ def evaluate_checkpoint(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         dist=dist,
         autocast=autocast,
         state=RunState(),
-        on_output=on_output,
+        evaluators=evaluators,
         progress=show,
     )
+    metrics = results.pop("metrics")
     meta = _meta(cfg, run_cfg, dist.world_size)
+    extra = {k: v for k, v in results.items() if k != "masks"}
+    if extra:  # the summaries of the eval.evaluators of the user's
+        meta["evaluators"] = extra
     paths = write_tables(out_dir, f"metrics_{cfg.split}", metrics, meta, title=f"{cfg.split}") if dist.is_main else {}
     if masks_dir is not None:
         paths["masks"] = masks_dir

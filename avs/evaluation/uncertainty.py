@@ -19,12 +19,19 @@ import torch
 from torch import Tensor
 
 from avs.errors import ConfigError
-from avs.evaluation.evaluator import EvaluationError, move_to
+from avs.evaluation.evaluator import DatasetEvaluator, EvaluationError, evaluate
 from avs.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-__all__ = ["UNCERTAINTY_FILE", "binary_auroc", "binary_entropy", "uncertainty_record", "write_uncertainty"]
+__all__ = [
+    "UNCERTAINTY_FILE",
+    "UncertaintyEvaluator",
+    "binary_auroc",
+    "binary_entropy",
+    "uncertainty_record",
+    "write_uncertainty",
+]
 
 UNCERTAINTY_FILE = "uncertainty.json"
 
@@ -76,55 +83,69 @@ def _mean(x: Tensor) -> float | None:
     return float(x.to(torch.float64).mean()) if x.numel() else None
 
 
-@torch.no_grad()
-def uncertainty_record(
-    model: torch.nn.Module, loader: Any, device: torch.device | str = "cpu", threshold: float = 0.5
-) -> dict[str, Any]:
-    """Per-pixel error (mean prob > threshold vs GT > 0.5) against the K-sample variance over `loader`.
+class UncertaintyEvaluator(DatasetEvaluator):
+    """Per-pixel error (mean prob > threshold vs GT > 0.5) against the K-sample variance, over the split.
 
-    Frames with a False `mask_valid` (no ground truth) are left out; batches without frames (every
-    clip skipped) are passed over. Returns {"auroc", "auroc_entropy", "num_samples", "threshold",
-    "frames", "pixels", "error_rate", "mean_variance", "mean_variance_error", "mean_variance_correct"}
-    (the AUROCs and the conditional means are None when every pixel is right, or every one wrong).
+    Frames with a False `mask_valid` (no ground truth) are left out. Summary: {"auroc", "auroc_entropy",
+    "num_samples", "threshold", "frames", "pixels", "error_rate", "mean_variance", "mean_variance_error",
+    "mean_variance_correct"} (the AUROCs and the conditional means are None when every pixel is right, or
+    every one wrong). Needs the output's `variance` (a latent model with eval_num_samples = K >= 2).
+    Single process: the AUROC needs every pixel in one place.
     """
-    k = _sampled_k(model)
-    device = torch.device(device)
-    model.eval()
-    variances, errors, entropies = [], [], []
-    frames = 0
-    for batch in loader:
-        if "frames" not in batch:
-            continue
-        batch = move_to(batch, device)
-        out = model(batch)
-        if "variance" not in out:
-            raise ConfigError(f"the model returned no variance map with eval.num_samples={k}")
-        prob = torch.sigmoid(out["logits"].float()).flatten(0, 1)  # [B*T,1,H,W]
-        var = out["variance"].float().flatten(0, 1)
+
+    name = "uncertainty"
+
+    def __init__(self, num_samples: int, threshold: float = 0.5) -> None:
+        self.num_samples, self.threshold = int(num_samples), float(threshold)
+
+    def reset(self) -> None:
+        self.variances: list[Tensor] = []
+        self.errors: list[Tensor] = []
+        self.entropies: list[Tensor] = []
+        self.frames = 0
+
+    def process(self, batch: dict[str, Any], output: dict[str, Any]) -> None:
+        if "variance" not in output:
+            raise ConfigError(f"the model returned no variance map with eval.num_samples={self.num_samples}")
+        prob = torch.sigmoid(output["logits"].float()).flatten(0, 1)  # [B*T,1,H,W]
+        var = output["variance"].float().flatten(0, 1)
         gt = batch["masks"].flatten(0, 1) > 0.5
         valid = batch.get("mask_valid")
         if valid is not None:
             keep = valid.reshape(-1).bool()
             prob, var, gt = prob[keep], var[keep], gt[keep]
-        frames += int(prob.shape[0])
-        errors.append(((prob > threshold) != gt).reshape(-1).cpu())
-        variances.append(var.reshape(-1).cpu())
-        entropies.append(binary_entropy(prob).reshape(-1).float().cpu())
-    if frames == 0:
-        raise EvaluationError("no annotated frame to score: the split is empty or every clip was skipped")
-    err, var, ent = torch.cat(errors), torch.cat(variances), torch.cat(entropies)
-    return {
-        "auroc": binary_auroc(var, err),
-        "auroc_entropy": binary_auroc(ent, err),
-        "num_samples": k,
-        "threshold": float(threshold),
-        "frames": frames,
-        "pixels": int(err.numel()),
-        "error_rate": float(err.double().mean()),
-        "mean_variance": _mean(var),
-        "mean_variance_error": _mean(var[err]),
-        "mean_variance_correct": _mean(var[~err]),
-    }
+        self.frames += int(prob.shape[0])
+        self.errors.append(((prob > self.threshold) != gt).reshape(-1).cpu())
+        self.variances.append(var.reshape(-1).cpu())
+        self.entropies.append(binary_entropy(prob).reshape(-1).float().cpu())
+
+    def summarize(self) -> dict[str, Any]:
+        if self.frames == 0:
+            raise EvaluationError("no annotated frame to score: the split is empty or every clip was skipped")
+        err, var, ent = torch.cat(self.errors), torch.cat(self.variances), torch.cat(self.entropies)
+        return {
+            "auroc": binary_auroc(var, err),
+            "auroc_entropy": binary_auroc(ent, err),
+            "num_samples": self.num_samples,
+            "threshold": self.threshold,
+            "frames": self.frames,
+            "pixels": int(err.numel()),
+            "error_rate": float(err.double().mean()),
+            "mean_variance": _mean(var),
+            "mean_variance_error": _mean(var[err]),
+            "mean_variance_correct": _mean(var[~err]),
+        }
+
+
+def uncertainty_record(
+    model: torch.nn.Module, loader: Any, device: torch.device | str = "cpu", threshold: float = 0.5
+) -> dict[str, Any]:
+    """The UncertaintyEvaluator's summary of `model` over `loader` (one avs.evaluation.evaluate pass).
+
+    Refuses (ConfigError) a model without a latent part or with fewer than 2 prior samples.
+    """
+    k = _sampled_k(model)
+    return evaluate(model, loader, [UncertaintyEvaluator(k, threshold)], device=device)["uncertainty"]
 
 
 def default_output(checkpoint: str | Path) -> Path:

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
+from avs.evaluation.evaluator import DatasetEvaluator, evaluate
 from avs.evaluation.visuals import denormalize as rgb01
 from avs.inference.model import LoadedModel, load_model
 from avs.inference.overlay import heatmap, image_grid, save_png, scatter_plot, tint
@@ -20,7 +20,7 @@ from avs.inference.video import MissingDependencyError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["VisualizeResult", "visualize_split", "tsne_embed", "denormalize"]
+__all__ = ["VisualizeEvaluator", "VisualizeResult", "visualize_split", "tsne_embed", "denormalize"]
 
 CODE_NAMES = ("c", "s_a", "s_v")  # shared, audio-specific, visual-specific (ECMVAE)
 VARIANCE_MAX = 0.25
@@ -124,6 +124,36 @@ def _split_loader(cfg: Mapping[str, Any], loaded: LoadedModel, split: str, num_c
     )
 
 
+class VisualizeEvaluator(DatasetEvaluator):
+    """A frame / GT / prediction [/ variance] grid per clip for the first `num_clips` clips (grids/<video_id>.png)
+    and the latent codes (`latents` of the output, [B*T,L] per code) of every clip -> {"grids", "codes"}."""
+
+    name = "visualize"
+
+    def __init__(self, out_dir: str | Path, num_clips: int, threshold: float = 0.5, tile_height: int = 128) -> None:
+        self.out, self.num_clips, self.threshold, self.tile_height = Path(out_dir), num_clips, threshold, tile_height
+
+    def reset(self) -> None:
+        self.grids: list[Path] = []
+        self.codes: dict[str, list[np.ndarray]] = {}
+        self.seen = 0
+
+    def process(self, batch: dict[str, Any], output: dict[str, Any]) -> None:
+        probs = torch.sigmoid(output["logits"].float()).cpu()  # [B,T,1,H,W]
+        var = output.get("variance")
+        for name, value in (output.get("latents") or {}).items():
+            self.codes.setdefault(name, []).append(value.float().cpu().numpy())  # [B*T,L]
+        cpu = {k: v.cpu() if torch.is_tensor(v) else v for k, v in batch.items()}
+        for b in range(probs.shape[0]):
+            if self.seen < self.num_clips:
+                v = None if var is None else var[b].float().cpu()
+                self.grids.append(_clip_grid(self.out, cpu, b, probs[b], v, self.threshold, self.tile_height))
+            self.seen += 1
+
+    def summarize(self) -> dict[str, Any]:
+        return {"grids": self.grids, "codes": self.codes}
+
+
 def _grids_and_codes(
     cfg: Mapping[str, Any],
     opts: _GridOptions,
@@ -132,33 +162,14 @@ def _grids_and_codes(
     out: Path,
     result: VisualizeResult,
 ) -> dict[str, list[np.ndarray]]:
-    """Run the model over `loader`: a grid per clip for the first num_clips clips (into `result.grids`);
+    """One avs.evaluation.evaluate pass with a VisualizeEvaluator: the grids go into `result.grids`;
     returns the latent codes of every clip by name."""
-    codes: dict[str, list[np.ndarray]] = {}
-    seen = 0
-    for batch in tqdm(loader, desc=f"visualize {opts.split}", disable=not opts.progress, dynamic_ncols=True):
-        inputs = {"frames": batch["frames"].to(loaded.device), "audio": batch["audio"].to(loaded.device)}
-        with torch.no_grad():
-            outp = loaded.model(inputs)
-        probs = torch.sigmoid(outp["logits"].float()).cpu()  # [B,T,1,H,W]
-        var = outp.get("variance")
-        for name, value in (outp.get("latents") or {}).items():
-            codes.setdefault(name, []).append(value.float().cpu().numpy())  # [B*T,L]
-        for b in range(probs.shape[0]):
-            if seen < opts.num_clips:
-                result.grids.append(
-                    _clip_grid(
-                        out,
-                        batch,
-                        b,
-                        probs[b],
-                        None if var is None else var[b].float().cpu(),
-                        opts.threshold,
-                        int(_opt(cfg, "tile_height", 128)),
-                    )
-                )
-            seen += 1
-    return codes
+    ev = VisualizeEvaluator(out, opts.num_clips, opts.threshold, int(_opt(cfg, "tile_height", 128)))
+    summary = evaluate(
+        loaded.model, loader, [ev], device=loaded.device, desc=f"visualize {opts.split}", progress=opts.progress
+    )["visualize"]
+    result.grids.extend(summary["grids"])
+    return summary["codes"]
 
 
 def _write_tsne(

@@ -76,6 +76,9 @@ TRANSLATE_VALUES: dict[tuple[str, str], tuple[str, Any]] = {
 ADDED_KEYS: tuple[str, ...] = (
     "trainer.optimizer",  # configs/optimizer/adam.yaml: torch.optim.Adam, as build_optimizer hard-coded
     "trainer.hooks",  # extra hooks of the user's (none by default)
+    "hooks",  # the built-in hooks as a config group (configs/hooks/): which hooks run, not what they compute
+    "trainer.allow_missing_hooks",  # needed hooks a user drops knowingly (none by default)
+    "eval.evaluators",  # extra evaluators of the user's (none by default)
     "model.latent.free_bits",  # free bits per KL dimension; 0 = off (the plain KL of before)
     "trainer.kl_warmup",  # ramp of the kl weight; steps 0 = off (the hook is not registered)
     "trainer.record_latent_kl",  # per-dimension KL after each validation; false = off

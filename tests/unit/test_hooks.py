@@ -26,7 +26,7 @@ from avs.engine.hooks import (
 from avs.engine.loop import NonFiniteLossError, StopTraining
 from avs.engine.signals import StopSignal
 from avs.engine.state import RunState
-from avs.evaluation import evaluate, metrics_of, pad_batch
+from avs.evaluation import MetricsEvaluator, evaluate, metrics_of, pad_batch
 from avs.metrics import MetricAccumulator
 
 
@@ -239,11 +239,12 @@ def test_evaluate_equals_scoring_the_batches_by_hand():
             expected.update(model(b)["logits"].float(), b["masks"], indices=b["index"])
     seen = []
     skipped_batch = {"skipped": ["bad"]}  # every clip of this batch failed: no frames
-    acc = evaluate(model, [batches[0], skipped_batch, batches[1]], MetricAccumulator(), on_batch=seen.append)
-    assert len(seen) == 3 and len(acc) == len(expected) == 8  # frames
     protocols = ["avsbench_legacy", "per_frame"]
-    got, want = metrics_of(acc, protocols, 3), metrics_of(expected, protocols, 3)
-    assert got == want and not model.training
+    ev = MetricsEvaluator(protocols, 3)
+    got = evaluate(model, [batches[0], skipped_batch, batches[1]], [ev], on_batch=seen.append)
+    assert len(seen) == 3 and len(ev.accumulator) == len(expected) == 8  # frames
+    want = metrics_of(expected, protocols, 3)
+    assert got == {"metrics": want} and not model.training
 
 
 def test_pad_batch_repeats_the_last_clip():
@@ -287,6 +288,7 @@ def test_user_hooks_come_from_the_config_and_see_every_step(synth_data_dir, tmp_
 
 
 def test_a_user_hook_that_is_not_a_hook_is_refused_by_name(synth_data_dir, tmp_path):
+    from avs.engine.hook_config import build_hooks
     from avs.engine.trainer import Trainer
     from avs.errors import ConfigError
     from tests.conftest import compose_cfg, tiny_overrides
@@ -296,4 +298,4 @@ def test_a_user_hook_that_is_not_a_hook_is_refused_by_name(synth_data_dir, tmp_p
         tiny_overrides(synth_data_dir) + ["model.channels=32", "trainer.hooks=[{_target_: collections.OrderedDict}]"],
     )
     with pytest.raises(ConfigError, match=r"trainer\.hooks\[0\]: OrderedDict is not an avs\.engine\.hooks\.HookBase"):
-        Trainer(cfg, tmp_path / "run")._user_hooks()
+        build_hooks(Trainer(cfg, tmp_path / "run"))

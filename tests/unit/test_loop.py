@@ -113,6 +113,40 @@ def test_hooks_are_called_in_order_around_epochs_and_steps():
     assert len(loop.state.flush_losses()) == 4
 
 
+class GradNormSpy(HookBase):
+    """Logs after_backward with the norm it is handed and the gradients' own norm at that moment."""
+
+    def __init__(self, log: list) -> None:
+        self.log = log
+
+    def after_backward(self) -> None:
+        own = float(torch.cat([p.grad.flatten() for p in self.loop.model.parameters() if p.grad is not None]).norm())
+        self.log.append(("after_backward", float(self.loop.grad_norm), own))
+
+    def after_step(self) -> None:
+        self.log.append(("after_step", float(self.loop.last.grad_norm)))
+
+
+def test_after_backward_sees_the_unclipped_gradients_and_their_norm_once_per_optimizer_step():
+    loop = make_loop(n_batches=4, epochs=1, accum=2)
+    loop.plan.clip = 1e-3
+    log: list = []
+    loop.register(GradNormSpy(log))
+    loop.train()
+    assert [e[0] for e in log] == ["after_backward", "after_step"] * 2  # one per optimizer step (2 micro-batches)
+    for backward, step in zip(log[::2], log[1::2]):
+        assert backward[1] == pytest.approx(backward[2], rel=1e-6) and backward[1] > 1e-3  # before clipping
+        assert step[1] == backward[1]
+
+
+def test_a_stopping_hook_lets_the_later_hooks_see_the_last_step():
+    loop = make_loop(n_batches=2, epochs=3)
+    log: list = []
+    loop.register(StopAt(2), Recorder(log))
+    loop.train()
+    assert log[-2:] == ["after_step", ("on_interrupt", "test stop")] and log.count("after_step") == 2
+
+
 def test_hooks_run_in_registration_order():
     loop = make_loop(n_batches=1, epochs=1)
     log: list = []
