@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import torch
@@ -26,6 +27,7 @@ from tests.fixtures.behaviour_baseline import (
     machine,
     resolved,
     structure,
+    tensor_stats,
     weights_sha,
 )
 
@@ -111,17 +113,41 @@ NO_AUDIO_WEIGHTS: dict[str, str] = {
 }
 
 
-def train_tiny(compose: Callable, overrides: list[str], run_dir: Path) -> str:
-    """Train a tiny config in-process; SHA-256 of the final model weights."""
+def _train_tiny_state(compose: Callable, overrides: list[str], run_dir: Path) -> tuple[dict, list[float]]:
+    """Train a tiny config in-process -> (final model weights, the loss of every backward pass).
+
+    The losses are read where every engine must pass them, `Tensor.backward`, so the guard does not
+    depend on the engine's internals.
+    """
     from avs.data.synthetic import ensure_synthetic
     from avs.engine.checkpoint import load_checkpoint
     from avs.engine.trainer import Trainer
 
     cfg = compose("train", overrides)
     ensure_synthetic(cfg.data)
-    Trainer(cfg, run_dir).fit()
+    losses: list[float] = []
+    backward = torch.Tensor.backward
+
+    def recording_backward(self, *args, **kwargs):
+        if self.dim() == 0:
+            losses.append(float(self.detach()))
+        return backward(self, *args, **kwargs)
+
+    with mock.patch.object(torch.Tensor, "backward", recording_backward):
+        Trainer(cfg, run_dir).fit()
     state = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["model"]
-    return weights_sha(state)
+    return state, losses
+
+
+def train_tiny(compose: Callable, overrides: list[str], run_dir: Path) -> str:
+    """Train a tiny config in-process; SHA-256 of the final model weights."""
+    return weights_sha(_train_tiny_state(compose, overrides, run_dir)[0])
+
+
+def train_tiny_values(compose: Callable, overrides: list[str], run_dir: Path) -> dict[str, Any]:
+    """Train a tiny config in-process -> its weights' SHA-256, losses per step and per-tensor statistics."""
+    state, losses = _train_tiny_state(compose, overrides, run_dir)
+    return {"sha": weights_sha(state), "losses": losses, "stats": tensor_stats(state)}
 
 
 @pytest.fixture(scope="module")
