@@ -22,6 +22,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from avs.data.audio import EMBEDDING_DIM
 from avs.data.layout import LAYOUTS
 from avs.data.options import check_data_options
+from avs.engine.rundir import CHECKPOINT_DIR, LAST_CKPT
 from avs.errors import ConfigError, MissingFileError  # noqa: F401  (ConfigError, MissingFileError re-exported)
 
 AMP_CHOICES = ("auto", "off", "false", "False", "none", "None", "bf16", "fp16")
@@ -327,10 +328,10 @@ def _check_trainer(trainer: DictConfig) -> None:
     resume = trainer.get("resume")
     if resume not in (None, "", "auto"):
         p = Path(str(resume)).expanduser()
-        if not (p.is_file() or (p / "checkpoints" / "last.ckpt").is_file() or (p / "last.ckpt").is_file()):
+        if not (p.is_file() or (p / CHECKPOINT_DIR / LAST_CKPT).is_file() or (p / LAST_CKPT).is_file()):
             raise ConfigError(
                 f"trainer.resume={resume}: neither a checkpoint file nor a run directory holding "
-                "checkpoints/last.ckpt (use trainer.resume=auto to continue the current run dir)"
+                f"{CHECKPOINT_DIR}/{LAST_CKPT} (use trainer.resume=auto to continue the current run dir)"
             )
 
 

@@ -22,6 +22,7 @@ from avs.config import auto_flag
 from avs.engine import distributed as D
 from avs.engine.amp import native_bf16
 from avs.engine.checkpoint import CheckpointError, load_checkpoint, model_state_from
+from avs.engine.rundir import CHECKPOINT_DIR, LAST_CKPT
 from avs.utils.device import to_channels_last
 
 log = logging.getLogger(__name__)
@@ -62,12 +63,12 @@ def resolve_resume_path(spec: Any, ckpt_dir: str | Path) -> Path | None:
     if spec in (None, "", False) or str(spec).lower() in ("null", "none", "false"):
         return None
     if str(spec) == "auto":
-        path = Path(ckpt_dir) / "last.ckpt"
+        path = Path(ckpt_dir) / LAST_CKPT
         return path if path.is_file() else None
     p = Path(str(spec)).expanduser()
     if p.is_file():
         return p
-    return next((c for c in (p / "checkpoints" / "last.ckpt", p / "last.ckpt") if c.is_file()), p / "last.ckpt")
+    return next((c for c in (p / CHECKPOINT_DIR / LAST_CKPT, p / LAST_CKPT) if c.is_file()), p / LAST_CKPT)
 
 
 def ddp_find_unused_parameters(cfg: DictConfig) -> bool:
