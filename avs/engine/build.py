@@ -41,18 +41,13 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 
 def resolve_loss_weights(cfg: DictConfig) -> dict[str, float]:
-    """`model.loss_weights` with 'auto' entries resolved per data subset (e.g. A-V loss 0 on S4, 0.5 on MS3)."""
+    """`model.loss_weights` with 'auto' entries resolved per data subset (e.g. A-V loss 0 on S4, 0.5 on MS3).
+
+    avs.config_checks.check_config has refused an 'auto' without its `model.auto_weights` entry.
+    """
     weights = OmegaConf.to_container(cfg.model.loss_weights, resolve=True)
-    auto = OmegaConf.to_container(cfg.model.get("auto_weights", {}) or {}, resolve=True)
-    subset = cfg.data.subset
-    out = {}
-    for name, w in weights.items():
-        if w == "auto":
-            if name not in auto or subset not in auto[name]:
-                raise ValueError(f"model.loss_weights.{name}=auto needs model.auto_weights.{name}.{subset}")
-            w = auto[name][subset]
-        out[name] = float(w)
-    return out
+    auto = cfg.model.auto_weights
+    return {name: float(auto[name][cfg.data.subset] if w == "auto" else w) for name, w in weights.items()}
 
 
 def resolve_resume_path(spec: Any, ckpt_dir: str | Path) -> Path | None:
@@ -104,7 +99,7 @@ def autocast_for(dtype: torch.dtype | None, device: torch.device) -> Callable[[]
 
 def compile_module(module: torch.nn.Module, tcfg: DictConfig) -> torch.nn.Module:
     """trainer.compile: false | true | a torch.compile mode (default, reduce-overhead, max-autotune...)."""
-    spec = tcfg.get("compile", False)
+    spec = tcfg.compile
     if spec is False or str(spec).lower() in ("false", "off", "none"):
         return module
     mode = None if spec is True or str(spec).lower() in ("true", "default") else str(spec)

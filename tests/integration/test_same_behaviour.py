@@ -22,6 +22,7 @@ from tests.conftest import compose_cfg, tiny_overrides
 from tests.fixtures.behaviour_baseline import (
     BASELINE,
     PLACEHOLDER_PATHS,
+    VALUES,
     WEIGHT_CASES,
     WEIGHT_COMMON,
     machine,
@@ -121,6 +122,7 @@ def _train_tiny_state(compose: Callable, overrides: list[str], run_dir: Path) ->
     """
     from avs.data.synthetic import ensure_synthetic
     from avs.engine.checkpoint import load_checkpoint
+    from avs.engine.rundir import CHECKPOINT_DIR, LAST_CKPT
     from avs.engine.trainer import Trainer
 
     cfg = compose("train", overrides)
@@ -135,7 +137,7 @@ def _train_tiny_state(compose: Callable, overrides: list[str], run_dir: Path) ->
 
     with mock.patch.object(torch.Tensor, "backward", recording_backward):
         Trainer(cfg, run_dir).fit()
-    state = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["model"]
+    state = load_checkpoint(run_dir / CHECKPOINT_DIR / LAST_CKPT)["model"]
     return state, losses
 
 
@@ -248,16 +250,102 @@ def test_every_config_builds_the_same_model(baseline):
 FULL_GUARD_ONLY = ("ecmvae_ae", "ecmvae_conv1", "ecmvae_kl")
 
 
+# Off the baseline's machine kind the tiny runs are compared within a tolerance instead of bitwise.
+# Losses: each relative to itself. Weights: per part of the model (a top-level module; the backbone per
+# stage), the value-weighted change of the tensors' sign projections relative to the part's norm,
+#   sqrt(sum_t n_t (proj_t - proj'_t)^2) / sqrt(sum_t |w_t|^2)   ~   |w - w'| / |w|   of that part.
+# Single tensors are too noisy to compare: Adam moves a value by about lr whatever the size of its
+# gradient, so a value whose gradient is near zero (a norm bias of the last stage) takes a different
+# step on other kernels. Measured on this machine against the recording (ATEN_CPU_CAPABILITY=default
+# instead of AVX2, and 2 threads instead of 1, all 12 runs): losses differ by <= MEASURED["loss"],
+# parts by <= MEASURED["part"]; one Adam step of difference in one large tensor moves its part by
+# several 1e-3 (test_the_tolerance_path_passes_here_and_fails_on_a_perturbed_weight).
+MEASURED = {"loss": 3.3e-7, "part": 2.2e-4}
+LOSS_RTOL = 1e-5
+PART_RTOL = 1e-3
+
+
+def _part(key: str) -> str:
+    names = key.split(".")
+    return ".".join(names[:3]) if names[0] == "backbone" else names[0]
+
+
+def value_differences(expected: dict[str, Any], got: dict[str, Any], sizes: dict[str, int]) -> dict[str, Any]:
+    """The largest relative loss difference, the largest part difference (and its part), what differs in kind."""
+    worst: dict[str, Any] = {"loss": 0.0, "part": 0.0, "where": "", "problems": []}
+    if len(got["losses"]) != len(expected["losses"]):
+        worst["problems"].append(f"{len(got['losses'])} backward passes, expected {len(expected['losses'])}")
+    for a, b in zip(expected["losses"], got["losses"]):
+        worst["loss"] = max(worst["loss"], abs(a - b) / max(abs(a), 1e-12))
+    if set(got["stats"]) != set(expected["stats"]):
+        worst["problems"].append(f"other tensors: {sorted(set(got['stats']) ^ set(expected['stats']))[:5]}")
+    parts: dict[str, list[float]] = {}
+    for key in sorted(set(got["stats"]) & set(expected["stats"])):
+        (_, norm, proj), (_, _, proj_now) = expected["stats"][key], got["stats"][key]
+        acc = parts.setdefault(_part(key), [0.0, 0.0])
+        acc[0] += sizes[key] * (proj - proj_now) ** 2
+        acc[1] += norm**2
+    for part, (change, norm2) in parts.items():
+        d = (change / max(norm2, 1e-24)) ** 0.5
+        if d > worst["part"]:
+            worst["part"], worst["where"] = d, part
+    return worst
+
+
+def same_within_tolerance(name: str, expected: dict[str, Any], state: dict, losses: list[float]) -> list[str]:
+    """Problems (empty = same run) of a tiny run compared with its recorded values within the tolerances."""
+    got = {"losses": losses, "stats": tensor_stats(state)}
+    diff = value_differences(expected, got, {k: v.numel() for k, v in state.items()})
+    problems = list(diff["problems"])
+    if diff["loss"] > LOSS_RTOL:
+        problems.append(f"{name}: losses {losses} differ from {expected['losses']} by {diff['loss']:.2e} > {LOSS_RTOL}")
+    if diff["part"] > PART_RTOL:
+        problems.append(f"{name}: weights of {diff['where']} differ by {diff['part']:.2e} (relative) > {PART_RTOL}")
+    return problems
+
+
+@pytest.fixture(scope="module")
+def baseline_values() -> dict[str, Any]:
+    return json.loads(VALUES.read_text())
+
+
+def _same_machine_kind(recorded: dict[str, str]) -> bool:
+    """Bitwise comparison only on the recording machine kind; AVS_GUARD_TOLERANCE=1 forces the tolerance path."""
+    return recorded == machine() and os.environ.get("AVS_GUARD_TOLERANCE") != "1"
+
+
 @pytest.mark.parametrize("name", sorted(WEIGHT_CASES))
-def test_tiny_training_gives_bit_identical_weights(name, baseline, synth_data_dir, tmp_path):
+def test_tiny_training_gives_the_same_weights(name, baseline, baseline_values, synth_data_dir, tmp_path):
+    """Bit-identical weights on the baseline's machine kind; elsewhere the same losses and weights within tolerance."""
     if name in FULL_GUARD_ONLY and os.environ.get("AVS_FULL_GUARD") != "1":
         pytest.skip("set AVS_FULL_GUARD=1 for the full weight guard (three more ECMVAE variants, about 20 s)")
-    if baseline["machine"] != machine():
-        pytest.skip(
-            f"baseline recorded on {baseline['machine']}, this is {machine()}: bitwise equality "
-            "holds only for the same torch build and CPU kernels"
-        )
     torch.set_num_threads(1)
     overrides = tiny_overrides(synth_data_dir) + WEIGHT_CASES[name] + WEIGHT_COMMON
-    expected = NO_AUDIO_WEIGHTS.get(name, baseline["weights"][name])
-    assert train_tiny(compose_cfg, overrides, tmp_path / name) == expected
+    state, losses = _train_tiny_state(compose_cfg, overrides, tmp_path / name)
+    if _same_machine_kind(baseline["machine"]):
+        assert weights_sha(state) == NO_AUDIO_WEIGHTS.get(name, baseline["weights"][name])
+    else:
+        problems = same_within_tolerance(name, baseline_values["runs"][name], state, losses)
+        assert not problems, "\n".join(problems)
+
+
+def test_the_tolerance_path_passes_here_and_fails_on_a_perturbed_weight(baseline_values, synth_data_dir, tmp_path):
+    """The path other machines take: this machine's run passes it, a run that differs by one step does not."""
+    torch.set_num_threads(1)
+    name = "tpavi"
+    overrides = tiny_overrides(synth_data_dir) + WEIGHT_CASES[name] + WEIGHT_COMMON
+    state, losses = _train_tiny_state(compose_cfg, overrides, tmp_path / name)
+    expected = baseline_values["runs"][name]
+    with mock.patch.dict(os.environ, {"AVS_GUARD_TOLERANCE": "1"}):
+        assert not _same_machine_kind(baseline_values["machine"])
+    assert same_within_tolerance(name, expected, state, losses) == []
+    # one Adam step (lr per value, random signs) more or less in the decoder's largest tensor
+    key = max((k for k in state if _part(k) == "decoder"), key=lambda k: state[k].numel())
+    lr = float(compose_cfg("train", overrides).trainer.lr)
+    signs = torch.randint(0, 2, state[key].shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    perturbed = {**state, key: state[key] + lr * signs}
+    problems = same_within_tolerance(name, expected, perturbed, losses)
+    assert len(problems) == 1 and "weights of decoder differ" in problems[0], problems
+    # a loss that moved by 1e-4 of itself (a changed loss weight or term would move it far more)
+    problems = same_within_tolerance(name, expected, state, [v * (1 + 1e-4) for v in losses])
+    assert len(problems) == 1 and "losses" in problems[0], problems
