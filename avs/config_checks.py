@@ -20,8 +20,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from avs.data.audio import EMBEDDING_DIM
-from avs.data.layout import LAYOUTS
+from avs.data.layout import LAYOUTS, labelled_frames_name
 from avs.data.options import check_data_options
+from avs.engine.rundir import CHECKPOINT_DIR, LAST_CKPT
 from avs.errors import ConfigError, MissingFileError  # noqa: F401  (ConfigError, MissingFileError re-exported)
 
 AMP_CHOICES = ("auto", "off", "false", "False", "none", "None", "bf16", "fp16")
@@ -156,10 +157,10 @@ def _check_data(data: DictConfig) -> None:
         raise ConfigError(f"data.image_size={size} must be a positive multiple of 32 (the backbone's output stride)")
     _positive_int(data.num_frames, "data.num_frames")
     _positive_int(data.batch_size, "data.batch_size")
-    _positive_int(data.get("eval_batch_size", data.batch_size), "data.eval_batch_size")
-    _positive_int(data.get("num_workers", 0), "data.num_workers", minimum=0)
-    check_data_options(data.audio_source, data.get("on_error", "raise"))
-    flip = _number(data.get("flip_prob", 0.0) or 0.0, "data.flip_prob")
+    _positive_int(data.eval_batch_size, "data.eval_batch_size")
+    _positive_int(data.num_workers, "data.num_workers", minimum=0)
+    check_data_options(data.audio_source, data.on_error)
+    flip = _number(data.flip_prob or 0.0, "data.flip_prob")
     if not 0.0 <= flip <= 1.0:
         raise ConfigError(f"data.flip_prob={flip} must lie in [0, 1]")
 
@@ -186,11 +187,14 @@ def _check_model(cfg: DictConfig, data: DictConfig, model: DictConfig) -> None:
     projector = model.get("projector")
     mask_mode = str(model.get("projector_mask", "auto"))
     if projector is not None:
-        if mask_mode == "gt" and data.subset == "s4":
+        # which training frames have a mask: the one rule of avs.data.layout (S4: the first frame only)
+        all_labelled = labelled_frames_name(str(data.subset), "train") == "all"
+        if mask_mode == "gt" and not all_labelled:
             raise ConfigError(
-                "model.projector_mask=gt needs all frames labelled; S4 trains on frame 0 only (use auto or pred)"
+                f"model.projector_mask=gt needs all frames labelled; {data.subset} trains on frame 0 only "
+                "(use auto or pred)"
             )
-        gt_used = mask_mode == "gt" or (mask_mode == "auto" and data.subset == "ms3")
+        gt_used = mask_mode == "gt" or (mask_mode == "auto" and all_labelled)
         if projector.get("legacy_raw_logits", False) and gt_used:
             raise ConfigError(
                 f"model.projector.legacy_raw_logits=true is an S4 option (the AVS-BG S4 code pooled raw logits); "
@@ -226,14 +230,14 @@ def _check_latent_remedies(model: DictConfig, trainer: DictConfig) -> None:
     from avs.models.latent_parts import FREE_BITS_DIVERGENCES
 
     latent = model.get("latent")
-    variant = str(latent.get("variant", "factorised")) if latent is not None else None
+    variant = str(latent.variant) if latent is not None else None
     has_kl = latent is not None and variant != "ae"
     free_bits = _number(latent.get("free_bits", 0.0) or 0.0, "model.latent.free_bits") if latent is not None else 0.0
     if free_bits < 0:
         raise ConfigError(f"model.latent.free_bits={free_bits} must be >= 0 (nats per dimension; 0 = off)")
     if free_bits > 0 and not has_kl:
         raise ConfigError(f"model.latent.free_bits={free_bits}: variant=ae has no KL term to floor; set it to 0")
-    divergence = str(latent.get("divergence", "js")) if latent is not None else None
+    divergence = str(latent.divergence) if latent is not None else None
     if free_bits > 0 and variant == "factorised" and divergence not in FREE_BITS_DIVERGENCES:
         raise ConfigError(
             f"model.latent.free_bits={free_bits} floors a divergence per dimension, but divergence={divergence} "
@@ -290,26 +294,26 @@ def _check_embedding_audio(model: DictConfig) -> None:
 
 
 def _check_trainer(trainer: DictConfig) -> None:
-    split = str(trainer.get("select_split", "val"))
+    split = str(trainer.select_split)
     if split not in ("val", "test"):
         raise ConfigError(f"trainer.select_split must be 'val' (or 'test' with allow_test_selection), got {split!r}")
-    if split == "test" and not trainer.get("allow_test_selection", False):
+    if split == "test" and not trainer.allow_test_selection:
         raise ConfigError(
             "trainer.select_split=test selects checkpoints on the test split; this is refused unless "
             "trainer.allow_test_selection=true is set explicitly (the AVS-BG release did this; see docs/protocols.md)"
         )
-    if str(trainer.get("amp", "auto")) not in AMP_CHOICES:
+    if str(trainer.amp) not in AMP_CHOICES:
         raise ConfigError(f"trainer.amp must be auto|off|bf16|fp16, got {trainer.amp!r}")
-    _positive_int(trainer.get("grad_accum", 1), "trainer.grad_accum")
-    _positive_int(trainer.get("max_consecutive_nonfinite", 3), "trainer.max_consecutive_nonfinite")
+    _positive_int(trainer.grad_accum, "trainer.grad_accum")
+    _positive_int(trainer.max_consecutive_nonfinite, "trainer.max_consecutive_nonfinite")
     for key in ("checkpoint_every_steps", "interrupt_after_steps", "max_steps", "epochs", "log_every_steps"):
-        _positive_int(trainer.get(key, 0) or 0, f"trainer.{key}", minimum=0)
-    if int(trainer.get("max_steps", 0) or 0) == 0 and int(trainer.get("epochs", 0) or 0) < 1:
+        _positive_int(trainer[key] or 0, f"trainer.{key}", minimum=0)
+    if int(trainer.max_steps or 0) == 0 and int(trainer.epochs or 0) < 1:
         raise ConfigError(
-            f"trainer.epochs must be >= 1 (got {trainer.get('epochs')}), or give the length as trainer.max_steps > 0: "
+            f"trainer.epochs must be >= 1 (got {trainer.epochs}), or give the length as trainer.max_steps > 0: "
             "a run of 0 steps would report the numbers of an untrained model"
         )
-    _positive_int(trainer.get("val_every_epochs", 1), "trainer.val_every_epochs")
+    _positive_int(trainer.val_every_epochs, "trainer.val_every_epochs")
     for key in ("lr", "weight_decay", "grad_clip"):
         if key in trainer and _number(trainer.get(key) or 0, f"trainer.{key}") < 0:
             raise ConfigError(f"trainer.{key}={trainer.get(key)} must be >= 0")
@@ -321,31 +325,31 @@ def _check_trainer(trainer: DictConfig) -> None:
     steps = trainer.get("debug_nan_steps") or []
     if not isinstance(steps, (list, ListConfig)) or not all(isinstance(s, int) and s >= 1 for s in steps):
         raise ConfigError(f"trainer.debug_nan_steps must be a list of step numbers >= 1, got {steps!r}")
-    if str(trainer.get("find_unused_parameters", "auto")) not in ("auto", "True", "False", "true", "false"):
+    if str(trainer.find_unused_parameters) not in ("auto", "True", "False", "true", "false"):
         raise ConfigError(
             f"trainer.find_unused_parameters must be auto|true|false, got {trainer.find_unused_parameters!r}"
         )
     resume = trainer.get("resume")
     if resume not in (None, "", "auto"):
         p = Path(str(resume)).expanduser()
-        if not (p.is_file() or (p / "checkpoints" / "last.ckpt").is_file() or (p / "last.ckpt").is_file()):
+        if not (p.is_file() or (p / CHECKPOINT_DIR / LAST_CKPT).is_file() or (p / LAST_CKPT).is_file()):
             raise ConfigError(
                 f"trainer.resume={resume}: neither a checkpoint file nor a run directory holding "
-                "checkpoints/last.ckpt (use trainer.resume=auto to continue the current run dir)"
+                f"{CHECKPOINT_DIR}/{LAST_CKPT} (use trainer.resume=auto to continue the current run dir)"
             )
 
 
 def _check_eval(ecfg: DictConfig, model: DictConfig) -> None:
-    protocols = list(ecfg.get("protocols", []) or [])
+    protocols = list(ecfg.protocols or [])
     if protocols and ecfg.get("protocol") not in protocols:
         raise ConfigError(f"eval.protocol={ecfg.get('protocol')} must be one of eval.protocols={protocols}")
-    samples = _positive_int(ecfg.get("num_samples", 1), "eval.num_samples")
+    samples = _positive_int(ecfg.num_samples, "eval.num_samples")
     if samples > 1 and model.get("latent") is None:
         raise ConfigError(
             f"eval.num_samples={samples} draws latent samples but model.latent is null "
             f"(model {model.get('name')!r} is deterministic): use eval.num_samples=1 or a latent model"
         )
-    _positive_int(ecfg.get("legacy_batch_size", 1), "eval.legacy_batch_size")
+    _positive_int(ecfg.legacy_batch_size, "eval.legacy_batch_size")
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from avs.data.audio import LOGMEL_SHAPE
 from avs.errors import ConfigError
 
 
@@ -43,7 +44,7 @@ def make_batch(
     g = torch.Generator().manual_seed(seed)
     B, T, S = batch_size, num_frames, size
     if audio == "logmel":
-        a = torch.randn(B, T, 1, 96, 64, generator=g)
+        a = torch.randn(B, T, *LOGMEL_SHAPE, generator=g)
     elif audio == "embedding":
         a = torch.randn(B, T, audio_dim, generator=g)
     else:

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from avs.data.audio import LOGMEL_SHAPE, MIN_SAMPLES, fit_audio_array, read_wav
+from avs.data.audio import LOGMEL_SHAPE, MIN_SAMPLES, SAMPLE_RATE, fit_audio_array, read_wav
 from avs.data.layout import (
     SPLITS,
     AVSDataError,
@@ -194,7 +194,7 @@ def _check_wav(w: _Walk, rec: ClipRecord) -> None:
         return
     try:
         samples, sr = read_wav(p)
-        if len(samples) * 16000 < MIN_SAMPLES * sr:
+        if len(samples) * SAMPLE_RATE < MIN_SAMPLES * sr:
             w.report.add(p, f"wav too short for one VGGish example ({len(samples) / sr:.3f} s)")
     except (ValueError, OSError) as exc:
         w.report.add(p, f"unreadable wav ({exc})")

@@ -41,8 +41,9 @@ def _no_barrier() -> None:
 class RunData:
     """Datasets and loaders of one run (`is_main`: the process that generates synthetic data first)."""
 
-    def __init__(self, cfg: DictConfig, *, is_main: bool = True, cuda: bool = False,
-                 barrier: Callable[[], None] = _no_barrier) -> None:
+    def __init__(
+        self, cfg: DictConfig, *, is_main: bool = True, cuda: bool = False, barrier: Callable[[], None] = _no_barrier
+    ) -> None:
         self.cfg = cfg
         self.is_main = is_main
         self.cuda = cuda
@@ -71,8 +72,13 @@ class RunData:
     def persistent_workers(self) -> bool:
         """data.persistent_workers: auto (= on with worker processes) | true | false."""
         workers = int(self.cfg.data.num_workers)
-        return auto_flag(self.cfg.data.get("persistent_workers", "auto"), "data.persistent_workers", auto=workers > 0,
-                         supported=workers > 0, requirement="data.num_workers > 0")
+        return auto_flag(
+            self.cfg.data.persistent_workers,
+            "data.persistent_workers",
+            auto=workers > 0,
+            supported=workers > 0,
+            requirement="data.num_workers > 0",
+        )
 
     def loader(self, split: str, sampler=None, batch_size: int | None = None) -> DataLoader:
         """The split's DataLoader (reused while its workers are persistent)."""
@@ -89,9 +95,9 @@ class RunData:
             sampler=sampler,
             shuffle=False,
             num_workers=workers,
-            pin_memory=auto_flag(dcfg.get("pin_memory", "auto"), "data.pin_memory", auto=self.cuda),
+            pin_memory=auto_flag(dcfg.pin_memory, "data.pin_memory", auto=self.cuda),
             persistent_workers=persistent,
-            collate_fn=collate_skip_errors if dcfg.get("on_error", "raise") == "skip" else None,
+            collate_fn=collate_skip_errors if dcfg.on_error == "skip" else None,
             worker_init_fn=ignore_stop_signals if workers > 0 else None,
             generator=torch.Generator().manual_seed(int(self.cfg.seed)),
         )

@@ -22,6 +22,7 @@ from avs.config import auto_flag
 from avs.engine import distributed as D
 from avs.engine.amp import native_bf16
 from avs.engine.checkpoint import CheckpointError, load_checkpoint, model_state_from
+from avs.engine.rundir import CHECKPOINT_DIR, LAST_CKPT
 from avs.utils.device import to_channels_last
 
 log = logging.getLogger(__name__)
@@ -40,18 +41,13 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 
 def resolve_loss_weights(cfg: DictConfig) -> dict[str, float]:
-    """`model.loss_weights` with 'auto' entries resolved per data subset (e.g. A-V loss 0 on S4, 0.5 on MS3)."""
+    """`model.loss_weights` with 'auto' entries resolved per data subset (e.g. A-V loss 0 on S4, 0.5 on MS3).
+
+    avs.config_checks.check_config has refused an 'auto' without its `model.auto_weights` entry.
+    """
     weights = OmegaConf.to_container(cfg.model.loss_weights, resolve=True)
-    auto = OmegaConf.to_container(cfg.model.get("auto_weights", {}) or {}, resolve=True)
-    subset = cfg.data.subset
-    out = {}
-    for name, w in weights.items():
-        if w == "auto":
-            if name not in auto or subset not in auto[name]:
-                raise ValueError(f"model.loss_weights.{name}=auto needs model.auto_weights.{name}.{subset}")
-            w = auto[name][subset]
-        out[name] = float(w)
-    return out
+    auto = cfg.model.auto_weights
+    return {name: float(auto[name][cfg.data.subset] if w == "auto" else w) for name, w in weights.items()}
 
 
 def resolve_resume_path(spec: Any, ckpt_dir: str | Path) -> Path | None:
@@ -62,12 +58,12 @@ def resolve_resume_path(spec: Any, ckpt_dir: str | Path) -> Path | None:
     if spec in (None, "", False) or str(spec).lower() in ("null", "none", "false"):
         return None
     if str(spec) == "auto":
-        path = Path(ckpt_dir) / "last.ckpt"
+        path = Path(ckpt_dir) / LAST_CKPT
         return path if path.is_file() else None
     p = Path(str(spec)).expanduser()
     if p.is_file():
         return p
-    return next((c for c in (p / "checkpoints" / "last.ckpt", p / "last.ckpt") if c.is_file()), p / "last.ckpt")
+    return next((c for c in (p / CHECKPOINT_DIR / LAST_CKPT, p / LAST_CKPT) if c.is_file()), p / LAST_CKPT)
 
 
 def ddp_find_unused_parameters(cfg: DictConfig) -> bool:
@@ -103,7 +99,7 @@ def autocast_for(dtype: torch.dtype | None, device: torch.device) -> Callable[[]
 
 def compile_module(module: torch.nn.Module, tcfg: DictConfig) -> torch.nn.Module:
     """trainer.compile: false | true | a torch.compile mode (default, reduce-overhead, max-autotune...)."""
-    spec = tcfg.get("compile", False)
+    spec = tcfg.compile
     if spec is False or str(spec).lower() in ("false", "off", "none"):
         return module
     mode = None if spec is True or str(spec).lower() in ("true", "default") else str(spec)

@@ -1,26 +1,24 @@
 """Resume = the same run: the config of a resumed run is compared with the one stored in the checkpoint.
 
-Every resolved config key is a *result* key unless `FREE_KEYS` names it: a key that only changes
-how the run is watched or run (progress bars, logging, workers, device, where files are), not its
-numbers. A changed result key is refused by name (`trainer.lr: 0.001 in the checkpoint, 0.05 now`)
-unless `trainer.resume_allow_changes` lists it (or a parent node): an allowed change then takes
-effect for real (`restore_optimizer`: the optimizer's hyperparameters come from the current config,
-the lr schedule is rebuilt for it) and is recorded (run_report.json / metrics.json
-`faults.resumed_from[].changes`). `SCHEDULE_LENGTH_KEYS` (trainer.epochs, trainer.max_steps) may
-change without being listed: the schedule is rebuilt for the new total number of steps and
-continues from the step reached (docs/reliability.md, "Run integrity"). A key present on one side
-only (added to or removed from the configs since the checkpoint was written) is logged and recorded,
-not refused, so checkpoints of earlier versions stay resumable. Keys that a newer version spells
-differently are first translated (`avs.config_upgrade.upgrade_config`: e.g. `trainer.schedule: cosine` is now the
-`trainer.scheduler` node of `scheduler=cosine`; no `trainer.optimizer` node meant Adam), so a
-change of their value is refused like any other.
+Every resolved config key is a *result* key unless `avs.config_keys.RESULT_NEUTRAL_KEYS` names it: a key
+that only changes how the run is watched or run (progress bars, logging, workers, device, where files
+are), not its numbers (the same list keeps such keys out of table rows). A changed result key is refused
+by name (`trainer.lr: 0.001 in the checkpoint, 0.05 now`) unless `trainer.resume_allow_changes` lists it
+(or a parent node): an allowed change then takes effect for real (`restore_optimizer`: the optimizer's
+hyperparameters come from the current config, the lr schedule is rebuilt for it) and is recorded
+(run_report.json / metrics.json `faults.resumed_from[].changes`). `SCHEDULE_LENGTH_KEYS`
+(trainer.epochs, trainer.max_steps) may change without being listed: the schedule is rebuilt for the new
+total number of steps and continues from the step reached (docs/reliability.md, "Run integrity"). A key
+present on one side only (added to or removed from the configs since the checkpoint was written) is
+logged and recorded, not refused, so checkpoints of earlier versions stay resumable. Keys that a newer
+version spells differently are first translated (`avs.config_upgrade.upgrade_config`: e.g.
+`trainer.schedule: cosine` is now the `trainer.scheduler` node of `scheduler=cosine`; no
+`trainer.optimizer` node meant Adam), so a change of their value is refused like any other.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import logging
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -28,45 +26,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from avs.config_checks import ConfigError
+from avs.config_keys import is_result_neutral
+from avs.config_keys import matches as _matches
 from avs.config_upgrade import upgrade_config
 
 log = logging.getLogger(__name__)
 
-# Keys whose value does not change a run's results (a pattern covers the key and everything below it).
-FREE_KEYS: tuple[str, ...] = (
-    "task_name",
-    "paths",  # where files are; the data they lead to is compared through data.root
-    "*.weights_path",  # pretrained files are read at init only; a resumed run takes every weight from the checkpoint
-    "*.pca_path",
-    "data.num_workers",
-    "data.pin_memory",
-    "data.persistent_workers",
-    "data.eval_batch_size",
-    "trainer.resume",
-    "trainer.resume_allow_changes",
-    "trainer.device",
-    "trainer.progress",
-    "trainer.tensorboard",
-    "trainer.log_every_steps",
-    "trainer.checkpoint_every_steps",
-    "trainer.interrupt_after_steps",
-    "trainer.max_consecutive_nonfinite",
-    "trainer.debug_nan_steps",
-    "trainer.test_at_end",
-    "trainer.compile",
-    "trainer.compile_backend",
-    "trainer.cudnn_benchmark",
-    "trainer.channels_last",
-    "trainer.find_unused_parameters",
-    "trainer.record_latent_kl",  # a measurement on val; training is unchanged
-)
 # Result keys that may change on resume without being listed: the schedule is rebuilt for the new length.
 SCHEDULE_LENGTH_KEYS: tuple[str, ...] = ("trainer.epochs", "trainer.max_steps")
 ALLOW_KEY = "trainer.resume_allow_changes"
-
-
-def _matches(key: str, patterns: Iterable[str]) -> bool:
-    return any(fnmatch.fnmatchcase(key, p) or fnmatch.fnmatchcase(key, p + ".*") for p in patterns)
 
 
 # Nodes compared as one value: the component a group option picks (null = none), not its separate arguments.
@@ -98,7 +66,7 @@ def config_changes(stored: Any, cfg: DictConfig) -> list[dict[str, Any]]:
     changes = []
     for key in sorted(set(a) | set(b)):
         va, vb = a.get(key, _ABSENT), b.get(key, _ABSENT)
-        if va == vb or _matches(key, FREE_KEYS):
+        if va == vb or is_result_neutral(key):
             continue
         changes.append(
             {

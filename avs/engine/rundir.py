@@ -23,6 +23,9 @@ from avs.errors import AVSError, ExitCode
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
+CHECKPOINT_DIR = "checkpoints"  # a run dir's checkpoints live here
+LAST_CKPT = "last.ckpt"  # the newest state (resumable)
+BEST_CKPT = "best.ckpt"  # the state of the best validation score
 
 
 class RunDirError(AVSError, code=ExitCode.OUTPUT):
@@ -119,7 +122,7 @@ class RunDirLock:
 
 def check_run_dir_free(run_dir: str | Path, resume_path: str | Path | None) -> None:
     """Refuse a run dir holding checkpoints unless `resume_path` (the checkpoint resumed from) lies in it."""
-    ckpt_dir = Path(run_dir) / "checkpoints"
+    ckpt_dir = Path(run_dir) / CHECKPOINT_DIR
     found = sorted(p.name for p in ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
     if not found:
         return
@@ -158,8 +161,8 @@ def claim_run_dir(
 
 def resume_advice(run_dir: str | Path) -> str:
     """How to continue a stopped run, from what its checkpoints/ folder holds now."""
-    ckpt_dir = Path(run_dir) / "checkpoints"
-    if (ckpt_dir / "last.ckpt").is_file():
+    ckpt_dir = Path(run_dir) / CHECKPOINT_DIR
+    if (ckpt_dir / LAST_CKPT).is_file():
         return f"resume with trainer.resume=auto hydra.run.dir={run_dir} (or trainer.resume={run_dir})"
     found = sorted(p.name for p in ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
     held = f"{ckpt_dir} holds only {', '.join(found)}" if found else f"no checkpoint was written to {ckpt_dir}"
@@ -209,7 +212,7 @@ def precheck_run_dir(overrides: list[str], config_name: str = "train") -> None:
         cfg = compose_config(config_name, [a for a in overrides if "=" in a])
     except Exception:  # noqa: BLE001  (a rejected override: Hydra itself reports it, with hints)
         return
-    resume = resolve_resume_path(cfg.trainer.get("resume"), run_dir / "checkpoints")
+    resume = resolve_resume_path(cfg.trainer.resume, run_dir / CHECKPOINT_DIR)
     if resume is not None and not resume.is_file():
         return  # no checkpoint there: check_config refuses that trainer.resume with the reason
     check_run_dir_free(run_dir, resume)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from avs.data.audio import SAMPLE_RATE
 from avs.inference.model import LoadedModel, load_model
 from avs.inference.overlay import OverlayVideoWriter, heatmap, image_grid, mask_to_size, save_png, tint
 from avs.inference.video import (
@@ -223,7 +224,7 @@ def _demo_audio(cfg: Mapping[str, Any], video: Path, info: VideoInfo) -> _DemoAu
         audio_source = str(video)
     samples16k = audio_to_16k(samples, rate)
     check_duration(info.num_frames, info.fps, samples16k.shape[0], str(video), audio_source)
-    audio_seconds = samples16k.shape[0] / 16000.0
+    audio_seconds = samples16k.shape[0] / float(SAMPLE_RATE)
     short_audio = str(_opt(cfg, "short_audio", "silence"))
     # within one video frame counts as covering the video (container and codec rounding)
     samples16k, uncovered = fit_audio_to_video(samples16k, info.duration, short_audio, audio_source, 1.0 / info.fps)

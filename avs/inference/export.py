@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from avs.data.audio import LOGMEL_SHAPE
+from avs.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from avs.errors import AVSError, ExitCode
 from avs.models.segmentor import AVSegmentor
 from avs.utils.io import atomic_write_bytes, atomic_write_text
@@ -108,7 +110,7 @@ def example_inputs(
     """Random (frames [B,T,3,H,W] ~ N(0,1), log-mel [B,T,1,96,64] ~ N(-4,2)) for tracing and checking."""
     g = torch.Generator().manual_seed(int(seed))
     frames = torch.randn(batch, num_frames, 3, *image_size, generator=g)
-    audio = torch.randn(batch, num_frames, 1, 96, 64, generator=g) * 2.0 - 4.0  # roughly log-mel scaled
+    audio = torch.randn(batch, num_frames, *LOGMEL_SHAPE, generator=g) * 2.0 - 4.0  # roughly log-mel scaled
     return frames.to(device), audio.to(device)
 
 
@@ -223,8 +225,8 @@ def export_checkpoint(cfg: Any, out_dir: str | Path) -> ExportResult:
         "backbone": str(loaded.cfg.backbone.get("name", "")),
         "num_frames": loaded.num_frames,
         "image_size": list(loaded.image_size),
-        "mean": [0.485, 0.456, 0.406],
-        "std": [0.229, 0.224, 0.225],
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
     }
     result = export_torchscript(
         loaded.model,

@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from avs.data.audio import SAMPLE_RATE
 from avs.utils.io import atomic_write_bytes
 
 __all__ = [
@@ -191,7 +192,7 @@ class OverlayVideoWriter:
         rate: Any,
         size: tuple[int, int],
         audio: np.ndarray | None = None,
-        sample_rate: int = 16000,
+        sample_rate: int = SAMPLE_RATE,
         crf: int = 20,
         codec: str = "libx264",
     ) -> None:

@@ -25,7 +25,6 @@ from avs.models.code_fusion import DIVERGENCES, make_code_fusion
 from avs.models.divergences import kl_logvar, kl_normal, reparameterize
 from avs.models.latent_parts import (
     BRANCHES,
-    FREE_BITS_DIVERGENCES,
     PAPER_LOSS_WEIGHTS,
     RELEASED_LOSS_WEIGHTS,
     SPATIAL_EMBED,
@@ -87,11 +86,8 @@ class Latent(nn.Module):
     ) -> None:
         super().__init__()
         _check_sizes(channels=channels, audio_dim=audio_dim, latent_dim=latent_dim, mi_dim=mi_dim)
-        if free_bits < 0:
-            raise ValueError(f"model.latent.free_bits must be >= 0 (nats per dimension), got {free_bits}")
-        if free_bits > 0 and not self.has_kl:
-            raise ValueError(f"model.latent.free_bits={free_bits}: variant {self.variant!r} has no KL term to floor")
-        # nats per dimension below which a code's divergence is not penalised (0 = off)
+        # nats per dimension below which a code's divergence is not penalised (0 = off); its range, the
+        # variant and the divergence it needs are checked once, before the run (avs.config_checks)
         self.free_bits = float(free_bits)
         self.channels = channels
         self.audio_dim = audio_dim
@@ -365,11 +361,6 @@ class FactorisedLatent(_AudioVisualLatent):
     def __init__(self, *args, divergence: str = "js", **kwargs) -> None:
         if divergence not in DIVERGENCES:
             raise ValueError(f"model.latent.divergence must be one of {DIVERGENCES}, got {divergence!r}")
-        if kwargs.get("free_bits", 0.0) > 0 and divergence not in FREE_BITS_DIVERGENCES:
-            raise ValueError(
-                f"model.latent.free_bits needs a per-dimension divergence {FREE_BITS_DIVERGENCES}; "
-                f"divergence={divergence!r} is a sampled estimate that does not split over dimensions"
-            )
         self.divergence = divergence
         self.code_fusion = make_code_fusion(divergence)
         super().__init__(*args, **kwargs)

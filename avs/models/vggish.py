@@ -17,10 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from avs.data.audio import EMBEDDING_DIM, LOGMEL_SHAPE
+
 log = logging.getLogger(__name__)
 
 FEATURE_CFG: tuple[int | str, ...] = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M")
-EMBEDDING_DIM = 128
 PCA_EIGEN_VECTORS = "pca_eigen_vectors"
 PCA_MEANS = "pca_means"
 QUANTIZE_MIN, QUANTIZE_MAX = -2.0, 2.0
@@ -182,7 +183,7 @@ class VGGish(nn.Module):
 
     def forward(self, logmel: torch.Tensor) -> torch.Tensor:
         """[N,1,96,64] log-mel -> [N,128] embeddings."""
-        if logmel.dim() != 4 or tuple(logmel.shape[1:]) != (1, 96, 64):
+        if logmel.dim() != 4 or tuple(logmel.shape[1:]) != LOGMEL_SHAPE:
             raise ValueError(f"VGGish expects log-mel shaped [N,1,96,64], got {list(logmel.shape)}")
         x = self.features(logmel)  # [N,1,96,64] -> [N,512,6,4]
         x = x.permute(0, 2, 3, 1).flatten(1)  # NHWC (TF order): [N,512,6,4] -> [N,6,4,512] -> [N,12288]

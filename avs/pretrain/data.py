@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from avs.data.audio import waveform_to_examples
+from avs.data.audio import SAMPLE_RATE, waveform_to_examples
 from avs.data.synthetic.clip import _place_objects
 from avs.data.synthetic.render import _render_frames
 from avs.data.synthetic.sound import _category_signal, _pink_noise
@@ -23,7 +23,6 @@ from avs.data.transforms import normalize_frames
 PRETRAIN_TAG = 0x505254  # "PRT"
 _TASKS = {"visual": 0, "audio": 1}
 _SPLITS = {"train": 0, "val": 1}
-_SAMPLE_RATE = 16000
 
 
 def _rng(task: str, seed: int, split: str, index: int) -> np.random.Generator:
@@ -67,10 +66,10 @@ def sound_example(num_categories: int, snr_db: Sequence[float], rng: np.random.G
     """One category's 1-s sound over pink noise -> (VGGish log-mel float32 [1,96,64], category)."""
     cats = build_categories(num_categories)
     cat = cats[int(rng.integers(num_categories))]
-    sig = 0.1 * rng.uniform(0.6, 1.0) * _category_signal(rng, cat, _SAMPLE_RATE, _SAMPLE_RATE)
+    sig = 0.1 * rng.uniform(0.6, 1.0) * _category_signal(rng, cat, SAMPLE_RATE, SAMPLE_RATE)
     snr = rng.uniform(float(snr_db[0]), float(snr_db[1]))
-    sig = sig + _pink_noise(rng, _SAMPLE_RATE, _SAMPLE_RATE) * np.sqrt(np.mean(sig * sig)) / 10.0 ** (snr / 20.0)
-    return waveform_to_examples(sig, _SAMPLE_RATE)[0], cat.index
+    sig = sig + _pink_noise(rng, SAMPLE_RATE, SAMPLE_RATE) * np.sqrt(np.mean(sig * sig)) / 10.0 ** (snr / 20.0)
+    return waveform_to_examples(sig, SAMPLE_RATE)[0], cat.index
 
 
 def sound_set(

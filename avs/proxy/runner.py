@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from avs.config import PROJECT_ROOT, compose_config
+from avs.engine.rundir import CHECKPOINT_DIR, LAST_CKPT
 from avs.proxy.protocol import (
     CEILINGS_FILE,
     PROTOCOL_FILE,
@@ -204,7 +205,7 @@ def _set_aside(run_dir: Path) -> None:
 
 
 def _drop_last_checkpoint(run_dir: Path) -> None:
-    last = run_dir / "checkpoints" / "last.ckpt"
+    last = run_dir / CHECKPOINT_DIR / LAST_CKPT
     if last.is_file():
         last.unlink()
 

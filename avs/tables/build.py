@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from avs.tables.keys import IGNORED_KEYS, IGNORED_SUFFIXES, ROW_LABEL_KEY, SUBSET_ORDER, TEST_AT_END_KEY
+from avs.config_keys import matches
+from avs.tables.keys import IGNORED_KEYS, ROW_LABEL_KEY, SUBSET_ORDER, TEST_AT_END_KEY
 from avs.tables.runs import RunResult, TableError
 
 NOT_IN_SOURCES = "n/a"
@@ -50,12 +51,7 @@ class ResultTable:
 
 
 def _ignored(key: str, extra: Sequence[str]) -> bool:
-    if key == ROW_LABEL_KEY:
-        return False
-    for p in (*IGNORED_KEYS, *extra):
-        if key == p or key.startswith(p + "."):
-            return True
-    return key.rsplit(".", 1)[-1] in IGNORED_SUFFIXES
+    return key != ROW_LABEL_KEY and matches(key, (*IGNORED_KEYS, *extra))
 
 
 def _h(v: Any) -> Any:

@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import torch
@@ -21,11 +22,13 @@ from tests.conftest import compose_cfg, tiny_overrides
 from tests.fixtures.behaviour_baseline import (
     BASELINE,
     PLACEHOLDER_PATHS,
+    VALUES,
     WEIGHT_CASES,
     WEIGHT_COMMON,
     machine,
     resolved,
     structure,
+    tensor_stats,
     weights_sha,
 )
 
@@ -116,17 +119,42 @@ NO_AUDIO_WEIGHTS: dict[str, str] = {
 }
 
 
-def train_tiny(compose: Callable, overrides: list[str], run_dir: Path) -> str:
-    """Train a tiny config in-process; SHA-256 of the final model weights."""
+def _train_tiny_state(compose: Callable, overrides: list[str], run_dir: Path) -> tuple[dict, list[float]]:
+    """Train a tiny config in-process -> (final model weights, the loss of every backward pass).
+
+    The losses are read where every engine must pass them, `Tensor.backward`, so the guard does not
+    depend on the engine's internals.
+    """
     from avs.data.synthetic import ensure_synthetic
     from avs.engine.checkpoint import load_checkpoint
+    from avs.engine.rundir import CHECKPOINT_DIR, LAST_CKPT
     from avs.engine.trainer import Trainer
 
     cfg = compose("train", overrides)
     ensure_synthetic(cfg.data)
-    Trainer(cfg, run_dir).fit()
-    state = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["model"]
-    return weights_sha(state)
+    losses: list[float] = []
+    backward = torch.Tensor.backward
+
+    def recording_backward(self, *args, **kwargs):
+        if self.dim() == 0:
+            losses.append(float(self.detach()))
+        return backward(self, *args, **kwargs)
+
+    with mock.patch.object(torch.Tensor, "backward", recording_backward):
+        Trainer(cfg, run_dir).fit()
+    state = load_checkpoint(run_dir / CHECKPOINT_DIR / LAST_CKPT)["model"]
+    return state, losses
+
+
+def train_tiny(compose: Callable, overrides: list[str], run_dir: Path) -> str:
+    """Train a tiny config in-process; SHA-256 of the final model weights."""
+    return weights_sha(_train_tiny_state(compose, overrides, run_dir)[0])
+
+
+def train_tiny_values(compose: Callable, overrides: list[str], run_dir: Path) -> dict[str, Any]:
+    """Train a tiny config in-process -> its weights' SHA-256, losses per step and per-tensor statistics."""
+    state, losses = _train_tiny_state(compose, overrides, run_dir)
+    return {"sha": weights_sha(state), "losses": losses, "stats": tensor_stats(state)}
 
 
 @pytest.fixture(scope="module")
@@ -227,16 +255,108 @@ def test_every_config_builds_the_same_model(baseline):
 FULL_GUARD_ONLY = ("ecmvae_ae", "ecmvae_conv1", "ecmvae_kl")
 
 
+# Off the baseline's machine kind the tiny runs are compared within a tolerance instead of bitwise.
+# Losses: each relative to itself. Weights: per part of the model (a top-level module; the backbone per
+# stage), the rms per value of the change, in units of the run's learning rate, estimated from the
+# tensors' sign projections (tensor_stats): sqrt(sum_t n_t (proj_t - proj'_t)^2 / sum_t n_t) / lr.
+# Single tensors are too noisy to compare: Adam moves a value by about lr whatever the size of its
+# gradient, so a value whose gradient is near zero (a norm bias of the last stage) takes a different step
+# on other kernels. Measured on this machine against the recording, with other CPU kernels
+# (ATEN_CPU_CAPABILITY=default instead of AVX2, all 12 runs): losses differ by <= MEASURED["loss"]
+# (avsbg_no_audio, step 3), parts by <= MEASURED["part"] lr (ecmvae_ae's fusion). The tolerances leave
+# margins of 19x and 5.6x. A changed loss weight or term moves a loss by far more than 1e-4; one Adam step
+# of difference (lr per value) across a part moves it by about 1 lr (a weighted mean of squared normal
+# draws), 5x the tolerance (test_the_tolerance_path_passes_here_and_fails_on_a_perturbed_weight). With one
+# projection per tensor, a random-sign change confined to one tensor holding a fraction f of its part's
+# values shows as |z| sqrt(f) lr (z a normal draw): such a change is caught only when large.
+MEASURED = {"loss": 5.3e-6, "part": 0.036}
+LOSS_RTOL = 1e-4
+PART_LR_TOL = 0.2
+
+
+def _part(key: str) -> str:
+    names = key.split(".")
+    return ".".join(names[:3]) if names[0] == "backbone" else names[0]
+
+
+def value_differences(expected: dict[str, Any], got: dict[str, Any], sizes: dict[str, int], lr: float) -> dict:
+    """The largest relative loss difference, the largest part difference in lr (and its part), other problems."""
+    worst: dict[str, Any] = {"loss": 0.0, "part": 0.0, "where": "", "problems": []}
+    if len(got["losses"]) != len(expected["losses"]):
+        worst["problems"].append(f"{len(got['losses'])} backward passes, expected {len(expected['losses'])}")
+    for a, b in zip(expected["losses"], got["losses"]):
+        worst["loss"] = max(worst["loss"], abs(a - b) / max(abs(a), 1e-12))
+    if set(got["stats"]) != set(expected["stats"]):
+        worst["problems"].append(f"other tensors: {sorted(set(got['stats']) ^ set(expected['stats']))[:5]}")
+    parts: dict[str, list[float]] = {}
+    for key in sorted(set(got["stats"]) & set(expected["stats"])):
+        acc = parts.setdefault(_part(key), [0.0, 0])
+        acc[0] += sizes[key] * (expected["stats"][key][2] - got["stats"][key][2]) ** 2
+        acc[1] += sizes[key]
+    for part, (change, count) in parts.items():
+        d = (change / max(count, 1)) ** 0.5 / lr
+        if d > worst["part"]:
+            worst["part"], worst["where"] = d, part
+    return worst
+
+
+def same_within_tolerance(name: str, expected: dict, state: dict, losses: list[float], lr: float) -> list[str]:
+    """Problems (empty = same run) of a tiny run compared with its recorded values within the tolerances."""
+    got = {"losses": losses, "stats": tensor_stats(state)}
+    diff = value_differences(expected, got, {k: v.numel() for k, v in state.items()}, lr)
+    problems = list(diff["problems"])
+    if diff["loss"] > LOSS_RTOL:
+        problems.append(f"{name}: losses {losses} differ from {expected['losses']} by {diff['loss']:.2e} > {LOSS_RTOL}")
+    if diff["part"] > PART_LR_TOL:
+        problems.append(f"{name}: weights of {diff['where']} differ by {diff['part']:.3f} lr per value > {PART_LR_TOL}")
+    return problems
+
+
+@pytest.fixture(scope="module")
+def baseline_values() -> dict[str, Any]:
+    return json.loads(VALUES.read_text())
+
+
+def _same_machine_kind(recorded: dict[str, str]) -> bool:
+    """Bitwise comparison only on the recording machine kind; AVS_GUARD_TOLERANCE=1 forces the tolerance path."""
+    return recorded == machine() and os.environ.get("AVS_GUARD_TOLERANCE") != "1"
+
+
 @pytest.mark.parametrize("name", sorted(WEIGHT_CASES))
-def test_tiny_training_gives_bit_identical_weights(name, baseline, synth_data_dir, tmp_path):
+def test_tiny_training_gives_the_same_weights(name, baseline, baseline_values, synth_data_dir, tmp_path):
+    """Bit-identical weights on the baseline's machine kind; elsewhere the same losses and weights within tolerance."""
     if name in FULL_GUARD_ONLY and os.environ.get("AVS_FULL_GUARD") != "1":
         pytest.skip("set AVS_FULL_GUARD=1 for the full weight guard (three more ECMVAE variants, about 20 s)")
-    if baseline["machine"] != machine():
-        pytest.skip(
-            f"baseline recorded on {baseline['machine']}, this is {machine()}: bitwise equality "
-            "holds only for the same torch build and CPU kernels"
-        )
     torch.set_num_threads(1)
     overrides = tiny_overrides(synth_data_dir) + WEIGHT_CASES[name] + WEIGHT_COMMON
-    expected = NO_AUDIO_WEIGHTS.get(name, baseline["weights"][name])
-    assert train_tiny(compose_cfg, overrides, tmp_path / name) == expected
+    state, losses = _train_tiny_state(compose_cfg, overrides, tmp_path / name)
+    if _same_machine_kind(baseline["machine"]):
+        assert weights_sha(state) == NO_AUDIO_WEIGHTS.get(name, baseline["weights"][name])
+    else:
+        lr = float(compose_cfg("train", overrides).trainer.lr)
+        problems = same_within_tolerance(name, baseline_values["runs"][name], state, losses, lr)
+        assert not problems, "\n".join(problems)
+
+
+def test_the_tolerance_path_passes_here_and_fails_on_a_perturbed_weight(baseline_values, synth_data_dir, tmp_path):
+    """The path other machines take: this machine's run passes it, a run that differs by one step does not."""
+    torch.set_num_threads(1)
+    name = "tpavi"
+    overrides = tiny_overrides(synth_data_dir) + WEIGHT_CASES[name] + WEIGHT_COMMON
+    state, losses = _train_tiny_state(compose_cfg, overrides, tmp_path / name)
+    expected = baseline_values["runs"][name]
+    with mock.patch.dict(os.environ, {"AVS_GUARD_TOLERANCE": "1"}):
+        assert not _same_machine_kind(baseline_values["machine"])
+    lr = float(compose_cfg("train", overrides).trainer.lr)
+    assert same_within_tolerance(name, expected, state, losses, lr) == []
+    # one Adam step (lr per value, random signs) more or less in every weight of the decoder
+    g = torch.Generator().manual_seed(0)
+    perturbed = {
+        k: v + lr * (torch.randint(0, 2, v.shape, generator=g) * 2 - 1) if _part(k) == "decoder" else v
+        for k, v in state.items()
+    }
+    problems = same_within_tolerance(name, expected, perturbed, losses, lr)
+    assert len(problems) == 1 and "weights of decoder differ" in problems[0], problems
+    # a loss that moved by 2e-4 of itself (a changed loss weight or term would move it far more)
+    problems = same_within_tolerance(name, expected, state, [v * (1 + 2e-4) for v in losses], lr)
+    assert len(problems) == 1 and "losses" in problems[0], problems

@@ -160,13 +160,16 @@ def test_covarying_keys_collapse_to_the_named_one(tmp_path):
 
 def test_a_key_missing_from_older_runs_does_not_split_rows(tmp_path):
     # runs written before a config key existed lack it; the runs that have it agree, so it is no row key
-    new_keys = {"trainer__cudnn_benchmark": True, "data__persistent_workers": "auto"}
+    new_keys = {"model__latent__free_bits": 0.0, "data__pad_short_audio": False}
     for i, (div, extra) in enumerate([("js", {}), ("js", new_keys), ("kl", new_keys), ("kl", {})]):
         _write_run(tmp_path / f"r{i}", _config("ms3", i, div, published=None, **extra), 0.5, 0.6)
     assert varied_keys(load_runs([tmp_path])) == ["model.latent.divergence"]
     # two different values among the runs that have the key: it varies
-    _write_run(tmp_path / "r4", _config("ms3", 4, "js", published=None, data__persistent_workers=True), 0.5, 0.6)
-    assert set(varied_keys(load_runs([tmp_path]))) == {"model.latent.divergence", "data.persistent_workers"}
+    _write_run(tmp_path / "r4", _config("ms3", 4, "js", published=None, data__pad_short_audio=True), 0.5, 0.6)
+    assert set(varied_keys(load_runs([tmp_path]))) == {"model.latent.divergence", "data.pad_short_audio"}
+    # a result-neutral key (avs.config_keys) never splits rows, even when it varies
+    _write_run(tmp_path / "r5", _config("ms3", 5, "js", published=None, data__persistent_workers=True), 0.5, 0.6)
+    assert "data.persistent_workers" not in varied_keys(load_runs([tmp_path]))
 
 
 def test_init_checkpoint_paths_are_one_row_and_target_nodes_show_the_class(tmp_path):

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from avs.data.audio import SAMPLE_RATE
 from avs.data.layout import LAYOUTS, SPLITS
 from avs.errors import ConfigError
 
@@ -110,7 +111,7 @@ class SyntheticConfig:
     min_visible: float = 0.6  # every object keeps >= this fraction of its area visible in every frame
     max_speed: float = 0.06  # fraction of the image side per frame
     frame_noise: float = 2.0  # std of per-frame pixel noise (0-255 scale)
-    sample_rate: int = 16000
+    sample_rate: int = SAMPLE_RATE
     snr_db: tuple[float, float] = (5.0, 20.0)  # sources vs background noise, per clip
     crossfade_ms: float = 15.0
     # MS3: probabilities of 1, 2, 3, ... sounding on-screen objects per segment (truncated at the count)
@@ -134,8 +135,8 @@ class SyntheticConfig:
             raise ConfigError(f"image_size: expected >= 32, got {self.image_size}")
         if int(self.num_frames) < 1:
             raise ConfigError(f"num_frames: expected >= 1, got {self.num_frames}")
-        if int(self.sample_rate) < 16000:
-            raise ConfigError(f"sample_rate: expected >= 16000 (VGGish input), got {self.sample_rate}")
+        if int(self.sample_rate) < SAMPLE_RATE:
+            raise ConfigError(f"sample_rate: expected >= {SAMPLE_RATE} (VGGish input), got {self.sample_rate}")
         build_categories(int(self.num_categories))  # validates the range
         n_obj = self.num_objects
         if n_obj is None:
