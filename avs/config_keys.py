@@ -49,6 +49,9 @@ RESULT_NEUTRAL_KEYS: tuple[str, ...] = (
     "trainer.find_unused_parameters",
     "trainer.record_latent_kl",  # a measurement on val; training is unchanged
     "trainer.epochs_by_subset",  # only its entry for data.subset reaches trainer.epochs, which is compared
+    "trainer.allow_missing_hooks",  # permits a trimmed hooks group; the hooks themselves are compared
+    "eval.evaluators",  # a user's own measurements on the side; training and the metrics are unchanged
+    "results_file",  # where the proxy's per-run lines go
     # options of the scripts (configs/*.yaml) that say where output goes or how it is shown / executed
     "device",
     "progress",
@@ -75,6 +78,11 @@ RESULT_KEYS: tuple[str, ...] = (
     "backbone",
     "audio",
     "seed",
+    "hooks",  # a hook may change training (KL warm-up, a user's own): compared as a whole
+    "version",  # the proxy protocol's version
+    "standins",  # the pinned stand-in hashes of the proxy protocol
+    "listening",  # the proxy's listening pass (shuffled-audio seed)
+    "profile_parts",
     "s4_checkpoint",  # the S4 weights an MS3 run starts from (also in model.init_from)
     "eval.legacy_batch_size",
     "eval.num_samples",
@@ -88,13 +96,17 @@ RESULT_KEYS: tuple[str, ...] = (
             "embedding_dir",
             "flip_prob",
             "image_size",
+            "legacy_unknown_colours",
             "name",
+            "num_classes",
             "num_frames",
             "on_error",
             "pad_short_audio",
             "root",
+            "sources",
             "subset",
             "synthetic",
+            "train_crop",
         )
     ),
     *(
@@ -123,7 +135,8 @@ RESULT_KEYS: tuple[str, ...] = (
     ),
     # options of the scripts (configs/*.yaml) that choose what they compute
     *(
-        "ablation_seeds atol audio_file base batch_size ceilings cells checkpoint claims compare data_clips "
+        "ablation_seeds atol audio_file base batch_size ceilings cells checkpoint claims compare data_clips demo "
+        "demo_fps demo_seconds demo_size profile profile_amp profile_models profile_modes reproduce "
         "dense_spacing extra_overrides format graph_breaks image_size mask_resolution memory methods metric "
         "metrics_frames metrics_size name num_checks num_clips num_frames num_samples only only_subsets pairs "
         "params_only quick repeats sampling seeds short_audio split splits stride subsets targets tasks "
