@@ -215,7 +215,7 @@ def _check_model(cfg: DictConfig, data: DictConfig, model: DictConfig) -> None:
                 raise ConfigError(f"model.loss_weights.{term}={w} must be finite")
     init_from = model.get("init_from")
     if init_from and not Path(str(init_from)).expanduser().is_file():
-        raise ConfigError(
+        raise MissingFileError(
             f"model.init_from={init_from}: file not found (give an avs checkpoint, e.g. <S4 run>/checkpoints/best.ckpt)"
         )
 
@@ -328,7 +328,7 @@ def _check_trainer(trainer: DictConfig) -> None:
     if resume not in (None, "", "auto"):
         p = Path(str(resume)).expanduser()
         if not (p.is_file() or (p / "checkpoints" / "last.ckpt").is_file() or (p / "last.ckpt").is_file()):
-            raise ConfigError(
+            raise MissingFileError(
                 f"trainer.resume={resume}: neither a checkpoint file nor a run directory holding "
                 "checkpoints/last.ckpt (use trainer.resume=auto to continue the current run dir)"
             )
