@@ -36,6 +36,7 @@ from avs.engine.rundir import precheck_resume, precheck_run_dir, resume_advice, 
 from avs.engine.trainer import Trainer  # noqa: E402
 from avs.errors import plain_errors, run_plain  # noqa: E402
 from avs.evaluation.report import markdown_table  # noqa: E402
+from avs.script_args import check_overrides  # noqa: E402
 
 log = logging.getLogger("avs.train")
 
@@ -69,6 +70,7 @@ def main(cfg: DictConfig) -> float | None:
 def run() -> None:
     """Entry point: DDP run-dir agreement, Hydra main, override hints on a rejected command line."""
     user_args = list(sys.argv[1:])
+    run_plain(lambda: check_overrides(user_args, "scripts/train.py", "train", open_nodes=["model"]))
     try:
         if is_multirun(user_args):  # every job's config and files before the first job starts
             run_plain(lambda: check_sweep([a for a in user_args if "=" in a]))
