@@ -1,8 +1,10 @@
 """The datasets and DataLoaders of a run: synthetic data made on first use, workers, skipped clips.
 
 `RunData` builds each split's dataset once (generating synthetic data first when `data.synthetic`,
-rank 0 before the others; an evaluation, `generate=False`, only requires it) and its DataLoader; with persistent workers a loader is built once and
-reused every epoch (its sampler is then the same object, re-seeded with `set_epoch` before a pass).
+rank 0 before the others; an evaluation, `generate=False`, only requires it) and its DataLoader;
+with persistent workers a loader is built once and reused every epoch (its sampler is then the same
+object, re-seeded with `set_epoch` before a pass). `preflight` checks every file the splits name
+before step 1 (avs.data.preflight).
 """
 
 from __future__ import annotations
@@ -41,8 +43,15 @@ def _no_barrier() -> None:
 class RunData:
     """Datasets and loaders of one run (`is_main`: the process that generates synthetic data first)."""
 
-    def __init__(self, cfg: DictConfig, *, is_main: bool = True, cuda: bool = False,
-                 barrier: Callable[[], None] = _no_barrier, generate: bool = True) -> None:
+    def __init__(
+        self,
+        cfg: DictConfig,
+        *,
+        is_main: bool = True,
+        cuda: bool = False,
+        barrier: Callable[[], None] = _no_barrier,
+        generate: bool = True,
+    ) -> None:
         self.cfg = cfg
         self.generate = generate  # False (evaluation): synthetic data must exist, it is never generated
         self.is_main = is_main
@@ -82,8 +91,13 @@ class RunData:
     def persistent_workers(self) -> bool:
         """data.persistent_workers: auto (= on with worker processes) | true | false."""
         workers = int(self.cfg.data.num_workers)
-        return auto_flag(self.cfg.data.get("persistent_workers", "auto"), "data.persistent_workers", auto=workers > 0,
-                         supported=workers > 0, requirement="data.num_workers > 0")
+        return auto_flag(
+            self.cfg.data.get("persistent_workers", "auto"),
+            "data.persistent_workers",
+            auto=workers > 0,
+            supported=workers > 0,
+            requirement="data.num_workers > 0",
+        )
 
     def loader(self, split: str, sampler=None, batch_size: int | None = None) -> DataLoader:
         """The split's DataLoader (reused while its workers are persistent)."""

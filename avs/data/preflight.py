@@ -67,9 +67,7 @@ def missing_files(paths: Iterable[Path]) -> list[Path]:
 
 def missing_split_files(datasets: Mapping[str, Any], on_error: str = "raise") -> list[Path]:
     """Missing files of the `datasets` ({split: AVSBenchDataset}); refused (AVSDataError) unless on_error=skip."""
-    missing: list[Path] = []
-    for ds in datasets.values():
-        missing += missing_files(clip_files(ds))
+    missing = missing_files(p for ds in datasets.values() for p in clip_files(ds))
     if not missing:
         return []
     shown = ", ".join(str(p) for p in missing[:SHOWN]) + (", ..." if len(missing) > SHOWN else "")
@@ -78,7 +76,7 @@ def missing_split_files(datasets: Mapping[str, Any], on_error: str = "raise") ->
         log.warning("%s; data.on_error=skip: their clips are skipped when read and recorded", text)
         return missing
     raise AVSDataError(
-        f"{text} (scripts/check_data.py lists every problem of the folder; data.on_error=skip trains without those clips)"
+        f"{text} (scripts/check_data.py lists every problem; data.on_error=skip trains without those clips)"
     )
 
 
