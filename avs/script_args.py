@@ -79,13 +79,15 @@ def refuse_unread_additions(argv: Sequence[str], script: str, config_name: str, 
     added = [a for a in added if _top(_key(a)) not in (*ALWAYS_ADDABLE, *open_nodes)]
     if not added:
         return
-    from avs.config import compose_config
+    from avs.config import CONFIG_DIR, compose_config
 
     try:
         cfg = compose_config(config_name, [a for a in argv if "=" in a and a not in added])
     except Exception:  # noqa: BLE001  (a rejected command line: Hydra reports it, with hints)
         return
     for arg in added:
+        if (CONFIG_DIR / _key(arg).replace(".", "/")).is_dir():  # a config group appended: Hydra places it
+            continue
         if not _instantiated_parent(cfg, _key(arg)):
             raise ConfigError(
                 f"{arg}: {script} has no config key {_key(arg)!r} and nothing would read it (it would be "

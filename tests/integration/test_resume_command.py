@@ -65,7 +65,8 @@ def test_a_resume_may_add_free_keys_but_a_changed_result_key_is_refused_by_name(
 def test_resume_overrides_put_the_stored_ones_first_and_let_the_command_line_win(tmp_path):
     (tmp_path / ".hydra").mkdir()
     (tmp_path / ".hydra" / "overrides.yaml").write_text(
-        "- data=synth_ms3\n- trainer.lr=0.001\n- trainer.interrupt_after_steps=1\n- trainer.resume_allow_changes=[seed]\n"
+        "- data=synth_ms3\n- trainer.lr=0.001\n- trainer.interrupt_after_steps=1\n"
+        "- trainer.resume_allow_changes=[seed]\n- not an override\n"
     )
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
