@@ -534,7 +534,7 @@ def _unknown_key_hint(key: str, line: str, known: list[str]) -> str | None:
     near = suggest(key, known)
     if near:
         msg += f"; did you mean {' or '.join(repr(s) for s in near)}?"
-    return msg + f" To add a new key on purpose use '+{line}'."
+    return msg + f" A new key ('+{line}') is accepted only where it is read: under model or a _target_ node."
 
 
 def override_hints(overrides: list[str], config_name: str = "train", config_dir: str | Path | None = None) -> list[str]:

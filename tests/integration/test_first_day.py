@@ -94,6 +94,12 @@ ERROR_PATHS = [
         ExitCode.CHECKPOINT,
         "not an avs or torch checkpoint",
     ),
+    (
+        "import_checkpoint.py",
+        ["--source", "avsbench", "--released", "{text}", "--out", "{dir}/o.ckpt", "+trainer.lrr=1"],
+        ExitCode.CONFIG,
+        "nothing would read it",
+    ),
     ("train.py", ["trainer.resume={none}"], ExitCode.MISSING_FILE, "trainer.resume="),
     ("train.py", ["+trainer.lrr=1"], ExitCode.CONFIG, "nothing would read it"),
     ("train.py", ["+data.foo=1"], ExitCode.CONFIG, "nothing would read it"),
