@@ -3,7 +3,8 @@ generates data.
 
 `missing_split_files` stats no file one by one: it lists each folder the splits' files live in once
 (`os.scandir`) and looks the names up (25,000 files in 5,000 folders, the size of AVSBench S4, took
-1.6 s on a busy 2-core CPU with a warm file cache). Nothing is decoded: unreadable files are `scripts/check_data.py`'s job.
+1.6 s on a busy 2-core CPU with a warm file cache). Nothing is decoded: unreadable files are
+`scripts/check_data.py`'s job.
 
 `data.on_error` decides what a missing file means: `raise` (the default) refuses the run before step 1
 (`AVSDataError`, exit code 3) with the count and the first few paths; `skip` logs the same line and
