@@ -220,7 +220,7 @@ def _check_model(cfg: DictConfig, data: DictConfig, model: DictConfig) -> None:
                 raise ConfigError(f"model.loss_weights.{term}={w} must be finite")
     init_from = model.get("init_from")
     if init_from and not Path(str(init_from)).expanduser().is_file():
-        raise ConfigError(
+        raise MissingFileError(
             f"model.init_from={init_from}: file not found (give an avs checkpoint, e.g. <S4 run>/checkpoints/best.ckpt)"
         )
 
@@ -333,7 +333,7 @@ def _check_trainer(trainer: DictConfig) -> None:
     if resume not in (None, "", "auto"):
         p = Path(str(resume)).expanduser()
         if not (p.is_file() or (p / CHECKPOINT_DIR / LAST_CKPT).is_file() or (p / LAST_CKPT).is_file()):
-            raise ConfigError(
+            raise MissingFileError(
                 f"trainer.resume={resume}: neither a checkpoint file nor a run directory holding "
                 f"{CHECKPOINT_DIR}/{LAST_CKPT} (use trainer.resume=auto to continue the current run dir)"
             )
@@ -539,7 +539,7 @@ def _unknown_key_hint(key: str, line: str, known: list[str]) -> str | None:
     near = suggest(key, known)
     if near:
         msg += f"; did you mean {' or '.join(repr(s) for s in near)}?"
-    return msg + f" To add a new key on purpose use '+{line}'."
+    return msg + f" A new key ('+{line}') is accepted only where it is read: under model or a _target_ node."
 
 
 def override_hints(overrides: list[str], config_name: str = "train", config_dir: str | Path | None = None) -> list[str]:

@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import avs  # noqa: E402,F401
 from avs.engine.params import format_parameter_report, parameter_report  # noqa: E402
-from avs.errors import ConfigError, plain_errors  # noqa: E402
+from avs.errors import ConfigError, plain_errors, run_plain  # noqa: E402
+from avs.script_args import check_overrides  # noqa: E402
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
@@ -116,4 +117,9 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    run_plain(
+        lambda: check_overrides(
+            sys.argv[1:], "scripts/benchmark.py", "benchmark", open_nodes=["model", "backbone", "audio"]
+        )
+    )
     main()

@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import avs  # noqa: E402,F401  (registers config resolvers)
 from avs.data.check import check_dataset  # noqa: E402
 from avs.data.options import pad_short_audio_flag  # noqa: E402
-from avs.errors import ConfigError, plain_errors  # noqa: E402
+from avs.errors import ConfigError, plain_errors, run_plain  # noqa: E402
+from avs.script_args import check_overrides  # noqa: E402
 
 log = logging.getLogger("avs.check_data")
 
@@ -55,4 +56,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    run_plain(lambda: check_overrides(sys.argv[1:], "scripts/check_data.py", "check_data", open_nodes=()))
     main()

@@ -5,7 +5,10 @@
 
 The model and data config come from the checkpoint: `data.<key>=` changes one key of it, `data=<group>`
 replaces it but keeps the checkpoint's image size and frames unless `data.image_size` / `data.num_frames`
-are given too. Errors print as plain lines with the exit code of their kind (README, "Exit codes").
+are given too. The model cannot be changed here (`model=`, `+backbone=`, ... are refused: the checkpoint
+fixes it), synthetic data is never generated (a data.root without it is refused), and an override
+nothing would read is refused by name. Errors print as plain lines with the exit code of their kind
+(README, "Exit codes").
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ import avs  # noqa: E402,F401
 from avs.config import CONFIG_DIR  # noqa: E402
 from avs.config_checks import hints_on_rejection  # noqa: E402
 from avs.engine import distributed as D  # noqa: E402
-from avs.errors import plain_errors  # noqa: E402
+from avs.errors import plain_errors, run_plain  # noqa: E402
 from avs.evaluation.checkpoint import data_overrides, evaluate_checkpoint  # noqa: E402
 from avs.evaluation.outputs import script_out_dir  # noqa: E402
 from avs.evaluation.report import markdown_table  # noqa: E402
+from avs.script_args import check_overrides  # noqa: E402
 
 log = logging.getLogger("avs.eval")
 
@@ -44,6 +48,9 @@ def main(cfg: DictConfig) -> None:
 def run() -> None:
     """Entry point: `data.<key>=` alone changes the checkpoint's data config; override hints on a rejected
     command line; under torchrun every rank agrees on one run dir."""
+    run_plain(
+        lambda: check_overrides(sys.argv[1:], "scripts/eval.py", "eval", from_checkpoint=True, open_nodes=["data"])
+    )
     user_args = data_overrides(sys.argv[1:])
     sys.argv[1:] = user_args
     sys.argv += D.hydra_overrides(user_args, CONFIG_DIR)

@@ -16,9 +16,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import avs  # noqa: E402,F401
 from avs.config_checks import ConfigError  # noqa: E402
-from avs.errors import plain_errors  # noqa: E402
+from avs.errors import plain_errors, run_plain  # noqa: E402
 from avs.evaluation.outputs import script_out_dir  # noqa: E402
 from avs.inference.export import export_checkpoint  # noqa: E402
+from avs.script_args import check_overrides  # noqa: E402
 
 log = logging.getLogger("avs.export")
 
@@ -35,4 +36,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    run_plain(lambda: check_overrides(sys.argv[1:], "scripts/export.py", "export", from_checkpoint=True, open_nodes=()))
     main()

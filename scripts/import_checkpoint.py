@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import avs  # noqa: E402,F401
 from avs.errors import run_plain  # noqa: E402
 from avs.inference.released import SOURCES, import_checkpoint, release_config  # noqa: E402
+from avs.script_args import check_overrides  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    check_overrides(args.overrides, "scripts/import_checkpoint.py", "train", open_nodes=["model"])
     cfg = release_config(args.overrides)
     record = import_checkpoint(args.source, args.released, cfg, args.out, vggish_path=args.vggish)
     print(json.dumps(record, indent=2))

@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import avs  # noqa: E402,F401  (registers config resolvers)
 from avs.config_checks import ConfigError  # noqa: E402
 from avs.data.synthetic import SyntheticConfig, compute_ceilings, ensure_synthetic, is_complete  # noqa: E402
-from avs.errors import plain_errors  # noqa: E402
+from avs.errors import plain_errors, run_plain  # noqa: E402
+from avs.script_args import check_overrides  # noqa: E402
 
 log = logging.getLogger("avs.make_synthetic")
 
@@ -80,4 +81,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    run_plain(lambda: check_overrides(sys.argv[1:], "scripts/make_synthetic.py", "make_synthetic", open_nodes=()))
     main()

@@ -19,8 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 import avs  # noqa: E402,F401  (registers config resolvers)
-from avs.errors import ConfigError, plain_errors  # noqa: E402
+from avs.errors import ConfigError, plain_errors, run_plain  # noqa: E402
 from avs.pretrain import deterministic, pretrain_audio, pretrain_visual  # noqa: E402
+from avs.script_args import check_overrides  # noqa: E402
 
 log = logging.getLogger("avs.pretrain")
 TASKS = {"visual": pretrain_visual, "audio": pretrain_audio}
@@ -54,4 +55,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    run_plain(lambda: check_overrides(sys.argv[1:], "scripts/pretrain.py", "pretrain", open_nodes=()))
     main()

@@ -20,9 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import avs  # noqa: E402,F401
 from avs.config_checks import hints_on_rejection  # noqa: E402
-from avs.errors import plain_errors  # noqa: E402
+from avs.errors import plain_errors, run_plain  # noqa: E402
 from avs.evaluation.checkpoint import data_overrides, eval_data_config  # noqa: E402
 from avs.evaluation.uncertainty import summary_line, write_uncertainty  # noqa: E402
+from avs.script_args import check_overrides  # noqa: E402
 
 
 def _data_override(cfg: DictConfig) -> DictConfig | None:
@@ -55,7 +56,13 @@ def main(cfg: DictConfig) -> None:
 
 def run() -> None:
     """Entry point: `data.<key>=` alone changes the checkpoint's data config (as in scripts/eval.py)."""
-    user_args = data_overrides(sys.argv[1:])
+    argv = sys.argv[1:]
+    run_plain(
+        lambda: check_overrides(
+            argv, "scripts/uncertainty.py", "uncertainty", from_checkpoint=True, open_nodes=["data"]
+        )
+    )
+    user_args = data_overrides(argv)
     sys.argv[1:] = user_args
     with hints_on_rejection(user_args, config_name="uncertainty"):
         main()

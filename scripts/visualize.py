@@ -15,9 +15,10 @@ from omegaconf import DictConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import avs  # noqa: E402,F401
-from avs.errors import plain_errors  # noqa: E402
+from avs.errors import plain_errors, run_plain  # noqa: E402
 from avs.evaluation.outputs import script_out_dir  # noqa: E402
 from avs.inference.visualize import visualize_split  # noqa: E402
+from avs.script_args import check_overrides  # noqa: E402
 
 log = logging.getLogger("avs.visualize")
 
@@ -34,4 +35,9 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    run_plain(
+        lambda: check_overrides(
+            sys.argv[1:], "scripts/visualize.py", "visualize", from_checkpoint=True, open_nodes=["data"]
+        )
+    )
     main()

@@ -2,12 +2,17 @@
 
 Paths and the labelled-frames rule come from avs.data.layout, audio shapes from the loader's own
 rule (`fit_audio_array`), so the check and the loader cannot disagree.
+
+`check_dataset` runs a list of independent checks (`CHECKS`: the csv rows, the folders, every clip's
+files), each adding what it finds to one report, so one problem never hides another: a malformed csv
+row is reported and the other rows are still checked. Another layout adds its own checks by passing
+`checks=`.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,12 +32,12 @@ from avs.data.layout import (
     labelled_frames,
     logmel_path,
     mask_path,
-    read_meta_csv,
+    parse_meta_csv,
     wav_path,
 )
 from avs.data.transforms import as_size
 
-__all__ = ["Problem", "DatasetReport", "check_dataset"]
+__all__ = ["CHECKS", "Problem", "DatasetReport", "check_dataset"]
 
 _FOLDERS = ("visual_frames", "gt_masks", "audio_log_mel", "audio_wav")
 
@@ -75,7 +80,7 @@ class DatasetReport:
 
 @dataclass
 class _Walk:
-    """What every per-clip check needs."""
+    """What every check needs: the report it adds to, the folder, the csv rows and the options."""
 
     report: DatasetReport
     root: Path
@@ -84,6 +89,9 @@ class _Walk:
     size: tuple[int, int] | None
     pad_short_audio: bool
     present: dict[str, bool]
+    records: list[ClipRecord] = field(default_factory=list)
+    malformed: list[str] = field(default_factory=list)
+    progress: bool = False
 
 
 def _image_size_or_problem(report: DatasetReport, path: Path, what: str) -> tuple[int, int] | None:
@@ -99,7 +107,8 @@ def _image_size_or_problem(report: DatasetReport, path: Path, what: str) -> tupl
         return None
 
 
-def _read_records(report: DatasetReport, root: Path, layout: SubsetLayout) -> list[ClipRecord] | None:
+def _read_records(report: DatasetReport, root: Path, layout: SubsetLayout) -> tuple[list[ClipRecord], list[str]] | None:
+    """(records of the well-formed rows, malformed-row messages); None (reported) when there is no csv to read."""
     if not root.is_dir():
         report.add(root, "data.root does not exist")
         return None
@@ -108,35 +117,41 @@ def _read_records(report: DatasetReport, root: Path, layout: SubsetLayout) -> li
         report.add(csv_p, "metadata csv missing")
         return None
     try:
-        records = read_meta_csv(csv_p, layout.name)
+        return parse_meta_csv(csv_p, layout.name)
     except AVSDataError as exc:
         report.add(csv_p, str(exc))
         return None
-    return records
 
 
-def _check_rows(report: DatasetReport, csv_p: Path, records: list[ClipRecord]) -> None:
+def _check_rows(w: _Walk) -> None:
+    """Malformed rows, unknown split values and duplicate rows of the meta csv."""
+    report, csv_p = w.report, w.layout.csv_path(w.root)
+    for message in w.malformed:
+        report.add(csv_p, message.removeprefix(f"{csv_p}:"))
     try:
-        check_split_values(records, csv_p)
+        check_split_values(w.records, csv_p)
     except AVSDataError as exc:
         report.add(csv_p, str(exc).removeprefix(f"{csv_p}: "))
     seen: set[tuple[str, str]] = set()
-    for rec in records:
+    for rec in w.records:
         if (rec.split, rec.video_id) in seen:
             report.add(csv_p, f"duplicate row for video {rec.video_id!r} in split {rec.split!r}")
         seen.add((rec.split, rec.video_id))
 
 
-def _present_folders(report: DatasetReport, root: Path, layout: SubsetLayout) -> dict[str, bool]:
+def _present_folders(root: Path, layout: SubsetLayout) -> dict[str, bool]:
     data_dir = layout.data_dir(root)
-    present = {}
-    for name in _FOLDERS:
-        present[name] = (data_dir / name).is_dir()
-        if name in ("visual_frames", "gt_masks") and not present[name]:
-            report.add(data_dir / name, "missing folder")
-    if not (present["audio_log_mel"] or present["audio_wav"]):
-        report.add(data_dir / "audio_log_mel", "missing folder (and no audio_wav/ either)")
-    return present
+    return {name: (data_dir / name).is_dir() for name in _FOLDERS}
+
+
+def _check_folders(w: _Walk) -> None:
+    """The frame, mask and audio folders of the subset."""
+    data_dir = w.layout.data_dir(w.root)
+    for name in ("visual_frames", "gt_masks"):
+        if not w.present[name]:
+            w.report.add(data_dir / name, "missing folder")
+    if not (w.present["audio_log_mel"] or w.present["audio_wav"]):
+        w.report.add(data_dir / "audio_log_mel", "missing folder (and no audio_wav/ either)")
 
 
 def _check_images(w: _Walk, rec: ClipRecord) -> None:
@@ -200,6 +215,24 @@ def _check_wav(w: _Walk, rec: ClipRecord) -> None:
         w.report.add(p, f"unreadable wav ({exc})")
 
 
+def _check_clips(w: _Walk) -> None:
+    """Every clip of every split: frames, masks (sizes too) and the audio files present."""
+    for split in SPLITS:
+        recs = [r for r in w.records if r.split == split]
+        w.report.counts[split] = len(recs)
+        desc = f"check {w.layout.name}/{split}"
+        for rec in tqdm(recs, desc=desc, unit="clip", disable=not w.progress or not recs):
+            _check_images(w, rec)
+            if w.present["audio_log_mel"]:
+                _check_logmel(w, rec)
+            if w.present["audio_wav"]:
+                _check_wav(w, rec)
+
+
+# Each check takes the walk and adds its findings to w.report; none depends on another's result.
+CHECKS: tuple[Callable[[_Walk], None], ...] = (_check_rows, _check_folders, _check_clips)
+
+
 def check_dataset(
     root: str | os.PathLike,
     subset: str,
@@ -207,29 +240,21 @@ def check_dataset(
     image_size: int | Sequence[int] | None = None,
     progress: bool = False,
     pad_short_audio: bool = False,
+    checks: Sequence[Callable[[_Walk], None]] = CHECKS,
 ) -> DatasetReport:
-    """Walk every split of `subset` under `root`; report counts and every missing / bad file (tqdm if `progress`).
+    """Run every check of `checks` on `subset` under `root` -> counts and every missing / bad file (tqdm if `progress`).
 
     Csv split values and log-mel pkls are judged by the loader's own rules (`check_split_values`,
     `fit_audio_array` with `pad_short_audio`).
     """
     layout = get_layout(subset)
     root_p = Path(root).expanduser()
-    size = as_size(image_size)
     report = DatasetReport(root=str(root_p), subset=subset)
-    records = _read_records(report, root_p, layout)
-    if records is None:
+    read = _read_records(report, root_p, layout)
+    if read is None:
         return report
-    present = _present_folders(report, root_p, layout)
-    _check_rows(report, layout.csv_path(root_p), records)
-    w = _Walk(report, root_p, layout, num_frames, size, pad_short_audio, present)
-    for split in SPLITS:
-        recs = [r for r in records if r.split == split]
-        report.counts[split] = len(recs)
-        for rec in tqdm(recs, desc=f"check {subset}/{split}", unit="clip", disable=not progress or not recs):
-            _check_images(w, rec)
-            if present["audio_log_mel"]:
-                _check_logmel(w, rec)
-            if present["audio_wav"]:
-                _check_wav(w, rec)
+    present = _present_folders(root_p, layout)
+    w = _Walk(report, root_p, layout, num_frames, as_size(image_size), pad_short_audio, present, *read, progress)
+    for check in checks:
+        check(w)
     return report

@@ -193,7 +193,18 @@ def labelled_frames_name(subset: str, split: str) -> str:
 # csv
 # --------------------------------------------------------------------------------------------
 def read_meta_csv(path: str | os.PathLike, subset: str) -> list[ClipRecord]:
-    """Read an AVSBench meta csv -> records (S4: id col 0, category col 2; MS3: id col 0; `split` by name)."""
+    """Read an AVSBench meta csv -> records (S4: id col 0, category col 2; MS3: id col 0; `split` by name).
+
+    AVSDataError on the first malformed row (`parse_meta_csv` reports them all)."""
+    records, malformed = parse_meta_csv(path, subset)
+    if malformed:
+        raise AVSDataError(malformed[0])
+    return records
+
+
+def parse_meta_csv(path: str | os.PathLike, subset: str) -> tuple[list[ClipRecord], list[str]]:
+    """-> (records of the well-formed rows, one message per malformed row); AVSDataError when the file itself
+    cannot be read as a meta csv (missing, empty, no `split` column)."""
     layout = get_layout(subset)
     path = Path(path)
     if not path.is_file():
@@ -209,16 +220,17 @@ def read_meta_csv(path: str | os.PathLike, subset: str) -> list[ClipRecord]:
         raise AVSDataError(f"{path}: metadata csv has no 'split' column (header: {header})")
     split_col = header.index("split")
     need = max(split_col, 2 if layout.has_category else 0)
-    records = []
+    records, malformed = [], []
     for line_no, row in enumerate(rows[1:], start=2):
         if not row or all(not c.strip() for c in row):
             continue
         if len(row) <= need:
-            raise AVSDataError(f"{path}:{line_no}: expected at least {need + 1} columns, got {len(row)}: {row}")
+            malformed.append(f"{path}:{line_no}: expected at least {need + 1} columns, got {len(row)}: {row}")
+            continue
         vid = row[0].strip()
         category = row[2].strip() if layout.has_category else ""
         records.append(ClipRecord(video_id=vid, category=category, split=row[split_col].strip(), line=line_no))
-    return records
+    return records, malformed
 
 
 def meta_csv_text(subset: str, records: Sequence[ClipRecord]) -> str:
@@ -238,8 +250,10 @@ def check_split_values(records: Sequence[ClipRecord], csv_path: str | os.PathLik
         return
     shown = ", ".join(f"line {r.line} (video {r.video_id!r}: {r.split!r})" for r in bad[:5])
     more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
-    raise AVSDataError(f"{csv_path}: unknown split value in {len(bad)} row(s): {shown}{more}; "
-                       f"the 'split' column allows {', '.join(SPLITS)}")
+    raise AVSDataError(
+        f"{csv_path}: unknown split value in {len(bad)} row(s): {shown}{more}; "
+        f"the 'split' column allows {', '.join(SPLITS)}"
+    )
 
 
 def split_records(root: str | os.PathLike, subset: str, split: str) -> list[ClipRecord]:
@@ -258,8 +272,10 @@ def check_root(root: str | os.PathLike, subset: str) -> Path:
     layout = get_layout(subset)
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise AVSDataError(f"data.root {root} does not exist (expected the AVSBench-object folder "
-                           "holding Single-source/ and Multi-sources/)")
+        raise AVSDataError(
+            f"data.root {root} does not exist (expected the AVSBench-object folder "
+            "holding Single-source/ and Multi-sources/)"
+        )
     sub = layout.subset_dir(root)
     if not sub.is_dir():
         raise AVSDataError(f"{sub}: missing; data.root {root} must hold {layout.folder}/ for subset {subset!r}")

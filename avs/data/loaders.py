@@ -1,8 +1,10 @@
 """The datasets and DataLoaders of a run: synthetic data made on first use, workers, skipped clips.
 
 `RunData` builds each split's dataset once (generating synthetic data first when `data.synthetic`,
-rank 0 before the others) and its DataLoader; with persistent workers a loader is built once and
-reused every epoch (its sampler is then the same object, re-seeded with `set_epoch` before a pass).
+rank 0 before the others; an evaluation, `generate=False`, only requires it) and its DataLoader;
+with persistent workers a loader is built once and reused every epoch (its sampler is then the same
+object, re-seeded with `set_epoch` before a pass). `preflight` checks every file the splits name
+before step 1 (avs.data.preflight).
 """
 
 from __future__ import annotations
@@ -42,9 +44,16 @@ class RunData:
     """Datasets and loaders of one run (`is_main`: the process that generates synthetic data first)."""
 
     def __init__(
-        self, cfg: DictConfig, *, is_main: bool = True, cuda: bool = False, barrier: Callable[[], None] = _no_barrier
+        self,
+        cfg: DictConfig,
+        *,
+        is_main: bool = True,
+        cuda: bool = False,
+        barrier: Callable[[], None] = _no_barrier,
+        generate: bool = True,
     ) -> None:
         self.cfg = cfg
+        self.generate = generate  # False (evaluation): synthetic data must exist, it is never generated
         self.is_main = is_main
         self.cuda = cuda
         self.barrier = barrier
@@ -56,7 +65,11 @@ class RunData:
         if split not in self._datasets:
             from avs.data.avsbench import build_dataset
 
-            if self.cfg.data.get("synthetic"):
+            if self.cfg.data.get("synthetic") and not self.generate:
+                from avs.data.preflight import require_synthetic
+
+                require_synthetic(self.cfg.data)
+            elif self.cfg.data.get("synthetic"):
                 from avs.data.synthetic import ensure_synthetic
 
                 if self.is_main:
@@ -68,6 +81,12 @@ class RunData:
             ds.seed = int(self.cfg.seed)  # augmentation draws follow (seed, epoch, index)
             self._datasets[split] = ds
         return self._datasets[split]
+
+    def preflight(self, splits: tuple[str, ...]) -> None:
+        """Before step 1: every file these splits name exists (avs.data.preflight; data.on_error decides)."""
+        from avs.data.preflight import missing_split_files
+
+        missing_split_files({s: self.dataset(s) for s in splits}, self.cfg.data.get("on_error", "raise"))
 
     def persistent_workers(self) -> bool:
         """data.persistent_workers: auto (= on with worker processes) | true | false."""

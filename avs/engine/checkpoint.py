@@ -15,6 +15,7 @@ import io
 import logging
 import pickle
 import random
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,48 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
         ) from exc
 
 
+def _torch_format(path: Path) -> str | None:
+    """Why `path` is not a file torch.save wrote (None when it looks like one: a zip holding a data.pkl, or a
+    legacy pickle, which starts with the pickle PROTO opcode)."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+        if any(n.endswith("data.pkl") for n in names):
+            return None
+        return f"a zip archive of {len(names)} file(s) without the data.pkl torch.save writes"
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    if head[:1] == b"\x80":
+        return None
+    return "an empty file" if not head else "neither a zip archive nor a pickle"
+
+
+def safe_torch_load(path: str | Path, what: str = "checkpoint", map_location: Any = "cpu") -> Any:
+    """torch.load(weights_only=True) with CheckpointErrors that say what is wrong: not a torch file at all, a
+    file holding objects a safe load refuses (never loaded with weights_only=False), or a damaged one."""
+    path = Path(path)
+    why = _torch_format(path)
+    if why is not None:
+        raise CheckpointError(f"{path} is not an avs or torch checkpoint ({why}): give the {what} file itself")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        text = str(exc)
+        if isinstance(exc, pickle.UnpicklingError) and "weights only" in text.lower():  # a refused global
+            detail = next((ln.strip() for ln in text.splitlines() if ln.strip().startswith("Unsupported")), "")
+            raise CheckpointError(
+                f"{what} {path} holds objects that a safe load (weights_only=True) refuses"
+                + (f" ({detail[:200]})" if detail else "")
+                + "; avs loads only tensors and plain values: save the weights as a state dict"
+            ) from exc
+        # truncated zips, overwritten headers, ...
+        raise CheckpointError(
+            f"{what} {path} is damaged: it cannot be read "
+            f"({type(exc).__name__}: {(text.splitlines() or [''])[0][:200]}); "
+            "use another checkpoint (e.g. best.ckpt, or train again)"
+        ) from exc
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint with `weights_only=True` (no code from the file is executed), verify its hash and weights."""
     path = Path(path)
@@ -95,19 +138,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path} is a directory, expected a .ckpt file (did you mean {hint}?)")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:
-        if isinstance(exc, pickle.UnpicklingError) and "weights only" in str(exc).lower():  # a refused global
-            raise CheckpointError(
-                f"could not load checkpoint {path} safely (weights_only=True): {str(exc).splitlines()[0]}"
-            ) from exc
-        # truncated zips, overwritten headers, ...  # truncated zips, overwritten headers, ...
-        raise CheckpointError(
-            f"checkpoint {path} is damaged: it cannot be read "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-            "use another checkpoint (e.g. best.ckpt, or train again)"
-        ) from exc
+    state = safe_torch_load(path, "checkpoint", map_location)
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} does not hold a dict (got {type(state).__name__})")
     verify_checkpoint(state, path)

@@ -22,6 +22,7 @@ from avs.engine import distributed as D
 from avs.engine.checkpoint import load_checkpoint
 from avs.engine.loop import NonFiniteLossError, StopTraining
 from avs.engine.records import metrics_record, write_metrics, write_run_report
+from avs.engine.rundir import resume_advice
 
 log = logging.getLogger(__name__)
 
@@ -304,14 +305,9 @@ class RunReportHook(HookBase):
 
     def on_interrupt(self, reason: str) -> None:
         self.write("interrupted", reason)
+        last = self.run_dir / "checkpoints" / "last.ckpt"
         log.warning(
-            "stopped by %s at step %d: saved %s; resume with trainer.resume=auto hydra.run.dir=%s "
-            "(or trainer.resume=%s)",
-            reason,
-            self.loop.state.step,
-            self.run_dir / "checkpoints" / "last.ckpt",
-            self.run_dir,
-            self.run_dir,
+            "stopped by %s at step %d: saved %s; %s", reason, self.loop.state.step, last, resume_advice(self.run_dir)
         )
 
     def on_failure(self, exc: BaseException) -> None:

@@ -6,6 +6,10 @@ the dir and the holder. The kernel drops the lock when its process dies, so a lo
 names an owner but is not locked was left by a dead process: it is named in a log line and taken
 over. `check_run_dir_free` refuses a run dir that already holds checkpoints unless the run
 continues them (`trainer.resume` pointing into this dir). Under DDP only rank 0 locks.
+
+A resume is the same run: `resume_overrides` puts the resumed run's stored overrides
+(`.hydra/overrides.yaml`) in front of the command line, so `resume_command` (printed after a stop)
+works as written.
 """
 
 from __future__ import annotations
@@ -14,11 +18,13 @@ import datetime as _dt
 import json
 import logging
 import os
+import shlex
 import socket
 from pathlib import Path
 from typing import Any
 
-from avs.errors import AVSError, ExitCode
+from avs.config import PROJECT_ROOT
+from avs.errors import AVSError, ExitCode, MissingFileError
 
 log = logging.getLogger(__name__)
 
@@ -159,11 +165,22 @@ def claim_run_dir(
     return lock
 
 
+def resume_command(run_dir: str | Path) -> str:
+    """The command that continues the run in `run_dir` in place (its stored overrides are replayed)."""
+    script = PROJECT_ROOT / "scripts" / "train.py"
+    try:
+        script = script.relative_to(Path.cwd())
+    except ValueError:
+        pass
+    run = shlex.quote(str(Path(run_dir).resolve()))
+    return f"python {shlex.quote(str(script))} trainer.resume={run} hydra.run.dir={run}"
+
+
 def resume_advice(run_dir: str | Path) -> str:
     """How to continue a stopped run, from what its checkpoints/ folder holds now."""
     ckpt_dir = Path(run_dir) / CHECKPOINT_DIR
     if (ckpt_dir / LAST_CKPT).is_file():
-        return f"resume with trainer.resume=auto hydra.run.dir={run_dir} (or trainer.resume={run_dir})"
+        return f"resume with: {resume_command(run_dir)}"
     found = sorted(p.name for p in ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
     held = f"{ckpt_dir} holds only {', '.join(found)}" if found else f"no checkpoint was written to {ckpt_dir}"
     return f"there is nothing to resume ({held}, no last.ckpt): start the run again"
@@ -216,3 +233,94 @@ def precheck_run_dir(overrides: list[str], config_name: str = "train") -> None:
     if resume is not None and not resume.is_file():
         return  # no checkpoint there: check_config refuses that trainer.resume with the reason
     check_run_dir_free(run_dir, resume)
+
+
+# Stored overrides a resume does not replay: the command line names the resume itself, an allowed change is
+# part of the stored config from then on, and a planned stop would stop the resumed run again at once.
+NOT_REPLAYED: tuple[str, ...] = ("trainer.resume", "trainer.resume_allow_changes", "trainer.interrupt_after_steps")
+
+
+def override_key(arg: str) -> str:
+    """`+key=v`, `++key=v`, `~key`, `key=v` -> key."""
+    return arg.split("=", 1)[0].lstrip("+~")
+
+
+def _last_value(args: list[str], key: str) -> str | None:
+    values = [a.split("=", 1)[1] for a in args if "=" in a and override_key(a) == key]
+    return values[-1] if values else None
+
+
+def resumed_run_dir(args: list[str]) -> Path | None:
+    """The run dir a `trainer.resume=` on this command line continues (None: no resume, or a fresh auto run).
+
+    A `trainer.resume` path that does not exist is refused here (MissingFileError), before Hydra starts.
+    """
+    spec = _last_value(args, "trainer.resume")
+    if spec is None or spec.strip().lower() in ("", "null", "none", "false"):
+        return None
+    if spec == "auto":
+        given = _last_value(args, "hydra.run.dir")
+        return Path(given).expanduser() if given else None
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise MissingFileError(
+            f"trainer.resume={spec}: no such file or folder (give a run dir, or a checkpoint file in its checkpoints/)"
+        )
+    if path.is_file():
+        path = path.parent
+    return path.parent if path.name == "checkpoints" else path
+
+
+def resume_overrides(args: list[str]) -> list[str]:
+    """The command line of a resume: the resumed run's stored overrides (`.hydra/overrides.yaml`) first, then
+    the given ones. So `trainer.resume=<run dir>` alone continues the run with its model, data and every
+    override; a key given again replaces the stored one (a changed result key is then refused by
+    avs.engine.resume_check unless trainer.resume_allow_changes lists it). Without a resume, or without
+    stored overrides (a checkpoint copied out of its run dir), the command line is returned as given.
+    """
+    run_dir = resumed_run_dir(args)
+    stored_file = run_dir / ".hydra" / "overrides.yaml" if run_dir is not None else None
+    if stored_file is None or not stored_file.is_file():
+        return list(args)
+    from omegaconf import OmegaConf
+
+    stored = [str(o) for o in (OmegaConf.load(stored_file) or []) if "=" in str(o) or str(o).startswith("~")]
+    given = {override_key(a) for a in args if not a.startswith("-")}
+    kept = [
+        o
+        for o in stored
+        if override_key(o) not in given and override_key(o) not in NOT_REPLAYED and not o.startswith("hydra.")
+    ]
+    return kept + list(args)
+
+
+def precheck_resume(overrides: list[str], config_name: str = "train") -> None:
+    """Before Hydra starts: refuse a resume whose config changes the run's results (avs.engine.resume_check),
+    so a refused resume leaves the run dir's `.hydra/` record (the overrides a resume replays) as it was.
+
+    Only the checkpoint's stored config is read (memory-mapped); the trainer loads and verifies the whole
+    checkpoint, and reports a damaged one, later.
+    """
+    from avs.config import compose_config
+    from avs.engine.build import resolve_resume_path
+    from avs.engine.resume_check import check_resume_config
+
+    given = _last_value(overrides, "hydra.run.dir")
+    if _last_value(overrides, "trainer.resume") == "auto" and not given:
+        return
+    try:
+        cfg = compose_config(config_name, [a for a in overrides if "=" in a])
+        path = resolve_resume_path(cfg.trainer.get("resume"), Path(given or ".").expanduser() / "checkpoints")
+        if path is None or not path.is_file():
+            return
+        import torch
+
+        stored = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("config")
+    except Exception:  # noqa: BLE001  (rejected overrides, a damaged checkpoint: reported later with their reason)
+        return
+    quiet = logging.getLogger("avs.engine.resume_check")
+    quiet.disabled = True  # the trainer logs the allowed changes once, into train.log
+    try:
+        check_resume_config(stored, cfg, path)
+    finally:
+        quiet.disabled = False

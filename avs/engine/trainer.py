@@ -226,6 +226,7 @@ class Trainer:
 
     def _build_loop(self, stop: StopSignal) -> TrainLoop:
         """Plan, schedule, resume, run-dir files, the compiled/DDP modules, then the loop with its hooks."""
+        self.data.preflight(("train", "val", "test") if self.tcfg.get("test_at_end", True) else ("train", "val"))
         plan, sampler = self._plan(len(self.data.dataset("train")))
         scheduler = build_scheduler(self.optimizer, self.tcfg, plan.total_steps)
         self.checkpointer.scheduler = scheduler

@@ -164,7 +164,7 @@ def evaluate_checkpoint(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     device = select_device(run_cfg.trainer.device, dist.local_rank)
     model = build_run_model(run_cfg, device, dist)  # seeds as training did: latent samples draw the same numbers
     _load_weights(model, state, cfg.checkpoint, run_cfg)
-    data = RunData(run_cfg, is_main=dist.is_main, cuda=device.type == "cuda", barrier=D.barrier)
+    data = RunData(run_cfg, is_main=dist.is_main, cuda=device.type == "cuda", barrier=D.barrier, generate=False)
     evaluators = build_evaluators(run_cfg.eval.get("evaluators"))
     if masks_dir is not None:
         evaluators.append(MaskWriter(masks_dir, data.dataset(str(cfg.split))))

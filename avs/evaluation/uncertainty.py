@@ -184,9 +184,9 @@ def write_uncertainty(
         raise ConfigError(f"{checkpoint}: model {loaded.method!r} has no latent part (no uncertainty map)")
     data_cfg = loaded.cfg.data if data is None else data
     if data_cfg.get("synthetic"):
-        from avs.data.synthetic import ensure_synthetic
+        from avs.data.preflight import require_synthetic
 
-        ensure_synthetic(data_cfg)
+        require_synthetic(data_cfg)  # evaluation never generates data
     ds = build_dataset(data_cfg, str(split), train=False)
     size = int(batch_size or data_cfg.get("eval_batch_size", 1) or 1)
     loader = DataLoader(ds, batch_size=size, num_workers=0, collate_fn=collate_skip_none)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from avs.engine.checkpoint import CheckpointError, save_checkpoint
+from avs.engine.checkpoint import CheckpointError, safe_torch_load, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -374,12 +374,7 @@ def load_released(path: str | Path, what: str = "released checkpoint") -> dict[s
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"{what} not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickled code, truncated file, ...
-        raise CheckpointError(
-            f"could not load {what} {path} safely (weights_only=True): {type(exc).__name__}: {exc}"
-        ) from exc
+    obj = safe_torch_load(path, what)  # not a torch file, pickled code, truncated file: CheckpointError
     for wrapper in ("model", "state_dict"):
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]

@@ -109,9 +109,9 @@ def _split_loader(cfg: Mapping[str, Any], loaded: LoadedModel, split: str, num_c
 
     data_cfg = cfg.get("data") or loaded.cfg.data
     if data_cfg.get("synthetic"):
-        from avs.data.synthetic import ensure_synthetic
+        from avs.data.preflight import require_synthetic
 
-        ensure_synthetic(data_cfg)
+        require_synthetic(data_cfg)  # evaluation never generates data
     ds = build_dataset(data_cfg, split, train=False)
     want_tsne = bool(_opt(cfg, "tsne", True)) and loaded.has_latent
     tsne_clips = cfg.get("tsne_clips")

@@ -42,11 +42,6 @@ BAD_CONFIGS = [
     (["trainer.select_split=test"], r"trainer\.select_split=test .*allow_test_selection"),
     (["~model.auto_weights.avm.ms3"], r"model\.loss_weights\.avm=auto needs model\.auto_weights\.avm\.ms3"),
     (["model.loss_weights.seg=nan"], r"model\.loss_weights\.seg=nan must be finite"),
-    (["model.init_from=/nonexistent/best.ckpt"], r"model\.init_from=/nonexistent/best\.ckpt: file not found"),
-    (
-        ["trainer.resume=/nonexistent/run"],
-        r"trainer\.resume=/nonexistent/run: neither a checkpoint file nor a run directory",
-    ),
     (["trainer.grad_accum=0"], r"trainer\.grad_accum must be an integer >= 1"),
     (["trainer.max_consecutive_nonfinite=0"], r"trainer\.max_consecutive_nonfinite must be an integer >= 1"),
     (["trainer.debug_nan_steps=[0]"], r"trainer\.debug_nan_steps must be a list of step numbers >= 1"),
@@ -66,6 +61,22 @@ def test_impossible_config_fails_naming_the_key(overrides, message, tmp_path):
     cfg = compose_cfg("train", tiny_overrides(tmp_path) + overrides)
     with pytest.raises(ConfigError, match=message):
         check_config(cfg)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["model.init_from=/nonexistent/best.ckpt"], r"model\.init_from=/nonexistent/best\.ckpt: file not found"),
+        (["trainer.resume=/nonexistent/run"], r"trainer\.resume=/nonexistent/run: neither a checkpoint file nor a run"),
+    ],
+)
+def test_a_missing_file_named_by_a_config_key_is_a_missing_file_error(overrides, message, tmp_path):
+    """README exit codes: a file or folder a config key names is missing -> 5, not a config error (2)."""
+    from avs.errors import ExitCode, MissingFileError
+
+    with pytest.raises(MissingFileError, match=message) as info:
+        check_config(compose_cfg("train", tiny_overrides(tmp_path) + overrides))
+    assert info.value.exit_code == ExitCode.MISSING_FILE
 
 
 def test_config_error_comes_before_any_data_or_model(tmp_path, monkeypatch):

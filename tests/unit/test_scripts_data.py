@@ -62,9 +62,9 @@ def test_extract_audio_script(tmp_path):
         assert e.shape == (5, 128) and e.dtype == np.float32
     assert "val: 1 written" in r.stdout
     missing = _run("extract_audio.py", f"data.root={root}", "data=ms3", f"paths.weights_dir={tmp_path}/w", cwd=tmp_path)
-    assert missing.returncode == 1
-    text = missing.stdout + missing.stderr
-    assert "vggish-10086976.pth" in text and "pretrained=false" in text
+    assert missing.returncode == 5, missing.stdout + missing.stderr  # README, "Exit codes": a missing weight file
+    assert missing.stderr.startswith("error: VGGish weights_path") and "Traceback" not in missing.stderr
+    assert "vggish-10086976.pth" in missing.stderr and "pretrained=false" in missing.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "emb"]
 
 
