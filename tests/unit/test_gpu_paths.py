@@ -641,3 +641,25 @@ def test_compiled_evaluation_pads_a_short_last_batch_instead_of_recompiling(synt
     padded = pad_batch({"frames": torch.arange(2.0).view(2, 1), "video_id": ["a", "b"], "n": 7}, 4)
     assert padded["frames"].flatten().tolist() == [0.0, 1.0, 1.0, 1.0]
     assert padded["video_id"] == ["a", "b", "b", "b"] and padded["n"] == 7
+
+
+# ----------------------------------------------------------------------------- a numbered GPU under torchrun
+def test_numbered_gpu_under_torchrun_is_refused_by_name(monkeypatch):
+    """trainer.device=cuda:1 with 2 torchrun ranks would put both on cuda:1: refused; cuda / auto map per rank."""
+    from avs.errors import ConfigError, ExitCode
+    from avs.utils.device import select_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(ConfigError, match=r"trainer.device=cuda:1 under torchrun \(2 processes\)") as err:
+        select_device("cuda:1", 0, key="trainer.device")
+    assert err.value.exit_code == ExitCode.CONFIG
+    with pytest.raises(ConfigError):
+        select_device("cuda:0", 1, world_size=2)
+    assert select_device("cuda", 1) == torch.device("cuda", 1)
+    assert select_device("auto", 1) == torch.device("cuda", 1)
+    assert select_device("cpu", 1) == torch.device("cpu")
+    monkeypatch.setenv("WORLD_SIZE", "1")  # a single process may name any GPU
+    assert select_device("cuda:1", 0) == torch.device("cuda", 1)
