@@ -210,14 +210,19 @@ class InterruptAfterHook(HookBase):
 class SignalHook(HookBase):
     """SIGTERM / SIGINT (the loop's StopSignal): stop after the current step or epoch end, on every rank."""
 
-    def _check(self) -> None:
+    def _check(self, agreed: bool | None = None) -> None:
         stop = self.loop.stop
         flag = stop is not None and stop.requested
-        if D.any_true(flag) if self.loop.dist.enabled else flag:
+        if agreed is None:
+            agreed = D.any_true(flag) if self.loop.dist.enabled else flag
+        if agreed:
             raise StopTraining(stop.name if stop is not None and stop.requested else "a stop signal")
 
     def after_step(self) -> None:
-        self._check()
+        # under DDP the loop OR-ed the stop request over the ranks with the step's flags: no collective here
+        agreed = getattr(self.loop, "stop_agreed", None) if self.loop.dist.enabled else None
+        self.loop.stop_agreed = None
+        self._check(agreed)
 
     def after_epoch(self) -> None:
         self._check()

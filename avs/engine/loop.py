@@ -258,10 +258,10 @@ class TrainLoop:
             norm = torch.nn.utils.clip_grad_norm_(params, clip)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
-        # one host sync for both flags; grads are already all-reduced: same grad answer on every rank
-        loss_bad, grad_bad = read_step_flags(loss_bad, norm)
-        if self.dist.enabled:
-            loss_bad = D.any_true(loss_bad)
+        # one host sync for the step's flags; under DDP they and a stop request are OR-ed over the ranks
+        # on the device first (SignalHook reads `stop_agreed` instead of a collective of its own)
+        stop = self.stop is not None and self.stop.requested
+        loss_bad, grad_bad, self.stop_agreed = read_step_flags(loss_bad, norm, stop, across_ranks=self.dist.enabled)
         if self.scaler.is_enabled() and grad_bad and not loss_bad:
             outcome = "amp_overflow"  # the GradScaler skips this update and lowers its scale
             self.scaler.step(self.optimizer)

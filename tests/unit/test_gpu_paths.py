@@ -663,3 +663,45 @@ def test_numbered_gpu_under_torchrun_is_refused_by_name(monkeypatch):
     assert select_device("cpu", 1) == torch.device("cpu")
     monkeypatch.setenv("WORLD_SIZE", "1")  # a single process may name any GPU
     assert select_device("cuda:1", 0) == torch.device("cuda", 1)
+
+
+# ----------------------------------------------------------------------------- DDP step flags under NCCL
+def test_ddp_step_flags_take_one_collective_and_one_host_read_under_nccl(monkeypatch):
+    """With an NCCL-only group every control tensor lives on the GPU and each read is a host sync: the
+    step's loss / gradient flags and the stop request are agreed in one all_reduce and read once, and
+    the signal hook then needs no collective of its own (mocked 2-rank group; CPU stands in for CUDA)."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from avs.engine import distributed as D
+    from avs.engine.hooks import SignalHook
+    from avs.engine.loop import StopTraining
+    from avs.engine.syncs import SyncCounter, read_step_flags
+
+    remote = torch.tensor([0, 0, 1], dtype=torch.int32)  # the other rank: finite loss and a stop request
+    calls: list[str] = []
+
+    def all_reduce(t, op=None, **kw):
+        calls.append(t.device.type)
+        t.copy_(torch.maximum(t, remote[: t.numel()]))
+
+    monkeypatch.setattr(D, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda *a, **k: 2)
+    monkeypatch.setattr(dist, "get_backend", lambda *a, **k: "nccl")
+    monkeypatch.setattr(D, "_coll_device", lambda: torch.device("cpu"))  # stands in for cuda:LOCAL_RANK
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    loss_bad = ~torch.isfinite(torch.stack([torch.tensor(1.0), torch.tensor(float("nan"))])).all()
+    with SyncCounter() as counter:
+        flags = read_step_flags(loss_bad, torch.tensor(3.0), stop=False, across_ranks=True)
+    assert flags == (True, False, True)  # own non-finite loss, the other rank's stop request
+    assert counter.total == 1 and len(calls) == 1, (counter.counts, calls)
+    loop = SimpleNamespace(dist=SimpleNamespace(enabled=True), stop=None, stop_agreed=flags[2])
+    hook = SignalHook()
+    hook.loop = loop
+    with SyncCounter() as counter, pytest.raises(StopTraining):
+        hook.after_step()
+    assert counter.total == 0 and len(calls) == 1  # the agreed flag, no second collective
+    loop.stop_agreed = None  # no step ran since (e.g. the epoch end): the hook asks the ranks itself
+    hook.after_step()
+    assert len(calls) == 2
