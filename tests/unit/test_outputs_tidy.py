@@ -78,3 +78,12 @@ def test_run_dirs_are_named_after_method_and_data(config, overrides, tail):
     stamp = run_dir.name[: len("2026-01-31_12-00-00")]
     time.strptime(stamp, "%Y-%m-%d_%H-%M-%S")
     assert run_dir.name[len(stamp) :] == tail
+
+
+def test_the_suite_logs_outside_the_repository_outputs():
+    """tests/conftest.py points the default log dir (and so every script a test starts) at a session tmp dir."""
+    from avs.config import PROJECT_ROOT
+
+    log_dir = Path(compose_cfg("eval", ["checkpoint=x.ckpt"]).paths.log_dir)
+    assert log_dir != PROJECT_ROOT / "outputs" and PROJECT_ROOT not in log_dir.parents
+    assert os.environ["AVS_LOG_DIR"] == str(log_dir)
