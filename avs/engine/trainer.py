@@ -318,7 +318,7 @@ class Trainer:
             H.SignalHook(),
             *self._latent_hooks(),
             *self._user_hooks(),
-            H.FinalEvaluationHook(self.evaluate, self.ckpt_dir, bool(tcfg.get("test_at_end", True))),
+            H.FinalEvaluationHook(self.evaluate, self.ckpt_dir, bool(tcfg.get("test_at_end", True)), self.tb),
             H.MetricsHook(self.cfg, self.run_dir, self.loss_weights),
             H.RunReportHook(self.run_dir),
         ]
