@@ -265,7 +265,12 @@ def remove_refused_run_dir() -> Path | None:
     except Exception:  # noqa: BLE001  (no Hydra run: nothing to tidy)
         return None
     since = _process_start()
-    if since is None or not run_dir.is_dir() or not only_hydra_files(run_dir, subdir, log_name, since):
+    cwd = Path.cwd().resolve()
+    if since is None or not subdir or not (run_dir / subdir).is_dir():
+        return None  # Linux only; and only a dir where Hydra wrote its files (never e.g. `hydra.run.dir=.`)
+    if run_dir.resolve() == cwd or run_dir.resolve() in cwd.parents:
+        return None
+    if not only_hydra_files(run_dir, subdir, log_name, since):
         return None
     shutil.rmtree(run_dir, ignore_errors=True)
     if run_dir.exists():

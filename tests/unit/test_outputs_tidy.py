@@ -87,3 +87,12 @@ def test_the_suite_logs_outside_the_repository_outputs():
     log_dir = Path(compose_cfg("eval", ["checkpoint=x.ckpt"]).paths.log_dir)
     assert log_dir != PROJECT_ROOT / "outputs" and PROJECT_ROOT not in log_dir.parents
     assert os.environ["AVS_LOG_DIR"] == str(log_dir)
+
+
+def test_the_working_directory_is_never_removed(tmp_path, monkeypatch):
+    """`hydra.run.dir=.` without Hydra files (scripts/pretrain.py's config): a refusal in an empty cwd keeps it."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = _run("pretrain.py", "tasks=[nothing]", cwd=empty)
+    assert proc.returncode == 2 and "tasks: expected a non-empty list" in proc.stderr
+    assert empty.is_dir()
