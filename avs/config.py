@@ -35,12 +35,21 @@ def preset_value(preset, paper, release):
     return release if name == "release" else paper
 
 
+def run_tag(*, _root_) -> str:
+    """`${avs_run_tag:}` in configs/hydra: '_<model.name>_<data.name>' for configs that have them, else ''."""
+    parts = [OmegaConf.select(_root_, key, default=None) for key in ("model.name", "data.name")]
+    parts = [str(p) for p in parts if p not in (None, "")]
+    return "_" + "_".join(parts) if parts else ""
+
+
 def register_resolvers() -> None:
-    """Register `${avs_root:}` (the checkout root) and `${avs_preset:...}` once."""
+    """Register `${avs_root:}` (the checkout root), `${avs_preset:...}` and `${avs_run_tag:}` once."""
     if not OmegaConf.has_resolver("avs_root"):
         OmegaConf.register_new_resolver("avs_root", lambda: str(PROJECT_ROOT))
     if not OmegaConf.has_resolver("avs_preset"):
         OmegaConf.register_new_resolver("avs_preset", preset_value)
+    if not OmegaConf.has_resolver("avs_run_tag"):
+        OmegaConf.register_new_resolver("avs_run_tag", run_tag)
 
 
 def auto_flag(value, key: str, auto: bool, supported: bool = True, requirement: str = "") -> bool:

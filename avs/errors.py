@@ -91,7 +91,11 @@ def plain_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except AVSError as exc:
             cfg = args[0] if args else None
-            raise SystemExit(report(exc, want_traceback(cfg))) from None
+            code = report(exc, want_traceback(cfg))
+            from avs.engine.rundir import remove_refused_run_dir
+
+            remove_refused_run_dir()  # refused before any work: no run dir holding only Hydra's files
+            raise SystemExit(code) from None
 
     return wrapper  # type: ignore[return-value]
 

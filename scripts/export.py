@@ -1,6 +1,6 @@
-"""Export a checkpoint's inference path to TorchScript and check it against the eager model (docs/demo.md).
+"""Export a checkpoint's inference path to TorchScript or ONNX and check it against the eager model (docs/demo.md).
 
-python scripts/export.py checkpoint=outputs/train/runs/<run>/checkpoints/best.ckpt [batch_size=1]
+python scripts/export.py checkpoint=<run dir>/checkpoints/best.ckpt [format=torchscript|onnx] [batch_size=1]
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ log = logging.getLogger("avs.export")
 @hydra.main(version_base="1.3", config_path="../configs", config_name="export")
 @plain_errors
 def main(cfg: DictConfig) -> None:
-    if cfg.format != "torchscript":
-        raise ConfigError(f"format must be 'torchscript' (the only exporter), got {cfg.format!r}")
+    if cfg.format not in ("torchscript", "onnx"):
+        raise ConfigError(f"format must be 'torchscript' or 'onnx', got {cfg.format!r}")
     out_dir = script_out_dir(cfg.out_dir)
     result = export_checkpoint(cfg, out_dir)
-    print(f"exported: {result.path} (inputs {result.input_shapes}; max |exported - eager| = {result.max_abs_diff:.3g})")
+    diff = f"max |exported - eager| = {result.max_abs_diff:.3g}, relative {result.max_rel_diff:.3g}"
+    print(f"exported: {result.path} (inputs {result.input_shapes}; {diff})")
     print(f"metadata: {result.meta_path}")
 
 

@@ -3,6 +3,7 @@
 python scripts/tables.py outputs/train/multiruns/<time>
 python scripts/tables.py <multirun dir> [<more dirs>] --protocol avsbench_legacy --name ecmvae_table4 --out tables/
 python scripts/tables.py <dirs> --keys model.latent.divergence --metrics miou fscore fscore_at_0.5
+python scripts/tables.py <multirun dir> --plot sweep.png     # first metric vs the swept key(s), dots = seeds
 python scripts/tables.py <proxy benchmark dir> --proxy [--out dir]
     [--plot methods.png] [--plot-claims claims.png] [--plot-kl latent_kl.png]
 """
@@ -25,6 +26,7 @@ from avs.tables.proxy import load_costs, load_kl_curves, load_protocol  # noqa: 
 from avs.tables.proxy_plots import plot_claims, plot_latent_kl, plot_methods  # noqa: E402
 from avs.tables.proxy_report import to_markdown as proxy_markdown  # noqa: E402
 from avs.tables.proxy_report import write_report  # noqa: E402
+from avs.tables.sweep_plot import plot_sweep  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,7 +50,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="the one input is a proxy benchmark dir (protocol.yaml): methods, claims, latent and targets tables",
     )
-    p.add_argument("--plot", default=None, help="with --proxy: write the methods plot (PNG) to this path")
+    p.add_argument(
+        "--plot",
+        default=None,
+        help="write a PNG: the first --metrics value against the swept key(s), one dot per seed, mean and 95%% "
+        "interval, one panel per subset (with --proxy: the methods plot)",
+    )
     p.add_argument(
         "--plot-claims",
         default=None,
@@ -93,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.proxy:
         return proxy_main(args)
-    for flag, value in (("--plot", args.plot), ("--plot-claims", args.plot_claims), ("--plot-kl", args.plot_kl)):
+    for flag, value in (("--plot-claims", args.plot_claims), ("--plot-kl", args.plot_kl)):
         if value is not None:
             print(f"error: {flag} draws a proxy benchmark plot; use it with --proxy", file=sys.stderr)
             return 2
@@ -114,6 +121,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(to_markdown(table))
     print(f"wrote {paths['md']} and {paths['csv']}")
+    if args.plot is not None:
+        try:
+            print(f"wrote {plot_sweep(table, args.plot)}")
+        except (ValueError, AVSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 import avs  # noqa: F401  (registers resolvers)
-from avs.config import CONFIG_DIR
+from avs.config import CONFIG_DIR, PROJECT_ROOT
 
 torch.set_num_threads(1)  # tiny tensors: extra threads only add overhead
 
@@ -53,3 +54,33 @@ def synth_data_dir(tmp_path_factory) -> Path:
         cfg = compose_cfg("train", tiny_overrides(data_dir, subset))
         ensure_synthetic(cfg.data)
     return data_dir
+
+
+def _outputs_entries(root: Path, depth: int = 4) -> set[str]:
+    """Paths under `root` down to `depth` levels (run dirs sit at <task>/runs/<name> or <task>/multiruns/<time>/<n>)."""
+    found: set[str] = set()
+    if not root.is_dir():
+        return found
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = Path(dirpath).relative_to(root)
+        found |= {str(rel / n) for n in dirnames + filenames}
+        if len(rel.parts) >= depth - 1:
+            dirnames[:] = []
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repo_outputs_untouched(tmp_path_factory):
+    """The suite never writes into the repository's outputs/: the default log dir (paths.log_dir, also of every
+    script a test starts) is a session tmp dir, and at the end outputs/ must hold nothing it did not hold before."""
+    outputs = PROJECT_ROOT / "outputs"
+    before = _outputs_entries(outputs)
+    saved = os.environ.get("AVS_LOG_DIR")
+    os.environ["AVS_LOG_DIR"] = str(tmp_path_factory.mktemp("default_log_dir"))
+    yield
+    if saved is None:
+        os.environ.pop("AVS_LOG_DIR", None)
+    else:
+        os.environ["AVS_LOG_DIR"] = saved
+    new = sorted(_outputs_entries(outputs) - before)
+    assert not new, f"tests wrote into {outputs}: {new[:10]}"

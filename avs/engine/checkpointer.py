@@ -1,10 +1,13 @@
 """Writes and restores the resumable state of a run: checkpoints/<name>.ckpt.
 
-Checkpoint keys: model, optimizer, scaler, scheduler, epoch, step, batch_in_epoch, best, history,
+last.ckpt keys: model, optimizer, scaler, scheduler, epoch, step, batch_in_epoch, best, history,
 loss_history, faults, consecutive_nonfinite, rng (and rng_per_rank under DDP), world_size, config,
-avs_checkpoint_version, and `hooks` ({hook name: state}) when a hook has state (HookBase.state_dict;
-rank 0's under DDP), handed back to the hooks of the same names on resume. Writes are atomic; under
-DDP every rank calls `save` and rank 0 writes.
+avs_checkpoint_version, resumable=True. best.ckpt holds what evaluation, export, the demo, tables and
+`init_from` need: the same keys without the `RESUME_ONLY_KEYS` (optimizer moments are two thirds of
+a checkpoint's size), and resumable=False; a resume from it is refused (resume_check.load_for_resume).
+Hook state: `hooks` ({hook name: state}) when a hook has state (HookBase.state_dict; rank 0's under DDP),
+handed back to the hooks of the same names on resume (last.ckpt only). Writes are atomic; under DDP every
+rank calls `save` and rank 0 writes.
 """
 
 from __future__ import annotations
@@ -29,6 +32,10 @@ from avs.utils.io import atomic_save
 log = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 2
+#: the keys only resuming needs: in last.ckpt, not in best.ckpt
+RESUME_ONLY_KEYS = ("optimizer", "scaler", "scheduler", "rng", "rng_per_rank", "hooks")
+#: the checkpoint that holds the full resume state
+RESUMABLE = ("last",)
 
 
 class Checkpointer:
@@ -53,9 +60,10 @@ class Checkpointer:
         self.hooks: list[Any] = []  # the loop's hooks (attach_hooks), whose states are saved
         self._hook_states: dict[str, Any] = {}  # states read on resume, for hooks not attached yet
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, resumable: bool = True) -> dict[str, Any]:
+        """The checkpoint contents; without `resumable`, those of best.ckpt (no RESUME_ONLY_KEYS)."""
         s = self.state
-        return {
+        full = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -66,7 +74,9 @@ class Checkpointer:
             "config": OmegaConf.to_yaml(self.cfg, resolve=True),
             "avs_checkpoint_version": CHECKPOINT_VERSION,
             **self._hooks_entry(),
+            "resumable": resumable,
         }
+        return full if resumable else {k: v for k, v in full.items() if k not in RESUME_ONLY_KEYS}
 
     def _hooks_entry(self) -> dict[str, Any]:
         states = {h.name: state for h in self.hooks if (state := h.state_dict())}
@@ -94,11 +104,12 @@ class Checkpointer:
         on every rank with the step of the last good checkpoint.
         """
         path = self.ckpt_dir / f"{name}.ckpt"
+        resumable = name in RESUMABLE
         self.state.flush_losses()
-        rng_all = D.gather_objects(capture_rng()) if self.dist.enabled else None
+        rng_all = D.gather_objects(capture_rng()) if self.dist.enabled and resumable else None
         error: str | None = None
         if self.dist.is_main:
-            ckpt = self.state_dict()
+            ckpt = self.state_dict(resumable)
             if rng_all is not None:
                 ckpt["rng_per_rank"] = rng_all
             try:

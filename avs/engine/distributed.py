@@ -156,6 +156,23 @@ def any_true(flag: bool) -> bool:
     return bool(t.item())
 
 
+def any_flags(flags: torch.Tensor) -> list[bool]:
+    """Each entry of the 0/1 tensor `flags` [K] OR-ed over the ranks: one all_reduce, one host read.
+
+    The tensor stays on its device when the group's backend takes it (NCCL: CUDA, gloo: CPU); the
+    answer is read as one packed integer (a single `.item()`). K <= 31.
+    """
+    flags = flags.to(torch.int32).reshape(-1)
+    if is_initialized() and dist.get_world_size() > 1:
+        backend = dist.get_backend()
+        if backend in ("nccl", "gloo"):
+            flags = flags.to(_coll_device())
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    weights = 2 ** torch.arange(flags.numel(), device=flags.device, dtype=torch.int32)
+    code = int((flags.clamp(0, 1) * weights).sum())  # the one host read
+    return [bool(code >> i & 1) for i in range(flags.numel())]
+
+
 def all_true(flag: bool) -> bool:
     """True if `flag` is True on every rank."""
     return not any_true(not flag)

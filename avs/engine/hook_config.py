@@ -75,6 +75,7 @@ def builtin_arguments(trainer: Any) -> dict[type, dict[str, Any] | None]:
             "evaluate": trainer.evaluate,
             "ckpt_dir": trainer.ckpt_dir,
             "test_at_end": bool(tcfg.get("test_at_end", True)),
+            "tb": tb,
         },
         H.MetricsHook: {"cfg": cfg, "run_dir": trainer.run_dir, "loss_weights": trainer.loss_weights},
         H.RunReportHook: {"run_dir": trainer.run_dir},

@@ -237,14 +237,19 @@ class InterruptAfterHook(HookBase):
 class SignalHook(HookBase):
     """SIGTERM / SIGINT (the loop's StopSignal): stop after the current step or epoch end, on every rank."""
 
-    def _check(self) -> None:
+    def _check(self, agreed: bool | None = None) -> None:
         stop = self.loop.stop
         flag = stop is not None and stop.requested
-        if D.any_true(flag) if self.loop.dist.enabled else flag:
+        if agreed is None:
+            agreed = D.any_true(flag) if self.loop.dist.enabled else flag
+        if agreed:
             raise StopTraining(stop.name if stop is not None and stop.requested else "a stop signal")
 
     def after_step(self) -> None:
-        self._check()
+        # under DDP the loop OR-ed the stop request over the ranks with the step's flags: no collective here
+        agreed = getattr(self.loop, "stop_agreed", None) if self.loop.dist.enabled else None
+        self.loop.stop_agreed = None
+        self._check(agreed)
 
     def after_epoch(self) -> None:
         self._check()
@@ -253,8 +258,11 @@ class SignalHook(HookBase):
 class FinalEvaluationHook(HookBase):
     """At the end: load best.ckpt into the model and, with `test_at_end`, evaluate the test split once."""
 
-    def __init__(self, evaluate: Callable[..., dict], ckpt_dir: str | Path, test_at_end: bool) -> None:
+    def __init__(
+        self, evaluate: Callable[..., dict], ckpt_dir: str | Path, test_at_end: bool, tb: TensorBoard | None = None
+    ) -> None:
         self.evaluate, self.ckpt_dir, self.test_at_end = evaluate, Path(ckpt_dir), test_at_end
+        self.tb = tb  # the test metrics go to TensorBoard as test/<protocol>/<metric> at the final step
 
     def after_train(self) -> None:
         loop = self.loop
@@ -266,6 +274,16 @@ class FinalEvaluationHook(HookBase):
         loop.state.merge_skipped("train", loop.dist.enabled)
         if self.test_at_end:
             loop.result["test"] = self.evaluate("test")
+            if self.tb is not None:
+                scalars = {
+                    f"{proto}/{k}": v
+                    for proto, values in loop.result["test"].items()
+                    if isinstance(values, dict)
+                    for k, v in values.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)
+                }
+                self.tb.scalars("test", scalars, loop.state.step)
+                self.tb.close()  # flushed now (reopened on a later write)
         loop.data.close()
 
 

@@ -275,10 +275,10 @@ class TrainLoop:
         self.call("after_backward")
         if clip > 0 and params:
             torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
-        # one host sync for both flags; grads are already all-reduced: same grad answer on every rank
-        loss_bad, grad_bad = read_step_flags(loss_bad, norm)
-        if self.dist.enabled:
-            loss_bad = D.any_true(loss_bad)
+        # one host sync for the step's flags; under DDP they and a stop request are OR-ed over the ranks
+        # on the device first (SignalHook reads `stop_agreed` instead of a collective of its own)
+        stop = self.stop is not None and self.stop.requested
+        loss_bad, grad_bad, self.stop_agreed = read_step_flags(loss_bad, norm, stop, across_ranks=self.dist.enabled)
         if self.scaler.is_enabled() and grad_bad and not loss_bad:
             outcome = "amp_overflow"  # the GradScaler skips this update and lowers its scale
             self.scaler.step(self.optimizer)

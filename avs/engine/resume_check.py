@@ -111,9 +111,14 @@ def check_resume_config(stored: Any, cfg: DictConfig, path: str | Path) -> list[
 
 def load_for_resume(path: str | Path, cfg: DictConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Load (and verify) the checkpoint to resume from and compare its config with `cfg` -> (state, allowed changes)."""
-    from avs.engine.checkpoint import load_checkpoint
+    from avs.engine.checkpoint import CheckpointError, load_checkpoint
 
     state = load_checkpoint(path)
+    if state.get("resumable") is False or "optimizer" not in state:
+        raise CheckpointError(
+            f"{path} holds the weights, config and metrics for evaluation but no optimizer / scheduler / RNG "
+            f"state, so a run cannot continue from it: resume from last.ckpt (trainer.resume=<run dir>)"
+        )
     return state, check_resume_config(state.get("config"), cfg, path)
 
 

@@ -324,3 +324,72 @@ def precheck_resume(overrides: list[str], config_name: str = "train") -> None:
         check_resume_config(stored, cfg, path)
     finally:
         quiet.disabled = False
+
+
+# ------------------------------------------------------------------------------------------------
+# a command refused before it starts leaves no run dir
+
+
+def _process_start() -> float | None:
+    """This process's start time (epoch seconds, rounded down by up to 1 s) from /proc; None elsewhere."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        lines = Path("/proc/stat").read_text().splitlines()
+        boot = next(int(line.split()[1]) for line in lines if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def only_hydra_files(run_dir: Path, output_subdir: str | None, log_name: str, since: float) -> bool:
+    """True when `run_dir` holds nothing but Hydra's own start-up files, all written at or after `since`:
+    `<output_subdir>/{config,hydra,overrides}.yaml` and the job log `log_name`."""
+    allowed = {log_name} | ({output_subdir} if output_subdir else set())
+    entries = list(run_dir.iterdir())
+    if any(p.name not in allowed for p in entries):
+        return False
+    sub = run_dir / output_subdir if output_subdir else None
+    if sub is not None and sub.is_dir():
+        if any(p.name not in ("config.yaml", "hydra.yaml", "overrides.yaml") for p in sub.iterdir()):
+            return False
+        entries += list(sub.iterdir())
+    return all(p.stat().st_mtime >= since for p in entries)
+
+
+def remove_refused_run_dir() -> Path | None:
+    """After a refusal (an AVSError out of a script's task): remove the Hydra run dir if it holds only what Hydra
+    wrote when this process started it (see `only_hydra_files`) -> the removed dir, else None.
+
+    Anything else in it (a checkpoint, metrics, a lock file, an older run's files) keeps the dir. Linux only
+    (the process start time comes from /proc); elsewhere the dir stays.
+    """
+    import shutil
+
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            return None
+        hc = HydraConfig.get()
+        run_dir = Path(hc.runtime.output_dir)
+        subdir, log_name = hc.output_subdir, f"{hc.job.name}.log"
+    except Exception:  # noqa: BLE001  (no Hydra run: nothing to tidy)
+        return None
+    since = _process_start()
+    cwd = Path.cwd().resolve()
+    if since is None or not subdir or not (run_dir / subdir).is_dir():
+        return None  # Linux only; and only a dir where Hydra wrote its files (never e.g. `hydra.run.dir=.`)
+    if run_dir.resolve() == cwd or run_dir.resolve() in cwd.parents:
+        return None
+    if not only_hydra_files(run_dir, subdir, log_name, since):
+        return None
+    shutil.rmtree(run_dir, ignore_errors=True)
+    if run_dir.exists():
+        return None
+    if run_dir.parent.name == "runs":  # the default <log_dir>/<task>/runs/<name>: drop runs/ and <task>/ if now empty
+        for parent in (run_dir.parent, run_dir.parent.parent):
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+    return run_dir

@@ -99,13 +99,27 @@ class LossWindow:
         return {}
 
 
-def read_step_flags(loss_bad: torch.Tensor | bool, grad_norm: torch.Tensor) -> tuple[bool, bool]:
-    """(loss non-finite, gradient norm non-finite) as Python bools, read with one host sync."""
+def read_step_flags(
+    loss_bad: torch.Tensor | bool, grad_norm: torch.Tensor, stop: bool = False, across_ranks: bool = False
+) -> tuple[bool, bool, bool]:
+    """(loss non-finite, gradient norm non-finite, stop requested) as Python bools, read with one host sync.
+
+    `across_ranks` (DDP): each flag is first OR-ed over the ranks in one all_reduce on the device
+    (`distributed.any_flags`), so the step's agreement costs no extra host read (with an NCCL-only
+    group, a separate `any_true` per flag would each be a device tensor and a host read).
+    """
     grad_bad = ~torch.isfinite(grad_norm)
+    if across_ranks:
+        from avs.engine import distributed as D
+
+        as_flag = lambda v: v.to(torch.int32).reshape(()) if torch.is_tensor(v) else grad_bad.new_full((), int(v))  # noqa: E731
+        flags = torch.stack([as_flag(loss_bad).to(grad_bad.device), as_flag(grad_bad), as_flag(bool(stop))])
+        loss_any, grad_any, stop_any = D.any_flags(flags)
+        return loss_any, grad_any, stop_any
     if not torch.is_tensor(loss_bad):
-        return bool(loss_bad), bool(grad_bad)
+        return bool(loss_bad), bool(grad_bad), bool(stop)
     code = int(loss_bad.to(torch.int32) + 2 * grad_bad.to(device=loss_bad.device, dtype=torch.int32))  # the one sync
-    return bool(code & 1), bool(code & 2)
+    return bool(code & 1), bool(code & 2), bool(stop)
 
 
 class LossLog:

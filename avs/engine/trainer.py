@@ -59,7 +59,7 @@ class Trainer:
         self.dist = D.init_from_env()
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.device = select_device(self.tcfg.device, self.dist.local_rank)
+        self.device = select_device(self.tcfg.device, self.dist.local_rank, self.dist.world_size, "trainer.device")
         self.loss_weights = resolve_loss_weights(cfg)
         self._resume_path = resolve_resume_path(self.tcfg.get("resume"), self.ckpt_dir)
         # the checkpoint to resume from is verified and its config compared before any model is built

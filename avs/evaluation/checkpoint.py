@@ -161,7 +161,7 @@ def evaluate_checkpoint(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     check_config(run_cfg)
     check_files(run_cfg)
     dist = D.init_from_env()
-    device = select_device(run_cfg.trainer.device, dist.local_rank)
+    device = select_device(run_cfg.trainer.device, dist.local_rank, dist.world_size, "trainer.device")
     model = build_run_model(run_cfg, device, dist)  # seeds as training did: latent samples draw the same numbers
     _load_weights(model, state, cfg.checkpoint, run_cfg)
     data = RunData(run_cfg, is_main=dist.is_main, cuda=device.type == "cuda", barrier=D.barrier, generate=False)

@@ -1,10 +1,12 @@
-"""Export the inference path of an AVSegmentor to TorchScript (torch.jit.trace) and check it against eager.
+"""Export the inference path of an AVSegmentor to TorchScript (torch.jit.trace) or ONNX and check it against eager.
 
 The exported module maps ``(frames [B,T,3,H,W], audio [B,T,1,96,64]) -> logits [B,T,1,H,W]``
 (frames ImageNet-normalised, audio VGGish log-mel). Latent models (ECMVAE) use the prior mean
 code, so the export is deterministic. The trace is specialised to the traced (T, H, W) and, for
 models with the AVS-BG motion module, also to the traced batch size B (its memory chunking
-unrolls over B*T); the sidecar json records the shapes.
+unrolls over B*T); the sidecar json records the shapes. The ONNX file comes from the same trace
+(torch.onnx's TorchScript-based exporter) and is checked with onnxruntime on the CPU; its batch axis
+is dynamic exactly when the TorchScript trace accepts other batch sizes.
 
 Two parts of the eager model are not traceable as they stand; the wrapper handles both without
 touching the model code (see docs/demo.md):
@@ -33,13 +35,25 @@ from torch import nn
 
 from avs.data.audio import LOGMEL_SHAPE
 from avs.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from avs.errors import AVSError, ExitCode
+from avs.errors import AVSError, ConfigError, ExitCode
 from avs.models.segmentor import AVSegmentor
 from avs.utils.io import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ExportError", "ExportedSegmentor", "ExportResult", "export_torchscript", "example_inputs", "load_exported"]
+__all__ = [
+    "ExportError",
+    "ExportedSegmentor",
+    "ExportResult",
+    "export_onnx",
+    "export_torchscript",
+    "example_inputs",
+    "load_exported",
+    "ONNX_OPSET",
+]
+
+#: the ONNX opset written by export_onnx (onnxruntime >= 1.14 runs it)
+ONNX_OPSET = 17
 
 
 class ExportError(AVSError, RuntimeError, code=ExitCode.RUN_FAILED):
@@ -72,6 +86,9 @@ class ExportedSegmentor(nn.Module):
         if view.motion is not None:
             view.motion = _IntFrames(model.motion)
         self.model = view.eval()
+        # the wrapper itself in eval mode too: torch.onnx.export restores the wrapper's mode afterwards,
+        # recursively, and the submodules are the caller's model's
+        self.eval()
 
     def forward(self, frames: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
         return self.model({"frames": frames, "audio": audio})["logits"]
@@ -122,6 +139,7 @@ class ExportResult:
     meta_path: Path
     max_abs_diff: float
     input_shapes: dict[str, list[int]]
+    max_rel_diff: float = 0.0  # max |exported - eager| / max |eager|
 
 
 def _trace(wrapper: ExportedSegmentor, frames: torch.Tensor, audio: torch.Tensor) -> torch.jit.ScriptModule:
@@ -161,18 +179,98 @@ def export_torchscript(
         torch.jit.save(traced, buf)
         atomic_write_bytes(path, buf.getvalue())
         loaded = load_exported(path, frames.device)
-        worst = 0.0
-        for f, a in [(frames, audio)] + list(check_inputs or []):
-            eager = _eager_logits(model, f, a)
-            got = loaded(f, a)
-            if got.shape != eager.shape:
-                raise ExportError(f"exported output shape {tuple(got.shape)} != eager {tuple(eager.shape)}")
-            worst = max(worst, float((got.float() - eager.float()).abs().max()))
+        worst, rel, eager = _compare(model, lambda f, a: loaded(f, a), [(frames, audio)] + list(check_inputs or []))
+    return _finish(model, path, "torchscript", (frames, audio, eager), (worst, rel, atol), meta)
+
+
+def export_onnx(
+    model: AVSegmentor,
+    path: str | Path,
+    frames: torch.Tensor,
+    audio: torch.Tensor,
+    atol: float = 1e-4,
+    meta: dict[str, Any] | None = None,
+    check_inputs: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> ExportResult:
+    """Export `model` to ONNX at `path` (+ `<path>.json`), run it with onnxruntime (CPU) and compare with eager.
+
+    Inputs `frames`, `audio`, output `logits`; axis 0 (batch) is dynamic unless the model has the
+    AVS-BG motion module (fixed batch, as the TorchScript trace). Raises ExportError when the
+    onnxruntime output differs from eager by more than `atol` on any of the inputs.
+    """
+    ort = _onnxruntime()
+    path = Path(path)
+    model = model.eval()
+    wrapper = ExportedSegmentor(model)
+    axes = {} if model.motion is not None else {k: {0: "batch"} for k in ("frames", "audio", "logits")}
+    buf = io.BytesIO()
+    with torch.no_grad(), _traceable_motion(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings and the exporter's deprecation notice
+        try:
+            torch.onnx.export(
+                wrapper,
+                (frames, audio),
+                buf,
+                input_names=["frames", "audio"],
+                output_names=["logits"],
+                dynamic_axes=axes,
+                opset_version=ONNX_OPSET,
+                dynamo=False,  # the TorchScript-based exporter: the same trace as export_torchscript
+            )
+        except Exception as exc:
+            raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
+    atomic_write_bytes(path, buf.getvalue())
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def run(f: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        feeds = {"frames": f.detach().cpu().float().numpy(), "audio": a.detach().cpu().float().numpy()}
+        return torch.from_numpy(session.run(["logits"], feeds)[0]).to(f.device)
+
+    with torch.no_grad():
+        worst, rel, eager = _compare(model, run, [(frames, audio)] + list(check_inputs or []))
+    extra = {"opset": ONNX_OPSET, "onnxruntime": ort.__version__, "dynamic_axes": axes.get("frames", {})}
+    return _finish(model, path, "onnx", (frames, audio, eager), (worst, rel, atol), {**extra, **(meta or {})})
+
+
+def _onnxruntime() -> Any:
+    """The onnxruntime module, or a ConfigError naming the extra that installs it."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ConfigError("format=onnx needs the onnxruntime package: pip install -e '.[onnx]'") from None
+    return onnxruntime
+
+
+def _compare(model: AVSegmentor, exported: Any, inputs: list[tuple[torch.Tensor, torch.Tensor]]):
+    """(max |exported - eager|, that / max |eager|, the last eager logits) over `inputs`."""
+    worst, rel, eager = 0.0, 0.0, None
+    for f, a in inputs:
+        eager = _eager_logits(model, f, a)
+        got = exported(f, a)
+        if got.shape != eager.shape:
+            raise ExportError(f"exported output shape {tuple(got.shape)} != eager {tuple(eager.shape)}")
+        diff = float((got.float() - eager.float()).abs().max())
+        worst = max(worst, diff)
+        rel = max(rel, diff / max(float(eager.float().abs().max()), 1e-12))
+    return worst, rel, eager
+
+
+def _finish(
+    model: AVSegmentor,
+    path: Path,
+    fmt: str,
+    tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    diffs: tuple[float, float, float],
+    meta: dict[str, Any] | None,
+) -> ExportResult:
+    """Check the difference against atol and write the sidecar `<path>.json` -> ExportResult."""
+    frames, audio, eager = tensors
+    worst, rel, atol = diffs
     if not worst <= atol:
         raise ExportError(f"{path}: exported logits differ from eager by {worst:.3g} > atol={atol}")
     shapes = {"frames": list(frames.shape), "audio": list(audio.shape), "logits": list(eager.shape)}
     record = {
-        "format": "torchscript",
+        "format": fmt,
         "inputs": {
             "frames": "float32 [B,T,3,H,W], RGB / 255, ImageNet-normalised",
             "audio": "float32 [B,T,1,96,64], VGGish log-mel (avs.data.audio)",
@@ -182,13 +280,14 @@ def export_torchscript(
         "fixed_batch": model.motion is not None,
         "latent": "prior mean code" if model.latent is not None else None,
         "max_abs_diff_vs_eager": worst,
+        "max_rel_diff_vs_eager": rel,
         "atol": atol,
         "torch": torch.__version__,
         **(meta or {}),
     }
     meta_path = path.with_name(path.name + ".json")
     atomic_write_text(meta_path, json.dumps(record, indent=2))
-    return ExportResult(path, meta_path, worst, shapes)
+    return ExportResult(path, meta_path, worst, shapes, rel)
 
 
 def _eager_logits(model: AVSegmentor, frames: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
@@ -202,7 +301,8 @@ def _eager_logits(model: AVSegmentor, frames: torch.Tensor, audio: torch.Tensor)
 
 
 def export_checkpoint(cfg: Any, out_dir: str | Path) -> ExportResult:
-    """scripts/export.py: rebuild `cfg.checkpoint`, export to `<out_dir>/<name>.pt`, check within `cfg.atol`."""
+    """scripts/export.py: rebuild `cfg.checkpoint`, export to `<out_dir>/<name>.pt` (TorchScript) or
+    `<name>.onnx` (`cfg.format=onnx`), check within `cfg.atol`."""
     from avs.inference.model import load_model
 
     loaded = load_model(str(cfg.checkpoint), cfg.get("device", "cpu") or "cpu", num_samples=1)
@@ -228,9 +328,11 @@ def export_checkpoint(cfg: Any, out_dir: str | Path) -> ExportResult:
         "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD),
     }
-    result = export_torchscript(
+    fmt = str(cfg.get("format", "torchscript"))
+    exporter, suffix = (export_onnx, ".onnx") if fmt == "onnx" else (export_torchscript, ".pt")
+    result = exporter(
         loaded.model,
-        Path(out_dir) / f"{name}.pt",
+        Path(out_dir) / f"{name}{suffix}",
         frames,
         audio,
         atol=float(cfg.get("atol", 1e-4)),

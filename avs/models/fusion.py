@@ -30,6 +30,19 @@ def _l2n(x: Tensor, dim: int) -> Tensor:
     return x / torch.sqrt(x.pow(2).sum(dim=dim, keepdim=True) + _L2_EPS)
 
 
+def _hw_sum(g: Tensor, scale: float) -> Tensor:
+    """scale * sum of g [B,C,T,H,W] over H, W -> [B,C,T].
+
+    In float16 / bfloat16 the scale is applied before the sum: a `.half()` model or an fp16 export has
+    no autocast running the sum in fp32, and the raw sum over H x W overflows fp16 (at stage 1 of a
+    352 px input it adds 7,744 positions). In fp32 / fp64 the order stays sum-then-scale, bit for bit
+    what the recorded runs computed.
+    """
+    if g.dtype in (torch.float16, torch.bfloat16):
+        return (g * scale).sum(dim=(3, 4))
+    return g.sum(dim=(3, 4)) * scale
+
+
 def _check_clip_inputs(owner: str, x: Tensor, audio: Tensor | None, channels: int, audio_dim: int) -> None:
     """Raise ValueError unless x is [B,channels,T,H,W] and audio is None or [B,T,audio_dim]."""
     if x.dim() != 5 or x.shape[1] != channels:
@@ -156,7 +169,7 @@ class TPAVIFusion(nn.Module):
                 # phi of the broadcast audio is constant over each frame's HxW positions,
                 # so kv = 1/N sum_t phi(a_t) (x) sum_hw g_t.
                 phi_t = self.phi(audio_map).flatten(2)  # [B,C,T,1,1] -> [B,C',T]
-                kv = torch.einsum("bct,bdt->bcd", phi_t * s, g.sum(dim=(3, 4)) * s)  # [B,C',C']
+                kv = torch.einsum("bct,bdt->bcd", phi_t * s, _hw_sum(g, s))  # [B,C',C']
             y = torch.einsum("bcn,bcd->bdn", theta, kv)  # [B,C',N]
         else:
             if audio_map is None:
@@ -204,6 +217,8 @@ class TPAVIFusion(nn.Module):
             s = self._scores(query, keys)  # [B,N,T]
             if softmax:
                 y = torch.einsum("bnt,bdt->bdn", torch.softmax(s, dim=-1), g.mean(dim=(3, 4)))
+            elif g.dtype in (torch.float16, torch.bfloat16):  # the 1/N inside the frame sum (_hw_sum)
+                y = torch.einsum("bnt,bdt->bdn", s, _hw_sum(g, 1.0 / n))
             else:
                 y = torch.einsum("bnt,bdt->bdn", s, g.sum(dim=(3, 4))) / n
         else:

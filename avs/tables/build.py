@@ -25,6 +25,7 @@ class Cell:
     mean: float
     std: float | None
     n: int
+    values: list[float] = field(default_factory=list)  # the runs' values (one per seed), for plots
 
 
 @dataclass
@@ -137,7 +138,7 @@ def _fill_row(
             vals = [metric_value(r.record, split, protocol, m, r.path) for r in group]
             if vals:
                 std = statistics.stdev(vals) if len(vals) > 1 else None
-                row.cells[(subset, m)] = Cell(statistics.fmean(vals), std, len(vals))
+                row.cells[(subset, m)] = Cell(statistics.fmean(vals), std, len(vals), list(vals))
             pub = None
             for r in members:  # any run of the row names the paper's numbers for every subset
                 if r.published is not None and r.published["numbers"].get(subset, {}).get(m) is not None:

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 
-def select_device(spec: str | torch.device | None = "auto", local_rank: int = 0) -> torch.device:
-    """'auto' -> CUDA when available (cuda:local_rank under DDP), else CPU; otherwise the named device."""
+def select_device(
+    spec: str | torch.device | None = "auto", local_rank: int = 0, world_size: int | None = None, key: str = "device"
+) -> torch.device:
+    """'auto' -> CUDA when available (cuda:local_rank under DDP), else CPU; otherwise the named device.
+
+    Under torchrun (`world_size` > 1; default: the WORLD_SIZE variable) a numbered GPU (`cuda:1`) is
+    refused with a ConfigError naming `key`: every rank would take that one GPU (NCCL then fails on
+    the duplicate device); `cuda` or `auto` give each rank cuda:LOCAL_RANK.
+    """
+    from avs.errors import ConfigError
+
     if isinstance(spec, torch.device):
         spec = str(spec)
     if spec in (None, "auto"):
@@ -14,8 +25,15 @@ def select_device(spec: str | torch.device | None = "auto", local_rank: int = 0)
             return torch.device("cuda", local_rank % torch.cuda.device_count())
         return torch.device("cpu")
     dev = torch.device(spec)
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if dev.type == "cuda" and dev.index is not None and world_size > 1:
+        raise ConfigError(
+            f"{key}={spec} under torchrun ({world_size} processes) would put every rank on that one GPU: "
+            f"use {key}=cuda or auto (rank r takes cuda:LOCAL_RANK; choose GPUs with CUDA_VISIBLE_DEVICES)"
+        )
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={spec!r} but CUDA is not available (use device=auto or cpu)")
+        raise ConfigError(f"{key}={spec} but CUDA is not available (use {key}=auto or cpu)")
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local_rank % torch.cuda.device_count())
     return dev

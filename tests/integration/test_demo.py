@@ -244,6 +244,23 @@ def test_export_checkpoint(tpavi_ckpt, tmp_path):
     assert torch.allclose(got, eager, atol=1e-4, rtol=0)
 
 
+def test_export_script_onnx_from_a_trained_checkpoint(tpavi_ckpt, tmp_path):
+    """scripts/export.py format=onnx on a trained best.ckpt: prints the difference, writes .onnx + .onnx.json."""
+    import subprocess
+    import sys
+
+    from avs.config import PROJECT_ROOT
+
+    cmd = [sys.executable, str(PROJECT_ROOT / "scripts" / "export.py"), f"checkpoint={tpavi_ckpt}", "format=onnx"]
+    proc = subprocess.run(cmd + [f"out_dir={tmp_path}/out"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "max |exported - eager| = " in proc.stdout and "relative" in proc.stdout
+    (onnx_file,) = (tmp_path / "out").glob("*.onnx")
+    meta = json.loads(onnx_file.with_name(onnx_file.name + ".json").read_text())
+    assert meta["format"] == "onnx" and meta["method"] == "tpavi" and meta["max_rel_diff_vs_eager"] <= 1e-4
+    assert meta["dynamic_axes"] == {"0": "batch"}
+
+
 def test_demo_on_a_lossy_mp4_with_aac_audio(clip, tpavi_ckpt, tmp_path):
     """The common case: an H.264 + AAC mp4. Lossy, so masks are compared with a tolerance."""
     path = tmp_path / "clip.mp4"

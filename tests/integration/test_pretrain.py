@@ -124,3 +124,21 @@ def test_command_line(tmp_path):
     bad_cmd = cmd[:2] + [f"out_dir={tmp_path}", "tasks=[video]"]
     bad = subprocess.run(bad_cmd, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "tasks" in bad.stderr
+
+
+def test_pretrain_help_says_what_it_makes_and_how_long():
+    import subprocess
+    import sys
+
+    from avs.config import PROJECT_ROOT
+
+    proc = subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "scripts" / "pretrain.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    head = proc.stdout.split("Overrides are")[0]  # the text above the config dump
+    assert "standin_pvt_v2_b0_64px.pth" in head and "standin_tiny_audio.pth" in head
+    assert "How long" in head and "45 s" in head and "experiment=proxy_pretrained" in head

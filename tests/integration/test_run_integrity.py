@@ -319,3 +319,27 @@ def test_train_script_refuses_before_hydra_writes_into_the_run_dir(synth_data_di
     assert proc.returncode == 6 and f"pid {os.getpid()}" in proc.stderr, proc.stderr[-2000:]
     assert (run / ".hydra" / "overrides.yaml").read_text() == "- first run\n"
     assert (run / "train.log").read_text() == "first run\n"
+
+
+# ----------------------------------------------------------------------------- best.ckpt vs last.ckpt
+def test_best_holds_what_evaluation_needs_and_last_the_resume_state(synth_data_dir, finished_run, tmp_path):
+    """best.ckpt: weights, config, metrics, digest, no optimizer / scheduler / scaler / RNG (smaller);
+    last.ckpt: the full resume state. Evaluation runs from best; a resume from it is refused by name."""
+    from avs.engine.checkpointer import RESUME_ONLY_KEYS
+
+    ckpt_dir = finished_run / "checkpoints"
+    best, last = load_checkpoint(ckpt_dir / "best.ckpt"), load_checkpoint(ckpt_dir / "last.ckpt")
+    assert best["resumable"] is False and last["resumable"] is True
+    assert not set(RESUME_ONLY_KEYS) & set(best)
+    assert {"optimizer", "scheduler", "scaler", "rng"} <= set(last)
+    for key in ("model", "config", "best", "history", "step", "avs_checkpoint_version"):
+        assert key in best
+    assert best["best"]["metric"] == last["best"]["metric"]
+    assert (ckpt_dir / "best.ckpt").stat().st_size < 0.6 * (ckpt_dir / "last.ckpt").stat().st_size
+    run = _copy(finished_run, tmp_path)
+    cfg = _cfg(synth_data_dir, [f"trainer.resume={run / 'checkpoints' / 'best.ckpt'}", "trainer.max_steps=4"])
+    with pytest.raises(CheckpointError, match=r"best\.ckpt holds the weights.*resume from last\.ckpt"):
+        Trainer(cfg, tmp_path / "new_run")
+    eval_cfg = compose_cfg("eval", [f"checkpoint={ckpt_dir / 'best.ckpt'}", "split=val", "device=cpu"])
+    metrics = evaluate_checkpoint(eval_cfg, tmp_path / "eval")
+    assert metrics

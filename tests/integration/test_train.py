@@ -153,6 +153,22 @@ def test_validation_logs_mask_overlays_to_tensorboard(synth_data_dir, tmp_path):
     )
 
 
+def test_final_test_metrics_reach_tensorboard(synth_data_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "tb"
+    result = _trainer(synth_data_dir, run, ["trainer.max_steps=2", "trainer.tensorboard=true"]).fit()
+    ea = EventAccumulator(str(run / "tensorboard"))
+    ea.Reload()
+    tags = [t for t in ea.Tags()["scalars"] if t.startswith("test/")]
+    assert tags, ea.Tags()["scalars"]
+    for proto, values in result["test"].items():
+        for k, v in values.items():
+            if isinstance(v, float):
+                (event,) = ea.Scalars(f"test/{proto}/{k}")
+                assert event.step == 2 and abs(event.value - v) < 1e-6
+
+
 def test_checkpoint_config_needs_no_weight_files():
     from omegaconf import OmegaConf
 

@@ -118,3 +118,54 @@ def test_export_mismatch_raises(tmp_path, monkeypatch):
     monkeypatch.setattr(ex, "_eager_logits", lambda m, f, a: real(m, f, a) + 1e-3)
     with pytest.raises(ExportError, match="differ from eager"):
         export_torchscript(_Tiny(), tmp_path / "m.pt", frames, audio, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- ONNX (onnxruntime on the CPU)
+ONNX_MODELS = {**MODELS, "ecmvae_bg": ["model=ecmvae_bg", *MODELS["avsbg"][1:]]}
+
+
+@pytest.mark.parametrize("name", list(ONNX_MODELS))
+def test_onnx_export_matches_eager_with_onnxruntime(tmp_path, name):
+    from avs.inference.export import export_onnx
+
+    cfg = compose_cfg("train", tiny_overrides(tmp_path / "data", "ms3") + ONNX_MODELS[name])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    for m in model.modules():  # random BatchNorm statistics, as make_model
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    frames, audio = example_inputs(1, T, (S, S), seed=0)
+    checks = [example_inputs(1, T, (S, S), seed=1)]
+    result = export_onnx(model, tmp_path / f"{name}.onnx", frames, audio, check_inputs=checks)
+    assert result.max_abs_diff <= 1e-4 and result.max_rel_diff <= 1e-4
+    assert not model.training  # the exporter restores the wrapper's (eval) mode, not train mode
+    meta = json.loads(result.meta_path.read_text())
+    assert meta["format"] == "onnx" and meta["fixed_batch"] is (model.motion is not None)
+    # an independent run of the saved file on another input (batch 2 where the batch axis is dynamic)
+    import onnxruntime as ort
+
+    batch = 1 if model.motion is not None else 2
+    assert meta["dynamic_axes"] == ({} if batch == 1 else {"0": "batch"})
+    f2, a2 = example_inputs(batch, T, (S, S), seed=3)
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {"frames": f2.numpy(), "audio": a2.numpy()})[0])
+    with torch.no_grad():
+        eager = ExportedSegmentor(model)(f2, a2)
+    assert got.shape == (batch, T, 1, S, S) and eager.std() > 0
+    assert float((got - eager).abs().max()) <= 1e-4 * float(eager.abs().max())
+
+
+def test_export_script_refuses_an_unknown_format(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "export.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "checkpoint=x.ckpt", "format=tflite", f"hydra.run.dir={tmp_path}/run"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2 and "format must be 'torchscript' or 'onnx'" in proc.stderr

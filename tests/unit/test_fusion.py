@@ -340,3 +340,24 @@ def test_blocks_built_without_audio_have_no_audio_weights():
     }
     z, a_fea = tpavi(x, None)  # the visual-visual path
     assert a_fea is None and z.shape == x.shape
+
+
+@pytest.mark.parametrize("similarity", ["dot", "concatenate"])
+def test_tpavi_half_model_at_352px_stays_finite_and_matches_fp32(similarity):
+    """A `.half()` TPAVI block (no autocast) at stage 1 of a 352 px input (T x 88 x 88 positions): the
+    audio-key frame sum is scaled before it is taken, so it stays far below the fp16 maximum."""
+    torch.manual_seed(0)
+    c = 8
+    m = TPAVIFusion(c, audio_dim=c, mode="va", similarity=similarity).eval()
+    with torch.no_grad():  # g ~ 10 at every position: an unscaled sum over 88 x 88 is 77,440 > 65,504
+        m.g.weight.fill_(10.0 / c)
+        m.g.bias.zero_()
+        m.W_z[1].weight.fill_(1.0)  # let y reach the output (W_z's BatchNorm starts at zero)
+    x = 1 + 0.1 * torch.randn(1, c, 5, 88, 88)
+    audio = torch.randn(1, 5, c)
+    with torch.no_grad():
+        ref, _ = m(x, audio)
+        got, _ = m.half()(x.half(), audio.half())
+    assert got.dtype == torch.float16
+    assert torch.isfinite(got).all()
+    assert float((got.float() - ref).abs().max()) < 1e-2 * float(ref.abs().max())

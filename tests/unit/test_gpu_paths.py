@@ -641,3 +641,67 @@ def test_compiled_evaluation_pads_a_short_last_batch_instead_of_recompiling(synt
     padded = pad_batch({"frames": torch.arange(2.0).view(2, 1), "video_id": ["a", "b"], "n": 7}, 4)
     assert padded["frames"].flatten().tolist() == [0.0, 1.0, 1.0, 1.0]
     assert padded["video_id"] == ["a", "b", "b", "b"] and padded["n"] == 7
+
+
+# ----------------------------------------------------------------------------- a numbered GPU under torchrun
+def test_numbered_gpu_under_torchrun_is_refused_by_name(monkeypatch):
+    """trainer.device=cuda:1 with 2 torchrun ranks would put both on cuda:1: refused; cuda / auto map per rank."""
+    from avs.errors import ConfigError, ExitCode
+    from avs.utils.device import select_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(ConfigError, match=r"trainer.device=cuda:1 under torchrun \(2 processes\)") as err:
+        select_device("cuda:1", 0, key="trainer.device")
+    assert err.value.exit_code == ExitCode.CONFIG
+    with pytest.raises(ConfigError):
+        select_device("cuda:0", 1, world_size=2)
+    assert select_device("cuda", 1) == torch.device("cuda", 1)
+    assert select_device("auto", 1) == torch.device("cuda", 1)
+    assert select_device("cpu", 1) == torch.device("cpu")
+    monkeypatch.setenv("WORLD_SIZE", "1")  # a single process may name any GPU
+    assert select_device("cuda:1", 0) == torch.device("cuda", 1)
+
+
+# ----------------------------------------------------------------------------- DDP step flags under NCCL
+def test_ddp_step_flags_take_one_collective_and_one_host_read_under_nccl(monkeypatch):
+    """With an NCCL-only group every control tensor lives on the GPU and each read is a host sync: the
+    step's loss / gradient flags and the stop request are agreed in one all_reduce and read once, and
+    the signal hook then needs no collective of its own (mocked 2-rank group; CPU stands in for CUDA)."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from avs.engine import distributed as D
+    from avs.engine.hooks import SignalHook
+    from avs.engine.loop import StopTraining
+    from avs.engine.syncs import SyncCounter, read_step_flags
+
+    remote = torch.tensor([0, 0, 1], dtype=torch.int32)  # the other rank: finite loss and a stop request
+    calls: list[str] = []
+
+    def all_reduce(t, op=None, **kw):
+        calls.append(t.device.type)
+        t.copy_(torch.maximum(t, remote[: t.numel()]))
+
+    monkeypatch.setattr(D, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda *a, **k: 2)
+    monkeypatch.setattr(dist, "get_backend", lambda *a, **k: "nccl")
+    monkeypatch.setattr(D, "_coll_device", lambda: torch.device("cpu"))  # stands in for cuda:LOCAL_RANK
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    loss_bad = ~torch.isfinite(torch.stack([torch.tensor(1.0), torch.tensor(float("nan"))])).all()
+    with SyncCounter() as counter:
+        flags = read_step_flags(loss_bad, torch.tensor(3.0), stop=False, across_ranks=True)
+    assert flags == (True, False, True)  # own non-finite loss, the other rank's stop request
+    assert counter.total == 1 and len(calls) == 1, (counter.counts, calls)
+    loop = SimpleNamespace(dist=SimpleNamespace(enabled=True), stop=None, stop_agreed=flags[2])
+    hook = SignalHook()
+    hook.loop = loop
+    with SyncCounter() as counter, pytest.raises(StopTraining):
+        hook.after_step()
+    assert counter.total == 0 and len(calls) == 1  # the agreed flag, no second collective
+    loop.stop_agreed = None  # no step ran since (e.g. the epoch end): the hook asks the ranks itself
+    hook.after_step()
+    assert len(calls) == 2

@@ -307,3 +307,50 @@ def test_trainer_run_keys_never_split_rows(tmp_path):
         cfg["trainer"].update(device=device, lr=lr, log_every_steps=10 * (i + 1))
         _write_run(tmp_path / f"r{i}", cfg, 0.5, 0.6)
     assert varied_keys(load_runs([tmp_path])) == ["trainer.lr"]  # device / logging differ too, but say how, not what
+
+
+# ----------------------------------------------------------------------------- --plot for any sweep
+def _tables_script_main():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tables_script", PROJECT_ROOT / "scripts" / "tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_sweep_plot_draws_every_run_mean_and_interval(tmp_path, monkeypatch):
+    """A numeric sweep (trainer.lr x 3 values x 3 seeds, S4 and MS3): one dot per run, mean and 95% interval."""
+    pytest.importorskip("matplotlib")
+    from avs.tables import sweep_plot
+
+    for i, (lr, subset, seed) in enumerate(
+        (lr, subset, seed) for lr in (1e-4, 3e-4, 1e-3) for subset in ("s4", "ms3") for seed in (1, 2, 3)
+    ):
+        miou = 0.5 + 100 * lr + 0.01 * seed
+        _write_run(tmp_path / "sweep" / str(i), _config(subset, seed, "js", published=None, trainer__lr=lr), miou, 0.6)
+    drawn: list[tuple] = []
+    real_panel = sweep_plot._panel
+
+    def panel(ax, table, subset, metric, numeric):
+        real_panel(ax, table, subset, metric, numeric)
+        drawn.append((subset, numeric, [c.get_offsets().shape[0] for c in ax.collections if hasattr(c, "get_offsets")]))
+
+    monkeypatch.setattr(sweep_plot, "_panel", panel)
+    out = tmp_path / "img" / "sweep.png"
+    assert _tables_script_main()([str(tmp_path / "sweep"), "--plot", str(out), "--out", str(tmp_path / "t")]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [d[0] for d in drawn] == ["s4", "ms3"] and all(d[1] for d in drawn)  # x = the lr values
+    for _, _, sizes in drawn:
+        assert sorted(sizes).count(3) == 3  # three seeds as three dots per lr
+    table = build_table(load_runs([tmp_path / "sweep"]))
+    assert table.keys == ["trainer.lr"] and [len(r.cells[("s4", "miou")].values) for r in table.rows] == [3, 3, 3]
+
+
+def test_sweep_plot_of_a_categorical_key(sweep, tmp_path):
+    pytest.importorskip("matplotlib")
+    from avs.tables.sweep_plot import plot_sweep
+
+    table = build_table(load_runs([sweep]), keys=["model.latent.divergence"])
+    path = plot_sweep(table, tmp_path / "div.png", "fscore")
+    assert path.is_file() and path.stat().st_size > 1000
