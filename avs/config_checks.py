@@ -23,13 +23,13 @@ from avs.data.audio import EMBEDDING_DIM
 from avs.data.layout import LAYOUTS
 from avs.data.options import check_data_options
 from avs.errors import ConfigError, MissingFileError  # noqa: F401  (ConfigError, MissingFileError re-exported)
+from avs.models.segmentor import Capabilities
 
 AMP_CHOICES = ("auto", "off", "false", "False", "none", "None", "bf16", "fp16")
 # Keys that became config groups: what to write instead.
 MOVED_KEYS = {
     "trainer.schedule": "the lr schedule is the config group scheduler=constant|cosine|poly (configs/scheduler/)",
 }
-LATENT_WITHOUT_AUDIO = ("visual_only",)  # ECMVAE latent variants that need no audio
 
 
 # --------------------------------------------------------------------------------------------
@@ -42,12 +42,21 @@ def check_config(cfg: DictConfig) -> None:
     if "seed" in cfg:
         _integer(cfg.seed, "seed")
     _check_targets(cfg)
+    caps = _capabilities(model)
     _check_data(data)
-    _check_model(cfg, data, model)
+    _check_model(cfg, data, model, caps)
+    check_loss_terms(model, caps)
     _check_trainer(trainer)
-    _check_latent_remedies(model, trainer)
+    _check_latent_remedies(model, trainer, caps)
     if cfg.get("eval") is not None:
-        _check_eval(cfg.eval, model)
+        _check_eval(cfg.eval, model, caps)
+
+
+def _capabilities(model: DictConfig) -> Capabilities:
+    """What the class `model._target_` names declares it does with this model config."""
+    from avs.models.build import segmentor_class
+
+    return segmentor_class(model).capabilities(model)
 
 
 def _check_resolvable(cfg: DictConfig) -> None:
@@ -129,7 +138,11 @@ def _check_targets(cfg: DictConfig, node: Any = None, path: str = "") -> None:
             params = inspect.signature(obj).parameters
         except (TypeError, ValueError):
             params = None
-        if params is not None and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        if hasattr(obj, "config_keys"):  # a segmentor: its constructor chain's parameters and its CONFIG_KEYS
+            params = obj.config_keys()
+        elif params is not None and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            params = None
+        if params is not None:
             unknown = [k for k in node.keys() if k not in _HYDRA_KEYS and k not in params]
             if unknown:
                 where = path or "<root>"
@@ -163,7 +176,7 @@ def _check_data(data: DictConfig) -> None:
         raise ConfigError(f"data.flip_prob={flip} must lie in [0, 1]")
 
 
-def _check_model(cfg: DictConfig, data: DictConfig, model: DictConfig) -> None:
+def _check_model(cfg: DictConfig, data: DictConfig, model: DictConfig, caps: Capabilities) -> None:
     if model.get("motion") is not None and int(data.num_frames) < 2:
         raise ConfigError(f"model.motion needs data.num_frames >= 2 (got {data.num_frames}); set model.motion=null")
     use_audio = bool(model.get("use_audio", True))
@@ -174,17 +187,12 @@ def _check_model(cfg: DictConfig, data: DictConfig, model: DictConfig) -> None:
         )
     if data.audio_source == "embedding" and use_audio:
         _check_embedding_audio(model)
-    latent = model.get("latent")
-    if latent is not None:
-        variant = str(latent.get("variant", "factorised"))
-        if variant not in LATENT_WITHOUT_AUDIO and not use_audio:
-            raise ConfigError(
-                f"model.latent.variant={variant} encodes the audio but model.use_audio=false: "
-                "set model.use_audio=true or model.latent.variant=visual_only"
-            )
+    if caps.audio_required and not use_audio:
+        hint = " or model.latent.variant=visual_only" if caps.latent else ""
+        raise ConfigError(f"{caps.audio_required} but model.use_audio=false: set model.use_audio=true{hint}")
     projector = model.get("projector")
     mask_mode = str(model.get("projector_mask", "auto"))
-    if projector is not None:
+    if caps.projector:
         if mask_mode == "gt" and data.subset == "s4":
             raise ConfigError(
                 "model.projector_mask=gt needs all frames labelled; S4 trains on frame 0 only (use auto or pred)"
@@ -220,13 +228,27 @@ def _check_model(cfg: DictConfig, data: DictConfig, model: DictConfig) -> None:
         )
 
 
-def _check_latent_remedies(model: DictConfig, trainer: DictConfig) -> None:
+def check_loss_terms(model: DictConfig, caps: Capabilities | None = None) -> None:
+    """Every loss term the model returns is weighted (model.loss_weights) or declared log-only by its class."""
+    caps = caps if caps is not None else _capabilities(model)
+    weights = model.get("loss_weights") or {}
+    for term in sorted(caps.loss_terms):
+        if term not in weights:
+            raise ConfigError(f"model returns loss term '{term}' with no weight: set model.loss_weights.{term}")
+    for term in sorted(caps.log_only_terms & set(weights)):
+        raise ConfigError(
+            f"model.loss_weights.{term}: {model._target_} returns '{term}' for the logs only (LOG_ONLY_TERMS), "
+            "a weight would not train it: remove it"
+        )
+
+
+def _check_latent_remedies(model: DictConfig, trainer: DictConfig, caps: Capabilities) -> None:
     """model.latent.free_bits, trainer.kl_warmup and trainer.record_latent_kl (docs/ecmvae_notes.md)."""
     from avs.models.latent_parts import FREE_BITS_DIVERGENCES
 
-    latent = model.get("latent")
+    latent = model.get("latent") if caps.latent else None
     variant = str(latent.get("variant", "factorised")) if latent is not None else None
-    has_kl = latent is not None and variant != "ae"
+    has_kl = "kl" in caps.loss_terms
     free_bits = _number(latent.get("free_bits", 0.0) or 0.0, "model.latent.free_bits") if latent is not None else 0.0
     if free_bits < 0:
         raise ConfigError(f"model.latent.free_bits={free_bits} must be >= 0 (nats per dimension; 0 = off)")
@@ -251,7 +273,7 @@ def _check_latent_remedies(model: DictConfig, trainer: DictConfig) -> None:
             f"trainer.kl_warmup.steps={steps} ramps the kl loss weight, but model {model.get('name')!r} has no KL "
             "term (no latent, or variant=ae): set trainer.kl_warmup.steps=0"
         )
-    if bool(trainer.get("record_latent_kl", False)) and latent is None:
+    if bool(trainer.get("record_latent_kl", False)) and not caps.latent:
         raise ConfigError(
             f"trainer.record_latent_kl=true records the latent's per-dimension KL, but model {model.get('name')!r} "
             "has no latent part: set it to false"
@@ -334,12 +356,12 @@ def _check_trainer(trainer: DictConfig) -> None:
             )
 
 
-def _check_eval(ecfg: DictConfig, model: DictConfig) -> None:
+def _check_eval(ecfg: DictConfig, model: DictConfig, caps: Capabilities) -> None:
     protocols = list(ecfg.get("protocols", []) or [])
     if protocols and ecfg.get("protocol") not in protocols:
         raise ConfigError(f"eval.protocol={ecfg.get('protocol')} must be one of eval.protocols={protocols}")
     samples = _positive_int(ecfg.get("num_samples", 1), "eval.num_samples")
-    if samples > 1 and model.get("latent") is None:
+    if samples > 1 and not caps.latent:
         raise ConfigError(
             f"eval.num_samples={samples} draws latent samples but model.latent is null "
             f"(model {model.get('name')!r} is deterministic): use eval.num_samples=1 or a latent model"
