@@ -460,12 +460,14 @@ def check_sweep(overrides: list[str], config_name: str = "train", config_dir: st
 
     root = Path(config_dir) if config_dir is not None else CONFIG_DIR
     jobs = sweep_jobs(overrides)
+    # hydra.searchpath=[file:///...] finds a researcher's own configs (docs/adding_a_method.md): every job uses it
+    searchpath = [o for o in overrides if o.split("=", 1)[0] == "hydra.searchpath"]
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(Path(root).resolve()), version_base="1.3"):
             for i, job in enumerate(jobs):
                 try:
-                    cfg = compose(config_name, overrides=job)
+                    cfg = compose(config_name, overrides=searchpath + job)
                 except Exception:  # noqa: BLE001  (a rejected override: Hydra reports it, with hints)
                     return i
                 try:
