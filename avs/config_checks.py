@@ -23,6 +23,7 @@ from avs.data.audio import EMBEDDING_DIM
 from avs.data.layout import LAYOUTS
 from avs.data.options import check_data_options
 from avs.errors import ConfigError, MissingFileError  # noqa: F401  (ConfigError, MissingFileError re-exported)
+from avs.models.build import check_loss_terms, model_capabilities
 from avs.models.segmentor import Capabilities
 
 AMP_CHOICES = ("auto", "off", "false", "False", "none", "None", "bf16", "fp16")
@@ -42,7 +43,7 @@ def check_config(cfg: DictConfig) -> None:
     if "seed" in cfg:
         _integer(cfg.seed, "seed")
     _check_targets(cfg)
-    caps = _capabilities(model)
+    caps = model_capabilities(model)
     _check_data(data)
     _check_model(cfg, data, model, caps)
     check_loss_terms(model, caps)
@@ -50,13 +51,6 @@ def check_config(cfg: DictConfig) -> None:
     _check_latent_remedies(model, trainer, caps)
     if cfg.get("eval") is not None:
         _check_eval(cfg.eval, model, caps)
-
-
-def _capabilities(model: DictConfig) -> Capabilities:
-    """What the class `model._target_` names declares it does with this model config."""
-    from avs.models.build import segmentor_class
-
-    return segmentor_class(model).capabilities(model)
 
 
 def _check_resolvable(cfg: DictConfig) -> None:
@@ -225,20 +219,6 @@ def _check_model(cfg: DictConfig, data: DictConfig, model: DictConfig, caps: Cap
     if init_from and not Path(str(init_from)).expanduser().is_file():
         raise ConfigError(
             f"model.init_from={init_from}: file not found (give an avs checkpoint, e.g. <S4 run>/checkpoints/best.ckpt)"
-        )
-
-
-def check_loss_terms(model: DictConfig, caps: Capabilities | None = None) -> None:
-    """Every loss term the model returns is weighted (model.loss_weights) or declared log-only by its class."""
-    caps = caps if caps is not None else _capabilities(model)
-    weights = model.get("loss_weights") or {}
-    for term in sorted(caps.loss_terms):
-        if term not in weights:
-            raise ConfigError(f"model returns loss term '{term}' with no weight: set model.loss_weights.{term}")
-    for term in sorted(caps.log_only_terms & set(weights)):
-        raise ConfigError(
-            f"model.loss_weights.{term}: {model._target_} returns '{term}' for the logs only (LOG_ONLY_TERMS), "
-            "a weight would not train it: remove it"
         )
 
 

@@ -46,7 +46,7 @@ def resolve_loss_weights(cfg: DictConfig) -> dict[str, float]:
     Every term the model class declares for this config must have a weight (else ConfigError, exit 2):
     a term without one would silently not train.
     """
-    from avs.config_checks import check_loss_terms
+    from avs.models.build import check_loss_terms
 
     check_loss_terms(cfg.model)
     weights = OmegaConf.to_container(cfg.model.loss_weights, resolve=True)

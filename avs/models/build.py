@@ -8,7 +8,7 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from avs.errors import ConfigError
-from avs.models.segmentor import Segmentor
+from avs.models.segmentor import Capabilities, Segmentor
 
 
 def segmentor_class(model_cfg: Any) -> type[Segmentor]:
@@ -28,6 +28,25 @@ def segmentor_class(model_cfg: Any) -> type[Segmentor]:
             f"model._target_={target}: not a subclass of avs.models.segmentor.Segmentor (docs/adding_a_method.md)"
         )
     return cls
+
+
+def model_capabilities(model_cfg: Any) -> Capabilities:
+    """What the class `model._target_` names declares it does with this model config."""
+    return segmentor_class(model_cfg).capabilities(model_cfg)
+
+
+def check_loss_terms(model_cfg: Any, caps: Capabilities | None = None) -> None:
+    """Every loss term the model returns is weighted (model.loss_weights) or declared log-only by its class."""
+    caps = caps if caps is not None else model_capabilities(model_cfg)
+    weights = model_cfg.get("loss_weights") or {}
+    for term in sorted(caps.loss_terms):
+        if term not in weights:
+            raise ConfigError(f"model returns loss term '{term}' with no weight: set model.loss_weights.{term}")
+    for term in sorted(caps.log_only_terms & set(weights)):
+        raise ConfigError(
+            f"model.loss_weights.{term}: {model_cfg._target_} returns '{term}' for the logs only (LOG_ONLY_TERMS), "
+            "a weight would not train it: remove it"
+        )
 
 
 def build_model(cfg: DictConfig) -> Segmentor:
