@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
@@ -65,7 +66,12 @@ def build_model(cfg: DictConfig) -> Segmentor:
         if isinstance(value, (DictConfig, ListConfig)):
             value = OmegaConf.to_container(value, resolve=True)
         node[key] = value
-    return instantiate(node, backbone=backbone, image_size=int(cfg.data.image_size))
+    try:
+        return instantiate(node, backbone=backbone, image_size=int(cfg.data.image_size))
+    except InstantiationException as exc:  # a constructor's own error (e.g. a refused option) as it was raised
+        if isinstance(exc.__cause__, Exception):
+            raise exc.__cause__ from None
+        raise
 
 
 def without_weight_files(cfg: DictConfig) -> DictConfig:
