@@ -24,13 +24,14 @@ from avs.data.layout import LAYOUTS, labelled_frames_name
 from avs.data.options import check_data_options
 from avs.engine.rundir import CHECKPOINT_DIR, LAST_CKPT
 from avs.errors import ConfigError, MissingFileError  # noqa: F401  (ConfigError, MissingFileError re-exported)
+from avs.models.build import check_loss_terms, model_capabilities
+from avs.models.segmentor import Capabilities
 
 AMP_CHOICES = ("auto", "off", "false", "False", "none", "None", "bf16", "fp16")
 # Keys that became config groups: what to write instead.
 MOVED_KEYS = {
     "trainer.schedule": "the lr schedule is the config group scheduler=constant|cosine|poly (configs/scheduler/)",
 }
-LATENT_WITHOUT_AUDIO = ("visual_only",)  # ECMVAE latent variants that need no audio
 
 
 # --------------------------------------------------------------------------------------------
@@ -43,12 +44,14 @@ def check_config(cfg: DictConfig) -> None:
     if "seed" in cfg:
         _integer(cfg.seed, "seed")
     _check_targets(cfg)
+    caps = model_capabilities(model)
     _check_data(data)
-    _check_model(cfg, data, model)
+    _check_model(cfg, data, model, caps)
+    check_loss_terms(model, caps)
     _check_trainer(trainer)
-    _check_latent_remedies(model, trainer)
+    _check_latent_remedies(model, trainer, caps)
     if cfg.get("eval") is not None:
-        _check_eval(cfg.eval, model)
+        _check_eval(cfg.eval, model, caps)
 
 
 def _check_resolvable(cfg: DictConfig) -> None:
@@ -130,7 +133,11 @@ def _check_targets(cfg: DictConfig, node: Any = None, path: str = "") -> None:
             params = inspect.signature(obj).parameters
         except (TypeError, ValueError):
             params = None
-        if params is not None and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        if hasattr(obj, "config_keys"):  # a segmentor: its constructor chain's parameters and its CONFIG_KEYS
+            params = obj.config_keys()
+        elif params is not None and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            params = None
+        if params is not None:
             skip = _HYDRA_KEYS | ({"priority"} if path.startswith("hooks.") else set())  # avs.engine.hook_config
             unknown = [k for k in node.keys() if k not in skip and k not in params]
             if unknown:
@@ -165,7 +172,7 @@ def _check_data(data: DictConfig) -> None:
         raise ConfigError(f"data.flip_prob={flip} must lie in [0, 1]")
 
 
-def _check_model(cfg: DictConfig, data: DictConfig, model: DictConfig) -> None:
+def _check_model(cfg: DictConfig, data: DictConfig, model: DictConfig, caps: Capabilities) -> None:
     if model.get("motion") is not None and int(data.num_frames) < 2:
         raise ConfigError(f"model.motion needs data.num_frames >= 2 (got {data.num_frames}); set model.motion=null")
     use_audio = bool(model.get("use_audio", True))
@@ -176,17 +183,12 @@ def _check_model(cfg: DictConfig, data: DictConfig, model: DictConfig) -> None:
         )
     if data.audio_source == "embedding" and use_audio:
         _check_embedding_audio(model)
-    latent = model.get("latent")
-    if latent is not None:
-        variant = str(latent.get("variant", "factorised"))
-        if variant not in LATENT_WITHOUT_AUDIO and not use_audio:
-            raise ConfigError(
-                f"model.latent.variant={variant} encodes the audio but model.use_audio=false: "
-                "set model.use_audio=true or model.latent.variant=visual_only"
-            )
+    if caps.audio_required and not use_audio:
+        hint = " or model.latent.variant=visual_only" if caps.latent else ""
+        raise ConfigError(f"{caps.audio_required} but model.use_audio=false: set model.use_audio=true{hint}")
     projector = model.get("projector")
     mask_mode = str(model.get("projector_mask", "auto"))
-    if projector is not None:
+    if caps.projector:
         # which training frames have a mask: the one rule of avs.data.layout (S4: the first frame only)
         all_labelled = labelled_frames_name(str(data.subset), "train") == "all"
         if mask_mode == "gt" and not all_labelled:
@@ -225,13 +227,13 @@ def _check_model(cfg: DictConfig, data: DictConfig, model: DictConfig) -> None:
         )
 
 
-def _check_latent_remedies(model: DictConfig, trainer: DictConfig) -> None:
+def _check_latent_remedies(model: DictConfig, trainer: DictConfig, caps: Capabilities) -> None:
     """model.latent.free_bits, trainer.kl_warmup and trainer.record_latent_kl (docs/ecmvae_notes.md)."""
     from avs.models.latent_parts import FREE_BITS_DIVERGENCES
 
-    latent = model.get("latent")
+    latent = model.latent if caps.latent else None
     variant = str(latent.variant) if latent is not None else None
-    has_kl = latent is not None and variant != "ae"
+    has_kl = "kl" in caps.loss_terms
     free_bits = _number(latent.get("free_bits", 0.0) or 0.0, "model.latent.free_bits") if latent is not None else 0.0
     if free_bits < 0:
         raise ConfigError(f"model.latent.free_bits={free_bits} must be >= 0 (nats per dimension; 0 = off)")
@@ -256,7 +258,7 @@ def _check_latent_remedies(model: DictConfig, trainer: DictConfig) -> None:
             f"trainer.kl_warmup.steps={steps} ramps the kl loss weight, but model {model.get('name')!r} has no KL "
             "term (no latent, or variant=ae): set trainer.kl_warmup.steps=0"
         )
-    if bool(trainer.get("record_latent_kl", False)) and latent is None:
+    if bool(trainer.get("record_latent_kl", False)) and not caps.latent:
         raise ConfigError(
             f"trainer.record_latent_kl=true records the latent's per-dimension KL, but model {model.get('name')!r} "
             "has no latent part: set it to false"
@@ -339,12 +341,12 @@ def _check_trainer(trainer: DictConfig) -> None:
             )
 
 
-def _check_eval(ecfg: DictConfig, model: DictConfig) -> None:
+def _check_eval(ecfg: DictConfig, model: DictConfig, caps: Capabilities) -> None:
     protocols = list(ecfg.protocols or [])
     if protocols and ecfg.get("protocol") not in protocols:
         raise ConfigError(f"eval.protocol={ecfg.get('protocol')} must be one of eval.protocols={protocols}")
     samples = _positive_int(ecfg.num_samples, "eval.num_samples")
-    if samples > 1 and model.get("latent") is None:
+    if samples > 1 and not caps.latent:
         raise ConfigError(
             f"eval.num_samples={samples} draws latent samples but model.latent is null "
             f"(model {model.get('name')!r} is deterministic): use eval.num_samples=1 or a latent model"
@@ -443,12 +445,14 @@ def check_sweep(overrides: list[str], config_name: str = "train", config_dir: st
 
     root = Path(config_dir) if config_dir is not None else CONFIG_DIR
     jobs = sweep_jobs(overrides)
+    # hydra.searchpath=[file:///...] finds a researcher's own configs (docs/adding_a_method.md): every job uses it
+    searchpath = [o for o in overrides if o.split("=", 1)[0] == "hydra.searchpath"]
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(Path(root).resolve()), version_base="1.3"):
             for i, job in enumerate(jobs):
                 try:
-                    cfg = compose(config_name, overrides=job)
+                    cfg = compose(config_name, overrides=searchpath + job)
                 except Exception:  # noqa: BLE001  (a rejected override: Hydra reports it, with hints)
                     return i
                 try:

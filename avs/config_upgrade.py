@@ -21,6 +21,14 @@ RENAMED_TARGETS: dict[str, str] = {
 }
 # model.seg_loss: <name> + model.seg_loss_options -> a `_target_` node taking the options.
 SEG_LOSS_TARGETS: dict[str, str] = {"bce": "avs.losses.BCESegLoss", "structure": "avs.losses.StructureLoss"}
+# model._target_ (one segmentor class per method family) for configs of the single AVSegmentor, by
+# model.name; a model of another name is an ECMVAE when it has a latent part, else the one-branch class.
+SEGMENTOR_TARGETS: dict[str, str] = {
+    "tpavi": "avs.models.methods.avsbench.AVSBenchSegmentor",
+    "avsbg": "avs.models.methods.avsbg.AVSBGSegmentor",
+    "ecmvae": "avs.models.methods.ecmvae.ECMVAESegmentor",
+    "ecmvae_bg": "avs.models.methods.ecmvae.ECMVAESegmentor",
+}
 
 
 def _group_option(group: str, option: str) -> Any:
@@ -54,7 +62,24 @@ def _upgrade_trainer(trainer: dict[str, Any]) -> None:
         trainer["optimizer"] = _group_option("optimizer", "adam")
 
 
+def _segmentor_target(model: dict[str, Any]) -> None:
+    """Name the segmentor class of a config that predates `model._target_`; drop its `latent: null`
+    (only the ECMVAE family takes a latent part)."""
+    if "_target_" in model:
+        return
+    target = SEGMENTOR_TARGETS.get(str(model.get("name")))
+    if target is None:
+        if model.get("latent") is not None:
+            target = SEGMENTOR_TARGETS["ecmvae"]
+        else:
+            target = SEGMENTOR_TARGETS["avsbg" if "release_raw_logits" in model else "tpavi"]
+    model["_target_"] = target
+    if target != SEGMENTOR_TARGETS["ecmvae"] and "latent" in model and model["latent"] is None:
+        del model["latent"]
+
+
 def _upgrade_model(model: dict[str, Any]) -> None:
+    _segmentor_target(model)
     _rename_targets(model)
     loss = model.get("seg_loss")
     if isinstance(loss, str) and loss in SEG_LOSS_TARGETS:

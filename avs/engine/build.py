@@ -23,6 +23,7 @@ from avs.engine import distributed as D
 from avs.engine.amp import native_bf16
 from avs.engine.checkpoint import CheckpointError, load_checkpoint, model_state_from
 from avs.engine.rundir import CHECKPOINT_DIR, LAST_CKPT
+from avs.errors import ConfigError
 from avs.utils.device import to_channels_last
 
 log = logging.getLogger(__name__)
@@ -43,11 +44,37 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 def resolve_loss_weights(cfg: DictConfig) -> dict[str, float]:
     """`model.loss_weights` with 'auto' entries resolved per data subset (e.g. A-V loss 0 on S4, 0.5 on MS3).
 
-    avs.config_checks.check_config has refused an 'auto' without its `model.auto_weights` entry.
+    avs.config_checks.check_config has refused an 'auto' without its `model.auto_weights` entry. Every term
+    the model class declares for this config must have a weight (else ConfigError, exit 2): a term without
+    one would silently not train.
     """
+    from avs.models.build import check_loss_terms
+
+    check_loss_terms(cfg.model)
     weights = OmegaConf.to_container(cfg.model.loss_weights, resolve=True)
     auto = cfg.model.auto_weights
     return {name: float(auto[name][cfg.data.subset] if w == "auto" else w) for name, w in weights.items()}
+
+
+def weighted_loss(terms: dict[str, torch.Tensor], weights: dict[str, float], model: Any) -> torch.Tensor:
+    """sum(weights[k] * terms[k]) over the trained terms; the model class's LOG_ONLY_TERMS are left out.
+
+    A term the model returns without a weight, or one its class does not declare (LOSS_TERMS), is
+    refused by name (ConfigError, exit 2) instead of silently not training.
+    """
+    log_only = getattr(model, "LOG_ONLY_TERMS", ())
+    declared = getattr(model, "LOSS_TERMS", None)
+    for k in terms:
+        if k in log_only:
+            continue
+        if declared is not None and k not in declared:
+            raise ConfigError(
+                f"model returns loss term '{k}' that {type(model).__name__} does not declare: "
+                "add it to the class's LOSS_TERMS (or LOG_ONLY_TERMS for a term that is only logged)"
+            )
+        if k not in weights:
+            raise ConfigError(f"model returns loss term '{k}' with no weight: set model.loss_weights.{k}")
+    return sum(weights[k] * v for k, v in terms.items() if k not in log_only)
 
 
 def resolve_resume_path(spec: Any, ckpt_dir: str | Path) -> Path | None:

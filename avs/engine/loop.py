@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from avs.engine import distributed as D
+from avs.engine.build import weighted_loss
 from avs.engine.state import RunState
 from avs.engine.syncs import LossWindow, read_step_flags
 from avs.errors import AVSError, ExitCode
@@ -243,7 +244,7 @@ class TrainLoop:
         with ctx:
             with self.autocast():
                 terms = self.net(batch)
-            loss = sum(self.loss_weights.get(k, 0.0) * v for k, v in terms.items())
+            loss = weighted_loss(terms, self.loss_weights, self.model)  # unweighted terms are refused
             if self.state.step + 1 in self.plan.nan_steps:  # testing aid (trainer.debug_nan_steps)
                 loss = loss * float("nan")
             window.add(loss, terms)  # no host sync: checked once at the optimizer step

@@ -70,6 +70,12 @@ class Latent(nn.Module):
     uses_audio: bool = False
     deterministic: bool = False
     has_kl: bool = True
+    code_terms: tuple[str, ...] = ()  # the terms `code_losses` returns
+
+    @classmethod
+    def terms(cls) -> tuple[str, ...]:
+        """Names of the loss terms `losses` returns in training (the segmentor declares them)."""
+        return (("kl",) if cls.has_kl else ()) + cls.code_terms
 
     def __init__(
         self,
@@ -357,6 +363,7 @@ class FactorisedLatent(_AudioVisualLatent):
     """
 
     variant = "factorised"
+    code_terms = ("diff", "sic")
 
     def __init__(self, *args, divergence: str = "js", **kwargs) -> None:
         if divergence not in DIVERGENCES:

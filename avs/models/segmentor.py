@@ -1,12 +1,22 @@
-"""AVSegmentor: composes the configured parts; it holds no maths of its own."""
+"""The segmentor contract and what every method family shares; the families live in avs/models/methods/.
+
+`model._target_` names a subclass of `Segmentor` (docs/adding_a_method.md). The base class holds the
+contract (training: a dict of unweighted scalar loss terms; eval: `{"logits": [B,T,1,H,W], ...}`), the
+shared parts (audio encoder, neck, fusion, motion, decoder, and the visual-to-audio projector that
+any family may carry), the shared losses (segmentation, A-V mapping, consistency) and the
+declarations the config checks read (`LOSS_TERMS`, `LOG_ONLY_TERMS`, `capabilities`).
+"""
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 from torch.nn import functional as F
 
@@ -19,16 +29,49 @@ Branch = dict[str, Any]
 # model.avm_loss.variant: kl = L_AVM as in the AVSBench MS3 / AVS-BG / ECMVAE code; s4_cos = the
 # AVSBench S4 "sa" loss; closer_kl / closer_euclidean = the AVSBench closer_loss (visual-visual).
 AVM_VARIANTS: tuple[str, ...] = ("kl", "s4_cos", "closer_kl", "closer_euclidean")
-# Parts that exist only to process audio: with model.use_audio=false they are not built.
-AUDIO_PARTS: tuple[str, ...] = ("audio_encoder", "fusion", "projector")
 
 
-class AVSegmentor(nn.Module):
-    """Audio-visual segmentor: visual backbone -> neck -> [latent] -> fusion <-> motion -> decoder.
+@dataclass(frozen=True)
+class Capabilities:
+    """What a segmentor class does with a given model config (read by avs/config_checks.py).
 
-    Training mode: `forward(batch)` returns a dict of unweighted scalar loss terms.
-    Eval mode: returns `{"logits": [B,T,1,H,W]}` plus `variance`/`samples`/`latents` when asked.
+    `loss_terms`: the trained terms it returns (each needs `model.loss_weights.<term>`);
+    `log_only_terms`: terms it returns for the logs only; `latent`: it draws latent codes
+    (eval.num_samples > 1, trainer.record_latent_kl); `projector`: it trains the visual-to-audio
+    projector; `audio_required`: None when it runs with model.use_audio=false, else why not.
     """
+
+    loss_terms: frozenset[str]
+    log_only_terms: frozenset[str] = frozenset()
+    latent: bool = False
+    projector: bool = False
+    audio_required: str | None = None
+
+
+def _plain(value: Any) -> Any:
+    """A DictConfig / ListConfig as plain Python containers (resolved); anything else unchanged."""
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
+
+
+class Segmentor(nn.Module):
+    """Base of every segmentor: backbone -> neck -> fusion <-> motion -> decoder, per frame of a clip.
+
+    Training mode: `forward(batch)` returns a dict of unweighted scalar loss terms (`train_terms`).
+    Eval mode: `{"logits": [B,T,1,H,W]}` plus `variance`/`samples`/`latents` when a family has them
+    (`predict`). A subclass implements those two methods and declares the terms it returns.
+    """
+
+    # Every trained term the class may return; `loss_terms(model_cfg)` says which a config makes it return.
+    LOSS_TERMS: ClassVar[tuple[str, ...]] = ("seg", "avm", "consistency")
+    # Terms returned for the logs only: logged, never weighted nor trained.
+    LOG_ONLY_TERMS: ClassVar[tuple[str, ...]] = ()
+    # Keys of the model config that are not constructor arguments (read by the trainer or used in
+    # interpolations): build_model leaves them out.
+    CONFIG_KEYS: ClassVar[tuple[str, ...]] = ("name", "preset", "init_from", "loss_weights", "auto_weights")
+    # Parts that only process audio: build_model does not build them with model.use_audio=false.
+    AUDIO_ONLY_PARTS: ClassVar[tuple[str, ...]] = ("audio_encoder", "projector")
+    # Top-level modules that hold audio weights (dropped from old no-audio checkpoints on load).
+    AUDIO_MODULES: ClassVar[tuple[str, ...]] = ("audio_encoder", "fusion", "projector")
 
     def __init__(
         self,
@@ -38,7 +81,6 @@ class AVSegmentor(nn.Module):
         audio_encoder: nn.Module | None = None,
         fusion: Callable[..., nn.Module] | None = None,
         motion: nn.Module | None = None,
-        latent: Callable[..., nn.Module] | None = None,
         projector: Callable[..., nn.Module] | None = None,
         channels: int = 256,
         audio_dim: int = 128,
@@ -46,8 +88,7 @@ class AVSegmentor(nn.Module):
         use_audio: bool = True,
         order: str = "fusion_motion",
         seg_loss: Callable[..., torch.Tensor] | str = "bce",
-        seg_loss_options: dict | None = None,
-        avm_loss: dict | None = None,
+        avm_loss: Mapping | None = None,
         projector_mask: str = "auto",
         eval_num_samples: int = 1,
     ) -> None:
@@ -56,6 +97,7 @@ class AVSegmentor(nn.Module):
             raise ValueError(f"model.order must be 'fusion_motion' or 'motion_fusion', got {order!r}")
         if projector_mask not in ("auto", "gt", "pred"):
             raise ValueError(f"model.projector_mask must be auto|gt|pred, got {projector_mask!r}")
+        self.channels, self.audio_dim, self.image_size = channels, audio_dim, image_size
         self.backbone = backbone
         self.use_audio = use_audio and audio_encoder is not None
         # Without audio no audio part is built (encoder, projector, audio-only fusion weights), so every
@@ -67,26 +109,63 @@ class AVSegmentor(nn.Module):
             self.fusion = fusion(channels=channels, audio_dim=audio_dim if self.use_audio else None)
         self.motion = motion
         self.decoder = decoder(channels=channels)
-        self.latent = None
-        if latent is not None:
-            self.latent = latent(channels=channels, audio_dim=audio_dim, image_size=image_size)
-            # ECMVAE keeps a separate neck and decoder for the posterior branch (training only).
-            self.neck_post = neck(in_channels=list(backbone.out_channels))
-            self.decoder_post = decoder(channels=channels)
-        self.projector = None
-        if projector is not None and self.use_audio:
-            deepest = max(1, image_size // 32)
-            self.projector = projector(channels=channels, audio_dim=audio_dim, feature_size=(deepest, deepest))
+        self.latent = None  # the ECMVAE family sets its latent part
         self.order = order
-        self.seg_loss = L.make_seg_loss(seg_loss, seg_loss_options) if isinstance(seg_loss, str) else seg_loss
-        self.avm_loss = dict(avm_loss) if avm_loss else None
+        self.seg_loss = L.make_seg_loss(seg_loss) if isinstance(seg_loss, str) else seg_loss
+        self.avm_loss = dict(_plain(avm_loss)) if avm_loss else None
         if self.avm_loss is not None and self.avm_loss.get("variant", "kl") not in AVM_VARIANTS:
             raise ValueError(
                 f"model.avm_loss.variant must be one of {list(AVM_VARIANTS)}, got {self.avm_loss['variant']!r}"
             )
         self.projector_mask = projector_mask
         self.eval_num_samples = eval_num_samples
-        self.audio_dim = audio_dim
+        # built last (a family with more parts passes None here and builds it after them: same init order)
+        self.projector = self.make_projector(projector)
+
+    def make_projector(self, projector: Callable[..., nn.Module] | None) -> nn.Module | None:
+        """The visual-to-audio projector on the deepest map (None without one or without audio)."""
+        if projector is None or not self.use_audio:
+            return None
+        deepest = max(1, self.image_size // 32)
+        return projector(channels=self.channels, audio_dim=self.audio_dim, feature_size=(deepest, deepest))
+
+    # ------------------------------------------------------------------ declarations
+    @classmethod
+    def loss_terms(cls, model_cfg: Mapping) -> set[str]:
+        """The trained terms of `LOSS_TERMS` that a model built from `model_cfg` returns."""
+        audio = bool(model_cfg.get("use_audio", True))
+        terms = set(cls.LOSS_TERMS)
+        if not (audio and model_cfg.get("avm_loss") and model_cfg.get("fusion") is not None):
+            terms.discard("avm")
+        if not (audio and model_cfg.get("projector") is not None):
+            terms.discard("consistency")
+        return terms
+
+    @classmethod
+    def capabilities(cls, model_cfg: Mapping) -> Capabilities:
+        """What this class does with `model_cfg` (see `Capabilities`)."""
+        terms = cls.loss_terms(model_cfg)
+        return Capabilities(
+            loss_terms=frozenset(terms),
+            log_only_terms=frozenset(cls.LOG_ONLY_TERMS),
+            projector="consistency" in terms,
+        )
+
+    @classmethod
+    def config_keys(cls) -> set[str]:
+        """Keys a model config of this class may set: the constructor's parameters (followed through
+        `**kwargs` into the base classes) and `CONFIG_KEYS`; backbone and image_size are passed by build_model."""
+        keys = set(cls.CONFIG_KEYS)
+        named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        for klass in cls.__mro__:
+            init = klass.__dict__.get("__init__")
+            if init is None:
+                continue
+            params = inspect.signature(init).parameters.values()
+            keys |= {p.name for p in params if p.kind in named and p.name != "self"}
+            if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+                break
+        return keys - {"backbone", "image_size"}
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -100,7 +179,7 @@ class AVSegmentor(nn.Module):
                 for k in state_dict
                 if k.startswith(prefix)
                 and k[len(prefix) :] not in own
-                and k[len(prefix) :].split(".", 1)[0] in AUDIO_PARTS
+                and k[len(prefix) :].split(".", 1)[0] in self.AUDIO_MODULES
             ]
             for k in stale:
                 del state_dict[k]
@@ -114,7 +193,7 @@ class AVSegmentor(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
-    # ------------------------------------------------------------------ helpers
+    # ------------------------------------------------------------------ shared computations
     def encode_audio(self, audio: torch.Tensor) -> torch.Tensor:
         """[B,T,1,96,64] log-mel or [B,T,D] embedding -> [B*T,D]."""
         if audio.dim() == 5:
@@ -137,13 +216,12 @@ class AVSegmentor(nn.Module):
         out_size: tuple[int, int],
         neck: nn.Module,
         decoder: nn.Module,
-        code: torch.Tensor | None = None,
-        branch: str = "prior",
+        inject: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> Branch:
-        """One neck -> [latent injection] -> fusion/motion -> decoder pass over [B*T,...] features."""
+        """One neck -> [inject at the deepest map] -> fusion/motion -> decoder pass over [B*T,...] features."""
         maps = list(neck(feats))
-        if code is not None:
-            maps[-1] = self.latent.inject(maps[-1], code, branch)
+        if inject is not None:
+            maps[-1] = inject(maps[-1])
         audio_feats: list = [None] * len(maps)
         if self.order == "motion_fusion" and self.motion is not None:
             maps = self.motion(maps, num_frames)
@@ -191,6 +269,16 @@ class AVSegmentor(nn.Module):
         audio_hat = self.projector(out["decoded"][-1], source, mask_is_logits=not use_gt)
         return consistency_loss(audio, audio_hat)
 
+    def has_avm(self, audio: torch.Tensor | None) -> bool:
+        """True when the model computes the A-V mapping loss (configured, with audio and fusion)."""
+        return self.avm_loss is not None and audio is not None and self.fusion is not None
+
+    def consistency_term(self, out: Branch, audio, masks, valid) -> dict[str, torch.Tensor]:
+        """{"consistency": projector loss on the supervised branch `out`} when the model carries a projector."""
+        if self.projector is None or audio is None:
+            return {}
+        return {"consistency": self._consistency(out, audio, masks, valid)}
+
     # ------------------------------------------------------------------ forward
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Training: dict of unweighted loss scalars. Eval: {'logits': [B,T,1,H,W], ...}."""
@@ -202,72 +290,21 @@ class AVSegmentor(nn.Module):
             audio = self.encode_audio(batch["audio"])  # [B*T,D]
         feats = self.backbone(x)
         if self.training:
-            masks = batch["masks"].flatten(0, 1)  # [B*T,1,H,W]
-            valid = batch["mask_valid"].flatten(0, 1)  # [B*T]
-            if self.latent is None:
-                return self._train_plain(feats, audio, T, (H, W), masks, valid)
-            return self._train_latent(x, feats, audio, T, (H, W), masks, valid, batch["mask_valid"])
-        return self._predict(x, feats, audio, B, T, (H, W))
+            return self.train_terms(x, feats, audio, batch, T, (H, W))
+        with torch.no_grad():
+            return self.predict(x, feats, audio, B, T, (H, W))
 
-    def _train_plain(self, feats, audio, T, size, masks, valid) -> dict[str, torch.Tensor]:
-        out = self._branch(feats, audio, T, size, self.neck, self.decoder)
-        terms = {"seg": self._seg(out["logits"], masks, valid)}
-        if self.avm_loss is not None and audio is not None and self.fusion is not None:
-            terms["avm"] = self._avm(out)
-        if self.projector is not None and audio is not None:
-            terms["consistency"] = self._consistency(out, audio, masks, valid)
-        return terms
+    def train_terms(self, x, feats, audio, batch, T: int, size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """Unweighted scalar loss terms. x: frames [B*T,3,H,W]; feats: backbone maps; audio: [B*T,D] or None."""
+        raise NotImplementedError(f"{type(self).__name__} must implement train_terms")
 
-    def _posterior_masks(self, masks: torch.Tensor, clip_valid: torch.Tensor) -> torch.Tensor:
-        """S4 (frame 0 labelled only): repeat frame 0's mask over T; MS3: the T masks. [B*T,1,H,W]."""
-        B, T = clip_valid.shape
-        m = masks.view(B, T, *masks.shape[1:])
-        first = clip_valid.float().argmax(dim=1)  # first labelled frame per clip
-        ref = m[torch.arange(B, device=m.device), first]  # [B,1,H,W]
-        repeated = ref.unsqueeze(1).expand_as(m).reshape_as(masks)
-        return torch.where(clip_valid.all(), masks, repeated)  # chosen on the device: no host sync
+    def predict(self, x, feats, audio, B: int, T: int, size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """{'logits': [B,T,1,H,W], ...} (runs under torch.no_grad)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement predict")
 
-    def _train_latent(self, x, feats, audio, T, size, masks, valid, clip_valid) -> dict[str, torch.Tensor]:
-        post_masks = self._posterior_masks(masks, clip_valid)
-        state = self.latent.encode(x, audio, post_masks)
-        codes = {"prior": self.latent.sample(state, "prior"), "posterior": self.latent.sample(state, "posterior")}
-        prior = self._branch(feats, audio, T, size, self.neck, self.decoder, codes["prior"], "prior")
-        post = self._branch(feats, audio, T, size, self.neck_post, self.decoder_post, codes["posterior"], "posterior")
-        terms = {
-            "seg_post": self._seg(post["logits"], masks, valid),
-            "seg_prior": self._seg(prior["logits"], masks, valid),
-        }
-        terms.update(self.latent.losses(state, codes))
-        if self.avm_loss is not None and audio is not None and self.fusion is not None:
-            terms["avm"] = 0.5 * (self._avm(post) + self._avm(prior))
-        if self.projector is not None and audio is not None:
-            terms["consistency"] = self._consistency(post, audio, masks, valid)
-        return terms
 
-    @torch.no_grad()
-    def _predict(self, x, feats, audio, B, T, size) -> dict[str, torch.Tensor]:
-        if self.latent is None:
-            logits = self._branch(feats, audio, T, size, self.neck, self.decoder)["logits"]
-            return {"logits": logits.view(B, T, 1, *size)}
-        state = self.latent.encode(x, audio, None)
-        k = max(1, int(self.eval_num_samples))
-        if k == 1:  # deterministic: the prior mean code (legacy_test_sample: one random code, as released)
-            code = self.latent.sample(state, "prior", use_mean=not getattr(self.latent, "legacy_test_sample", False))
-            logits = self._branch(feats, audio, T, size, self.neck, self.decoder, code, "prior")["logits"]
-            return {"logits": logits.view(B, T, 1, *size), "latents": self.latent.export_codes(state)}
-        probs = []
-        for _ in range(k):
-            code = self.latent.sample(state, "prior")
-            out = self._branch(feats, audio, T, size, self.neck, self.decoder, code, "prior")
-            probs.append(torch.sigmoid(out["logits"]))
-        p = torch.stack(probs)  # [K,B*T,1,H,W]
-        mean = p.mean(0).clamp(1e-6, 1 - 1e-6)
-        return {
-            "logits": torch.logit(mean).view(B, T, 1, *size),
-            "variance": p.var(0, unbiased=False).view(B, T, 1, *size),
-            "samples": p.view(k, B, T, 1, *size),
-            "latents": self.latent.export_codes(state),
-        }
+# The earlier name of the base class (type hints across the code base use it).
+AVSegmentor = Segmentor
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
@@ -275,7 +312,7 @@ def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def parameter_groups(model: AVSegmentor) -> dict[str, int]:
+def parameter_groups(model: Segmentor) -> dict[str, int]:
     """Trainable parameter counts split by part (backbone, audio, neck, fusion, latent, motion, decoder, train-only)."""
     parts = {
         "visual_backbone": [model.backbone],
@@ -290,7 +327,7 @@ def parameter_groups(model: AVSegmentor) -> dict[str, int]:
     return {k: sum(count_parameters(m) for m in mods if m is not None) for k, mods in parts.items()}
 
 
-def inference_parameters(model: AVSegmentor) -> int:
+def inference_parameters(model: Segmentor) -> int:
     """Trainable parameters used at inference (the prior branch; no train-only parts)."""
     groups = parameter_groups(model)
     total = sum(groups.values()) - groups["train_only"]

@@ -61,3 +61,24 @@ def test_a_model_config_of_the_earlier_spelling_becomes_todays(model, tmp_path):
     m["seg_loss_options"] = loss
     assert old != today
     assert upgrade_config(old) == today
+
+
+@pytest.mark.parametrize("model", ["tpavi", "avsbg", "ecmvae", "ecmvae_bg"])
+def test_a_model_config_of_the_single_segmentor_class_gets_its_family_class(model, tmp_path):
+    """Stored configs of checkpoints written before `model._target_`: no class named, `latent: null` on
+    every model; the upgrade names the family's class and drops the part its class does not take."""
+    today = OmegaConf.to_container(compose_cfg("train", [f"model={model}", f"paths.data_dir={tmp_path}"]), resolve=True)
+    old = json.loads(json.dumps(today))
+    del old["model"]["_target_"]
+    old["model"].setdefault("latent", None)
+    assert upgrade_config(old) == today
+
+
+def test_an_unnamed_old_model_gets_its_class_from_its_parts():
+    assert upgrade_config({"model": {"name": "mine", "latent": {"variant": "ae"}}})["model"]["_target_"] == (
+        "avs.models.methods.ecmvae.ECMVAESegmentor"
+    )
+    assert upgrade_config({"model": {"name": "mine", "latent": None}})["model"] == {
+        "name": "mine",
+        "_target_": "avs.models.methods.avsbench.AVSBenchSegmentor",
+    }

@@ -409,8 +409,8 @@ def test_losses_equal_the_boolean_mask_formulas_without_host_syncs(labelled):
 
 def test_segmentor_device_side_choices_equal_the_host_side_ones():
     """projector_mask=auto and the posterior masks pick on the device what the host-side branch picked."""
+    from avs.models.methods.ecmvae import ECMVAESegmentor
     from avs.models.projector import VisualToAudioProjector
-    from avs.models.segmentor import AVSegmentor
 
     torch.manual_seed(0)
     proj = VisualToAudioProjector(channels=8, audio_dim=8, feature_size=(2, 2), hidden=4)
@@ -425,8 +425,8 @@ def test_segmentor_device_side_choices_equal_the_host_side_ones():
     clip_masks = masks.view(2, 3, 1, 16, 16)
     all_valid = torch.ones(2, 3, dtype=torch.bool)
     first_only = torch.tensor([[True, False, False], [True, False, False]])
-    assert torch.equal(AVSegmentor._posterior_masks(None, masks, all_valid), masks)
-    s4 = AVSegmentor._posterior_masks(None, masks, first_only).view(2, 3, 1, 16, 16)
+    assert torch.equal(ECMVAESegmentor._posterior_masks(None, masks, all_valid), masks)
+    s4 = ECMVAESegmentor._posterior_masks(None, masks, first_only).view(2, 3, 1, 16, 16)
     assert torch.equal(s4, clip_masks[:, :1].expand_as(clip_masks))
 
 

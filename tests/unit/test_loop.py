@@ -14,6 +14,8 @@ EVENTS = ("before_train", "before_epoch", "before_step", "after_step", "after_ep
 
 
 class TinyNet(torch.nn.Module):
+    LOG_ONLY_TERMS = ("unused",)  # logged, not trained (an unweighted term would be refused)
+
     def __init__(self) -> None:
         super().__init__()
         self.w = torch.nn.Parameter(torch.ones(3))

@@ -194,3 +194,76 @@ def test_no_audio_model_loads_a_checkpoint_that_has_the_audio_parts(tmp_path, ca
     state["decoder.path4.resConfUnit2.body.0.weight_extra"] = torch.zeros(1)
     with pytest.raises(RuntimeError, match="weight_extra"):
         new.load_state_dict(state, strict=True)
+
+
+# ------------------------------------------------------------------ declarations and loss weighting
+@pytest.mark.parametrize(
+    "overrides,terms,latent,projector",
+    [
+        (["model=tpavi"], {"seg", "avm"}, False, False),
+        (["model=avsbg"], {"seg", "avm", "consistency"}, False, True),
+        (["model=avsbg", "model.use_audio=false"], {"seg"}, False, False),
+        (["model=ecmvae"], {"seg_post", "seg_prior", "kl", "diff", "sic", "avm"}, True, False),
+        (["model=ecmvae", "model.latent.variant=ae"], {"seg_post", "seg_prior", "diff", "sic", "avm"}, True, False),
+        (["model=ecmvae", "model.latent.variant=no_factor"], {"seg_post", "seg_prior", "kl", "avm"}, True, False),
+        (["model=ecmvae_bg"], {"seg_post", "seg_prior", "kl", "diff", "sic", "avm", "consistency"}, True, True),
+    ],
+)
+def test_classes_declare_the_terms_they_return(tmp_path, overrides, terms, latent, projector):
+    """What `capabilities` declares from the config is exactly what the built model returns in training."""
+    from avs.models.build import segmentor_class
+
+    cfg = compose_cfg("train", tiny_overrides(tmp_path) + NARROW + overrides)
+    caps = segmentor_class(cfg.model).capabilities(cfg.model)
+    assert (set(caps.loss_terms), caps.latent, caps.projector) == (terms, latent, projector)
+    torch.manual_seed(0)
+    assert set(_step(build_model(cfg), _batch(s4=False))) == terms
+
+
+def test_a_model_config_names_its_class_and_only_its_parameters(tmp_path):
+    from avs.config_checks import ConfigError, check_config
+
+    with pytest.raises(ConfigError, match=r"model\.latent: not parameters of avs\.models\.methods\.avsbench"):
+        check_config(compose_cfg("train", tiny_overrides(tmp_path) + ["model=tpavi", "+model.latent=null"]))
+    with pytest.raises(ConfigError, match=r"model\._target_=avs\.losses\.BCESegLoss: not a subclass of .*Segmentor"):
+        check_config(compose_cfg("train", tiny_overrides(tmp_path) + ["model._target_=avs.losses.BCESegLoss"]))
+
+
+def test_an_unweighted_term_is_refused_by_the_config_check(tmp_path):
+    from avs.config_checks import ConfigError, check_config
+
+    cfg = compose_cfg("train", tiny_overrides(tmp_path) + ["model=avsbg", "~model.loss_weights.consistency"])
+    with pytest.raises(
+        ConfigError,
+        match=r"^model returns loss term 'consistency' with no weight: set model\.loss_weights\.consistency$",
+    ):
+        check_config(cfg)
+    # without a projector AVS-BG returns no consistency term: nothing to weight
+    check_config(
+        compose_cfg(
+            "train",
+            tiny_overrides(tmp_path) + ["model=avsbg", "~model.loss_weights.consistency", "model.projector=null"],
+        )
+    )
+
+
+class _Terms(torch.nn.Module):
+    LOSS_TERMS = ("a", "b")
+    LOG_ONLY_TERMS = ("note",)
+
+
+def test_weighted_loss_trains_weighted_terms_logs_log_only_ones_and_refuses_the_rest():
+    from avs.engine.build import weighted_loss
+    from avs.errors import ConfigError
+
+    a, b = torch.tensor(2.0, requires_grad=True), torch.tensor(3.0, requires_grad=True)
+    note = torch.tensor(float("nan"))  # a log-only term never reaches the loss
+    loss = weighted_loss({"a": a, "b": b, "note": note}, {"a": 1.0, "b": 0.5}, _Terms())
+    assert float(loss.detach()) == 3.5
+    with pytest.raises(ConfigError, match=r"^model returns loss term 'b' with no weight: set model\.loss_weights\.b$"):
+        weighted_loss({"a": a, "b": b}, {"a": 1.0}, _Terms())
+    with pytest.raises(ConfigError, match=r"model returns loss term 'c' that _Terms does not declare"):
+        weighted_loss({"a": a, "c": b}, {"a": 1.0, "c": 1.0}, _Terms())
+    # a module that declares nothing: every term it returns needs a weight
+    with pytest.raises(ConfigError, match=r"loss term 'x' with no weight"):
+        weighted_loss({"x": a}, {}, torch.nn.Linear(1, 1))
