@@ -227,6 +227,19 @@ def _check_model(cfg: DictConfig, data: DictConfig, model: DictConfig, caps: Cap
         )
 
 
+def check_kl_warmup(steps: Any, start: Any, cycle_steps: Any) -> int:
+    """The one rule of `trainer.kl_warmup` (the config check and KLWarmupHook): steps >= 0 (0 = off), start a
+    fraction in [0, 1], cycle_steps 0 or >= steps -> steps. ConfigError naming the key otherwise."""
+    steps = _positive_int(steps or 0, "trainer.kl_warmup.steps", minimum=0)
+    cycle = _positive_int(cycle_steps or 0, "trainer.kl_warmup.cycle_steps", minimum=0)
+    start = _number(start or 0.0, "trainer.kl_warmup.start")
+    if not 0.0 <= start <= 1.0:
+        raise ConfigError(f"trainer.kl_warmup.start={start} must lie in [0, 1] (a fraction of the kl weight)")
+    if cycle and cycle < max(steps, 1):
+        raise ConfigError(f"trainer.kl_warmup.cycle_steps={cycle} must be 0 or >= trainer.kl_warmup.steps={steps}")
+    return steps
+
+
 def _check_latent_remedies(model: DictConfig, trainer: DictConfig, caps: Capabilities) -> None:
     """model.latent.free_bits, trainer.kl_warmup and trainer.record_latent_kl (docs/ecmvae_notes.md)."""
     from avs.models.latent_parts import FREE_BITS_DIVERGENCES
@@ -246,13 +259,7 @@ def _check_latent_remedies(model: DictConfig, trainer: DictConfig, caps: Capabil
             f"is a sampled estimate that does not split over dimensions: use one of {list(FREE_BITS_DIVERGENCES)}"
         )
     warmup = trainer.get("kl_warmup") or {}
-    steps = _positive_int(warmup.get("steps", 0) or 0, "trainer.kl_warmup.steps", minimum=0)
-    cycle = _positive_int(warmup.get("cycle_steps", 0) or 0, "trainer.kl_warmup.cycle_steps", minimum=0)
-    start = _number(warmup.get("start", 0.0) or 0.0, "trainer.kl_warmup.start")
-    if not 0.0 <= start <= 1.0:
-        raise ConfigError(f"trainer.kl_warmup.start={start} must lie in [0, 1] (a fraction of the kl weight)")
-    if cycle and cycle < max(steps, 1):
-        raise ConfigError(f"trainer.kl_warmup.cycle_steps={cycle} must be 0 or >= trainer.kl_warmup.steps={steps}")
+    steps = check_kl_warmup(warmup.get("steps", 0), warmup.get("start", 0.0), warmup.get("cycle_steps", 0))
     if steps and not has_kl:
         raise ConfigError(
             f"trainer.kl_warmup.steps={steps} ramps the kl loss weight, but model {model.get('name')!r} has no KL "

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from avs.engine.rundir import BEST_CKPT, CHECKPOINT_DIR, LAST_CKPT
 from avs.errors import AVSError, ExitCode
 from avs.utils.io import atomic_write_bytes
 
@@ -126,14 +127,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             (
                 c
                 for c in (
-                    path / "checkpoints" / "best.ckpt",
-                    path / "best.ckpt",
-                    path / "checkpoints" / "last.ckpt",
-                    path / "last.ckpt",
+                    path / CHECKPOINT_DIR / BEST_CKPT,
+                    path / BEST_CKPT,
+                    path / CHECKPOINT_DIR / LAST_CKPT,
+                    path / LAST_CKPT,
                 )
                 if c.is_file()
             ),
-            path / "checkpoints" / "best.ckpt",
+            path / CHECKPOINT_DIR / BEST_CKPT,
         )
         raise CheckpointError(f"{path} is a directory, expected a .ckpt file (did you mean {hint}?)")
     if not path.is_file():

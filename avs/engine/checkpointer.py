@@ -25,7 +25,7 @@ from avs.engine.amp import load_scaler_state
 from avs.engine.build import seed_everything
 from avs.engine.checkpoint import CheckpointError, capture_rng, restore_rng, save_checkpoint
 from avs.engine.resume_check import load_for_resume, restore_optimizer
-from avs.engine.rundir import resume_advice
+from avs.engine.rundir import BEST_CKPT, CHECKPOINT_DIR, resume_advice
 from avs.engine.state import RunState
 from avs.utils.io import atomic_save
 
@@ -53,7 +53,7 @@ class Checkpointer:
         device: torch.device,
     ) -> None:
         self.run_dir = Path(run_dir)
-        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.ckpt_dir = self.run_dir / CHECKPOINT_DIR
         self.cfg, self.model, self.optimizer, self.scaler = cfg, model, optimizer, scaler
         self.state, self.dist, self.device = state, dist, device
         self.scheduler: Any = None  # set once the number of steps is known
@@ -146,7 +146,7 @@ class Checkpointer:
         self._load_hook_states()
         self._restore_rng(ckpt, path)
         self.state.faults["resumed_from"].append({"path": str(path), "step": self.state.step, "changes": changes})
-        self.adopt_best(path.parent / "best.ckpt")
+        self.adopt_best(path.parent / BEST_CKPT)
         s = self.state
         log.info(
             "resumed from %s at epoch %d, step %d (batch %d of the epoch)", path, s.epoch, s.step, s.batch_in_epoch
@@ -170,7 +170,7 @@ class Checkpointer:
 
     def adopt_best(self, src: Path) -> None:
         """Resuming into another run dir: copy the source run's best.ckpt so selection carries over."""
-        dst = self.ckpt_dir / "best.ckpt"
+        dst = self.ckpt_dir / BEST_CKPT
         if not self.dist.is_main or not src.is_file() or (dst.exists() and dst.resolve() == src.resolve()):
             return
         with open(src, "rb") as fh_in:

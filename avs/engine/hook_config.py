@@ -37,13 +37,13 @@ REQUIRED: dict[str, str] = {
 def builtin_arguments(trainer: Any) -> dict[type, dict[str, Any] | None]:
     """Built-in hook class -> its constructor arguments for this run (None: the class is off in this config)."""
     cfg, tcfg, save, tb = trainer.cfg, trainer.tcfg, trainer.save, trainer.tb
-    log_every = int(tcfg.get("log_every_steps", 10))
+    log_every = int(tcfg.log_every_steps)
     warmup = tcfg.get("kl_warmup") or {}
-    progress = bool(tcfg.get("progress", True)) and trainer.is_main
+    progress = bool(tcfg.progress) and trainer.is_main
     return {
         H.LoggingHook: {"tb": tb, "log_every": log_every, "progress": progress},
         H.NonFiniteGuard: {
-            "max_bad": int(tcfg.get("max_consecutive_nonfinite", 3)),
+            "max_bad": int(tcfg.max_consecutive_nonfinite),
             "save": save,
             "run_dir": trainer.run_dir,
         },
@@ -51,30 +51,30 @@ def builtin_arguments(trainer: Any) -> dict[type, dict[str, Any] | None]:
             "evaluate": trainer.evaluate,
             "save": save,
             "tb": tb,
-            "every": int(tcfg.get("val_every_epochs", 1)),
-            "split": str(tcfg.get("select_split", "val")),  # test only with allow_test_selection
+            "every": int(tcfg.val_every_epochs),
+            "split": str(tcfg.select_split),  # test only with allow_test_selection
             "protocol": str(cfg.eval.protocol),
-            "metric": str(tcfg.get("select_metric", "miou")),
+            "metric": str(tcfg.select_metric),
         },
-        H.CheckpointHook: {"save": save, "every": int(tcfg.get("checkpoint_every_steps", 0) or 0)},
-        H.InterruptAfterHook: {"steps": int(tcfg.get("interrupt_after_steps", 0) or 0)},
+        H.CheckpointHook: {"save": save, "every": int(tcfg.checkpoint_every_steps or 0)},
+        H.InterruptAfterHook: {"steps": int(tcfg.interrupt_after_steps or 0)},
         H.SignalHook: {},
         H.KLWarmupHook: None
-        if int(warmup.get("steps", 0) or 0) <= 0
+        if int(warmup.steps or 0) <= 0
         else {
             "steps": int(warmup.steps),
-            "start": float(warmup.get("start", 0.0)),
-            "cycle_steps": int(warmup.get("cycle_steps", 0) or 0),
+            "start": float(warmup.start),
+            "cycle_steps": int(warmup.cycle_steps or 0),
             "tb": tb,
             "log_every": log_every,
         },
-        H.LatentKLHook: {"run_dir": trainer.run_dir, "split": str(tcfg.get("select_split", "val"))}
-        if bool(tcfg.get("record_latent_kl", False))
+        H.LatentKLHook: {"run_dir": trainer.run_dir, "split": str(tcfg.select_split)}
+        if bool(tcfg.record_latent_kl)
         else None,
         H.FinalEvaluationHook: {
             "evaluate": trainer.evaluate,
             "ckpt_dir": trainer.ckpt_dir,
-            "test_at_end": bool(tcfg.get("test_at_end", True)),
+            "test_at_end": bool(tcfg.test_at_end),
             "tb": tb,
         },
         H.MetricsHook: {"cfg": cfg, "run_dir": trainer.run_dir, "loss_weights": trainer.loss_weights},

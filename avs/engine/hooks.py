@@ -22,7 +22,8 @@ from avs.engine import distributed as D
 from avs.engine.checkpoint import load_checkpoint
 from avs.engine.loop import NonFiniteLossError, StopTraining
 from avs.engine.records import metrics_record, write_metrics, write_run_report
-from avs.engine.rundir import resume_advice
+from avs.engine.rundir import BEST_CKPT, CHECKPOINT_DIR, LAST_CKPT, resume_advice
+from avs.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +267,7 @@ class FinalEvaluationHook(HookBase):
 
     def after_train(self) -> None:
         loop = self.loop
-        best_path = self.ckpt_dir / "best.ckpt"
+        best_path = self.ckpt_dir / BEST_CKPT
         loop.state.flush_losses()
         D.barrier()
         if best_path.exists():
@@ -323,7 +324,7 @@ class RunReportHook(HookBase):
 
     def on_interrupt(self, reason: str) -> None:
         self.write("interrupted", reason)
-        last = self.run_dir / "checkpoints" / "last.ckpt"
+        last = self.run_dir / CHECKPOINT_DIR / LAST_CKPT
         log.warning(
             "stopped by %s at step %d: saved %s; %s", reason, self.loop.state.step, last, resume_advice(self.run_dir)
         )
@@ -356,12 +357,10 @@ class KLWarmupHook(HookBase):
         tb: TensorBoard | None = None,
         log_every: int = 0,
     ) -> None:
-        if steps < 1:
-            raise ValueError(f"trainer.kl_warmup.steps must be >= 1 for the warm-up hook, got {steps}")
-        if not 0.0 <= start <= 1.0:
-            raise ValueError(f"trainer.kl_warmup.start must lie in [0, 1], got {start}")
-        if cycle_steps and cycle_steps < steps:
-            raise ValueError(f"trainer.kl_warmup.cycle_steps={cycle_steps} must be 0 or >= steps={steps}")
+        from avs.config_checks import check_kl_warmup  # the one rule, also checked before the run
+
+        if check_kl_warmup(steps, start, cycle_steps) < 1:
+            raise ConfigError(f"trainer.kl_warmup.steps must be >= 1 for the warm-up hook, got {steps}")
         self.steps, self.start, self.cycle_steps, self.term = int(steps), float(start), int(cycle_steps), term
         self.tb, self.log_every = tb, int(log_every)
         self.target = 0.0

@@ -268,7 +268,7 @@ def resumed_run_dir(args: list[str]) -> Path | None:
         )
     if path.is_file():
         path = path.parent
-    return path.parent if path.name == "checkpoints" else path
+    return path.parent if path.name == CHECKPOINT_DIR else path
 
 
 def resume_overrides(args: list[str]) -> list[str]:
@@ -310,7 +310,7 @@ def precheck_resume(overrides: list[str], config_name: str = "train") -> None:
         return
     try:
         cfg = compose_config(config_name, [a for a in overrides if "=" in a])
-        path = resolve_resume_path(cfg.trainer.get("resume"), Path(given or ".").expanduser() / "checkpoints")
+        path = resolve_resume_path(cfg.trainer.get("resume"), Path(given or ".").expanduser() / CHECKPOINT_DIR)
         if path is None or not path.is_file():
             return
         import torch

@@ -35,7 +35,7 @@ from avs.engine.loop import NonFiniteLossError, Plan, TrainingError, TrainLoop  
 from avs.engine.optim import build_optimizer, build_scheduler
 from avs.engine.records import write_run_report
 from avs.engine.resume_check import load_for_resume
-from avs.engine.rundir import claim_run_dir
+from avs.engine.rundir import CHECKPOINT_DIR, claim_run_dir
 from avs.engine.sampler import ResumableSampler
 from avs.engine.signals import StopSignal
 from avs.engine.state import RunState
@@ -58,7 +58,7 @@ class Trainer:
         self.cfg, self.tcfg = cfg, cfg.trainer
         self.dist = D.init_from_env()
         self.run_dir = Path(run_dir)
-        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.ckpt_dir = self.run_dir / CHECKPOINT_DIR
         self.device = select_device(self.tcfg.device, self.dist.local_rank, self.dist.world_size, "trainer.device")
         self.loss_weights = resolve_loss_weights(cfg)
         self._resume_path = resolve_resume_path(self.tcfg.get("resume"), self.ckpt_dir)
@@ -66,12 +66,12 @@ class Trainer:
         self._resume = load_for_resume(self._resume_path, cfg) if self._resume_path is not None else None
         self.model = build_run_model(cfg, self.device, self.dist)
         self.optimizer = build_optimizer(self.model.parameters(), self.tcfg)
-        self.amp_dtype = amp_dtype(self.tcfg.get("amp", "auto"), self.device)
+        self.amp_dtype = amp_dtype(self.tcfg.amp, self.device)
         self.autocast = autocast_for(self.amp_dtype, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.state = RunState()
         self.data = RunData(cfg, is_main=self.is_main, cuda=self.device.type == "cuda", barrier=D.barrier)
-        self.tb = H.TensorBoard(self.run_dir, enabled=self.is_main and bool(self.tcfg.get("tensorboard", True)))
+        self.tb = H.TensorBoard(self.run_dir, enabled=self.is_main and bool(self.tcfg.tensorboard))
         self.checkpointer = Checkpointer(
             self.run_dir, cfg, self.model, self.optimizer, self.scaler, self.state, self.dist, self.device
         )
@@ -128,7 +128,7 @@ class Trainer:
             step = self.state.step
             evaluators.append(OverlayImages(lambda grid: self.tb.writer().add_image(f"{split}/masks", grid, step)))
         net = self._eval_net if self._eval_net is not None else self.model
-        show = bool(self.tcfg.get("progress", True)) and self.is_main
+        show = bool(self.tcfg.progress) and self.is_main
         results = evaluate_split(
             net,
             self.data,
@@ -185,9 +185,9 @@ class Trainer:
         """The run's length and epoch cut, and the train sampler (this process's shard)."""
         tcfg = self.tcfg
         bs = int(self.cfg.data.batch_size)
-        accum = max(1, int(tcfg.get("grad_accum", 1)))
-        drop_last = bool(tcfg.get("drop_last", False))
-        if not drop_last and str(tcfg.get("compile", False)).lower() not in ("false", "off", "none"):
+        accum = max(1, int(tcfg.grad_accum))
+        drop_last = bool(tcfg.drop_last)
+        if not drop_last and str(tcfg.compile).lower() not in ("false", "off", "none"):
             # a smaller last batch would recompile every compiled graph (the batch dimension is specialised)
             log.info(
                 "trainer.compile: the short last batch of each epoch is dropped (as trainer.drop_last=true), "
@@ -219,14 +219,14 @@ class Trainer:
             epochs=epochs,
             accum=accum,
             drop_last=drop_last,
-            clip=float(tcfg.get("grad_clip", 0) or 0),
+            clip=float(tcfg.grad_clip or 0),
             nan_steps=frozenset(int(s) for s in (tcfg.get("debug_nan_steps") or [])),
         )
         return plan, sampler
 
     def _build_loop(self, stop: StopSignal) -> TrainLoop:
         """Plan, schedule, resume, run-dir files, the compiled/DDP modules, then the loop with its hooks."""
-        self.data.preflight(("train", "val", "test") if self.tcfg.get("test_at_end", True) else ("train", "val"))
+        self.data.preflight(("train", "val", "test") if self.tcfg.test_at_end else ("train", "val"))
         plan, sampler = self._plan(len(self.data.dataset("train")))
         scheduler = build_scheduler(self.optimizer, self.tcfg, plan.total_steps)
         self.checkpointer.scheduler = scheduler
@@ -259,7 +259,7 @@ class Trainer:
             device=self.device,
             dist=self.dist,
             autocast=self.autocast,
-            skip_mode=self.cfg.data.get("on_error", "raise") == "skip",
+            skip_mode=self.cfg.data.on_error == "skip",
         )
         loop.stop = stop
         loop.register(*build_hooks(self))  # the `hooks` group and trainer.hooks (avs.engine.hook_config)

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from avs.config import PROJECT_ROOT, compose_config
-from avs.engine.rundir import CHECKPOINT_DIR, LAST_CKPT
+from avs.engine.rundir import BEST_CKPT, CHECKPOINT_DIR, LAST_CKPT
 from avs.proxy.protocol import (
     CEILINGS_FILE,
     PROTOCOL_FILE,
@@ -371,7 +371,7 @@ def followup_commands(cfg: DictConfig, run: ProxyRun, missing_only: bool = False
     the listening pass (avs/proxy/listening.py) for every cell when `listening` is set.
     `missing_only`: only those whose output file is not there yet."""
     cmds: list[tuple[list[str], Path]] = []
-    ckpt = run.run_dir / "checkpoints" / "best.ckpt"
+    ckpt = run.run_dir / CHECKPOINT_DIR / BEST_CKPT
     node = cfg.get("uncertainty")
     if node is not None and run.cell in set(node.get("cells") or []):
         logs = run.run_dir.parent.parent.parent / "logs" / "uncertainty" / run.name.replace("/", "_")

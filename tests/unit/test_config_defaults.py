@@ -44,40 +44,18 @@ ALLOWED: dict[tuple[str, str], str] = {
         ("avs/config_checks.py", key): "added after the first released configs: " + _STORED
         for key in ("free_bits", "steps", "cycle_steps", "start", "record_latent_kl")
     },
+    **{
+        ("avs/config_checks.py", key): "check_config also checks stored configs (scripts/eval.py): " + _STORED
+        for key in ("use_audio", "variant", "projector_mask", "legacy_raw_logits")
+    },
+    ("avs/models/build.py", "use_audio"): "build_model also builds from stored configs (eval, export): " + _STORED,
+    ("avs/evaluation/evaluator.py", "legacy_batch_size"): "evaluation also runs on stored configs: " + _STORED,
 }
 ALLOWED_FILES: dict[str, str] = {
     "avs/engine/optim.py": "build_optimizer takes any mapping (benchmarks pass {lr: ...} only)",
 }
-# Sites in files other branches rewrite (models/build.py, segmentor.py, engine/{trainer,hooks,loop,
-# checkpointer,checkpoint}.py, evaluation/*, the capability part of config_checks.py).
-KNOWN_REMAINING: set[tuple[str, str]] = {
-    *(
-        ("avs/engine/trainer.py", key)
-        for key in (
-            "amp",
-            "checkpoint_every_steps",
-            "compile",
-            "drop_last",
-            "grad_accum",
-            "grad_clip",
-            "interrupt_after_steps",
-            "log_every_steps",
-            "max_consecutive_nonfinite",
-            "on_error",
-            "progress",
-            "record_latent_kl",
-            "select_metric",
-            "select_split",
-            "steps",
-            "tensorboard",
-            "test_at_end",
-            "val_every_epochs",
-        )
-    ),
-    ("avs/evaluation/evaluator.py", "legacy_batch_size"),
-    ("avs/models/build.py", "use_audio"),
-    *(("avs/config_checks.py", key) for key in ("use_audio", "variant", "projector_mask", "legacy_raw_logits")),
-}
+# Sites still to clean, (file, key): none left. Add none: read the key plainly or move the default to the YAML.
+KNOWN_REMAINING: set[tuple[str, str]] = set()
 
 
 class GetRecorder:
@@ -131,6 +109,8 @@ def recorded(synth_data_dir, tmp_path_factory) -> dict[tuple[str, str], tuple[st
     built: set[str] = set()
     with GetRecorder() as rec:
         for name, cfg in configs.items():
+            if cfg.data.subset == "avss":  # no model takes AVSS data yet: check_config refuses the pair
+                continue
             if cfg.model.init_from:  # the S4 -> MS3 overlays name a checkpoint that does not exist here
                 cfg.model.init_from = None
             check_config(cfg)
