@@ -93,7 +93,12 @@ def main(cfg: DictConfig) -> None:
         )
         return
     from avs.benchmark import apply_quick, format_report, run_benchmark
+    from avs.benchmark.run import check_quick_overrides
 
+    if cfg.quick:
+        from hydra.core.hydra_config import HydraConfig
+
+        check_quick_overrides(list(HydraConfig.get().overrides.task))
     if cfg.profile and cfg.demo:
         raise ConfigError("profile=true and demo=true: a run measures one of them; set the other to false")
     if cfg.profile:

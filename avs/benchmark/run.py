@@ -24,6 +24,23 @@ from avs.benchmark.timing import measure
 log = logging.getLogger(__name__)
 
 
+# what quick=true sets itself: a command line that also sets one of them is refused (check_quick_overrides)
+QUICK_KEYS: tuple[str, ...] = ("backbone", "image_size", "repeats", "data_clips", "metrics_frames", "metrics_size")
+
+
+def check_quick_overrides(overrides: list[str]) -> None:
+    """With quick=true, refuse an override of a key that quick=true sets itself (it would be dropped)."""
+    from avs.errors import ConfigError
+
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+    clash = sorted({k for k in keys if k.split(".")[0] in QUICK_KEYS})
+    if clash:
+        raise ConfigError(
+            f"quick=true sets {', '.join(QUICK_KEYS)} itself, so {', '.join(clash)} on the command line would be "
+            "ignored: drop quick=true (and set them all), or drop those overrides"
+        )
+
+
 def apply_quick(cfg: DictConfig) -> DictConfig:
     """`quick=true`: pvt_v2_b0, 64 px, 1 repeat, few clips and frames of data / metrics (used by the tests)."""
     from avs.config import CONFIG_DIR

@@ -159,3 +159,25 @@ def test_benchmark_code_names_no_method():
     for path in (Path(PROJECT_ROOT) / "avs" / "benchmark").glob("*.py"):
         text = path.read_text().lower()
         assert not [m for m in methods if m in text], path
+
+
+@pytest.mark.parametrize("override", ["repeats=5", "backbone=resnet50", "image_size=128", "+backbone.foo=1"])
+def test_quick_refuses_an_override_it_would_drop(override):
+    from avs.benchmark.run import check_quick_overrides
+    from avs.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=override.split("=")[0].lstrip("+").split(".")[0]):
+        check_quick_overrides(["model=tpavi", "quick=true", override])
+    check_quick_overrides(["model=tpavi", "quick=true", "compare=[amp]", "save_default=false"])  # nothing dropped
+
+
+def test_quick_with_a_dropped_override_exits_2_from_the_script():
+    import subprocess
+    import sys
+
+    from avs.config import PROJECT_ROOT
+
+    cmd = [sys.executable, "scripts/benchmark.py", "model=tpavi", "quick=true", "repeats=5", "save_default=false"]
+    res = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr
+    assert "error: quick=true sets" in res.stderr and "repeats" in res.stderr
