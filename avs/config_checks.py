@@ -1,8 +1,7 @@
 """Checks of a composed config that fail early, before any data is loaded, naming the keys.
 
-`check_config(cfg)` raises `ConfigError` for impossible or unsafe combinations (docs/reliability.md
-lists every case and the test that covers it). `override_hints(argv)` explains a rejected
-command-line override (an unknown key or config-group option) with the nearest valid names.
+`check_config(cfg)` raises `ConfigError` for impossible or unsafe combinations (docs/reliability.md lists
+each case and its test). `override_hints(argv)` explains a rejected override with the nearest valid names.
 """
 
 from __future__ import annotations
@@ -228,8 +227,7 @@ def _check_model(cfg: DictConfig, data: DictConfig, model: DictConfig, caps: Cap
 
 
 def check_kl_warmup(steps: Any, start: Any, cycle_steps: Any) -> int:
-    """The one rule of `trainer.kl_warmup` (the config check and KLWarmupHook): steps >= 0 (0 = off), start a
-    fraction in [0, 1], cycle_steps 0 or >= steps -> steps. ConfigError naming the key otherwise."""
+    """The one rule of `trainer.kl_warmup` (config check and KLWarmupHook) -> steps; ConfigError naming the key."""
     steps = _positive_int(steps or 0, "trainer.kl_warmup.steps", minimum=0)
     cycle = _positive_int(cycle_steps or 0, "trainer.kl_warmup.cycle_steps", minimum=0)
     start = _number(start or 0.0, "trainer.kl_warmup.start")

@@ -86,7 +86,7 @@ class RunData:
         """Before step 1: every file these splits name exists (avs.data.preflight; data.on_error decides)."""
         from avs.data.preflight import missing_split_files
 
-        missing_split_files({s: self.dataset(s) for s in splits}, self.cfg.data.get("on_error", "raise"))
+        missing_split_files({s: self.dataset(s) for s in splits}, self.cfg.data.on_error)
 
     def persistent_workers(self) -> bool:
         """data.persistent_workers: auto (= on with worker processes) | true | false."""

@@ -46,8 +46,10 @@ ALLOWED: dict[tuple[str, str], str] = {
     },
     **{
         ("avs/config_checks.py", key): "check_config also checks stored configs (scripts/eval.py): " + _STORED
-        for key in ("use_audio", "variant", "projector_mask", "legacy_raw_logits")
+        for key in ("use_audio", "projector_mask", "legacy_raw_logits")
     },
+    ("avs/models/segmentor.py", "use_audio"): "capabilities are read from stored configs too (eval): " + _STORED,
+    ("avs/models/methods/ecmvae.py", "variant"): "capabilities are read from stored configs too (eval): " + _STORED,
     ("avs/models/build.py", "use_audio"): "build_model also builds from stored configs (eval, export): " + _STORED,
     ("avs/evaluation/evaluator.py", "legacy_batch_size"): "evaluation also runs on stored configs: " + _STORED,
 }
