@@ -37,6 +37,9 @@ SHOWN = 3  # missing paths named in the message
 
 def clip_files(ds: Any) -> Iterable[Path]:
     """Every file an `AVSBenchDataset` reads: T frames, the labelled masks and the audio of each clip."""
+    if hasattr(ds, "clip_files"):  # a dataset that lists its own files (AVSS, avs.data.avss)
+        yield from ds.clip_files()
+        return
     audio = {"logmel": logmel_path, "wav": wav_path}.get(ds.audio_source)
     labelled = labelled_frames(ds.subset, ds.split, ds.num_frames)
     for rec in ds.records:
