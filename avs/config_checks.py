@@ -19,8 +19,8 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from avs.data.audio import EMBEDDING_DIM
 from avs.config_checks_avss import check_semantic
+from avs.data.audio import EMBEDDING_DIM
 from avs.data.layout import LAYOUTS, labelled_frames_name
 from avs.data.options import check_data_options
 from avs.engine.rundir import CHECKPOINT_DIR, LAST_CKPT

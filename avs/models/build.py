@@ -52,8 +52,9 @@ def check_loss_terms(model_cfg: Any, caps: Capabilities | None = None) -> None:
 
 def build_model(cfg: DictConfig) -> Segmentor:
     """Instantiate `cfg.backbone` and the `model._target_` class with every part of `cfg.model` (null
-    parts are disabled; `data.num_classes` > 1 (AVSS) is passed as `num_classes`; with `model.use_audio=false` the class's audio-only parts are not built, so no
-    weight file of theirs is read). Keys of the class's `CONFIG_KEYS` (loss weights, name, ...) are left out."""
+    parts are disabled; `data.num_classes` > 1 (AVSS) is passed as `num_classes`; with
+    `model.use_audio=false` the class's audio-only parts are not built, so no weight file of theirs is read).
+    Keys of the class's `CONFIG_KEYS` (loss weights, name, ...) are left out."""
     mcfg = cfg.model
     cls = segmentor_class(mcfg)
     backbone = instantiate(cfg.backbone)

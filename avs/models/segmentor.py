@@ -131,7 +131,9 @@ class Segmentor(nn.Module):
                 f"model.avm_loss.variant must be one of {list(AVM_VARIANTS)}, got {self.avm_loss['variant']!r}"
             )
         if self.avm_loss is not None and self.num_classes > 1 and self.avm_loss.get("variant", "kl") != "kl":
-            raise ValueError("with data.num_classes > 1 (AVSS) model.avm_loss.variant must be kl (the released AVSS form)")
+            raise ValueError(
+                "with data.num_classes > 1 (AVSS) model.avm_loss.variant must be kl (the released AVSS form)"
+            )
         self.projector_mask = projector_mask
         self.eval_num_samples = eval_num_samples
         # built last (a family with more parts passes None here and builds it after them: same init order)
@@ -139,8 +141,10 @@ class Segmentor(nn.Module):
 
     def make_decoder(self, decoder: Callable[..., nn.Module]) -> nn.Module:
         """The decoder with `num_classes` output maps (the argument is passed only when > 1)."""
-        return decoder(channels=self.channels) if self.num_classes == 1 else decoder(
-            channels=self.channels, num_classes=self.num_classes
+        return (
+            decoder(channels=self.channels)
+            if self.num_classes == 1
+            else decoder(channels=self.channels, num_classes=self.num_classes)
         )
 
     def make_projector(self, projector: Callable[..., nn.Module] | None) -> nn.Module | None:
