@@ -168,3 +168,10 @@ def test_method_trains_resumes_evaluates_and_exports(avss_dir, tmp_path, method)
     xcfg = compose_cfg("export", [f"checkpoint={run / 'checkpoints' / 'best.ckpt'}", "num_checks=0"])
     exported = export_checkpoint(xcfg, tmp_path / "export")
     assert exported.input_shapes["logits"][2] == 9
+
+
+def test_quickstart_avss_overlay_trains_one_step(avss_dir, tmp_path):
+    cfg = compose_cfg("train", ["experiment=quickstart_avss", *_overrides(avss_dir), "trainer.max_steps=1"])
+    assert cfg.model.name == "avsbg" and cfg.data.subset == "avss" and cfg.eval.protocol == "per_class"
+    result = Trainer(cfg, tmp_path / "run").fit()
+    assert result["steps"] == 1
