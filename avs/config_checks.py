@@ -18,6 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from avs.config_checks_avss import check_semantic
 from avs.data.audio import EMBEDDING_DIM
 from avs.data.layout import LAYOUTS, labelled_frames_name
 from avs.data.options import check_data_options
@@ -45,6 +46,7 @@ def check_config(cfg: DictConfig) -> None:
     _check_targets(cfg)
     caps = model_capabilities(model)
     _check_data(data)
+    check_semantic(cfg, caps)
     _check_model(cfg, data, model, caps)
     check_loss_terms(model, caps)
     _check_trainer(trainer)
@@ -156,8 +158,8 @@ def _check_targets(cfg: DictConfig, node: Any = None, path: str = "") -> None:
 
 
 def _check_data(data: DictConfig) -> None:
-    if data.subset not in LAYOUTS:
-        raise ConfigError(f"data.subset must be 's4' or 'ms3', got {data.subset!r}")
+    if data.subset not in LAYOUTS and data.subset != "avss":
+        raise ConfigError(f"data.subset must be 's4', 'ms3' or 'avss', got {data.subset!r}")
     size = _positive_int(data.image_size, "data.image_size")
     if size % 32 != 0:
         raise ConfigError(f"data.image_size={size} must be a positive multiple of 32 (the backbone's output stride)")
@@ -189,7 +191,7 @@ def _check_model(cfg: DictConfig, data: DictConfig, model: DictConfig, caps: Cap
     mask_mode = str(model.get("projector_mask", "auto"))
     if caps.projector:
         # which training frames have a mask: the one rule of avs.data.layout (S4: the first frame only)
-        all_labelled = labelled_frames_name(str(data.subset), "train") == "all"
+        all_labelled = data.subset != "avss" and labelled_frames_name(str(data.subset), "train") == "all"
         if mask_mode == "gt" and not all_labelled:
             raise ConfigError(
                 f"model.projector_mask=gt needs all frames labelled; {data.subset} trains on frame 0 only "

@@ -97,6 +97,8 @@ RESULT_KEYS: tuple[str, ...] = (
             "flip_prob",
             "image_size",
             "legacy_unknown_colours",
+            "metric_protocol",  # AVSS: the default of eval.protocol (checkpoint selection)
+            "metric_protocols",
             "name",
             "num_classes",
             "num_frames",

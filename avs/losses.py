@@ -20,7 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["bce_loss", "structure_loss", "av_mapping_loss", "BCESegLoss", "StructureLoss"]
+__all__ = [
+    "bce_loss",
+    "structure_loss",
+    "av_mapping_loss",
+    "semantic_ce_loss",
+    "BCESegLoss",
+    "StructureLoss",
+    "SemanticCELoss",
+]
 
 
 def _check_pair(name: str, logits: Tensor, masks: Tensor) -> None:
@@ -274,6 +282,34 @@ class StructureLoss(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"smoothing={self.smoothing}, legacy_mean_bce={self.legacy_mean_bce}, kernel={self.kernel}"
+
+
+def semantic_ce_loss(logits: Tensor, labels: Tensor, valid: Tensor | None = None) -> Tensor:
+    """AVSS loss as released: logits [N,C,H,W], labels [N,H,W] int class indices, valid [N] -> scalar.
+
+    Per-pixel cross-entropy with no ignore index (class 0, the background, is a normal class), the
+    mean over H,W per frame, then the mean over the `valid` frames (the released sum of flag-weighted
+    frame means / sum of flags): padded and unlabelled frames count in nothing.
+    """
+    if logits.dim() != 4 or logits.shape[1] < 2:
+        raise ValueError(f"semantic_ce_loss: logits must be [N,C,H,W] with C >= 2, got {tuple(logits.shape)}")
+    if labels.shape != (logits.shape[0], *logits.shape[2:]):
+        raise ValueError(
+            f"semantic_ce_loss: labels must be [N,H,W]={tuple(logits.shape[:1] + logits.shape[2:])}, "
+            f"got {tuple(labels.shape)}"
+        )
+    keep = _valid_index("semantic_ce_loss", valid, logits.shape[0], logits.device)
+    ce = F.cross_entropy(logits, labels.long(), reduction="none")  # [N,H,W]
+    return _frame_mean(ce.mean(dim=(1, 2)), keep)
+
+
+class SemanticCELoss(torch.nn.Module):
+    """The AVSS segmentation loss (`semantic_ce_loss`) as a module: (logits [N,C,H,W], labels [N,H,W], valid)."""
+
+    semantic = True  # takes class-index labels and C-channel logits (Segmentor checks it)
+
+    def forward(self, logits: Tensor, masks: Tensor, valid: Tensor | None = None) -> Tensor:
+        return semantic_ce_loss(logits, masks, valid)
 
 
 SEG_LOSSES: dict[str, type[torch.nn.Module]] = {"bce": BCESegLoss, "structure": StructureLoss}

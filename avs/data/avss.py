@@ -142,6 +142,13 @@ class AVSSDataset(Dataset):
         check_values(records, self.root / CSV_NAME)
         self.records = [r for r in records if r.split == split and r.source in self.sources]
 
+    def clip_files(self):
+        """Every file this split reads (the trainer's preflight): real frames, labelled masks, the wav."""
+        for rec in self.records:
+            yield from (frame_path(self.root, rec, k) for k in range(SOURCE_FRAMES[rec.source]))
+            yield from (mask_path(self.root, rec, k) for k in labelled_frames(rec.source, rec.split))
+            yield wav_path(self.root, rec)
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 

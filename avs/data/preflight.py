@@ -37,6 +37,9 @@ SHOWN = 3  # missing paths named in the message
 
 def clip_files(ds: Any) -> Iterable[Path]:
     """Every file an `AVSBenchDataset` reads: T frames, the labelled masks and the audio of each clip."""
+    if hasattr(ds, "clip_files"):  # a dataset that lists its own files (AVSS, avs.data.avss)
+        yield from ds.clip_files()
+        return
     audio = {"logmel": logmel_path, "wav": wav_path}.get(ds.audio_source)
     labelled = labelled_frames(ds.subset, ds.split, ds.num_frames)
     for rec in ds.records:
@@ -85,7 +88,12 @@ def require_synthetic(data_cfg: Any) -> None:
     """For evaluation: a synthetic data config's root must already hold that data (it is never generated here)."""
     from avs.data.synthetic.writer import _synthetic_config, is_complete
 
-    cfg, root = _synthetic_config(data_cfg)
+    if data_cfg.get("subset") == "avss":  # semantic Sounding Shapes (avs.data.synthetic.semantic)
+        from avs.data.synthetic.semantic import semantic_config
+
+        cfg, root = semantic_config(data_cfg)
+    else:
+        cfg, root = _synthetic_config(data_cfg)
     if not is_complete(root, cfg):
         raise MissingFileError(
             f"data.root={root}: no complete Sounding Shapes data of this config there; evaluation never generates "

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from avs.config_upgrade import upgrade_config
 from avs.engine.checkpoint import CheckpointError, load_checkpoint
+from avs.errors import ConfigError
 from avs.evaluation.evaluator import build_evaluators, evaluate_split
 from avs.evaluation.evaluators import MaskWriter
 from avs.evaluation.outputs import check_output_path
@@ -142,6 +143,24 @@ def _meta(cfg: DictConfig, run_cfg: DictConfig, world_size: int) -> dict[str, An
     }
 
 
+def _check_save_masks(run_cfg: DictConfig) -> None:
+    if str(run_cfg.data.subset) == "avss":
+        raise ConfigError("save_masks=true: AVSS (data.subset=avss) class masks are not written as PNGs yet; drop it")
+
+
+def write_class_tables(out_dir: str | Path, split: str, metrics: dict[str, Any], dataset: Any) -> dict[str, Path]:
+    """AVSS: one csv per protocol, one row per class (avs.metrics_avss.write_class_table):
+    <out_dir>/classes_<split>_<protocol>.csv -> {"classes_<protocol>": path}."""
+    from avs.metrics_avss import write_class_table
+
+    names = list(getattr(dataset, "class_names", []))
+    out = {}
+    for protocol, result in metrics.items():
+        path = Path(out_dir) / f"classes_{split}_{protocol}.csv"
+        out[f"classes_{protocol}"] = write_class_table(path, result, names)
+    return out
+
+
 def evaluate_checkpoint(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     """Load `cfg.checkpoint`, evaluate `cfg.split` under `cfg.eval.protocols`, write tables to `out_dir`."""
     from avs.config_checks import check_config, check_files
@@ -157,6 +176,7 @@ def evaluate_checkpoint(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     inputs = [run_cfg.data.root, cfg.checkpoint]
     check_output_path(out_dir, inputs, what="output_dir")  # before any model or data is built
     if masks_dir is not None:
+        _check_save_masks(run_cfg)
         check_output_path(masks_dir, inputs, what="save_masks")
     check_config(run_cfg)
     check_files(run_cfg)
@@ -188,6 +208,8 @@ def evaluate_checkpoint(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     if extra:  # the summaries of the eval.evaluators of the user's
         meta["evaluators"] = extra
     paths = write_tables(out_dir, f"metrics_{cfg.split}", metrics, meta, title=f"{cfg.split}") if dist.is_main else {}
+    if dist.is_main and str(run_cfg.data.subset) == "avss":
+        paths.update(write_class_tables(out_dir, str(cfg.split), metrics, data.dataset(str(cfg.split))))
     if masks_dir is not None:
         paths["masks"] = masks_dir
     return {"metrics": metrics, "paths": paths}

@@ -202,7 +202,7 @@ def evaluate_split(
     `model` (the module `net` runs, default `net`) first gets rank 0's BatchNorm statistics, which drift
     per rank in DDP training. `state` (avs.engine.state.RunState) records the clips data.on_error=skip dropped.
     """
-    from avs.evaluation.evaluators import MetricsEvaluator
+    from avs.evaluation.evaluators import metrics_evaluator
 
     ds = data.dataset(split)
     sampler = None
@@ -214,7 +214,7 @@ def evaluate_split(
     (model if model is not None else net).eval()
     on_batch = (lambda batch: state.note_skipped(split, batch)) if state is not None else None
     legacy = int(cfg.eval.get("legacy_batch_size", cfg.data.eval_batch_size))
-    metrics = MetricsEvaluator(list(cfg.eval.protocols), legacy, split)
+    metrics = metrics_evaluator(cfg, legacy, split)
     it = iter(loader)
     failed = True
     try:

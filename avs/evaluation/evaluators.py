@@ -38,6 +38,39 @@ class MetricsEvaluator(DatasetEvaluator):
         return metrics_of(self.accumulator, self.protocols, self.legacy_batch_size, self.split, D.is_initialized())
 
 
+class SemanticMetricsEvaluator(MetricsEvaluator):
+    """AVSS mIoU / F per protocol (avs.metrics_avss: per_class, avsbench_legacy) over `num_classes` classes;
+    padded frames (frame_valid false) and frames without a mask enter `per_class` never (docs/avss.md)."""
+
+    name = "metrics"
+
+    def __init__(self, num_classes: int, protocols: list[str], legacy_batch_size: int, split: str = "the") -> None:
+        self.num_classes = int(num_classes)
+        super().__init__(protocols, legacy_batch_size, split)
+
+    def reset(self) -> None:
+        from avs.metrics_avss import SemanticAccumulator
+
+        self.accumulator = SemanticAccumulator(self.num_classes)
+
+    def process(self, batch: dict[str, Any], output: dict[str, Any]) -> None:
+        self.accumulator.update(
+            output["logits"],
+            batch["masks"],
+            indices=batch["index"],
+            mask_valid=batch["mask_valid"],
+            frame_valid=batch["frame_valid"],
+        )
+
+
+def metrics_evaluator(cfg: Any, legacy_batch_size: int, split: str) -> MetricsEvaluator:
+    """The metrics evaluator of `cfg.data`: AVSS (data.subset=avss) -> SemanticMetricsEvaluator."""
+    protocols = list(cfg.eval.protocols)
+    if str(cfg.data.subset) == "avss":
+        return SemanticMetricsEvaluator(int(cfg.data.num_classes), protocols, legacy_batch_size, split)
+    return MetricsEvaluator(protocols, legacy_batch_size, split)
+
+
 class MaskWriter(DatasetEvaluator):
     """Predicted masks as PNGs in the AVSBench layout (avs.evaluation.outputs.save_pred_masks): summary = folder."""
 

@@ -255,6 +255,15 @@ def _compare(model: AVSegmentor, exported: Any, inputs: list[tuple[torch.Tensor,
     return worst, rel, eager
 
 
+def _output_text(num_classes: int) -> str:
+    if num_classes == 1:
+        return "logits [B,T,1,H,W] (foreground probability = sigmoid)"
+    return (
+        f"logits [B,T,{num_classes},H,W] (AVSS class = argmax over dim 2, class 0 = background; "
+        "padded frames are not zeroed: score only the real frames)"
+    )
+
+
 def _finish(
     model: AVSegmentor,
     path: Path,
@@ -275,7 +284,7 @@ def _finish(
             "frames": "float32 [B,T,3,H,W], RGB / 255, ImageNet-normalised",
             "audio": "float32 [B,T,1,96,64], VGGish log-mel (avs.data.audio)",
         },
-        "output": "logits [B,T,1,H,W] (foreground probability = sigmoid)",
+        "output": _output_text(int(getattr(model, "num_classes", 1))),
         "traced_shapes": shapes,
         "fixed_batch": model.motion is not None,
         "latent": "prior mean code" if model.latent is not None else None,

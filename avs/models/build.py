@@ -52,8 +52,9 @@ def check_loss_terms(model_cfg: Any, caps: Capabilities | None = None) -> None:
 
 def build_model(cfg: DictConfig) -> Segmentor:
     """Instantiate `cfg.backbone` and the `model._target_` class with every part of `cfg.model` (null
-    parts are disabled; with `model.use_audio=false` the class's audio-only parts are not built, so no
-    weight file of theirs is read). Keys of the class's `CONFIG_KEYS` (loss weights, name, ...) are left out."""
+    parts are disabled; `data.num_classes` > 1 (AVSS) is passed as `num_classes`; with
+    `model.use_audio=false` the class's audio-only parts are not built, so no weight file of theirs is read).
+    Keys of the class's `CONFIG_KEYS` (loss weights, name, ...) are left out."""
     mcfg = cfg.model
     cls = segmentor_class(mcfg)
     backbone = instantiate(cfg.backbone)
@@ -66,8 +67,12 @@ def build_model(cfg: DictConfig) -> Segmentor:
         if isinstance(value, (DictConfig, ListConfig)):
             value = OmegaConf.to_container(value, resolve=True)
         node[key] = value
+    extra = {}
+    num_classes = cfg.data.get("num_classes")
+    if num_classes is not None and int(num_classes) != 1:  # AVSS: data.num_classes output maps (docs/avss.md)
+        extra["num_classes"] = int(num_classes)
     try:
-        return instantiate(node, backbone=backbone, image_size=int(cfg.data.image_size))
+        return instantiate(node, backbone=backbone, image_size=int(cfg.data.image_size), **extra)
     except InstantiationException as exc:  # a constructor's own error (e.g. a refused option) as it was raised
         if isinstance(exc.__cause__, Exception):
             raise exc.__cause__ from None

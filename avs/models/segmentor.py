@@ -38,7 +38,8 @@ class Capabilities:
     `loss_terms`: the trained terms it returns (each needs `model.loss_weights.<term>`);
     `log_only_terms`: terms it returns for the logs only; `latent`: it draws latent codes
     (eval.num_samples > 1, trainer.record_latent_kl); `projector`: it trains the visual-to-audio
-    projector; `audio_required`: None when it runs with model.use_audio=false, else why not.
+    projector; `audio_required`: None when it runs with model.use_audio=false, else why not;
+    `semantic`: it trains and predicts `data.num_classes` > 1 classes (AVSS, docs/avss.md).
     """
 
     loss_terms: frozenset[str]
@@ -46,6 +47,7 @@ class Capabilities:
     latent: bool = False
     projector: bool = False
     audio_required: str | None = None
+    semantic: bool = False
 
 
 def _plain(value: Any) -> Any:
@@ -72,6 +74,9 @@ class Segmentor(nn.Module):
     AUDIO_ONLY_PARTS: ClassVar[tuple[str, ...]] = ("audio_encoder", "projector")
     # Top-level modules that hold audio weights (dropped from old no-audio checkpoints on load).
     AUDIO_MODULES: ClassVar[tuple[str, ...]] = ("audio_encoder", "fusion", "projector")
+    # True when the class's train_terms / predict handle C = data.num_classes > 1 output maps (AVSS):
+    # class-index masks [B,T,H,W] and logits [B,T,C,H,W]. A class that keeps False is refused on AVSS data.
+    SEMANTIC: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -91,6 +96,8 @@ class Segmentor(nn.Module):
         avm_loss: Mapping | None = None,
         projector_mask: str = "auto",
         eval_num_samples: int = 1,
+        num_classes: int = 1,
+        semantic_seg_loss: Callable[..., torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         if order not in ("fusion_motion", "motion_fusion"):
@@ -108,19 +115,37 @@ class Segmentor(nn.Module):
         if fusion is not None:
             self.fusion = fusion(channels=channels, audio_dim=audio_dim if self.use_audio else None)
         self.motion = motion
-        self.decoder = decoder(channels=channels)
+        # data.num_classes (build_model passes it): 1 = a binary mask (S4/MS3), > 1 = AVSS class maps
+        self.num_classes = int(num_classes)
+        self.decoder = self.make_decoder(decoder)
         self.latent = None  # the ECMVAE family sets its latent part
         self.order = order
         self.seg_loss = L.make_seg_loss(seg_loss) if isinstance(seg_loss, str) else seg_loss
+        if self.num_classes > 1:  # AVSS: model.semantic_seg_loss replaces the binary model.seg_loss
+            if semantic_seg_loss is None:
+                raise ValueError("data.num_classes > 1 needs model.semantic_seg_loss (e.g. avs.losses.SemanticCELoss)")
+            self.seg_loss = semantic_seg_loss
         self.avm_loss = dict(_plain(avm_loss)) if avm_loss else None
         if self.avm_loss is not None and self.avm_loss.get("variant", "kl") not in AVM_VARIANTS:
             raise ValueError(
                 f"model.avm_loss.variant must be one of {list(AVM_VARIANTS)}, got {self.avm_loss['variant']!r}"
             )
+        if self.avm_loss is not None and self.num_classes > 1 and self.avm_loss.get("variant", "kl") != "kl":
+            raise ValueError(
+                "with data.num_classes > 1 (AVSS) model.avm_loss.variant must be kl (the released AVSS form)"
+            )
         self.projector_mask = projector_mask
         self.eval_num_samples = eval_num_samples
         # built last (a family with more parts passes None here and builds it after them: same init order)
         self.projector = self.make_projector(projector)
+
+    def make_decoder(self, decoder: Callable[..., nn.Module]) -> nn.Module:
+        """The decoder with `num_classes` output maps (the argument is passed only when > 1)."""
+        return (
+            decoder(channels=self.channels)
+            if self.num_classes == 1
+            else decoder(channels=self.channels, num_classes=self.num_classes)
+        )
 
     def make_projector(self, projector: Callable[..., nn.Module] | None) -> nn.Module | None:
         """The visual-to-audio projector on the deepest map (None without one or without audio)."""
@@ -149,6 +174,7 @@ class Segmentor(nn.Module):
             loss_terms=frozenset(terms),
             log_only_terms=frozenset(cls.LOG_ONLY_TERMS),
             projector="consistency" in terms,
+            semantic=cls.SEMANTIC,
         )
 
     @classmethod
@@ -165,7 +191,7 @@ class Segmentor(nn.Module):
             keys |= {p.name for p in params if p.kind in named and p.name != "self"}
             if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
                 break
-        return keys - {"backbone", "image_size"}
+        return keys - {"backbone", "image_size", "num_classes"}
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -192,6 +218,30 @@ class Segmentor(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+    # ------------------------------------------------------------------ semantic (AVSS) helpers
+    def binary_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """[N,1,H,W] logits as they are; [N,C,H,W] class logits -> the foreground logit [N,1,H,W],
+        log(sum_{c>0} e^l_c) - l_0 = logit(1 - softmax(l)_0): sigmoid of it is P(label != background)."""
+        if logits.shape[1] == 1:
+            return logits
+        return torch.logsumexp(logits[:, 1:], dim=1, keepdim=True) - logits[:, :1]
+
+    def binary_masks(self, masks: torch.Tensor) -> torch.Tensor:
+        """[N,1,H,W] binary masks as they are; [N,H,W] class indices -> the foreground (label != 0) [N,1,H,W]."""
+        if self.num_classes == 1:
+            return masks
+        return (masks != 0).unsqueeze(1).to(torch.float32)
+
+    @staticmethod
+    def zero_padded(feats: list[torch.Tensor], audio: torch.Tensor | None, frame_valid: torch.Tensor):
+        """Backbone maps [B*T,C,h,w] and audio [B*T,D] times the real-frame flag [B,T] (the released vid flag):
+        a padded frame's features are exactly zero and no gradient reaches the backbone through them."""
+        keep = frame_valid.reshape(-1).to(feats[0].dtype)
+        feats = [f * keep.view(-1, *([1] * (f.dim() - 1))) for f in feats]
+        if audio is not None:
+            audio = audio * keep.view(-1, 1).to(audio.dtype)
+        return feats, audio
 
     # ------------------------------------------------------------------ shared computations
     def encode_audio(self, audio: torch.Tensor) -> torch.Tensor:
@@ -236,11 +286,16 @@ class Segmentor(nn.Module):
     def _seg(self, logits: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         return self.seg_loss(logits, masks, valid)
 
-    def _avm(self, out: Branch) -> torch.Tensor:
+    def _avm(self, out: Branch, valid: torch.Tensor | None = None) -> torch.Tensor:
         # Needs no labels: every frame counts (S4 included), as in the reference implementations.
+        # AVSS (num_classes > 1): the foreground map of the class logits, on the labelled frames only (the
+        # released AVSS loss weights it by the gt flag; padded frames count in no loss).
         opts = dict(self.avm_loss or {})
+        if self.num_classes > 1:
+            opts["valid"] = valid
         variant = opts.pop("variant", "kl")
         fused = out["fused"]
+        out = {**out, "logits": self.binary_logits(out["logits"])}  # AVSS: the foreground map
         if opts.pop("legacy_relu_maps", False):
             # AVSBench: the FPN decoder's in-place ReLU overwrites the fused maps before the loss sees them
             fused = [F.relu(f) for f in fused]
@@ -258,26 +313,30 @@ class Segmentor(nn.Module):
             legacy_sum=bool(opts.get("legacy_sum")),
         )
 
-    def _consistency(self, out: Branch, audio: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor):
+    def _consistency(self, out: Branch, audio: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor, rows=None):
         from avs.models.projector import consistency_loss
 
+        masks = self.binary_masks(masks)  # AVSS: the foreground (label != 0), docs/avss.md
+        out = {**out, "logits": self.binary_logits(out["logits"])}
         if self.projector_mask == "auto":  # GT masks when every frame is labelled, chosen on the device
             audio_hat = self.projector.forward_either(out["decoded"][-1], masks, out["logits"], valid.all())
-            return consistency_loss(audio, audio_hat)
+            return consistency_loss(audio, audio_hat, rows)
         use_gt = self.projector_mask == "gt"
         source = masks if use_gt else out["logits"]
         audio_hat = self.projector(out["decoded"][-1], source, mask_is_logits=not use_gt)
-        return consistency_loss(audio, audio_hat)
+        return consistency_loss(audio, audio_hat, rows)
 
     def has_avm(self, audio: torch.Tensor | None) -> bool:
         """True when the model computes the A-V mapping loss (configured, with audio and fusion)."""
         return self.avm_loss is not None and audio is not None and self.fusion is not None
 
-    def consistency_term(self, out: Branch, audio, masks, valid) -> dict[str, torch.Tensor]:
-        """{"consistency": projector loss on the supervised branch `out`} when the model carries a projector."""
+    def consistency_term(self, out: Branch, audio, masks, valid, frame_valid=None) -> dict[str, torch.Tensor]:
+        """{"consistency": projector loss on the supervised branch `out`} when the model carries a projector.
+        AVSS: `frame_valid` [B,T] (the real frames) are the only rows of the loss (padded frames count in none)."""
         if self.projector is None or audio is None:
             return {}
-        return {"consistency": self._consistency(out, audio, masks, valid)}
+        rows = frame_valid.reshape(-1).bool() if self.num_classes > 1 and frame_valid is not None else None
+        return {"consistency": self._consistency(out, audio, masks, valid, rows)}
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -289,6 +348,8 @@ class Segmentor(nn.Module):
         if self.use_audio:
             audio = self.encode_audio(batch["audio"])  # [B*T,D]
         feats = self.backbone(x)
+        if self.num_classes > 1 and "frame_valid" in batch:  # AVSS: padded frames carry nothing (as released)
+            feats, audio = self.zero_padded(feats, audio, batch["frame_valid"])
         if self.training:
             return self.train_terms(x, feats, audio, batch, T, (H, W))
         with torch.no_grad():

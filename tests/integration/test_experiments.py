@@ -31,7 +31,9 @@ from tests.conftest import compose_cfg, tiny_overrides
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 # CPU proxy overlays (Sounding Shapes), not paper rows.
-PROXY_EXPERIMENTS = ("quickstart", "proxy_pretrained", "proxy")
+PROXY_EXPERIMENTS = ("quickstart", "quickstart_avss", "proxy_pretrained", "proxy")
+# AVSS overlays: 10-frame semantic clips, covered by tests/integration/test_avss_train.py
+AVSS_EXPERIMENTS = ("quickstart_avss",)
 PAPER_EXPERIMENTS = [e for e in EXPERIMENTS if e not in PROXY_EXPERIMENTS]
 # One overlay per method x backbone; the subset comes from data= (name -> model config).
 MAIN_EXPERIMENTS = {
@@ -85,7 +87,7 @@ def _batch(cfg, batch_size: int = 1) -> dict:
     }
 
 
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e not in AVSS_EXPERIMENTS])
 def test_experiment_trains_one_step(experiment, tmp_path):
     base = _plain(experiment, tmp_path)
     extra = ["s4_checkpoint=null"] if _needs_init(base) else []  # init_from: see the test_s4_init_* tests

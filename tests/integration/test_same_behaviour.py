@@ -93,6 +93,10 @@ ADDED_KEYS: tuple[str, ...] = (
     "model.audio_encoder.weights_path",
     # MS3 persistence of the sounding set; 0 = a new set in every segment, byte-identical data of before
     "data.synthetic.persistence",
+    # AVSS (docs/avss.md): the semantic seg loss and the avss entries of per-subset tables; unused on S4/MS3
+    "model.semantic_seg_loss",
+    "model.auto_weights.avm.avss",
+    "model.release_raw_logits.avss",
 )
 # Dotted keys that held null (a disabled part) and are gone because the model's class has no such part
 # (only the ECMVAE family takes `model.latent`).

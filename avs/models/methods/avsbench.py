@@ -12,17 +12,18 @@ class AVSBenchSegmentor(Segmentor):
     when a visual-to-audio projector is carried (e.g. the AVS-BG table 5 "AVSBench + BG" row)."""
 
     LOSS_TERMS = ("seg", "avm", "consistency")
+    SEMANTIC = True  # data.num_classes > 1 (AVSS): class maps, class-index masks (docs/avss.md)
 
     def train_terms(self, x, feats, audio, batch, T, size) -> dict[str, torch.Tensor]:
-        masks = batch["masks"].flatten(0, 1)  # [B,T,1,H,W] -> [B*T,1,H,W]
+        masks = batch["masks"].flatten(0, 1)  # [B,T,1,H,W] -> [B*T,1,H,W] (AVSS: [B,T,H,W] -> [B*T,H,W])
         valid = batch["mask_valid"].flatten(0, 1)  # [B,T] -> [B*T]
         out = self._branch(feats, audio, T, size, self.neck, self.decoder)
         terms = {"seg": self._seg(out["logits"], masks, valid)}
         if self.has_avm(audio):
-            terms["avm"] = self._avm(out)
-        terms.update(self.consistency_term(out, audio, masks, valid))
+            terms["avm"] = self._avm(out, valid)
+        terms.update(self.consistency_term(out, audio, masks, valid, batch.get("frame_valid")))
         return terms
 
     def predict(self, x, feats, audio, B, T, size) -> dict[str, torch.Tensor]:
         logits = self._branch(feats, audio, T, size, self.neck, self.decoder)["logits"]
-        return {"logits": logits.view(B, T, 1, *size)}
+        return {"logits": logits.view(B, T, self.num_classes, *size)}

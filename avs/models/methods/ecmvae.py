@@ -27,6 +27,7 @@ class ECMVAESegmentor(Segmentor):
     """
 
     LOSS_TERMS = ("seg_post", "seg_prior", "kl", "diff", "sic", "avm", "consistency")
+    SEMANTIC = True  # data.num_classes > 1 (AVSS): the posterior encodes the foreground mask (docs/avss.md)
 
     def __init__(
         self,
@@ -38,7 +39,7 @@ class ECMVAESegmentor(Segmentor):
         self.latent = latent(channels=self.channels, audio_dim=self.audio_dim, image_size=self.image_size)
         neck, decoder = kwargs["neck"], kwargs["decoder"]
         self.neck_post = neck(in_channels=list(self.backbone.out_channels))
-        self.decoder_post = decoder(channels=self.channels)
+        self.decoder_post = self.make_decoder(decoder)
         self.projector = self.make_projector(projector)  # last, as the init order has always been
 
     @classmethod
@@ -58,23 +59,36 @@ class ECMVAESegmentor(Segmentor):
         if needs_audio:
             variant = (model_cfg.get("latent") or {}).get("variant", "factorised")
             reason = f"model.latent.variant={variant} encodes the audio"
-        return Capabilities(caps.loss_terms, caps.log_only_terms, True, caps.projector, reason)
+        return Capabilities(caps.loss_terms, caps.log_only_terms, True, caps.projector, reason, caps.semantic)
 
     def _posterior_masks(self, masks: torch.Tensor, clip_valid: torch.Tensor) -> torch.Tensor:
-        """S4 (frame 0 labelled only): repeat frame 0's mask over T; MS3: the T masks. [B*T,1,H,W]."""
+        """S4 (frame 0 labelled only): repeat frame 0's mask over T; MS3: the T masks. [B*T,1,H,W].
+        AVSS: the foreground (label != 0) of each labelled frame, else of the clip's first labelled frame."""
         B, T = clip_valid.shape
+        if self.num_classes > 1:
+            return self._semantic_posterior_masks(self.binary_masks(masks), clip_valid)
         m = masks.view(B, T, *masks.shape[1:])
         first = clip_valid.float().argmax(dim=1)  # first labelled frame per clip
         ref = m[torch.arange(B, device=m.device), first]  # [B,1,H,W]
         repeated = ref.unsqueeze(1).expand_as(m).reshape_as(masks)
         return torch.where(clip_valid.all(), masks, repeated)  # chosen on the device: no host sync
 
+    @staticmethod
+    def _semantic_posterior_masks(fg: torch.Tensor, clip_valid: torch.Tensor) -> torch.Tensor:
+        """fg [B*T,1,H,W], clip_valid [B,T] -> per frame its own mask if labelled, else the first labelled one's."""
+        B, T = clip_valid.shape
+        m = fg.view(B, T, *fg.shape[1:])
+        first = clip_valid.float().argmax(dim=1)
+        ref = m[torch.arange(B, device=m.device), first].unsqueeze(1).expand_as(m)
+        keep = clip_valid.view(B, T, *([1] * (m.dim() - 2)))
+        return torch.where(keep, m, ref).reshape_as(fg)
+
     def _coded_branch(self, feats, audio, T, size, code, branch: str) -> dict:
         neck, decoder = (self.neck, self.decoder) if branch == "prior" else (self.neck_post, self.decoder_post)
         return self._branch(feats, audio, T, size, neck, decoder, lambda m: self.latent.inject(m, code, branch))
 
     def train_terms(self, x, feats, audio, batch, T, size) -> dict[str, torch.Tensor]:
-        masks = batch["masks"].flatten(0, 1)  # [B,T,1,H,W] -> [B*T,1,H,W]
+        masks = batch["masks"].flatten(0, 1)  # [B,T,1,H,W] -> [B*T,1,H,W] (AVSS: [B,T,H,W] -> [B*T,H,W])
         valid = batch["mask_valid"].flatten(0, 1)  # [B*T]
         post_masks = self._posterior_masks(masks, batch["mask_valid"])
         state = self.latent.encode(x, audio, post_masks)
@@ -87,8 +101,8 @@ class ECMVAESegmentor(Segmentor):
         }
         terms.update(self.latent.losses(state, codes))
         if self.has_avm(audio):
-            terms["avm"] = 0.5 * (self._avm(post) + self._avm(prior))
-        terms.update(self.consistency_term(post, audio, masks, valid))
+            terms["avm"] = 0.5 * (self._avm(post, valid) + self._avm(prior, valid))
+        terms.update(self.consistency_term(post, audio, masks, valid, batch.get("frame_valid")))
         return terms
 
     def predict(self, x, feats, audio, B, T, size) -> dict[str, torch.Tensor]:
@@ -97,7 +111,9 @@ class ECMVAESegmentor(Segmentor):
         if k == 1:  # deterministic: the prior mean code (legacy_test_sample: one random code, as released)
             code = self.latent.sample(state, "prior", use_mean=not getattr(self.latent, "legacy_test_sample", False))
             logits = self._coded_branch(feats, audio, T, size, code, "prior")["logits"]
-            return {"logits": logits.view(B, T, 1, *size), "latents": self.latent.export_codes(state)}
+            return {"logits": logits.view(B, T, self.num_classes, *size), "latents": self.latent.export_codes(state)}
+        if self.num_classes > 1:
+            return self._semantic_samples(feats, audio, state, B, T, size, k)
         probs = []
         for _ in range(k):
             code = self.latent.sample(state, "prior")
@@ -108,5 +124,21 @@ class ECMVAESegmentor(Segmentor):
             "logits": torch.logit(mean).view(B, T, 1, *size),
             "variance": p.var(0, unbiased=False).view(B, T, 1, *size),
             "samples": p.view(k, B, T, 1, *size),
+            "latents": self.latent.export_codes(state),
+        }
+
+    def _semantic_samples(self, feats, audio, state, B, T, size, k: int) -> dict[str, torch.Tensor]:
+        """AVSS with eval.num_samples=k > 1: logits = log of the mean softmax over k prior codes [B,T,C,H,W];
+        variance = the variance of P(foreground) over the samples [B,T,1,H,W]."""
+        probs = []
+        for _ in range(k):
+            code = self.latent.sample(state, "prior")
+            probs.append(torch.softmax(self._coded_branch(feats, audio, T, size, code, "prior")["logits"], dim=1))
+        p = torch.stack(probs)  # [K,B*T,C,H,W]
+        fg = 1.0 - p[:, :, :1]  # [K,B*T,1,H,W]
+        return {
+            "logits": p.mean(0).clamp_min(1e-12).log().view(B, T, self.num_classes, *size),
+            "variance": fg.var(0, unbiased=False).view(B, T, 1, *size),
+            "samples": fg.view(k, B, T, 1, *size),
             "latents": self.latent.export_codes(state),
         }

@@ -1,0 +1,41 @@
+"""Config checks of AVSBench-semantic runs (data.subset=avss, docs/avss.md); called by avs.config_checks."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from avs.errors import ConfigError
+from avs.metrics import PROTOCOLS
+from avs.metrics_avss import SEMANTIC_PROTOCOLS
+from avs.models.segmentor import Capabilities
+
+
+def check_semantic(cfg: DictConfig, caps: Capabilities) -> None:
+    """AVSS needs a class that declares `semantic`, >= 2 classes, no GT projector mask, and AVSS metric
+    protocols; S4/MS3 need the binary protocols. Each refusal names the key."""
+    data, model = cfg.data, cfg.model
+    avss = str(data.subset) == "avss"
+    if avss:
+        n = data.get("num_classes")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 2:
+            raise ConfigError(f"data.num_classes must be an int >= 2 for data.subset=avss, got {n!r}")
+        if not caps.semantic:
+            raise ConfigError(
+                f"model._target_={model.get('_target_')} does not declare SEMANTIC = True (class maps, "
+                "class-index masks): it cannot train on data.subset=avss (docs/adding_a_method.md)"
+            )
+        if caps.projector and str(model.get("projector_mask", "auto")) == "gt":
+            raise ConfigError(
+                "model.projector_mask=gt needs all frames labelled; AVSS trains v1s clips on frame 0 only "
+                "(use auto or pred)"
+            )
+    ecfg = cfg.get("eval")
+    if ecfg is None:
+        return
+    allowed = SEMANTIC_PROTOCOLS if avss else PROTOCOLS
+    for p in list(ecfg.protocols or []):
+        if p not in allowed:
+            raise ConfigError(
+                f"eval.protocols: {p!r} is no metric protocol of data.subset={data.subset} "
+                f"(expected one of {', '.join(allowed)}; docs/avss.md)"
+            )
