@@ -190,8 +190,7 @@ def _check_model(cfg: DictConfig, data: DictConfig, model: DictConfig, caps: Cap
     projector = model.get("projector")
     mask_mode = str(model.get("projector_mask", "auto"))
     if caps.projector:
-        # which training frames have a mask: the one rule of avs.data.layout (S4: the first frame only)
-        all_labelled = data.subset != "avss" and labelled_frames_name(str(data.subset), "train") == "all"
+        all_labelled = data.subset != "avss" and labelled_frames_name(str(data.subset), "train") == "all"  # layout.py
         if mask_mode == "gt" and not all_labelled:
             raise ConfigError(
                 f"model.projector_mask=gt needs all frames labelled; {data.subset} trains on frame 0 only "
@@ -516,11 +515,8 @@ def _group_option_hints(root: Path, key: str, values: list[str]) -> list[str]:
         stem, _, subset = v.rpartition("_")
         if key == "experiment" and subset in ("s4", "ms3") and stem in options:  # the merged s4/ms3 overlays
             near = [f"{stem} data={subset}"]
-        hints.append(
-            f"'{key}={v}': no config {key}/{v}.yaml"
-            + (f"; did you mean {' or '.join(f'{key}={s}' for s in near)}?" if near else "")
-            + f" (options: {', '.join(options)})"
-        )
+        mean = f"; did you mean {' or '.join(f'{key}={s}' for s in near)}?" if near else ""
+        hints.append(f"'{key}={v}': no config {key}/{v}.yaml{mean} (options: {', '.join(options)})")
     return hints
 
 
