@@ -24,7 +24,7 @@ def check_semantic(cfg: DictConfig, caps: Capabilities) -> None:
                 f"model._target_={model.get('_target_')} does not declare SEMANTIC = True (class maps, "
                 "class-index masks): it cannot train on data.subset=avss (docs/adding_a_method.md)"
             )
-        if caps.projector and str(model.get("projector_mask", "auto")) == "gt":
+        if caps.projector and str(model.projector_mask) == "gt":
             raise ConfigError(
                 "model.projector_mask=gt needs all frames labelled; AVSS trains v1s clips on frame 0 only "
                 "(use auto or pred)"
