@@ -5,6 +5,7 @@ config refusals. Tests that need a GPU are marked and skipped elsewhere."""
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -425,8 +426,8 @@ def test_segmentor_device_side_choices_equal_the_host_side_ones():
     clip_masks = masks.view(2, 3, 1, 16, 16)
     all_valid = torch.ones(2, 3, dtype=torch.bool)
     first_only = torch.tensor([[True, False, False], [True, False, False]])
-    assert torch.equal(ECMVAESegmentor._posterior_masks(None, masks, all_valid), masks)
-    s4 = ECMVAESegmentor._posterior_masks(None, masks, first_only).view(2, 3, 1, 16, 16)
+    assert torch.equal(ECMVAESegmentor._posterior_masks(SimpleNamespace(num_classes=1), masks, all_valid), masks)
+    s4 = ECMVAESegmentor._posterior_masks(SimpleNamespace(num_classes=1), masks, first_only).view(2, 3, 1, 16, 16)
     assert torch.equal(s4, clip_masks[:, :1].expand_as(clip_masks))
 
 

@@ -22,7 +22,9 @@ from tests.conftest import compose_cfg, tiny_overrides
 
 # ----------------------------------------------------------------------------- A-V loss on ReLU'd maps
 def _avm(opts: dict, out: dict) -> torch.Tensor:
-    return AVSegmentor._avm(SimpleNamespace(avm_loss=opts), out)
+    ns = SimpleNamespace(avm_loss=opts, num_classes=1)
+    ns.binary_logits = lambda logits: AVSegmentor.binary_logits(ns, logits)
+    return AVSegmentor._avm(ns, out)
 
 
 def test_avm_relu_maps_flag_uses_relu_of_the_fused_maps():
