@@ -7,7 +7,8 @@ Two kinds reach a script's config without an error from Hydra and would then be 
   `+backbone.name=x`, ... (`model=ecmvae` itself fails in Hydra, whose hint suggests the `+` form);
 * a key added with `+key=` that no code reads: outside a node that is instantiated (`_target_`, whose
   class then checks its arguments: `+trainer.optimizer.amsgrad=true`) or an open node (`model.*`,
-  where a method adds its own parts), e.g. `+trainer.lrr=1` or `+data.foo=1`.
+  where a method adds its own parts), e.g. `+trainer.lrr=1` or `+data.foo=1`; a new entry of a map whose
+  entries are all read (`ENTRY_MAPS`: `+hooks.<name>=`, `+eval.evaluators.<name>=`) is accepted.
 
 * a `data.<key>=` that no data config has, on a script that merges it into the checkpoint's data config.
 
@@ -38,6 +39,9 @@ FROM_CHECKPOINT: tuple[str, ...] = (
     "recipe",
 )
 ALWAYS_ADDABLE: tuple[str, ...] = ("debug",)
+# Maps of name -> instantiated node whose every entry is read: `+hooks.<name>={_target_: ...}` adds a hook
+# (avs.engine.hook_config), `+eval.evaluators.<name>={_target_: ...}` an evaluator (avs.evaluation).
+ENTRY_MAPS: tuple[str, ...] = ("hooks", "eval.evaluators")
 
 
 def _key(arg: str) -> str:
@@ -87,6 +91,8 @@ def refuse_unread_additions(argv: Sequence[str], script: str, config_name: str, 
         return
     for arg in added:
         if (CONFIG_DIR / _key(arg).replace(".", "/")).is_dir():  # a config group appended: Hydra places it
+            continue
+        if _key(arg).rpartition(".")[0] in ENTRY_MAPS:  # a new entry of a map whose entries are all read
             continue
         if not _instantiated_parent(cfg, _key(arg)):
             raise ConfigError(

@@ -134,3 +134,16 @@ def test_a_hook_with_state_keeps_it_over_a_resume(synth_data_dir, tmp_path):
     Trainer(_cfg(synth_data_dir, "trainer.test_at_end=false"), plain).fit()
     assert "hooks" not in load_checkpoint(plain / "checkpoints" / "last.ckpt")
     assert OmegaConf.select(_cfg(synth_data_dir), "hooks.checkpoint._target_") == "avs.engine.hooks.CheckpointHook"
+
+
+def test_the_documented_command_line_spellings_pass_the_override_check():
+    """`+hooks.<name>=` and `+eval.evaluators.<name>=` add an entry that is read; a typo inside an entry is refused."""
+    from avs.script_args import check_overrides
+
+    hook = "+hooks.gradnorm={_target_: tests.unit.test_hook_config.CheckedGradNorm, priority: 65}"
+    evaluator = "+eval.evaluators.mine={_target_: avs.evaluation.evaluators.MetricsEvaluator}"
+    check_overrides([hook, "~hooks.logging", evaluator], "scripts/train.py", "train", open_nodes=["model"])
+    with pytest.raises(ConfigError, match=r"hooks\.gradnorm\.priority.*nothing would read it"):
+        check_overrides(["+hooks.gradnorm.priority=3"], "scripts/train.py", "train", open_nodes=["model"])
+    with pytest.raises(ConfigError, match=r"hookz\.gradnorm.*nothing would read it"):
+        check_overrides(["+hookz.gradnorm={_target_: x.Y}"], "scripts/train.py", "train", open_nodes=["model"])
