@@ -45,11 +45,38 @@ from avs.data.options import AUDIO_SOURCES, ON_ERROR, check_data_options, pad_sh
 from avs.data.transforms import ClipTransform, as_size, resize_frames, resize_masks
 
 __all__ = [  # the layout / check / option names are re-exported for existing imports
-    "AVSBenchDataset", "SkippedItem", "build_dataset", "collate_skip_none", "read_mask", "read_rgb",
-    "AVSDataError", "ClipRecord", "SubsetLayout", "LAYOUTS", "SPLITS", "EMBEDDING_DIRNAME", "check_root",
-    "check_split_values", "embedding_path", "embedding_root", "frame_path", "get_layout", "labelled_frames",
-    "logmel_path", "mask_path", "read_meta_csv", "split_records", "wav_path", "DatasetReport", "Problem",
-    "check_dataset", "AUDIO_SOURCES", "ON_ERROR", "pad_short_audio_flag", "fit_audio_array", "LOGMEL_SHAPE",
+    "AVSBenchDataset",
+    "SkippedItem",
+    "build_dataset",
+    "collate_skip_none",
+    "read_mask",
+    "read_rgb",
+    "AVSDataError",
+    "ClipRecord",
+    "SubsetLayout",
+    "LAYOUTS",
+    "SPLITS",
+    "EMBEDDING_DIRNAME",
+    "check_root",
+    "check_split_values",
+    "embedding_path",
+    "embedding_root",
+    "frame_path",
+    "get_layout",
+    "labelled_frames",
+    "logmel_path",
+    "mask_path",
+    "read_meta_csv",
+    "split_records",
+    "wav_path",
+    "DatasetReport",
+    "Problem",
+    "check_dataset",
+    "AUDIO_SOURCES",
+    "ON_ERROR",
+    "pad_short_audio_flag",
+    "fit_audio_array",
+    "LOGMEL_SHAPE",
     "EMBEDDING_DIM",
 ]
 
@@ -114,7 +141,49 @@ class SkippedItem:
         return False
 
 
-class AVSBenchDataset(Dataset):
+class ClipDataset(Dataset):
+    """What the clip datasets share: `records`, an epoch for the augmentation draw, skip-on-error.
+
+    A subclass sets `records` (each with `tag()`), `epoch`, `on_error` and implements
+    `_load(rec, index, epoch)` and `_clip_id(rec)`.
+    """
+
+    records: Sequence[Any]
+    epoch: int
+    on_error: str
+
+    def _load(self, rec: Any, index: int, epoch: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _clip_id(self, rec: Any) -> str:
+        raise NotImplementedError
+
+    def set_epoch(self, epoch: int) -> None:
+        """Change the epoch that seeds the per-item augmentation draws."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any] | SkippedItem:
+        """Clip `index`; an `(epoch, index)` pair (ResumableSampler(with_epoch=True)) also sets the
+        epoch of the augmentation draw, as `set_epoch` does, for persistent DataLoader workers."""
+        epoch = self.epoch
+        if isinstance(index, tuple):
+            epoch, index = int(index[0]), int(index[1])
+        if not 0 <= index < len(self.records):
+            raise IndexError(f"index {index} out of range for {len(self.records)} clips")
+        rec = self.records[index]
+        try:
+            return self._load(rec, index, epoch)
+        except AVSDataError as exc:
+            if self.on_error == "skip":
+                log.warning("skipping %s: %s", rec.tag(), exc)
+                return SkippedItem(self._clip_id(rec), index, str(exc))
+            raise
+
+
+class AVSBenchDataset(ClipDataset):
     """AVSBench-object S4 / MS3 clips -> dicts per docs/architecture.md "Data contract".
 
     Item: frames float32 [T,3,H,W] (ImageNet-normalised), masks float32 [T,1,H,W] in {0,1},
@@ -171,29 +240,8 @@ class AVSBenchDataset(Dataset):
             hint = " (run scripts/extract_audio.py first)" if self.audio_source == "embedding" else ""
             raise AVSDataError(f"{folder}: missing audio folder for data.audio_source={self.audio_source!r}{hint}")
 
-    def set_epoch(self, epoch: int) -> None:
-        """Change the epoch that seeds the per-item flip draws."""
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any] | SkippedItem:
-        """Clip `index`; an `(epoch, index)` pair (ResumableSampler(with_epoch=True)) also sets the
-        epoch of the augmentation draw, as `set_epoch` does, for persistent DataLoader workers."""
-        epoch = self.epoch
-        if isinstance(index, tuple):
-            epoch, index = int(index[0]), int(index[1])
-        if not 0 <= index < len(self.records):
-            raise IndexError(f"index {index} out of range for {len(self.records)} clips")
-        rec = self.records[index]
-        try:
-            return self._load(rec, index, epoch)
-        except AVSDataError as exc:
-            if self.on_error == "skip":
-                log.warning("skipping %s: %s", rec.tag(), exc)
-                return SkippedItem(rec.video_id, index, str(exc))
-            raise
+    def _clip_id(self, rec: ClipRecord) -> str:
+        return rec.video_id
 
     # -- loading --------------------------------------------------------------------------------
     def _generator(self, index: int, epoch: int) -> torch.Generator:
@@ -212,8 +260,10 @@ class AVSBenchDataset(Dataset):
             raise AVSDataError(f"{path}: unreadable {what} of {rec.tag()} ({type(exc).__name__}: {exc})") from exc
 
     def _load_frames(self, rec: ClipRecord) -> torch.Tensor:
-        arrs = [self._read(read_rgb, frame_path(self.root, self.layout, rec, k), rec, "frame")
-                for k in range(1, self.num_frames + 1)]
+        arrs = [
+            self._read(read_rgb, frame_path(self.root, self.layout, rec, k), rec, "frame")
+            for k in range(1, self.num_frames + 1)
+        ]
         target = self.image_size or arrs[0].shape[:2]
         out = []
         for a in arrs:

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
+from avs.data.avsbench import ClipDataset
 from avs.data.avss_layout import (
     CSV_NAME,
     LABELS_NAME,
@@ -104,7 +104,7 @@ def _load_audio(path: Path, num_real: int) -> torch.Tensor:
     return out
 
 
-class AVSSDataset(Dataset):
+class AVSSDataset(ClipDataset):
     """AVSBench-semantic clips of one split (optionally of some source subsets) -> padded 10-frame items."""
 
     def __init__(
@@ -149,28 +149,8 @@ class AVSSDataset(Dataset):
             yield from (mask_path(self.root, rec, k) for k in labelled_frames(rec.source, rec.split))
             yield wav_path(self.root, rec)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, index: int | tuple[int, int]):
-        from avs.data.avsbench import SkippedItem
-
-        epoch = self.epoch
-        if isinstance(index, tuple):
-            epoch, index = int(index[0]), int(index[1])
-        if not 0 <= index < len(self.records):
-            raise IndexError(f"index {index} out of range for {len(self.records)} clips")
-        rec = self.records[index]
-        try:
-            return self._load(rec, index, epoch)
-        except AVSDataError as exc:
-            if self.on_error == "skip":
-                log.warning("skipping %s: %s", rec.tag(), exc)
-                return SkippedItem(rec.uid, index, str(exc))
-            raise
+    def _clip_id(self, rec: AVSSRecord) -> str:
+        return rec.uid
 
     def _read(self, fn, path: Path, rec: AVSSRecord, what: str):
         if not path.is_file():
