@@ -41,8 +41,15 @@ from avs.data.layout import SPLITS
 from avs.data.synthetic.clip import _place_objects, _who_sounds
 from avs.data.synthetic.render import _render_frames, rle_encode
 from avs.data.synthetic.sound import _mix_audio
-from avs.data.synthetic.world import SyntheticConfig, build_categories, config_hash
-from avs.data.synthetic.writer import COMPLETE_MARKER, _move_into_place, _refuse_foreign, _wav_bytes, is_complete
+from avs.data.synthetic.world import SyntheticConfig, build_categories, config_fields, config_hash
+from avs.data.synthetic.writer import (
+    COMPLETE_MARKER,
+    _move_into_place,
+    _refuse_foreign,
+    _wav_bytes,
+    is_complete,
+    new_root,
+)
 from avs.errors import ConfigError
 from avs.utils.io import atomic_write_bytes, atomic_write_text
 
@@ -110,12 +117,7 @@ class SemanticConfig:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], key: str = "data.synthetic") -> SemanticConfig:
-        values = dict(values)
-        values.pop("name", None)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"{key}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+        values = config_fields(cls, values, key)
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -192,10 +194,7 @@ def generate_semantic(root: str | os.PathLike, cfg: SemanticConfig, progress: bo
     """Write a complete semantic Sounding Shapes root (AVSS layout, sidecars, `_COMPLETE` last) -> root."""
     from tqdm import tqdm
 
-    root = Path(root)
-    if root.exists() and (not root.is_dir() or any(root.iterdir())):
-        raise FileExistsError(f"{root}: synthetic data root must be new or an empty directory")
-    root.mkdir(parents=True, exist_ok=True)
+    root = new_root(root)
     cats = build_categories(cfg.num_categories)
     jobs = [(split, i) for split in SPLITS for i in range(cfg.clips[split])]
     rows = [

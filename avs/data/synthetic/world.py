@@ -49,6 +49,17 @@ _F0_RANGE = (160.0, 1800.0)  # fundamentals, log-spaced over the categories
 _WORLD_SEED = 20240611  # fixed: the world (category -> f0 assignment) does not depend on cfg.seed
 
 
+def config_fields(cls: type, values: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """`values` as a dict without `name`; ConfigError naming `key` when one is not a field of dataclass `cls`."""
+    values = dict(values)
+    values.pop("name", None)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{key}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+    return values
+
+
 @dataclass(frozen=True)
 class Category:
     """One Sounding Shapes category: a visual identity and a sound identity."""
@@ -167,12 +178,7 @@ class SyntheticConfig:
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], key: str = "data.synthetic") -> SyntheticConfig:
         """Build from a plain mapping (e.g. a resolved config node); `name` is ignored, unknown keys raise."""
-        values = dict(values)
-        values.pop("name", None)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"{key}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+        values = config_fields(cls, values, key)
         for name in ("num_objects", "object_area", "snr_db", "ms3_sounding_probs"):
             if values.get(name) is not None:
                 values[name] = tuple(values[name])

@@ -76,6 +76,15 @@ def _write_clip(root: Path, cfg: SyntheticConfig, clip: _Clip) -> None:
     atomic_write_text(meta_path, json.dumps(clip.meta, sort_keys=True, separators=(",", ":")))
 
 
+def new_root(root: str | os.PathLike) -> Path:
+    """Make the folder a generator writes into; FileExistsError unless it is new or empty."""
+    root = Path(root)
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise FileExistsError(f"{root}: synthetic data root must be new or an empty directory")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
 def meta_dir(root: Path, subset: str, split: str) -> Path:
     """Folder of the per-clip sidecars (json) of one split of a generated root."""
     return get_layout(subset).subset_dir(root) / META_DIRNAME / split
@@ -85,10 +94,7 @@ def generate(root: str | os.PathLike, cfg: SyntheticConfig, progress: bool = Tru
     """Write a complete Sounding Shapes root (AVSBench layout, sidecars, `_COMPLETE` last) -> root."""
     from tqdm import tqdm
 
-    root = Path(root)
-    if root.exists() and (not root.is_dir() or any(root.iterdir())):
-        raise FileExistsError(f"{root}: synthetic data root must be new or an empty directory")
-    root.mkdir(parents=True, exist_ok=True)
+    root = new_root(root)
     cats = build_categories(cfg.num_categories)
     layout = get_layout(cfg.subset)
     jobs = [(split, i) for split in SPLITS for i in range(cfg.clips[split])]
@@ -203,7 +209,11 @@ def ensure_synthetic(data_cfg: Any, force: bool = False, progress: bool = True) 
     _refuse_foreign(root)
     log.warning(
         "generating Sounding Shapes at %s (%s, %s clips, %d px, T=%d)",
-        root, cfg.subset, cfg.clips, cfg.image_size, cfg.num_frames,
+        root,
+        cfg.subset,
+        cfg.clips,
+        cfg.image_size,
+        cfg.num_frames,
     )
     tmp = root.parent / f"{root.name}.tmp-{os.getpid()}"
     if tmp.exists():
