@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,20 @@ def tiny_overrides(data_dir: Path, subset: str = "ms3") -> list[str]:
         "trainer.tensorboard=false",
         "trainer.device=cpu",
     ]
+
+
+def run_script(
+    name: str, args: list[str], cwd: Path, env: dict | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess:
+    """Run scripts/<name> in a new process (one thread; `env` added to ours), capturing its text output."""
+    return subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "scripts" / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
 
 
 def compose_cfg(config_name: str = "train", overrides: list[str] | None = None, hydra_cfg: bool = False):

@@ -8,7 +8,6 @@ import dataclasses
 import os
 import shutil
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -19,21 +18,13 @@ from avs.data.check import check_dataset
 from avs.data.layout import LAYOUTS, AVSDataError, frame_path, mask_path, meta_csv_text, read_meta_csv, split_records
 from avs.engine.trainer import Trainer
 from avs.errors import ExitCode
-from tests.conftest import compose_cfg, tiny_overrides
+from tests.conftest import compose_cfg, run_script, tiny_overrides
 from tests.fixtures.avsbench import make_avsbench_tree
 
 SCRIPTS = PROJECT_ROOT / "scripts"
 
 
-def _script(name: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(SCRIPTS / name), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=cwd,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+_script = run_script
 
 
 def _plain(proc: subprocess.CompletedProcess, code: int, *phrases: str) -> None:

@@ -12,16 +12,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from avs.config import PROJECT_ROOT
 from avs.errors import ExitCode
-from tests.conftest import tiny_overrides
+from tests.conftest import run_script, tiny_overrides
 
 METHOD_DIR = Path(__file__).resolve().parents[1] / "plugin_method"
 SEARCHPATH = f"hydra.searchpath=[file://{METHOD_DIR / 'configs'}]"
@@ -29,16 +27,8 @@ NARROW = ["model.channels=16", "model.audio_dim=16", "audio.embed_dim=16", "audi
 
 
 def _script(name: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(METHOD_DIR), env.get("PYTHONPATH", "")) if p)
-    return subprocess.run(
-        [sys.executable, str(PROJECT_ROOT / "scripts" / name), *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=cwd,
-        env=env,
-    )
+    path = os.pathsep.join(p for p in (str(METHOD_DIR), os.environ.get("PYTHONPATH", "")) if p)
+    return run_script(name, args, cwd, env={"PYTHONPATH": path}, timeout=600)
 
 
 def _train_args(data_dir: Path, *extra: str) -> list[str]:

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from avs.config import PROJECT_ROOT
 from avs.errors import ConfigError, ExitCode
 from avs.evaluation.evaluator import EvaluationError
 from avs.evaluation.uncertainty import binary_auroc, binary_entropy, uncertainty_record, write_uncertainty
-from tests.conftest import compose_cfg, tiny_overrides
+from tests.conftest import compose_cfg, run_script, tiny_overrides
 
 SMALL = {
     "ecmvae": ["model=ecmvae", "model.channels=32", "model.audio_dim=32", "audio.embed_dim=32"],
@@ -158,14 +155,7 @@ def test_config_defaults_to_k_8_and_the_command_line_overrides_it():
 
 
 def _script(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(PROJECT_ROOT / "scripts" / "uncertainty.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=cwd,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    return run_script("uncertainty.py", args, cwd)
 
 
 def test_cli_default_k_is_8_and_a_missing_checkpoint_is_a_plain_error(ecmvae_ckpt, tmp_path):

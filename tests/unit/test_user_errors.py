@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import ast
 import logging
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,20 +14,12 @@ import torch
 from avs.config import PROJECT_ROOT
 from avs.config_checks import ConfigError, check_config
 from avs.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from tests.conftest import compose_cfg, tiny_overrides
+from tests.conftest import compose_cfg, run_script, tiny_overrides
 
 SCRIPTS = PROJECT_ROOT / "scripts"
 
 
-def _script(name: str, args: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(SCRIPTS / name), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=cwd,
-        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-    )
+_script = run_script
 
 
 def _plain(proc: subprocess.CompletedProcess) -> None:
