@@ -14,6 +14,7 @@ def check_semantic(cfg: DictConfig, caps: Capabilities) -> None:
     """AVSS needs a class that declares `semantic`, >= 2 classes, no GT projector mask, and AVSS metric
     protocols; S4/MS3 need the binary protocols. Each refusal names the key."""
     data, model = cfg.data, cfg.model
+    check_fusion_window(cfg)
     avss = str(data.subset) == "avss"
     if avss:
         n = data.get("num_classes")
@@ -39,3 +40,19 @@ def check_semantic(cfg: DictConfig, caps: Capabilities) -> None:
                 f"eval.protocols: {p!r} is no metric protocol of data.subset={data.subset} "
                 f"(expected one of {', '.join(allowed)}; docs/avss.md)"
             )
+
+
+def check_fusion_window(cfg: DictConfig) -> None:
+    """model.fusion.legacy_window (the released AVSS TPAVI's 5-frame windows) must divide data.num_frames."""
+    fusion = cfg.model.get("fusion")
+    window = fusion.get("legacy_window") if isinstance(fusion, DictConfig) else None
+    if window is None:
+        return
+    frames = cfg.data.get("num_frames")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ConfigError(f"model.fusion.legacy_window must be null or an int >= 1, got {window!r}")
+    if isinstance(frames, int) and frames % window != 0:
+        raise ConfigError(
+            f"model.fusion.legacy_window={window} splits each clip into {window}-frame windows: "
+            f"data.num_frames={frames} is not a multiple of it"
+        )

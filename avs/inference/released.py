@@ -1,4 +1,4 @@
-"""Import the authors' released checkpoints (AVSBench, MMVAE-AVS, AVS-bidirectional) as avs checkpoints.
+"""Import the authors' released checkpoints (AVSBench S4/MS3 and AVSS, MMVAE-AVS, AVS-bidirectional) as avs checkpoints.
 
 A released file is a plain ``state_dict`` of the authors' model class (possibly saved from a
 ``DataParallel`` wrapper, i.e. with ``module.`` prefixes). Its keys are renamed to ours by one
@@ -30,6 +30,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from avs.engine.checkpoint import CheckpointError, safe_torch_load, save_checkpoint
+from avs.inference.released_avss import check_avss_config
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ __all__ = [
     "release_config",
 ]
 
-SOURCES: tuple[str, ...] = ("avsbench", "mmvae_avs", "avs_bidirectional")
+SOURCES: tuple[str, ...] = ("avsbench", "avsbench_avss", "mmvae_avs", "avs_bidirectional")
 
 Rule = tuple[str, str]  # (regex matched against the whole released key, re.expand template)
 
@@ -193,6 +194,10 @@ RULES: dict[str, list[Rule]] = {
     ],
 }
 
+# OpenNLPLab/AVSBench avss `Pred_endecoder`: the S4/MS3 names; its align_channel has no bias, which the
+# release preset's model.fusion.block.legacy_align_without_bias builds (released_avss.py picks the config)
+RULES["avsbench_avss"] = RULES["avsbench"]
+
 # Released keys that exist in the file but that the released forward never reads: (regex, why).
 UNUSED: dict[str, list[Rule]] = {
     "avsbench": [
@@ -221,6 +226,8 @@ UNUSED: dict[str, list[Rule]] = {
     ],
 }
 
+UNUSED["avsbench_avss"] = UNUSED["avsbench"]  # the same path4.resConfUnit1, resnet.layer3_2 / layer4_2, head
+
 # torchvggish release file (vggish-10086976.pth) -> our VGGish under model.audio_encoder
 VGGISH_RULES: list[Rule] = [(r"(features|embeddings)\.(.+)", r"audio_encoder.\1.\2")]
 
@@ -228,6 +235,12 @@ VGGISH_RULES: list[Rule] = [(r"(features|embeddings)\.(.+)", r"audio_encoder.\1.
 # applies them through `model.preset=release` and records their resolved values in the checkpoint.
 RELEASE_INFERENCE_FLAGS: dict[str, tuple[str, ...]] = {
     "avsbench": ("model.decoder.legacy_inplace_relu_skip",),
+    "avsbench_avss": (
+        "model.decoder.legacy_inplace_relu_skip",
+        "model.fusion.legacy_window",
+        "model.fusion.block.legacy_align_without_bias",
+        "model.legacy_vid_zeroing",
+    ),
     "mmvae_avs": ("model.latent.legacy_test_sample",),
     "avs_bidirectional": ("model.motion.impl", "model.order"),
 }
@@ -440,6 +453,7 @@ def import_checkpoint(
             cfg.model.get("preset"),
         )
     released = load_released(released_path)
+    check_avss_config(source, cfg, released, released_path.name)  # AVSS file <-> AVSS data and its backbone
     vggish = _load_vggish(cfg, vggish_path, released_path)
     without_weight_files(cfg)  # every weight comes from the released file
     model = build_model(cfg)

@@ -69,6 +69,9 @@ class TPAVIFusion(nn.Module):
     [B,THW,THW] matrix like the reference (optionally in query chunks of ``chunk_size``; chunking
     lowers the peak only without autograd, because each chunk's matrix is kept for backward).
 
+    ``legacy_align_without_bias=True``: ``align_channel`` is built without a bias, as in the released
+    AVSS (AVSBench-semantic) TPAVI; the S4/MS3 release and the default have one.
+
     ``mode``: "va" key = audio; "vv" key = visual (space-time self-attention, audio ignored);
     "both" = mean of the va and vv outputs of this same block (AVSBench va+vv flags).
     ``audio=None`` in forward always gives the vv computation and ``a_fea=None``, as the reference
@@ -86,6 +89,7 @@ class TPAVIFusion(nn.Module):
         normalize: bool = False,
         chunk_size: int | None = None,
         similarity: str = "dot",
+        legacy_align_without_bias: bool = False,
     ) -> None:
         super().__init__()
         if channels < 1:
@@ -114,7 +118,10 @@ class TPAVIFusion(nn.Module):
         self.normalize = normalize
         self.chunk_size = chunk_size
         # Attribute names follow the AVSBench / ECMVAE TPAVIModule so released weights map 1:1.
-        self.align_channel = nn.Linear(audio_dim, channels) if align_audio and audio_dim is not None else None
+        # legacy_align_without_bias: the released AVSS TPAVI's align_channel has no bias (S4/MS3 have one).
+        self.align_channel = None
+        if align_audio and audio_dim is not None:
+            self.align_channel = nn.Linear(audio_dim, channels, bias=not legacy_align_without_bias)
         self.norm_layer = nn.LayerNorm(channels)
         self.g = nn.Conv3d(channels, inter, kernel_size=1)
         self.theta = nn.Conv3d(channels, inter, kernel_size=1)
@@ -309,6 +316,10 @@ class MultiStageFusion(nn.Module):
     any callable; default `TPAVIFusion`). Stages not in ``stages`` pass through unchanged and
     get ``None`` audio features. ``audio_dim=None`` (``model.use_audio=false``) builds the blocks
     without their audio-only weights (TPAVI's ``align_channel``, the AVCorr attention convs).
+
+    ``legacy_window=w`` (the released AVSS TPAVI: 5): each block sees the clip as consecutive windows of
+    w frames that attend separately (frames 0-4 and 5-9 of a 10-frame clip); ``None`` (default) = the
+    whole clip. T must be a multiple of w.
     """
 
     def __init__(
@@ -318,8 +329,12 @@ class MultiStageFusion(nn.Module):
         stages: Sequence[int] = (0, 1, 2, 3),
         block: Callable[..., nn.Module] | None = None,
         num_stages: int = 4,
+        legacy_window: int | None = None,
     ) -> None:
         super().__init__()
+        if legacy_window is not None and (isinstance(legacy_window, bool) or int(legacy_window) < 1):
+            raise ValueError(f"fusion.legacy_window must be null or an int >= 1, got {legacy_window!r}")
+        self.legacy_window = None if legacy_window is None else int(legacy_window)
         stages = [int(s) for s in stages]
         if len(set(stages)) != len(stages):
             raise ValueError(f"fusion.stages has duplicates: {stages}")
@@ -345,6 +360,13 @@ class MultiStageFusion(nn.Module):
             )
         if num_frames < 1:
             raise ValueError(f"MultiStageFusion: num_frames must be >= 1, got {num_frames}")
+        if self.legacy_window is not None:  # windows of consecutive frames attend as separate clips
+            if num_frames % self.legacy_window != 0:
+                raise ValueError(
+                    f"model.fusion.legacy_window={self.legacy_window} needs clips of a multiple of "
+                    f"{self.legacy_window} frames, got {num_frames}"
+                )
+            num_frames = self.legacy_window
         out: list[Tensor] = list(feats)
         audio_feats: list[Tensor | None] = [None] * self.num_stages
         for stage, blk in zip(self.stages, self.blocks):

@@ -98,6 +98,7 @@ class Segmentor(nn.Module):
         eval_num_samples: int = 1,
         num_classes: int = 1,
         semantic_seg_loss: Callable[..., torch.Tensor] | None = None,
+        legacy_vid_zeroing: bool = False,
     ) -> None:
         super().__init__()
         if order not in ("fusion_motion", "motion_fusion"):
@@ -125,19 +126,26 @@ class Segmentor(nn.Module):
             if semantic_seg_loss is None:
                 raise ValueError("data.num_classes > 1 needs model.semantic_seg_loss (e.g. avs.losses.SemanticCELoss)")
             self.seg_loss = semantic_seg_loss
-        self.avm_loss = dict(_plain(avm_loss)) if avm_loss else None
-        if self.avm_loss is not None and self.avm_loss.get("variant", "kl") not in AVM_VARIANTS:
-            raise ValueError(
-                f"model.avm_loss.variant must be one of {list(AVM_VARIANTS)}, got {self.avm_loss['variant']!r}"
-            )
-        if self.avm_loss is not None and self.num_classes > 1 and self.avm_loss.get("variant", "kl") != "kl":
-            raise ValueError(
-                "with data.num_classes > 1 (AVSS) model.avm_loss.variant must be kl (the released AVSS form)"
-            )
+        self.avm_loss = self._avm_options(avm_loss, self.num_classes)
+        # AVSS release: padded frames zeroed at the neck, fusion and logits too (keep_real_frames)
+        self.legacy_vid_zeroing = bool(legacy_vid_zeroing)
+        self._frame_keep: torch.Tensor | None = None  # [B*T] real-frame flags during a forward, else None
         self.projector_mask = projector_mask
         self.eval_num_samples = eval_num_samples
         # built last (a family with more parts passes None here and builds it after them: same init order)
         self.projector = self.make_projector(projector)
+
+    @staticmethod
+    def _avm_options(avm_loss: Mapping | None, num_classes: int) -> dict | None:
+        """model.avm_loss as a plain dict (None = off); ValueError for a variant it cannot run."""
+        opts = dict(_plain(avm_loss)) if avm_loss else None
+        if opts is not None and opts.get("variant", "kl") not in AVM_VARIANTS:
+            raise ValueError(f"model.avm_loss.variant must be one of {list(AVM_VARIANTS)}, got {opts['variant']!r}")
+        if opts is not None and num_classes > 1 and opts.get("variant", "kl") != "kl":
+            raise ValueError(
+                "with data.num_classes > 1 (AVSS) model.avm_loss.variant must be kl (the released AVSS form)"
+            )
+        return opts
 
     def make_decoder(self, decoder: Callable[..., nn.Module]) -> nn.Module:
         """The decoder with `num_classes` output maps (the argument is passed only when > 1)."""
@@ -243,6 +251,16 @@ class Segmentor(nn.Module):
             audio = audio * keep.view(-1, 1).to(audio.dtype)
         return feats, audio
 
+    def keep_real_frames(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B*T,...] times the real-frame flags when `legacy_vid_zeroing` is on and the batch has
+        `frame_valid` (AVSS): the released AVSS model multiplies its neck maps, TPAVI outputs, decoder
+        stages and logits by its vid flag, so a padded frame's logits are exactly zero. The decoder works
+        frame by frame, so zeroing its stages changes nothing beyond zeroing the logits. Else x as it is."""
+        keep = self._frame_keep
+        if keep is None:
+            return x
+        return x * keep.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+
     # ------------------------------------------------------------------ shared computations
     def encode_audio(self, audio: torch.Tensor) -> torch.Tensor:
         """[B,T,1,96,64] log-mel or [B,T,D] embedding -> [B*T,D]."""
@@ -269,7 +287,7 @@ class Segmentor(nn.Module):
         inject: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> Branch:
         """One neck -> [inject at the deepest map] -> fusion/motion -> decoder pass over [B*T,...] features."""
-        maps = list(neck(feats))
+        maps = [self.keep_real_frames(m) for m in neck(feats)]
         if inject is not None:
             maps[-1] = inject(maps[-1])
         audio_feats: list = [None] * len(maps)
@@ -277,10 +295,11 @@ class Segmentor(nn.Module):
             maps = self.motion(maps, num_frames)
         if self.fusion is not None:
             maps, audio_feats = self.fusion(maps, audio, num_frames)
+            maps = [self.keep_real_frames(m) for m in maps]
         fused = maps
         if self.order == "fusion_motion" and self.motion is not None:
             maps = self.motion(maps, num_frames)
-        logits = decoder(maps, out_size)  # [B*T,1,H,W]
+        logits = self.keep_real_frames(decoder(maps, out_size))  # [B*T,1,H,W]
         return {"logits": logits, "fused": fused, "audio_feats": audio_feats, "decoded": maps}
 
     def _seg(self, logits: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -350,10 +369,15 @@ class Segmentor(nn.Module):
         feats = self.backbone(x)
         if self.num_classes > 1 and "frame_valid" in batch:  # AVSS: padded frames carry nothing (as released)
             feats, audio = self.zero_padded(feats, audio, batch["frame_valid"])
-        if self.training:
-            return self.train_terms(x, feats, audio, batch, T, (H, W))
-        with torch.no_grad():
-            return self.predict(x, feats, audio, B, T, (H, W))
+            if self.legacy_vid_zeroing:
+                self._frame_keep = batch["frame_valid"].reshape(-1)
+        try:
+            if self.training:
+                return self.train_terms(x, feats, audio, batch, T, (H, W))
+            with torch.no_grad():
+                return self.predict(x, feats, audio, B, T, (H, W))
+        finally:
+            self._frame_keep = None
 
     def train_terms(self, x, feats, audio, batch, T: int, size: tuple[int, int]) -> dict[str, torch.Tensor]:
         """Unweighted scalar loss terms. x: frames [B*T,3,H,W]; feats: backbone maps; audio: [B*T,D] or None."""

@@ -99,6 +99,13 @@ ADDED_KEYS: tuple[str, ...] = (
     "model.semantic_seg_loss",
     "model.auto_weights.avm.avss",
     "model.release_raw_logits.avss",
+    # the released AVSS TPAVI's flags (docs/protocols.md): off unless model.preset=release on AVSS data
+    "model.legacy_vid_zeroing",
+    "model.fusion.legacy_window",
+    "model.fusion.block.legacy_align_without_bias",
+    "model.release_avss",
+    "model.release_avss_window",
+    "trainer.epochs_by_subset.avss",  # the AVSS release's 60 epochs; the s4 / ms3 entries are unchanged
 )
 # Dotted keys that held null (a disabled part) and are gone because the model's class has no such part
 # (only the ECMVAE family takes `model.latent`).

@@ -13,6 +13,8 @@ class AVSBenchSegmentor(Segmentor):
 
     LOSS_TERMS = ("seg", "avm", "consistency")
     SEMANTIC = True  # data.num_classes > 1 (AVSS): class maps, class-index masks (docs/avss.md)
+    # model.release_avss / release_avss_window: per-subset tables read by the release preset's interpolations
+    CONFIG_KEYS = (*Segmentor.CONFIG_KEYS, "release_avss", "release_avss_window")
 
     def train_terms(self, x, feats, audio, batch, T, size) -> dict[str, torch.Tensor]:
         masks = batch["masks"].flatten(0, 1)  # [B,T,1,H,W] -> [B*T,1,H,W] (AVSS: [B,T,H,W] -> [B*T,H,W])
