@@ -1,5 +1,5 @@
-"""The built-in evaluators (avs.evaluation.evaluator.DatasetEvaluator): metrics, predicted masks as PNGs (AVSS: palette PNGs),
-mask overlays for TensorBoard, and the per-dimension KL of a latent model's codes.
+"""The built-in evaluators (avs.evaluation.evaluator.DatasetEvaluator): metrics, predicted masks as PNGs
+(AVSS: palette PNGs), mask overlays for TensorBoard, and the per-dimension KL of a latent model's codes.
 
 The uncertainty AUROC is avs.evaluation.uncertainty.UncertaintyEvaluator, the visualisation grids
 avs.inference.visualize.VisualizeEvaluator. A user's evaluator is a DatasetEvaluator subclass in their
