@@ -10,7 +10,13 @@ from avs.evaluation.evaluator import (
     metrics_of,
     pad_batch,
 )
-from avs.evaluation.evaluators import LatentKLEvaluator, MaskWriter, MetricsEvaluator, OverlayImages
+from avs.evaluation.evaluators import (
+    LatentKLEvaluator,
+    MaskWriter,
+    MetricsEvaluator,
+    OverlayImages,
+    SemanticMaskWriter,
+)
 
 __all__ = [
     "DatasetEvaluator",
@@ -19,6 +25,7 @@ __all__ = [
     "MaskWriter",
     "MetricsEvaluator",
     "OverlayImages",
+    "SemanticMaskWriter",
     "build_evaluators",
     "evaluate",
     "evaluate_split",

@@ -16,7 +16,7 @@ from avs.config_upgrade import upgrade_config
 from avs.engine.checkpoint import CheckpointError, load_checkpoint
 from avs.errors import ConfigError
 from avs.evaluation.evaluator import build_evaluators, evaluate_split
-from avs.evaluation.evaluators import MaskWriter
+from avs.evaluation.evaluators import mask_writer
 from avs.evaluation.outputs import check_output_path
 from avs.evaluation.report import write_tables
 from avs.models.build import without_weight_files
@@ -144,8 +144,12 @@ def _meta(cfg: DictConfig, run_cfg: DictConfig, world_size: int) -> dict[str, An
 
 
 def _check_save_masks(run_cfg: DictConfig) -> None:
-    if str(run_cfg.data.subset) == "avss":
-        raise ConfigError("save_masks=true: AVSS (data.subset=avss) class masks are not written as PNGs yet; drop it")
+    """AVSS masks are 8-bit palette PNGs: at most 256 classes."""
+    if str(run_cfg.data.subset) == "avss" and int(run_cfg.data.num_classes) > 256:
+        raise ConfigError(
+            f"save_masks=true: data.num_classes={run_cfg.data.num_classes}, but a palette PNG holds at most 256 "
+            "classes; drop save_masks"
+        )
 
 
 def write_class_tables(out_dir: str | Path, split: str, metrics: dict[str, Any], dataset: Any) -> dict[str, Path]:
@@ -187,7 +191,7 @@ def evaluate_checkpoint(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     data = RunData(run_cfg, is_main=dist.is_main, cuda=device.type == "cuda", barrier=D.barrier, generate=False)
     evaluators = build_evaluators(run_cfg.eval.get("evaluators"))
     if masks_dir is not None:
-        evaluators.append(MaskWriter(masks_dir, data.dataset(str(cfg.split))))
+        evaluators.append(mask_writer(run_cfg, masks_dir, data.dataset(str(cfg.split))))
     autocast = autocast_for(amp_dtype(run_cfg.trainer.get("amp", "auto"), device), device)
     show = bool(run_cfg.trainer.get("progress", True)) and dist.is_main
     results = evaluate_split(

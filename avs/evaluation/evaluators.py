@@ -1,5 +1,5 @@
-"""The built-in evaluators (avs.evaluation.evaluator.DatasetEvaluator): metrics, predicted masks as PNGs,
-mask overlays for TensorBoard, and the per-dimension KL of a latent model's codes.
+"""The built-in evaluators (avs.evaluation.evaluator.DatasetEvaluator): metrics, predicted masks as PNGs
+(AVSS: palette PNGs), mask overlays for TensorBoard, and the per-dimension KL of a latent model's codes.
 
 The uncertainty AUROC is avs.evaluation.uncertainty.UncertaintyEvaluator, the visualisation grids
 avs.inference.visualize.VisualizeEvaluator. A user's evaluator is a DatasetEvaluator subclass in their
@@ -86,6 +86,23 @@ class MaskWriter(DatasetEvaluator):
 
     def summarize(self) -> Path:
         return self.out_dir
+
+
+class SemanticMaskWriter(MaskWriter):
+    """AVSS: the predicted class ids of every real frame as palette PNGs in the AVSS palette, named as MaskWriter
+    names its masks (avs.evaluation.outputs.save_pred_labels); padded frames get no file. Summary = folder."""
+
+    def process(self, batch: dict[str, Any], output: dict[str, Any]) -> None:
+        from avs.evaluation.outputs import save_pred_labels
+
+        save_pred_labels(self.out_dir, self.dataset, batch, output["logits"])
+
+
+def mask_writer(cfg: Any, out_dir: str | Path, dataset: Any) -> MaskWriter:
+    """The save_masks evaluator of `cfg.data`: AVSS (data.subset=avss) -> SemanticMaskWriter."""
+    if str(cfg.data.subset) == "avss":
+        return SemanticMaskWriter(out_dir, dataset)
+    return MaskWriter(out_dir, dataset)
 
 
 class OverlayImages(DatasetEvaluator):

@@ -23,8 +23,17 @@ from PIL import Image
 from tqdm import tqdm
 
 from avs.data.audio import SAMPLE_RATE
+from avs.evaluation.outputs import label_png_bytes
 from avs.inference.model import LoadedModel, load_model
 from avs.inference.overlay import OverlayVideoWriter, heatmap, image_grid, mask_to_size, save_png, tint
+from avs.inference.semantic import (
+    SlotLegend,
+    blend_labels,
+    class_names_for,
+    legend_strip,
+    present_classes,
+    read_label_png,
+)
 from avs.inference.video import (
     VideoError,
     VideoInfo,
@@ -42,7 +51,7 @@ from avs.inference.video import (
     to_model_frame,
     window_logmel,
 )
-from avs.utils.io import atomic_write_text
+from avs.utils.io import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -117,14 +126,19 @@ class _WindowRunner:
                 self.frames.setdefault(f, last_frame)
 
     def _forward(self, batch: list[Window]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Probabilities [B,T,H,W] and variances [B,T,H,W] (or None) of a batch of windows."""
+        """Probabilities [B,T,H,W] (AVSS: class probabilities [B,T,C,H,W]) and variances [B,T,H,W] (or None)
+        of a batch of windows."""
         loaded = self.loaded
         x = torch.stack([torch.stack([self.frames[f] for f in w.frames]) for w in batch])  # [B,T,3,H,W]
         logmels = [window_logmel(w, self.samples16k, self.plan.num_frames) for w in batch]
         a = torch.from_numpy(np.stack(logmels))  # [B,T,1,96,64]
         with torch.no_grad():
             out = loaded.model({"frames": x.to(loaded.device), "audio": a.to(loaded.device)})
-        probs = torch.sigmoid(out["logits"].float())[:, :, 0].cpu()  # [B,T,1,H,W] -> [B,T,H,W]
+        logits = out["logits"].float()
+        if loaded.num_classes > 1:  # AVSS: softmax over the classes, averaged over windows like P(foreground)
+            probs = torch.softmax(logits, dim=2).cpu()
+        else:
+            probs = torch.sigmoid(logits)[:, :, 0].cpu()  # [B,T,1,H,W] -> [B,T,H,W]
         var = out.get("variance")
         var = var.float()[:, :, 0].cpu() if var is not None else None
         return probs, var
@@ -286,10 +300,14 @@ class _SlotWriter:
         sampled: bool,
         return_probs: bool,
         tile_keys: list[int],
+        num_classes: int = 1,
     ) -> None:
         H, W = image_size
         self.info, self.image_size, self.threshold, self.mask_res = info, (H, W), threshold, mask_res
-        self.probs_all = np.zeros((len(plan.slots), H, W), np.float32) if return_probs else None
+        self.num_classes = num_classes  # > 1: AVSS, class ids as palette PNGs (threshold not used)
+        self.classes: list[list[int]] = [[] for _ in plan.slots]  # AVSS: foreground classes per slot
+        shape = (len(plan.slots), num_classes, H, W) if num_classes > 1 else (len(plan.slots), H, W)
+        self.probs_all = np.zeros(shape, np.float32) if return_probs else None
         self.var_all = np.zeros((len(plan.slots), H, W), np.float32) if (return_probs and sampled) else None
         self.fg_fraction = [0.0] * len(plan.slots)
         self.mask_paths = [out / "masks" / f"{stem}_{s.key + 1}.png" for s in plan.slots]
@@ -298,15 +316,28 @@ class _SlotWriter:
         self.tile_var: dict[int, np.ndarray] = {}
 
     def _at_output_resolution(self, prob: torch.Tensor) -> torch.Tensor:
+        """[H,W] or [C,H,W] probabilities at the video's size (mask_resolution=video), bilinear."""
         size = (self.info.height, self.info.width)
         if self.mask_res == "video" and size != self.image_size:
-            return F.interpolate(prob[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+            x = prob if prob.dim() == 3 else prob[None]
+            x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
+            return x if prob.dim() == 3 else x[0]
         return prob
 
-    def __call__(self, key: int, prob: torch.Tensor, var: torch.Tensor | None) -> None:
+    def _write_mask(self, key: int, prob: torch.Tensor) -> None:
+        """Binary: (P > threshold) * 255; AVSS: the argmax class ids as a palette PNG (label_png_bytes)."""
+        if self.num_classes > 1:
+            labels = self._at_output_resolution(prob).argmax(dim=0).numpy()  # ties go to the lower class
+            self.classes[key] = present_classes([labels])
+            self.fg_fraction[key] = float((labels != 0).mean())
+            atomic_write_bytes(self.mask_paths[key], label_png_bytes(labels, self.num_classes))
+            return
         mask = (self._at_output_resolution(prob) > self.threshold).numpy()
         self.fg_fraction[key] = float(mask.mean())
         save_png(self.mask_paths[key], mask.astype(np.uint8) * 255)
+
+    def __call__(self, key: int, prob: torch.Tensor, var: torch.Tensor | None) -> None:
+        self._write_mask(key, prob)
         if self.probs_all is not None:
             self.probs_all[key] = prob.numpy()
         if var is not None:
@@ -342,8 +373,9 @@ def run_demo(cfg: Mapping[str, Any], out_dir: str | Path, return_probs: bool = F
 
     sampled = num_samples > 1 and loaded.has_latent
     tile_keys = _tile_keys(len(plan.slots), int(_opt(_opt(cfg, "contact_sheet", {}), "max_tiles", 20)))
+    C = loaded.num_classes
     slots = _SlotWriter(
-        out, video.stem, plan, info, loaded.image_size, threshold, mask_res, sampled, return_probs, tile_keys
+        out, video.stem, plan, info, loaded.image_size, threshold, mask_res, sampled, return_probs, tile_keys, C
     )
     torch.manual_seed(int(_opt(cfg, "seed", 0)))
     predict_video(loaded, video, plan, audio.samples16k, slots, int(_opt(cfg, "batch_size", 1)), progress)
@@ -351,7 +383,10 @@ def run_demo(cfg: Mapping[str, Any], out_dir: str | Path, return_probs: bool = F
     result = DemoResult(
         out, plan, info, slots.mask_paths, slots.var_paths, probs=slots.probs_all, variance_maps=slots.var_all
     )
-    _write_visuals(cfg, result, video, video.stem, audio.samples, audio.rate, tile_keys, slots.tile_var, progress)
+    semantic = (C, class_names_for(loaded.cfg.data), slots.classes) if C > 1 else None
+    _write_visuals(
+        cfg, result, video, video.stem, audio.samples, audio.rate, tile_keys, slots.tile_var, progress, semantic
+    )
     summary = _summary(result, video, audio, loaded, slots, num_samples if sampled else 1)
     result.summary = out / "demo.json"
     atomic_write_text(result.summary, json.dumps(summary, indent=2))
@@ -380,7 +415,8 @@ def _summary(
         "audio_uncovered_s": [round(t, 4) for t in audio.uncovered] if audio.uncovered is not None else None,
         "windows": len(plan.windows),
         "num_samples": num_samples,
-        "threshold": slots.threshold,
+        "threshold": slots.threshold if slots.num_classes == 1 else None,  # AVSS: argmax over the classes
+        "num_classes": slots.num_classes,
         "mask_resolution": slots.mask_res,
         "slots": [
             {
@@ -389,6 +425,7 @@ def _summary(
                 "time_s": round(s.time, 4),
                 "mask": str(slots.mask_paths[i].relative_to(out)),
                 "foreground_fraction": round(slots.fg_fraction[i], 5),
+                **({"classes": slots.classes[i]} if slots.num_classes > 1 else {}),
             }
             for i, s in enumerate(plan.slots)
         ],
@@ -404,14 +441,18 @@ def _tile_keys(num_slots: int, max_tiles: int) -> list[int]:
 
 
 class _DisplayMasks:
-    """A slot's mask PNG at display size; the last one read is kept (consecutive frames share a slot)."""
+    """A slot's mask PNG at display size (AVSS: its class ids); the last one read is kept (consecutive frames
+    share a slot)."""
 
-    def __init__(self, paths: list[Path], size: tuple[int, int]) -> None:
-        self.paths, self.size = paths, size
+    def __init__(self, paths: list[Path], size: tuple[int, int], semantic: bool = False) -> None:
+        self.paths, self.size, self.semantic = paths, size, semantic
         self.cached: tuple[int, np.ndarray] | None = None
 
     def __getitem__(self, slot: int) -> np.ndarray:
         if self.cached is None or self.cached[0] != slot:
+            if self.semantic:
+                self.cached = (slot, read_label_png(self.paths[slot], self.size))
+                return self.cached[1]
             with Image.open(self.paths[slot]) as im:
                 self.cached = (slot, mask_to_size(np.asarray(im) > 127, self.size))
         return self.cached[1]
@@ -427,8 +468,11 @@ def _write_visuals(
     tile_keys: list[int],
     tile_var: dict[int, np.ndarray],
     progress: bool,
+    semantic: tuple[int, list[str], list[list[int]]] | None = None,
 ) -> None:
-    """Pass 2: overlay video (with audio) and contact sheet."""
+    """Pass 2: overlay video (with audio) and contact sheet. `semantic` (AVSS): (num_classes, class names, classes
+    per slot): the classes are drawn in the palette (overlay.color is not used), the video frames get a legend
+    strip of their slot's classes below them, the contact sheet one of all classes it shows."""
     info, out = result.info, result.out_dir
     ocfg = _opt(cfg, "overlay", {})
     scfg = _opt(cfg, "contact_sheet", {})
@@ -439,22 +483,25 @@ def _write_visuals(
     if not (write_video or write_sheet):
         return
     disp = _display_size(info.width, info.height, ocfg.get("max_size") if hasattr(ocfg, "get") else None)
-    masks = _DisplayMasks(result.masks, disp)
+    masks = _DisplayMasks(result.masks, disp, semantic is not None)
+    legend = None if semantic is None else SlotLegend(semantic[2], semantic[1], semantic[0], disp[1])
 
     def paint(rgb: np.ndarray, slot: int) -> np.ndarray:
-        return tint(rgb, masks[slot], color, alpha)
+        if semantic is None:
+            return tint(rgb, masks[slot], color, alpha)
+        return blend_labels(rgb, masks[slot], semantic[0], alpha)
 
     writer = None
     if write_video:
         writer = OverlayVideoWriter(
             out / f"{stem}_overlay.mp4",
             info.rate or info.fps,
-            disp,
+            disp if legend is None else (disp[0] + legend.height, disp[1]),
             audio=samples,
             sample_rate=rate,
             crf=int(_opt(ocfg, "crf", 20)),
         )
-    tiles, last = _overlay_pass(video, result, disp, writer, paint, tile_keys, progress)
+    tiles, last = _overlay_pass(video, result, disp, writer, paint, tile_keys, progress, legend)
     if writer is not None:
         result.overlay_video = writer.close()
     if not write_sheet or last is None:
@@ -464,6 +511,10 @@ def _write_visuals(
             tiles[k] = (last, paint(last, k))
     columns = max(1, int(_opt(scfg, "columns", 5)))
     sheet = _contact_sheet(result.plan, tile_keys, tiles, tile_var, columns, int(_opt(scfg, "tile_height", 160)))
+    if semantic is not None:  # a legend of every class the sheet shows
+        C, names, classes = semantic
+        shown = sorted({c for k in tile_keys for c in classes[k]})
+        sheet = np.concatenate([sheet, legend_strip(shown, names, C, sheet.shape[1])], axis=0)
     result.contact_sheet = save_png(out / "contact_sheet.png", sheet)
 
 
@@ -475,9 +526,11 @@ def _overlay_pass(
     paint,
     tile_keys: list[int],
     progress: bool,
+    legend: SlotLegend | None = None,
 ) -> tuple[dict[int, tuple[np.ndarray, np.ndarray]], np.ndarray | None]:
-    """Decode the video at display size, write each frame tinted with its slot's mask (when `writer` is given) and
-    keep the frames of the contact sheet. Returns {slot: (frame, tinted frame)} and the last decoded frame."""
+    """Decode the video at display size, write each frame tinted with its slot's mask (when `writer` is given;
+    AVSS: with its `legend` strip below) and keep the frames of the contact sheet. Returns {slot: (frame, tinted
+    frame)} and the last decoded frame."""
     plan, info = result.plan, result.info
     tile_frames = {plan.slots[k].frame: k for k in tile_keys}
     tiles: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -489,9 +542,10 @@ def _overlay_pass(
             last = rgb
             if writer is None and len(tiles) == len(tile_frames):
                 break
-            over = paint(rgb, plan.slot_for_frame(idx))
+            slot = plan.slot_for_frame(idx)
+            over = paint(rgb, slot)
             if writer is not None:
-                writer.write(over)
+                writer.write(over if legend is None else legend.under(over, slot))
             if idx in tile_frames:
                 tiles[tile_frames[idx]] = (rgb, over)
     except BaseException:

@@ -34,6 +34,11 @@ class LoadedModel:
         return str(self.cfg.model.get("name", "unknown"))
 
     @property
+    def num_classes(self) -> int:
+        """Output maps per frame: 1 (a binary mask, S4/MS3) or data.num_classes (AVSS class maps)."""
+        return int(getattr(self.model, "num_classes", 1))
+
+    @property
     def has_latent(self) -> bool:
         """True for latent (ECMVAE-style) models, which can draw K samples."""
         return self.model.latent is not None

@@ -13,9 +13,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from avs.evaluation.evaluator import DatasetEvaluator, evaluate
+from avs.evaluation.outputs import predicted_labels
 from avs.evaluation.visuals import denormalize as rgb01
 from avs.inference.model import LoadedModel, load_model
 from avs.inference.overlay import heatmap, image_grid, save_png, scatter_plot, tint
+from avs.inference.semantic import blend_labels, legend_strip, present_classes
 from avs.inference.video import MissingDependencyError
 
 log = logging.getLogger(__name__)
@@ -130,8 +132,16 @@ class VisualizeEvaluator(DatasetEvaluator):
 
     name = "visualize"
 
-    def __init__(self, out_dir: str | Path, num_clips: int, threshold: float = 0.5, tile_height: int = 128) -> None:
+    def __init__(
+        self,
+        out_dir: str | Path,
+        num_clips: int,
+        threshold: float = 0.5,
+        tile_height: int = 128,
+        class_names: list[str] | tuple[str, ...] = (),
+    ) -> None:
         self.out, self.num_clips, self.threshold, self.tile_height = Path(out_dir), num_clips, threshold, tile_height
+        self.class_names = list(class_names)  # AVSS: names of the legend (class ids when empty)
 
     def reset(self) -> None:
         self.grids: list[Path] = []
@@ -139,7 +149,11 @@ class VisualizeEvaluator(DatasetEvaluator):
         self.seen = 0
 
     def process(self, batch: dict[str, Any], output: dict[str, Any]) -> None:
-        probs = torch.sigmoid(output["logits"].float()).cpu()  # [B,T,1,H,W]
+        logits = output["logits"].float()
+        if logits.shape[2] > 1:  # AVSS: class ids [B,T,H,W] drawn in the palette; the threshold is not used
+            probs = predicted_labels(logits).cpu()
+        else:
+            probs = torch.sigmoid(logits).cpu()  # [B,T,1,H,W]
         var = output.get("variance")
         for name, value in (output.get("latents") or {}).items():
             self.codes.setdefault(name, []).append(value.float().cpu().numpy())  # [B*T,L]
@@ -147,8 +161,13 @@ class VisualizeEvaluator(DatasetEvaluator):
         for b in range(probs.shape[0]):
             if self.seen < self.num_clips:
                 v = None if var is None else var[b].float().cpu()
-                self.grids.append(_clip_grid(self.out, cpu, b, probs[b], v, self.threshold, self.tile_height))
+                self.grids.append(self._grid(cpu, b, probs[b], v, int(logits.shape[2])))
             self.seen += 1
+
+    def _grid(self, batch: dict, b: int, pred: torch.Tensor, var: torch.Tensor | None, num_classes: int) -> Path:
+        if num_classes > 1:
+            return _semantic_clip_grid(self.out, batch, b, pred, var, self.tile_height, self.class_names, num_classes)
+        return _clip_grid(self.out, batch, b, pred, var, self.threshold, self.tile_height)
 
     def summarize(self) -> dict[str, Any]:
         return {"grids": self.grids, "codes": self.codes}
@@ -164,7 +183,8 @@ def _grids_and_codes(
 ) -> dict[str, list[np.ndarray]]:
     """One avs.evaluation.evaluate pass with a VisualizeEvaluator: the grids go into `result.grids`;
     returns the latent codes of every clip by name."""
-    ev = VisualizeEvaluator(out, opts.num_clips, opts.threshold, int(_opt(cfg, "tile_height", 128)))
+    names = list(getattr(loader.dataset.dataset, "class_names", []))  # the Subset's dataset (AVSS: label2idx.json)
+    ev = VisualizeEvaluator(out, opts.num_clips, opts.threshold, int(_opt(cfg, "tile_height", 128)), names)
     summary = evaluate(
         loaded.model, loader, [ev], device=loaded.device, desc=f"visualize {opts.split}", progress=opts.progress
     )["visualize"]
@@ -214,3 +234,32 @@ def _clip_grid(
     grid = image_grid(rows, col_labels=[f"t={t + 1}" for t in range(T)], row_labels=names, tile_height=tile_height)
     vid = str(batch["video_id"][b])
     return save_png(out / "grids" / f"{vid}.png", grid)
+
+
+def _semantic_clip_grid(
+    out: Path,
+    batch: dict,
+    b: int,
+    pred: torch.Tensor,
+    var: torch.Tensor | None,
+    tile_height: int,
+    names: list[str],
+    num_classes: int,
+) -> Path:
+    """AVSS: rows frame / GT / prediction [/ variance of P(foreground)] over the real frames (padded ones left out),
+    classes in the palette over the frame, a legend of the classes drawn below -> grids/<video_id>.png.
+    pred: class ids [T,H,W]; frames without a mask get a black GT tile."""
+    real = [t for t in range(pred.shape[0]) if bool(batch["frame_valid"][b, t])]
+    frames = denormalize(batch["frames"][b])  # [T,H,W,3]
+    gt, pred = batch["masks"][b].numpy(), pred.numpy()  # [T,H,W] class ids
+    labelled = batch["mask_valid"][b].numpy()
+    gt_tiles = [blend_labels(frames[t], gt[t], num_classes) if labelled[t] else np.zeros_like(frames[t]) for t in real]
+    rows = [[frames[t] for t in real], gt_tiles, [blend_labels(frames[t], pred[t], num_classes) for t in real]]
+    names_col = ["frame", "GT", "prediction"]
+    if var is not None:
+        rows.append([heatmap(var[t, 0].numpy(), VARIANCE_MAX) for t in real])
+        names_col.append("variance")
+    grid = image_grid(rows, col_labels=[f"t={t + 1}" for t in real], row_labels=names_col, tile_height=tile_height)
+    shown = present_classes([gt[t] for t in real if labelled[t]] + [pred[t] for t in real])
+    grid = np.concatenate([grid, legend_strip(shown, names, num_classes, grid.shape[1])], axis=0)
+    return save_png(out / "grids" / f"{batch['video_id'][b]}.png", grid)
