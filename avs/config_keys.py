@@ -97,7 +97,7 @@ RESULT_KEYS: tuple[str, ...] = (
             "flip_prob",
             "image_size",
             "legacy_unknown_colours",
-            "metric_protocol",  # the default of eval.protocol (checkpoint selection)
+            "metric_protocol",  # AVSS: the default of eval.protocol (checkpoint selection)
             "metric_protocols",
             "name",
             "num_classes",

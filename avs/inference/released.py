@@ -487,7 +487,7 @@ def release_config(overrides: Sequence[str] = ()) -> DictConfig:
     from avs.config import compose_config
 
     cfg = compose_config("train", [*overrides, "model.preset=release"])
-    # a plain container copy: the stored config is independent of the composed one
+    # to_container, not OmegaConf.resolve: resolve cannot store a resolver's list (eval.protocols' oc.select)
     resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     OmegaConf.set_struct(resolved, OmegaConf.is_struct(cfg))
     return resolved

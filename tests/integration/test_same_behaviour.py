@@ -83,8 +83,6 @@ ADDED_KEYS: tuple[str, ...] = (
     "hooks",  # the built-in hooks as a config group (configs/hooks/): which hooks run, not what they compute
     "trainer.allow_missing_hooks",  # needed hooks a user drops knowingly (none by default)
     "eval.evaluators",  # extra evaluators of the user's (none by default)
-    "data.metric_protocol",  # the data config names the default of eval.protocol(s); the values are as before
-    "data.metric_protocols",
     "model.latent.free_bits",  # free bits per KL dimension; 0 = off (the plain KL of before)
     "trainer.kl_warmup",  # ramp of the kl weight; steps 0 = off (the hook is not registered)
     "trainer.record_latent_kl",  # per-dimension KL after each validation; false = off
