@@ -87,3 +87,119 @@ def test_label_png_refuses_ids_outside_the_palette():
         label_png_bytes(np.array([[0, 9]]), NUM_CLASSES)
     with pytest.raises(ValueError, match="256"):
         label_png_bytes(np.zeros((2, 2), np.int64), 300)
+
+
+def test_blend_and_legend_draw_the_palette_colours():
+    from avs.inference.semantic import blend_labels, legend_strip, present_classes
+
+    pal = palette(NUM_CLASSES)
+    rgb = np.full((16, 16, 3), 200, np.uint8)
+    labels = np.zeros((16, 16), np.int64)
+    labels[4:12, 4:12] = 3
+    out = blend_labels(rgb, labels, NUM_CLASSES, alpha=0.5, outline=False)
+    np.testing.assert_array_equal(out[0, 0], rgb[0, 0])  # background is not drawn
+    want = np.round(0.5 * 200 + 0.5 * pal[3].astype(np.float64)).astype(np.uint8)
+    np.testing.assert_array_equal(out[8, 8], want)
+    edged = blend_labels(rgb, labels, NUM_CLASSES)
+    np.testing.assert_array_equal(edged[4, 8], pal[3])  # the outline in the class colour
+    assert present_classes([labels, np.full((2, 2), 5)]) == [3, 5]
+    strip = legend_strip([3, 5], ["bg"] + [f"class{i}" for i in range(1, NUM_CLASSES)], NUM_CLASSES, 400)
+    colours = {tuple(c) for c in strip.reshape(-1, 3)}
+    assert tuple(pal[3]) in colours and tuple(pal[5]) in colours and tuple(pal[1]) not in colours
+    narrow = legend_strip([3, 5], [], NUM_CLASSES, 30)  # ids only, one entry per line
+    assert narrow.shape[0] > strip.shape[0]
+
+
+def test_visualize_draws_classes_in_the_palette_on_real_frames(avss_ckpt, tmp_path):
+    from avs.inference.model import load_model
+    from avs.inference.semantic import blend_labels, class_names_for, legend_strip, present_classes
+    from avs.inference.visualize import denormalize, visualize_split
+
+    tile = 64  # the frames' own size: tiles are not resized
+    cfg = compose_cfg(
+        "visualize", [f"checkpoint={avss_ckpt}", "split=val", "device=cpu", "progress=false", f"tile_height={tile}"]
+    )
+    res = visualize_split(cfg, tmp_path)
+    grids = {p.stem: np.asarray(Image.open(p)) for p in res.grids}
+    assert len(grids) == 3
+    names = class_names_for(load_model(avss_ckpt, "cpu").cfg.data)
+    drawn = set()
+    for batch, logits in _val_logits(avss_ckpt):
+        pred = torch.softmax(logits, 2).argmax(2).numpy()  # [B,T,H,W]
+        for b, vid in enumerate(batch["video_id"]):
+            grid, frames = grids[vid], denormalize(batch["frames"][b])
+            real = [t for t in range(pred.shape[1]) if batch["frame_valid"][b, t]]
+            label_w = grid.shape[1] - len(real) * (tile + 2)  # row labels, then (pad + tile) per real frame only
+            for c, t in enumerate(real):
+                y, x = 18 + 2 * (tile + 2) + 2, label_w + c * (tile + 2) + 2  # row 3: the prediction
+                np.testing.assert_array_equal(
+                    grid[y : y + tile, x : x + tile], blend_labels(frames[t], pred[b, t], NUM_CLASSES)
+                )
+            gt = [batch["masks"][b, t].numpy() for t in real if batch["mask_valid"][b, t]]
+            shown = present_classes(gt + [pred[b, t] for t in real])
+            strip = legend_strip(shown, names, NUM_CLASSES, grid.shape[1])
+            np.testing.assert_array_equal(grid[-strip.shape[0] :], strip)  # the legend of the classes drawn
+            drawn.update(present_classes([pred[b, t] for t in real]))
+    assert drawn  # the tiny model predicts some foreground on the real frames
+
+
+def test_class_names_come_from_label2idx_or_are_left_to_ids(avss_ckpt, tmp_path):
+    from avs.inference.model import load_model
+    from avs.inference.semantic import class_label, class_names_for
+
+    data = load_model(avss_ckpt, "cpu").cfg.data
+    names = class_names_for(data)
+    assert len(names) == NUM_CLASSES and names[0] and class_label(3, names) == f"3 {names[3]}"
+    assert class_names_for({"root": str(tmp_path), "num_classes": NUM_CLASSES}) == []
+    assert class_label(3, []) == "3"
+
+
+def test_demo_writes_palette_masks_legends_and_matches_the_dataset_path(avss_ckpt, tmp_path):
+    pytest.importorskip("av", reason="PyAV (the avs[video] extra) is not installed")
+    import json
+
+    import soundfile as sf
+
+    from avs.data import build_dataset
+    from avs.data.avss_layout import frame_path, wav_path
+    from avs.inference.demo import run_demo
+    from avs.inference.model import load_model
+    from avs.inference.semantic import SlotLegend, class_names_for, legend_strip, present_classes
+    from avs.inference.video import probe_video
+    from tests.integration.test_demo import FPS, write_video
+
+    loaded = load_model(avss_ckpt, "cpu")
+    ds = build_dataset(loaded.cfg.data, "test", train=False)
+    i = next(i for i, rec in enumerate(ds.records) if rec.source == "v2")  # 10 real frames: one window, no padding
+    rec, item = ds.records[i], ds[i]
+    frames = [np.array(Image.open(frame_path(ds.root, rec, k)).convert("RGB")) for k in range(10)]
+    audio, sr = sf.read(wav_path(ds.root, rec), dtype="int16")
+    write_video(tmp_path / "clip.mkv", frames, audio, sr)
+    video = tmp_path / "clip.mkv"
+    cfg = compose_cfg("demo", [f"video={video}", f"checkpoint={avss_ckpt}", "device=cpu", "progress=false"])
+    result = run_demo(cfg, tmp_path / "out", return_probs=True)
+
+    with torch.no_grad():
+        ref = torch.softmax(loaded.model({"frames": item["frames"][None], "audio": item["audio"][None]})["logits"], 2)
+    assert result.probs.shape == (10, NUM_CLASSES, 64, 64)
+    np.testing.assert_allclose(result.probs, ref[0].numpy(), atol=1e-5, rtol=0)
+    pal = palette(NUM_CLASSES)
+    summary = json.loads(result.summary.read_text())
+    assert summary["num_classes"] == NUM_CLASSES and summary["threshold"] is None
+    per_slot = []
+    for k, path in enumerate(result.masks):
+        with Image.open(path) as im:
+            assert im.mode == "P"
+            ids = np.asarray(im)
+            np.testing.assert_array_equal(np.asarray(im.convert("RGB")), pal[ids])
+        np.testing.assert_array_equal(ids, result.probs[k].argmax(0))
+        per_slot.append(present_classes([ids]))
+        assert summary["slots"][k]["classes"] == per_slot[k]
+
+    names = class_names_for(loaded.cfg.data)
+    legend = SlotLegend(per_slot, names, NUM_CLASSES, 64)
+    info = probe_video(result.overlay_video)
+    assert (info.width, info.height, info.num_frames) == (64, (64 + legend.height) // 2 * 2, 10 * FPS)
+    sheet = np.asarray(Image.open(result.contact_sheet))
+    strip = legend_strip(sorted({c for classes in per_slot for c in classes}), names, NUM_CLASSES, sheet.shape[1])
+    np.testing.assert_array_equal(sheet[-strip.shape[0] :], strip)
