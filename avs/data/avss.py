@@ -206,35 +206,35 @@ class AVSSDataset(ClipDataset):
         }
 
 
-def _flag(data_cfg: Mapping[str, Any], key: str, default: bool) -> bool:
-    value = data_cfg.get(key, default)
+def _flag(data_cfg: Mapping[str, Any], key: str) -> bool:
+    value = data_cfg[key]
     if not isinstance(value, bool):
         raise ConfigError(f"data.{key} must be true or false, got {value!r}")
     return value
 
 
 def build_avss_dataset(data_cfg: Mapping[str, Any], split: str, train: bool) -> AVSSDataset:
-    """AVSSDataset from a `data` config node (configs/data/avss*.yaml); crop and flip only when `train`."""
+    """AVSSDataset from a `data` config node (configs/data/avss*.yaml, every key of data/base/avss.yaml);
+    crop and flip only when `train`."""
     if data_cfg.get("root") is None:
         raise ConfigError("data config lacks required key data.root")
-    if data_cfg.get("audio_source", "wav") != "wav":
+    if data_cfg["audio_source"] != "wav":
         raise ConfigError(
-            f"data.audio_source={data_cfg.get('audio_source')!r}: AVSS reads audio.wav only (set data.audio_source=wav)"
+            f"data.audio_source={data_cfg['audio_source']!r}: AVSS reads audio.wav only (set data.audio_source=wav)"
         )
-    if int(data_cfg.get("num_frames", PAD_FRAMES)) != PAD_FRAMES:
+    if int(data_cfg["num_frames"]) != PAD_FRAMES:
         raise ConfigError(
-            f"data.num_frames must be {PAD_FRAMES} for AVSS (every clip is padded to it), "
-            f"got {data_cfg.get('num_frames')}"
+            f"data.num_frames must be {PAD_FRAMES} for AVSS (every clip is padded to it), got {data_cfg['num_frames']}"
         )
     return AVSSDataset(
         data_cfg["root"],
         split,
-        sources=list(data_cfg.get("sources") or SOURCES),
-        image_size=data_cfg.get("image_size", 224),
-        train_crop=_flag(data_cfg, "train_crop", True) and train,
-        num_classes=int(data_cfg.get("num_classes", NUM_CLASSES)),
-        legacy_unknown_colours=_flag(data_cfg, "legacy_unknown_colours", False),
-        flip_prob=float(data_cfg.get("flip_prob", 0.0) or 0.0) if train else 0.0,
-        on_error=data_cfg.get("on_error", "raise"),
-        seed=int(data_cfg.get("seed", 0) or 0),
+        sources=list(data_cfg["sources"] or SOURCES),  # null / []: every source
+        image_size=data_cfg["image_size"],
+        train_crop=_flag(data_cfg, "train_crop") and train,
+        num_classes=int(data_cfg["num_classes"]),
+        legacy_unknown_colours=_flag(data_cfg, "legacy_unknown_colours"),
+        flip_prob=float(data_cfg["flip_prob"] or 0.0) if train else 0.0,  # null = off, as the config check takes it
+        on_error=data_cfg["on_error"],
+        seed=int(data_cfg.get("seed", 0) or 0),  # data.seed is an optional node (+data.seed=N): no YAML sets it
     )

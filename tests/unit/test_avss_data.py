@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
+from avs.config import CONFIG_DIR
 from avs.data.avss import AVSSDataset, build_avss_dataset, release_geometry
 from avs.data.avss_check import check_avss
 from avs.data.avss_layout import colours_to_labels, palette
@@ -25,6 +27,12 @@ CLIPS = {
     "c": ("v1m", "val", {k: k + 1 for k in range(5)}),
     "d": ("v2", "test", {k: 70 for k in range(10)}),
 }
+
+
+def data_node(root: Path, **changes) -> dict:
+    """The keys every AVSS data config has (configs/data/base/avss.yaml) on `root`, with `changes`."""
+    node = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "data" / "base" / "avss.yaml"))
+    return {**node, "root": str(root), **changes}
 
 
 def _wav(path: Path, seconds: float) -> None:
@@ -99,10 +107,10 @@ def test_items_flags_and_padding(avss_root):
 
 
 def test_sources_filter_and_config(avss_root):
-    ds = build_avss_dataset({"root": str(avss_root), "sources": ["v1m"], "image_size": None}, "val", train=False)
+    ds = build_avss_dataset(data_node(avss_root, sources=["v1m"], image_size=None), "val", train=False)
     assert [r.uid for r in ds.records] == ["c"]
     with pytest.raises(ConfigError, match="data.audio_source"):
-        build_avss_dataset({"root": str(avss_root), "audio_source": "logmel"}, "val", train=False)
+        build_avss_dataset(data_node(avss_root, audio_source="logmel"), "val", train=False)
     with pytest.raises(ConfigError, match="data.sources"):
         AVSSDataset(avss_root, "val", sources=["v3"])
 
@@ -172,8 +180,9 @@ def test_frames_values_and_mixed_source_batches(avss_root):
     from avs.data.avsbench import build_dataset
     from avs.data.transforms import normalize_frames
 
-    cfg = {"subset": "avss", "root": str(avss_root), "image_size": None, "num_frames": 10}
-    ds = build_dataset(cfg, "val", train=False)  # the S4/MS3 entry point dispatches on data.subset
+    ds = build_dataset(
+        data_node(avss_root, image_size=None), "val", train=False
+    )  # the S4/MS3 entry point dispatches on data.subset
     batch = next(iter(DataLoader(ds, batch_size=2)))
     assert batch["frames"].shape == (2, 10, 3, S, S) and batch["masks"].shape == (2, 10, S, S)
     assert batch["mask_valid"].shape == (2, 10) and batch["frame_valid"].shape == (2, 10)
