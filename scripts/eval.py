@@ -27,7 +27,7 @@ from avs.config import CONFIG_DIR  # noqa: E402
 from avs.config_checks import hints_on_rejection  # noqa: E402
 from avs.engine import distributed as D  # noqa: E402
 from avs.errors import plain_errors, run_plain  # noqa: E402
-from avs.evaluation.checkpoint import data_overrides, evaluate_checkpoint  # noqa: E402
+from avs.evaluation.checkpoint import data_overrides, eval_title, evaluate_checkpoint  # noqa: E402
 from avs.evaluation.outputs import script_out_dir  # noqa: E402
 from avs.evaluation.report import markdown_table  # noqa: E402
 from avs.script_args import check_overrides  # noqa: E402
@@ -41,7 +41,7 @@ def main(cfg: DictConfig) -> None:
     out_dir = script_out_dir(cfg.output_dir)
     result = evaluate_checkpoint(cfg, out_dir)
     if result.get("paths"):  # rank 0 (or the single process) writes and prints
-        print(markdown_table(result["metrics"], title=f"{cfg.split}: {cfg.checkpoint}"))
+        print(markdown_table(result["metrics"], title=f"{eval_title(cfg)}: {cfg.checkpoint}"))
         print(f"tables: {', '.join(str(p) for p in result['paths'].values())}")
 
 

@@ -82,6 +82,13 @@ class RunData:
             self._datasets[split] = ds
         return self._datasets[split]
 
+    def probe_audio(self, split: str, mode: str, seed: int = 0) -> None:
+        """Score `split` with its audio zeroed or shuffled across clips (avs.data.shuffled_audio.probe_audio)."""
+        from avs.data.shuffled_audio import probe_audio
+
+        self._datasets[split] = probe_audio(self.dataset(split), mode, seed)
+        self._loaders.pop(split, None)
+
     def preflight(self, splits: tuple[str, ...]) -> None:
         """Before step 1: every file these splits name exists (avs.data.preflight; data.on_error decides)."""
         from avs.data.preflight import missing_split_files

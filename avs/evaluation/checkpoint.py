@@ -137,10 +137,16 @@ def _meta(cfg: DictConfig, run_cfg: DictConfig, world_size: int) -> dict[str, An
         "legacy_batch_size": int(run_cfg.eval.legacy_batch_size),
         "num_samples": int(run_cfg.eval.num_samples),
         "seed": int(run_cfg.seed),
+        "audio_input": str(cfg.audio_input) if cfg.audio_input != "shuffled" else f"shuffled (seed {int(cfg.audio_seed)})",
         "git_commit": git_commit(),
         "train_config": OmegaConf.to_container(run_cfg, resolve=True),
         "world_size": world_size,
     }
+
+
+def eval_title(cfg: DictConfig) -> str:
+    """The split, and the audio probe when the audio is not the clips' own."""
+    return str(cfg.split) if cfg.audio_input == "real" else f"{cfg.split}, audio {cfg.audio_input}"
 
 
 def _check_save_masks(run_cfg: DictConfig) -> None:
@@ -189,6 +195,7 @@ def evaluate_checkpoint(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     model = build_run_model(run_cfg, device, dist)  # seeds as training did: latent samples draw the same numbers
     _load_weights(model, state, cfg.checkpoint, run_cfg)
     data = RunData(run_cfg, is_main=dist.is_main, cuda=device.type == "cuda", barrier=D.barrier, generate=False)
+    data.probe_audio(str(cfg.split), str(cfg.audio_input), int(cfg.audio_seed))
     evaluators = build_evaluators(run_cfg.eval.get("evaluators"))
     if masks_dir is not None:
         evaluators.append(mask_writer(run_cfg, masks_dir, data.dataset(str(cfg.split))))
@@ -211,7 +218,7 @@ def evaluate_checkpoint(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     extra = {k: v for k, v in results.items() if k != "masks"}
     if extra:  # the summaries of the eval.evaluators of the user's
         meta["evaluators"] = extra
-    paths = write_tables(out_dir, f"metrics_{cfg.split}", metrics, meta, title=f"{cfg.split}") if dist.is_main else {}
+    paths = write_tables(out_dir, f"metrics_{cfg.split}", metrics, meta, title=eval_title(cfg)) if dist.is_main else {}
     if dist.is_main and str(run_cfg.data.subset) == "avss":
         paths.update(write_class_tables(out_dir, str(cfg.split), metrics, data.dataset(str(cfg.split))))
     if masks_dir is not None:

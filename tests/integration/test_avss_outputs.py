@@ -12,6 +12,7 @@ from PIL import Image
 
 from avs.data.avss_layout import palette
 from avs.engine.trainer import Trainer
+from avs.evaluation.evaluator import DatasetEvaluator
 from tests.conftest import compose_cfg
 from tests.integration.test_avss_train import _overrides, avss_dir  # noqa: F401  (the module's data fixture)
 
@@ -203,3 +204,56 @@ def test_demo_writes_palette_masks_legends_and_matches_the_dataset_path(avss_ckp
     sheet = np.asarray(Image.open(result.contact_sheet))
     strip = legend_strip(sorted({c for classes in per_slot for c in classes}), names, NUM_CLASSES, sheet.shape[1])
     np.testing.assert_array_equal(sheet[-strip.shape[0] :], strip)
+
+
+class AudioSpy(DatasetEvaluator):
+    """An eval.evaluators entry: the audio each clip was scored with (summed), and where it came from."""
+
+    name = "audio_spy"
+
+    def reset(self) -> None:
+        self.seen: dict[str, tuple[float, str]] = {}
+
+    def process(self, batch, output) -> None:
+        froms = batch.get("audio_from", batch["video_id"])
+        for b, vid in enumerate(batch["video_id"]):
+            self.seen[vid] = (float(batch["audio"][b].double().abs().sum()), froms[b])
+
+    def summarize(self):
+        return self.seen
+
+
+@pytest.mark.parametrize("mode", ["real", "zero", "shuffled"])
+def test_eval_scores_with_the_audio_zeroed_or_shuffled_across_clips(avss_dir, avss_ckpt, tmp_path, mode):  # noqa: F811
+    import json
+
+    from avs.evaluation.checkpoint import evaluate_checkpoint
+
+    spy = f"+eval.evaluators.spy={{_target_: {__name__}.AudioSpy}}"
+    args = [f"checkpoint={avss_ckpt}", "split=val", "device=cpu", f"paths.data_dir={avss_dir}", f"audio_input={mode}", spy]
+    result = evaluate_checkpoint(compose_cfg("eval", args), tmp_path / mode)
+    meta = json.loads(Path(result["paths"]["json"]).read_text())
+    seen = meta["evaluators"]["spy"]
+    own = {vid: total for vid, (total, _) in json.loads(
+        Path(evaluate_checkpoint(compose_cfg("eval", args[:4] + [spy]), tmp_path / "own")["paths"]["json"]).read_text()
+    )["evaluators"]["spy"].items()}
+    assert set(seen) == set(own) and len(own) == 3 and all(v > 0 for v in own.values())
+    assert meta["audio_input"] == {"real": "real", "zero": "zero", "shuffled": "shuffled (seed 0)"}[mode]
+    for vid, (total, source) in seen.items():
+        if mode == "real":
+            assert source == vid and total == own[vid]
+        elif mode == "zero":
+            assert source == "zeros" and total == 0.0
+        else:  # another clip's audio, every clip heard once
+            assert source != vid and total == own[source]
+    if mode == "shuffled":
+        assert sorted(s for _, s in seen.values()) == sorted(seen)
+
+
+def test_eval_refuses_an_unknown_audio_probe(avss_dir, avss_ckpt, tmp_path):  # noqa: F811
+    from avs.errors import ConfigError
+    from avs.evaluation.checkpoint import evaluate_checkpoint
+
+    args = [f"checkpoint={avss_ckpt}", "split=val", "device=cpu", f"paths.data_dir={avss_dir}", "audio_input=silence"]
+    with pytest.raises(ConfigError, match="audio_input=.silence.: expected one of real, zero, shuffled"):
+        evaluate_checkpoint(compose_cfg("eval", args), tmp_path / "x")
