@@ -303,13 +303,38 @@ def semantic_ce_loss(logits: Tensor, labels: Tensor, valid: Tensor | None = None
     return _frame_mean(ce.mean(dim=(1, 2)), keep)
 
 
+def foreground_logit(logits: Tensor) -> Tensor:
+    """Class logits [N,C,H,W] -> the foreground logit [N,1,H,W], log(sum_{c>0} e^l_c) - l_0 =
+    logit(1 - softmax(l)_0): its sigmoid is P(label != background)."""
+    return torch.logsumexp(logits[:, 1:], dim=1, keepdim=True) - logits[:, :1]
+
+
+def foreground_view(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Class logits [N,C,H,W] and labels [N,H,W] -> (foreground logit, foreground mask label != 0), both [N,1,H,W]."""
+    fg = foreground_logit(logits)
+    return fg, (labels != 0).unsqueeze(1).to(fg.dtype)
+
+
 class SemanticCELoss(torch.nn.Module):
-    """The AVSS segmentation loss (`semantic_ce_loss`) as a module: (logits [N,C,H,W], labels [N,H,W], valid)."""
+    """The AVSS segmentation loss (`semantic_ce_loss`) as a module: (logits [N,C,H,W], labels [N,H,W], valid).
+
+    `foreground` (default None = the released loss alone): a binary seg loss (e.g. `StructureLoss`) on the
+    foreground view (`foreground_view`), added with `foreground_weight`, over the same valid frames.
+    """
 
     semantic = True  # takes class-index labels and C-channel logits (Segmentor checks it)
 
+    def __init__(self, foreground: torch.nn.Module | None = None, foreground_weight: float = 1.0) -> None:
+        super().__init__()
+        self.foreground = foreground
+        self.foreground_weight = float(foreground_weight)
+
     def forward(self, logits: Tensor, masks: Tensor, valid: Tensor | None = None) -> Tensor:
-        return semantic_ce_loss(logits, masks, valid)
+        loss = semantic_ce_loss(logits, masks, valid)
+        if self.foreground is None:
+            return loss
+        fg_logits, fg_masks = foreground_view(logits, masks)
+        return loss + self.foreground_weight * self.foreground(fg_logits, fg_masks, valid)
 
 
 SEG_LOSSES: dict[str, type[torch.nn.Module]] = {"bce": BCESegLoss, "structure": StructureLoss}

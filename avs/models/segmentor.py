@@ -233,7 +233,7 @@ class Segmentor(nn.Module):
         log(sum_{c>0} e^l_c) - l_0 = logit(1 - softmax(l)_0): sigmoid of it is P(label != background)."""
         if logits.shape[1] == 1:
             return logits
-        return torch.logsumexp(logits[:, 1:], dim=1, keepdim=True) - logits[:, :1]
+        return L.foreground_logit(logits)
 
     def binary_masks(self, masks: torch.Tensor) -> torch.Tensor:
         """[N,1,H,W] binary masks as they are; [N,H,W] class indices -> the foreground (label != 0) [N,1,H,W]."""

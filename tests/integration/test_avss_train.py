@@ -76,6 +76,24 @@ def test_semantic_ce_loss_hand_values():
         semantic_ce_loss(logits, labels[:, 0], valid)
 
 
+def test_semantic_loss_with_a_foreground_term_adds_the_binary_loss_on_the_foreground_view():
+    from avs.losses import BCESegLoss, SemanticCELoss, bce_loss
+
+    # 3 classes; frame 0 pixel 0: logits (0, ln 2, ln 2) -> P(fg) = 4/5, foreground logit ln 4
+    logits = torch.tensor([[[[0.0, 0.0]], [[math.log(2.0), 0.0]], [[math.log(2.0), 0.0]]]])  # [1,3,1,2]
+    labels = torch.tensor([[[2, 0]]])
+    valid = torch.tensor([True])
+    plain = SemanticCELoss()
+    both = SemanticCELoss(foreground=BCESegLoss(), foreground_weight=0.5)
+    # pixel 0: P(fg) = 0.8, label fg; pixel 1: logits all 0 -> P(fg) = 2/3, label bg
+    fg_bce = (-math.log(0.8) - math.log(1 / 3)) / 2
+    assert plain(logits, labels, valid).item() == pytest.approx(semantic_ce_loss(logits, labels, valid).item())
+    got = both(logits, labels, valid).item()
+    assert got == pytest.approx(semantic_ce_loss(logits, labels, valid).item() + 0.5 * fg_bce, rel=1e-6)
+    fg = torch.tensor([[[[math.log(4.0), math.log(2.0)]]]])
+    assert bce_loss(fg, torch.tensor([[[[1.0, 0.0]]]]), valid).item() == pytest.approx(fg_bce, rel=1e-6)
+
+
 def test_decoder_with_one_output_channel_is_unchanged():
     from avs.models.decoder import build_decoder
     from avs.models.segmentor import Segmentor
