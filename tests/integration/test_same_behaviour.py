@@ -104,6 +104,7 @@ ADDED_KEYS: tuple[str, ...] = (
     "model.release_avss",
     "model.release_avss_window",
     "trainer.epochs_by_subset.avss",  # the AVSS release's 60 epochs; the s4 / ms3 entries are unchanged
+    "data.release",  # the data release's name in metrics.json (avsbench-object on S4/MS3, as recorded before)
 )
 # Dotted keys that held null (a disabled part) and are gone because the model's class has no such part
 # (only the ECMVAE family takes `model.latent`).
