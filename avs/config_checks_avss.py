@@ -7,7 +7,7 @@ from omegaconf import DictConfig
 from avs.errors import ConfigError
 from avs.metrics import PROTOCOLS
 from avs.metrics_avss import SEMANTIC_PROTOCOLS
-from avs.models.segmentor import Capabilities
+from avs.models.segmentor import AVSS_AVM_MASKS, Capabilities
 
 
 def check_semantic(cfg: DictConfig, caps: Capabilities) -> None:
@@ -16,6 +16,7 @@ def check_semantic(cfg: DictConfig, caps: Capabilities) -> None:
     data, model = cfg.data, cfg.model
     check_fusion_window(cfg)
     avss = str(data.subset) == "avss"
+    check_avm_mask(cfg, avss)
     if avss:
         n = data.get("num_classes")
         if not isinstance(n, int) or isinstance(n, bool) or n < 2:
@@ -55,4 +56,19 @@ def check_fusion_window(cfg: DictConfig) -> None:
         raise ConfigError(
             f"model.fusion.legacy_window={window} splits each clip into {window}-frame windows: "
             f"data.num_frames={frames} is not a multiple of it"
+        )
+
+
+def check_avm_mask(cfg: DictConfig, avss: bool) -> None:
+    """model.avm_loss.avss_mask: one of AVSS_AVM_MASKS, and a hard form on AVSS data only (docs/avss.md)."""
+    avm = cfg.model.get("avm_loss")
+    mask = avm.get("avss_mask") if isinstance(avm, DictConfig) else None
+    if mask is None:
+        return
+    if mask not in AVSS_AVM_MASKS:
+        raise ConfigError(f"model.avm_loss.avss_mask must be one of {', '.join(AVSS_AVM_MASKS)}, got {mask!r}")
+    if mask != "soft" and not avss:
+        raise ConfigError(
+            f"model.avm_loss.avss_mask={mask} pools the predicted AVSS classes; data.subset={cfg.data.subset} "
+            "has binary masks (use soft)"
         )

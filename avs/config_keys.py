@@ -31,6 +31,7 @@ RESULT_NEUTRAL_KEYS: tuple[str, ...] = (
     "data.persistent_workers",
     "data.eval_batch_size",  # per-clip metrics; the legacy per-batch protocol reads eval.legacy_batch_size
     "data.synthetic.name",  # a directory name: data.root (which includes it) is the compared location
+    "data.release",  # the name of the data release (recorded in metrics.json); data.root and data.subset are compared
     "trainer.resume",
     "trainer.resume_allow_changes",
     "trainer.device",

@@ -122,10 +122,13 @@ def av_mapping_loss(
     normalize: bool = False,
     valid: Tensor | None = None,
     legacy_sum: bool = False,
+    mask_is_prob: bool = False,
 ) -> Tensor:
     """A-V mapping loss (L_AVM): logits [N,1,H,W], stage maps [N,C,h,w], audio [N,C] -> scalar.
 
-    Per stage: m = sigmoid(adaptive_avg_pool(logits, (h,w))) (pool, then sigmoid; not detached),
+    Per stage: m = sigmoid(adaptive_avg_pool(logits, (h,w))) (pool, then sigmoid; not detached)
+    (``mask_is_prob=True``: `logits` holds a mask in [0,1], e.g. the hard AVSS foreground, and
+    m = adaptive_avg_pool(mask, (h,w)) without the sigmoid, as the released AVSS loss pools its mask),
     v = mean_hw(V·m) [N,C], optionally L2-normalise v and a (``normalize``, F.normalize),
     KL(softmax(a) || softmax(v)) summed over channels; averaged over valid frames
     (``legacy_sum=True``: summed over them, the reference's reduction='sum'); averaged over stages.
@@ -141,7 +144,9 @@ def av_mapping_loss(
     per_stage = []
     for s in stages:
         vmap, audio = visual_feats[s], audio_feats[s]
-        m = torch.sigmoid(F.adaptive_avg_pool2d(logits, vmap.shape[-2:]))  # [N,1,h,w]
+        m = F.adaptive_avg_pool2d(logits, vmap.shape[-2:])  # [N,1,h,w]
+        if not mask_is_prob:
+            m = torch.sigmoid(m)
         v = (vmap * m).mean(dim=(2, 3))  # [N,C,h,w] -> [N,C]
         a = audio
         if normalize:

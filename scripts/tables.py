@@ -3,6 +3,7 @@
 python scripts/tables.py outputs/train/multiruns/<time>
 python scripts/tables.py <multirun dir> [<more dirs>] --protocol avsbench_legacy --name ecmvae_table4 --out tables/
 python scripts/tables.py <dirs> --keys model.latent.divergence --metrics miou fscore fscore_at_0.5
+python scripts/tables.py <AVSS runs> --protocol avsbench_legacy     # beside the AVSS paper's numbers
 python scripts/tables.py <multirun dir> --plot sweep.png     # first metric vs the swept key(s), dots = seeds
 python scripts/tables.py <proxy benchmark dir> --proxy [--out dir]
     [--plot methods.png] [--plot-claims claims.png] [--plot-kl latent_kl.png]
@@ -38,9 +39,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--split", default="test", choices=["test", "val"], help="test (default) or the best-on-val metrics")
     p.add_argument(
         "--protocol",
-        default="per_frame",
-        choices=["per_frame", "avsbench_legacy", "dataset_level"],
-        help="metric protocol (default per_frame; avsbench_legacy compares with published numbers)",
+        default=None,
+        choices=["per_frame", "avsbench_legacy", "dataset_level", "per_class"],
+        help="metric protocol (default per_frame, per_class when every run is AVSS; avsbench_legacy compares "
+        "with published numbers)",
     )
     p.add_argument("--metrics", nargs="+", default=["miou", "fscore"], help="metric keys (default: miou fscore)")
     p.add_argument("--keys", nargs="+", default=None, help="row keys (default: the config keys that vary across runs)")

@@ -45,11 +45,21 @@ def write_run_report(
     return path
 
 
+def data_release(data: DictConfig) -> str | None:
+    """What the data are: "synthetic" for generated data (a `data.synthetic` node), else the data config's
+    `release` (configs/data/s4.yaml, ms3.yaml: avsbench-object; avss.yaml: avsbench-semantic); None when a
+    data config names none (a user's own, or one stored before the key existed)."""
+    if data.get("synthetic"):
+        return "synthetic"
+    release = data.get("release")
+    return None if release is None else str(release)
+
+
 def _data_record(cfg: DictConfig) -> dict[str, Any]:
     return {
         "name": cfg.data.get("name"),
         "subset": cfg.data.subset,
-        "release": cfg.data.get("release", "synthetic" if cfg.data.get("synthetic") else "avsbench-object"),
+        "release": data_release(cfg.data),
         "root": str(cfg.data.root),
     }
 

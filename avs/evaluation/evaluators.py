@@ -139,9 +139,10 @@ class LatentKLEvaluator(DatasetEvaluator):
     The eval output holds only the prior, so this evaluator encodes the posterior of each batch with
     the evaluated model's latent part (`model.latent.encode`, which sees the ground truth masks). A
     dimension whose KL stays near 0 carries no information from the ground truth (collapsed). The KL
-    is the one between the distributions the codes are drawn from, without free bits. Under DDP the
-    per-clip sums of every rank are gathered (padded repeats dropped by clip index). Empty summary
-    ({}) for a model without a latent part.
+    is the one between the distributions the codes are drawn from, without free bits. AVSS batches
+    (with `frame_valid`): only the real frames count, in the sums and in "frames"; a padded frame is
+    left out (docs/avss.md). Under DDP the per-clip sums of every rank are gathered (padded repeats
+    dropped by clip index). Empty summary ({}) for a model without a latent part.
     """
 
     name = "latent_kl"
@@ -162,15 +163,19 @@ class LatentKLEvaluator(DatasetEvaluator):
         masks = net._posterior_masks(batch["masks"].flatten(0, 1), batch["mask_valid"])
         state = net.latent.encode(x, audio, masks)
         index = [int(i) for i in batch["index"]]
+        real = batch.get("frame_valid")  # AVSS: [B,T] real frames; S4/MS3: none, every frame counts
         for key, q in (state.posterior or {}).items():
             p = state.prior.get(key)
             if p is None or q.logvar is None or p.logvar is None:
                 continue
-            kl = gaussian_kl_per_dim(q.mu, q.logvar, p.mu, p.logvar).view(b, t, -1).sum(1).double().cpu()  # [B,L]
-            for i, row in zip(index, kl):
+            kl = gaussian_kl_per_dim(q.mu, q.logvar, p.mu, p.logvar).view(b, t, -1)  # [B,T,L]
+            if real is not None:
+                kl = torch.where(real.to(kl.device, torch.bool).view(b, t, 1), kl, 0.0)  # padded frames: 0
+            for i, row in zip(index, kl.sum(1).double().cpu()):  # [B,L]
                 self.per_clip.setdefault(i, {})[key] = row
-        for i in index:
-            self.frames_per_clip[i] = int(t)
+        counts = [int(t)] * b if real is None else [int(n) for n in real.to(torch.bool).sum(1).tolist()]
+        for i, n in zip(index, counts):
+            self.frames_per_clip[i] = n
 
     def summarize(self) -> dict[str, Any]:
         per_clip, frames = self.per_clip, self.frames_per_clip

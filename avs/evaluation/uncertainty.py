@@ -86,7 +86,10 @@ def _mean(x: Tensor) -> float | None:
 class UncertaintyEvaluator(DatasetEvaluator):
     """Per-pixel error (mean prob > threshold vs GT > 0.5) against the K-sample variance, over the split.
 
-    Frames with a False `mask_valid` (no ground truth) are left out. Summary: {"auroc", "auroc_entropy",
+    Frames with a False `mask_valid` (no ground truth) are left out, and so are padded AVSS frames
+    (`frame_valid` False). AVSS class logits [B,T,C,H,W]: the binary view of the foreground, the mean
+    P(foreground) = 1 - softmax(l)_0 (the variance is that of P(foreground) over the samples) against
+    label != 0 (docs/avss.md). Summary: {"auroc", "auroc_entropy",
     "num_samples", "threshold", "frames", "pixels", "error_rate", "mean_variance", "mean_variance_error",
     "mean_variance_correct"} (the AUROCs and the conditional means are None when every pixel is right, or
     every one wrong). Needs the output's `variance` (a latent model with eval_num_samples = K >= 2).
@@ -107,12 +110,19 @@ class UncertaintyEvaluator(DatasetEvaluator):
     def process(self, batch: dict[str, Any], output: dict[str, Any]) -> None:
         if "variance" not in output:
             raise ConfigError(f"the model returned no variance map with eval.num_samples={self.num_samples}")
-        prob = torch.sigmoid(output["logits"].float()).flatten(0, 1)  # [B*T,1,H,W]
+        logits = output["logits"].float()
+        if logits.shape[2] > 1:  # AVSS: P(foreground) against the foreground of the class labels
+            prob = (1.0 - torch.softmax(logits, dim=2)[:, :, :1]).flatten(0, 1)  # [B*T,1,H,W]
+            gt = (batch["masks"] != 0).unsqueeze(2).flatten(0, 1)  # [B,T,H,W] -> [B*T,1,H,W]
+        else:
+            prob = torch.sigmoid(logits).flatten(0, 1)  # [B*T,1,H,W]
+            gt = batch["masks"].flatten(0, 1) > 0.5
         var = output["variance"].float().flatten(0, 1)
-        gt = batch["masks"].flatten(0, 1) > 0.5
         valid = batch.get("mask_valid")
         if valid is not None:
             keep = valid.reshape(-1).bool()
+            if batch.get("frame_valid") is not None:
+                keep = keep & batch["frame_valid"].reshape(-1).bool()
             prob, var, gt = prob[keep], var[keep], gt[keep]
         self.frames += int(prob.shape[0])
         self.errors.append(((prob > self.threshold) != gt).reshape(-1).cpu())

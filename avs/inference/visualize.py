@@ -128,7 +128,8 @@ def _split_loader(cfg: Mapping[str, Any], loaded: LoadedModel, split: str, num_c
 
 class VisualizeEvaluator(DatasetEvaluator):
     """A frame / GT / prediction [/ variance] grid per clip for the first `num_clips` clips (grids/<video_id>.png)
-    and the latent codes (`latents` of the output, [B*T,L] per code) of every clip -> {"grids", "codes"}."""
+    and the latent codes (`latents` of the output, [B*T,L] per code) of every clip -> {"grids", "codes"}; on
+    AVSS the codes of the real frames only (`frame_valid`)."""
 
     name = "visualize"
 
@@ -155,8 +156,12 @@ class VisualizeEvaluator(DatasetEvaluator):
         else:
             probs = torch.sigmoid(logits).cpu()  # [B,T,1,H,W]
         var = output.get("variance")
+        real = batch.get("frame_valid")  # AVSS: the codes of padded frames are left out of the t-SNE
         for name, value in (output.get("latents") or {}).items():
-            self.codes.setdefault(name, []).append(value.float().cpu().numpy())  # [B*T,L]
+            value = value.float().cpu()  # [B*T,L]
+            if real is not None:
+                value = value[real.reshape(-1).cpu().bool()]
+            self.codes.setdefault(name, []).append(value.numpy())
         cpu = {k: v.cpu() if torch.is_tensor(v) else v for k, v in batch.items()}
         for b in range(probs.shape[0]):
             if self.seen < self.num_clips:

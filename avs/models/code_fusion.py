@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from avs.models.divergences import js_divergence, moe_kl, poe, sampled_js_surrogate
-from avs.models.latent_parts import Gaussian, free_bits_sum
+from avs.models.latent_parts import Gaussian, free_bits_sum, row_mean
 
 Dists = dict[str, Gaussian]
 Draw = Callable[[Gaussian], Tensor]
@@ -40,26 +40,26 @@ def coin(ref: Tensor, generator: torch.Generator | None) -> Tensor:
     return u < 0.5
 
 
-def _shared_kl(latent, q: Gaussian, p: Gaussian) -> Tensor:
-    return latent.kl(q, p)
+def _shared_kl(latent, q: Gaussian, p: Gaussian, rows: Tensor | None = None) -> Tensor:
+    return latent.kl(q, p, rows)
 
 
-def _shared_js(latent, q: Gaussian, p: Gaussian) -> Tensor:
-    """Closed-form mmJSD JS between the shared posterior and prior (batch mean).
+def _shared_js(latent, q: Gaussian, p: Gaussian, rows: Tensor | None = None) -> Tensor:
+    """Closed-form mmJSD JS between the shared posterior and prior (mean over the batch or the `rows`).
 
     With the latent's `free_bits` > 0: floored per dimension like the KL terms (the geometric JS of
     diagonal Gaussians is a sum of per-dimension terms, each computed as a 1-wide distribution).
     """
     mus, logvars = torch.stack([q.mu, p.mu]), torch.stack([q.logvar, p.logvar])  # [2,N,L]
     if not latent.free_bits:
-        return js_divergence(mus, logvars).mean()
+        return row_mean(js_divergence(mus, logvars), rows)
     per_dim = js_divergence(mus.reshape(2, -1, 1), logvars.reshape(2, -1, 1)).view_as(q.mu)  # [N*L] -> [N,L]
-    return free_bits_sum(per_dim, latent.free_bits)
+    return free_bits_sum(per_dim, latent.free_bits, rows)
 
 
-def _shared_js_sampled(latent, q: Gaussian, p: Gaussian) -> Tensor:
-    """The release's compute_js_loss(prior, posterior)."""
-    return sampled_js_surrogate(p.mu, p.logvar, q.mu, q.logvar)
+def _shared_js_sampled(latent, q: Gaussian, p: Gaussian, rows: Tensor | None = None) -> Tensor:
+    """The release's compute_js_loss(prior, posterior) (over the `rows` only, when given)."""
+    return sampled_js_surrogate(p.mu, p.logvar, q.mu, q.logvar, rows=rows)
 
 
 SHARED_DIVERGENCES: dict[str, Callable[..., Tensor]] = {
@@ -72,7 +72,8 @@ SHARED_DIVERGENCES: dict[str, Callable[..., Tensor]] = {
 class CodeFusion:
     """A fusion strategy: `build` registers its weights (if any) on the latent; `fuse` -> (sc_v, sc_a) [N,L]
     of one branch (prior | posterior) from its codes `z` (drawn by `draw`, or the means); `kl` -> the
-    latent's regulariser between the posterior `q` and prior `p` distributions."""
+    latent's regulariser between the posterior `q` and prior `p` distributions, a mean over the rows
+    (over the True rows of `rows`, bool [N], when given: the real frames of AVSS clips)."""
 
     def build(self, latent: nn.Module, latent_dim: int) -> None:
         """No weights by default."""
@@ -89,7 +90,7 @@ class CodeFusion:
     ) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
-    def kl(self, latent, q: Dists, p: Dists) -> Tensor:
+    def kl(self, latent, q: Dists, p: Dists, rows: Tensor | None = None) -> Tensor:
         raise NotImplementedError
 
 
@@ -119,9 +120,9 @@ class LinearCodeFusion(CodeFusion):
         sc_a = f_a(torch.cat([z["s_a"], z["c"]], dim=1))
         return sc_v, sc_a
 
-    def kl(self, latent, q: Dists, p: Dists) -> Tensor:
-        specific = latent.kl(q["s_v"], p["s_v"]) + latent.kl(q["s_a"], p["s_a"])
-        return specific + self.shared(latent, q["c"], p["c"])
+    def kl(self, latent, q: Dists, p: Dists, rows: Tensor | None = None) -> Tensor:
+        specific = latent.kl(q["s_v"], p["s_v"], rows) + latent.kl(q["s_a"], p["s_a"], rows)
+        return specific + self.shared(latent, q["c"], p["c"], rows)
 
 
 class PoECodeFusion(CodeFusion):
@@ -139,9 +140,9 @@ class PoECodeFusion(CodeFusion):
     ) -> tuple[Tensor, Tensor]:
         return draw(poe_joint(dists["s_v"], dists["c"])), draw(poe_joint(dists["s_a"], dists["c"]))
 
-    def kl(self, latent, q: Dists, p: Dists) -> Tensor:
-        kl_v = latent.kl(poe_joint(q["s_v"], q["c"]), poe_joint(p["s_v"], p["c"]))
-        return kl_v + latent.kl(poe_joint(q["s_a"], q["c"]), poe_joint(p["s_a"], p["c"]))
+    def kl(self, latent, q: Dists, p: Dists, rows: Tensor | None = None) -> Tensor:
+        kl_v = latent.kl(poe_joint(q["s_v"], q["c"]), poe_joint(p["s_v"], p["c"]), rows)
+        return kl_v + latent.kl(poe_joint(q["s_a"], q["c"]), poe_joint(p["s_a"], p["c"]), rows)
 
 
 class MoECodeFusion(CodeFusion):
@@ -162,18 +163,16 @@ class MoECodeFusion(CodeFusion):
         pick = coin(z["c"], generator)  # [2,N,1] bool
         return torch.where(pick[0], z["s_v"], z["c"]), torch.where(pick[1], z["s_a"], z["c"])
 
-    def kl(self, latent, q: Dists, p: Dists) -> Tensor:
+    def kl(self, latent, q: Dists, p: Dists, rows: Tensor | None = None) -> Tensor:
         total = q["c"].mu.new_zeros(())
         for s in SPECIFIC:
-            total = (
-                total
-                + moe_kl(
-                    torch.stack([q[s].mu, q["c"].mu]),
-                    torch.stack([q[s].logvar, q["c"].logvar]),
-                    torch.stack([p[s].mu, p["c"].mu]),
-                    torch.stack([p[s].logvar, p["c"].logvar]),
-                ).mean()
-            )
+            per_row = moe_kl(
+                torch.stack([q[s].mu, q["c"].mu]),
+                torch.stack([q[s].logvar, q["c"].logvar]),
+                torch.stack([p[s].mu, p["c"].mu]),
+                torch.stack([p[s].logvar, p["c"].logvar]),
+            )  # [N]
+            total = total + row_mean(per_row, rows)
         return total
 
 

@@ -217,7 +217,12 @@ def js_divergence(
 
 
 def sampled_js_surrogate(
-    mu_s: Tensor, logvar_s: Tensor, mu_t: Tensor, logvar_t: Tensor, generator: torch.Generator | None = None
+    mu_s: Tensor,
+    logvar_s: Tensor,
+    mu_t: Tensor,
+    logvar_t: Tensor,
+    generator: torch.Generator | None = None,
+    rows: Tensor | None = None,
 ) -> Tensor:
     """The ECMVAE release's ``compute_js_loss``: a one-sample surrogate on density *values*; [N,L] x4 -> scalar.
 
@@ -225,7 +230,8 @@ def sampled_js_surrogate(
     (no gradient through the draw), each density value p = exp(log N(z; mu, var)) is taken per
     element, m = (p_s + p_t)/2, and the result is 0.5 * [sum p_s log(p_s/m) + sum p_t log(p_t/m)] / N
     (``F.kl_div(log m, p, reduction="batchmean")``). Not a divergence between the Gaussians: the
-    values may exceed 1 and the estimate is random; kept only to reproduce the release.
+    values may exceed 1 and the estimate is random; kept only to reproduce the release. With `rows`
+    (bool [N]) the sums and N are over those rows only (the draws are made for every row, as without).
     """
     for name, t in (("logvar_s", logvar_s), ("mu_t", mu_t), ("logvar_t", logvar_t)):
         if t.shape != mu_s.shape:
@@ -241,5 +247,9 @@ def sampled_js_surrogate(
     log_pt = elementwise_log_density(mu_t, logvar_t)
     p_s, p_t = log_ps.exp(), log_pt.exp()
     log_m = torch.log(0.5 * (p_s + p_t))
-    n = mu_s.shape[0]
-    return 0.5 * ((p_s * (log_ps - log_m)).sum() + (p_t * (log_pt - log_m)).sum()) / n
+    terms = p_s * (log_ps - log_m), p_t * (log_pt - log_m)  # [N,L] each
+    if rows is None:
+        return 0.5 * (terms[0].sum() + terms[1].sum()) / mu_s.shape[0]
+    keep = rows.to(device=mu_s.device, dtype=torch.bool)[:, None]
+    n = keep.sum().clamp(min=1).to(mu_s.dtype)
+    return 0.5 * (torch.where(keep, terms[0], 0.0).sum() + torch.where(keep, terms[1], 0.0).sum()) / n

@@ -35,6 +35,7 @@ from avs.models.latent_parts import (
     diff_loss,
     free_bits_sum,
     hybrid_loss_weights,
+    row_mean,
 )
 
 __all__ = [
@@ -259,28 +260,32 @@ class Latent(nn.Module):
         return conv(torch.cat([feat, tiled], dim=1))  # [N,C+D,h,w] -> [N,C,h,w]
 
     # ------------------------------------------------------------------ losses
-    def kl(self, q: Gaussian, p: Gaussian) -> Tensor:
-        """Batch-mean closed-form KL(q || p) (legacy_sigma: the released exp(logvar) scale).
+    def kl(self, q: Gaussian, p: Gaussian, rows: Tensor | None = None) -> Tensor:
+        """Batch-mean closed-form KL(q || p) (legacy_sigma: the released exp(logvar) scale); the mean is over
+        the `rows` (bool [N], AVSS real frames) when given (`row_mean`).
 
         With `free_bits` > 0: sum_d max(free_bits, batch-mean KL_d) instead (see `free_bits_sum`).
         """
         ls = self.legacy_sigma
         args = (q.mu, kl_logvar(q.logvar, ls), p.mu, kl_logvar(p.logvar, ls))
         if not self.free_bits:
-            return kl_normal(*args).mean()
+            return row_mean(kl_normal(*args), rows)
         per_dim = kl_normal(*(a.unsqueeze(-1) for a in args))  # a trailing axis of 1: the sum keeps [N,L]
-        return free_bits_sum(per_dim, self.free_bits)
+        return free_bits_sum(per_dim, self.free_bits, rows)
 
-    def kl_term(self, q: dict[str, Gaussian], p: dict[str, Gaussian]) -> Tensor:
-        """The "kl" term from posterior q and prior p distributions (scalar, batch-mean)."""
-        return self.kl(q["s_v"], p["s_v"])
+    def kl_term(self, q: dict[str, Gaussian], p: dict[str, Gaussian], rows: Tensor | None = None) -> Tensor:
+        """The "kl" term from posterior q and prior p distributions (scalar, mean over the batch or `rows`)."""
+        return self.kl(q["s_v"], p["s_v"], rows)
 
     def code_losses(self, state: LatentState, codes: dict[str, Tensor]) -> dict[str, Tensor]:
         """Terms on the drawn codes (none here)."""
         return {}
 
     def losses(self, state: LatentState, codes: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Unweighted scalar terms: "kl" (variational variants); "diff", "sic" (factorised, over codes' branches)."""
+        """Unweighted scalar terms: "kl" (variational variants); "diff", "sic" (factorised, over codes' branches).
+
+        Each is a mean over the rows of `state.rows` (the real frames of AVSS clips) when it is set, else
+        over all N rows."""
         if state.posterior is None:
             raise ValueError(f"{self._name}.losses: the state has no posterior; encode with masks in training")
         unknown = set(codes) - set(BRANCHES)
@@ -288,7 +293,7 @@ class Latent(nn.Module):
             raise ValueError(f"{self._name}.losses: codes keys must be in {BRANCHES}, got {sorted(unknown)}")
         out: dict[str, Tensor] = {}
         if self.has_kl:
-            out["kl"] = self.kl_term(state.posterior, state.prior)
+            out["kl"] = self.kl_term(state.posterior, state.prior, state.rows)
         out.update(self.code_losses(state, codes))
         return out
 
@@ -334,8 +339,8 @@ class _AudioVisualLatent(Latent):
         out["s_a"] = self.enc_as_y(masks, audio)
         return out
 
-    def kl_term(self, q: dict[str, Gaussian], p: dict[str, Gaussian]) -> Tensor:
-        return self.kl(q["s_v"], p["s_v"]) + self.kl(q["s_a"], p["s_a"])
+    def kl_term(self, q: dict[str, Gaussian], p: dict[str, Gaussian], rows: Tensor | None = None) -> Tensor:
+        return self.kl(q["s_v"], p["s_v"], rows) + self.kl(q["s_a"], p["s_a"], rows)
 
 
 class NoFactorLatent(_AudioVisualLatent):
@@ -402,8 +407,8 @@ class FactorisedLatent(_AudioVisualLatent):
         rec["sc_v"], rec["sc_a"] = sc_v, sc_a
         return torch.cat([sc_v, sc_a], dim=1)  # [N,2L]
 
-    def kl_term(self, q: dict[str, Gaussian], p: dict[str, Gaussian]) -> Tensor:
-        return self.code_fusion.kl(self, q, p)
+    def kl_term(self, q: dict[str, Gaussian], p: dict[str, Gaussian], rows: Tensor | None = None) -> Tensor:
+        return self.code_fusion.kl(self, q, p, rows)
 
     def code_losses(self, state: LatentState, codes: dict[str, Tensor]) -> dict[str, Tensor]:
         """L_diff (summed over the branches in codes, as released) and L_sic (their mean, alpha_2 = 0.5)."""
@@ -421,10 +426,11 @@ class FactorisedLatent(_AudioVisualLatent):
                 raise ValueError(
                     f"{self._name}.losses: codes[{branch!r}] must be [N,{self.code_dim}], got {tuple(code.shape)}"
                 )
-            diff_terms.append(diff_loss(rec["s_v"], rec["c"]) + diff_loss(rec["s_a"], rec["c"]))
+            rows = state.rows
+            diff_terms.append(diff_loss(rec["s_v"], rec["c"], rows) + diff_loss(rec["s_a"], rec["c"], rows))
             sc_v, sc_a = code.split(self.latent_dim, dim=1)  # [N,2L] -> 2 x [N,L]
             heads = self.ba_post if branch == "posterior" else self.ba_prior
-            sic_terms.append(heads(sc_v, sc_a))
+            sic_terms.append(heads(sc_v, sc_a, rows))
         return {"diff": torch.stack(diff_terms).sum(), "sic": torch.stack(sic_terms).mean()}
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "BarberAgakovMI",
     "diff_loss",
     "free_bits_sum",
+    "row_mean",
     "FREE_BITS_DIVERGENCES",
 ]
 
@@ -82,6 +83,24 @@ class LatentState:
     prior: dict[str, Gaussian]
     posterior: dict[str, Gaussian] | None = None
     draws: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    # bool [N]: the rows (frames) the latent terms count, the real frames of AVSS clips (frame_valid);
+    # None = every row (S4/MS3: the plain means over the N = B*T rows)
+    rows: Tensor | None = None
+
+
+def row_mean(values: Tensor, rows: Tensor | None = None) -> Tensor:
+    """Mean over the rows of [N] (or [N,L] -> [L]) values; with `rows` (bool [N]) over the True rows only.
+
+    rows None: `values.mean()` ([N]) / `values.mean(0)` ([N,L]), the expressions of before (S4/MS3).
+    Masked arithmetic (no boolean indexing, no host sync); a row left out adds exactly 0 and gets no
+    gradient; no row kept -> 0.
+    """
+    if rows is None:
+        return values.mean() if values.dim() == 1 else values.mean(0)
+    if rows.dim() != 1 or rows.shape[0] != values.shape[0]:
+        raise ValueError(f"row_mean: rows must be a [N]={values.shape[0]} bool vector, got {tuple(rows.shape)}")
+    keep = rows.to(device=values.device, dtype=torch.bool).view(-1, *([1] * (values.dim() - 1)))
+    return torch.where(keep, values, 0.0).sum(0) / keep.sum().clamp(min=1).to(values.dtype)
 
 
 # Divergences whose regulariser is a sum of closed-form per-dimension terms, so free bits can floor each
@@ -91,15 +110,16 @@ class LatentState:
 FREE_BITS_DIVERGENCES = ("kl", "js", "poe")
 
 
-def free_bits_sum(per_dim: Tensor, free_bits: float) -> Tensor:
+def free_bits_sum(per_dim: Tensor, free_bits: float, rows: Tensor | None = None) -> Tensor:
     """Free bits per dimension (Kingma et al. 2016): [N,L] divergences -> scalar sum_d max(free_bits, mean_n).
 
-    The batch mean of each dimension is floored at `free_bits` nats, so a dimension below the floor
-    gets no gradient from the regulariser: each dimension may carry that much information at no cost.
+    The batch mean of each dimension (over the `rows` only, when given: see `row_mean`) is floored at
+    `free_bits` nats, so a dimension below the floor gets no gradient from the regulariser: each
+    dimension may carry that much information at no cost.
     """
     if per_dim.dim() != 2:
         raise ValueError(f"free_bits_sum: need per-dimension values [N,L], got {tuple(per_dim.shape)}")
-    return per_dim.mean(0).clamp(min=free_bits).sum()
+    return row_mean(per_dim, rows).clamp(min=free_bits).sum()
 
 
 def _down_size(size: int, num_layers: int = _NUM_DOWN) -> int:
@@ -198,27 +218,34 @@ class BarberAgakovMI(nn.Module):
         self.target = nn.Linear(latent_dim, mi_dim)
         self.legacy_lld = legacy_lld
 
-    def forward(self, sc_v: Tensor, sc_a: Tensor) -> Tensor:
-        """sc_v [N,L], sc_a [N,L] -> scalar negative BA log-likelihood (mean over N, sum over M)."""
+    def forward(self, sc_v: Tensor, sc_a: Tensor, rows: Tensor | None = None) -> Tensor:
+        """sc_v [N,L], sc_a [N,L] -> scalar negative BA log-likelihood (mean over N or the `rows`, sum over M)."""
         mu = torch.tanh(self.mu(sc_v))  # [N,M]
         logvar = torch.tanh(self.logvar(sc_v))  # [N,M], variance in (e^-1, e)
         t = torch.tanh(self.target(sc_a))  # [N,M]
         nll = 0.5 * (t - mu).pow(2) * torch.exp(-logvar)
         if not self.legacy_lld:
             nll = nll + 0.5 * (logvar + math.log(2.0 * math.pi))
-        return nll.sum(1).mean()
+        return row_mean(nll.sum(1), rows)
 
 
-def diff_loss(x1: Tensor, x2: Tensor) -> Tensor:
+def diff_loss(x1: Tensor, x2: Tensor, rows: Tensor | None = None) -> Tensor:
     """Orthogonality L_diff (DSN style): [N,L] x2 -> scalar mean((X1~^T X2~)^2) over the LxL entries.
 
     Each code is centred over the batch, then every row is divided by its (detached) L2 norm
     + 1e-6, as in the released DiffLoss. Zero when the centred codes are orthogonal across the batch.
+    With `rows` (bool [N]) the batch is those rows: centred by their mean, the other rows set to 0 (so
+    they add nothing to X1~^T X2~), the same value as on the kept rows alone.
     """
     if x1.dim() != 2 or x2.dim() != 2 or x1.shape[0] != x2.shape[0]:
         raise ValueError(f"diff_loss: need two [N,L] codes, got {tuple(x1.shape)} and {tuple(x2.shape)}")
-    x1 = x1 - x1.mean(0, keepdim=True)
-    x2 = x2 - x2.mean(0, keepdim=True)
+    if rows is None:
+        x1 = x1 - x1.mean(0, keepdim=True)
+        x2 = x2 - x2.mean(0, keepdim=True)
+    else:
+        keep = rows.to(device=x1.device, dtype=torch.bool)[:, None]
+        x1 = torch.where(keep, x1 - row_mean(x1, rows), 0.0)
+        x2 = torch.where(keep, x2 - row_mean(x2, rows), 0.0)
     x1 = x1 / (x1.detach().norm(dim=1, keepdim=True) + _DIFF_EPS)
     x2 = x2 / (x2.detach().norm(dim=1, keepdim=True) + _DIFF_EPS)
     return (x1.t() @ x2).pow(2).mean()  # [L1,N]@[N,L2] -> [L1,L2]

@@ -29,6 +29,10 @@ Branch = dict[str, Any]
 # model.avm_loss.variant: kl = L_AVM as in the AVSBench MS3 / AVS-BG / ECMVAE code; s4_cos = the
 # AVSBench S4 "sa" loss; closer_kl / closer_euclidean = the AVSBench closer_loss (visual-visual).
 AVM_VARIANTS: tuple[str, ...] = ("kl", "s4_cos", "closer_kl", "closer_euclidean")
+# model.avm_loss.avss_mask (AVSS only, docs/avss.md): the map the loss pools from the class logits. soft = the
+# predicted foreground probability (gradient into the logits); hard = 1[argmax != 0] (background class 0), no
+# gradient; hard_release = 1[argmax != C-1], the released AVSS loss's background index, taken literally.
+AVSS_AVM_MASKS: tuple[str, ...] = ("soft", "hard", "hard_release")
 
 
 @dataclass(frozen=True)
@@ -145,6 +149,14 @@ class Segmentor(nn.Module):
             raise ValueError(
                 "with data.num_classes > 1 (AVSS) model.avm_loss.variant must be kl (the released AVSS form)"
             )
+        mask = (opts or {}).get("avss_mask", "soft")
+        if mask not in AVSS_AVM_MASKS:
+            raise ValueError(f"model.avm_loss.avss_mask must be one of {list(AVSS_AVM_MASKS)}, got {mask!r}")
+        if num_classes == 1 and mask != "soft":
+            raise ValueError(
+                f"model.avm_loss.avss_mask={mask} applies to AVSS class logits only (data.num_classes > 1); "
+                "S4/MS3 use soft"
+            )
         return opts
 
     def make_decoder(self, decoder: Callable[..., nn.Module]) -> nn.Module:
@@ -235,6 +247,14 @@ class Segmentor(nn.Module):
             return logits
         return L.foreground_logit(logits)
 
+    @staticmethod
+    def hard_foreground(logits: torch.Tensor, background: int = 0) -> torch.Tensor:
+        """Class logits [N,C,H,W] -> the hard foreground [N,1,H,W] in logits' dtype: 1 where the predicted
+        class argmax(softmax(l)) (the metrics' rule) is not `background`, else 0. Detached: no gradient."""
+        with torch.no_grad():
+            labels = torch.argmax(torch.softmax(logits.float(), dim=1), dim=1, keepdim=True)
+            return (labels != background).to(logits.dtype)
+
     def binary_masks(self, masks: torch.Tensor) -> torch.Tensor:
         """[N,1,H,W] binary masks as they are; [N,H,W] class indices -> the foreground (label != 0) [N,1,H,W]."""
         if self.num_classes == 1:
@@ -310,11 +330,16 @@ class Segmentor(nn.Module):
         # AVSS (num_classes > 1): the foreground map of the class logits, on the labelled frames only (the
         # released AVSS loss weights it by the gt flag; padded frames count in no loss).
         opts = dict(self.avm_loss or {})
+        mask = opts.pop("avss_mask", "soft")
         if self.num_classes > 1:
             opts["valid"] = valid
         variant = opts.pop("variant", "kl")
         fused = out["fused"]
-        out = {**out, "logits": self.binary_logits(out["logits"])}  # AVSS: the foreground map
+        if self.num_classes > 1 and mask != "soft":  # AVSS hard: the predicted foreground as a 0/1 mask
+            background = 0 if mask == "hard" else self.num_classes - 1
+            out, opts["mask_is_prob"] = {**out, "logits": self.hard_foreground(out["logits"], background)}, True
+        else:
+            out = {**out, "logits": self.binary_logits(out["logits"])}  # AVSS: the foreground map
         if opts.pop("legacy_relu_maps", False):
             # AVSBench: the FPN decoder's in-place ReLU overwrites the fused maps before the loss sees them
             fused = [F.relu(f) for f in fused]

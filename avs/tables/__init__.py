@@ -5,8 +5,9 @@ config. ``build_table`` groups runs by the config keys that vary *within* a data
 keys tied to the subset, such as the epoch count or the data root, do not split rows), after
 dropping seeds, paths, hydra and run-specific keys (avs.tables.keys), and reports mean +- sample
 std over the runs (seeds) of each group. The experiment overlays carry a ``published`` node
-(paper, table, row, ``s4``/``ms3``: ``{miou, fscore}`` in %, optional ``rows`` matched against the
-run's config for swept tables); those numbers are put beside ours.
+(paper, table, row, ``s4``/``ms3``/``avss``: ``{miou, fscore}`` in %, optional ``by_subset.<subset>``
+with the paper / table / source of one subset's numbers when another paper published them, optional
+``rows`` matched against the run's config for swept tables); those numbers are put beside ours.
 """
 
 from avs.tables.build import Cell, ResultTable, TableRow, build_table, varied_keys

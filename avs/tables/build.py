@@ -127,6 +127,11 @@ def metric_value(record: dict[str, Any], split: str, protocol: str, metric: str,
     return 100.0 * float(value)
 
 
+def default_protocol(runs: Sequence[RunResult]) -> str:
+    """The protocol a table uses when none is asked for: `per_class` for AVSS runs only, else `per_frame`."""
+    return "per_class" if runs and all(r.subset == "avss" for r in runs) else "per_frame"
+
+
 # ----------------------------------------------------------------------------- building
 def _fill_row(
     row: TableRow, members: list[RunResult], subsets: Sequence[str], metrics: Sequence[str], split: str, protocol: str
@@ -151,13 +156,17 @@ def build_table(
     runs: Sequence[RunResult],
     *,
     split: str = "test",
-    protocol: str = "per_frame",
+    protocol: str | None = None,
     metrics: Sequence[str] = ("miou", "fscore"),
     keys: Sequence[str] | None = None,
     ignore: Sequence[str] = (),
     title: str = "results",
 ) -> ResultTable:
-    """Group runs into rows (by `keys`, default `varied_keys`) and reduce each metric to mean +- std over runs."""
+    """Group runs into rows (by `keys`, default `varied_keys`) and reduce each metric to mean +- std over runs.
+
+    `protocol` None: `per_class` when every run is AVSS (its own protocol, docs/avss.md), else `per_frame`."""
+    if protocol is None:
+        protocol = default_protocol(runs)
     if split not in ("test", "val"):
         raise TableError(f"split must be 'test' or 'val' (val = the best val metrics), got {split!r}")
     if not metrics:

@@ -23,4 +23,4 @@ ROW_MERGED_KEYS: tuple[str, ...] = (
 # Config keys (and everything below them) that never define a table row.
 IGNORED_KEYS: tuple[str, ...] = (*RESULT_NEUTRAL_KEYS, *ROW_MERGED_KEYS)
 ROW_LABEL_KEY = "published.row"
-SUBSET_ORDER = ("s4", "ms3")
+SUBSET_ORDER = ("s4", "ms3", "avss")

@@ -97,11 +97,16 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def _published(node: Any, flat: dict[str, Any], source: Path) -> dict[str, Any] | None:
-    """The run's published entry: the `published` node, with a matching `rows` entry taking precedence."""
+def _published(node: Any, flat: dict[str, Any], source: Path, subset: str) -> dict[str, Any] | None:
+    """The run's published entry: the `published` node, with its `by_subset.<subset>` entry (the paper, table
+    and source of that subset's numbers, e.g. AVSS numbers from another paper) and then a matching `rows`
+    entry taking precedence."""
     if not isinstance(node, dict):
         return None
-    entry = dict(node)
+    entry = {k: v for k, v in node.items() if k != "by_subset"}
+    own = (node.get("by_subset") or {}).get(subset)
+    if isinstance(own, dict):
+        entry.update(own)
     for row in node.get("rows") or []:
         match = row.get("match") or {}
         if not isinstance(match, dict) or not match:
@@ -110,11 +115,11 @@ def _published(node: Any, flat: dict[str, Any], source: Path) -> dict[str, Any] 
             entry.update({k: v for k, v in row.items() if k != "match"})
             break
     numbers: dict[str, dict[str, float | None]] = {}
-    for subset in SUBSET_ORDER:
-        vals = entry.get(subset)
+    for name in SUBSET_ORDER:
+        vals = entry.get(name)
         if not isinstance(vals, dict):
             vals = {}
-        numbers[subset] = {k: (None if v is None else float(v)) for k, v in vals.items()}
+        numbers[name] = {k: (None if v is None else float(v)) for k, v in vals.items()}
     entry.pop("rows", None)
     entry["numbers"] = numbers
     return entry
@@ -135,7 +140,7 @@ def load_runs(paths: Sequence[str | Path]) -> list[RunResult]:
         subset = (record.get("data") or {}).get("subset") or flat.get("data.subset")
         if subset is None:
             raise TableError(f"{mpath}: cannot tell the data subset (data.subset missing)")
-        published = _published(cfg.get("published"), flat, mpath)
+        published = _published(cfg.get("published"), flat, mpath, str(subset))
         if published is not None and published.get("row") is not None:
             flat[ROW_LABEL_KEY] = str(published["row"])
         data = cfg.get("data") or {}

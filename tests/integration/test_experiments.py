@@ -166,7 +166,9 @@ def _check_parts(experiment: str, model) -> None:
 
 
 def _published_ok(node, where: str) -> None:
-    for subset in ("s4", "ms3"):
+    for name, cited in (node.get("by_subset") or {}).items():  # another paper's numbers: it is named
+        assert name in ("s4", "ms3", "avss") and cited.get("paper") and cited.get("table"), where
+    for subset in ("s4", "ms3", "avss"):
         vals = node.get(subset)
         if vals is None:
             continue

@@ -104,6 +104,11 @@ ADDED_KEYS: tuple[str, ...] = (
     "model.release_avss",
     "model.release_avss_window",
     "trainer.epochs_by_subset.avss",  # the AVSS release's 60 epochs; the s4 / ms3 entries are unchanged
+    "data.release",
+    "model.avm_loss.avss_mask",  # the AVSS A-V mapping loss's mask (soft, the form of before); S4/MS3 refuse others
+    # AVSS numbers of the TPAVI overlays and the paper they come from; the S4/MS3 numbers are unchanged
+    "published.avss",
+    "published.by_subset",  # the data release's name in metrics.json (avsbench-object on S4/MS3, as recorded before)
 )
 # Dotted keys that held null (a disabled part) and are gone because the model's class has no such part
 # (only the ECMVAE family takes `model.latent`).

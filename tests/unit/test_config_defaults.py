@@ -38,7 +38,6 @@ ALLOWED: dict[tuple[str, str], str] = {
     },
     ("avs/data/avsbench.py", "seed"): "data.seed is an optional node (+data.seed=N); no YAML sets it",
     ("avs/data/options.py", "pad_short_audio"): "pad_short_audio_flag takes any data mapping: " + _STORED,
-    ("avs/engine/records.py", "release"): "data.release is optional; by default the record names synthetic / avsbench",
     # check_config also checks the configs of checkpoints evaluated by scripts/eval.py; these keys came later
     **{
         ("avs/config_checks.py", key): "added after the first released configs: " + _STORED

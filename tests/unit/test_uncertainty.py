@@ -100,6 +100,36 @@ def test_uncertainty_record_counts_only_annotated_frames_and_splits_variance_by_
         uncertainty_record(_Fixed(prob, var), [{"skipped": ["x"]}])
 
 
+def test_avss_class_logits_score_the_foreground_and_skip_padded_frames():
+    from avs.evaluation.uncertainty import UncertaintyEvaluator
+
+    # one clip, T=3, 3 classes, 1x2 pixels: frame 0 real and labelled, frame 1 real without a mask, frame 2
+    # padded (marked labelled here on purpose: frame_valid alone must leave it out)
+    p_bg = torch.tensor([[0.8, 0.3], [0.5, 0.5], [0.1, 0.1]])  # softmax(l)_0 per frame and pixel
+    probs = torch.stack([p_bg, (1 - p_bg) / 4, 3 * (1 - p_bg) / 4], dim=1)  # [T,C,2]; the other classes share 1-p0
+    logits = probs.log().view(1, 3, 3, 1, 2)
+    var = torch.tensor([0.05, 0.40, 0.9, 0.9, 0.7, 0.7]).view(1, 3, 1, 1, 2)
+    masks = torch.tensor([[[[2, 0]], [[0, 0]], [[0, 0]]]])  # [1,3,1,2] class ids
+    batch = {
+        "masks": masks,
+        "mask_valid": torch.tensor([[True, False, True]]),
+        "frame_valid": torch.tensor([[True, True, False]]),
+    }
+    ev = UncertaintyEvaluator(4)
+    ev.reset()
+    ev.process(batch, {"logits": logits, "variance": var})
+    rec = ev.summarize()
+    # frame 0: pixel 0 P(fg)=0.2 vs label 2 (foreground) -> wrong; pixel 1 P(fg)=0.7 vs label 0 -> wrong
+    assert rec["frames"] == 1 and rec["pixels"] == 2 and rec["error_rate"] == 1.0
+    assert rec["mean_variance"] == pytest.approx(0.225) and rec["auroc"] is None
+    batch["masks"] = torch.tensor([[[[2, 1]], [[0, 0]], [[0, 0]]]])  # pixel 1 foreground too: now right
+    ev.reset()
+    ev.process(batch, {"logits": logits, "variance": var})
+    rec = ev.summarize()
+    assert rec["error_rate"] == 0.5 and rec["auroc"] == 0.0  # the wrong pixel has the smaller variance
+    assert rec["mean_variance_error"] == pytest.approx(0.05)
+
+
 def test_uncertainty_record_refuses_a_deterministic_model_or_one_sample():
     model = _Fixed(torch.full((1, 1, 1, 1, 1), 0.5), torch.zeros(1, 1, 1, 1, 1))
     model.eval_num_samples = 1

@@ -83,6 +83,13 @@ class ECMVAESegmentor(Segmentor):
         keep = clip_valid.view(B, T, *([1] * (m.dim() - 2)))
         return torch.where(keep, m, ref).reshape_as(fg)
 
+    def latent_rows(self, batch: Mapping) -> torch.Tensor | None:
+        """AVSS (num_classes > 1, a batch with `frame_valid`): the real frames, bool [B*T], the only rows the
+        latent terms count (docs/avss.md); else None (S4/MS3: every row, the plain means)."""
+        if self.num_classes > 1 and "frame_valid" in batch:
+            return batch["frame_valid"].reshape(-1).to(torch.bool)
+        return None
+
     def _coded_branch(self, feats, audio, T, size, code, branch: str) -> dict:
         neck, decoder = (self.neck, self.decoder) if branch == "prior" else (self.neck_post, self.decoder_post)
         return self._branch(feats, audio, T, size, neck, decoder, lambda m: self.latent.inject(m, code, branch))
@@ -91,7 +98,11 @@ class ECMVAESegmentor(Segmentor):
         masks = batch["masks"].flatten(0, 1)  # [B,T,1,H,W] -> [B*T,1,H,W] (AVSS: [B,T,H,W] -> [B*T,H,W])
         valid = batch["mask_valid"].flatten(0, 1)  # [B*T]
         post_masks = self._posterior_masks(masks, batch["mask_valid"])
+        rows = self.latent_rows(batch)
+        if rows is not None:  # AVSS: a padded frame enters the latent encoders as zeros (as its features do)
+            x = x * rows.view(-1, 1, 1, 1).to(x.dtype)
         state = self.latent.encode(x, audio, post_masks)
+        state.rows = rows  # and no latent term counts it
         codes = {"prior": self.latent.sample(state, "prior"), "posterior": self.latent.sample(state, "posterior")}
         prior = self._coded_branch(feats, audio, T, size, codes["prior"], "prior")
         post = self._coded_branch(feats, audio, T, size, codes["posterior"], "posterior")
