@@ -137,11 +137,16 @@ def _meta(cfg: DictConfig, run_cfg: DictConfig, world_size: int) -> dict[str, An
         "legacy_batch_size": int(run_cfg.eval.legacy_batch_size),
         "num_samples": int(run_cfg.eval.num_samples),
         "seed": int(run_cfg.seed),
-        "audio_input": str(cfg.audio_input) if cfg.audio_input != "shuffled" else f"shuffled (seed {int(cfg.audio_seed)})",
+        "audio_input": _audio_input(cfg),
         "git_commit": git_commit(),
         "train_config": OmegaConf.to_container(run_cfg, resolve=True),
         "world_size": world_size,
     }
+
+
+def _audio_input(cfg: DictConfig) -> str:
+    """The audio the clips were scored with: real | zero | shuffled (seed <n>)."""
+    return f"shuffled (seed {int(cfg.audio_seed)})" if cfg.audio_input == "shuffled" else str(cfg.audio_input)
 
 
 def eval_title(cfg: DictConfig) -> str:

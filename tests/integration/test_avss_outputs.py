@@ -230,13 +230,19 @@ def test_eval_scores_with_the_audio_zeroed_or_shuffled_across_clips(avss_dir, av
     from avs.evaluation.checkpoint import evaluate_checkpoint
 
     spy = f"+eval.evaluators.spy={{_target_: {__name__}.AudioSpy}}"
-    args = [f"checkpoint={avss_ckpt}", "split=val", "device=cpu", f"paths.data_dir={avss_dir}", f"audio_input={mode}", spy]
+    args = [f"checkpoint={avss_ckpt}", "split=val", "device=cpu", f"paths.data_dir={avss_dir}"]
+    args += [f"audio_input={mode}", spy]
     result = evaluate_checkpoint(compose_cfg("eval", args), tmp_path / mode)
     meta = json.loads(Path(result["paths"]["json"]).read_text())
     seen = meta["evaluators"]["spy"]
-    own = {vid: total for vid, (total, _) in json.loads(
-        Path(evaluate_checkpoint(compose_cfg("eval", args[:4] + [spy]), tmp_path / "own")["paths"]["json"]).read_text()
-    )["evaluators"]["spy"].items()}
+    own = {
+        vid: total
+        for vid, (total, _) in json.loads(
+            Path(
+                evaluate_checkpoint(compose_cfg("eval", args[:4] + [spy]), tmp_path / "own")["paths"]["json"]
+            ).read_text()
+        )["evaluators"]["spy"].items()
+    }
     assert set(seen) == set(own) and len(own) == 3 and all(v > 0 for v in own.values())
     assert meta["audio_input"] == {"real": "real", "zero": "zero", "shuffled": "shuffled (seed 0)"}[mode]
     for vid, (total, source) in seen.items():
