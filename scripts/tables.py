@@ -4,6 +4,7 @@ python scripts/tables.py outputs/train/multiruns/<time>
 python scripts/tables.py <multirun dir> [<more dirs>] --protocol avsbench_legacy --name ecmvae_table4 --out tables/
 python scripts/tables.py <dirs> --keys model.latent.divergence --metrics miou fscore fscore_at_0.5
 python scripts/tables.py <AVSS runs> --protocol avsbench_legacy     # beside the AVSS paper's numbers
+python scripts/tables.py <AVSS runs> --per-class     # plus one IoU column per class (background last)
 python scripts/tables.py <multirun dir> --plot sweep.png     # first metric vs the swept key(s), dots = seeds
 python scripts/tables.py <proxy benchmark dir> --proxy [--out dir]
     [--plot methods.png] [--plot-claims claims.png] [--plot-kl latent_kl.png]
@@ -47,6 +48,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--metrics", nargs="+", default=["miou", "fscore"], help="metric keys (default: miou fscore)")
     p.add_argument("--keys", nargs="+", default=None, help="row keys (default: the config keys that vary across runs)")
     p.add_argument("--ignore", nargs="+", default=[], help="extra config keys (and their children) never used as rows")
+    p.add_argument(
+        "--per-class",
+        action="store_true",
+        help="AVSS runs only: after the metrics, one column per class with its IoU in %% (named from the data "
+        "root's label2idx.json, else class_<i>; foreground classes, then background)",
+    )
     p.add_argument(
         "--proxy",
         action="store_true",
@@ -100,6 +107,9 @@ def proxy_main(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    if args.proxy and args.per_class:
+        print("error: --per-class adds class columns to AVSS run tables; it does not apply to --proxy", file=sys.stderr)
+        return 2
     if args.proxy:
         return proxy_main(args)
     for flag, value in (("--plot-claims", args.plot_claims), ("--plot-kl", args.plot_kl)):
@@ -117,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics=args.metrics,
             keys=args.keys,
             ignore=args.ignore,
+            per_class=args.per_class,
         )
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

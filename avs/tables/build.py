@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from avs.config_keys import matches
+from avs.tables.class_columns import check_avss_only, class_columns, class_index, class_value
 from avs.tables.keys import IGNORED_KEYS, ROW_LABEL_KEY, SUBSET_ORDER, TEST_AT_END_KEY
 from avs.tables.runs import RunResult, TableError
 
@@ -49,6 +50,7 @@ class ResultTable:
     rows: list[TableRow]
     caption: str
     show_published: bool
+    class_names: dict[str, str] = field(default_factory=dict)  # class column key -> class name (--per-class)
 
 
 def _ignored(key: str, extra: Sequence[str]) -> bool:
@@ -113,12 +115,17 @@ def varied_keys(runs: Sequence[RunResult], ignore: Sequence[str] = ()) -> list[s
 
 
 def metric_value(record: dict[str, Any], split: str, protocol: str, metric: str, source: Path) -> float | None:
-    """One metric of a metrics.json record in % (split test or val, a metric protocol); None without that split."""
+    """One metric of a metrics.json record in % (split test or val, a metric protocol); None without that split.
+
+    A class column key (``iou_per_class.<i>``) gives that class's IoU, None where the run has none defined."""
     block = record.get(split)
     if not isinstance(block, dict):
         return None
     if protocol not in block:
         raise TableError(f"{source}/metrics.json: protocol {protocol!r} not in {split} metrics (has {sorted(block)})")
+    index = class_index(metric)
+    if index is not None:
+        return class_value(block[protocol], index)
     value = block[protocol].get(metric)
     if value is None:
         raise TableError(
@@ -140,7 +147,7 @@ def _fill_row(
     for subset in subsets:
         group = [r for r in members if r.subset == subset]
         for m in metrics:
-            vals = [metric_value(r.record, split, protocol, m, r.path) for r in group]
+            vals = [v for r in group if (v := metric_value(r.record, split, protocol, m, r.path)) is not None]
             if vals:
                 std = statistics.stdev(vals) if len(vals) > 1 else None
                 row.cells[(subset, m)] = Cell(statistics.fmean(vals), std, len(vals), list(vals))
@@ -152,6 +159,21 @@ def _fill_row(
             row.published[(subset, m)] = pub
 
 
+def _usable(runs: Sequence[RunResult], split: str, protocol: str, metric: str) -> list[RunResult]:
+    """The runs that have `split` metrics (a warning for each other run); TableError when none has."""
+    usable = []
+    for r in runs:
+        if metric_value(r.record, split, protocol, metric, r.path) is None:
+            log.warning("%s: no %s metrics (%s=false or an interrupted run); skipped", r.path, split, TEST_AT_END_KEY)
+            continue
+        usable.append(r)
+    if not usable:
+        raise TableError(
+            f"none of the {len(runs)} runs has {split} metrics (were they trained with {TEST_AT_END_KEY}=true?)"
+        )
+    return usable
+
+
 def build_table(
     runs: Sequence[RunResult],
     *,
@@ -161,26 +183,21 @@ def build_table(
     keys: Sequence[str] | None = None,
     ignore: Sequence[str] = (),
     title: str = "results",
+    per_class: bool = False,
 ) -> ResultTable:
     """Group runs into rows (by `keys`, default `varied_keys`) and reduce each metric to mean +- std over runs.
 
-    `protocol` None: `per_class` when every run is AVSS (its own protocol, docs/avss.md), else `per_frame`."""
+    `protocol` None: `per_class` when every run is AVSS (its own protocol, docs/avss.md), else `per_frame`.
+    `per_class` True (AVSS runs only): one more column per class, its IoU (avs.tables.class_columns)."""
+    if per_class:
+        check_avss_only(runs)
     if protocol is None:
         protocol = default_protocol(runs)
     if split not in ("test", "val"):
         raise TableError(f"split must be 'test' or 'val' (val = the best val metrics), got {split!r}")
     if not metrics:
         raise TableError("metrics must name at least one metric key (e.g. miou fscore)")
-    usable = []
-    for r in runs:
-        if metric_value(r.record, split, protocol, metrics[0], r.path) is None:
-            log.warning("%s: no %s metrics (%s=false or an interrupted run); skipped", r.path, split, TEST_AT_END_KEY)
-            continue
-        usable.append(r)
-    if not usable:
-        raise TableError(
-            f"none of the {len(runs)} runs has {split} metrics (were they trained with {TEST_AT_END_KEY}=true?)"
-        )
+    usable = _usable(runs, split, protocol, metrics[0])
     if keys is None:
         keys = varied_keys(usable, ignore)
         if not keys:
@@ -189,6 +206,7 @@ def build_table(
     for k in keys:
         if not any(k in r.flat for r in usable):
             raise TableError(f"row key {k!r} is not in any run's config")
+    names = class_columns(usable, split, protocol) if per_class else {}
     subsets = sorted({r.subset for r in usable}, key=lambda s: (SUBSET_ORDER.index(s) if s in SUBSET_ORDER else 99, s))
     show_published = any(r.published is not None for r in usable)
 
@@ -201,10 +219,13 @@ def build_table(
             members[ident] = []
         members[ident].append(r)
         rows[ident].runs.append(r.path)
+    columns = [*metrics, *names]
     for ident, row in rows.items():
-        _fill_row(row, members[ident], subsets, metrics, split, protocol)
+        _fill_row(row, members[ident], subsets, columns, split, protocol)
     caption = _caption(usable, keys, split, protocol, show_published)
-    return ResultTable(title, keys, subsets, list(metrics), list(rows.values()), caption, show_published)
+    if names:
+        caption += " Class columns: that class's IoU in % (foreground classes, then background); n = runs with one."
+    return ResultTable(title, keys, subsets, columns, list(rows.values()), caption, show_published, names)
 
 
 def _legacy_batch_sizes(runs: Sequence[RunResult], split: str) -> list[int]:

@@ -30,18 +30,24 @@ def _header(key: str) -> str:
     return "row" if key == ROW_LABEL_KEY else key
 
 
+def _has_paper(table: ResultTable, metric: str) -> bool:
+    """Whether a metric gets a (paper) column: never a class column (no paper reports per-class numbers here)."""
+    return table.show_published and metric not in table.class_names
+
+
 def _columns(table: ResultTable) -> list[tuple[str, str, bool]]:
     cols = []
     for s in table.subsets:
         for m in table.metrics:
             cols.append((s, m, False))
-            if table.show_published:
+            if _has_paper(table, m):
                 cols.append((s, m, True))
     return cols
 
 
-def _col_label(subset: str, metric: str, published: bool) -> str:
-    label = f"{subset.upper()} {METRIC_LABELS.get(metric, metric)}"
+def _col_label(table: ResultTable, subset: str, metric: str, published: bool) -> str:
+    name = table.class_names.get(metric) or METRIC_LABELS.get(metric, metric)
+    label = f"{subset.upper()} {name}"
     return label + " (paper)" if published else label
 
 
@@ -60,7 +66,7 @@ def _md_escape(text: str) -> str:
 def to_markdown(table: ResultTable) -> str:
     """The table as markdown: bold title, caption, then one row per group."""
     cols = _columns(table)
-    header = [_header(k) for k in table.keys] + [_col_label(*c) for c in cols]
+    header = [_header(k) for k in table.keys] + [_col_label(table, *c) for c in cols]
     lines = [f"**{table.title}**", "", table.caption, ""]
     lines.append("| " + " | ".join(_md_escape(h) for h in header) + " |")
     lines.append("|" + "---|" * len(header))
@@ -77,12 +83,15 @@ def to_markdown(table: ResultTable) -> str:
 
 
 def to_csv(table: ResultTable) -> str:
-    """The same rows as CSV: key columns, then <subset>_<metric>_{mean,std,n[,paper]} (numbers in %)."""
+    """The same rows as CSV: key columns, then <subset>_<metric>_{mean,std,n[,paper]} (numbers in %).
+
+    A class column is <subset>_iou_<class name>_{mean,std,n}."""
     fields = [_header(k) for k in table.keys]
     for s in table.subsets:
         for m in table.metrics:
-            fields += [f"{s}_{m}_mean", f"{s}_{m}_std", f"{s}_{m}_n"]
-            if table.show_published:
+            stem = f"iou_{table.class_names[m]}" if m in table.class_names else m
+            fields += [f"{s}_{stem}_mean", f"{s}_{stem}_std", f"{s}_{stem}_n"]
+            if _has_paper(table, m):
                 fields.append(f"{s}_{m}_paper")
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -96,7 +105,7 @@ def to_csv(table: ResultTable) -> str:
                     out += ["", "", ""]
                 else:
                     out += [round(c.mean, 4), "" if c.std is None else round(c.std, 4), c.n]
-                if table.show_published:
+                if _has_paper(table, m):
                     v = row.published.get((s, m))
                     out.append("" if v is None else v)
         w.writerow(out)
