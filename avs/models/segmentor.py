@@ -142,14 +142,16 @@ class Segmentor(nn.Module):
     @staticmethod
     def _avm_options(avm_loss: Mapping | None, num_classes: int) -> dict | None:
         """model.avm_loss as a plain dict (None = off); ValueError for a variant it cannot run."""
-        opts = dict(_plain(avm_loss)) if avm_loss else None
-        if opts is not None and opts.get("variant", "kl") not in AVM_VARIANTS:
+        if not avm_loss:
+            return None
+        opts = dict(_plain(avm_loss))
+        if opts.get("variant", "kl") not in AVM_VARIANTS:
             raise ValueError(f"model.avm_loss.variant must be one of {list(AVM_VARIANTS)}, got {opts['variant']!r}")
-        if opts is not None and num_classes > 1 and opts.get("variant", "kl") != "kl":
+        if num_classes > 1 and opts.get("variant", "kl") != "kl":
             raise ValueError(
                 "with data.num_classes > 1 (AVSS) model.avm_loss.variant must be kl (the released AVSS form)"
             )
-        mask = (opts or {}).get("avss_mask", "soft")
+        mask = opts["avss_mask"]  # configs/model/base.yaml; config_upgrade fills it in older stored configs
         if mask not in AVSS_AVM_MASKS:
             raise ValueError(f"model.avm_loss.avss_mask must be one of {list(AVSS_AVM_MASKS)}, got {mask!r}")
         if num_classes == 1 and mask != "soft":
@@ -330,7 +332,7 @@ class Segmentor(nn.Module):
         # AVSS (num_classes > 1): the foreground map of the class logits, on the labelled frames only (the
         # released AVSS loss weights it by the gt flag; padded frames count in no loss).
         opts = dict(self.avm_loss or {})
-        mask = opts.pop("avss_mask", "soft")
+        mask = opts.pop("avss_mask")
         if self.num_classes > 1:
             opts["valid"] = valid
         variant = opts.pop("variant", "kl")

@@ -76,13 +76,19 @@ def cell_subsets(protocol: DictConfig, cell: str) -> list[str]:
     return list(wanted)
 
 
+def table_cells(protocol: DictConfig) -> list[str]:
+    """The methods and each method's `<method>_no_audio` cell (the listening pairs), in the cells' order."""
+    wanted = set(protocol.methods) | {f"{m}_no_audio" for m in protocol.methods}
+    return [c for c in protocol.cells if c in wanted]
+
+
 def cell_seeds(protocol: DictConfig, cell: str) -> list[int]:
-    """The seeds a cell runs: its own `seeds`, else `ablation_seeds` for a cell outside the methods
-    table (when set), else the protocol's `seeds`."""
+    """The seeds a cell runs: its own `seeds`, else `ablation_seeds` for a cell that is neither a method
+    nor a method's no-audio pair (when set), else the protocol's `seeds`."""
     node = protocol.cells[cell]
     if node.get("seeds") is not None:
         return [int(k) for k in node.seeds]
-    if cell not in set(protocol.methods) and protocol.get("ablation_seeds") is not None:
+    if cell not in set(table_cells(protocol)) and protocol.get("ablation_seeds") is not None:
         return [int(k) for k in protocol.ablation_seeds]
     return [int(k) for k in protocol.seeds]
 
@@ -109,14 +115,15 @@ def validate(protocol: DictConfig) -> None:
 
 
 def expand(protocol: DictConfig, out_dir: Path, context: tuple[str, ...] = ()) -> list[ProxyRun]:
-    """Every run of the protocol: the methods' runs first, then the other cells', each group seed-major
-    (all of seed 1 before seed 2), so a benchmark stopped early has whole seeds of the methods table.
+    """Every run of the protocol: the methods' runs and their no-audio pairs' first, then the other cells',
+    each group seed-major (all of seed 1 before seed 2), so a benchmark stopped early has whole seeds of
+    the methods table with their listening pairs.
     `context` (the invocation's `paths.*`, not part of the protocol) goes before each run's seed."""
     validate(protocol)
     base = _strings(protocol.get("base"), "base")
     extra = _strings(protocol.get("extra_overrides"), "extra_overrides")
-    methods = [c for c in protocol.cells if c in set(protocol.methods)]
-    others = [c for c in protocol.cells if c not in set(protocol.methods)]
+    methods = table_cells(protocol)
+    others = [c for c in protocol.cells if c not in set(methods)]
     runs = []
     all_seeds = sorted({k for c in protocol.cells for k in cell_seeds(protocol, c)})
     for group in (methods, others):

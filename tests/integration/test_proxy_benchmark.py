@@ -27,9 +27,11 @@ def _cfg(tmp_path: Path, **changes):
 
 
 def test_expand_puts_the_methods_first_each_group_seed_major(tmp_path):
+    """The methods and their `<method>_no_audio` pairs run first, with every seed (paired listening)."""
     cfg = _cfg(tmp_path)
     runs = expand(protocol_node(cfg), tmp_path)
-    methods = set(cfg.methods)
+    methods = set(cfg.methods) | {f"{m}_no_audio" for m in cfg.methods}
+    assert {f"{m}_no_audio" for m in cfg.methods} <= set(cfg.cells), "every method has its no-audio pair"
     in_methods = [r.cell in methods for r in runs]
     assert in_methods == sorted(in_methods, reverse=True), "every methods-table run comes before any ablation run"
     for group in ([r for r in runs if r.cell in methods], [r for r in runs if r.cell not in methods]):

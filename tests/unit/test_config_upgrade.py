@@ -82,3 +82,10 @@ def test_an_unnamed_old_model_gets_its_class_from_its_parts():
         "name": "mine",
         "_target_": "avs.models.methods.avsbench.AVSBenchSegmentor",
     }
+
+
+def test_an_old_av_loss_config_gets_the_soft_avss_map():
+    """Configs stored before `model.avm_loss.avss_mask` pooled the soft foreground map."""
+    old = {"model": {"_target_": "avs.models.methods.avsbg.AVSBGSegmentor", "avm_loss": {"variant": "kl"}}}
+    assert upgrade_config(old)["model"]["avm_loss"] == {"variant": "kl", "avss_mask": "soft"}
+    assert upgrade_config({"model": {"_target_": "x", "avm_loss": None}})["model"]["avm_loss"] is None
