@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 __all__ = ["TPAVIFusion", "EinsumFusion", "MultiStageFusion"]
 
@@ -159,8 +158,6 @@ class TPAVIFusion(nn.Module):
         """One non-local pass: x [B,C,T,H,W], key audio [B,T,C] | None (visual key) -> [B,C,T,H,W]."""
         if self.similarity != "dot":
             return self._block_similarity(x, key_audio)
-        if self.impl == "factorised" and key_audio is not None:
-            return self._block_audio_factorised(x, key_audio)
         b, _, t, h, w = x.shape
         n = t * h * w
         theta = self.theta(x).flatten(2)  # [B,C',T,H,W] -> [B,C',N]
@@ -197,39 +194,6 @@ class TPAVIFusion(nn.Module):
         z = self.W_z(y) + x
         # LayerNorm over channels: [B,C,T,H,W] -> [B,T,H,W,C] -> back
         return self.norm_layer(z.permute(0, 2, 3, 4, 1)).permute(0, 4, 1, 2, 3)
-
-    def _block_audio_factorised(self, x: Tensor, key_audio: Tensor) -> Tensor:
-        """`_block` for the released setting (dot similarity, audio key, factorised), frame by frame:
-        x [B,C,T,H,W], key audio [B,T,C] -> [B,C,T,H,W].
-
-        The same maths as the generic path, laid out as the frames [B*T,C,H,W] that MultiStageFusion
-        hands over (its x is a transposed view of them): the 1x1x1 Conv3d projections are 1x1 Conv2d
-        on the frames (the same weights viewed as [C_out,C_in,1,1]), phi of the broadcast audio a
-        Linear on [B,T,C], and W_z's BatchNorm3d sees the frames as [B*T,C,1,H,W] (per-channel
-        statistics over the same B*T*H*W positions). CPU Conv3d with a 1x1x1 kernel runs a slow
-        im2col path (its backward dominated the fusion's time) and every projection of the
-        [B,C,T,H,W] layout copied the transposed input; here no input copy is made. Outputs agree
-        with the generic path to float rounding.
-        """
-        b, c, t, h, w = x.shape
-        n = t * h * w
-        frames = x.transpose(1, 2).reshape(b * t, c, h, w)  # [B,C,T,H,W] -> [B*T,C,H,W] (a view when x is one)
-
-        def conv1x1(conv: nn.Conv3d, inp: Tensor) -> Tensor:
-            # [O,I,1,1,1] -> [O,I,1,1]; the bias is added after the conv: oneDNN's fused bias loses
-            # precision when the bias is large next to the products (W_z: ~10x the generic path's error)
-            return F.conv2d(inp, conv.weight.flatten(2).unsqueeze(-1)) + conv.bias.view(1, -1, 1, 1)
-
-        theta = conv1x1(self.theta, frames).view(b, t, self.inter_channels, h * w)  # [B,T,C',HW]
-        g = conv1x1(self.g, frames).view(b, t, self.inter_channels, h, w).transpose(1, 2)  # [B,C',T,H,W] view
-        phi_t = F.linear(key_audio, self.phi.weight.flatten(1), self.phi.bias).transpose(1, 2)  # [B,T,C] -> [B,C',T]
-        s = n**-0.5  # the 1/N split as 1/sqrt(N) on each factor of kv, as in `_block`
-        kv = torch.einsum("bct,bdt->bcd", phi_t * s, _hw_sum(g, s))  # [B,C',C']
-        y = torch.matmul(kv.transpose(1, 2).unsqueeze(1), theta)  # [B,1,C',C'] @ [B,T,C',HW] -> [B,T,C',HW]
-        z = conv1x1(self.W_z[0], y.view(b * t, self.inter_channels, h, w))  # [B*T,C,H,W]
-        z = self.W_z[1](z.unsqueeze(2)).squeeze(2) + frames  # BatchNorm3d over [B*T,C,1,H,W]
-        out = self.norm_layer(z.permute(0, 2, 3, 1))  # LayerNorm over channels: [B*T,H,W,C]
-        return out.view(b, t, h, w, c).permute(0, 4, 1, 2, 3)  # -> [B,C,T,H,W] view
 
     def _scores(self, q: Tensor, k: Tensor) -> Tensor:
         """Pairwise similarities for the non-dot modes: q [B,D,Q], k [B,D,K] (after theta/phi) -> [B,Q,K]."""
