@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 
 def _conv_bn(c_in: int, c_out: int, kernel: int) -> list[nn.Module]:
@@ -34,10 +35,40 @@ class _ASPP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[N,C_in,h,w] -> [N,C,h,w]."""
-        out = self.branches[0](x)
+        out = _live_taps_conv(self.branches[0], x)
         for branch in self.branches[1:]:
-            out = out + branch(x)  # out-of-place: never touches x or a view of it
+            out = out + _live_taps_conv(branch, x)  # out-of-place: never touches x or a view of it
         return out
+
+
+def _live_taps(kernel: int, dilation: int, padding: int, size: int) -> tuple[int, int]:
+    """(first, last) kernel index whose taps read inside a map of `size` (stride 1): tap i reads input
+    o + i*dilation - padding for outputs o in [0, size); it reads only zero padding when that offset
+    is >= size or <= -size. (0, kernel - 1) when every tap is live."""
+    live = [i for i in range(kernel) if -size < i * dilation - padding < size]
+    return (live[0], live[-1]) if live else (0, kernel - 1)
+
+
+def _live_taps_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """`conv(x)` without the kernel taps that read only zero padding.
+
+    A dilated 3x3 conv whose dilation reaches past the map (dilation 12 and 18 on the 7 x 7 stride-32
+    map of a 224 px input, 18 on the 14 x 14 map) multiplies its outer taps by padding zeros only: the
+    same conv with the live (centre) taps and the padding reduced to match gives the same output to
+    float rounding (the dropped terms are exact zeros) and the same gradients (a dead tap's weight
+    gradient is a sum of products with zeros: exactly 0, which the slice's backward fills in).
+    """
+    k_h, k_w = conv.kernel_size
+    (d_h, d_w), (p_h, p_w) = conv.dilation, conv.padding
+    if conv.stride != (1, 1) or conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(p_h, str):
+        return conv(x)
+    h0, h1 = _live_taps(k_h, d_h, p_h, x.shape[-2])
+    w0, w1 = _live_taps(k_w, d_w, p_w, x.shape[-1])
+    # only symmetric crops keep the output size; anything else (or nothing to crop) runs the conv as built
+    if (h0, h1, w0, w1) == (0, k_h - 1, 0, k_w - 1) or h0 + h1 != k_h - 1 or w0 + w1 != k_w - 1:
+        return conv(x)
+    weight = conv.weight[:, :, h0 : h1 + 1, w0 : w1 + 1]
+    return F.conv2d(x, weight, conv.bias, padding=(p_h - h0 * d_h, p_w - w0 * d_w), dilation=conv.dilation)
 
 
 class Neck(nn.Module):

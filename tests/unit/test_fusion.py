@@ -361,3 +361,22 @@ def test_tpavi_half_model_at_352px_stays_finite_and_matches_fp32(similarity):
     assert got.dtype == torch.float16
     assert torch.isfinite(got).all()
     assert float((got.float() - ref).abs().max()) < 1e-2 * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("flavour", sorted(FLAVOURS))
+def test_factorised_audio_path_on_frames_view_matches_dense_with_running_stats(flavour):
+    """The factorised audio path reads the stage wrapper's transposed frame view [B,C,T,H,W] (no copy):
+    outputs, input gradients and W_z's BatchNorm running statistics equal the dense block's."""
+    fac, dense, c, a = _pair(flavour, "va", torch.float64)
+    gen = torch.Generator().manual_seed(3)
+    frames = torch.randn(2 * 3, c, 4, 5, generator=gen, dtype=torch.float64)  # [B*T,C,H,W]
+    audio = torch.randn(2, 3, a, generator=gen, dtype=torch.float64).abs()
+    x = frames.view(2, 3, c, 4, 5).transpose(1, 2)  # [B,C,T,H,W] view, as MultiStageFusion passes it
+    assert not x.is_contiguous()
+    z1, gx1, ga1 = _run_and_grad(fac, x, audio)
+    z2, gx2, ga2 = _run_and_grad(dense, x.contiguous(), audio)
+    torch.testing.assert_close(z1, z2, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(gx1, gx2, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(ga1, ga2, atol=1e-10, rtol=1e-10)
+    for b1, b2 in zip(fac.buffers(), dense.buffers()):
+        torch.testing.assert_close(b1, b2, atol=1e-12, rtol=1e-12)

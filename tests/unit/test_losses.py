@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from avs.losses import av_mapping_loss, bce_loss, structure_loss
+from avs.losses import av_mapping_loss, bce_loss, box_mean, structure_loss
 
 
 def _np_sigmoid(x):
@@ -263,3 +263,21 @@ def test_seg_loss_classes_equal_the_functions_with_their_options():
         make_seg_loss("dice")
     with pytest.raises(ValueError, match="kernel"):
         StructureLoss(kernel=4)
+
+
+@pytest.mark.parametrize("kernel", [1, 3, 5, 31])
+@pytest.mark.parametrize("hw", [(64, 64), (37, 50), (9, 12)])
+def test_box_mean_equals_avg_pool(kernel, hw):
+    """The separable window mean is F.avg_pool2d(k, stride 1, padding k//2): bit-identical on binary
+    masks (integer sums), equal to float rounding on soft maps; bf16 in, bf16 out."""
+    g = torch.Generator().manual_seed(0)
+    binary = (torch.rand(3, 1, *hw, generator=g) > 0.5).float()
+    pool = F.avg_pool2d(binary, kernel, stride=1, padding=kernel // 2)
+    assert torch.equal(box_mean(binary, kernel), pool)
+    soft = torch.rand(3, 2, *hw, generator=g)
+    torch.testing.assert_close(
+        box_mean(soft, kernel), F.avg_pool2d(soft, kernel, stride=1, padding=kernel // 2), atol=2e-6, rtol=1e-6
+    )
+    half = box_mean(binary.bfloat16(), kernel)
+    assert half.dtype == torch.bfloat16
+    assert torch.equal(half, F.avg_pool2d(binary.bfloat16(), kernel, stride=1, padding=kernel // 2))

@@ -112,3 +112,30 @@ def test_factory_builds_one_class_per_kind():
         assert type(build_neck(B0, 8, kind)) is cls
     with pytest.raises(TypeError):  # the aspp options belong to the aspp neck only
         build_neck(B0, 8, "dimreduce", aspp_bias=False)
+
+
+@pytest.mark.parametrize("hw", [(7, 7), (14, 14), (5, 20), (20, 20)])
+def test_aspp_dead_taps_skipped_give_the_full_convs(hw):
+    """Dilations past the map (12 and 18 on 7 x 7, 18 on 14 x 14, one axis only on 5 x 20): the output
+    and every gradient equal the full dilated convs' in float64, and a dead tap's weight gradient is 0."""
+    torch.manual_seed(0)
+    neck = build_neck([6], 5, "aspp").double()
+    x = torch.randn(2, 6, *hw, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 5, *hw, dtype=torch.float64)
+    (neck([x])[0] * w).sum().backward()
+    got = [x.grad.clone()] + [p.grad.clone() for p in neck.parameters()]
+    x.grad = None
+    neck.zero_grad(set_to_none=True)
+    expected = sum(
+        F.conv2d(x, c.weight, c.bias, padding=d, dilation=d) for c, d in zip(neck.stages[0].branches, [3, 6, 12, 18])
+    )
+    (expected * w).sum().backward()
+    want = [x.grad] + [p.grad for p in neck.parameters()]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    last = neck.stages[0].branches[-1]  # dilation 18
+    if min(hw) <= 18 and max(hw) <= 18:  # every outer tap of the dilation-18 conv reads padding only
+        outer = last.weight.grad.clone()
+        outer[:, :, 1, 1] = 0
+        assert torch.count_nonzero(outer) == 0
+    assert last.weight.grad[:, :, 1, 1].abs().sum() > 0
