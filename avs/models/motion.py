@@ -30,32 +30,44 @@ def _chunk_plan(num_maps: int, num_query: int, num_keys: int, chunk_size: int | 
 
 
 class _MeanReLUCorrelation(torch.autograd.Function):
-    """m[n,p] = mean_q max(0, <query[n,:,p], key[n,:,q]>), chunked; backward recomputes chunks."""
+    """m[n,p] = mean_q max(0, <query[n,:,p], key[n,:,q]>), chunked.
+
+    The backward needs where each correlation entry is >= 0. With `save_mask` the forward keeps that
+    as a bool per entry (1 byte where the volume takes 4) and the backward reads it; without, the
+    backward recomputes each chunk's correlation (the memory-bounded path). Both give the same mask,
+    so the gradients are the same bits.
+    """
 
     @staticmethod
-    def forward(ctx, query: Tensor, key: Tensor, maps_per_chunk: int, pos_per_chunk: int) -> Tensor:
+    def forward(
+        ctx, query: Tensor, key: Tensor, maps_per_chunk: int, pos_per_chunk: int, save_mask: bool = False
+    ) -> Tensor:
         # query [N,C,P], key [N,C,Q] -> [N,P]
         num_maps, _, num_query = query.shape
         query_t = query.transpose(1, 2)  # [N,P,C]
-        rows = []
+        rows, masks = [], []
         for n0 in range(0, num_maps, maps_per_chunk):
             n1 = min(n0 + maps_per_chunk, num_maps)
             cols = []
             for p0 in range(0, num_query, pos_per_chunk):
                 p1 = min(p0 + pos_per_chunk, num_query)
                 corr = torch.bmm(query_t[n0:n1, p0:p1], key[n0:n1])  # [n,p,Q]
+                if save_mask:
+                    masks.append(corr.ge(0))  # clamp(min=0) passes the gradient where corr >= 0
                 cols.append(corr.clamp_(min=0).mean(-1))  # [n,p]
                 del corr
             rows.append(torch.cat(cols, dim=1))
         ctx.save_for_backward(query, key)
         ctx.chunks = (maps_per_chunk, pos_per_chunk)
+        ctx.masks = masks if save_mask else None
         return torch.cat(rows, dim=0)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
         query, key = ctx.saved_tensors
         maps_per_chunk, pos_per_chunk = ctx.chunks
+        masks = iter(ctx.masks) if ctx.masks is not None else None
         need_query, need_key = ctx.needs_input_grad[:2]
         num_maps, _, num_query = query.shape
         num_keys = key.shape[-1]
@@ -69,8 +81,11 @@ class _MeanReLUCorrelation(torch.autograd.Function):
             for p0 in range(0, num_query, pos_per_chunk):
                 p1 = min(p0 + pos_per_chunk, num_query)
                 q_chunk = query_t[n0:n1, p0:p1]  # [n,p,C]
-                weight = torch.bmm(q_chunk, key[n0:n1])  # [n,p,Q]
-                weight.ge_(0).mul_(grad[n0:n1, p0:p1, None])  # d loss / d corr, in place
+                if masks is not None:
+                    weight = next(masks).to(query.dtype)  # [n,p,Q]
+                else:
+                    weight = torch.bmm(q_chunk, key[n0:n1]).ge_(0)  # [n,p,Q]
+                weight.mul_(grad[n0:n1, p0:p1, None])  # d loss / d corr, in place
                 if grad_query is not None:
                     # [n,C,Q] @ [n,Q,p] -> [n,C,p]
                     grad_query[n0:n1, :, p0:p1] = torch.bmm(key[n0:n1], weight.transpose(1, 2))
@@ -78,7 +93,8 @@ class _MeanReLUCorrelation(torch.autograd.Function):
                     # [n,C,p] @ [n,p,Q] -> [n,C,Q]
                     grad_key[n0:n1] += torch.bmm(q_chunk.transpose(1, 2), weight)
                 del weight
-        return grad_query, grad_key, None, None
+        ctx.masks = None
+        return grad_query, grad_key, None, None, None
 
 
 # the plain functions (attribute access on the class gives the staticmethods' functions)
@@ -96,8 +112,8 @@ class _MeanReLUCorrelationCUDA(_MeanReLUCorrelation):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, query: Tensor, key: Tensor, maps_per_chunk: int, pos_per_chunk: int) -> Tensor:
-        return _correlation_forward(ctx, query, key, maps_per_chunk, pos_per_chunk)
+    def forward(ctx, query: Tensor, key: Tensor, maps_per_chunk: int, pos_per_chunk: int, save_mask: bool) -> Tensor:
+        return _correlation_forward(ctx, query, key, maps_per_chunk, pos_per_chunk, save_mask)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
@@ -110,8 +126,8 @@ class _MeanReLUCorrelationCPU(_MeanReLUCorrelation):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu")
-    def forward(ctx, query: Tensor, key: Tensor, maps_per_chunk: int, pos_per_chunk: int) -> Tensor:
-        return _correlation_forward(ctx, query, key, maps_per_chunk, pos_per_chunk)
+    def forward(ctx, query: Tensor, key: Tensor, maps_per_chunk: int, pos_per_chunk: int, save_mask: bool) -> Tensor:
+        return _correlation_forward(ctx, query, key, maps_per_chunk, pos_per_chunk, save_mask)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cpu")
@@ -126,8 +142,13 @@ def _mean_relu_correlation(query: Tensor, key: Tensor, chunk_size: int | None) -
     """[N,C,P], [N,C,Q] -> [N,P]: mean over q of ReLU(<query_p, key_q>), memory-bounded."""
     key = key.to(query.dtype)
     maps, positions = _chunk_plan(query.shape[0], query.shape[2], key.shape[2], chunk_size)
+    # keep the >= 0 mask for the backward (no recomputed correlation) when the whole volume's mask fits
+    # the chunk budget in bytes: a bool per entry, at most AUTO_CHUNK_ELEMENTS bytes
+    entries = query.shape[0] * query.shape[2] * key.shape[2]
+    wants_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
+    save_mask = wants_grad and chunk_size is None and entries <= AUTO_CHUNK_ELEMENTS
     fn = _AUTOCAST_FUNCTIONS.get(query.device.type, _MeanReLUCorrelation)  # other devices: no autocast pairing
-    return fn.apply(query.contiguous(), key.contiguous(), maps, positions)
+    return fn.apply(query.contiguous(), key.contiguous(), maps, positions, save_mask)
 
 
 class CorrelationPyramidMotion(nn.Module):
@@ -161,7 +182,9 @@ class CorrelationPyramidMotion(nn.Module):
     factorised away; it is computed in chunks of query positions (``chunk_size`` positions for all
     B*T maps at once, or, when None, chunks of at most AUTO_CHUNK_ELEMENTS = 2**26 entries), and
     the backward pass recomputes each chunk instead of storing the volume. Autograd keeps only the
-    features. Footprint at 224^2 input, T=5, B=8 (B*T=40), C=128, largest scale 56^2 (hw=3136):
+    features, and, when the volume has at most AUTO_CHUNK_ELEMENTS entries and `chunk_size` is None
+    (B=1 at 224: 5*3136^2 = 49M), a bool mask of its signs (49 MB) so the backward skips the
+    recomputation (one GEMM of three; same gradients, bit for bit). Footprint at 224^2 input, T=5, B=8 (B*T=40), C=128, largest scale 56^2 (hw=3136):
     the full volume is 40*3136^2 = 393M entries (1.57 GB fp32) per copy; the auto chunk is
     534 query positions x 40 maps x 3136 = 67M entries = 268 MB fp32 (134 MB fp16), one buffer
     in forward and one in backward, whatever B. Outputs equal the unchunked computation up to

@@ -194,3 +194,45 @@ def test_normalize_uses_cosine_correlation() -> None:
     )
     stat = motion.correlation_statistic(feat, 2)
     assert stat.max() <= 1.0 and stat.min() >= 0.0
+
+
+@pytest.mark.parametrize("pos_per_chunk", [7, 50])
+def test_saved_mask_backward_gives_the_same_bits_as_recomputing(pos_per_chunk) -> None:
+    """The backward reads the forward's >= 0 mask instead of recomputing the correlation: same gradients,
+    bit for bit (the mask comes from the same GEMM on the same chunk)."""
+    from avs.models.motion import _MeanReLUCorrelation
+
+    gen = torch.Generator().manual_seed(5)
+    q0, k0 = torch.randn(3, 8, 50, generator=gen), torch.randn(3, 8, 40, generator=gen)
+    grad_out = torch.randn(3, 50, generator=gen)
+    grads = []
+    for save in (False, True):
+        q, k = q0.clone().requires_grad_(), k0.clone().requires_grad_()
+        out = _MeanReLUCorrelation.apply(q, k, 2, pos_per_chunk, save)
+        out.backward(grad_out)
+        grads.append((out.detach(), q.grad, k.grad))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_mask_is_saved_only_for_a_backward_within_the_budget(monkeypatch) -> None:
+    from avs.models import motion as motion_mod
+
+    seen = []
+
+    class Spy(motion_mod._MeanReLUCorrelation):
+        @staticmethod
+        def forward(ctx, query, key, maps, positions, save_mask=False):
+            seen.append(save_mask)
+            return motion_mod._correlation_forward(ctx, query, key, maps, positions, save_mask)
+
+    monkeypatch.setitem(motion_mod._AUTOCAST_FUNCTIONS, "cpu", Spy)
+    q, k = torch.randn(2, 4, 9, requires_grad=True), torch.randn(2, 4, 9)
+    _mean_relu_correlation(q, k, None).sum().backward()
+    with torch.no_grad():
+        _mean_relu_correlation(q, k, None)
+    _mean_relu_correlation(q, k, 4)  # an explicit chunk size asks for the memory-bounded path
+    _mean_relu_correlation(q.detach(), k, None)  # nothing needs a gradient
+    monkeypatch.setattr(motion_mod, "AUTO_CHUNK_ELEMENTS", 2 * 9 * 9 - 1)  # the volume's mask over budget
+    _mean_relu_correlation(q, k, None)
+    assert seen == [True, False, False, False, False]
