@@ -184,7 +184,8 @@ class CorrelationPyramidMotion(nn.Module):
     the backward pass recomputes each chunk instead of storing the volume. Autograd keeps only the
     features, and, when the volume has at most AUTO_CHUNK_ELEMENTS entries and `chunk_size` is None
     (B=1 at 224: 5*3136^2 = 49M), a bool mask of its signs (49 MB) so the backward skips the
-    recomputation (one GEMM of three; same gradients, bit for bit). Footprint at 224^2 input, T=5, B=8 (B*T=40), C=128, largest scale 56^2 (hw=3136):
+    recomputation (one GEMM of three; same gradients, bit for bit). Footprint at 224^2 input, T=5,
+    B=8 (B*T=40), C=128, largest scale 56^2 (hw=3136):
     the full volume is 40*3136^2 = 393M entries (1.57 GB fp32) per copy; the auto chunk is
     534 query positions x 40 maps x 3136 = 67M entries = 268 MB fp32 (134 MB fp16), one buffer
     in forward and one in backward, whatever B. Outputs equal the unchunked computation up to
