@@ -25,8 +25,21 @@ __all__ = ["FLOP_FORMULAS", "FlopClock", "count_flops", "matmul_peak", "ratio_bo
 aten = torch.ops.aten
 
 
-def _conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
-                        _output_padding, _groups, output_mask, out_shape=None, **_) -> int:  # fmt: skip
+def _conv_backward_flop(
+    grad_out_shape,
+    x_shape,
+    w_shape,
+    _bias,
+    _stride,
+    _padding,
+    _dilation,
+    transposed,
+    _output_padding,
+    _groups,
+    output_mask,
+    out_shape=None,
+    **_,
+) -> int:
     """The input gradient and the weight gradient each take the forward's multiplications (every product
     x_i * w_j of the forward appears once in each), for any stride, padding, dilation and groups.
     (torch's own formula multiplies a grouped convolution's weight gradient by the group count.)"""
@@ -66,13 +79,10 @@ class FlopClock:
         return [m - marks[0] for m in marks]
 
 
-def count_flops(run: Callable[[FlopClock], dict[tuple[str, str], int]]) -> tuple[dict[tuple[str, str], int], Any]:
-    """`run(clock)` performs one instrumented step on `clock` -> (operations per (phase, part),
-    FlopCounterMode's own counts per module name, for comparison)."""
-    counter = FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS)
-    with counter:
-        counts = run(FlopClock(counter))
-    return counts, counter.get_flop_counts()
+def count_flops(run: Callable[[FlopClock], dict[tuple[str, str], int]]) -> dict[tuple[str, str], int]:
+    """`run(clock)` performs one instrumented step whose timeline reads `clock` -> operations per (phase, part)."""
+    with FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter:
+        return run(FlopClock(counter))
 
 
 def matmul_peak(device: torch.device, size: int = 2048, repeats: int = 5, warmup: int = 1) -> dict[str, Any]:

@@ -1,6 +1,8 @@
 """Per-part profile (`profile=true`, docs/performance.md): forward and backward seconds of each part of
 a training step (loss terms and the optimizer step included) and of an inference forward, with the
-share of the whole each takes. The parts plus "other" tile the measured whole (avs.benchmark.timeline)."""
+share of the whole each takes. The parts plus "other" tile the measured whole (avs.benchmark.timeline).
+With `profile_flops`, each part's GFLOP and GFLOP/s, the fp32 matmul peak and the ratio bound
+(avs.benchmark.flops)."""
 
 from __future__ import annotations
 
@@ -183,7 +185,7 @@ def profile_module(
 
         seconds, timer, nodes, wall, wholes = _median_run(run, repeats, warmup)
         # the arithmetic: one more run of the same step, untimed, its operations counted per part
-        counts = count_flops(lambda flop_clock: instrumented(flop_clock)[0])[0] if flops else None
+        counts = count_flops(lambda flop_clock: instrumented(flop_clock)[0]) if flops else None
     out = profile_rows(seconds, timer, parts, counts)
     out.update(
         {

@@ -242,7 +242,7 @@ def test_grouped_convolution_and_attention_counts():
         a.sum().backward()
         return timeline.close()
 
-    counts, _ = count_flops(run)
+    counts = count_flops(run)
     macs = _conv_macs(2, 8, 16, 16, 3, groups=16)
     matmul = 2 * (2 * 3 * 10 * 10 * 4)  # one [10,4] @ [4,10] (or [10,10] @ [10,4]) per batch x head, 2 FLOP per MAC
     # forward: scores and the weighted values; backward: the fused kernel recomputes the scores, then 4 gradients
