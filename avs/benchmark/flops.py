@@ -1,6 +1,7 @@
 """Arithmetic of the per-part profile (`profile_flops`, docs/performance.md): the floating-point
 operations each part does, counted by `torch.utils.flop_counter.FlopCounterMode` in one separate,
-untimed run of the same step, the machine's fp32 matmul rate, and the step/backbone ratio bound.
+untimed run of the same step, the machine's fp32 peak (matmul and convolution), and the step/backbone
+ratio bound.
 
 Attribution uses the profile's own timeline: the run is the instrumented step with a clock whose
 mark is the counter's running total, so each (phase, part) interval gets the operations counted
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, sdpa_backward_flop_count, sdpa_flop_count
 
-__all__ = ["FLOP_FORMULAS", "FlopClock", "count_flops", "matmul_peak", "ratio_bound"]
+__all__ = ["FLOP_FORMULAS", "FlopClock", "above_peak", "count_flops", "dense_peak", "ratio_bound"]
 
 aten = torch.ops.aten
 
@@ -85,36 +86,52 @@ def count_flops(run: Callable[[FlopClock], dict[tuple[str, str], int]]) -> dict[
         return run(FlopClock(counter))
 
 
-def matmul_peak(device: torch.device, size: int = 2048, repeats: int = 5, warmup: int = 1) -> dict[str, Any]:
-    """GFLOP/s of a size x size @ size x size fp32 matmul (median of `repeats`), at the current thread count."""
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(size, size, generator=g).to(device)
-    b = torch.randn(size, size, generator=g).to(device)
-    out = torch.empty(size, size, device=device)
+def _rate(fn: Callable[[], Any], flop: int, device: torch.device, repeats: int, warmup: int) -> dict[str, float]:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        torch.mm(a, b, out=out)
-    sync()
-    times = []
-    for _ in range(max(1, repeats)):
-        t0 = time.perf_counter()
-        torch.mm(a, b, out=out)
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn()
         sync()
-        times.append(time.perf_counter() - t0)
+        times = []
+        for _ in range(max(1, repeats)):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t0)
     median = statistics.median(times)
+    return {"median_s": median, "gflop_per_s": flop / median / 1e9}
+
+
+def dense_peak(device: torch.device, repeats: int = 5, warmup: int = 1) -> dict[str, Any]:
+    """GFLOP/s (median of `repeats`, at the current thread count) of two large fp32 kernels: a 2048 x 2048
+    @ 2048 x 2048 matmul and a 3x3, 256 -> 256 channel convolution of a 64 x 64 map; `gflop_per_s` is the
+    faster. Both are needed: a library can run one far below the machine's rate (MKL's matmul on AMD CPUs
+    trails the oneDNN convolutions), and a part that beats the peak would void the ratio bound."""
+    g = torch.Generator().manual_seed(0)
+    n, c, hw = 2048, 256, 64
+    a, b = (torch.randn(n, n, generator=g).to(device) for _ in range(2))
+    out = torch.empty(n, n, device=device)
+    x, w = torch.randn(1, c, hw, hw, generator=g).to(device), torch.randn(c, c, 3, 3, generator=g).to(device)
+    matmul = _rate(lambda: torch.mm(a, b, out=out), 2 * n**3, device, repeats, warmup)
+    conv = _rate(lambda: torch.nn.functional.conv2d(x, w, padding=1), 2 * hw * hw * c * c * 9, device, repeats, warmup)
     return {
-        "size": size,
-        "repeats": len(times),
+        "matmul": {"shape": f"{n}x{n} @ {n}x{n}", **matmul},
+        "conv": {"shape": f"3x3 conv {c}->{c} channels, {hw}x{hw}", **conv},
+        "repeats": max(1, repeats),
         "threads": torch.get_num_threads(),
-        "median_s": median,
-        "gflop_per_s": 2.0 * size**3 / median / 1e9,
+        "gflop_per_s": max(matmul["gflop_per_s"], conv["gflop_per_s"]),
     }
+
+
+def above_peak(table: Mapping[str, Any], peak_gflop_per_s: float) -> list[str]:
+    """Rows whose rate exceeds the peak (the bound assumes none does)."""
+    return [r["part"] for r in table["rows"] if (r.get("gflop_per_s") or 0.0) > peak_gflop_per_s]
 
 
 def ratio_bound(table: Mapping[str, Any], peak_gflop_per_s: float | None) -> float | None:
     """(backbone s + (whole GFLOP - backbone GFLOP) / peak) / backbone s: the step/backbone (or
-    clip/backbone) ratio if every other part ran at the matmul peak; None without a backbone row,
-    its time or a count."""
+    clip/backbone) ratio if every other part ran at the peak; None without a backbone row, its time
+    or a count."""
     rows = {r["part"]: r for r in table["rows"]}
     backbone = rows.get("backbone")
     whole = table.get("whole_gflop")

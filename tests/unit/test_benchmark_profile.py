@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from avs.benchmark.flops import FLOP_FORMULAS, count_flops, ratio_bound
+from avs.benchmark.flops import FLOP_FORMULAS, above_peak, count_flops, ratio_bound
 from avs.benchmark.profile import format_profile, profile_model, profile_module, run_profile
 from avs.benchmark.timeline import CudaEventClock, Timeline, make_clock
 from avs.config import PROJECT_ROOT
@@ -251,11 +251,21 @@ def test_grouped_convolution_and_attention_counts():
 
 
 def test_ratio_bound_is_the_backbone_time_plus_the_rest_at_the_peak():
-    rows = [{"part": "backbone", "total_s": 2.0, "gflop": 10.0}, {"part": "decoder", "total_s": 5.0, "gflop": 90.0}]
+    rows = [
+        {"part": "backbone", "total_s": 2.0, "gflop": 10.0, "gflop_per_s": 5.0},
+        {"part": "decoder", "total_s": 5.0, "gflop": 90.0, "gflop_per_s": 18.0},
+        {"part": "loss seg", "total_s": 1.0, "gflop": 0.0, "gflop_per_s": None},
+    ]
     table = {"rows": rows, "whole_gflop": 100.0, "mode": "train"}
     assert ratio_bound(table, 45.0) == pytest.approx((2.0 + 90.0 / 45.0) / 2.0)
     assert ratio_bound(table, None) is None
     assert ratio_bound({**table, "rows": rows[1:]}, 45.0) is None  # no backbone row
+    assert above_peak(table, 45.0) == [] and above_peak(table, 10.0) == ["decoder"]
+    res = profile_module(Toy(), _batch(), SPEC, "infer", repeats=1, warmup=0)
+    lines = format_profile({**res, "ratio_bound": 1.25, "above_peak": ["decoder"]}, "toy").splitlines()
+    assert lines[-2].startswith("at the backbone's measured time and the other parts at the peak, the clip/backbone")
+    assert lines[-2].endswith("ratio would be >= 1.25 (a lower bound: no part runs faster than the peak)")
+    assert lines[-1].startswith("but decoder ran faster than the peak here")
 
 
 def test_profile_flops_false_leaves_the_counts_out():
@@ -292,7 +302,8 @@ def test_script_profile_writes_table_and_json(tmp_path):
     assert "GFLOP/s" in p.stdout and "fp32 matmul peak:" in p.stdout
     assert p.stdout.count("the clip/backbone ratio would be >= ") == 2
     res = json.loads(out.read_text())
-    assert res["peak_matmul_gflop_per_s"] > 0 and res["peak_matmul"]["threads"] == 1
+    assert res["peak"]["threads"] == 1 and res["peak"]["conv"]["gflop_per_s"] > 0
+    assert res["peak_gflop_per_s"] >= res["peak_matmul_gflop_per_s"] > 0
     table = res["profiles"]["avsbg"]["infer"]
     assert table["ratio_bound"] >= 1.0 and {"gflop", "gflop_per_s"} <= set(table["rows"][0])
     assert res["hardware"]["threads"] == 1 and "interop_threads" in res["hardware"]
