@@ -4,7 +4,7 @@ python scripts/benchmark.py model=tpavi backbone=pvt_v2_b5 params_only=true   # 
 python scripts/benchmark.py model=tpavi backbone=pvt_v2_b5                   # full CPU fp32 run
 python scripts/benchmark.py model=avsbg quick=true compare=[motion]          # seconds-long smoke run
 python scripts/benchmark.py model=ecmvae device=cuda                         # on a GPU
-python scripts/benchmark.py model=ecmvae profile=true                        # per-part forward/backward table
+python scripts/benchmark.py model=ecmvae profile=true                        # per-part time and GFLOP table
 python scripts/benchmark.py profile=true profile_models=[tpavi,ecmvae,avsbg,ecmvae_bg]
 python scripts/benchmark.py model=tpavi demo=true                            # demo frames/s and its shares
 """

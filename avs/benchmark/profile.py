@@ -1,6 +1,8 @@
 """Per-part profile (`profile=true`, docs/performance.md): forward and backward seconds of each part of
 a training step (loss terms and the optimizer step included) and of an inference forward, with the
-share of the whole each takes. The parts plus "other" tile the measured whole (avs.benchmark.timeline)."""
+share of the whole each takes. The parts plus "other" tile the measured whole (avs.benchmark.timeline).
+With `profile_flops`, also each part's GFLOP and GFLOP/s, the fp32 peak (matmul and convolution) and
+the step/backbone ratio bound (avs.benchmark.flops)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from avs.benchmark.attach import attached, param_owner, part_names
+from avs.benchmark.flops import above_peak, count_flops, dense_peak, ratio_bound
 from avs.benchmark.models import _autocast, bench_model_config, build_bench_model, make_batch, perturb_zero_init
 from avs.benchmark.timeline import EXCLUDED, OTHER, PartTimer, make_clock
 from avs.benchmark.timing import median_time
@@ -71,18 +74,34 @@ def _median_run(run: Callable[[], tuple], repeats: int, warmup: int) -> tuple:
     return (*chosen, wholes)
 
 
-def profile_rows(seconds: Mapping[tuple[str, str], float], timer: PartTimer, parts: list[str]) -> dict[str, Any]:
-    """Table rows: one per part (forward, backward, calls, share), loss terms, the optimizer step, other."""
+def _add_flops(rows: list[dict[str, Any]], names: list[str], flops: Mapping[tuple[str, str], int]) -> float:
+    """`gflop` (all phases) and `gflop_per_s` (over the row's total time) into each row -> the whole GFLOP."""
+    for row, name in zip(rows, names, strict=True):
+        gflop = sum(n for (phase, part), n in flops.items() if part == name and phase != EXCLUDED) / 1e9
+        row["gflop"] = gflop
+        row["gflop_per_s"] = gflop / row["total_s"] if gflop > 0 and row["total_s"] > 0 else None
+    return sum(n for (phase, _), n in flops.items() if phase != EXCLUDED) / 1e9
+
+
+def profile_rows(
+    seconds: Mapping[tuple[str, str], float],
+    timer: PartTimer,
+    parts: list[str],
+    flops: Mapping[tuple[str, str], int] | None = None,
+) -> dict[str, Any]:
+    """Table rows: one per part (forward, backward, calls, share), loss terms, the optimizer step, other;
+    with `flops` (operations per (phase, part) of a counted run) also each row's GFLOP and GFLOP/s."""
     whole = sum(s for (phase, _), s in seconds.items() if phase != EXCLUDED)
     names = list(parts)
     names += sorted({p for (_, p) in seconds if p.startswith("loss ")} | {p for p in timer.calls if p not in names})
     names = [n for n in dict.fromkeys(names) if n != OTHER]
-    rows = []
+    rows, kept = [], []
     for name in [*names, "optimizer step", OTHER]:
         fwd, bwd = seconds.get(("forward", name), 0.0), seconds.get(("backward", name), 0.0)
         step = seconds.get(("optimizer", name), 0.0)
         if name != OTHER and fwd == bwd == step == 0.0 and not timer.calls.get(name):
             continue
+        kept.append(name)
         total = fwd + bwd + step
         rows.append(
             {
@@ -94,12 +113,15 @@ def profile_rows(seconds: Mapping[tuple[str, str], float], timer: PartTimer, par
                 "calls": int(timer.calls.get(name, 1 if name == "optimizer step" else 0)),
             }
         )
-    return {
+    out = {
         "whole_s": whole,
         "parts_sum_s": sum(r["total_s"] for r in rows),
         "excluded_graph_walk_s": seconds.get((EXCLUDED, "graph walk"), 0.0),
         "rows": rows,
     }
+    if flops is not None:
+        out["whole_gflop"] = _add_flops(rows, kept, flops)
+    return out
 
 
 def _setup(cfg: DictConfig, device: torch.device, mode: str):
@@ -137,9 +159,11 @@ def profile_module(
     repeats: int = 5,
     warmup: int = 1,
     event_cls=None,
+    flops: bool = True,
 ) -> dict[str, Any]:
     """Per-part table of any model whose training forward returns a dict of loss terms (`mode='train'`,
-    stepping `opt`) or of its no-grad forward (`mode='infer'`); `spec` as `profile_parts` in the config."""
+    stepping `opt`) or of its no-grad forward (`mode='infer'`); `spec` as `profile_parts` in the config.
+    `flops`: also count each part's operations, in a separate untimed run after the timed ones."""
     if mode not in MODES or (mode == "train" and opt is None):
         raise ValueError(f"profile_module: mode must be one of {MODES} (train needs an optimizer), got {mode!r}")
     device = batch["frames"].device
@@ -150,16 +174,19 @@ def profile_module(
     plain_s = median_time(_plain_step(model, batch, opt, device, amp, mode), repeats, warmup, sync)
     with attached(model, spec) as slot:
 
+        def instrumented(on_clock) -> tuple:
+            if mode == "train":
+                return _train_run(model, batch, opt, device, amp, slot, on_clock, owner)
+            return _infer_run(model, batch, device, amp, slot, on_clock, owner)
+
         def run() -> tuple:
             t0 = time.perf_counter()
-            if mode == "train":
-                r = _train_run(model, batch, opt, device, amp, slot, clock, owner)
-            else:
-                r = _infer_run(model, batch, device, amp, slot, clock, owner)
-            return (*r, time.perf_counter() - t0)
+            return (*instrumented(clock), time.perf_counter() - t0)
 
         seconds, timer, nodes, wall, wholes = _median_run(run, repeats, warmup)
-    out = profile_rows(seconds, timer, parts)
+        # the arithmetic: one more run of the same step, untimed, its operations counted per part
+        counts = count_flops(lambda flop_clock: instrumented(flop_clock)[0]) if flops else None
+    out = profile_rows(seconds, timer, parts, counts)
     out.update(
         {
             "mode": mode,
@@ -187,37 +214,64 @@ def profile_model(cfg: DictConfig, mode: str, amp: bool = False, event_cls=None)
     spec = OmegaConf.to_container(cfg.profile_parts, resolve=True)
     c, model, batch = _setup(cfg, device, mode)
     opt = build_optimizer(model.parameters(), {**dict(c.get("trainer") or {}), "lr": 1e-5}) if mode == "train" else None
-    return profile_module(model, batch, spec, mode, opt, amp, int(c.repeats), int(c.warmup), event_cls)
+    flops = bool(cfg.get("profile_flops", True))
+    return profile_module(model, batch, spec, mode, opt, amp, int(c.repeats), int(c.warmup), event_cls, flops)
+
+
+def _flop_cells(gflop: float | None, rate: float | None) -> str:
+    g = f"{'-':>10}" if gflop is None else f"{gflop:>10.3f}"
+    return g + (f"{'-':>10}" if rate is None else f"{rate:>10.1f}")
+
+
+def _bound_line(res: Mapping[str, Any]) -> list[str]:
+    if res.get("ratio_bound") is None:
+        return []
+    ratio = "step/backbone" if res["mode"] == "train" else "clip/backbone"
+    L = [
+        f"at the backbone's measured time and the other parts at the peak, the {ratio} ratio "
+        f"would be >= {res['ratio_bound']:.2f} (a lower bound: no part runs faster than the peak)"
+    ]
+    if res.get("above_peak"):
+        L.append(
+            f"but {', '.join(res['above_peak'])} ran faster than the peak here, so the bound does not hold "
+            "for this table (a noisy or loaded machine, or a kernel faster than both peak kernels)"
+        )
+    return L
 
 
 def format_profile(res: Mapping[str, Any], title: str) -> str:
-    """Plain-text per-part table of one profile_model result."""
-    train = res["mode"] == "train"
+    """Plain-text per-part table of one profile_model result (GFLOP columns when it was counted)."""
+    train, counted = res["mode"] == "train", "whole_gflop" in res
     L = [
         f"{title}: {'training step' if train else 'inference per clip'} (B={res['batch_size']}, "
         f"amp={'on' if res['amp'] else 'off'}, clock={res['clock']})",
         f"{'part':<28}{'calls':>6}{'forward ms':>12}"
         + (f"{'backward ms':>13}{'total ms':>10}" if train else "")
-        + f"{'share':>8}",
+        + f"{'share':>8}"
+        + (f"{'GFLOP':>10}{'GFLOP/s':>10}" if counted else ""),
     ]
     for r in res["rows"]:
         step = r["part"] == "optimizer step"
         fwd = f"{'-':>12}" if step else f"{r['forward_s'] * 1e3:>12.2f}"
         bwd = (f"{'-':>13}" if step else f"{r['backward_s'] * 1e3:>13.2f}") + f"{r['total_s'] * 1e3:>10.2f}"
         calls = "-" if r["part"] == OTHER else r["calls"]
-        L.append(f"{r['part'][:27]:<28}{calls:>6}{fwd}{bwd if train else ''}{r['share'] * 100:>7.1f}%")
-    whole = res["whole_s"] * 1e3
+        L.append(
+            f"{r['part'][:27]:<28}{calls:>6}{fwd}{bwd if train else ''}{r['share'] * 100:>7.1f}%"
+            + (_flop_cells(r.get("gflop"), r.get("gflop_per_s")) if counted else "")
+        )
+    whole, gflop = res["whole_s"], res.get("whole_gflop")
     L.append(
         f"{'whole (instrumented)':<28}{'':>6}"
-        + (f"{'':>12}{'':>13}{whole:>10.2f}" if train else f"{whole:>12.2f}")
-        + f"{res['parts_sum_s'] / res['whole_s'] * 100 if res['whole_s'] else 0:>7.1f}%"
+        + (f"{'':>12}{'':>13}{whole * 1e3:>10.2f}" if train else f"{whole * 1e3:>12.2f}")
+        + f"{res['parts_sum_s'] / whole * 100 if whole else 0:>7.1f}%"
+        + (_flop_cells(gflop, gflop / whole if gflop and whole else None) if counted else "")
     )
     L.append(
         f"uninstrumented median {res['uninstrumented_s'] * 1e3:.2f} ms; hook overhead "
         f"{(res['overhead'] or 0) * 100:+.1f}%"
         + (f"; graph walk (not in the whole) {res['excluded_graph_walk_s'] * 1e3:.2f} ms" if train else "")
     )
-    return "\n".join(L)
+    return "\n".join(L + _bound_line(res))
 
 
 MODES = ("train", "infer")
@@ -253,6 +307,7 @@ def run_profile(cfgs: list[tuple[str, DictConfig]], event_cls=None) -> dict[str,
         "repeats": int(first.repeats),
         "warmup": int(first.warmup),
         "quick": bool(first.quick),
+        "profile_flops": bool(first.get("profile_flops", True)),
         "note": "each table is the repeat whose instrumented whole is the median of the repeats",
     }
     for name, cfg in cfgs:
@@ -262,7 +317,23 @@ def run_profile(cfgs: list[tuple[str, DictConfig]], event_cls=None) -> dict[str,
                 log.info("profile %s %s amp=%s", name, mode, bool(amp))
                 tables[f"{mode}_amp" if amp else mode] = profile_model(cfg, mode, bool(amp), event_cls)
         res["profiles"][name] = tables
+    if res["config"]["profile_flops"]:
+        _add_peak(res, device)
     return res
+
+
+def _add_peak(res: dict[str, Any], device: torch.device) -> None:
+    """The fp32 peak (once per run, at the profile's thread count) and each fp32 table's ratio bound."""
+    log.info("fp32 peak: matmul and convolution")
+    peak = dense_peak(device)
+    res["peak"] = peak
+    res["peak_matmul_gflop_per_s"] = peak["matmul"]["gflop_per_s"]
+    res["peak_gflop_per_s"] = peak["gflop_per_s"]
+    for tables in res["profiles"].values():
+        for table in tables.values():
+            # an fp32 peak bounds fp32 tables only: bf16 autocast runs other kernels
+            table["ratio_bound"] = None if table["amp"] else ratio_bound(table, peak["gflop_per_s"])
+            table["above_peak"] = [] if table["amp"] else above_peak(table, peak["gflop_per_s"])
 
 
 def format_profile_report(res: Mapping[str, Any]) -> str:
@@ -276,4 +347,13 @@ def format_profile_report(res: Mapping[str, Any]) -> str:
     for name, tables in res["profiles"].items():
         for table in tables.values():
             L += ["", format_profile(table, name)]
+    peak = res.get("peak")
+    if peak:
+        mm, conv = peak["matmul"], peak["conv"]
+        L += [
+            "",
+            f"fp32 matmul peak: {mm['gflop_per_s']:.1f} GFLOP/s ({mm['shape']}); {conv['shape']}: "
+            f"{conv['gflop_per_s']:.1f} GFLOP/s (median of {peak['repeats']}, threads={peak['threads']}); "
+            f"the bounds use the faster, {peak['gflop_per_s']:.1f} GFLOP/s",
+        ]
     return "\n".join(L)

@@ -1,6 +1,7 @@
 """Per-part profile (avs.benchmark.profile): every part present, non-negative, and the parts plus "other"
-add up to the measured whole, on CPU (perf_counter) and on the CUDA-event code path (a fake event class).
-Consistency only: no test asserts a speed."""
+add up to the measured whole, on CPU (perf_counter) and on the CUDA-event code path (a fake event class);
+each part's counted operations (avs.benchmark.flops) equal the formula of its layers and add up to the
+whole count. Consistency only: no test asserts a speed."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import pytest
 import torch
 from torch import nn
 
-from avs.benchmark.profile import format_profile, profile_model, profile_module
-from avs.benchmark.timeline import CudaEventClock, make_clock
+from avs.benchmark.flops import FLOP_FORMULAS, above_peak, count_flops, ratio_bound
+from avs.benchmark.profile import format_profile, profile_model, profile_module, run_profile
+from avs.benchmark.timeline import CudaEventClock, Timeline, make_clock
 from avs.config import PROJECT_ROOT
 from avs.errors import ExitCode
 from tests.conftest import compose_cfg
@@ -174,6 +176,107 @@ def _cfg(model: str, extra=()):
     return apply_quick(compose_cfg("benchmark", overrides))
 
 
+def _check_flops_add_up(res) -> None:
+    rows = res["rows"]
+    assert all(r["gflop"] >= 0 for r in rows)
+    assert sum(r["gflop"] for r in rows) == pytest.approx(res["whole_gflop"], rel=1e-12)
+    for r in rows:
+        rate = r["gflop"] / r["total_s"] if r["gflop"] > 0 and r["total_s"] > 0 else None
+        assert r["gflop_per_s"] == (pytest.approx(rate, rel=1e-12) if rate else None)
+
+
+def _conv_macs(n: int, hw: int, c_in: int, c_out: int, k: int, groups: int = 1) -> int:
+    """Multiply-adds of a stride-1 'same' convolution: every output element takes c_in/groups * k * k."""
+    return n * hw * hw * c_out * (c_in // groups) * k * k
+
+
+def _gflop(macs: dict[str, int]) -> dict[str, object]:
+    """2 FLOP per multiply-add, in GFLOP."""
+    return {p: pytest.approx(2 * m / 1e9, rel=1e-12) for p, m in macs.items()}
+
+
+def test_part_flops_are_the_layers_formula_and_add_up_to_the_whole():
+    n = 4  # B=2 clips x T=2 frames, 32 x 32
+    conv0, conv2, fusion = _conv_macs(n, 32, 3, 8, 3), _conv_macs(n, 32, 8, 8, 3), _conv_macs(n, 32, 8, 8, 3)
+    neck, decoder, enc = _conv_macs(n, 32, 8, 8, 1), _conv_macs(n, 32, 8, 1, 1), 4 * 8 * 4
+    model = Toy()
+    infer = _rows(res_i := profile_module(model, _batch(), SPEC, "infer", repeats=1, warmup=0))
+    forward = {"backbone": conv0 + conv2, "neck": neck, "latent": enc, "fusion": 2 * fusion, "decoder": decoder}
+    assert {p: infer[p]["gflop"] for p in forward} == _gflop(forward)  # fusion runs twice
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    res = profile_module(model, _batch(), SPEC, "train", opt, repeats=1, warmup=0)
+    rows = _rows(res)
+    # backward: the input gradient and the weight gradient each repeat the forward's multiply-adds; the
+    # first convolution's input (the frames) needs no gradient, and `extra` feeds a detached target only
+    train = {"backbone": 2 * conv0 + 3 * conv2, "neck": 3 * neck, "latent": 3 * enc, "fusion": 6 * fusion}
+    train |= {"decoder": 3 * decoder, "extra": 4 * 4 * 4}
+    assert {p: rows[p]["gflop"] for p in train} == _gflop(train)
+    # loss terms, the optimizer step and the glue: no matmul or convolution, so nothing counted
+    assert all(rows[p]["gflop"] == 0 and rows[p]["gflop_per_s"] is None for p in rows if p not in train)
+    _check_flops_add_up(res)
+    _check_flops_add_up(res_i)
+    # the whole is what FlopCounterMode counts for the same step without any hook
+    counter = torch.utils.flop_counter.FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS)
+    with counter:
+        sum(model(_batch()).values()).backward()
+    assert res["whole_gflop"] == pytest.approx(counter.get_total_flops() / 1e9, rel=1e-12)
+    table = format_profile(res, "toy")
+    assert "GFLOP/s" in table.splitlines()[1] and f"{rows['fusion']['gflop']:.3f}" in table
+
+
+def test_grouped_convolution_and_attention_counts():
+    """Depthwise convolution backward = 2 x its forward (not x groups); the attention kernel CPU runs is counted."""
+    conv = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+    x = torch.rand(2, 16, 8, 8, requires_grad=True)
+    q, k, v = (torch.rand(2, 3, 10, 4, requires_grad=True) for _ in range(3))
+
+    def run(clock) -> dict:
+        timeline = Timeline(clock)
+        timeline.switch(("forward", "conv"))
+        y = conv(x)
+        timeline.switch(("forward", "attention"))
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        timeline.switch(("backward", "conv"))
+        y.sum().backward()
+        timeline.switch(("backward", "attention"))
+        a.sum().backward()
+        return timeline.close()
+
+    counts = count_flops(run)
+    macs = _conv_macs(2, 8, 16, 16, 3, groups=16)
+    matmul = 2 * (2 * 3 * 10 * 10 * 4)  # one [10,4] @ [4,10] (or [10,10] @ [10,4]) per batch x head, 2 FLOP per MAC
+    # forward: scores and the weighted values; backward: the fused kernel recomputes the scores, then 4 gradients
+    expected = {"conv": (2 * macs, 4 * macs), "attention": (2 * matmul, 5 * matmul)}
+    assert {p: (counts[("forward", p)], counts[("backward", p)]) for p in expected} == expected
+
+
+def test_ratio_bound_is_the_backbone_time_plus_the_rest_at_the_peak():
+    rows = [
+        {"part": "backbone", "total_s": 2.0, "gflop": 10.0, "gflop_per_s": 5.0},
+        {"part": "decoder", "total_s": 5.0, "gflop": 90.0, "gflop_per_s": 18.0},
+        {"part": "loss seg", "total_s": 1.0, "gflop": 0.0, "gflop_per_s": None},
+    ]
+    table = {"rows": rows, "whole_gflop": 100.0, "mode": "train"}
+    assert ratio_bound(table, 45.0) == pytest.approx((2.0 + 90.0 / 45.0) / 2.0)
+    assert ratio_bound(table, None) is None
+    assert ratio_bound({**table, "rows": rows[1:]}, 45.0) is None  # no backbone row
+    assert above_peak(table, 45.0) == [] and above_peak(table, 10.0) == ["decoder"]
+    res = profile_module(Toy(), _batch(), SPEC, "infer", repeats=1, warmup=0)
+    lines = format_profile({**res, "ratio_bound": 1.25, "above_peak": ["decoder"]}, "toy").splitlines()
+    assert lines[-2].startswith("at the backbone's measured time and the other parts at the peak, the clip/backbone")
+    assert lines[-2].endswith("ratio would be >= 1.25 (a lower bound: no part runs faster than the peak)")
+    assert lines[-1].startswith("but decoder ran faster than the peak here")
+
+
+def test_profile_flops_false_leaves_the_counts_out():
+    res = profile_module(Toy(), _batch(), SPEC, "infer", repeats=1, warmup=0, flops=False)
+    assert "whole_gflop" not in res and not any("gflop" in r or "gflop_per_s" in r for r in res["rows"])
+    assert "GFLOP" not in format_profile(res, "toy")
+    run = run_profile([("tpavi", _cfg("tpavi", ["profile_flops=false", "profile_modes=[infer]"]))])
+    assert "peak_matmul_gflop_per_s" not in run and run["config"]["profile_flops"] is False
+    assert "gflop" not in run["profiles"]["tpavi"]["infer"]["rows"][0]
+
+
 def test_ecmvae_bg_training_step_every_part():
     res = profile_model(_cfg("ecmvae_bg"), "train")
     rows = _rows(res)
@@ -184,6 +287,8 @@ def test_ecmvae_bg_training_step_every_part():
     assert rows["fusion"]["calls"] == 2 and rows["motion"]["calls"] == 2  # prior and posterior branches
     assert rows["loss seg"]["calls"] == 2
     _check_adds_up(res)
+    _check_flops_add_up(res)
+    assert all(rows[p]["gflop"] > 0 for p in parts - {"audio_encoder"})  # VGGish: frozen, forward only
 
 
 def test_script_profile_writes_table_and_json(tmp_path):
@@ -194,7 +299,13 @@ def test_script_profile_writes_table_and_json(tmp_path):
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "tpavi: inference per clip" in p.stdout and "avsbg: inference per clip" in p.stdout
+    assert "GFLOP/s" in p.stdout and "fp32 matmul peak:" in p.stdout
+    assert p.stdout.count("the clip/backbone ratio would be >= ") == 2
     res = json.loads(out.read_text())
+    assert res["peak"]["threads"] == 1 and res["peak"]["conv"]["gflop_per_s"] > 0
+    assert res["peak_gflop_per_s"] >= res["peak_matmul_gflop_per_s"] > 0
+    table = res["profiles"]["avsbg"]["infer"]
+    assert table["ratio_bound"] >= 1.0 and {"gflop", "gflop_per_s"} <= set(table["rows"][0])
     assert res["hardware"]["threads"] == 1 and "interop_threads" in res["hardware"]
     assert set(res["profiles"]) == {"tpavi", "avsbg"}
     assert "motion" in {r["part"] for r in res["profiles"]["avsbg"]["infer"]["rows"]}
