@@ -3,7 +3,8 @@
 The baseline (tests/fixtures/behaviour_baseline.json) was recorded by
 ``python -m tests.fixtures.behaviour_baseline`` before the engine / config / model redesign. When a
 config is reorganised on purpose, the translation tables below say how an old case or key is spelt
-now; a value may never change.
+now; a value may never change. A computation reordered on purpose (same maths, other rounding) is
+declared in ROUNDING_CHANGES: the tiny runs it reaches are then compared within the tolerances only.
 """
 
 from __future__ import annotations
@@ -271,6 +272,55 @@ def test_every_config_builds_the_same_model(baseline):
     assert not problems, "\n".join(problems[:20])
 
 
+# Deliberate rounding changes since the recording: the same maths summed in another order, so the tiny
+# runs they reach are no longer bit-identical to the recording, on any machine. Change -> model family
+# (configs/model/<family>.yaml) -> the weight cases of that family. Those cases take the tolerance path
+# even on the recording machine kind; every other case (the TPAVI family) stays bitwise there. A change
+# of maths, not of rounding, never belongs here: re-record the baseline instead.
+ROUNDING_CHANGES: dict[str, dict[str, tuple[str, ...]]] = {
+    # avs.models.decoder.nearest_up2_conv3x3: the simple decoder's nearest x2 + conv3x3 head as four 2x2
+    # convs on the low-res map (folded kernels), instead of a 3x3 conv on the upsampled map
+    "simple decoder head in phase form": {
+        "avsbg": ("avsbg", "avsbg_no_audio", "quickstart"),
+        "ecmvae": (
+            "ecmvae",
+            "ecmvae_ae",
+            "ecmvae_conv1",
+            "ecmvae_cvae",
+            "ecmvae_kl",
+            "ecmvae_no_factor",
+            "ecmvae_release",
+        ),
+        "ecmvae_bg": ("ecmvae_bg",),
+    },
+}
+ROUNDING_CHANGED: frozenset[str] = frozenset(
+    case for families in ROUNDING_CHANGES.values() for cases in families.values() for case in cases
+)
+
+
+def test_rounding_changes_name_exactly_the_cases_they_reach(synth_data_dir):
+    """The phase-form head reaches every case with the simple decoder and no other; names are weight cases."""
+    assert ROUNDING_CHANGED <= set(WEIGHT_CASES)
+    simple = {
+        name
+        for name, extra in WEIGHT_CASES.items()
+        if compose_cfg("train", tiny_overrides(synth_data_dir) + extra + WEIGHT_COMMON).model.decoder.kind == "simple"
+    }
+    assert set().union(*ROUNDING_CHANGES["simple decoder head in phase form"].values()) == simple
+    assert "tpavi" not in ROUNDING_CHANGED
+
+
+def test_rounding_changed_cases_take_the_tolerance_path_on_the_recording_machine(baseline):
+    """On the recording machine kind only the cases no rounding change reaches are compared bitwise."""
+    with mock.patch(f"{__name__}.machine", return_value=dict(baseline["machine"])):
+        with mock.patch.dict(os.environ, {"AVS_GUARD_TOLERANCE": "0"}):
+            bitwise = {name for name in WEIGHT_CASES if _compare_bitwise(name, baseline["machine"])}
+            assert bitwise == set(WEIGHT_CASES) - ROUNDING_CHANGED and "tpavi" in bitwise
+        with mock.patch.dict(os.environ, {"AVS_GUARD_TOLERANCE": "1"}):
+            assert not any(_compare_bitwise(name, baseline["machine"]) for name in WEIGHT_CASES)
+
+
 # Variants whose parts the unit tests and the one-step experiment runs also cover; in the suite only
 # with AVS_FULL_GUARD=1 (run it before merging a refactor of the model or the engine).
 FULL_GUARD_ONLY = ("ecmvae_ae", "ecmvae_conv1", "ecmvae_kl")
@@ -321,10 +371,14 @@ def value_differences(expected: dict[str, Any], got: dict[str, Any], sizes: dict
     return worst
 
 
+def _sizes(state: dict) -> dict[str, int]:
+    return {k: v.numel() for k, v in state.items()}
+
+
 def same_within_tolerance(name: str, expected: dict, state: dict, losses: list[float], lr: float) -> list[str]:
     """Problems (empty = same run) of a tiny run compared with its recorded values within the tolerances."""
     got = {"losses": losses, "stats": tensor_stats(state)}
-    diff = value_differences(expected, got, {k: v.numel() for k, v in state.items()}, lr)
+    diff = value_differences(expected, got, _sizes(state), lr)
     problems = list(diff["problems"])
     if diff["loss"] > LOSS_RTOL:
         problems.append(f"{name}: losses {losses} differ from {expected['losses']} by {diff['loss']:.2e} > {LOSS_RTOL}")
@@ -343,19 +397,33 @@ def _same_machine_kind(recorded: dict[str, str]) -> bool:
     return recorded == machine() and os.environ.get("AVS_GUARD_TOLERANCE") != "1"
 
 
+def _compare_bitwise(name: str, recorded: dict[str, str]) -> bool:
+    """Bitwise on the recording machine kind, except for the cases a declared rounding change reaches."""
+    return _same_machine_kind(recorded) and name not in ROUNDING_CHANGED
+
+
 @pytest.mark.parametrize("name", sorted(WEIGHT_CASES))
 def test_tiny_training_gives_the_same_weights(name, baseline, baseline_values, synth_data_dir, tmp_path):
-    """Bit-identical weights on the baseline's machine kind; elsewhere the same losses and weights within tolerance."""
+    """Bit-identical weights on the baseline's machine kind; elsewhere the same losses and weights within tolerance.
+
+    Cases reached by a declared rounding change (ROUNDING_CHANGES) take the tolerance path everywhere.
+    """
     if name in FULL_GUARD_ONLY and os.environ.get("AVS_FULL_GUARD") != "1":
         pytest.skip("set AVS_FULL_GUARD=1 for the full weight guard (three more ECMVAE variants, about 20 s)")
     torch.set_num_threads(1)
     overrides = tiny_overrides(synth_data_dir) + WEIGHT_CASES[name] + WEIGHT_COMMON
     state, losses = _train_tiny_state(compose_cfg, overrides, tmp_path / name)
-    if _same_machine_kind(baseline["machine"]):
+    if _compare_bitwise(name, baseline["machine"]):
         assert weights_sha(state) == NO_AUDIO_WEIGHTS.get(name, baseline["weights"][name])
     else:
         lr = float(compose_cfg("train", overrides).trainer.lr)
-        problems = same_within_tolerance(name, baseline_values["runs"][name], state, losses, lr)
+        expected = baseline_values["runs"][name]
+        diff = value_differences(expected, {"losses": losses, "stats": tensor_stats(state)}, _sizes(state), lr)
+        print(
+            f"{name}: losses differ by {diff['loss']:.2e} of themselves, weights by {diff['part']:.4f} lr",
+            diff["where"],
+        )
+        problems = same_within_tolerance(name, expected, state, losses, lr)
         assert not problems, "\n".join(problems)
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+from unittest import mock
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,6 +18,7 @@ from avs.models.decoder import (
     ResidualConvUnit,
     SimpleDecoder,
     build_decoder,
+    nearest_up2_conv3x3,
     upsample_nearest2x,
 )
 from avs.models.neck import build_neck
@@ -178,3 +182,99 @@ def test_factory_builds_one_class_per_kind():
     assert type(build_decoder(8, "fpn")) is FPNDecoder
     assert type(build_decoder(8, "simple")) is SimpleDecoder
     assert build_decoder(8, "fpn", legacy_inplace_relu_skip=True).path3.resConfUnit2.legacy_inplace_relu_skip
+
+
+def _up_then_conv(x: torch.Tensor, conv: nn.Module) -> torch.Tensor:
+    return conv(upsample_nearest2x(x))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("hw", [(5, 7), (4, 6), (1, 1), (3, 8)])
+def test_phase_form_equals_upsample_then_conv_float64(hw, bias):
+    g = torch.Generator().manual_seed(1)
+    conv = nn.Conv2d(6, 5, 3, padding=1, bias=bias).double()
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g, dtype=torch.float64))
+    x = torch.randn(2, 6, *hw, generator=g, dtype=torch.float64)
+    grad_out = torch.randn(2, 5, 2 * hw[0], 2 * hw[1], generator=g, dtype=torch.float64)
+    results = []
+    for fn in (nearest_up2_conv3x3, _up_then_conv):
+        xi = x.clone().requires_grad_(True)
+        conv.zero_grad()
+        out = fn(xi, conv)
+        out.backward(grad_out)
+        grads = [xi.grad, conv.weight.grad] + ([conv.bias.grad] if bias else [])
+        results.append([out.detach()] + [t.clone() for t in grads])
+    assert results[0][0].shape == (2, 5, 2 * hw[0], 2 * hw[1])
+    for new, old in zip(*results):
+        assert (new - old).abs().max().item() <= 1e-12 * max(1.0, old.abs().max().item())
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(4, 3, 1),
+        nn.Conv2d(4, 3, 3, padding=1, stride=2),
+        nn.Conv2d(4, 3, 3, padding=2, dilation=2),
+        nn.Conv2d(4, 4, 3, padding=1, groups=2),
+        nn.Conv2d(4, 3, 3, padding=0),
+        nn.Conv2d(4, 3, 3, padding="same"),
+        nn.Conv2d(4, 3, 3, padding=1, padding_mode="reflect"),
+        nn.Conv2d(4, 3, 5, padding=2),
+    ],
+)
+def test_phase_form_falls_back_for_other_convs(conv):
+    x = torch.randn(1, 4, 5, 6)
+    assert torch.equal(nearest_up2_conv3x3(x, conv), _up_then_conv(x, conv))
+
+
+def test_phase_form_low_precision():
+    """Same dtype as the upsample-then-conv form under CPU bf16 autocast and with fp16 / bf16 tensors."""
+    g = torch.Generator().manual_seed(2)
+    conv = nn.Conv2d(8, 6, 3, padding=1)
+    x = torch.randn(2, 8, 6, 5, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        new, old = nearest_up2_conv3x3(x, conv), _up_then_conv(x, conv)
+    ref = _up_then_conv(x, conv)
+    assert new.dtype == old.dtype == torch.bfloat16
+    assert (new.float() - ref).abs().max() <= (old.float() - ref).abs().max() * 2 + 1e-2
+    for dtype, tol in ((torch.float16, 4e-3), (torch.bfloat16, 3e-2)):
+        c, xl = copy.deepcopy(conv).to(dtype), x.to(dtype)
+        new, old = nearest_up2_conv3x3(xl, c), _up_then_conv(xl, c)
+        assert new.dtype == old.dtype == dtype
+        assert torch.allclose(new.float(), old.float(), atol=tol, rtol=tol)
+
+
+def test_simple_decoder_head_matches_the_upsample_then_conv_path():
+    """Whole SimpleDecoder forward + backward in float64 vs a copy forced onto conv(upsample(x)); same keys."""
+    torch.manual_seed(3)
+    dec = SimpleDecoder(8, num_classes=2).double()
+    ref = copy.deepcopy(dec)
+    feats = [f.double() for f in _feats(64, 8)]
+    g = torch.Generator().manual_seed(4)
+    grad_out = torch.randn(2, 2, 64, 64, generator=g, dtype=torch.float64)
+
+    def run(model: Decoder) -> list[torch.Tensor]:
+        inputs = [f.clone().requires_grad_(True) for f in feats]
+        out = model(inputs, (64, 64))
+        out.backward(grad_out)
+        return [out.detach()] + [f.grad for f in inputs] + [p.grad for p in model.parameters()]
+
+    new = run(dec)
+    with mock.patch("avs.models.decoder.nearest_up2_conv3x3", _up_then_conv):
+        old = run(ref)
+    assert len(new) == len(old)
+    for a, b in zip(new, old):
+        assert (a - b).abs().max().item() <= 1e-10 * max(1.0, b.abs().max().item())
+    head_keys = [k for k in dec.state_dict() if k.startswith("output_conv.")]
+    assert head_keys == [f"output_conv.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")]
+    assert list(dec.state_dict()) == list(ref.state_dict())
+    for k, v in ref.state_dict().items():  # BN running statistics moved alike
+        assert torch.allclose(dec.state_dict()[k], v, rtol=0, atol=1e-12)
+
+
+def test_fpn_head_is_the_sequential():
+    """The bilinear head keeps conv(upsample(x)): the decoder's head is exactly `output_conv`."""
+    fpn = build_decoder(8, "fpn").eval()
+    x = torch.randn(1, 8, 6, 7)
+    assert torch.equal(fpn._head(x), fpn.output_conv(x))
