@@ -214,7 +214,7 @@ def profile_model(cfg: DictConfig, mode: str, amp: bool = False, event_cls=None)
     spec = OmegaConf.to_container(cfg.profile_parts, resolve=True)
     c, model, batch = _setup(cfg, device, mode)
     opt = build_optimizer(model.parameters(), {**dict(c.get("trainer") or {}), "lr": 1e-5}) if mode == "train" else None
-    flops = bool(cfg.get("profile_flops", True))
+    flops = bool(cfg.profile_flops)
     return profile_module(model, batch, spec, mode, opt, amp, int(c.repeats), int(c.warmup), event_cls, flops)
 
 
@@ -307,7 +307,7 @@ def run_profile(cfgs: list[tuple[str, DictConfig]], event_cls=None) -> dict[str,
         "repeats": int(first.repeats),
         "warmup": int(first.warmup),
         "quick": bool(first.quick),
-        "profile_flops": bool(first.get("profile_flops", True)),
+        "profile_flops": bool(first.profile_flops),
         "note": "each table is the repeat whose instrumented whole is the median of the repeats",
     }
     for name, cfg in cfgs:
