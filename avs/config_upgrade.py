@@ -82,8 +82,9 @@ def _upgrade_model(model: dict[str, Any]) -> None:
     _segmentor_target(model)
     _rename_targets(model)
     avm = model.get("avm_loss")
-    if isinstance(avm, dict) and "avss_mask" not in avm:  # before the AVSS hard masks: always the soft map
-        avm["avss_mask"] = "soft"
+    if isinstance(avm, dict):
+        avm.setdefault("avss_mask", "soft")  # before the AVSS hard masks: always the soft map
+        avm.setdefault("variant", "kl")  # before the S4 / closer variants: the MS3 KL form
     loss = model.get("seg_loss")
     if isinstance(loss, str) and loss in SEG_LOSS_TARGETS:
         model["seg_loss"] = {"_target_": SEG_LOSS_TARGETS[loss], **(model.pop("seg_loss_options", None) or {})}

@@ -145,9 +145,10 @@ class Segmentor(nn.Module):
         if not avm_loss:
             return None
         opts = dict(_plain(avm_loss))
-        if opts.get("variant", "kl") not in AVM_VARIANTS:
-            raise ValueError(f"model.avm_loss.variant must be one of {list(AVM_VARIANTS)}, got {opts['variant']!r}")
-        if num_classes > 1 and opts.get("variant", "kl") != "kl":
+        variant = opts["variant"]  # configs/model/base.yaml; config_upgrade fills it in older stored configs
+        if variant not in AVM_VARIANTS:
+            raise ValueError(f"model.avm_loss.variant must be one of {list(AVM_VARIANTS)}, got {variant!r}")
+        if num_classes > 1 and variant != "kl":
             raise ValueError(
                 "with data.num_classes > 1 (AVSS) model.avm_loss.variant must be kl (the released AVSS form)"
             )
@@ -335,7 +336,7 @@ class Segmentor(nn.Module):
         mask = opts.pop("avss_mask")
         if self.num_classes > 1:
             opts["valid"] = valid
-        variant = opts.pop("variant", "kl")
+        variant = opts.pop("variant")
         fused = out["fused"]
         if self.num_classes > 1 and mask != "soft":  # AVSS hard: the predicted foreground as a 0/1 mask
             background = 0 if mask == "hard" else self.num_classes - 1

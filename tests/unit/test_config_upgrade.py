@@ -89,3 +89,11 @@ def test_an_old_av_loss_config_gets_the_soft_avss_map():
     old = {"model": {"_target_": "avs.models.methods.avsbg.AVSBGSegmentor", "avm_loss": {"variant": "kl"}}}
     assert upgrade_config(old)["model"]["avm_loss"] == {"variant": "kl", "avss_mask": "soft"}
     assert upgrade_config({"model": {"_target_": "x", "avm_loss": None}})["model"]["avm_loss"] is None
+
+
+def test_an_av_loss_config_from_before_the_variants_gets_the_kl_form():
+    """Configs stored before `model.avm_loss.variant` (S4 cosine, closer losses) always ran the MS3 KL form."""
+    old = {"model": {"_target_": "avs.models.methods.avsbg.AVSBGSegmentor", "avm_loss": {"stages": [0, 1]}}}
+    assert upgrade_config(old)["model"]["avm_loss"] == {"stages": [0, 1], "variant": "kl", "avss_mask": "soft"}
+    kept = {"model": {"_target_": "x", "avm_loss": {"variant": "s4_cos", "avss_mask": "soft"}}}
+    assert upgrade_config(kept)["model"]["avm_loss"]["variant"] == "s4_cos"

@@ -22,7 +22,7 @@ from tests.conftest import compose_cfg, tiny_overrides
 
 # ----------------------------------------------------------------------------- A-V loss on ReLU'd maps
 def _avm(opts: dict, out: dict) -> torch.Tensor:
-    ns = SimpleNamespace(avm_loss={"avss_mask": "soft"} | opts, num_classes=1)
+    ns = SimpleNamespace(avm_loss={"avss_mask": "soft", "variant": "kl"} | opts, num_classes=1)
     ns.binary_logits = lambda logits: AVSegmentor.binary_logits(ns, logits)
     return AVSegmentor._avm(ns, out)
 
