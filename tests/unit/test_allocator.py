@@ -134,7 +134,9 @@ def test_a_script_refuses_on_without_glibc_in_one_plain_line(tmp_path):
         f"runpy.run_path({str(PROJECT_ROOT / 'scripts' / 'benchmark.py')!r}, run_name='__main__')"
     )
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env
+    )
     assert proc.returncode == ExitCode.CONFIG, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -143,4 +145,3 @@ def test_a_script_refuses_on_without_glibc_in_one_plain_line(tmp_path):
         "so its allocator cannot be tuned; set runtime.allocator=auto or off"
     ]
     assert "params" not in proc.stdout  # refused before anything was built
-

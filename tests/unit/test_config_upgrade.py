@@ -89,3 +89,16 @@ def test_an_old_av_loss_config_gets_the_soft_avss_map():
     old = {"model": {"_target_": "avs.models.methods.avsbg.AVSBGSegmentor", "avm_loss": {"variant": "kl"}}}
     assert upgrade_config(old)["model"]["avm_loss"] == {"variant": "kl", "avss_mask": "soft"}
     assert upgrade_config({"model": {"_target_": "x", "avm_loss": None}})["model"]["avm_loss"] is None
+
+
+def test_a_training_config_stored_before_the_runtime_group_gets_its_own_setting(tmp_path):
+    """runtime.allocator came later: a stored training config without it reads as `off` (avs left the
+    allocator alone then), resumes without a refused change, and today's configs keep their value."""
+    cfg = compose_cfg("train", [f"paths.data_dir={tmp_path}"])
+    old = OmegaConf.to_container(cfg, resolve=True)
+    del old["runtime"]
+    assert upgrade_config(json.loads(json.dumps(old)))["runtime"] == {"allocator": "off"}
+    assert check_resume_config(old, cfg, "old.ckpt") == []  # result-neutral: not compared
+    today = OmegaConf.to_container(cfg, resolve=True)
+    assert upgrade_config(json.loads(json.dumps(today)))["runtime"] == {"allocator": "auto"}
+    assert "runtime" not in upgrade_config({"model": {"name": "tpavi"}})  # not a training config
