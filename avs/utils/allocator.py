@@ -90,6 +90,11 @@ def glibc_version(libc: Any) -> str | None:
     return version.decode() if isinstance(version, bytes) else str(version)
 
 
+def process_glibc() -> str | None:
+    """The glibc version this process runs on ('2.36'), None when it runs on another C library."""
+    return glibc_version(_load_libc())
+
+
 def environment_settings(environ: Mapping[str, str]) -> dict[str, str]:
     """The allocator parameters the environment already sets: {variable or tunable: value}."""
     found = {var: environ[var] for var in ENV_VARS.values() if var in environ}

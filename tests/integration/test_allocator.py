@@ -13,10 +13,10 @@ import sys
 import pytest
 
 from avs.config import PROJECT_ROOT
-from avs.utils.allocator import VALUES, _load_libc, glibc_version
+from avs.utils.allocator import VALUES, process_glibc
 from tests.conftest import run_script, tiny_overrides
 
-GLIBC = glibc_version(_load_libc()) is not None
+GLIBC = process_glibc() is not None
 needs_glibc = pytest.mark.skipif(not GLIBC, reason="glibc only: mallopt tunes glibc's allocator")
 
 # A step's pattern: several 16 MB buffers live at once (activations held for the backward), then all freed.
