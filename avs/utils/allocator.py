@@ -176,6 +176,14 @@ def _apply(setting: str, libc: Any, libc_name: str) -> dict[str, Any]:
 
 def state() -> dict[str, Any]:
     """What `configure` did in this process (the record written to a run's outputs)."""
-    if not _state:
-        return {"setting": None, "applied": False, "reason": "not configured in this process"}
+    if not _state:  # e.g. a Trainer used from Python: no script applied the key in this process
+        return {
+            "setting": None,
+            "applied": False,
+            "libc": None,
+            "values": None,
+            "reason": "not configured in this process",
+            "environment": {},
+            "refused": [],
+        }
     return dict(_state)

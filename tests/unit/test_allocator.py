@@ -145,3 +145,9 @@ def test_a_script_refuses_on_without_glibc_in_one_plain_line(tmp_path):
         "so its allocator cannot be tuned; set runtime.allocator=auto or off"
     ]
     assert "params" not in proc.stdout  # refused before anything was built
+
+
+def test_a_process_that_never_configured_says_so():
+    record = allocator.state()
+    assert record["setting"] is None and record["applied"] is False
+    assert record["reason"] == "not configured in this process"
