@@ -23,6 +23,7 @@ RESULT_NEUTRAL_KEYS: tuple[str, ...] = (
     "task_name",  # the run's name
     "hydra",
     "paths",  # where files are; the data they lead to is compared through data.root
+    "runtime",  # how the process runs (runtime.allocator: glibc malloc tuning), never what it computes
     "published",  # the paper's reference numbers and row labels, never computed
     "*.weights_path",  # pretrained files are read at init only; a resumed run takes every weight from the checkpoint
     "*.pca_path",

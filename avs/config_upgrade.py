@@ -29,6 +29,9 @@ SEGMENTOR_TARGETS: dict[str, str] = {
     "ecmvae": "avs.models.methods.ecmvae.ECMVAESegmentor",
     "ecmvae_bg": "avs.models.methods.ecmvae.ECMVAESegmentor",
 }
+# The runtime group (configs/runtime/) of a training config stored before it existed: avs left the
+# allocator alone then (runtime.allocator=off), whatever the default is now.
+RUNTIME_BEFORE_GROUP: dict[str, Any] = {"allocator": "off"}
 
 
 def _group_option(group: str, option: str) -> Any:
@@ -92,6 +95,8 @@ def _upgrade_model(model: dict[str, Any]) -> None:
 
 def upgrade_config(old: dict[str, Any]) -> dict[str, Any]:
     """`old` (a plain dict, changed in place and returned) in today's spelling."""
+    if "runtime" not in old and isinstance(old.get("trainer"), dict):  # a training config of before the group
+        old["runtime"] = dict(RUNTIME_BEFORE_GROUP)
     if isinstance(old.get("trainer"), dict):
         _upgrade_trainer(old["trainer"])
     if isinstance(old.get("model"), dict):

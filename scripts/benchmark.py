@@ -25,6 +25,7 @@ import avs  # noqa: E402,F401
 from avs.engine.params import format_parameter_report, parameter_report  # noqa: E402
 from avs.errors import ConfigError, plain_errors, run_plain  # noqa: E402
 from avs.script_args import check_overrides  # noqa: E402
+from avs.utils.allocator import configure as configure_allocator  # noqa: E402
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
@@ -63,8 +64,10 @@ def profile_configs(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
 
 
 def write_json(cfg: DictConfig, res: dict) -> None:
+    from avs.utils.allocator import state as allocator_state
     from avs.utils.io import atomic_write_text
 
+    res = {**res, "allocator": allocator_state()}  # runtime.allocator: what this process's allocator runs with
     paths = [default_json_path(cfg)] if cfg.save_default else []
     if cfg.out:
         paths.append(Path(str(cfg.out)))
@@ -79,6 +82,7 @@ def write_json(cfg: DictConfig, res: dict) -> None:
 @hydra.main(version_base="1.3", config_path="../configs", config_name="benchmark")
 @plain_errors
 def main(cfg: DictConfig) -> None:
+    configure_allocator(cfg.runtime.allocator)  # process-wide, before any model is built (spawned children too)
     if cfg.params_only:
         report = parameter_report(cfg)
         print(format_parameter_report(report, f"model={cfg.model.name} backbone={cfg.backbone.name} (trainable, M)"))

@@ -22,6 +22,7 @@ from avs.errors import plain_errors, run_plain  # noqa: E402
 from avs.evaluation.outputs import script_out_dir  # noqa: E402
 from avs.inference.demo import run_demo  # noqa: E402
 from avs.script_args import check_overrides  # noqa: E402
+from avs.utils.allocator import configure as configure_allocator  # noqa: E402
 
 log = logging.getLogger("avs.demo")
 
@@ -29,6 +30,7 @@ log = logging.getLogger("avs.demo")
 @hydra.main(version_base="1.3", config_path="../configs", config_name="demo")
 @plain_errors
 def main(cfg: DictConfig) -> None:
+    configure_allocator(cfg.runtime.allocator)  # process-wide, before the model and data are built
     out_dir = script_out_dir(cfg.out_dir)
     result = run_demo(cfg, out_dir)
     print(f"{len(result.masks)} masks: {out_dir / 'masks'}")

@@ -31,6 +31,7 @@ from avs.evaluation.checkpoint import data_overrides, eval_title, evaluate_check
 from avs.evaluation.outputs import script_out_dir  # noqa: E402
 from avs.evaluation.report import markdown_table  # noqa: E402
 from avs.script_args import check_overrides  # noqa: E402
+from avs.utils.allocator import configure as configure_allocator  # noqa: E402
 
 log = logging.getLogger("avs.eval")
 
@@ -38,6 +39,7 @@ log = logging.getLogger("avs.eval")
 @hydra.main(version_base="1.3", config_path="../configs", config_name="eval")
 @plain_errors
 def main(cfg: DictConfig) -> None:
+    configure_allocator(cfg.runtime.allocator)  # process-wide, before the model and data are built
     out_dir = script_out_dir(cfg.output_dir)
     result = evaluate_checkpoint(cfg, out_dir)
     if result.get("paths"):  # rank 0 (or the single process) writes and prints

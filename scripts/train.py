@@ -37,6 +37,7 @@ from avs.engine.trainer import Trainer  # noqa: E402
 from avs.errors import plain_errors, run_plain  # noqa: E402
 from avs.evaluation.report import markdown_table  # noqa: E402
 from avs.script_args import check_overrides  # noqa: E402
+from avs.utils.allocator import configure as configure_allocator  # noqa: E402
 
 log = logging.getLogger("avs.train")
 
@@ -44,6 +45,7 @@ log = logging.getLogger("avs.train")
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 @plain_errors
 def main(cfg: DictConfig) -> float | None:
+    configure_allocator(cfg.runtime.allocator)  # process-wide, before the model and data are built
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     trainer = Trainer(cfg, run_dir)
     result = trainer.fit()

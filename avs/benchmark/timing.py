@@ -170,6 +170,9 @@ def run_measurement(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _child(spec: dict[str, Any], q) -> None:
     try:
+        from avs.utils.allocator import configure
+
+        configure(spec["cfg"]["runtime"]["allocator"])  # a spawned child starts with glibc's defaults
         import avs.models.build  # noqa: F401  (imports before the memory baseline)
         from avs.engine.params import random_init_config  # noqa: F401
 

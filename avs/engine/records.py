@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from avs.data.layout import labelled_frames_name
 from avs.engine.state import RunState
+from avs.utils.allocator import state as allocator_state
 from avs.utils.io import atomic_write_text
 
 
@@ -99,6 +100,7 @@ def metrics_record(
         "world_size": world_size,
         "global_batch_size": int(cfg.data.batch_size) * world_size * max(1, int(tcfg.grad_accum)),
         "git_commit": git_commit(),
+        "allocator": allocator_state(),  # runtime.allocator: what this process's allocator ran with
         "loss_weights": loss_weights,
         "skipped_clips": sorted(set(state.skipped)),
         "faults": _faults_record(state),

@@ -125,6 +125,7 @@ def _load_weights(model: torch.nn.Module, state: dict[str, Any], checkpoint: Any
 
 def _meta(cfg: DictConfig, run_cfg: DictConfig, world_size: int) -> dict[str, Any]:
     from avs.engine.records import git_commit
+    from avs.utils.allocator import state as allocator_state
 
     return {
         "checkpoint": str(cfg.checkpoint),
@@ -139,6 +140,7 @@ def _meta(cfg: DictConfig, run_cfg: DictConfig, world_size: int) -> dict[str, An
         "seed": int(run_cfg.seed),
         "audio_input": _audio_input(cfg),
         "git_commit": git_commit(),
+        "allocator": allocator_state(),
         "train_config": OmegaConf.to_container(run_cfg, resolve=True),
         "world_size": world_size,
     }

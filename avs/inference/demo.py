@@ -51,6 +51,7 @@ from avs.inference.video import (
     to_model_frame,
     window_logmel,
 )
+from avs.utils.allocator import state as allocator_state
 from avs.utils.io import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -431,6 +432,7 @@ def _summary(
         ],
         "overlay_video": str(result.overlay_video) if result.overlay_video else None,
         "contact_sheet": str(result.contact_sheet) if result.contact_sheet else None,
+        "allocator": allocator_state(),  # runtime.allocator: what this process's allocator ran with
     }
 
 

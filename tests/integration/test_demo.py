@@ -23,6 +23,7 @@ from avs.data import build_dataset  # noqa: E402
 from avs.inference.demo import run_demo  # noqa: E402
 from avs.inference.model import load_model  # noqa: E402
 from avs.inference.video import VideoError, load_video_audio, probe_video  # noqa: E402
+from avs.utils.allocator import process_glibc  # noqa: E402
 
 FPS = 4  # each stored frame is held for one second (4 video frames); AVSBench sampling takes frame 4l+3
 T = 3  # tiny_overrides: data.num_frames=3, image_size 64
@@ -156,6 +157,8 @@ def test_demo_hydra_entry_point_dense(clip, tpavi_ckpt, tmp_path):
     assert (info.num_frames, info.width, info.height) == (12, 48, 48)
     summary = json.loads((out / "demo.json").read_text())
     assert summary["sampling"] == "dense" and len(summary["slots"]) == 12
+    glibc = process_glibc() is not None  # runtime.allocator (default auto) applied on glibc, recorded
+    assert summary["allocator"]["setting"] == "auto" and summary["allocator"]["applied"] is glibc
     assert (out / "contact_sheet.png").is_file()
 
 

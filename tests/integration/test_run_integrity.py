@@ -165,6 +165,7 @@ def test_free_keys_change_silently_on_resume(synth_data_dir, finished_run, tmp_p
                 "trainer.log_every_steps=1",
                 "trainer.checkpoint_every_steps=5",
                 "data.eval_batch_size=1",
+                "runtime.allocator=off",  # how the process runs, not what it computes
             ],
         ),
         run,

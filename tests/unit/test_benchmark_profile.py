@@ -19,6 +19,7 @@ from avs.benchmark.profile import format_profile, profile_model, profile_module,
 from avs.benchmark.timeline import CudaEventClock, Timeline, make_clock
 from avs.config import PROJECT_ROOT
 from avs.errors import ExitCode
+from avs.utils.allocator import process_glibc
 from tests.conftest import compose_cfg
 
 SPEC = {
@@ -310,6 +311,9 @@ def test_script_profile_writes_table_and_json(tmp_path):
     assert set(res["profiles"]) == {"tpavi", "avsbg"}
     assert "motion" in {r["part"] for r in res["profiles"]["avsbg"]["infer"]["rows"]}
     assert "motion" not in {r["part"] for r in res["profiles"]["tpavi"]["infer"]["rows"]}
+    alloc = res["allocator"]  # runtime.allocator (default auto): applied on glibc before the models were built
+    glibc = process_glibc() is not None
+    assert alloc["setting"] == "auto" and alloc["applied"] is glibc and (alloc["values"] is not None) is glibc
 
 
 def test_script_refuses_profile_and_demo_together(tmp_path):

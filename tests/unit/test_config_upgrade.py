@@ -97,3 +97,16 @@ def test_an_av_loss_config_from_before_the_variants_gets_the_kl_form():
     assert upgrade_config(old)["model"]["avm_loss"] == {"stages": [0, 1], "variant": "kl", "avss_mask": "soft"}
     kept = {"model": {"_target_": "x", "avm_loss": {"variant": "s4_cos", "avss_mask": "soft"}}}
     assert upgrade_config(kept)["model"]["avm_loss"]["variant"] == "s4_cos"
+
+
+def test_a_training_config_stored_before_the_runtime_group_gets_its_own_setting(tmp_path):
+    """runtime.allocator came later: a stored training config without it reads as `off` (avs left the
+    allocator alone then), resumes without a refused change, and today's configs keep their value."""
+    cfg = compose_cfg("train", [f"paths.data_dir={tmp_path}"])
+    old = OmegaConf.to_container(cfg, resolve=True)
+    del old["runtime"]
+    assert upgrade_config(json.loads(json.dumps(old)))["runtime"] == {"allocator": "off"}
+    assert check_resume_config(old, cfg, "old.ckpt") == []  # result-neutral: not compared
+    today = OmegaConf.to_container(cfg, resolve=True)
+    assert upgrade_config(json.loads(json.dumps(today)))["runtime"] == {"allocator": "auto"}
+    assert "runtime" not in upgrade_config({"model": {"name": "tpavi"}})  # not a training config
