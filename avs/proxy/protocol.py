@@ -3,7 +3,10 @@
 A protocol (configs/proxy_benchmark.yaml, copied resolved to ``<out_dir>/protocol.yaml``) names
 the seeds, the subsets, the overrides every run shares (``base``) and the cells (a method or an
 ablation, each a list of overrides). One run = (subset, cell, seed) in
-``<out_dir>/<subset>/<cell>/seed<k>``. docs/reproducing.md, "Proxy benchmark", describes it.
+``<out_dir>/<subset>/<cell>/seed<k>``. ``init_from`` ({subset: source subset}) starts every run of a
+subset from the val-selected checkpoint of the same cell and seed on the source subset (S4 -> MS3, the
+AVSBench ``--load_s4_params`` protocol): the runner starts such a run only after its source finished.
+docs/reproducing.md, "Proxy benchmark", describes it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from avs.engine.rundir import BEST_CKPT, CHECKPOINT_DIR
 from avs.errors import ConfigError
 
 PROTOCOL_FILE = "protocol.yaml"
@@ -21,13 +25,14 @@ CEILINGS_FILE = "ceilings.json"
 # one line per worker task: run, task (train / follow-up), exit code, wall seconds, end, workers, threads
 RUNS_FILE = "runs.jsonl"
 # keys of the protocol that decide what a run computes: an out_dir made with other values is refused
-RUN_DEFINING = ("version", "base", "subsets", "cells", "standins")
+RUN_DEFINING = ("version", "base", "subsets", "init_from", "cells", "standins")
 PROTOCOL_KEYS = (
     "version",
     "standins",
     "seeds",
     "ablation_seeds",
     "subsets",
+    "init_from",
     "base",
     "extra_overrides",
     "cells",
@@ -48,10 +53,19 @@ class ProxyRun:
     seed: int
     overrides: tuple[str, ...]
     run_dir: Path
+    after: str | None = None  # the run whose checkpoint this one starts from (init_from), by name
+    init_checkpoint: Path | None = None  # that run's best.ckpt (the `model.init_from=` override)
 
     @property
     def name(self) -> str:
         return f"{self.subset}/{self.cell}/seed{self.seed}"
+
+    def checkable_overrides(self) -> tuple[str, ...]:
+        """The overrides without `model.init_from` (its file exists only once the source run finished)."""
+        return tuple(o for o in self.overrides if not o.startswith(f"{INIT_KEY}="))
+
+
+INIT_KEY = "model.init_from"
 
 
 def _strings(node: Any, where: str) -> list[str]:
@@ -93,6 +107,28 @@ def cell_seeds(protocol: DictConfig, cell: str) -> list[int]:
     return [int(k) for k in protocol.seeds]
 
 
+def init_sources(protocol: DictConfig) -> dict[str, str]:
+    """{subset: the subset its runs start from} (`init_from`; empty when the protocol has none)."""
+    node = protocol.get("init_from")
+    return {str(k): str(v) for k, v in (_plain(node) or {}).items()}
+
+
+def _validate_init_from(protocol: DictConfig) -> None:
+    subsets = list(protocol.subsets.keys())
+    sources = init_sources(protocol)
+    for target, source in sources.items():
+        if target not in subsets or source not in subsets or source == target:
+            raise ConfigError(f"init_from.{target}={source}: both must be two different subsets of {subsets}")
+        if source in sources:
+            raise ConfigError(f"init_from.{target}={source}: {source} itself starts from {sources[source]} (no chains)")
+        for cell in protocol.cells:
+            where = cell_subsets(protocol, cell)
+            if target in where and source not in where:
+                raise ConfigError(
+                    f"cells.{cell}: runs on {target}, which starts from {source} (init_from), but not on {source}"
+                )
+
+
 def validate(protocol: DictConfig) -> None:
     """Refuse a protocol whose references do not resolve (methods, claims and targets name cells)."""
     for key in ("seeds", "subsets", "cells", "methods"):
@@ -112,19 +148,26 @@ def validate(protocol: DictConfig) -> None:
     for name in cells:
         _strings(protocol.cells[name].get("overrides"), f"cells.{name}.overrides")
         cell_subsets(protocol, name)
+    _validate_init_from(protocol)
 
 
-def expand(protocol: DictConfig, out_dir: Path, context: tuple[str, ...] = ()) -> list[ProxyRun]:
+def expand(
+    protocol: DictConfig, out_dir: Path, context: tuple[str, ...] = (), init_root: Path | None = None
+) -> list[ProxyRun]:
     """Every run of the protocol: the methods' runs and their no-audio pairs' first, then the other cells',
     each group seed-major (all of seed 1 before seed 2), so a benchmark stopped early has whole seeds of
     the methods table with their listening pairs.
-    `context` (the invocation's `paths.*`, not part of the protocol) goes before each run's seed."""
+    `context` (the invocation's `paths.*`, not part of the protocol) goes before each run's seed.
+    A subset with an `init_from` source gets `model.init_from=<init_root>/<source>/<cell>/seed<k>/
+    checkpoints/best.ckpt` (init_root: out_dir unless given) and names that run in `after`."""
     validate(protocol)
     base = _strings(protocol.get("base"), "base")
     extra = _strings(protocol.get("extra_overrides"), "extra_overrides")
     methods = table_cells(protocol)
     others = [c for c in protocol.cells if c not in set(methods)]
     runs = []
+    sources = init_sources(protocol)
+    init_root = out_dir if init_root is None else init_root
     all_seeds = sorted({k for c in protocol.cells for k in cell_seeds(protocol, c)})
     for group in (methods, others):
         for seed in all_seeds:
@@ -134,9 +177,15 @@ def expand(protocol: DictConfig, out_dir: Path, context: tuple[str, ...] = ()) -
                     if subset not in cell_subsets(protocol, cell) or int(seed) not in cell_seeds(protocol, cell):
                         continue
                     cell_overrides = _strings(protocol.cells[cell].get("overrides"), f"cells.{cell}.overrides")
-                    overrides = (*base, *subset_part, *cell_overrides, *extra, *context, f"seed={int(seed)}")
+                    source = sources.get(subset)
+                    init = (
+                        init_root / source / cell / f"seed{int(seed)}" / CHECKPOINT_DIR / BEST_CKPT if source else None
+                    )
+                    start = (f"{INIT_KEY}={init}",) if init else ()
+                    overrides = (*base, *subset_part, *cell_overrides, *start, *extra, *context, f"seed={int(seed)}")
                     run_dir = out_dir / subset / cell / f"seed{int(seed)}"
-                    runs.append(ProxyRun(subset, cell, int(seed), overrides, run_dir))
+                    after = f"{source}/{cell}/seed{int(seed)}" if source else None
+                    runs.append(ProxyRun(subset, cell, int(seed), overrides, run_dir, after, init))
     return runs
 
 

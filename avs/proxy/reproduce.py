@@ -3,7 +3,8 @@
     python scripts/proxy_benchmark.py reproduce=ms3/tpavi:1
 
 The run is made afresh in `<out_dir>/reproduce/<subset>/<cell>/seed<k>` with the protocol's overrides,
-the same `paths.*`, the pinned stand-ins and the same follow-ups, then compared with its line in the
+the same `paths.*`, the pinned stand-ins and the same follow-ups (a run that starts from another, by
+the protocol's `init_from`, starts from that run's checkpoint in `<out_dir>`), then compared with its line in the
 results file (`results_file`, default docs/results/proxy_runs.jsonl) under the protocol's version.
 """
 
@@ -47,11 +48,13 @@ def reproduce(cfg: DictConfig, out_dir: Path, results: Path) -> bool:
             f"under protocol version {protocol.get('version')}"
         )
     where = out_dir / "reproduce"
-    runs = expand(protocol, where, runner.path_overrides(cfg))
+    # a run that starts from another (init_from) starts from the recorded run's checkpoint in out_dir
+    runs = expand(protocol, where, runner.path_overrides(cfg), init_root=out_dir)
     runs = runner.name_persistence([r for r in runs if (r.subset, r.cell, r.seed) == (subset, cell, seed)])
     if not runs:
         raise ConfigError(f"reproduce={cfg.reproduce}: the protocol has no such run")
     run = runs[0]
+    runner.check_sources([run])
     if run.run_dir.exists():
         runner._set_aside(run.run_dir)
     standins = runner.check_runs(runs, protocol.get("standins"))

@@ -118,7 +118,7 @@ def check_runs(runs: Sequence[ProxyRun], pins: Any = None) -> dict[tuple[str, st
     for run in runs:
         if (run.subset, run.cell) in found:
             continue
-        cfg = compose_train(run.overrides)
+        cfg = compose_train(run.checkable_overrides())
         where = f"cell {run.cell} on {run.subset}"
         try:
             check_config(cfg)
@@ -248,19 +248,31 @@ def run_protocol(cfg: DictConfig, out_dir: Path) -> ProxyOutcome:
         print_plan(cfg, protocol, runs, out_dir)
         outcome.seconds = time.perf_counter() - start
         return outcome
+    check_sources([r for r in runs if not finished(r.run_dir)])
     out_dir.mkdir(parents=True, exist_ok=True)
     check_same_protocol(out_dir, protocol)
     atomic_write_text(out_dir / PROTOCOL_FILE, OmegaConf.to_yaml(protocol))
     todo, followup_only = _sort_runs(cfg, runs, outcome)
-    standins = check_runs([*todo, *followup_only], protocol.get(PIN_KEY)) or {}
+    unrecorded = [r for r in runs if r.name in outcome.kept and r not in followup_only and _unrecorded(cfg, r, out_dir)]
+    standins = check_runs([*todo, *followup_only, *unrecorded], protocol.get(PIN_KEY)) or {}
     ceilings = prepare_data(protocol, runs, out_dir)
     if results_path(cfg) is not None:
         write_protocol_snapshot(results_path(cfg), protocol, ceilings)
+    for run in unrecorded:  # a finished run without its results line (e.g. a lost results file) gets it
+        _record_results(cfg, run, standins, out_dir)
     log_dir = out_dir / "logs"
     log_dir.mkdir(exist_ok=True)
     _execute(cfg, todo, followup_only, log_dir, outcome, standins)
     outcome.seconds = time.perf_counter() - start
     return outcome
+
+
+def _unrecorded(cfg: DictConfig, run: ProxyRun, out_dir: Path) -> bool:
+    """True when the out dir's or the tracked results file has no line for this finished run."""
+    from avs.proxy.results import find_row, read_rows
+
+    files = [out_dir / RESULTS_FILE, results_path(cfg)]
+    return any(find_row(read_rows(f), run.subset, run.cell, run.seed, cfg.get("version")) is None for f in files if f)
 
 
 def print_plan(cfg: DictConfig, protocol: DictConfig, runs: Sequence[ProxyRun], out_dir: Path) -> None:
@@ -275,7 +287,7 @@ def print_plan(cfg: DictConfig, protocol: DictConfig, runs: Sequence[ProxyRun], 
     pins = dict(protocol.get(PIN_KEY) or {})
     files: dict[Path, str] = {}
     for run in {(r.subset, r.cell): r for r in runs}.values():  # one config per cell and subset
-        train_cfg = compose_train(run.overrides)
+        train_cfg = compose_train(run.checkable_overrides())
         check_config(train_cfg)
         files.update({path: key for key, path in weight_files(train_cfg)})
     for path, key in sorted(files.items()):
@@ -287,6 +299,8 @@ def print_plan(cfg: DictConfig, protocol: DictConfig, runs: Sequence[ProxyRun], 
             print(f"kept {run.name}")
             cmds = followup_commands(cfg, run, missing_only=True)
         else:
+            if run.after:
+                print(f"# after {run.after} has finished (its best.ckpt is this run's model.init_from):")
             print(" ".join(_command(run)))
             cmds = followup_commands(cfg, run)
         for cmd in cmds:
@@ -328,42 +342,91 @@ def _execute(
     outcome: ProxyOutcome,
     standins: dict | None = None,
 ) -> None:
+    """Run the tasks in `workers` slots; a run that starts from another (`after`) waits until that one has
+    finished, and is reported failed without running when it did not."""
     workers = max(1, int(cfg.workers))
-    total = len(todo) + len(followup_only)
-    bar = tqdm(total=total, desc="proxy runs", unit="run", disable=not cfg.get("progress", True))
+    bar = tqdm(total=len(todo) + len(followup_only), desc="proxy runs", unit="run", disable=not cfg.get("progress"))
     threads = int(cfg.threads)
+    waiting = list(todo)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = [
+        running = {
             pool.submit(_run_one, r, threads, log_dir, followup_commands(cfg, r, missing_only=True), False)
             for r in followup_only
-        ]
-        futures += [pool.submit(_run_one, r, threads, log_dir, followup_commands(cfg, r)) for r in todo]
-        for fut in as_completed(futures):
-            end = fut.result()
-            run = end.run
-            only = run in followup_only
-            _record(
-                log_dir.parent / RUNS_FILE,
-                run,
-                end.code,
-                end.seconds,
-                "follow-up" if only else "train",
-                workers,
-                threads,
-            )
-            if not only and not (end.code == 0 and finished(run.run_dir)):
-                outcome.failed[run.name] = f"exit code {end.code}; log {_log_path(log_dir, run)}"
-            else:
-                if not only:
-                    outcome.made.append(run.name)
-                    if not cfg.get("keep_last_checkpoint", False):
-                        _drop_last_checkpoint(run.run_dir)
-                if end.followup_error:
-                    outcome.failed[run.name] = f"follow-up failed: {end.followup_error}"
-                _record_results(cfg, run, standins or {}, log_dir.parent)
-            bar.set_postfix_str(f"{run.name} {end.seconds:.0f}s")
+        }
+        while running or waiting:
+            ready, waiting, dropped = _release(waiting, todo, outcome)
+            bar.update(len(dropped))
+            running |= {pool.submit(_run_one, r, threads, log_dir, followup_commands(cfg, r)) for r in ready}
+            if not running:
+                continue
+            done = next(as_completed(running))
+            running.discard(done)
+            end = done.result()
+            _finish(cfg, end, end.run in followup_only, log_dir, outcome, standins, workers)
+            bar.set_postfix_str(f"{end.run.name} {end.seconds:.0f}s")
             bar.update(1)
     bar.close()
+
+
+def _release(waiting: list[ProxyRun], todo: Sequence[ProxyRun], outcome: ProxyOutcome) -> tuple[list, list, list]:
+    """(runs that may start now, runs still waiting for their source run, runs dropped because their
+    source failed: each is marked failed by name)."""
+    pending = {r.name for r in todo} - set(outcome.made) - set(outcome.failed)
+    ready, still, dropped = [], [], []
+    for run in waiting:
+        if run.after in outcome.failed:
+            outcome.failed[run.name] = f"not run: it starts from {run.after}, which failed"
+            dropped.append(run)
+        elif run.after in pending:
+            still.append(run)
+        else:
+            ready.append(run)
+    return ready, still, dropped
+
+
+def check_sources(todo: Sequence[ProxyRun]) -> None:
+    """A run that starts from another (init_from) needs that run finished or queued in this invocation."""
+    from avs.config_checks import ConfigError
+
+    queued = {r.name for r in todo}
+    for run in todo:
+        if run.after is not None and run.after not in queued and not Path(str(run.init_checkpoint)).is_file():
+            raise ConfigError(
+                f"{run.name} starts from {run.after} (init_from), which has not finished and is not selected "
+                f"(only / only_subsets): {run.init_checkpoint} not found"
+            )
+
+
+def _finish(
+    cfg: DictConfig,
+    end: RunEnd,
+    only: bool,
+    log_dir: Path,
+    outcome: ProxyOutcome,
+    standins: dict | None,
+    workers: int,
+) -> None:
+    """Record one ended task: runs.jsonl, the outcome, the results line."""
+    run = end.run
+    _record(
+        log_dir.parent / RUNS_FILE,
+        run,
+        end.code,
+        end.seconds,
+        "follow-up" if only else "train",
+        workers,
+        int(cfg.threads),
+    )
+    if not only and not (end.code == 0 and finished(run.run_dir)):
+        outcome.failed[run.name] = f"exit code {end.code}; log {_log_path(log_dir, run)}"
+        return
+    if not only:
+        outcome.made.append(run.name)
+        if not cfg.get("keep_last_checkpoint", False):
+            _drop_last_checkpoint(run.run_dir)
+    if end.followup_error:
+        outcome.failed[run.name] = f"follow-up failed: {end.followup_error}"
+    _record_results(cfg, run, standins or {}, log_dir.parent)
 
 
 def followup_commands(cfg: DictConfig, run: ProxyRun, missing_only: bool = False) -> list[list[str]]:

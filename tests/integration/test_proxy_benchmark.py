@@ -110,17 +110,30 @@ def test_queue_runs_keeps_finished_and_reports_failures_by_name(tmp_path, monkey
     assert sorted(first.made) == made
     assert sorted(first.failed) == ["ms3/avsbg/seed2", "s4/avsbg/seed2"]
     assert "exit code 3" in first.failed["s4/avsbg/seed2"]
+    # the MS3 run starts from the S4 run's checkpoint (init_from): it is not started when that one failed
+    assert first.failed["ms3/avsbg/seed2"] == "not run: it starts from s4/avsbg/seed2, which failed"
     lines = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
-    assert sorted((x["run"], x["exit_code"]) for x in lines) == sorted(
-        [(m, 0) for m in made] + [("ms3/avsbg/seed2", 3), ("s4/avsbg/seed2", 3)]
+    assert sorted((x["run"], x["exit_code"]) for x in lines) == sorted([(m, 0) for m in made] + [("s4/avsbg/seed2", 3)])
+    order = [x["run"] for x in lines]
+    assert all(
+        order.index(f"s4/{c}/seed{k}") < order.index(f"ms3/{c}/seed{k}") for c, k in (("tpavi", 1), ("avsbg", 1))
     )
     assert {(x["task"], x["workers"], x["threads"]) for x in lines} == {("train", int(cfg.workers), int(cfg.threads))}
     # an unfinished run dir is set aside (kept), the finished ones are not run again
     broken = out / "s4" / "avsbg" / "seed2"
     broken.mkdir(parents=True, exist_ok=True)
     (broken / "partial.txt").write_text("x")
+    lost = out / "proxy_runs.jsonl"
+    assert len(lost.read_text().splitlines()) == 6
+    lost.unlink()  # a finished run without its results line gets it back, without running again
     second = run_protocol(cfg, out)
-    assert len(second.kept) == 6 and second.made == []
+    assert (
+        sorted(f"{r['subset']}/{r['cell']}/seed{r['seed']}" for r in map(json.loads, lost.read_text().splitlines()))
+        == made
+    )
+    assert (
+        len(second.kept) == 6 and second.made == [] and sorted(second.failed) == ["ms3/avsbg/seed2", "s4/avsbg/seed2"]
+    )
     assert (out / "s4" / "avsbg" / "seed2.unfinished1" / "partial.txt").is_file()
     assert finished(out / "ms3" / "tpavi" / "seed1") and not finished(broken)
 
@@ -171,20 +184,20 @@ def test_toy_protocol_end_to_end(tmp_path):
         f"out_dir={out}",
         "seeds=[1]",
         "only=[ecmvae]",
-        "only_subsets=[ms3]",
+        "only_subsets=[s4]",
         "workers=1",
         "progress=false",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    run = out / "ms3" / "ecmvae" / "seed1"
+    run = out / "s4" / "ecmvae" / "seed1"
     assert finished(run)
     assert (run / "latent_kl.jsonl").is_file()
     record = json.loads((run / "uncertainty.json").read_text())
     assert record["num_samples"] == 4 and record["split"] == "test"  # configs/proxy_benchmark.yaml
     assert not (run / "checkpoints" / "last.ckpt").exists() and (run / "checkpoints" / "best.ckpt").is_file()
     ceilings = json.loads((out / "ceilings.json").read_text())
-    assert 0.0 <= ceilings["ms3"]["test"] <= 100.0
+    assert 0.0 <= ceilings["s4"]["test"] <= 100.0
     report = subprocess.run(
         [sys.executable, str(PROJECT_ROOT / "scripts" / "tables.py"), str(out), "--proxy"],
         capture_output=True,
@@ -208,7 +221,8 @@ def _repo_state() -> str:
 
 def test_toy_run_reaches_paths_and_reproduces_exactly(tmp_path):
     """A toy protocol with paths.* in tmp dirs: the child's config has them, nothing lands in the
-    repository, the results line is written, and reproduce= gives the recorded numbers exactly."""
+    repository, the results lines are written, the MS3 run starts from the S4 run's checkpoint, and
+    reproduce= reruns the MS3 run (from the recorded S4 checkpoint) with the recorded numbers exactly."""
     before = _repo_state()
     data, weights, out, results = tmp_path / "data", tmp_path / "weights", tmp_path / "out", tmp_path / "runs.jsonl"
     weights.mkdir()
@@ -224,8 +238,7 @@ def test_toy_run_reaches_paths_and_reproduces_exactly(tmp_path):
         f"results_file={results}",
         "seeds=[1]",
         "only=[tpavi]",
-        "only_subsets=[ms3]",
-        "workers=1",
+        "workers=2",
         "progress=false",
     ]
     proc = subprocess.run(common, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
@@ -235,8 +248,16 @@ def test_toy_run_reaches_paths_and_reproduces_exactly(tmp_path):
     assert child["paths"]["data_dir"] == str(data) and child["paths"]["weights_dir"] == str(weights)
     assert child["data"]["root"].startswith(str(data)) and child["data"]["root"].endswith("_p0.8")
     assert child["data"]["synthetic"]["persistence"] == 0.8
+    source = out / "s4" / "tpavi" / "seed1" / "checkpoints" / "best.ckpt"
+    assert child["model"]["init_from"] == str(source) and source.is_file()
+    assert json.loads((run / "metrics.json").read_text())["init_from"] == str(source)
+    runs = [json.loads(x)["run"] for x in (out / "runs.jsonl").read_text().splitlines()]
+    assert runs == ["s4/tpavi/seed1", "ms3/tpavi/seed1"]  # two workers, yet MS3 waited for its S4 run
     rows = [json.loads(x) for x in results.read_text().splitlines()]
-    assert [(r["subset"], r["cell"], r["seed"], r["protocol_version"]) for r in rows] == [("ms3", "tpavi", 1, 2)]
+    assert [(r["subset"], r["cell"], r["seed"], r["protocol_version"]) for r in rows] == [
+        ("ms3", "tpavi", 1, 3),
+        ("s4", "tpavi", 1, 3),
+    ]
     listening = rows[0]["listening"]
     assert set(listening["test_shuffled_audio"]) == {"miou_05", "miou_val_threshold", "fscore"}
     assert rows[0]["test"]["miou"] is not None and rows[0]["threads"] == 1
@@ -274,3 +295,44 @@ def test_dry_run_writes_nothing_and_needs_no_standins(tmp_path):
     assert f"paths.data_dir={data}" in proc.stdout and "train.py" in proc.stdout
     assert _tree(tmp_path) == snapshot and not out.exists()
     assert _repo_state() == before
+
+
+def test_ms3_runs_start_from_the_same_cell_and_seed_on_s4(tmp_path):
+    """init_from {ms3: s4}: each MS3 run names its S4 run and that run's best.ckpt, which comes earlier."""
+    cfg = _cfg(tmp_path)
+    assert OmegaConf.to_container(cfg.init_from) == {"ms3": "s4"}
+    runs = expand(protocol_node(cfg), tmp_path)
+    names = [r.name for r in runs]
+    for r in runs:
+        if r.subset == "s4":
+            assert r.after is None and not any(o.startswith("model.init_from=") for o in r.overrides)
+            continue
+        source = tmp_path / "s4" / r.cell / f"seed{r.seed}" / "checkpoints" / "best.ckpt"
+        assert r.after == f"s4/{r.cell}/seed{r.seed}" and r.init_checkpoint == source
+        assert f"model.init_from={source}" in r.overrides and r.overrides[-1] == f"seed={r.seed}"
+        assert names.index(r.after) < names.index(r.name)
+        assert "model.init_from=" not in " ".join(r.checkable_overrides())
+    elsewhere = expand(protocol_node(cfg), tmp_path / "re", init_root=tmp_path)  # reproduce: recorded sources
+    assert {r.init_checkpoint.parents[4] for r in elsewhere if r.after} == {tmp_path}
+
+
+def test_init_from_is_checked(tmp_path):
+    cfg = _cfg(tmp_path)
+    bad = protocol_node(cfg)
+    bad.cells.ecmvae_kl.subsets = ["ms3"]
+    with pytest.raises(ConfigError, match="cells.ecmvae_kl: runs on ms3, which starts from s4"):
+        validate(bad)
+    bad = protocol_node(cfg)
+    bad.init_from = {"ms3": "s3"}
+    with pytest.raises(ConfigError, match="init_from.ms3=s3"):
+        validate(bad)
+    bad.init_from = {"ms3": "s4", "s4": "ms3"}
+    with pytest.raises(ConfigError, match="no chains"):
+        validate(bad)
+
+
+def test_an_ms3_run_without_its_s4_run_is_refused_before_anything_is_written(tmp_path):
+    cfg = _cfg(tmp_path, seeds=[1], only=["tpavi"], only_subsets=["ms3"])
+    with pytest.raises(ConfigError, match=r"ms3/tpavi/seed1 starts from s4/tpavi/seed1 \(init_from\)"):
+        run_protocol(cfg, Path(cfg.out_dir))
+    assert not Path(cfg.out_dir).exists()

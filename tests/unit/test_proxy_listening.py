@@ -41,11 +41,11 @@ def test_a_low_but_right_model_gains_at_the_val_threshold():
     assert r["miou_05"] < 1.0 and r["miou_val_threshold"] == 100.0 and fscore_max(s) > 99.0
 
 
-def _row(cell, seed, miou, listen, shuffled):
+def _row(cell, seed, miou, listen, shuffled, version):
     reading = {"miou_05": listen, "miou_val_threshold": listen + 1, "fscore": listen + 2}
     shuf = {"miou_05": shuffled, "miou_val_threshold": shuffled + 1, "fscore": shuffled + 2}
     return {
-        "protocol_version": 2,
+        "protocol_version": version,
         "subset": "ms3",
         "cell": cell,
         "seed": seed,
@@ -62,10 +62,11 @@ def test_tables_read_a_results_file(tmp_path):
 
     results = tmp_path / "proxy_runs.jsonl"
     write_protocol_snapshot(results, protocol_node(cfg), {"ms3": {"test": 40.0}})
-    rows = [_row("tpavi", k, 50.0 + k, 50.0 + k, 30.0 + 2 * k) for k in (1, 2, 3)]
-    rows += [_row("tpavi_no_audio", k, 40.0, 40.0 + k / 10, 40.0) for k in (1, 2, 3)]
+    v = int(cfg.version)
+    rows = [_row("tpavi", k, 50.0 + k, 50.0 + k, 30.0 + 2 * k, v) for k in (1, 2, 3)]
+    rows += [_row("tpavi_no_audio", k, 40.0, 40.0 + k / 10, 40.0, v) for k in (1, 2, 3)]
     update_rows(results, rows)
-    update_rows(results, [_row("tpavi", 1, 51.0, 51.0, 31.0)])  # a rerun replaces its line
+    update_rows(results, [_row("tpavi", 1, 51.0, 51.0, 31.0, v)])  # a rerun replaces its line
     assert len(results.read_text().splitlines()) == 6
     protocol, res = load_protocol(results)
     assert res[("ms3", "tpavi")][1]["miou"] == 51.0 and protocol.ceilings.ms3.test == 40.0
@@ -77,4 +78,4 @@ def test_tables_read_a_results_file(tmp_path):
     assert same and all("differs" not in x for x in lines)
     lines, same = compare(rows[1], {**rows[1], "test": {"miou": 0.0, "fscore": rows[1]["test"]["fscore"]}})
     assert not same and any(x.startswith("test.miou: recorded 52.0, now 0.0 (differs)") for x in lines)
-    assert OmegaConf.load(tmp_path / "proxy_protocol_v2.yaml").version == 2
+    assert OmegaConf.load(tmp_path / f"proxy_protocol_v{v}.yaml").version == v
