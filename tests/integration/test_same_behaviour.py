@@ -110,6 +110,7 @@ ADDED_KEYS: tuple[str, ...] = (
     # AVSS numbers of the TPAVI overlays and the paper they come from; the S4/MS3 numbers are unchanged
     "published.avss",
     "published.by_subset",  # the data release's name in metrics.json (avsbench-object on S4/MS3, as recorded before)
+    "runtime",  # runtime.allocator: glibc malloc tuning (where tensors live in memory, not what is computed)
 )
 # Dotted keys that held null (a disabled part) and are gone because the model's class has no such part
 # (only the ECMVAE family takes `model.latent`).
