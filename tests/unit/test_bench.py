@@ -172,12 +172,9 @@ def test_quick_refuses_an_override_it_would_drop(override):
 
 
 def test_quick_with_a_dropped_override_exits_2_from_the_script():
-    import subprocess
-    import sys
-
     from avs.config import PROJECT_ROOT
+    from tests.conftest import run_script
 
-    cmd = [sys.executable, "scripts/benchmark.py", "model=tpavi", "quick=true", "repeats=5", "save_default=false"]
-    res = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    res = run_script("benchmark.py", ["model=tpavi", "quick=true", "repeats=5", "save_default=false"], PROJECT_ROOT)
     assert res.returncode == 2, res.stderr
     assert "error: quick=true sets" in res.stderr and "repeats" in res.stderr
