@@ -41,13 +41,14 @@ def tiny_overrides(data_dir: Path, subset: str = "ms3") -> list[str]:
     ]
 
 
-# Variables read when an interpreter or its libraries start: a script given one of them runs in a fresh process.
+# Variables read when an interpreter or its libraries start: a script given one of them runs in a fresh process
+# (PYTHONPATH excepted: the warm interpreter puts its entries on sys.path as a new one would).
 _STARTUP_ENV = ("PYTHON", "OMP_", "MKL_", "KMP_", "LD_", "MALLOC", "TORCH", "ATEN_", "CUDA", "HYDRA")
 _server: dict = {}
 
 
 def _startup_env(env: dict) -> dict:
-    return {k: v for k, v in env.items() if k.startswith(_STARTUP_ENV)}
+    return {k: v for k, v in env.items() if k.startswith(_STARTUP_ENV) and k != "PYTHONPATH"}
 
 
 def _script_server(env: dict) -> subprocess.Popen | None:
@@ -68,14 +69,16 @@ def _script_server(env: dict) -> subprocess.Popen | None:
 
 
 def run_script(
-    name: str, args: list[str], cwd: Path, env: dict | None = None, timeout: int = 300
+    name: str, args: list[str], cwd: Path, env: dict | None = None, timeout: int = 300, inherit_env: bool = True
 ) -> subprocess.CompletedProcess:
-    """Run scripts/<name> as a new process (one thread; `env` added to ours), capturing its text output.
+    """Run scripts/<name> as a new process (one thread; `env` added to ours, or alone without `inherit_env`),
+    capturing its text output.
 
     The process is forked from a warm interpreter that has imported torch, timm, Hydra and avs once
     (tests/script_server.py); it then runs the script like `python scripts/<name>` (own cwd, environment,
-    exit code, output). A fresh interpreter is started instead when `env` sets start-up variables."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    exit code, output). A fresh interpreter is started instead when `env` sets start-up variables other
+    than PYTHONPATH."""
+    full_env = {**(os.environ if inherit_env else {}), "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [sys.executable, str(PROJECT_ROOT / "scripts" / name), *args]
     server = None if _startup_env(env or {}) else _script_server(full_env)
     if server is None:

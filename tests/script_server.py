@@ -3,7 +3,8 @@
 A script's process spends seconds importing torch, timm and Hydra before it reads its command line; the
 suite starts dozens of them. This server imports those libraries (and `avs`, which every script imports)
 once; each request forks a child that runs scripts/<name> as `python scripts/<name> <args>` would: as
-__main__, with sys.argv, sys.path[0] = scripts/, the given cwd and environment, stdin from /dev/null,
+__main__, with sys.argv, sys.path[0] = scripts/ followed by the entries of the request's PYTHONPATH, the given
+cwd and environment, stdin from /dev/null,
 stdout/stderr to files, atexit handlers, and the interpreter's exit code (SystemExit's code; an uncaught
 exception prints its traceback and gives 1). Whatever the imports printed when the server started is
 printed again by every child, as a fresh interpreter would print it.
@@ -55,6 +56,20 @@ def _import_libraries() -> tuple[str, str]:
     return noise[0], noise[1]
 
 
+def _pythonpath(env: dict) -> list[str]:
+    """sys.path entries an interpreter adds for env's PYTHONPATH (made absolute, as `site` does)."""
+    return [os.path.abspath(e) for e in env.get("PYTHONPATH", "").split(os.pathsep) if e]
+
+
+def _set_path(script: str, env: dict) -> None:
+    """sys.path as `python <script>` would start with `env`: the script's folder, PYTHONPATH, the rest."""
+    ours = _pythonpath(os.environ)  # still the server's environment here
+    rest = sys.path[1:]
+    if rest[: len(ours)] == ours:
+        rest = rest[len(ours) :]
+    sys.path[:] = [os.path.dirname(script), *_pythonpath(env), *rest]
+
+
 def _exit_code(code: object) -> int:
     if code is None:
         return 0
@@ -69,6 +84,7 @@ def _child(req: dict, noise: tuple[str, str]) -> None:
     code = 1
     try:
         os.chdir(req["cwd"])
+        _set_path(req["script"], req["env"])
         os.environ.clear()
         os.environ.update(req["env"])
         os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
@@ -78,7 +94,6 @@ def _child(req: dict, noise: tuple[str, str]) -> None:
         sys.stderr.write(noise[1])
         script = req["script"]
         sys.argv = [script, *req["args"]]
-        sys.path[0] = os.path.dirname(script)
         try:
             runpy.run_path(script, run_name="__main__")
             code = 0
