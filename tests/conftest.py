@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -39,18 +41,60 @@ def tiny_overrides(data_dir: Path, subset: str = "ms3") -> list[str]:
     ]
 
 
+# Variables read when an interpreter or its libraries start: a script given one of them runs in a fresh process
+# (PYTHONPATH excepted: the warm interpreter puts its entries on sys.path as a new one would).
+_STARTUP_ENV = ("PYTHON", "OMP_", "MKL_", "KMP_", "LD_", "MALLOC", "TORCH", "ATEN_", "CUDA", "HYDRA")
+_server: dict = {}
+
+
+def _startup_env(env: dict) -> dict:
+    return {k: v for k, v in env.items() if k.startswith(_STARTUP_ENV) and k != "PYTHONPATH"}
+
+
+def _script_server(env: dict) -> subprocess.Popen | None:
+    """This test process's warm script runner (tests/script_server.py), started on first use; None when the
+    environment's start-up variables differ from the ones it started with (then a fresh process is used)."""
+    proc = _server.get("proc")
+    if proc is None or proc.poll() is not None:
+        proc = subprocess.Popen(
+            [sys.executable, str(PROJECT_ROOT / "tests" / "script_server.py")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        assert json.loads(proc.stdout.readline()) == {"ready": True}, "tests/script_server.py did not start"
+        _server.update(proc=proc, startup=_startup_env(env))
+    return proc if _server["startup"] == _startup_env(env) else None
+
+
 def run_script(
-    name: str, args: list[str], cwd: Path, env: dict | None = None, timeout: int = 300
+    name: str, args: list[str], cwd: Path, env: dict | None = None, timeout: int = 300, inherit_env: bool = True
 ) -> subprocess.CompletedProcess:
-    """Run scripts/<name> in a new process (one thread; `env` added to ours), capturing its text output."""
-    return subprocess.run(
-        [sys.executable, str(PROJECT_ROOT / "scripts" / name), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=cwd,
-        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-    )
+    """Run scripts/<name> as a new process (one thread; `env` added to ours, or alone without `inherit_env`),
+    capturing its text output.
+
+    The process is forked from a warm interpreter that has imported torch, timm, Hydra and avs once
+    (tests/script_server.py); it then runs the script like `python scripts/<name>` (own cwd, environment,
+    exit code, output). A fresh interpreter is started instead when `env` sets start-up variables other
+    than PYTHONPATH."""
+    full_env = {**(os.environ if inherit_env else {}), "OMP_NUM_THREADS": "1", **(env or {})}
+    cmd = [sys.executable, str(PROJECT_ROOT / "scripts" / name), *args]
+    server = None if _startup_env(env or {}) else _script_server(full_env)
+    if server is None:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=full_env)
+    with tempfile.TemporaryDirectory() as tmp:
+        out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
+        request = {"script": cmd[1], "args": args, "cwd": str(cwd), "env": full_env, "timeout": timeout}
+        server.stdin.write(json.dumps({**request, "stdout": str(out), "stderr": str(err)}) + "\n")
+        server.stdin.flush()
+        line = server.stdout.readline()
+        assert line, f"tests/script_server.py ended while running {name} (exit code {server.poll()})"
+        reply = json.loads(line)
+        stdout, stderr = out.read_text(errors="replace"), err.read_text(errors="replace")
+    if reply["timed_out"]:
+        raise subprocess.TimeoutExpired(cmd, timeout, stdout, stderr)
+    return subprocess.CompletedProcess(cmd, reply["returncode"], stdout, stderr)
 
 
 def compose_cfg(config_name: str = "train", overrides: list[str] | None = None, hydra_cfg: bool = False):

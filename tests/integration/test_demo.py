@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -13,9 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from avs.config import PROJECT_ROOT
 from avs.engine.trainer import Trainer
-from tests.conftest import compose_cfg, tiny_overrides
+from tests.conftest import compose_cfg, run_script, tiny_overrides
 
 av = pytest.importorskip("av", reason="PyAV (the avs[video] extra) is not installed")
 
@@ -135,9 +133,7 @@ def test_demo_matches_the_dataset_path_and_writes_every_output(clip, tpavi_ckpt,
 
 def test_demo_hydra_entry_point_dense(clip, tpavi_ckpt, tmp_path):
     out = tmp_path / "dense"
-    cmd = [
-        sys.executable,
-        str(PROJECT_ROOT / "scripts" / "demo.py"),
+    args = [
         f"video={clip['video']}",
         f"checkpoint={tpavi_ckpt}",
         "sampling=dense",
@@ -148,7 +144,7 @@ def test_demo_hydra_entry_point_dense(clip, tpavi_ckpt, tmp_path):
         "overlay.max_size=48",
         f"hydra.run.dir={tmp_path / 'hydra'}",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    proc = run_script("demo.py", args, tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     masks = sorted((out / "masks").glob("clip_*.png"))
     assert len(masks) == 3 * FPS  # dense: every frame
@@ -249,13 +245,8 @@ def test_export_checkpoint(tpavi_ckpt, tmp_path):
 
 def test_export_script_onnx_from_a_trained_checkpoint(tpavi_ckpt, tmp_path):
     """scripts/export.py format=onnx on a trained best.ckpt: prints the difference, writes .onnx + .onnx.json."""
-    import subprocess
-    import sys
-
-    from avs.config import PROJECT_ROOT
-
-    cmd = [sys.executable, str(PROJECT_ROOT / "scripts" / "export.py"), f"checkpoint={tpavi_ckpt}", "format=onnx"]
-    proc = subprocess.run(cmd + [f"out_dir={tmp_path}/out"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    args = [f"checkpoint={tpavi_ckpt}", "format=onnx", f"out_dir={tmp_path}/out"]
+    proc = run_script("export.py", args, tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "max |exported - eager| = " in proc.stdout and "relative" in proc.stdout
     (onnx_file,) = (tmp_path / "out").glob("*.onnx")

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import compose_cfg
+from tests.conftest import compose_cfg, run_script
 
 ROOT = Path(__file__).resolve().parents[2]
 # Two categories, one object per frame, clean sounds: easy enough to beat chance in a few steps.
@@ -116,28 +114,16 @@ def test_wrong_sizes_and_missing_file_are_plain_errors(toy_runs, tmp_path):
 
 
 def test_command_line(tmp_path):
-    cmd = [sys.executable, str(ROOT / "scripts" / "pretrain.py"), f"out_dir={tmp_path}", "tasks=[audio]", *TOY]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = run_script("pretrain.py", [f"out_dir={tmp_path}", "tasks=[audio]", *TOY], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "audio: held-out accuracy" in proc.stdout
     assert (tmp_path / "standin_tiny_audio.json").is_file()
-    bad_cmd = cmd[:2] + [f"out_dir={tmp_path}", "tasks=[video]"]
-    bad = subprocess.run(bad_cmd, capture_output=True, text=True, timeout=300)
+    bad = run_script("pretrain.py", [f"out_dir={tmp_path}", "tasks=[video]"], tmp_path)
     assert bad.returncode != 0 and "tasks" in bad.stderr
 
 
-def test_pretrain_help_says_what_it_makes_and_how_long():
-    import subprocess
-    import sys
-
-    from avs.config import PROJECT_ROOT
-
-    proc = subprocess.run(
-        [sys.executable, str(PROJECT_ROOT / "scripts" / "pretrain.py"), "--help"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+def test_pretrain_help_says_what_it_makes_and_how_long(tmp_path):
+    proc = run_script("pretrain.py", ["--help"], tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr
     head = proc.stdout.split("Overrides are")[0]  # the text above the config dump
     assert "standin_pvt_v2_b0_64px.pth" in head and "standin_tiny_audio.pth" in head

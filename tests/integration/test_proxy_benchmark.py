@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from avs.config_checks import ConfigError
 from avs.proxy import expand, finished, run_protocol, validate
 from avs.proxy import runner as runner_mod
 from avs.proxy.protocol import check_same_protocol, protocol_node
-from tests.conftest import compose_cfg
+from tests.conftest import compose_cfg, run_script
 
 
 def _cfg(tmp_path: Path, **changes):
@@ -178,8 +177,6 @@ def test_toy_protocol_end_to_end(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, AVS_DATA_DIR=str(tmp_path / "data"), AVS_LOG_DIR=str(tmp_path / "logs"))
     cmd = [
-        sys.executable,
-        str(PROJECT_ROOT / "scripts" / "proxy_benchmark.py"),
         "toy=true",
         f"out_dir={out}",
         "seeds=[1]",
@@ -188,7 +185,7 @@ def test_toy_protocol_end_to_end(tmp_path):
         "workers=1",
         "progress=false",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    proc = run_script("proxy_benchmark.py", cmd, tmp_path, env=env, timeout=600, inherit_env=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     run = out / "s4" / "ecmvae" / "seed1"
     assert finished(run)
@@ -198,12 +195,7 @@ def test_toy_protocol_end_to_end(tmp_path):
     assert not (run / "checkpoints" / "last.ckpt").exists() and (run / "checkpoints" / "best.ckpt").is_file()
     ceilings = json.loads((out / "ceilings.json").read_text())
     assert 0.0 <= ceilings["s4"]["test"] <= 100.0
-    report = subprocess.run(
-        [sys.executable, str(PROJECT_ROOT / "scripts" / "tables.py"), str(out), "--proxy"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    report = run_script("tables.py", [str(out), "--proxy"], tmp_path)
     assert report.returncode == 0, report.stderr
     assert "ECMVAE" in report.stdout
 
@@ -228,8 +220,6 @@ def test_toy_run_reaches_paths_and_reproduces_exactly(tmp_path):
     weights.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AVS_")}
     common = [
-        sys.executable,
-        str(PROJECT_ROOT / "scripts" / "proxy_benchmark.py"),
         "toy=true",
         f"out_dir={out}",
         f"paths.data_dir={data}",
@@ -241,7 +231,7 @@ def test_toy_run_reaches_paths_and_reproduces_exactly(tmp_path):
         "workers=2",
         "progress=false",
     ]
-    proc = subprocess.run(common, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    proc = run_script("proxy_benchmark.py", common, tmp_path, env=env, timeout=600, inherit_env=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     run = out / "ms3" / "tpavi" / "seed1"
     child = json.loads((run / "metrics.json").read_text())["config"]
@@ -261,8 +251,8 @@ def test_toy_run_reaches_paths_and_reproduces_exactly(tmp_path):
     listening = rows[0]["listening"]
     assert set(listening["test_shuffled_audio"]) == {"miou_05", "miou_val_threshold", "fscore"}
     assert rows[0]["test"]["miou"] is not None and rows[0]["threads"] == 1
-    again = subprocess.run(
-        [*common, "reproduce=ms3/tpavi:1"], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path
+    again = run_script(
+        "proxy_benchmark.py", [*common, "reproduce=ms3/tpavi:1"], tmp_path, env=env, timeout=600, inherit_env=False
     )
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
     assert "every number is the same" in again.stdout and "listening.test_shuffled_audio.miou_05" in again.stdout
@@ -277,8 +267,6 @@ def test_dry_run_writes_nothing_and_needs_no_standins(tmp_path):
     weights.mkdir()
     snapshot = _tree(tmp_path)
     cmd = [
-        sys.executable,
-        str(PROJECT_ROOT / "scripts" / "proxy_benchmark.py"),
         "dry_run=true",
         f"out_dir={out}",
         f"paths.data_dir={data}",
@@ -288,7 +276,7 @@ def test_dry_run_writes_nothing_and_needs_no_standins(tmp_path):
         "progress=false",
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("AVS_")}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    proc = run_script("proxy_benchmark.py", cmd, tmp_path, env=env, inherit_env=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"paths.weights_dir: {weights}" in proc.stdout
     assert f"{weights}/standin_pvt_v2_b0_64px.pth: pinned" in proc.stdout and "found missing" in proc.stdout

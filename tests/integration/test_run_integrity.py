@@ -19,7 +19,7 @@ from avs.engine.checkpoint import CheckpointError, load_checkpoint
 from avs.engine.loop import TrainLoop
 from avs.engine.trainer import Trainer
 from avs.evaluation.checkpoint import evaluate_checkpoint
-from tests.conftest import compose_cfg, tiny_overrides
+from tests.conftest import compose_cfg, run_script, tiny_overrides
 
 BASE = [
     "model.channels=32",
@@ -253,31 +253,15 @@ def test_disk_full_before_any_last_checkpoint_does_not_advise_a_resume(synth_dat
 
 
 def test_eval_script_takes_data_root_alone(synth_data_dir, finished_run, tmp_path):
-    import subprocess
-    import sys
-
     from omegaconf import OmegaConf
-
-    from avs.config import PROJECT_ROOT
 
     best = finished_run / "checkpoints" / "best.ckpt"
     moved = tmp_path / "moved"
     shutil.copytree(OmegaConf.create(load_checkpoint(best)["config"]).data.root, moved)  # the dataset moved
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(PROJECT_ROOT / "scripts" / "eval.py"),
-            f"checkpoint={best}",
-            "split=val",
-            "device=cpu",
-            f"data.root={moved}",
-            f"output_dir={tmp_path}/out",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    proc = run_script(
+        "eval.py",
+        [f"checkpoint={best}", "split=val", "device=cpu", f"data.root={moved}", f"output_dir={tmp_path}/out"],
+        tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     meta = json.loads((tmp_path / "out" / "metrics_val.json").read_text())
@@ -285,19 +269,7 @@ def test_eval_script_takes_data_root_alone(synth_data_dir, finished_run, tmp_pat
 
 
 def _train_script(args: list[str], cwd: Path):
-    import subprocess
-    import sys
-
-    from avs.config import PROJECT_ROOT
-
-    return subprocess.run(
-        [sys.executable, str(PROJECT_ROOT / "scripts" / "train.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=cwd,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    return run_script("train.py", args, cwd)
 
 
 def test_train_script_refuses_before_hydra_writes_into_the_run_dir(synth_data_dir, finished_run, tmp_path):

@@ -403,17 +403,32 @@ def _compare_bitwise(name: str, recorded: dict[str, str]) -> bool:
     return _same_machine_kind(recorded) and name not in ROUNDING_CHANGED
 
 
+@pytest.fixture(scope="module")
+def tiny_run(synth_data_dir, tmp_path_factory) -> Callable[[str], tuple[dict, list[float]]]:
+    """name -> (weights, losses) of the tiny run of WEIGHT_CASES[name], trained once per test process: the
+    weight guard and the tolerance-path test read the same tpavi run."""
+    runs: dict[str, tuple[dict, list[float]]] = {}
+
+    def run(name: str) -> tuple[dict, list[float]]:
+        if name not in runs:
+            torch.set_num_threads(1)
+            overrides = tiny_overrides(synth_data_dir) + WEIGHT_CASES[name] + WEIGHT_COMMON
+            runs[name] = _train_tiny_state(compose_cfg, overrides, tmp_path_factory.mktemp(name) / name)
+        return runs[name]
+
+    return run
+
+
 @pytest.mark.parametrize("name", sorted(WEIGHT_CASES))
-def test_tiny_training_gives_the_same_weights(name, baseline, baseline_values, synth_data_dir, tmp_path):
+def test_tiny_training_gives_the_same_weights(name, baseline, baseline_values, synth_data_dir, tiny_run):
     """Bit-identical weights on the baseline's machine kind; elsewhere the same losses and weights within tolerance.
 
     Cases reached by a declared rounding change (ROUNDING_CHANGES) take the tolerance path everywhere.
     """
     if name in FULL_GUARD_ONLY and os.environ.get("AVS_FULL_GUARD") != "1":
         pytest.skip("set AVS_FULL_GUARD=1 for the full weight guard (three more ECMVAE variants, about 20 s)")
-    torch.set_num_threads(1)
     overrides = tiny_overrides(synth_data_dir) + WEIGHT_CASES[name] + WEIGHT_COMMON
-    state, losses = _train_tiny_state(compose_cfg, overrides, tmp_path / name)
+    state, losses = tiny_run(name)
     if _compare_bitwise(name, baseline["machine"]):
         assert weights_sha(state) == NO_AUDIO_WEIGHTS.get(name, baseline["weights"][name])
     else:
@@ -428,12 +443,11 @@ def test_tiny_training_gives_the_same_weights(name, baseline, baseline_values, s
         assert not problems, "\n".join(problems)
 
 
-def test_the_tolerance_path_passes_here_and_fails_on_a_perturbed_weight(baseline_values, synth_data_dir, tmp_path):
+def test_the_tolerance_path_passes_here_and_fails_on_a_perturbed_weight(baseline_values, synth_data_dir, tiny_run):
     """The path other machines take: this machine's run passes it, a run that differs by one step does not."""
-    torch.set_num_threads(1)
     name = "tpavi"
     overrides = tiny_overrides(synth_data_dir) + WEIGHT_CASES[name] + WEIGHT_COMMON
-    state, losses = _train_tiny_state(compose_cfg, overrides, tmp_path / name)
+    state, losses = tiny_run(name)
     expected = baseline_values["runs"][name]
     with mock.patch.dict(os.environ, {"AVS_GUARD_TOLERANCE": "1"}):
         assert not _same_machine_kind(baseline_values["machine"])

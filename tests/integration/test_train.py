@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from avs.config import PROJECT_ROOT
 from avs.engine.checkpoint import load_checkpoint
 from avs.engine.trainer import Trainer
 from avs.evaluation.checkpoint import evaluate_checkpoint
-from tests.conftest import compose_cfg, tiny_overrides
+from tests.conftest import compose_cfg, run_script, tiny_overrides
 
 SMALL = ["model.channels=32"]
 
@@ -99,9 +96,7 @@ def test_resume_reproduces_uninterrupted_run(synth_data_dir, tmp_path):
 
 def test_multirun_writes_one_dir_per_job(synth_data_dir, tmp_path):
     sweep = tmp_path / "sweep"
-    cmd = [
-        sys.executable,
-        str(PROJECT_ROOT / "scripts" / "train.py"),
+    args = [
         "-m",
         "seed=1,2",
         f"hydra.sweep.dir={sweep}",
@@ -109,7 +104,7 @@ def test_multirun_writes_one_dir_per_job(synth_data_dir, tmp_path):
         *SMALL,
         "trainer.max_steps=1",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    proc = run_script("train.py", args, tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/metrics.json"))]
     assert [r["seed"] for r in records] == [1, 2]

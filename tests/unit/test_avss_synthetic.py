@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +14,7 @@ from avs.data.avss_check import check_avss
 from avs.data.synthetic.semantic import SemanticConfig, ensure_semantic, generate_semantic
 from avs.data.synthetic.semantic_ceilings import compute_semantic_ceilings
 from avs.errors import ExitCode
+from tests.conftest import run_script
 
 REPO = Path(__file__).resolve().parents[2]
 CFG = SemanticConfig(clips={"train": 3, "val": 3, "test": 0}, image_size=32, num_categories=4, num_objects=(2, 3))
@@ -83,13 +82,7 @@ def test_ceilings(sem_root):
 
 def test_ensure_and_scripts(tmp_path):
     env_over = [f"paths.data_dir={tmp_path}", "data.synthetic.clips={train: 3, val: 3, test: 3}", "data.image_size=32"]
-    run = lambda script, *a: subprocess.run(  # noqa: E731
-        [sys.executable, str(REPO / "scripts" / script), "data=synth_avss", *env_over, *a],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-    )
+    run = lambda script, *a: run_script(script, ["data=synth_avss", *env_over, *a], REPO)  # noqa: E731
     out = run("make_synthetic.py", "progress=false")
     assert out.returncode == 0, out.stderr
     assert "avss val: visual-only ceiling" in out.stdout and "oracle 100.0" in out.stdout

@@ -6,8 +6,6 @@ whole count. Consistency only: no test asserts a speed."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 
 import pytest
@@ -17,10 +15,9 @@ from torch import nn
 from avs.benchmark.flops import FLOP_FORMULAS, above_peak, count_flops, ratio_bound
 from avs.benchmark.profile import format_profile, profile_model, profile_module, run_profile
 from avs.benchmark.timeline import CudaEventClock, Timeline, make_clock
-from avs.config import PROJECT_ROOT
 from avs.errors import ExitCode
 from avs.utils.allocator import process_glibc
-from tests.conftest import compose_cfg
+from tests.conftest import compose_cfg, run_script
 
 SPEC = {
     "parts": ["backbone", "audio_encoder", "neck", "latent", "fusion", "decoder"],
@@ -294,10 +291,10 @@ def test_ecmvae_bg_training_step_every_part():
 
 def test_script_profile_writes_table_and_json(tmp_path):
     out = tmp_path / "profile.json"
-    cmd = [sys.executable, str(PROJECT_ROOT / "scripts" / "benchmark.py"), "quick=true", "profile=true"]
+    cmd = ["quick=true", "profile=true"]
     cmd += ["audio=tiny", "num_frames=2", "profile_models=[tpavi,avsbg]", "profile_modes=[infer]", "threads=1"]
     cmd += ["save_default=false", f"out={out}", f"paths.log_dir={tmp_path}"]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    p = run_script("benchmark.py", cmd, tmp_path, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "tpavi: inference per clip" in p.stdout and "avsbg: inference per clip" in p.stdout
     assert "GFLOP/s" in p.stdout and "fp32 matmul peak:" in p.stdout
@@ -317,15 +314,14 @@ def test_script_profile_writes_table_and_json(tmp_path):
 
 
 def test_script_refuses_profile_and_demo_together(tmp_path):
-    cmd = [sys.executable, str(PROJECT_ROOT / "scripts" / "benchmark.py"), "profile=true", "demo=true"]
-    p = subprocess.run(cmd + [f"paths.log_dir={tmp_path}"], capture_output=True, text=True, timeout=300)
+    p = run_script("benchmark.py", ["profile=true", "demo=true", f"paths.log_dir={tmp_path}"], tmp_path)
     assert p.returncode == ExitCode.CONFIG
     assert "error: profile=true and demo=true" in p.stderr
 
 
 def test_script_refuses_an_unknown_profile_model(tmp_path):
-    cmd = [sys.executable, str(PROJECT_ROOT / "scripts" / "benchmark.py"), "profile=true", "profile_models=[nosuch]"]
-    p = subprocess.run(cmd + [f"paths.log_dir={tmp_path}"], capture_output=True, text=True, timeout=300)
+    cmd = ["profile=true", "profile_models=[nosuch]", f"paths.log_dir={tmp_path}"]
+    p = run_script("benchmark.py", cmd, tmp_path)
     assert p.returncode == ExitCode.CONFIG
     assert "error: profile_models: no model config 'nosuch'" in p.stderr
 

@@ -157,15 +157,7 @@ def test_onnx_export_matches_eager_with_onnxruntime(tmp_path, name):
 
 
 def test_export_script_refuses_an_unknown_format(tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
+    from tests.conftest import run_script
 
-    script = Path(__file__).resolve().parents[2] / "scripts" / "export.py"
-    proc = subprocess.run(
-        [sys.executable, str(script), "checkpoint=x.ckpt", "format=tflite", f"hydra.run.dir={tmp_path}/run"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    )
+    proc = run_script("export.py", ["checkpoint=x.ckpt", "format=tflite", f"hydra.run.dir={tmp_path}/run"], tmp_path)
     assert proc.returncode == 2 and "format must be 'torchscript' or 'onnx'" in proc.stderr

@@ -4,22 +4,19 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from avs.engine.rundir import only_hydra_files
-from tests.conftest import compose_cfg
+from tests.conftest import compose_cfg, run_script
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / script), *args], capture_output=True, text=True, cwd=cwd, timeout=300
-    )
+    return run_script(script, list(args), cwd)
 
 
 @pytest.mark.parametrize(

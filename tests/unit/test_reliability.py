@@ -9,8 +9,6 @@ import os
 import pickle
 import re
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +21,7 @@ from avs.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpo
 from avs.engine.sampler import ResumableSampler
 from avs.engine.signals import StopSignal
 from avs.evaluation.outputs import OutputPathError, check_output_path, save_pred_masks
-from tests.conftest import compose_cfg, tiny_overrides
+from tests.conftest import compose_cfg, run_script, tiny_overrides
 
 # ----------------------------------------------------------------------------- bad configs
 BAD_CONFIGS = [
@@ -129,13 +127,7 @@ def test_suggest_skips_ancestors():
 
 
 def test_train_script_prints_hint_for_unknown_key(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(PROJECT_ROOT / "scripts" / "train.py"), "trainer.lrr=1"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
+    proc = run_script("train.py", ["trainer.lrr=1"], tmp_path)
     assert proc.returncode == 1
     assert "Key 'lrr' is not in struct" in proc.stderr
     assert "hint: unknown config key 'trainer.lrr'" in proc.stderr and "did you mean 'trainer.lr'" in proc.stderr

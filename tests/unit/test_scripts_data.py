@@ -3,25 +3,19 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from avs.data.layout import LAYOUTS, embedding_path, frame_path, mask_path, split_records
+from tests.conftest import run_script
 from tests.fixtures.avsbench import make_avsbench_tree
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _run(script: str, *overrides: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / "scripts" / script), *overrides],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_script(script, list(overrides), cwd)
 
 
 def test_check_data_clean_and_broken(tmp_path):

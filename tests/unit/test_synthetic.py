@@ -5,9 +5,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +13,13 @@ import soundfile as sf
 from omegaconf import OmegaConf
 from PIL import Image
 
-from avs.config import CONFIG_DIR, PROJECT_ROOT
+from avs.config import CONFIG_DIR
 from avs.data import synthetic as sy
 from avs.data.avsbench import AVSBenchDataset
 from avs.data.check import check_dataset
 from avs.data.layout import split_records
 from avs.data.safe_pickle import load_logmel_pkl
+from tests.conftest import run_script
 
 TINY = dict(image_size=64, num_frames=5, clips={"train": 3, "val": 2, "test": 2})
 
@@ -379,17 +377,14 @@ def test_ensure_synthetic_refuses_foreign_dirs_and_bad_configs(tmp_path: Path) -
 
 
 def test_make_synthetic_script(tmp_path: Path) -> None:
-    env = {**os.environ, "AVS_DATA_DIR": str(tmp_path)}
     cmd = [
-        sys.executable,
-        str(PROJECT_ROOT / "scripts" / "make_synthetic.py"),
         "data=synth_s4",
         "data.image_size=32",
         "data.num_frames=2",
         "data.synthetic.clips={train: 2, val: 1, test: 1}",
         "progress=false",
     ]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    out = run_script("make_synthetic.py", cmd, tmp_path, env={"AVS_DATA_DIR": str(tmp_path)}, timeout=120)
     assert out.returncode == 0, out.stderr
     root = tmp_path / "sounding_shapes" / "s4_2-1-1_32px_t2_s0"
     assert f"root: {root}" in out.stdout and "clips/s" in out.stdout and "disk size" in out.stdout

@@ -5,15 +5,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from avs.config import PROJECT_ROOT
 from avs.tables import build_table, flatten_config, load_runs, make_table, to_csv, to_markdown, varied_keys
+from tests.conftest import run_script
 
 PUBLISHED = {
     "paper": "ECMVAE (Mao et al., ICCV 2023)",
@@ -217,8 +215,6 @@ def test_real_multirun_to_table_end_to_end(synth_data_dir, tmp_path):
 
     sweep_dir = tmp_path / "sweep"
     train = [
-        sys.executable,
-        str(PROJECT_ROOT / "scripts" / "train.py"),
         "-m",
         "experiment=avsbench_tpavi_pvt",
         "seed=1,2",
@@ -227,13 +223,10 @@ def test_real_multirun_to_table_end_to_end(synth_data_dir, tmp_path):
         "model.channels=32",
         "trainer.max_steps=1",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: one thread each, robust on a busy CPU
-    proc = subprocess.run(train, capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env)
+    proc = run_script("train.py", train, tmp_path, timeout=900)  # one thread (run_script): tiny models
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(list(sweep_dir.glob("*/metrics.json"))) == 2
     tables = [
-        sys.executable,
-        str(PROJECT_ROOT / "scripts" / "tables.py"),
         str(sweep_dir),
         "--name",
         "tpavi",
@@ -242,7 +235,7 @@ def test_real_multirun_to_table_end_to_end(synth_data_dir, tmp_path):
         "--out",
         str(tmp_path / "tables"),
     ]
-    proc = subprocess.run(tables, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    proc = run_script("tables.py", tables, tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     md = (tmp_path / "tables" / "tpavi.md").read_text()
     assert md in proc.stdout
@@ -258,12 +251,7 @@ def test_real_multirun_to_table_end_to_end(synth_data_dir, tmp_path):
     rows = list(csv.DictReader(io.StringIO((tmp_path / "tables" / "tpavi.csv").read_text())))
     assert len(rows) == 1 and rows[0]["ms3_miou_n"] == "2"
     assert float(rows[0]["ms3_miou_mean"]) == pytest.approx(mean, abs=1e-3)
-    bad = subprocess.run(
-        [sys.executable, str(PROJECT_ROOT / "scripts" / "tables.py"), str(tmp_path / "nothing")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    bad = run_script("tables.py", [str(tmp_path / "nothing")], tmp_path, timeout=120)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
 
 
