@@ -354,10 +354,16 @@ def _execute(
             for r in followup_only
         }
         while running or waiting:
-            ready, waiting, dropped = _release(waiting, todo, outcome)
+            ready, dropped = _release(waiting, todo, outcome)
             bar.update(len(dropped))
-            running |= {pool.submit(_run_one, r, threads, log_dir, followup_commands(cfg, r)) for r in ready}
+            # the first ready runs in the protocol's order, as many as there are free slots (a run queued
+            # in the pool ahead of time would overtake the later-ready runs of an earlier seed)
+            start = ready[: max(0, workers - len(running))]
+            waiting = [r for r in waiting if r not in dropped and r not in start]
+            running |= {pool.submit(_run_one, r, threads, log_dir, followup_commands(cfg, r)) for r in start}
             if not running:
+                if waiting:
+                    raise RuntimeError(f"proxy runner: {[r.name for r in waiting]} wait for runs that never start")
                 continue
             done = next(as_completed(running))
             running.discard(done)
@@ -368,20 +374,18 @@ def _execute(
     bar.close()
 
 
-def _release(waiting: list[ProxyRun], todo: Sequence[ProxyRun], outcome: ProxyOutcome) -> tuple[list, list, list]:
-    """(runs that may start now, runs still waiting for their source run, runs dropped because their
-    source failed: each is marked failed by name)."""
+def _release(waiting: list[ProxyRun], todo: Sequence[ProxyRun], outcome: ProxyOutcome) -> tuple[list, list]:
+    """(runs that may start now, in order; runs dropped because their source failed: each is marked
+    failed by name). The others still wait for their source run."""
     pending = {r.name for r in todo} - set(outcome.made) - set(outcome.failed)
-    ready, still, dropped = [], [], []
+    ready, dropped = [], []
     for run in waiting:
         if run.after in outcome.failed:
             outcome.failed[run.name] = f"not run: it starts from {run.after}, which failed"
             dropped.append(run)
-        elif run.after in pending:
-            still.append(run)
-        else:
+        elif run.after not in pending:
             ready.append(run)
-    return ready, still, dropped
+    return ready, dropped
 
 
 def check_sources(todo: Sequence[ProxyRun]) -> None:

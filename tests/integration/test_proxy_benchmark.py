@@ -114,6 +114,9 @@ def test_queue_runs_keeps_finished_and_reports_failures_by_name(tmp_path, monkey
     lines = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
     assert sorted((x["run"], x["exit_code"]) for x in lines) == sorted([(m, 0) for m in made] + [("s4/avsbg/seed2", 3)])
     order = [x["run"] for x in lines]
+    # seed by seed: the MS3 runs of seed 1 start (as their S4 runs end) before the runs of seed 2
+    assert max(order.index(f"ms3/{c}/seed1") for c in ("tpavi", "avsbg")) < order.index("ms3/tpavi/seed2")
+    assert order.index("ms3/tpavi/seed1") < order.index("s4/avsbg/seed2")
     assert all(
         order.index(f"s4/{c}/seed{k}") < order.index(f"ms3/{c}/seed{k}") for c, k in (("tpavi", 1), ("avsbg", 1))
     )
