@@ -253,7 +253,7 @@ def run_protocol(cfg: DictConfig, out_dir: Path) -> ProxyOutcome:
     check_same_protocol(out_dir, protocol)
     atomic_write_text(out_dir / PROTOCOL_FILE, OmegaConf.to_yaml(protocol))
     todo, followup_only = _sort_runs(cfg, runs, outcome)
-    unrecorded = [r for r in runs if r.name in outcome.kept and r not in followup_only and _unrecorded(cfg, r, out_dir)]
+    unrecorded = _unrecorded(cfg, [r for r in runs if r.name in outcome.kept and r not in followup_only], out_dir)
     standins = check_runs([*todo, *followup_only, *unrecorded], protocol.get(PIN_KEY)) or {}
     ceilings = prepare_data(protocol, runs, out_dir)
     if results_path(cfg) is not None:
@@ -267,12 +267,13 @@ def run_protocol(cfg: DictConfig, out_dir: Path) -> ProxyOutcome:
     return outcome
 
 
-def _unrecorded(cfg: DictConfig, run: ProxyRun, out_dir: Path) -> bool:
-    """True when the out dir's or the tracked results file has no line for this finished run."""
+def _unrecorded(cfg: DictConfig, runs: Sequence[ProxyRun], out_dir: Path) -> list[ProxyRun]:
+    """The finished `runs` that the out dir's or the tracked results file has no line for (each file read once)."""
     from avs.proxy.results import find_row, read_rows
 
-    files = [out_dir / RESULTS_FILE, results_path(cfg)]
-    return any(find_row(read_rows(f), run.subset, run.cell, run.seed, cfg.get("version")) is None for f in files if f)
+    files = [read_rows(f) for f in (out_dir / RESULTS_FILE, results_path(cfg)) if f]
+    version = cfg.get("version")
+    return [r for r in runs if any(find_row(rows, r.subset, r.cell, r.seed, version) is None for rows in files)]
 
 
 def print_plan(cfg: DictConfig, protocol: DictConfig, runs: Sequence[ProxyRun], out_dir: Path) -> None:
@@ -345,7 +346,7 @@ def _execute(
     """Run the tasks in `workers` slots; a run that starts from another (`after`) waits until that one has
     finished, and is reported failed without running when it did not."""
     workers = max(1, int(cfg.workers))
-    bar = tqdm(total=len(todo) + len(followup_only), desc="proxy runs", unit="run", disable=not cfg.get("progress"))
+    bar = tqdm(total=len(todo) + len(followup_only), desc="proxy runs", unit="run", disable=not cfg.progress)
     threads = int(cfg.threads)
     waiting = list(todo)
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -426,7 +427,7 @@ def _finish(
         return
     if not only:
         outcome.made.append(run.name)
-        if not cfg.get("keep_last_checkpoint", False):
+        if not cfg.keep_last_checkpoint:  # configs/proxy_benchmark.yaml
             _drop_last_checkpoint(run.run_dir)
     if end.followup_error:
         outcome.failed[run.name] = f"follow-up failed: {end.followup_error}"
