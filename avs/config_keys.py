@@ -83,6 +83,7 @@ RESULT_KEYS: tuple[str, ...] = (
     "hooks",  # a hook may change training (KL warm-up, a user's own): compared as a whole
     "version",  # the proxy protocol's version
     "standins",  # the pinned stand-in hashes of the proxy protocol
+    "simd",  # the SIMD level of torch's CPU kernels (proxy, pretraining): float sums round in another order
     "listening",  # the proxy's listening pass (shuffled-audio seed)
     "profile_parts",
     "s4_checkpoint",  # the S4 weights an MS3 run starts from (also in model.init_from)

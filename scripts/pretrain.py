@@ -22,6 +22,7 @@ import avs  # noqa: E402,F401  (registers config resolvers)
 from avs.errors import ConfigError, plain_errors, run_plain  # noqa: E402
 from avs.pretrain import deterministic, pretrain_audio, pretrain_visual  # noqa: E402
 from avs.script_args import check_overrides  # noqa: E402
+from avs.utils.simd import ensure as ensure_simd  # noqa: E402
 
 log = logging.getLogger("avs.pretrain")
 TASKS = {"visual": pretrain_visual, "audio": pretrain_audio}
@@ -51,6 +52,7 @@ def run(cfg: DictConfig) -> dict[str, dict]:
 @hydra.main(version_base="1.3", config_path="../configs", config_name="pretrain")
 @plain_errors
 def main(cfg: DictConfig) -> None:
+    ensure_simd(cfg.simd)  # may start the script again with the SIMD variables set
     run(cfg)
 
 

@@ -26,6 +26,7 @@ from avs.config import PROJECT_ROOT  # noqa: E402
 from avs.errors import plain_errors  # noqa: E402
 from avs.proxy import run_protocol  # noqa: E402
 from avs.proxy.reproduce import reproduce  # noqa: E402
+from avs.utils.simd import ensure as ensure_simd  # noqa: E402
 
 log = logging.getLogger("avs.proxy_benchmark")
 
@@ -33,6 +34,7 @@ log = logging.getLogger("avs.proxy_benchmark")
 @hydra.main(version_base="1.3", config_path="../configs", config_name="proxy_benchmark")
 @plain_errors
 def main(cfg: DictConfig) -> None:
+    ensure_simd(cfg.simd)  # the runner and every child at the protocol's SIMD level (may restart the script)
     if cfg.toy:
         cfg.extra_overrides = list(cfg.toy_overrides)
     if cfg.get("results_file") is None and not cfg.toy:  # toy runs are never recorded in the repository

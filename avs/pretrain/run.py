@@ -116,12 +116,15 @@ def deterministic(num_threads: int | None) -> Iterator[int]:
 
 
 def _write_manifest(path: Path, record: dict[str, Any]) -> None:
-    """Add the command line, torch version, threads and machine kind to `record` (in place) and
-    write it beside the weights."""
+    """Add the command line, torch version, threads, machine kind (with the SIMD level torch dispatched
+    to) and the CPU's own widest level to `record` (in place) and write it beside the weights."""
+    from avs.utils.simd import cpu_level
+
     record["command"] = " ".join([Path(sys.argv[0]).name] + sys.argv[1:])
     record["torch_version"] = torch.__version__
     record["num_threads"] = torch.get_num_threads()
     record["machine_kind"] = machine_kind()
+    record["cpu_level"] = cpu_level()
     path.with_suffix(".json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 

@@ -25,9 +25,10 @@ CEILINGS_FILE = "ceilings.json"
 # one line per worker task: run, task (train / follow-up), exit code, wall seconds, end, workers, threads
 RUNS_FILE = "runs.jsonl"
 # keys of the protocol that decide what a run computes: an out_dir made with other values is refused
-RUN_DEFINING = ("version", "base", "subsets", "init_from", "cells", "standins")
+RUN_DEFINING = ("version", "simd", "base", "subsets", "init_from", "cells", "standins")
 PROTOCOL_KEYS = (
     "version",
+    "simd",
     "standins",
     "seeds",
     "ablation_seeds",

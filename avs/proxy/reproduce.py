@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from avs.errors import AVSError, ConfigError, ExitCode
 from avs.proxy.protocol import expand, protocol_node
 from avs.proxy.results import compare, find_row, read_rows
+from avs.utils import simd
 
 _TARGET = re.compile(r"^(?P<subset>[^/:]+)/(?P<cell>[^/:]+):(?P<seed>\d+)$")
 
@@ -40,6 +41,7 @@ def reproduce(cfg: DictConfig, out_dir: Path, results: Path) -> bool:
     from avs.proxy import runner
 
     subset, cell, seed = parse_target(cfg.reproduce)
+    simd.check(cfg.simd, "scripts/proxy_benchmark.py")
     protocol = protocol_node(cfg)
     recorded = find_row(read_rows(results), subset, cell, seed, protocol.get("version"))
     if recorded is None:

@@ -105,6 +105,6 @@ def compare(recorded: Mapping[str, Any], now: Mapping[str, Any]) -> tuple[list[s
         ok = a == b
         same = same and ok
         lines.append(f"{name}: recorded {a}, now {b} ({'same' if ok else 'differs'})")
-    for key in ("standins", "threads", "machine_kind", "commit"):
+    for key in ("standins", "threads", "simd", "machine_kind", "cpu_level", "commit"):
         lines.append(f"{key}: recorded {recorded.get(key)}, now {now.get(key)}")
     return lines, same

@@ -36,6 +36,7 @@ from avs.proxy.protocol import (
 )
 from avs.proxy.results import RESULTS_FILE, run_row, update_rows, write_protocol_snapshot
 from avs.proxy.standins import PIN_KEY, check_pinned, sha256_file, weight_files
+from avs.utils import simd
 from avs.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -248,6 +249,7 @@ def run_protocol(cfg: DictConfig, out_dir: Path) -> ProxyOutcome:
         print_plan(cfg, protocol, runs, out_dir)
         outcome.seconds = time.perf_counter() - start
         return outcome
+    simd.check(cfg.simd, "scripts/proxy_benchmark.py")
     check_sources([r for r in runs if not finished(r.run_dir)])
     out_dir.mkdir(parents=True, exist_ok=True)
     check_same_protocol(out_dir, protocol)
@@ -327,7 +329,9 @@ def _record_results(cfg: DictConfig, run: ProxyRun, standins: dict, out_dir: Pat
         "method": str(cell.get("label", run.cell)),
         "standins": standins.get((run.subset, run.cell), {}),
         "threads": int(cfg.threads),
+        "simd": cfg.simd,  # the level the runs were pinned to (machine_kind: what torch dispatched to)
         "machine_kind": machine_kind(),
+        "cpu_level": simd.cpu_level(),  # the CPU's own widest level
     }
     row = run_row(run.run_dir, head, run.run_dir / LISTENING_FILE)
     for path in (out_dir / RESULTS_FILE, results_path(cfg) if tracked else None):

@@ -127,4 +127,4 @@ def test_pretrain_help_says_what_it_makes_and_how_long(tmp_path):
     assert proc.returncode == 0, proc.stderr
     head = proc.stdout.split("Overrides are")[0]  # the text above the config dump
     assert "standin_pvt_v2_b0_64px.pth" in head and "standin_tiny_audio.pth" in head
-    assert "How long" in head and "45 s" in head and "experiment=proxy_pretrained" in head
+    assert "How long" in head and "docs/synthetic.md" in head and "experiment=proxy_pretrained" in head

@@ -15,11 +15,16 @@ from avs.config_checks import ConfigError
 from avs.proxy import expand, finished, run_protocol, validate
 from avs.proxy import runner as runner_mod
 from avs.proxy.protocol import check_same_protocol, protocol_node
+from avs.utils.simd import cpu_level as simd_cpu_level
 from tests.conftest import compose_cfg, run_script
+
+# the script runs at the protocol's level where the CPU has it (x86-64 with AVX2), natively elsewhere
+SCRIPT_SIMD = "avx2" if simd_cpu_level() in ("avx2", "avx512") else "native"
 
 
 def _cfg(tmp_path: Path, **changes):
-    cfg = compose_cfg("proxy_benchmark", [f"out_dir={tmp_path / 'out'}", "progress=false"])
+    # in-process: the runner's children inherit this process's (native) SIMD level
+    cfg = compose_cfg("proxy_benchmark", [f"out_dir={tmp_path / 'out'}", "progress=false", "simd=native"])
     for key, value in changes.items():
         OmegaConf.update(cfg, key, value, merge=False)
     return cfg
@@ -187,11 +192,16 @@ def test_toy_protocol_end_to_end(tmp_path):
         "only_subsets=[s4]",
         "workers=1",
         "progress=false",
+        f"simd={SCRIPT_SIMD}",
     ]
     proc = run_script("proxy_benchmark.py", cmd, tmp_path, env=env, timeout=600, inherit_env=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     run = out / "s4" / "ecmvae" / "seed1"
     assert finished(run)
+    line = json.loads((out / "proxy_runs.jsonl").read_text().splitlines()[0])
+    assert line["simd"] == SCRIPT_SIMD  # the script started itself again at the protocol's level
+    if SCRIPT_SIMD == "avx2":
+        assert " AVX2 " in line["machine_kind"], line["machine_kind"]
     assert (run / "latent_kl.jsonl").is_file()
     record = json.loads((run / "uncertainty.json").read_text())
     assert record["num_samples"] == 4 and record["split"] == "test"  # configs/proxy_benchmark.yaml
@@ -233,6 +243,7 @@ def test_toy_run_reaches_paths_and_reproduces_exactly(tmp_path):
         "only=[tpavi]",
         "workers=2",
         "progress=false",
+        f"simd={SCRIPT_SIMD}",
     ]
     proc = run_script("proxy_benchmark.py", common, tmp_path, env=env, timeout=600, inherit_env=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -248,8 +259,8 @@ def test_toy_run_reaches_paths_and_reproduces_exactly(tmp_path):
     assert runs == ["s4/tpavi/seed1", "ms3/tpavi/seed1"]  # two workers, yet MS3 waited for its S4 run
     rows = [json.loads(x) for x in results.read_text().splitlines()]
     assert [(r["subset"], r["cell"], r["seed"], r["protocol_version"]) for r in rows] == [
-        ("ms3", "tpavi", 1, 3),
-        ("s4", "tpavi", 1, 3),
+        ("ms3", "tpavi", 1, 4),
+        ("s4", "tpavi", 1, 4),
     ]
     listening = rows[0]["listening"]
     assert set(listening["test_shuffled_audio"]) == {"miou_05", "miou_val_threshold", "fscore"}
@@ -277,6 +288,7 @@ def test_dry_run_writes_nothing_and_needs_no_standins(tmp_path):
         "seeds=[1]",
         "only=[tpavi]",
         "progress=false",
+        f"simd={SCRIPT_SIMD}",
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("AVS_")}
     proc = run_script("proxy_benchmark.py", cmd, tmp_path, env=env, inherit_env=False)

@@ -37,7 +37,12 @@ def test_the_runner_refuses_unpinned_standins_before_any_run(tmp_path):
     pins[FILES[1]] = "f" * 64
     cfg = compose_cfg(
         "proxy_benchmark",
-        [f"out_dir={tmp_path / 'out'}", f"paths.weights_dir={weights}", f"paths.data_dir={tmp_path / 'data'}"],
+        [
+            f"out_dir={tmp_path / 'out'}",
+            f"paths.weights_dir={weights}",
+            f"paths.data_dir={tmp_path / 'data'}",
+            "simd=native",  # in-process (the script would start itself again at the protocol's level)
+        ],
     )
     OmegaConf.update(cfg, "standins", pins, merge=False)
     OmegaConf.update(cfg, "only", ["tpavi"], merge=False)
