@@ -64,10 +64,29 @@ __all__ = [
 ]
 
 
+MIN_RATE, MAX_RATE = 1_000, 768_000  # Hz: the rates a wav header may give (real files: 8 to 384 kHz)
+MAX_SAMPLES_PER_BYTE = 8  # PCM holds at most one sample per byte (8-bit); lossless compression far less than 8
+
+
+class BadHeader(ValueError):
+    """An audio header that cannot describe real audio (read_wav)."""
+
+
+def _check_header(path: str, rate: int, samples: int) -> None:
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise BadHeader(f"{path}: the header gives a sample rate of {rate} Hz; expected {MIN_RATE} to {MAX_RATE} Hz")
+    size = os.path.getsize(path)
+    if samples > MAX_SAMPLES_PER_BYTE * size:
+        raise BadHeader(f"{path}: the header claims {samples} samples, more than a {size}-byte file can hold")
+
+
 def read_wav(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     """Read a wav (any rate; mono or multi-channel; int16/int32/float) -> (float64 [n] in [-1,1], sr).
 
     PCM_16 files are read as int16 and divided by 32768, exactly like VGGish's `wavfile_to_examples`.
+    A header that cannot describe real audio is refused (ValueError) before any sample is read: a
+    sample rate outside [MIN_RATE, MAX_RATE] (resampling 5 s written at 1 Hz to 16 kHz would need
+    10 GB), or more samples than `MAX_SAMPLES_PER_BYTE` per byte of the file.
     Other encodings are read by soundfile as float64 in [-1, 1] (int32 -> /2**31, float as stored).
     VGGish's reader (`sf.read(dtype='int16')`, then /32768) differs there: on a PCM_24/32 file it
     keeps the top 16 bits (a quantisation), but on a float file soundfile returns the float values
@@ -81,11 +100,14 @@ def read_wav(path: str | os.PathLike) -> tuple[np.ndarray, int]:
         raise FileNotFoundError(f"wav file not found: {path}")
     try:
         info = sf.info(path)
+        _check_header(path, info.samplerate, info.frames * info.channels)
         if info.subtype == "PCM_16":
             data, sr = sf.read(path, dtype="int16", always_2d=True)
             samples = data.astype(np.float64) / 32768.0
         else:
             samples, sr = sf.read(path, dtype="float64", always_2d=True)
+    except BadHeader:
+        raise
     except Exception as exc:  # soundfile raises LibsndfileError / RuntimeError / TypeError
         raise ValueError(f"cannot read wav file {path}: {exc}") from exc
     if samples.shape[0] == 0:

@@ -163,6 +163,24 @@ def test_read_wav_errors_name_the_file(tmp_path):
         audio.wav_to_logmel(short, 5)
 
 
+def test_a_header_that_cannot_be_real_audio_is_refused_before_reading(tmp_path):
+    """A sample rate of 1 Hz (one corrupted header byte) would make the 16 kHz front end resample 5 s
+    into 80,000 s of audio; read_wav refuses it naming the rate, as it refuses a header that claims more
+    samples than the file has bytes for."""
+    path = tmp_path / "a.wav"
+    sf.write(path, np.zeros(16000, np.int16), 16000, subtype="PCM_16")
+    data = bytearray(path.read_bytes())
+    assert data[:4] == b"RIFF" and data[24:28] == (16000).to_bytes(4, "little")
+    data[24:28] = (1).to_bytes(4, "little")  # the fmt chunk's sample rate
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"{path}: the header gives a sample rate of 1 Hz; expected 1000 to"):
+        audio.read_wav(path)
+    with pytest.raises(ValueError, match="claims 999999 samples, more than a 10-byte file can hold"):
+        (tmp_path / "b.wav").write_bytes(b"0123456789")
+        audio._check_header(str(tmp_path / "b.wav"), 16000, 999999)
+    audio._check_header(str(tmp_path / "b.wav"), 16000, 80)  # 8 samples per byte at most
+
+
 def test_int32_wav_scaled_to_unit_range(tmp_path):
     pcm = np.array([0, 2**30, -(2**31), 2**31 - 1] * 100, dtype=np.int32)
     path = tmp_path / "i32.wav"
