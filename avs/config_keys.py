@@ -141,7 +141,7 @@ RESULT_KEYS: tuple[str, ...] = (
     # options of the scripts (configs/*.yaml) that choose what they compute
     *(
         "ablation_seeds atol audio_file audio_input audio_seed base batch_size ceilings cells checkpoint claims "
-        "compare data_clips demo "
+        "compare continue_recorded data_clips demo "
         "demo_fps demo_seconds demo_size profile profile_amp profile_flops profile_models profile_modes reproduce "
         "dense_spacing extra_overrides format graph_breaks image_size init_from mask_resolution memory methods metric "
         "metrics_frames metrics_size name num_checks num_clips num_frames num_samples only only_subsets pairs "

@@ -46,8 +46,10 @@ def main(cfg: DictConfig) -> None:
     outcome = run_protocol(cfg, out_dir)
     print(
         f"proxy benchmark in {out_dir}: {len(outcome.made)} runs made, {len(outcome.kept)} kept, "
-        f"{len(outcome.failed)} failed; {outcome.seconds / 60:.1f} min"
+        f"{len(outcome.recorded)} recorded (not made), {len(outcome.failed)} failed; {outcome.seconds / 60:.1f} min"
     )
+    if outcome.stopped:
+        print(f"stopped: {outcome.stopped}", file=sys.stderr)
     for name, why in outcome.failed.items():
         print(f"failed: {name}: {why}", file=sys.stderr)
     if outcome.failed:

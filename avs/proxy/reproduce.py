@@ -74,8 +74,11 @@ def reproduce(cfg: DictConfig, out_dir: Path, results: Path) -> bool:
 
     now = find_row(read_rows(where / RESULTS_FILE), subset, cell, seed, protocol.get("version"))
     lines, same = compare(recorded, now)
+    from avs.proxy.recorded import reproduction, write_reproduction
+
+    written = write_reproduction(results, reproduction(recorded, now))
     print(f"{run.name}: recorded ({results}) vs now ({run.run_dir}, {time.perf_counter() - start:.0f} s)")
     for line in lines:
         print("  " + line)
-    print("every number is the same" if same else "some numbers differ")
+    print(("every number is the same" if same else "some numbers differ") + f" (recorded in {written})")
     return same

@@ -66,6 +66,10 @@ class ProxyOutcome:
     kept: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    recorded: list[str] = field(default_factory=list)  # not made: their lines are in the results file
+    # recorded runs made again (for a checkpoint, or as a check) -> their recorded lines (avs.proxy.recorded)
+    checks: dict[str, dict] = field(default_factory=dict)
+    stopped: str | None = None  # why no further run starts (a check that did not reproduce)
 
 
 def finished(run_dir: Path) -> bool:
@@ -246,7 +250,7 @@ def run_protocol(cfg: DictConfig, out_dir: Path) -> ProxyOutcome:
     runs = name_persistence(_selected(cfg, expand(protocol, out_dir, path_overrides(cfg))))
     outcome = ProxyOutcome()
     if cfg.get("dry_run"):
-        print_plan(cfg, protocol, runs, out_dir)
+        print_plan(cfg, protocol, runs, out_dir, _recorded_plan(cfg, [r for r in runs if not finished(r.run_dir)]))
         outcome.seconds = time.perf_counter() - start
         return outcome
     simd.check(cfg.simd, "scripts/proxy_benchmark.py")
@@ -255,6 +259,7 @@ def run_protocol(cfg: DictConfig, out_dir: Path) -> ProxyOutcome:
     check_same_protocol(out_dir, protocol)
     atomic_write_text(out_dir / PROTOCOL_FILE, OmegaConf.to_yaml(protocol))
     todo, followup_only = _sort_runs(cfg, runs, outcome)
+    todo, outcome.checks, outcome.recorded = _recorded_plan(cfg, todo)
     unrecorded = _unrecorded(cfg, [r for r in runs if r.name in outcome.kept and r not in followup_only], out_dir)
     standins = check_runs([*todo, *followup_only, *unrecorded], protocol.get(PIN_KEY)) or {}
     ceilings = prepare_data(protocol, runs, out_dir)
@@ -269,6 +274,16 @@ def run_protocol(cfg: DictConfig, out_dir: Path) -> ProxyOutcome:
     return outcome
 
 
+def _recorded_plan(cfg: DictConfig, todo: list[ProxyRun]) -> tuple[list[ProxyRun], dict[str, dict], list[str]]:
+    """`continue_recorded`: (runs to make, recorded runs made again as checks, recorded runs not made)."""
+    if not cfg.continue_recorded or results_path(cfg) is None:
+        return todo, {}, []
+    from avs.proxy.recorded import plan
+    from avs.proxy.results import read_rows
+
+    return plan(todo, read_rows(results_path(cfg)), cfg.get("version"))
+
+
 def _unrecorded(cfg: DictConfig, runs: Sequence[ProxyRun], out_dir: Path) -> list[ProxyRun]:
     """The finished `runs` that the out dir's or the tracked results file has no line for (each file read once)."""
     from avs.proxy.results import find_row, read_rows
@@ -278,8 +293,12 @@ def _unrecorded(cfg: DictConfig, runs: Sequence[ProxyRun], out_dir: Path) -> lis
     return [r for r in runs if any(find_row(rows, r.subset, r.cell, r.seed, version) is None for rows in files)]
 
 
-def print_plan(cfg: DictConfig, protocol: DictConfig, runs: Sequence[ProxyRun], out_dir: Path) -> None:
-    """The dry run: where everything goes, the stand-ins against their pins, every command. Reads only."""
+def print_plan(
+    cfg: DictConfig, protocol: DictConfig, runs: Sequence[ProxyRun], out_dir: Path, recorded: tuple = ((), {}, ())
+) -> None:
+    """The dry run: where everything goes, the stand-ins against their pins, every command (`recorded`:
+    _recorded_plan's answer for the unfinished runs). Reads only."""
+    _, checks, skipped = recorded
     from avs.config_checks import check_config
 
     paths = cfg.get("paths") or {}
@@ -301,7 +320,12 @@ def print_plan(cfg: DictConfig, protocol: DictConfig, runs: Sequence[ProxyRun], 
         if finished(run.run_dir):
             print(f"kept {run.name}")
             cmds = followup_commands(cfg, run, missing_only=True)
+        elif run.name in skipped:
+            print(f"recorded {run.name} (its line is in the results file; not made)")
+            continue
         else:
+            if run.name in checks:
+                print(f"# recorded {run.name}, made again; its numbers must equal the recorded ones:")
             if run.after:
                 print(f"# after {run.after} has finished (its best.ckpt is this run's model.init_from):")
             print(" ".join(_command(run)))
@@ -316,8 +340,18 @@ def results_path(cfg: DictConfig) -> Path | None:
     return None if value in (None, "") else Path(str(value)).expanduser()
 
 
-def _record_results(cfg: DictConfig, run: ProxyRun, standins: dict, out_dir: Path, tracked: bool = True) -> None:
-    """Write the run's line into `<out_dir>/proxy_runs.jsonl` and (`tracked`) the tracked results file."""
+def _record_results(cfg: DictConfig, run: ProxyRun, standins: dict, out_dir: Path, tracked: bool = True) -> dict:
+    """Write the run's line into `<out_dir>/proxy_runs.jsonl` and (`tracked`) the tracked results file
+    -> the line."""
+    row = _results_row(cfg, run, standins)
+    for path in (out_dir / RESULTS_FILE, results_path(cfg) if tracked else None):
+        if path is not None:
+            update_rows(path, [row])
+    return row
+
+
+def _results_row(cfg: DictConfig, run: ProxyRun, standins: dict) -> dict:
+    """The results line of a finished run (avs.proxy.results.run_row with this invocation's head)."""
     from avs.pretrain import machine_kind
 
     cell = cfg.cells[run.cell]
@@ -333,10 +367,7 @@ def _record_results(cfg: DictConfig, run: ProxyRun, standins: dict, out_dir: Pat
         "machine_kind": machine_kind(),
         "cpu_level": simd.cpu_level(),  # the CPU's own widest level
     }
-    row = run_row(run.run_dir, head, run.run_dir / LISTENING_FILE)
-    for path in (out_dir / RESULTS_FILE, results_path(cfg) if tracked else None):
-        if path is not None:
-            update_rows(path, [row])
+    return run_row(run.run_dir, head, run.run_dir / LISTENING_FILE)
 
 
 def _execute(
@@ -359,6 +390,13 @@ def _execute(
             for r in followup_only
         }
         while running or waiting:
+            if outcome.stopped:  # a check did not reproduce: what has not started is not started
+                for r in waiting:
+                    outcome.failed[r.name] = "not run: the benchmark stopped (a rerun did not reproduce)"
+                bar.update(len(waiting))
+                waiting = []
+                if not running:
+                    break
             ready, dropped = _release(waiting, todo, outcome)
             bar.update(len(dropped))
             # the first ready runs in the protocol's order, as many as there are free slots (a run queued
@@ -435,7 +473,34 @@ def _finish(
             _drop_last_checkpoint(run.run_dir)
     if end.followup_error:
         outcome.failed[run.name] = f"follow-up failed: {end.followup_error}"
-    _record_results(cfg, run, standins or {}, log_dir.parent)
+    recorded = outcome.checks.get(run.name)
+    if recorded is None:
+        _record_results(cfg, run, standins or {}, log_dir.parent)
+        return
+    _check_rerun(cfg, run, recorded, standins or {}, log_dir.parent, outcome)
+
+
+def _check_rerun(
+    cfg: DictConfig, run: ProxyRun, recorded: dict, standins: dict, out_dir: Path, outcome: ProxyOutcome
+) -> None:
+    """A recorded run made again: its line goes to the out dir only, the comparison to the reproductions
+    file; numbers that differ stop the benchmark (avs.proxy.recorded)."""
+    from avs.proxy.recorded import reproduction, write_reproduction
+
+    now = _record_results(cfg, run, standins, out_dir, tracked=False)
+    line = reproduction(recorded, now)
+    results = results_path(cfg)
+    if results is not None:
+        write_reproduction(results, line)
+    print(f"{run.name}: rerun of a recorded run: {'the same numbers' if line['same'] else 'other numbers'}")
+    if not line["same"]:
+        why = (
+            f"rerun of the recorded {run.name} gave other numbers ({', '.join(line['differing'])}; recorded vs "
+            f"now in {results.parent / 'proxy_reproductions.jsonl' if results else out_dir}): this code or machine "
+            "computes another table; start a new out dir without continue_recorded, or a new protocol version"
+        )
+        outcome.failed[run.name] = why
+        outcome.stopped = why
 
 
 def followup_commands(cfg: DictConfig, run: ProxyRun, missing_only: bool = False) -> list[list[str]]:

@@ -145,6 +145,65 @@ def test_queue_runs_keeps_finished_and_reports_failures_by_name(tmp_path, monkey
     assert finished(out / "ms3" / "tpavi" / "seed1") and not finished(broken)
 
 
+FAKE_TRAIN_MIOU = """
+import json, os, sys, pathlib
+args = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a)
+run = pathlib.Path(args["hydra.run.dir"]); run.mkdir(parents=True, exist_ok=True)
+(run / "metrics.json").write_text(json.dumps({"test": {"per_frame": {"miou": float(os.environ["FAKE_MIOU"])}}}))
+"""
+
+
+def test_a_new_out_dir_continues_from_the_results_file_and_checks_a_rerun(tmp_path, monkeypatch):
+    """continue_recorded: recorded runs are not made again, except a source of a pending run or one check;
+    a rerun must give the recorded numbers (proxy_reproductions.jsonl), or nothing further starts."""
+    fake = tmp_path / "fake_train.py"
+    fake.write_text(FAKE_TRAIN_MIOU)
+    monkeypatch.setattr(runner_mod, "TRAIN_SCRIPT", fake)
+    monkeypatch.setattr(runner_mod, "prepare_data", lambda *a, **k: {})
+    monkeypatch.setattr(runner_mod, "check_runs", lambda *a: None)
+    monkeypatch.setenv("FAKE_MIOU", "0.5")
+    results = tmp_path / "results" / "runs.jsonl"
+    reproductions = results.parent / "proxy_reproductions.jsonl"
+
+    def cfg(out: str, seeds: list, workers: int = 2):
+        return _cfg(
+            tmp_path,
+            out_dir=str(tmp_path / out),
+            results_file=str(results),
+            seeds=seeds,
+            only=["tpavi"],
+            uncertainty=None,
+            listening=None,
+            workers=workers,
+        )
+
+    first = run_protocol(cfg("a", [1]), tmp_path / "a")
+    assert sorted(first.made) == ["ms3/tpavi/seed1", "s4/tpavi/seed1"] and first.checks == {}
+    recorded_s4 = [x for x in results.read_text().splitlines() if '"s4"' in x]
+
+    # a fresh out dir, one more seed: seed 1 is recorded; its S4 run is made again as the one check
+    second = run_protocol(cfg("b", [1, 2]), tmp_path / "b")
+    assert second.recorded == ["ms3/tpavi/seed1"] and list(second.checks) == ["s4/tpavi/seed1"]
+    assert sorted(second.made) == ["ms3/tpavi/seed2", "s4/tpavi/seed1", "s4/tpavi/seed2"] and not second.failed
+    (check,) = [json.loads(x) for x in reproductions.read_text().splitlines()]
+    assert check["same"] is True and check["differing"] == {} and check["test_miou"] == [50.0, 50.0]
+    assert [x for x in results.read_text().splitlines() if '"s4"' in x][0] == recorded_s4[0]  # left as recorded
+    assert len(results.read_text().splitlines()) == 4
+
+    # MS3 seed 2 lost its line: its S4 run is made again for the checkpoint, and now gives other numbers
+    rows = [x for x in results.read_text().splitlines() if not ('"ms3"' in x and '"seed": 2' in x)]
+    results.write_text("\n".join(rows) + "\n")
+    monkeypatch.setenv("FAKE_MIOU", "0.6")
+    third = run_protocol(cfg("c", [1, 2, 3], workers=1), tmp_path / "c")
+    assert list(third.checks) == ["s4/tpavi/seed2"] and third.made == ["s4/tpavi/seed2"]
+    assert "gave other numbers (test.miou" in third.failed["s4/tpavi/seed2"] and third.stopped
+    for name in ("ms3/tpavi/seed2", "s4/tpavi/seed3", "ms3/tpavi/seed3"):
+        assert third.failed[name] == "not run: the benchmark stopped (a rerun did not reproduce)"
+    last = json.loads(reproductions.read_text().splitlines()[-1])
+    assert last["same"] is False and last["differing"]["test.miou"] == [50.0, 60.0]
+    assert '"seed": 3' not in results.read_text() and results.read_text().count('"miou": 60.0') == 0
+
+
 FAKE_UNCERTAINTY = """
 import json, sys, pathlib
 args = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a)
