@@ -340,10 +340,15 @@ def results_path(cfg: DictConfig) -> Path | None:
     return None if value in (None, "") else Path(str(value)).expanduser()
 
 
-def _record_results(cfg: DictConfig, run: ProxyRun, standins: dict, out_dir: Path, tracked: bool = True) -> dict:
+def _record_results(
+    cfg: DictConfig, run: ProxyRun, standins: dict, out_dir: Path, tracked: bool = True, end: RunEnd | None = None
+) -> dict:
     """Write the run's line into `<out_dir>/proxy_runs.jsonl` and (`tracked`) the tracked results file
-    -> the line."""
+    -> the line. `end`: the worker task that made it, whose wall seconds (training and follow-ups) and
+    number of runs side by side the line records (the tables' cost reads them)."""
     row = _results_row(cfg, run, standins)
+    if end is not None:
+        row.update(seconds=round(end.seconds, 1), workers=max(1, int(cfg.workers)))
     for path in (out_dir / RESULTS_FILE, results_path(cfg) if tracked else None):
         if path is not None:
             update_rows(path, [row])
@@ -475,7 +480,7 @@ def _finish(
         outcome.failed[run.name] = f"follow-up failed: {end.followup_error}"
     recorded = outcome.checks.get(run.name)
     if recorded is None:
-        _record_results(cfg, run, standins or {}, log_dir.parent)
+        _record_results(cfg, run, standins or {}, log_dir.parent, end=None if only else end)
         return
     _check_rerun(cfg, run, recorded, standins or {}, log_dir.parent, outcome)
 

@@ -389,9 +389,24 @@ def run_times(out_dir: str | Path) -> tuple[dict[str, float], int | None]:
     return times, workers
 
 
+def result_times(path: Path, version: Any) -> tuple[dict[str, float], int | None]:
+    """A results file's lines of protocol `version` -> ({run name: wall seconds}, workers), from the lines
+    that record them (`seconds`, `workers`: the runner writes both since they were added)."""
+    times: dict[str, float] = {}
+    workers = None
+    for _, row in read_jsonl(path):
+        if row.get("protocol_version") != version or not isinstance(row.get("seconds"), (int, float)):
+            continue
+        times[f"{row.get('subset')}/{row.get('cell')}/seed{row.get('seed')}"] = float(row["seconds"])
+        workers = int(row["workers"]) if row.get("workers") is not None else workers
+    return times, workers
+
+
 def load_costs(out_dir: str | Path, protocol: DictConfig) -> RunCosts:
-    """The wall seconds of every timed run of the protocol, grouped by (subset, cell)."""
-    times, workers = run_times(out_dir)
+    """The wall seconds of every timed run of the protocol, grouped by (subset, cell): from the out dir's
+    runs.jsonl, or from the lines of a results file (`out_dir` is then that file)."""
+    path = Path(out_dir)
+    times, workers = result_times(path, protocol.get("version")) if path.is_file() else run_times(out_dir)
     seconds: dict[tuple[str, str], list[float]] = {}
     for subset, cell, seed in expected_runs(protocol):
         t = times.get(f"{subset}/{cell}/seed{seed}")

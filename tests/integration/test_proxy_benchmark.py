@@ -179,6 +179,7 @@ def test_a_new_out_dir_continues_from_the_results_file_and_checks_a_rerun(tmp_pa
 
     first = run_protocol(cfg("a", [1]), tmp_path / "a")
     assert sorted(first.made) == ["ms3/tpavi/seed1", "s4/tpavi/seed1"] and first.checks == {}
+    assert {(r["workers"], r["seconds"] > 0) for r in map(json.loads, results.read_text().splitlines())} == {(2, True)}
     recorded_s4 = [x for x in results.read_text().splitlines() if '"s4"' in x]
 
     # a fresh out dir, one more seed: seed 1 is recorded; its S4 run is made again as the one check

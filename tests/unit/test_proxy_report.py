@@ -491,6 +491,23 @@ def test_cost_table_and_estimate_in_the_report(tmp_path):
     assert paths["costs"].read_text() == csv_text
 
 
+def test_costs_from_a_results_file_read_the_lines_of_its_version(tmp_path):
+    """The tracked results file carries each run's wall seconds and workers, so the cost table needs no out dir."""
+    out = make_tree(tmp_path / "bench")
+    protocol, _ = load_protocol(out)
+    version = protocol.get("version")
+    rows = [
+        {"protocol_version": version, "subset": "s4", "cell": "tpavi", "seed": 1, "seconds": 210.0, "workers": 2},
+        {"protocol_version": version, "subset": "s4", "cell": "tpavi", "seed": 2, "seconds": 190.0, "workers": 2},
+        {"protocol_version": version, "subset": "ms3", "cell": "tpavi", "seed": 1},  # recorded before seconds were
+        {"protocol_version": "other", "subset": "ms3", "cell": "ecmvae", "seed": 1, "seconds": 9.0, "workers": 1},
+    ]
+    path = tmp_path / "proxy_runs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    costs = proxy.load_costs(path, protocol)
+    assert costs.seconds == {("s4", "tpavi"): [210.0, 190.0]} and costs.workers == 2
+
+
 def test_a_broken_runs_log_line_is_named(tmp_path):
     out = make_tree(tmp_path / "bench")
     (out / "runs.jsonl").write_text('{"run": "s4/tpavi/seed1", "exit_code": 0, "seconds": 1}\n{"run": "x"}\n')
