@@ -248,7 +248,7 @@ def _cost_markdown(protocol: DictConfig, costs: RunCosts) -> list[str]:
         [label, subset.upper(), f"{n}/{expected}", _f(median, ".0f"), DASH if low is None else f"{low:.0f}–{high:.0f}"]
         for _, label, subset, n, expected, median, low, high in cost_rows(protocol, costs)
     ]
-    lines = ["### Cost: wall seconds per run (runs.jsonl; training, test and follow-ups)", ""]
+    lines = ["### Cost: wall seconds per run (runs.jsonl or the results lines; training, test and follow-ups)", ""]
     lines += _md(["cell", "subset", "timed", "median s", "min–max s"], rows)
     w = costs.workers
     parts = []
