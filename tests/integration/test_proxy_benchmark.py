@@ -95,6 +95,8 @@ FAKE_TRAIN = """
 import json, sys, pathlib
 args = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a)
 run = pathlib.Path(args["hydra.run.dir"]); run.mkdir(parents=True, exist_ok=True)
+with open(run.parents[2] / "starts.txt", "a") as fh:  # the order in which runs start (runs.jsonl: end order)
+    print("/".join(run.parts[-3:]), file=fh)
 if "model=avsbg" in sys.argv and "seed=2" in sys.argv:
     sys.exit(3)
 (run / "metrics.json").write_text(json.dumps({"test": {"per_frame": {"miou": 0.5}}}))
@@ -119,9 +121,13 @@ def test_queue_runs_keeps_finished_and_reports_failures_by_name(tmp_path, monkey
     lines = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
     assert sorted((x["run"], x["exit_code"]) for x in lines) == sorted([(m, 0) for m in made] + [("s4/avsbg/seed2", 3)])
     order = [x["run"] for x in lines]
-    # seed by seed: the MS3 runs of seed 1 start (as their S4 runs end) before the runs of seed 2
-    assert max(order.index(f"ms3/{c}/seed1") for c in ("tpavi", "avsbg")) < order.index("ms3/tpavi/seed2")
-    assert order.index("ms3/tpavi/seed1") < order.index("s4/avsbg/seed2")
+    # the slot the first S4 run frees goes to its MS3 run (the first ready run in the protocol's order), not to
+    # a run of seed 2 (end order in runs.jsonl depends on the machine's load; start order here does not)
+    starts = (out / "starts.txt").read_text().split()
+    assert sorted(starts[:2]) == ["s4/avsbg/seed1", "s4/tpavi/seed1"] and starts[2] in {
+        "ms3/avsbg/seed1",
+        "ms3/tpavi/seed1",
+    }, starts
     assert all(
         order.index(f"s4/{c}/seed{k}") < order.index(f"ms3/{c}/seed{k}") for c, k in (("tpavi", 1), ("avsbg", 1))
     )
@@ -179,7 +185,7 @@ def test_a_new_out_dir_continues_from_the_results_file_and_checks_a_rerun(tmp_pa
 
     first = run_protocol(cfg("a", [1]), tmp_path / "a")
     assert sorted(first.made) == ["ms3/tpavi/seed1", "s4/tpavi/seed1"] and first.checks == {}
-    assert {(r["workers"], r["seconds"] > 0) for r in map(json.loads, results.read_text().splitlines())} == {(2, True)}
+    assert {(r["workers"], r["seconds"] >= 0) for r in map(json.loads, results.read_text().splitlines())} == {(2, True)}
     recorded_s4 = [x for x in results.read_text().splitlines() if '"s4"' in x]
 
     # a fresh out dir, one more seed: seed 1 is recorded; its S4 run is made again as the one check
