@@ -8,6 +8,7 @@ python scripts/tables.py <AVSS runs> --per-class     # plus one IoU column per c
 python scripts/tables.py <multirun dir> --plot sweep.png     # first metric vs the swept key(s), dots = seeds
 python scripts/tables.py <proxy benchmark dir> --proxy [--out dir]
     [--plot methods.png] [--plot-claims claims.png] [--plot-kl latent_kl.png]
+    [--plot-curves val_curves.png]
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from avs.errors import (
     run_plain,  # noqa: E402
 )
 from avs.tables import make_table, to_markdown  # noqa: E402
-from avs.tables.proxy import load_costs, load_kl_curves, load_protocol  # noqa: E402
-from avs.tables.proxy_plots import plot_claims, plot_latent_kl, plot_methods  # noqa: E402
+from avs.tables.proxy import load_costs, load_protocol  # noqa: E402
+from avs.tables.proxy_curves import load_curves  # noqa: E402
+from avs.tables.proxy_plots import plot_claims, plot_latent_kl, plot_methods, plot_val_curves  # noqa: E402
 from avs.tables.proxy_report import to_markdown as proxy_markdown  # noqa: E402
 from avs.tables.proxy_report import write_report  # noqa: E402
 from avs.tables.sweep_plot import plot_sweep  # noqa: E402
@@ -73,6 +75,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--plot-kl", default=None, help="with --proxy: write the plot of the latent KL over training (PNG) to this path"
     )
+    p.add_argument(
+        "--plot-curves",
+        default=None,
+        help="with --proxy: write the plot of the val mIoU over training, per subset (PNG) to this path",
+    )
     return p.parse_args(argv)
 
 
@@ -95,9 +102,13 @@ def proxy_main(args: argparse.Namespace) -> int:
             print(f"wrote {plot_methods(results, protocol, args.plot)}")
         if args.plot_claims is not None:
             print(f"wrote {plot_claims(results, protocol, args.plot_claims)}")
+        version = protocol.get("version")
         if args.plot_kl is not None:
-            curves = load_kl_curves(args.runs[0], results)
+            curves = load_curves(args.runs[0], results, "kl", version)
             print(f"wrote {plot_latent_kl(curves, protocol, args.plot_kl)}")
+        if args.plot_curves is not None:
+            curves = load_curves(args.runs[0], results, "val", version)
+            print(f"wrote {plot_val_curves(curves, protocol, args.plot_curves)}")
     except (FileNotFoundError, ValueError, AVSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -112,7 +123,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.proxy:
         return proxy_main(args)
-    for flag, value in (("--plot-claims", args.plot_claims), ("--plot-kl", args.plot_kl)):
+    for flag, value in (
+        ("--plot-claims", args.plot_claims),
+        ("--plot-kl", args.plot_kl),
+        ("--plot-curves", args.plot_curves),
+    ):
         if value is not None:
             print(f"error: {flag} draws a proxy benchmark plot; use it with --proxy", file=sys.stderr)
             return 2

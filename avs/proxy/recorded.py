@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from avs.proxy.protocol import ProxyRun
-from avs.proxy.results import compare, find_row, numbers
+from avs.proxy.results import compare, find_row, numbers, unrecorded
 
 REPRODUCTIONS_FILE = "proxy_reproductions.jsonl"
 MACHINE_KEYS = ("commit", "machine_kind", "cpu_level", "simd", "threads")
@@ -59,7 +59,11 @@ def reproduction(recorded: Mapping[str, Any], now: Mapping[str, Any]) -> dict[st
     old, new = dict(numbers(recorded)), dict(numbers(now))
     line: dict[str, Any] = {k: recorded.get(k) for k in ("protocol_version", "subset", "cell", "seed")}
     line["same"] = same
-    line["differing"] = {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+    line["differing"] = {
+        k: [old.get(k), new.get(k)]
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k) and not unrecorded(k, recorded)
+    }
     line["test_miou"] = [(recorded.get("test") or {}).get("miou"), (now.get("test") or {}).get("miou")]
     for key in MACHINE_KEYS:
         line[key] = [recorded.get(key), now.get(key)]  # recorded, now

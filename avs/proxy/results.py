@@ -3,8 +3,10 @@
 Every finished run becomes one line of `proxy_runs.jsonl` (in the out dir, and in the tracked
 docs/results/proxy_runs.jsonl): protocol version, subset, cell, seed, method label, test and val
 mIoU and F (%, per_frame protocol), the listening readings (avs/proxy/listening.py: val-chosen
-threshold, shuffled-audio test), the stand-ins' SHA-256, the commit, threads and machine kind.
-A line is keyed by (protocol_version, subset, cell, seed): a rerun replaces it.
+threshold, shuffled-audio test), the stand-ins' SHA-256, the commit, threads and machine kind, and
+the curves over training (`curves`: val mIoU and each latent code's KL on val at every validation),
+so every table and plot can be rebuilt from the tracked file alone. A line is keyed by
+(protocol_version, subset, cell, seed): a rerun replaces it.
 """
 
 from __future__ import annotations
@@ -44,7 +46,23 @@ def run_row(run_dir: Path, head: Mapping[str, Any], listening: Path | None) -> d
     from avs.tables.proxy import _latent_values  # the same final KL and AUROCs the tables read
 
     row["latent"] = _latent_values(run_dir)
+    row["curves"] = run_curves(run_dir, record)
     return row
+
+
+def run_curves(run_dir: Path, record: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The curves over training of one run dir: `{"val_miou": [[step, %], ...], "kl": {code: [[step, nats],
+    ...]}}`, val mIoU (per_frame) from metrics.json's `history`, each code's KL on val from latent_kl.jsonl
+    (`kl` is empty for a model without a latent). Lists, as a JSON line reads back, so a line made now
+    compares equal to the same line read from the file."""
+    from avs.tables.proxy import LATENT_KL_FILE
+    from avs.tables.proxy_curves import kl_curve, val_curve
+
+    if record is None:
+        record = json.loads((run_dir / "metrics.json").read_text())
+    val = [[step, round(v, 4)] for step, v in val_curve(dict(record))]
+    kl = kl_curve(run_dir / LATENT_KL_FILE)
+    return {"val_miou": val, "kl": {code: [[step, round(v, 6)] for step, v in points] for code, points in kl.items()}}
 
 
 def write_protocol_snapshot(results: Path, protocol: Any, ceilings: Mapping[str, Any]) -> Path:
@@ -84,8 +102,9 @@ def find_row(rows: list[dict[str, Any]], subset: str, cell: str, seed: int, vers
 
 
 def numbers(row: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
-    """(dotted name, value) of every number a row records (test, val, listening)."""
-    for part in ("test", "val", "listening", "latent"):
+    """(dotted name, value) of every number a row records (test, val, listening, latent; a curve is one
+    value, its list of [step, value] pairs)."""
+    for part in ("test", "val", "listening", "latent", "curves"):
         node = row.get(part) or {}
         for key in sorted(node):
             value = node[key]
@@ -96,12 +115,25 @@ def numbers(row: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
                 yield f"{part}.{key}", value
 
 
+# parts a line may lack because it was written before the runner recorded them: a rerun's value there has
+# nothing to be compared with, so it is shown, not counted as a difference
+LATER_PARTS = ("curves",)
+
+
+def unrecorded(name: str, recorded: Mapping[str, Any]) -> bool:
+    """True for a number of a part added to the lines after `recorded` was written."""
+    return name.split(".")[0] in LATER_PARTS and name.split(".")[0] not in recorded
+
+
 def compare(recorded: Mapping[str, Any], now: Mapping[str, Any]) -> tuple[list[str], bool]:
     """Lines `name: recorded -> now (same / differs)` for every number, and whether all are the same."""
     old, new = dict(numbers(recorded)), dict(numbers(now))
     lines, same = [], True
     for name in list(old) + [n for n in new if n not in old]:
         a, b = old.get(name), new.get(name)
+        if unrecorded(name, recorded):
+            lines.append(f"{name}: not recorded (the line predates it), now {b}")
+            continue
         ok = a == b
         same = same and ok
         lines.append(f"{name}: recorded {a}, now {b} ({'same' if ok else 'differs'})")

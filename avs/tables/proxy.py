@@ -257,29 +257,6 @@ def final_total_kl(path: Path) -> float | None:
     return None if final is None else final.total
 
 
-def kl_curve(path: Path) -> dict[str, list[tuple[int, float]]]:
-    """code -> [(optimizer step, KL of the code on val)] in step order, from every line that has a step."""
-    curve: dict[str, list[tuple[int, float]]] = {}
-    for record in read_latent_kl(path):
-        codes = code_totals(record, path)
-        if record.get("step") is None or codes is None:
-            continue
-        for code, value in codes.items():
-            curve.setdefault(code, []).append((int(record["step"]), value))
-    return {code: sorted(points) for code, points in curve.items()}
-
-
-def load_kl_curves(out_dir: str | Path, results: Results) -> KLCurves:
-    """(subset, cell) -> {seed: kl_curve} for the finished runs in `results` that have a latent_kl.jsonl."""
-    curves: KLCurves = {}
-    for (subset, cell), runs in results.items():
-        for seed in sorted(runs):
-            curve = kl_curve(Path(out_dir) / subset / cell / f"seed{seed}" / LATENT_KL_FILE)
-            if curve:
-                curves.setdefault((subset, cell), {})[seed] = curve
-    return curves
-
-
 def expected_runs(protocol: DictConfig) -> Iterator[tuple[str, str, int]]:
     """(subset, cell, seed) of every run the protocol asks for."""
     for cell in protocol.cells:

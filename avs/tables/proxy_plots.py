@@ -22,6 +22,7 @@ from avs.tables.proxy import (
     cell_subsets,
     claim_differences,
 )
+from avs.tables.proxy_curves import VAL_CURVE
 from avs.tables.proxy_report import cell_label, split_ceiling, table_cells
 from avs.tables.render import METRIC_LABELS
 from avs.tables.runs import TableError
@@ -180,7 +181,7 @@ def _kl_legend(fig: Any, subsets: list[str], codes: list[str]) -> None:
 def plot_latent_kl(curves: KLCurves, protocol: DictConfig, path: str | Path) -> Path:
     """PNG of the KL on val (nats, summed over dimensions) over training, one panel per latent cell.
 
-    `curves`: `avs.tables.proxy.load_kl_curves`. One colour per code, one line style per subset; a line
+    `curves`: `avs.tables.proxy_curves.load_kl_curves`. One colour per code, one line style per subset; a line
     is the mean over the seeds, its band the min-max. A panel's y axis is symlog when its values span
     decades. Raises TableError when no finished run has a latent_kl.jsonl.
     """
@@ -205,3 +206,60 @@ def plot_latent_kl(curves: KLCurves, protocol: DictConfig, path: str | Path) -> 
         axes[row * cols].set_ylabel("KL on val (nats)", fontsize=8)
     _kl_legend(fig, subsets, list(codes))
     return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- val curves
+def plot_val_curves(curves: KLCurves, protocol: DictConfig, path: str | Path) -> Path:
+    """PNG of the val mIoU over training, one panel per subset, with the subset's visual-only ceiling.
+
+    `curves`: `avs.tables.proxy_curves.load_curves(..., "val")`. One colour per cell of the methods table (or
+    every cell when the protocol names no methods); a method's `<method>_no_audio` cell is drawn in the
+    method's colour, dashed. A line is the mean over the seeds, its band the min-max. Raises TableError
+    when no finished run has a val curve.
+    """
+    subsets = [str(s) for s in protocol.subsets if any((str(s), c) in curves for c in protocol.cells)]
+    if not subsets:
+        raise TableError("no finished run has a val curve (metrics.json history, or `curves` in the results lines)")
+    lines = _curve_cells(protocol)
+    fig = _figure(1.6 + 3.6 * len(subsets), 3.2)
+    axes = fig.subplots(1, len(subsets), squeeze=False).ravel()
+    drawn: dict[str, tuple[str, str]] = {}
+    for ax, subset in zip(axes, subsets):
+        for cell, (colour, style) in lines.items():
+            band = mean_band(curves.get((subset, cell)) or {}, VAL_CURVE)
+            if not band:
+                continue
+            steps, mean, lo, hi = (list(col) for col in zip(*band))
+            ax.plot(steps, mean, color=colour, ls=style, lw=1.2)
+            if len(curves[(subset, cell)]) > 1:
+                ax.fill_between(steps, lo, hi, color=colour, alpha=0.12, lw=0)
+            drawn[cell] = (colour, style)
+        ceiling = split_ceiling(protocol, subset)
+        if ceiling is not None:
+            ax.axhline(ceiling, color="black", lw=0.8, ls=":")
+        ax.set_title(subset.upper(), fontsize=9)
+        ax.set_xlabel("optimizer step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0].set_ylabel("val mIoU (%), mean and min-max over seeds", fontsize=8)
+    _curve_legend(fig, protocol, drawn, any(split_ceiling(protocol, s) is not None for s in subsets))
+    return _save(fig, path)
+
+
+def _curve_cells(protocol: DictConfig) -> dict[str, tuple[str, str]]:
+    """cell -> (colour, line style): the methods and their no-audio cells, else every cell."""
+    methods = [str(m) for m in protocol.methods] or [str(c) for c in protocol.cells]
+    out: dict[str, tuple[str, str]] = {}
+    for i, method in enumerate(methods):
+        out[method] = (f"C{i}", "-")
+        if f"{method}_no_audio" in protocol.cells:
+            out[f"{method}_no_audio"] = (f"C{i}", "--")
+    return out
+
+
+def _curve_legend(fig: Any, protocol: DictConfig, drawn: dict[str, tuple[str, str]], ceiling: bool) -> None:
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=c, ls=st, label=cell_label(protocol, cell)) for cell, (c, st) in drawn.items()]
+    if ceiling:
+        handles.append(Line2D([], [], color="black", ls=":", lw=0.8, label="visual-only ceiling"))
+    fig.legend(handles=handles, loc="outside right upper", fontsize=7)

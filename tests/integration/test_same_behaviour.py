@@ -133,6 +133,8 @@ NO_AUDIO_STRUCTURES: dict[str, tuple[str, ...]] = {
     "experiment=ecmvae_table2_cvae data=s4": ("audio_encoder",),
     "experiment=ecmvae_table2_cvae data=ms3": ("audio_encoder",),
 }
+
+
 def _train_tiny_state(compose: Callable, overrides: list[str], run_dir: Path) -> tuple[dict, list[float]]:
     """Train a tiny config in-process -> (final model weights, the loss of every backward pass).
 

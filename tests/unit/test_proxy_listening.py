@@ -79,3 +79,21 @@ def test_tables_read_a_results_file(tmp_path):
     lines, same = compare(rows[1], {**rows[1], "test": {"miou": 0.0, "fscore": rows[1]["test"]["fscore"]}})
     assert not same and any(x.startswith("test.miou: recorded 52.0, now 0.0 (differs)") for x in lines)
     assert OmegaConf.load(tmp_path / f"proxy_protocol_v{v}.yaml").version == v
+
+
+def test_a_curve_is_compared_when_recorded_and_shown_when_the_line_predates_it():
+    curves = {"val_miou": [[80, 30.5], [160, 31.25]], "kl": {"s_v": [[80, 0.5], [160, 0.25]]}}
+    row = {**_row("ecmvae", 1, 50.0, 50.0, 30.0, 4), "curves": curves}
+    assert compare(row, json.loads(json.dumps(row)))[1]
+    other = {**row, "curves": {**curves, "val_miou": [[80, 30.5], [160, 31.5]]}}
+    lines, same = compare(row, other)
+    assert not same and any(x.startswith("curves.val_miou: recorded") and x.endswith("(differs)") for x in lines)
+    old = {k: v for k, v in row.items() if k != "curves"}  # a line written before the runner recorded curves
+    lines, same = compare(old, row)
+    assert same and "curves.val_miou: not recorded (the line predates it), now [[80, 30.5], [160, 31.25]]" in lines
+    from avs.proxy.recorded import reproduction
+
+    assert reproduction(old, row)["same"] is True and reproduction(old, row)["differing"] == {}
+    assert reproduction(row, other)["differing"] == {
+        "curves.val_miou": [curves["val_miou"], other["curves"]["val_miou"]]
+    }

@@ -13,21 +13,27 @@ import yaml
 
 from avs.engine.diagnostics import LATENT_KL_FILE, latent_kl_record
 from avs.errors import ConfigError
-from avs.tables import proxy
+from avs.tables import proxy, proxy_curves
 from avs.tables.proxy import (
     check_targets,
     claim_differences,
     describe,
     final_kl,
     final_total_kl,
-    kl_curve,
-    load_kl_curves,
     load_protocol,
     missing_runs,
     t_cdf,
     t_quantile,
 )
-from avs.tables.proxy_plots import PlotUnavailable, mean_band, plot_claims, plot_latent_kl, plot_methods
+from avs.tables.proxy_curves import kl_curve, load_kl_curves
+from avs.tables.proxy_plots import (
+    PlotUnavailable,
+    mean_band,
+    plot_claims,
+    plot_latent_kl,
+    plot_methods,
+    plot_val_curves,
+)
 from avs.tables.proxy_report import to_csvs, to_markdown, write_report
 from avs.tables.runs import TableError
 
@@ -77,6 +83,7 @@ def write_run(
         record["test"] = {"per_frame": {"miou": miou / 100, "fscore": (miou + 10) / 100}}
         if miou_se is not None:
             record["test"]["per_frame"]["miou_se"] = miou_se
+        record["history"] = [{"epoch": 2, "step": 4, "val": {"per_frame": {"miou": miou / 100}}}]
     (run_dir / "metrics.json").write_text(json.dumps(record))
 
 
@@ -423,7 +430,7 @@ def test_latent_kl_plot_is_a_png_and_needs_curves(tmp_path):
         plot_latent_kl({}, protocol, tmp_path / "none.png")
 
 
-@pytest.mark.parametrize("flag", ["--plot-claims", "--plot-kl"])
+@pytest.mark.parametrize("flag", ["--plot-claims", "--plot-kl", "--plot-curves"])
 def test_cli_plot_flags_write_a_png(tmp_path, capsys, flag):
     pytest.importorskip("matplotlib")
     out = make_tree(tmp_path / "bench")
@@ -433,7 +440,7 @@ def test_cli_plot_flags_write_a_png(tmp_path, capsys, flag):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("flag", ["--plot-claims", "--plot-kl"])
+@pytest.mark.parametrize("flag", ["--plot-claims", "--plot-kl", "--plot-curves"])
 def test_cli_plot_flag_without_proxy_is_a_plain_error(tmp_path, capsys, flag):
     assert _tables_main()([str(tmp_path), flag, str(tmp_path / "plot.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -516,3 +523,51 @@ def test_a_broken_runs_log_line_is_named(tmp_path):
     (out / "runs.jsonl").write_text("not json\n")
     with pytest.raises(TableError, match="line 1 is not JSON"):
         proxy.run_times(out)
+
+
+def _with_history(run_dir: Path, points: list[tuple[int, float]]) -> None:
+    """Add a `history` of validations (val mIoU in [0, 1]) to a run's metrics.json, as the trainer writes it."""
+    record = json.loads((run_dir / "metrics.json").read_text())
+    record["history"] = [{"epoch": i, "step": s, "val": {"per_frame": {"miou": v}}} for i, (s, v) in enumerate(points)]
+    (run_dir / "metrics.json").write_text(json.dumps(record))
+
+
+def test_curves_from_the_results_lines_are_the_run_dirs_curves(tmp_path):
+    """The runner's `curves` (val mIoU and KL per code at each validation) let the curve plots be drawn from the
+    tracked results file alone: the same curves as read from the run dirs, to the lines' rounding."""
+    pytest.importorskip("matplotlib")
+    from avs.proxy.results import run_row, update_rows, write_protocol_snapshot
+
+    out = make_tree(tmp_path / "bench")
+    for seed in (1, 2, 3):
+        _with_history(out / "s4" / "tpavi" / f"seed{seed}", [(2, 0.1 * seed), (4, 0.2 + 0.01 * seed)])
+        _with_history(out / "s4" / "tpavi_no_audio" / f"seed{seed}", [(2, 0.05), (4, 0.1234567)])
+    protocol, results = load_protocol(out)
+    protocol.version = version = 7
+    path = tmp_path / "results" / "proxy_runs.jsonl"
+    write_protocol_snapshot(path, protocol, {"s4": {"test": 51.5}, "ms3": {"test": 29.0}})
+    rows = []
+    for (subset, cell), runs in results.items():
+        for seed in runs:
+            head = {"protocol_version": version, "subset": subset, "cell": cell, "seed": seed}
+            rows.append(run_row(out / subset / cell / f"seed{seed}", head, None))
+    update_rows(path, rows)
+    line = next(r for r in rows if (r["subset"], r["cell"], r["seed"]) == ("s4", "tpavi_no_audio", 1))
+    assert line["curves"] == {"val_miou": [[2, 5.0], [4, 12.3457]], "kl": {}}
+    _, from_file = load_protocol(path)
+    for kind in ("val", "kl"):
+        a, b = proxy_curves.load_curves(out, results, kind), proxy_curves.load_curves(path, from_file, kind, version)
+        assert a and sorted(a) == sorted(b)
+        for key in a:
+            for seed, curve in a[key].items():
+                assert b[key][seed].keys() == curve.keys()
+                for name, points in curve.items():
+                    assert [s for s, _ in b[key][seed][name]] == [s for s, _ in points]
+                    assert [v for _, v in b[key][seed][name]] == pytest.approx([v for _, v in points], abs=1e-4)
+    val = proxy_curves.load_curves(path, from_file, "val", version)
+    assert sorted(val) == sorted(results)  # every run of make_tree has a history
+    assert val[("s4", "tpavi")][2][proxy_curves.VAL_CURVE] == [(2, 20.0), (4, 22.0)]
+    png = plot_val_curves(val, protocol, tmp_path / "img" / "val.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(TableError, match="no finished run has a val curve"):
+        plot_val_curves({}, protocol, tmp_path / "none.png")
