@@ -1,7 +1,7 @@
 """Run the CPU proxy benchmark (configs/proxy_benchmark.yaml; docs/reproducing.md, "Proxy benchmark").
 
     python scripts/proxy_benchmark.py                       # every run; finished runs are kept
-    python scripts/proxy_benchmark.py only=[tpavi,avsbg] seeds=[1,2]
+    python scripts/proxy_benchmark.py only=[tpavi,avsbg] only_seeds=[1,2]
     python scripts/proxy_benchmark.py dry_run=true          # the plan: paths, stand-ins vs pins, commands
     python scripts/proxy_benchmark.py toy=true out_dir=/tmp/proxy_toy
     python scripts/proxy_benchmark.py reproduce=ms3/tpavi:1  # rerun one recorded run, recorded vs now

@@ -65,6 +65,34 @@ def run_curves(run_dir: Path, record: Mapping[str, Any] | None = None) -> dict[s
     return {"val_miou": val, "kl": {code: [[step, round(v, 6)] for step, v in points] for code, points in kl.items()}}
 
 
+# keys of a protocol whose recorded snapshot a later sitting must not change under the same version: they
+# decide which runs the version has and what they compute (methods, claims and targets only report)
+SNAPSHOT_FIXED = ("simd", "standins", "seeds", "ablation_seeds", "subsets", "init_from", "base", "metric")
+
+
+def check_snapshot(results: Path, protocol: Any) -> None:
+    """Refuse (ConfigError) a protocol that differs from the snapshot of its version beside the results
+    file in a key of SNAPSHOT_FIXED or in a recorded cell (a new cell may be added): the lines of one version
+    would otherwise be read against another protocol. Selecting runs (only, only_subsets, only_seeds) is not
+    a change."""
+    from omegaconf import OmegaConf
+
+    from avs.errors import ConfigError
+
+    path = results.parent / f"proxy_protocol_v{protocol.get('version')}.yaml"
+    if not path.is_file():
+        return
+    old = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    new = OmegaConf.to_container(protocol, resolve=True)
+    changed = [k for k in SNAPSHOT_FIXED if old.get(k) != new.get(k)]
+    changed += [f"cells.{c}" for c, node in (old.get("cells") or {}).items() if (new.get("cells") or {}).get(c) != node]
+    if changed:
+        raise ConfigError(
+            f"{', '.join(changed)}: differ from protocol version {protocol.get('version')} as recorded in {path}; "
+            "select runs with only / only_subsets / only_seeds, or give the changed protocol a new `version`"
+        )
+
+
 def write_protocol_snapshot(results: Path, protocol: Any, ceilings: Mapping[str, Any]) -> Path:
     """`proxy_protocol_v<version>.yaml` beside the results file: the protocol and its ceilings."""
     from omegaconf import OmegaConf

@@ -34,7 +34,7 @@ from avs.proxy.protocol import (
     expand,
     protocol_node,
 )
-from avs.proxy.results import RESULTS_FILE, run_row, update_rows, write_protocol_snapshot
+from avs.proxy.results import RESULTS_FILE, check_snapshot, run_row, update_rows, write_protocol_snapshot
 from avs.proxy.standins import PIN_KEY, check_pinned, sha256_file, weight_files
 from avs.utils import simd
 from avs.utils.io import atomic_write_text
@@ -216,15 +216,23 @@ def _drop_last_checkpoint(run_dir: Path) -> None:
 
 
 def _selected(cfg: DictConfig, runs: list[ProxyRun]) -> list[ProxyRun]:
-    """The runs `only` (cells) and `only_subsets` keep; a name the protocol does not have is refused."""
+    """The runs `only` (cells), `only_subsets` and `only_seeds` keep; a name or seed the protocol does not
+    have is refused. They select runs and leave the protocol (and its snapshots) as it is."""
     from avs.config_checks import ConfigError
 
-    for key, have in (("only", {r.cell for r in runs}), ("only_subsets", {r.subset for r in runs})):
+    selections = (
+        ("only", {r.cell for r in runs}, lambda r: r.cell),
+        ("only_subsets", {r.subset for r in runs}, lambda r: r.subset),
+        ("only_seeds", {r.seed for r in runs}, lambda r: r.seed),
+    )
+    for key, have, _ in selections:
         unknown = sorted(set(cfg.get(key) or []) - have)
         if unknown:
             raise ConfigError(f"{key}: {unknown} not in the protocol (it has {sorted(have)})")
-    cells, subsets = set(cfg.get("only") or []), set(cfg.get("only_subsets") or [])
-    return [r for r in runs if (not cells or r.cell in cells) and (not subsets or r.subset in subsets)]
+    for key, _, attr in selections:
+        chosen = set(cfg.get(key) or [])
+        runs = [r for r in runs if not chosen or attr(r) in chosen]
+    return runs
 
 
 def _sort_runs(cfg: DictConfig, runs: Sequence[ProxyRun], outcome: ProxyOutcome) -> tuple[list, list]:
@@ -254,6 +262,8 @@ def run_protocol(cfg: DictConfig, out_dir: Path) -> ProxyOutcome:
         outcome.seconds = time.perf_counter() - start
         return outcome
     simd.check(cfg.simd, "scripts/proxy_benchmark.py")
+    if results_path(cfg) is not None:
+        check_snapshot(results_path(cfg), protocol)
     check_sources([r for r in runs if not finished(r.run_dir)])
     out_dir.mkdir(parents=True, exist_ok=True)
     check_same_protocol(out_dir, protocol)

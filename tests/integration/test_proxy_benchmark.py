@@ -176,7 +176,8 @@ def test_a_new_out_dir_continues_from_the_results_file_and_checks_a_rerun(tmp_pa
             tmp_path,
             out_dir=str(tmp_path / out),
             results_file=str(results),
-            seeds=seeds,
+            seeds=[1, 2, 3],
+            only_seeds=seeds,
             only=["tpavi"],
             uncertainty=None,
             listening=None,
@@ -405,3 +406,42 @@ def test_an_ms3_run_without_its_s4_run_is_refused_before_anything_is_written(tmp
     with pytest.raises(ConfigError, match=r"ms3/tpavi/seed1 starts from s4/tpavi/seed1 \(init_from\)"):
         run_protocol(cfg, Path(cfg.out_dir))
     assert not Path(cfg.out_dir).exists()
+
+
+def test_only_seeds_selects_runs_and_the_protocol_keeps_its_seeds(tmp_path):
+    """`only_seeds` narrows the runs like `only`; the protocol written to the out dir keeps every seed."""
+    from avs.proxy.runner import _selected
+
+    cfg = _cfg(tmp_path, only=["tpavi"], only_seeds=[2, 3])
+    runs = _selected(cfg, expand(protocol_node(cfg), tmp_path))
+    assert sorted({(r.subset, r.seed) for r in runs}) == [("ms3", 2), ("ms3", 3), ("s4", 2), ("s4", 3)]
+    assert list(protocol_node(cfg).seeds) == [1, 2, 3, 4, 5]
+    with pytest.raises(ConfigError, match=r"only_seeds: \[9\] not in the protocol"):
+        _selected(_cfg(tmp_path, only_seeds=[9]), expand(protocol_node(cfg), tmp_path))
+
+
+def test_a_sitting_that_changes_the_recorded_protocol_of_its_version_is_refused(tmp_path):
+    """The snapshot beside the results file is the version's protocol: other seeds, or a recorded cell with
+    other overrides, are refused by name before anything is written; a new cell may be added."""
+    from avs.proxy.results import check_snapshot, write_protocol_snapshot
+
+    results = tmp_path / "results" / "proxy_runs.jsonl"
+    cfg = _cfg(tmp_path)
+    protocol = protocol_node(cfg)
+    check_snapshot(results, protocol)  # no snapshot yet
+    write_protocol_snapshot(results, protocol, {"s4": {"test": 40.0}})
+    check_snapshot(results, protocol)
+    fewer = protocol_node(_cfg(tmp_path, seeds=[2, 3]))
+    with pytest.raises(ConfigError, match=r"^seeds: differ from protocol version \d+ as recorded in .*only_seeds"):
+        check_snapshot(results, fewer)
+    changed = protocol_node(_cfg(tmp_path))
+    changed.cells.tpavi.overrides = ["model=tpavi", "trainer.lr=0.01"]
+    with pytest.raises(ConfigError, match=r"^cells.tpavi: differ"):
+        check_snapshot(results, changed)
+    more = protocol_node(_cfg(tmp_path))
+    more.cells.mine = {"label": "mine", "overrides": ["model=avsbg"]}
+    check_snapshot(results, more)
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match="seeds: differ"):
+        run_protocol(_cfg(tmp_path, seeds=[2, 3], results_file=str(results)), out)
+    assert not out.exists()
