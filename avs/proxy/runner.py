@@ -257,13 +257,13 @@ def run_protocol(cfg: DictConfig, out_dir: Path) -> ProxyOutcome:
     protocol = protocol_node(cfg)
     runs = name_persistence(_selected(cfg, expand(protocol, out_dir, path_overrides(cfg))))
     outcome = ProxyOutcome()
+    if results_path(cfg) is not None:  # before the dry run too: it shows what a sitting would do
+        check_snapshot(results_path(cfg), protocol)
     if cfg.get("dry_run"):
         print_plan(cfg, protocol, runs, out_dir, _recorded_plan(cfg, [r for r in runs if not finished(r.run_dir)]))
         outcome.seconds = time.perf_counter() - start
         return outcome
     simd.check(cfg.simd, "scripts/proxy_benchmark.py")
-    if results_path(cfg) is not None:
-        check_snapshot(results_path(cfg), protocol)
     check_sources([r for r in runs if not finished(r.run_dir)])
     out_dir.mkdir(parents=True, exist_ok=True)
     check_same_protocol(out_dir, protocol)

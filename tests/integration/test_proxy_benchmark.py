@@ -352,7 +352,7 @@ def test_dry_run_writes_nothing_and_needs_no_standins(tmp_path):
         f"out_dir={out}",
         f"paths.data_dir={data}",
         f"paths.weights_dir={weights}",
-        "seeds=[1]",
+        "only_seeds=[1]",
         "only=[tpavi]",
         "progress=false",
         f"simd={SCRIPT_SIMD}",
@@ -442,6 +442,7 @@ def test_a_sitting_that_changes_the_recorded_protocol_of_its_version_is_refused(
     more.cells.mine = {"label": "mine", "overrides": ["model=avsbg"]}
     check_snapshot(results, more)
     out = tmp_path / "out"
-    with pytest.raises(ConfigError, match="seeds: differ"):
-        run_protocol(_cfg(tmp_path, seeds=[2, 3], results_file=str(results)), out)
+    for dry in (False, True):
+        with pytest.raises(ConfigError, match="seeds: differ"):
+            run_protocol(_cfg(tmp_path, seeds=[2, 3], results_file=str(results), dry_run=dry), out)
     assert not out.exists()
