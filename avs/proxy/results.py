@@ -67,7 +67,18 @@ def run_curves(run_dir: Path, record: Mapping[str, Any] | None = None) -> dict[s
 
 # keys of a protocol whose recorded snapshot a later sitting must not change under the same version: they
 # decide which runs the version has and what they compute (methods, claims and targets only report)
-SNAPSHOT_FIXED = ("simd", "standins", "seeds", "ablation_seeds", "subsets", "init_from", "base", "metric")
+SNAPSHOT_FIXED = (
+    "simd",
+    "standins",
+    "seeds",
+    "ablation_seeds",
+    "subsets",
+    "init_from",
+    "base",
+    "extra_overrides",
+    "metric",
+    "uncertainty",
+)
 
 
 def check_snapshot(results: Path, protocol: Any) -> None:

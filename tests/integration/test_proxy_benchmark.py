@@ -434,6 +434,8 @@ def test_a_sitting_that_changes_the_recorded_protocol_of_its_version_is_refused(
     fewer = protocol_node(_cfg(tmp_path, seeds=[2, 3]))
     with pytest.raises(ConfigError, match=r"^seeds: differ from protocol version \d+ as recorded in .*only_seeds"):
         check_snapshot(results, fewer)
+    with pytest.raises(ConfigError, match=r"^extra_overrides: differ"):
+        check_snapshot(results, protocol_node(_cfg(tmp_path, extra_overrides=["trainer.lr=0.01"])))
     changed = protocol_node(_cfg(tmp_path))
     changed.cells.tpavi.overrides = ["model=tpavi", "trainer.lr=0.01"]
     with pytest.raises(ConfigError, match=r"^cells.tpavi: differ"):
