@@ -1,0 +1,81 @@
+"""The proxy docs say only what the tracked results say: every result number in docs/reproducing.md's
+section on protocol version 4 is a number of docs/results/ (a results line, a difference the docs name
+from two of them, a ceiling of the protocol snapshot, or a number of the report rebuilt from the file)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from avs.proxy.results import numbers, read_rows
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "docs" / "results"
+SECTION = "### Protocol version 4"
+VERSION = 4
+NUMBER = re.compile(r"(?<![\w.])-?\d+\.\d+(?![\w])")
+# protocol constants a sentence names (the decision threshold), not results
+CONSTANTS = {"0.5"}
+READINGS = ("miou_05", "miou_val_threshold", "fscore")
+
+
+def section(text: str, title: str) -> str:
+    start = text.index(title)
+    end = text.find("\n### ", start + 1)
+    return text[start : end if end >= 0 else len(text)]
+
+
+def _values(row: dict) -> Iterator[float]:
+    for _, value in numbers(row):
+        if isinstance(value, (int, float)):
+            yield float(value)
+        elif isinstance(value, list):  # a curve: [[step, value], ...]
+            yield from (float(v) for _, v in value)
+    if isinstance(row.get("seconds"), (int, float)):
+        yield float(row["seconds"])
+
+
+def _differences(rows: list[dict]) -> Iterator[float]:
+    """With audio minus shuffled audio (same checkpoint), and minus the no-audio cell (same subset and seed)."""
+    by_key = {(r["subset"], r["cell"], r["seed"]): r for r in rows}
+    for (subset, cell, seed), row in by_key.items():
+        listening = row.get("listening") or {}
+        test, shuffled = listening.get("test") or {}, listening.get("test_shuffled_audio") or {}
+        other = (by_key.get((subset, f"{cell}_no_audio", seed)) or {}).get("listening") or {}
+        for reading in READINGS:
+            if test.get(reading) is not None and shuffled.get(reading) is not None:
+                yield test[reading] - shuffled[reading]
+            if test.get(reading) is not None and (other.get("test") or {}).get(reading) is not None:
+                yield test[reading] - other["test"][reading]
+
+
+def backed_numbers(results: Path, version: int) -> set[str]:
+    """Every number the docs may cite for protocol `version`, as written with 1 or 2 decimals."""
+    rows = [r for r in read_rows(results) if r.get("protocol_version") == version]
+    values = [*(v for r in rows for v in _values(r)), *_differences(rows)]
+    snapshot = OmegaConf.to_container(OmegaConf.load(results.parent / f"proxy_protocol_v{version}.yaml"))
+    values += [float(v) for split in (snapshot.get("ceilings") or {}).values() for v in split.values()]
+    out = {f"{v:.{d}f}" for v in values for d in (1, 2)} | {f"{abs(v):.{d}f}" for v in values for d in (1, 2)}
+    report = set(NUMBER.findall((results.parent / "proxy_report.md").read_text()))
+    return {n.lstrip("-") for n in out | report}  # a sign is compared apart from the number
+
+
+def test_every_result_number_of_the_version_4_section_is_in_the_results():
+    text = section((ROOT / "docs" / "reproducing.md").read_text(), SECTION)
+    backed = backed_numbers(RESULTS / "proxy_runs.jsonl", VERSION) | CONSTANTS
+    unbacked = sorted({n for n in NUMBER.findall(text) if n.lstrip("-") not in backed}, key=float)
+    assert not unbacked, f"numbers in docs/reproducing.md, {SECTION!r}, that docs/results/ does not give: {unbacked}"
+
+
+def test_the_check_finds_a_number_the_results_do_not_give(tmp_path):
+    import json
+
+    row = {"protocol_version": 1, "subset": "s4", "cell": "a", "seed": 1, "test": {"miou": 63.0321}}
+    (tmp_path / "proxy_runs.jsonl").write_text(json.dumps(row) + "\n")
+    (tmp_path / "proxy_protocol_v1.yaml").write_text("ceilings: {s4: {test: 38.75}}\n")
+    (tmp_path / "proxy_report.md").write_text("| a | 2.5 h |\n")
+    backed = backed_numbers(tmp_path / "proxy_runs.jsonl", 1)
+    assert {"63.03", "63.0", "38.75", "2.5"} <= backed and "63.04" not in backed
