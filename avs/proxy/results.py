@@ -16,6 +16,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from avs.proxy.protocol import PROTOCOL_KEYS
 from avs.utils.io import atomic_write_text
 
 RESULTS_FILE = "proxy_runs.jsonl"
@@ -65,20 +66,9 @@ def run_curves(run_dir: Path, record: Mapping[str, Any] | None = None) -> dict[s
     return {"val_miou": val, "kl": {code: [[step, round(v, 6)] for step, v in points] for code, points in kl.items()}}
 
 
-# keys of a protocol whose recorded snapshot a later sitting must not change under the same version: they
-# decide which runs the version has and what they compute (methods, claims and targets only report)
-SNAPSHOT_FIXED = (
-    "simd",
-    "standins",
-    "seeds",
-    "ablation_seeds",
-    "subsets",
-    "init_from",
-    "base",
-    "extra_overrides",
-    "metric",
-    "uncertainty",
-)
+# keys of a protocol whose recorded snapshot a later sitting must not change under the same version: every
+# key but the version itself, the cells (a new cell may be added: compared one by one) and what only reports
+SNAPSHOT_FIXED = tuple(k for k in PROTOCOL_KEYS if k not in ("version", "cells", "methods", "claims", "targets"))
 
 
 def check_snapshot(results: Path, protocol: Any) -> None:
