@@ -7,9 +7,10 @@ Kinds (one class each; `build_decoder(kind=...)` keeps the `model.decoder.kind=<
   head conv3x3 C->C/2, bilinear x2 (align_corners=False), conv3x3 C/2->32, ReLU, conv1x1 32->K.
 - `simple` (`SimpleDecoder`): the ECMVAE / AVS-BG decoder. ResidualBlock = x + ReLU(BN(conv(ReLU(BN(conv(x)))))),
   convs without bias; fusion blocks upsample x2 by nearest neighbour; head conv3x3 C->64,
-  nearest x2, conv3x3 64->32, ReLU, conv1x1 32->K. The nearest x2 + conv3x3 pair runs in its phase form
+  nearest x2, conv3x3 64->32, ReLU, conv1x1 32->K. Both nearest x2 + conv3x3 pairs (the last fusion
+  block's upsampling read by the head's first conv, and the head's own) run in phase form
   (`nearest_up2_conv3x3`): four 2x2 convs on the low-resolution map, interleaved, same maths with 4/9 of
-  the multiply-adds.
+  the multiply-adds, and the upsampled map is never built.
 
 In both references the deepest fusion block builds a `resConfUnit1` it never uses; it is not
 built here, so every parameter receives a gradient. Module names follow the AVSBench decoder
@@ -158,15 +159,20 @@ class FeatureFusionBlock(nn.Module):
         self.resConfUnit2 = unit()
 
     def forward(
-        self, x: torch.Tensor, skip: torch.Tensor | None = None, out_size: tuple[int, int] | None = None
+        self,
+        x: torch.Tensor,
+        skip: torch.Tensor | None = None,
+        out_size: tuple[int, int] | None = None,
+        upsample: bool = True,
     ) -> torch.Tensor:
-        """x, skip [N,C,h,w] -> [N,C,*out_size] (default [N,C,2h,2w])."""
+        """x, skip [N,C,h,w] -> [N,C,*out_size] (default [N,C,2h,2w]); [N,C,h,w] with `upsample=False`
+        (the caller's next convolution reads the upsampled map in phase form)."""
         if skip is not None:
             if self.resConfUnit1 is None:
                 raise ValueError("this FeatureFusionBlock was built without a skip input")
             x = x + self.resConfUnit1(skip)  # out-of-place (the references add in place into x)
         x = self.resConfUnit2(x)
-        return _resize(x, out_size, self.mode)
+        return _resize(x, out_size, self.mode) if upsample else x
 
 
 class Decoder(nn.Module):
@@ -208,10 +214,14 @@ class Decoder(nn.Module):
         """Width of the output head's first conv."""
         raise NotImplementedError
 
-    def _head(self, x: torch.Tensor) -> torch.Tensor:
-        """`output_conv` member by member: [N,C,h,w] -> [N,K,2h,2w]; nearest x2 + conv3x3 in phase form."""
+    def _head(self, x: torch.Tensor, upsampled: bool = True) -> torch.Tensor:
+        """`output_conv` member by member: [N,C,h,w] -> [N,K,2h,2w]; nearest x2 + conv3x3 in phase form.
+
+        With `upsampled=False` (nearest mode), x is `path1`'s map before its own nearest x2: the first
+        conv reads that upsampled map in phase form too, [N,C,h,w] -> [N,K,4h,4w].
+        """
         conv_in, up, conv_up, relu, conv_out = self.output_conv
-        x = conv_in(x)
+        x = conv_in(x) if upsampled else nearest_up2_conv3x3(x, conv_in)
         x = nearest_up2_conv3x3(x, conv_up) if self.mode == "nearest" else conv_up(up(x))
         return conv_out(relu(x))
 
@@ -227,8 +237,11 @@ class Decoder(nn.Module):
         x = self.path4(f4, out_size=tuple(f3.shape[-2:]))  # [N,C,h4,w4] -> [N,C,h3,w3]
         x = self.path3(x, f3, out_size=tuple(f2.shape[-2:]))  # -> [N,C,h2,w2]
         x = self.path2(x, f2, out_size=tuple(f1.shape[-2:]))  # -> [N,C,h1,w1]
-        x = self.path1(x, f1)  # -> [N,C,2h1,2w1] (stride 2)
-        logits = self._head(x)  # -> [N,K,4h1,4w1] (stride 1)
+        if self.mode == "nearest":  # path1's nearest x2 is read by the head's first conv in phase form
+            logits = self._head(self.path1(x, f1, upsample=False), upsampled=False)  # -> [N,K,4h1,4w1]
+        else:
+            x = self.path1(x, f1)  # -> [N,C,2h1,2w1] (stride 2)
+            logits = self._head(x)  # -> [N,K,4h1,4w1] (stride 1)
         size = (int(out_size[0]), int(out_size[1]))
         if tuple(logits.shape[-2:]) != size:
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
