@@ -109,10 +109,16 @@ def _traceable_motion() -> Iterator[None]:
     original = motion_mod._mean_relu_correlation
     fn = motion_mod._MeanReLUCorrelation
 
-    def forward_only(query: torch.Tensor, key: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
+    def forward_only(
+        query: torch.Tensor, key: torch.Tensor, chunk_size: int | None, col_every: int = 0
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         key = key.to(query.dtype)
+        # whole-volume chunks (the trace unrolls the chunk loop, and the export may run on another device)
         maps, positions = motion_mod._chunk_plan(query.shape[0], query.shape[2], key.shape[2], chunk_size)
-        return fn.forward(_NoGradContext(), query.contiguous(), key.contiguous(), int(maps), int(positions))
+        rows, cols = fn.forward(
+            _NoGradContext(), query.contiguous(), key.contiguous(), int(maps), int(positions), False, int(col_every)
+        )
+        return (rows, cols) if col_every else rows
 
     motion_mod._mean_relu_correlation = forward_only
     try:

@@ -163,6 +163,35 @@ def test_auto_chunk_plan_is_bounded() -> None:
     assert _chunk_plan(5, 49, 49, 8) == (5, 8)
 
 
+def test_cpu_chunk_plan_keeps_chunks_cache_sized() -> None:
+    from avs.models.motion import CPU_CHUNK_ELEMENTS
+
+    maps, positions = _chunk_plan(4, 3136, 3136, None, CPU_CHUNK_ELEMENTS)  # B=1 at the 56x56 scale
+    assert (maps, positions) == (1, CPU_CHUNK_ELEMENTS // 3136)
+    maps, positions = _chunk_plan(4, 784, 784, None, CPU_CHUNK_ELEMENTS)  # 28x28: whole maps, several at once
+    assert positions == 784 and maps == min(4, CPU_CHUNK_ELEMENTS // 784**2) and maps * 784**2 <= CPU_CHUNK_ELEMENTS
+    assert _chunk_plan(32, 49, 49, None, CPU_CHUNK_ELEMENTS) == (32, 49)  # 7x7: one chunk
+    assert _chunk_plan(2, 10**7, 10**7, None, CPU_CHUNK_ELEMENTS) == (1, 1)  # at least one position of one map
+
+
+def test_cpu_chunks_give_the_whole_volume_result(monkeypatch) -> None:
+    """The CPU plan's small chunks and the whole-volume plan agree (values and gradients, float64)."""
+    from avs.models import motion as motion_mod
+
+    gen = torch.Generator().manual_seed(9)
+    q0 = torch.randn(4, 6, 40, generator=gen, dtype=torch.float64)
+    k0 = torch.randn(4, 6, 40, generator=gen, dtype=torch.float64)
+    results = []
+    for budget in (motion_mod.CPU_CHUNK_ELEMENTS, 100):  # 100 entries: 2 positions x 1 map per chunk
+        monkeypatch.setattr(motion_mod, "CPU_CHUNK_ELEMENTS", budget)
+        q, k = q0.clone().requires_grad_(), k0.clone().requires_grad_()
+        rows, cols = _mean_relu_correlation(q, k, None, 2)
+        (rows.square().sum() + cols.square().sum()).backward()
+        results.append((rows.detach(), cols.detach(), q.grad, k.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
 def test_num_frames_from_argument_and_validation() -> None:
     motion = CorrelationPyramidMotion(num_stages=2, stages=[1])
     feats = [torch.randn(6, 4, 4, 4), torch.randn(6, 4, 2, 2)]
@@ -208,7 +237,7 @@ def test_saved_mask_backward_gives_the_same_bits_as_recomputing(pos_per_chunk) -
     grads = []
     for save in (False, True):
         q, k = q0.clone().requires_grad_(), k0.clone().requires_grad_()
-        out = _MeanReLUCorrelation.apply(q, k, 2, pos_per_chunk, save)
+        out, _ = _MeanReLUCorrelation.apply(q, k, 2, pos_per_chunk, save, 0)
         out.backward(grad_out)
         grads.append((out.detach(), q.grad, k.grad))
     for a, b in zip(*grads):
@@ -222,9 +251,9 @@ def test_mask_is_saved_only_for_a_backward_within_the_budget(monkeypatch) -> Non
 
     class Spy(motion_mod._MeanReLUCorrelation):
         @staticmethod
-        def forward(ctx, query, key, maps, positions, save_mask=False):
+        def forward(ctx, query, key, maps, positions, save_mask=False, col_every=0):
             seen.append(save_mask)
-            return motion_mod._correlation_forward(ctx, query, key, maps, positions, save_mask)
+            return motion_mod._correlation_forward(ctx, query, key, maps, positions, save_mask, col_every)
 
     monkeypatch.setitem(motion_mod._AUTOCAST_FUNCTIONS, "cpu", Spy)
     q, k = torch.randn(2, 4, 9, requires_grad=True), torch.randn(2, 4, 9)
@@ -236,3 +265,47 @@ def test_mask_is_saved_only_for_a_backward_within_the_budget(monkeypatch) -> Non
     monkeypatch.setattr(motion_mod, "AUTO_CHUNK_ELEMENTS", 2 * 9 * 9 - 1)  # the volume's mask over budget
     _mean_relu_correlation(q, k, None)
     assert seen == [True, False, False, False, False]
+
+
+@pytest.mark.parametrize("col_every", [1, 2, 4])
+@pytest.mark.parametrize("chunks", [(1, 3), (3, 4), (5, 7), (8, 50)])
+@pytest.mark.parametrize("save", [False, True])
+def test_column_means_and_their_gradient_match_the_transposed_volume(col_every, chunks, save) -> None:
+    """cols[j] is the mean over p of the ReLU'd volume of map j*k + k-1, for every chunking; the gradients
+    of rows and cols together equal autograd's through the explicit volume (float64)."""
+    from avs.models.motion import _MeanReLUCorrelation
+
+    gen = torch.Generator().manual_seed(7)
+    n = 8
+    q0 = torch.randn(n, 5, 11, generator=gen, dtype=torch.float64)
+    k0 = torch.randn(n, 5, 9, generator=gen, dtype=torch.float64)
+    g_rows = torch.randn(n, 11, generator=gen, dtype=torch.float64)
+    g_cols = torch.randn(n // col_every, 9, generator=gen, dtype=torch.float64)
+    q, k = q0.clone().requires_grad_(), k0.clone().requires_grad_()
+    rows, cols = _MeanReLUCorrelation.apply(q, k, chunks[0], chunks[1], save, col_every)
+    ((rows * g_rows).sum() + (cols * g_cols).sum()).backward()
+    qr, kr = q0.clone().requires_grad_(), k0.clone().requires_grad_()
+    vol = torch.bmm(qr.transpose(1, 2), kr).clamp(min=0)  # [n,P,Q]
+    rows_ref, cols_ref = vol.mean(-1), vol[col_every - 1 :: col_every].mean(1)
+    ((rows_ref * g_rows).sum() + (cols_ref * g_cols).sum()).backward()
+    assert cols.shape == (n // col_every, 9)
+    for a, b in ((rows, rows_ref), (cols, cols_ref), (q.grad, qr.grad), (k.grad, kr.grad)):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("num_frames", [2, 3, 5])
+@pytest.mark.parametrize("impl", ["released", "pyramid"])
+def test_last_frame_read_from_the_transposed_volume_matches_its_own_volume(num_frames, impl) -> None:
+    """The statistic and the gradients equal the T-volume computation (every frame against its partner)."""
+    gen = torch.Generator().manual_seed(8)
+    feat0 = torch.randn(2 * num_frames, 6, 5, 4, generator=gen, dtype=torch.float64)
+    motion = CorrelationPyramidMotion(num_stages=1, impl=impl, levels=3).double()
+    weights = torch.randn(2 * num_frames, motion.levels, 5, 4, generator=gen, dtype=torch.float64)
+    feat = feat0.clone().requires_grad_()
+    stat = motion.correlation_statistic(feat, num_frames)
+    (stat * weights).sum().backward()
+    ref_feat = feat0.clone().requires_grad_()
+    ref = _torch_reference(ref_feat, num_frames, motion.levels)
+    (ref * weights).sum().backward()
+    torch.testing.assert_close(stat.detach(), ref.detach(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(feat.grad, ref_feat.grad, rtol=0, atol=1e-12)
