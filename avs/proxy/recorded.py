@@ -7,7 +7,10 @@ has a line there under the protocol's version is not made again, with two except
 * a recorded run that a pending run starts from (`init_from`: an MS3 run whose S4 run is recorded but
   whose checkpoint is not in this out dir) is made again, for its checkpoint;
 * when no recorded run would be made again, the first recorded run that starts from nothing is, as a
-  check.
+  check: the first among the selected runs, else the first of the whole protocol (a selection such as
+  `only_seeds` of seeds not yet recorded holds no recorded run, and its runs must not join the table
+  unchecked). No check is made when a recorded run is already finished in this out dir (the out dir
+  made it, as a check or as the run that was recorded).
 
 Every such rerun is a check: its numbers must equal the recorded line's, exactly (the same code, SIMD
 level and thread count give the same bytes; docs/reproducing.md, "Proxy benchmark"). A rerun that
@@ -32,16 +35,23 @@ MACHINE_KEYS = ("commit", "machine_kind", "cpu_level", "simd", "threads")
 
 
 def plan(
-    todo: Sequence[ProxyRun], rows: list[dict[str, Any]], version: Any
+    todo: Sequence[ProxyRun],
+    rows: list[dict[str, Any]],
+    version: Any,
+    every: Sequence[ProxyRun] = (),
+    done: frozenset[str] = frozenset(),
 ) -> tuple[list[ProxyRun], dict[str, dict[str, Any]], list[str]]:
-    """(runs to make, in order; {run name: recorded line} of the reruns that are checks; names skipped)."""
+    """(runs to make, in order; {run name: recorded line} of the reruns that are checks; names skipped).
+
+    `every`: the protocol's runs before any selection; `done`: the names finished in this out dir.
+    """
     recorded = {}
     for run in todo:
         row = find_row(rows, run.subset, run.cell, run.seed, version)
         if row is not None:
             recorded[run.name] = row
     if not recorded:
-        return list(todo), {}, []
+        return _check_outside_selection(todo, rows, version, every, done)
     needed = {r.after for r in todo if r.name not in recorded and r.after}
     keep = {r.name for r in todo if r.name not in recorded or r.name in needed}
     if not keep & set(recorded):  # nothing recorded is made again: check one that starts from nothing
@@ -51,6 +61,24 @@ def plan(
     made = [r for r in todo if r.name in keep]
     checks = {name: row for name, row in recorded.items() if name in keep}
     return made, checks, [r.name for r in todo if r.name not in keep]
+
+
+def _check_outside_selection(
+    todo: Sequence[ProxyRun],
+    rows: list[dict[str, Any]],
+    version: Any,
+    every: Sequence[ProxyRun],
+    done: frozenset[str],
+) -> tuple[list[ProxyRun], dict[str, dict[str, Any]], list[str]]:
+    """No selected run is recorded: the first recorded run of the whole protocol that starts from nothing
+    is made first, as the check (none when the out dir already finished a recorded run)."""
+    lines = {r.name: find_row(rows, r.subset, r.cell, r.seed, version) for r in every}
+    if any(lines[name] is not None for name in done if name in lines):
+        return list(todo), {}, []
+    first = next((r for r in every if lines[r.name] is not None and r.after is None), None)
+    if first is None:
+        return list(todo), {}, []
+    return [first, *todo], {first.name: lines[first.name]}, []
 
 
 def reproduction(recorded: Mapping[str, Any], now: Mapping[str, Any]) -> dict[str, Any]:

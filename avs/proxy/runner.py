@@ -255,12 +255,15 @@ def run_protocol(cfg: DictConfig, out_dir: Path) -> ProxyOutcome:
     each finished run's line in the results files. `dry_run`: print the plan, write nothing."""
     start = time.perf_counter()
     protocol = protocol_node(cfg)
-    runs = name_persistence(_selected(cfg, expand(protocol, out_dir, path_overrides(cfg))))
+    every = name_persistence(expand(protocol, out_dir, path_overrides(cfg)))
+    runs = _selected(cfg, every)
     outcome = ProxyOutcome()
     if results_path(cfg) is not None:  # before the dry run too: it shows what a sitting would do
         check_snapshot(results_path(cfg), protocol)
     if cfg.get("dry_run"):
-        print_plan(cfg, protocol, runs, out_dir, _recorded_plan(cfg, [r for r in runs if not finished(r.run_dir)]))
+        print_plan(
+            cfg, protocol, runs, out_dir, _recorded_plan(cfg, [r for r in runs if not finished(r.run_dir)], every)
+        )
         outcome.seconds = time.perf_counter() - start
         return outcome
     simd.check(cfg.simd, "scripts/proxy_benchmark.py")
@@ -269,10 +272,11 @@ def run_protocol(cfg: DictConfig, out_dir: Path) -> ProxyOutcome:
     check_same_protocol(out_dir, protocol)
     atomic_write_text(out_dir / PROTOCOL_FILE, OmegaConf.to_yaml(protocol))
     todo, followup_only = _sort_runs(cfg, runs, outcome)
-    todo, outcome.checks, outcome.recorded = _recorded_plan(cfg, todo)
+    todo, outcome.checks, outcome.recorded = _recorded_plan(cfg, todo, every)
     unrecorded = _unrecorded(cfg, [r for r in runs if r.name in outcome.kept and r not in followup_only], out_dir)
     standins = check_runs([*todo, *followup_only, *unrecorded], protocol.get(PIN_KEY)) or {}
-    ceilings = prepare_data(protocol, runs, out_dir)
+    # the data of a check from outside the selection too
+    ceilings = prepare_data(protocol, [*runs, *(r for r in todo if r not in runs)], out_dir)
     if results_path(cfg) is not None:
         write_protocol_snapshot(results_path(cfg), protocol, ceilings)
     for run in unrecorded:  # a finished run without its results line (e.g. a lost results file) gets it
@@ -284,14 +288,18 @@ def run_protocol(cfg: DictConfig, out_dir: Path) -> ProxyOutcome:
     return outcome
 
 
-def _recorded_plan(cfg: DictConfig, todo: list[ProxyRun]) -> tuple[list[ProxyRun], dict[str, dict], list[str]]:
-    """`continue_recorded`: (runs to make, recorded runs made again as checks, recorded runs not made)."""
+def _recorded_plan(
+    cfg: DictConfig, todo: list[ProxyRun], every: list[ProxyRun]
+) -> tuple[list[ProxyRun], dict[str, dict], list[str]]:
+    """`continue_recorded`: (runs to make, recorded runs made again as checks, recorded runs not made);
+    `every`: the protocol's runs before the selection (the check may lie outside it)."""
     if not cfg.continue_recorded or results_path(cfg) is None:
         return todo, {}, []
     from avs.proxy.recorded import plan
     from avs.proxy.results import read_rows
 
-    return plan(todo, read_rows(results_path(cfg)), cfg.get("version"))
+    done = frozenset(r.name for r in every if finished(r.run_dir))
+    return plan(todo, read_rows(results_path(cfg)), cfg.get("version"), every, done)
 
 
 def _unrecorded(cfg: DictConfig, runs: Sequence[ProxyRun], out_dir: Path) -> list[ProxyRun]:

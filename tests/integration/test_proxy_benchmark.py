@@ -217,6 +217,24 @@ def test_a_new_out_dir_continues_from_the_results_file_and_checks_a_rerun(tmp_pa
     assert last["same"] is False and last["differing"]["test.miou"] == [50.0, 60.0]
     assert '"seed": 3' not in results.read_text() and results.read_text().count('"miou": 60.0') == 0
 
+    # a selection with nothing recorded (only seed 3): the check comes from outside it, the protocol's first
+    # recorded S4 run, and made first; it gives other numbers here, so seed 3 does not join the table
+    fourth = run_protocol(cfg("d", [3], workers=1), tmp_path / "d")
+    assert list(fourth.checks) == ["s4/tpavi/seed1"] and fourth.made == ["s4/tpavi/seed1"] and fourth.stopped
+    assert fourth.failed["s4/tpavi/seed3"] == "not run: the benchmark stopped (a rerun did not reproduce)"
+    assert '"seed": 3' not in results.read_text()
+    monkeypatch.setenv("FAKE_MIOU", "0.5")  # the same computation again: the check passes, seed 3 is recorded
+    fifth = run_protocol(cfg("e", [3], workers=1), tmp_path / "e")
+    assert list(fifth.checks) == ["s4/tpavi/seed1"] and fifth.made == [
+        "s4/tpavi/seed1",
+        "s4/tpavi/seed3",
+        "ms3/tpavi/seed3",
+    ]
+    assert not fifth.failed and json.loads(reproductions.read_text().splitlines()[-1])["same"] is True
+    # this out dir has made recorded runs: calling it again checks nothing again
+    sixth = run_protocol(cfg("e", [3], workers=1), tmp_path / "e")
+    assert sixth.checks == {} and sixth.made == [] and sorted(sixth.kept) == ["ms3/tpavi/seed3", "s4/tpavi/seed3"]
+
 
 FAKE_UNCERTAINTY = """
 import json, sys, pathlib
