@@ -6,11 +6,13 @@ has a line there under the protocol's version is not made again, with two except
 
 * a recorded run that a pending run starts from (`init_from`: an MS3 run whose S4 run is recorded but
   whose checkpoint is not in this out dir) is made again, for its checkpoint;
-* when no recorded run would be made again, the first recorded run that starts from nothing is, as a
-  check: the first among the selected runs, else the first of the whole protocol (a selection such as
-  `only_seeds` of seeds not yet recorded holds no recorded run, and its runs must not join the table
-  unchecked). No check is made when a recorded run is already finished in this out dir (the out dir
-  made it, as a check or as the run that was recorded).
+* for every model (`model=` of a cell's overrides) the sitting trains, one recorded run of that model that
+  starts from nothing is made again, first, as a check: the first such run among the selected runs, else
+  the first of the whole protocol (a selection such as `only_seeds` of seeds not yet recorded holds no
+  recorded run, and its runs must not join the table unchecked). A model needs no check when a recorded
+  run of it is made again anyway (first bullet) or is already finished in this out dir. One check per
+  model, not one per sitting: a change of rounding in one model's code (say the motion module) leaves the
+  others' runs, and so a check of another model, exactly as recorded.
 
 Every such rerun is a check: its numbers must equal the recorded line's, exactly (the same code, SIMD
 level and thread count give the same bytes; docs/reproducing.md, "Proxy benchmark"). A rerun that
@@ -34,6 +36,11 @@ REPRODUCTIONS_FILE = "proxy_reproductions.jsonl"
 MACHINE_KEYS = ("commit", "machine_kind", "cpu_level", "simd", "threads")
 
 
+def model_of(run: ProxyRun) -> str:
+    """The `model=` override of a run's cell ("" when it has none): the code a check must cover."""
+    return next((o.split("=", 1)[1] for o in run.overrides if o.startswith("model=")), "")
+
+
 def plan(
     todo: Sequence[ProxyRun],
     rows: list[dict[str, Any]],
@@ -41,44 +48,30 @@ def plan(
     every: Sequence[ProxyRun] = (),
     done: frozenset[str] = frozenset(),
 ) -> tuple[list[ProxyRun], dict[str, dict[str, Any]], list[str]]:
-    """(runs to make, in order; {run name: recorded line} of the reruns that are checks; names skipped).
+    """(runs to make, checks first; {run name: recorded line} of the reruns that are checks; names skipped).
 
     `every`: the protocol's runs before any selection; `done`: the names finished in this out dir.
     """
-    recorded = {}
-    for run in todo:
-        row = find_row(rows, run.subset, run.cell, run.seed, version)
-        if row is not None:
-            recorded[run.name] = row
-    if not recorded:
-        return _check_outside_selection(todo, rows, version, every, done)
+    pool = [*todo, *(r for r in every if r not in todo)]  # the selection first
+    lines = {r.name: find_row(rows, r.subset, r.cell, r.seed, version) for r in pool}
+    recorded = {r.name: lines[r.name] for r in todo if lines[r.name] is not None}
     needed = {r.after for r in todo if r.name not in recorded and r.after}
     keep = {r.name for r in todo if r.name not in recorded or r.name in needed}
-    if not keep & set(recorded):  # nothing recorded is made again: check one that starts from nothing
-        first = next((r for r in todo if r.name in recorded and r.after is None), None)
-        if first is not None:
-            keep.add(first.name)
     made = [r for r in todo if r.name in keep]
     checks = {name: row for name, row in recorded.items() if name in keep}
-    return made, checks, [r.name for r in todo if r.name not in keep]
-
-
-def _check_outside_selection(
-    todo: Sequence[ProxyRun],
-    rows: list[dict[str, Any]],
-    version: Any,
-    every: Sequence[ProxyRun],
-    done: frozenset[str],
-) -> tuple[list[ProxyRun], dict[str, dict[str, Any]], list[str]]:
-    """No selected run is recorded: the first recorded run of the whole protocol that starts from nothing
-    is made first, as the check (none when the out dir already finished a recorded run)."""
-    lines = {r.name: find_row(rows, r.subset, r.cell, r.seed, version) for r in every}
-    if any(lines[name] is not None for name in done if name in lines):
-        return list(todo), {}, []
-    first = next((r for r in every if lines[r.name] is not None and r.after is None), None)
-    if first is None:
-        return list(todo), {}, []
-    return [first, *todo], {first.name: lines[first.name]}, []
+    covered = {model_of(r) for r in made if r.name in checks}
+    covered |= {model_of(r) for r in pool if r.name in done and lines[r.name] is not None}
+    first: list[ProxyRun] = []
+    for model in dict.fromkeys(model_of(r) for r in made if r.name not in checks):
+        if model in covered:
+            continue
+        check = next((r for r in pool if model_of(r) == model and lines[r.name] is not None and r.after is None), None)
+        if check is not None:
+            first.append(check)
+            checks[check.name] = lines[check.name]
+            covered.add(model)
+    made = [*first, *(r for r in made if r not in first)]
+    return made, checks, [r.name for r in todo if r.name not in keep and r.name not in checks]
 
 
 def reproduction(recorded: Mapping[str, Any], now: Mapping[str, Any]) -> dict[str, Any]:
