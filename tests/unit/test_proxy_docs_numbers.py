@@ -1,6 +1,7 @@
 """The proxy docs say only what the tracked results say: every result number in docs/reproducing.md's
 section on protocol version 4 is a number of docs/results/ (a results line, a difference the docs name
-from two of them, a ceiling of the protocol snapshot, or a number of the report rebuilt from the file)."""
+from two of them, a rerun's numbers in proxy_reproductions.jsonl, a ceiling of the protocol snapshot, or a
+number of the report rebuilt from the file)."""
 
 from __future__ import annotations
 
@@ -52,10 +53,22 @@ def _differences(rows: list[dict]) -> Iterator[float]:
                 yield test[reading] - other["test"][reading]
 
 
+def _reproduced(path: Path, version: int) -> Iterator[float]:
+    """The numbers a rerun of a recorded run gave (proxy_reproductions.jsonl: test mIoU, the numbers that
+    differed), recorded and now."""
+    import json
+
+    lines = [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
+    for line in (x for x in lines if x.get("protocol_version") == version):
+        pairs = [line.get("test_miou") or [], *(line.get("differing") or {}).values()]
+        yield from (float(v) for pair in pairs for v in pair if isinstance(v, (int, float)))
+
+
 def backed_numbers(results: Path, version: int) -> set[str]:
     """Every number the docs may cite for protocol `version`, as written with 1 or 2 decimals."""
     rows = [r for r in read_rows(results) if r.get("protocol_version") == version]
     values = [*(v for r in rows for v in _values(r)), *_differences(rows)]
+    values += list(_reproduced(results.parent / "proxy_reproductions.jsonl", version))
     snapshot = OmegaConf.to_container(OmegaConf.load(results.parent / f"proxy_protocol_v{version}.yaml"))
     values += [float(v) for split in (snapshot.get("ceilings") or {}).values() for v in split.values()]
     out = {f"{v:.{d}f}" for v in values for d in (1, 2)} | {f"{abs(v):.{d}f}" for v in values for d in (1, 2)}
@@ -79,3 +92,8 @@ def test_the_check_finds_a_number_the_results_do_not_give(tmp_path):
     (tmp_path / "proxy_report.md").write_text("| a | 2.5 h |\n")
     backed = backed_numbers(tmp_path / "proxy_runs.jsonl", 1)
     assert {"63.03", "63.0", "38.75", "2.5"} <= backed and "63.04" not in backed
+    rerun = {"protocol_version": 1, "test_miou": [63.0321, 59.6055], "differing": {"val.miou": [49.0129, 54.684]}}
+    other = {"protocol_version": 2, "test_miou": [1.25, 7.75], "differing": {}}
+    (tmp_path / "proxy_reproductions.jsonl").write_text(json.dumps(rerun) + "\n" + json.dumps(other) + "\n")
+    backed = backed_numbers(tmp_path / "proxy_runs.jsonl", 1)
+    assert {"59.61", "49.01", "54.68"} <= backed and "7.75" not in backed  # a rerun's numbers, of this version only
