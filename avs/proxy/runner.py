@@ -316,7 +316,8 @@ def print_plan(
 ) -> None:
     """The dry run: where everything goes, the stand-ins against their pins, every command (`recorded`:
     _recorded_plan's answer for the unfinished runs). Reads only."""
-    _, checks, skipped = recorded
+    made, checks, skipped = recorded
+    runs = [*(r for r in made if r not in runs), *runs]  # a check from outside the selection comes first
     from avs.config_checks import check_config
 
     paths = cfg.get("paths") or {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -390,6 +391,30 @@ def test_dry_run_writes_nothing_and_needs_no_standins(tmp_path):
     assert f"paths.data_dir={data}" in proc.stdout and "train.py" in proc.stdout
     assert _tree(tmp_path) == snapshot and not out.exists()
     assert _repo_state() == before
+    # continuing: the check of a model the selection trains is printed too, though it lies outside the selection
+    results = tmp_path / "results" / "proxy_runs.jsonl"
+    results.parent.mkdir()
+    tracked = PROJECT_ROOT / "docs" / "results"
+    shutil.copy(tracked / "proxy_protocol_v4.yaml", results.parent / "proxy_protocol_v4.yaml")
+    line = next(
+        x
+        for x in (tracked / "proxy_runs.jsonl").read_text().splitlines()
+        if '"protocol_version": 4' in x and '"cell": "ecmvae"' in x and '"seed": 1,' in x and '"subset": "s4"' in x
+    )
+    results.write_text(line + "\n")
+    snapshot = _tree(tmp_path)
+    cont = [
+        *cmd[:4],
+        "only_seeds=[1]",
+        "only=[ecmvae_kl]",
+        f"results_file={results}",
+        "progress=false",
+        f"simd={SCRIPT_SIMD}",
+    ]
+    proc = run_script("proxy_benchmark.py", cont, tmp_path, env=env, inherit_env=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "# recorded s4/ecmvae/seed1, made again" in proc.stdout
+    assert _tree(tmp_path) == snapshot and not out.exists()
 
 
 def test_ms3_runs_start_from_the_same_cell_and_seed_on_s4(tmp_path):
