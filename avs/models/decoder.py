@@ -9,8 +9,9 @@ Kinds (one class each; `build_decoder(kind=...)` keeps the `model.decoder.kind=<
   convs without bias; fusion blocks upsample x2 by nearest neighbour; head conv3x3 C->64,
   nearest x2, conv3x3 64->32, ReLU, conv1x1 32->K. Both nearest x2 + conv3x3 pairs (the last fusion
   block's upsampling read by the head's first conv, and the head's own) run in phase form
-  (`nearest_up2_conv3x3`): four 2x2 convs on the low-resolution map, interleaved, same maths with 4/9 of
-  the multiply-adds, and the upsampled map is never built.
+  (`nearest_up2_conv3x3`): each output phase is a 2x2 conv of the low-resolution map, all four computed
+  by one stride-2 transposed convolution with a folded 4x4 kernel; same maths with 4/9 of the
+  multiply-adds, and the upsampled map is never built.
 
 In both references the deepest fusion block builds a `resConfUnit1` it never uses; it is not
 built here, so every parameter receives a gradient. Module names follow the AVSBench decoder
@@ -45,15 +46,17 @@ def _resize(x: torch.Tensor, size: tuple[int, int] | None, mode: str) -> torch.T
     return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
 
 
-def _fold_taps(w: torch.Tensor, dim: int, phase: int) -> torch.Tensor:
-    """Fold the 3 taps along `dim` of a conv3x3 kernel into the 2 low-res taps of one output phase.
+def _up2_taps(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """The 4 taps along `dim` of the stride-2 transposed conv equal to nearest x2 then this conv3x3 kernel.
 
-    Output row 2i+a of conv3x3(nearest2x(x)) reads upsampled rows 2i+a-1, 2i+a, 2i+a+1, i.e. low-res
-    rows (i-1, i, i) for a=0 and (i, i, i+1) for a=1: taps (w0, w1+w2) on rows (i-1, i) or (w0+w1, w2)
-    on rows (i, i+1). The sums are taken in the weight's dtype.
+    Output row 2i of conv3x3(nearest2x(x)) reads upsampled rows 2i-1, 2i, 2i+1, i.e. low-res rows
+    (i-1, i, i): taps w0 on row i-1 and w1+w2 on row i; output row 2i+1 reads low-res rows (i, i, i+1):
+    w0+w1 on row i and w2 on row i+1. conv_transpose2d(stride=2, padding=1, kernel 4) gives output row
+    2i+a the taps k = 2(i-r)+1+a of low-res row r, so its kernel along `dim` is (w2, w1+w2, w0+w1, w0).
+    The sums are taken in the weight's dtype.
     """
     t0, t1, t2 = w.unbind(dim)
-    return torch.stack((t0, t1 + t2) if phase == 0 else (t0 + t1, t2), dim)
+    return torch.stack((t2, t1 + t2, t0 + t1, t0), dim)
 
 
 def _phase_form_applies(conv: nn.Module) -> bool:
@@ -74,23 +77,16 @@ def nearest_up2_conv3x3(x: torch.Tensor, conv: nn.Module) -> torch.Tensor:
     """conv(upsample_nearest2x(x)) without building the upsampled map: [N,C,h,w] -> [N,O,2h,2w].
 
     Phase form: output pixel (2i+a, 2j+b) is a 2x2 conv of the zero-padded low-res map at rows i+a-1..i+a,
-    cols j+b-1..j+b, with kernel M_a W M_b^T (`_fold_taps`); the four phases are interleaved by
-    pixel_shuffle. Equal to the upsample-then-conv form up to float rounding, with 4/9 of its
-    multiply-adds. A conv other than 3x3 / padding 1 / stride 1 / dilation 1 / groups 1 falls back to
-    conv(upsample_nearest2x(x)).
+    cols j+b-1..j+b, with the 3x3 kernel's taps folded per phase. All four phases are one stride-2
+    transposed convolution (padding 1) with the 4x4 kernel `_up2_taps` folds from the 3x3 one, which
+    writes the interleaved map directly. Equal to the upsample-then-conv form up to float rounding, with
+    4/9 of its multiply-adds. A conv other than 3x3 / padding 1 / stride 1 / dilation 1 / groups 1 falls
+    back to conv(upsample_nearest2x(x)).
     """
     if not _phase_form_applies(conv) or x.dim() != 4:
         return conv(upsample_nearest2x(x))
-    h, w = x.shape[-2:]
-    xp = F.pad(x, (1, 1, 1, 1))  # [N,C,h+2,w+2]; zero padding at full res = zero padding at low res
-    phases = []
-    for a in (0, 1):
-        rows = _fold_taps(conv.weight, 2, a)  # [O,C,2,3]
-        for b in (0, 1):
-            k = _fold_taps(rows, 3, b)  # [O,C,2,2]
-            phases.append(F.conv2d(xp[:, :, a : a + h + 1, b : b + w + 1], k, conv.bias))  # [N,O,h,w]
-    # phase a*2+b -> channel o*4 + a*2+b, which pixel_shuffle(2) puts at (2i+a, 2j+b)
-    return F.pixel_shuffle(torch.stack(phases, 2).flatten(1, 2), 2)
+    k = _up2_taps(_up2_taps(conv.weight, 2), 3)  # [O,C,3,3] -> [O,C,4,4]
+    return F.conv_transpose2d(x, k.transpose(0, 1), conv.bias, stride=2, padding=1)  # weight [C,O,4,4]
 
 
 class _Upsample2x(nn.Module):

@@ -293,7 +293,22 @@ def test_every_config_builds_the_same_model(baseline):
 # Recording the hashes again (`python -m tests.fixtures.behaviour_baseline --weights`, keeping the recorded
 # configs and structures; `--values` for the tolerance path's values) on the machine kind CI runs on empties
 # this table.
-ROUNDING_CHANGES: dict[str, dict[str, tuple[str, ...]]] = {}
+ROUNDING_CHANGES: dict[str, dict[str, tuple[str, ...]]] = {
+    # avs.models.decoder.nearest_up2_conv3x3: the four 2x2 phase convs as one stride-2 transposed conv
+    "simple decoder phase form as one transposed conv": {
+        "avsbg": ("avsbg", "avsbg_no_audio", "quickstart"),
+        "ecmvae": (
+            "ecmvae",
+            "ecmvae_ae",
+            "ecmvae_conv1",
+            "ecmvae_cvae",
+            "ecmvae_kl",
+            "ecmvae_no_factor",
+            "ecmvae_release",
+        ),
+        "ecmvae_bg": ("ecmvae_bg",),
+    },
+}
 ROUNDING_CHANGED: frozenset[str] = frozenset(
     case for families in ROUNDING_CHANGES.values() for cases in families.values() for case in cases
 )
