@@ -6,7 +6,7 @@ python scripts/tables.py <dirs> --keys model.latent.divergence --metrics miou fs
 python scripts/tables.py <AVSS runs> --protocol avsbench_legacy     # beside the AVSS paper's numbers
 python scripts/tables.py <AVSS runs> --per-class     # plus one IoU column per class (background last)
 python scripts/tables.py <multirun dir> --plot sweep.png     # first metric vs the swept key(s), dots = seeds
-python scripts/tables.py <proxy benchmark dir> --proxy [--out dir]
+python scripts/tables.py <proxy benchmark dir or docs/results/proxy_runs.jsonl> --proxy [--version 4] [--out dir]
     [--plot methods.png] [--plot-claims claims.png] [--plot-kl latent_kl.png]
     [--plot-curves val_curves.png]
 """
@@ -62,6 +62,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the one input is a proxy benchmark dir (protocol.yaml): methods, claims, latent and targets tables",
     )
     p.add_argument(
+        "--version",
+        type=int,
+        default=None,
+        help="with --proxy and a results file: the protocol version whose lines to read (default: the highest)",
+    )
+    p.add_argument(
         "--plot",
         default=None,
         help="write a PNG: the first --metrics value against the swept key(s), one dot per seed, mean and 95%% "
@@ -92,7 +98,7 @@ def proxy_main(args: argparse.Namespace) -> int:
         )
         return 2
     try:
-        protocol, results = load_protocol(args.runs[0])
+        protocol, results = load_protocol(args.runs[0], args.version)
         costs = load_costs(args.runs[0], protocol)
         source = Path(args.runs[0])
         paths = write_report(protocol, results, args.out or (source.parent if source.is_file() else source), costs)

@@ -300,8 +300,11 @@ def _read_run(run_dir: Path, metrics: Sequence[str]) -> dict[str, float | None] 
     return {**values, **_latent_values(run_dir), **listening_values(listen)}
 
 
-def load_protocol(out_dir: str | Path) -> tuple[DictConfig, Results]:
+def load_protocol(out_dir: str | Path, version: Any = None) -> tuple[DictConfig, Results]:
     """Read a proxy benchmark dir -> (protocol, results).
+
+    A results file (`.jsonl`) may hold several protocol versions: `version` picks one (default: the highest);
+    a benchmark dir has one, so `version` must be None or its own.
 
     The protocol gains `ceilings` from ceilings.json (empty when the file is not there yet).
     results maps (subset, cell) -> {seed: {"miou", "fscore", <metric>, "miou_se", "kl", "active_dims",
@@ -313,8 +316,10 @@ def load_protocol(out_dir: str | Path) -> tuple[DictConfig, Results]:
     if out.is_file() and out.suffix == ".jsonl":  # a results file (docs/results/proxy_runs.jsonl)
         from avs.tables.proxy_results import load_results_file
 
-        return load_results_file(out)
+        return load_results_file(out, version)
     protocol = _read_protocol(out)
+    if version is not None and str(protocol.get("version")) != str(version):
+        raise ValueError(f"{out}: its protocol is version {protocol.get('version')}, not {version}")
     ceilings = out / CEILINGS_FILE
     if ceilings.is_file():
         protocol.ceilings = _read_json(ceilings)

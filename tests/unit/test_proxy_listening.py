@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 from omegaconf import OmegaConf
 
@@ -54,6 +55,25 @@ def _row(cell, seed, miou, listen, shuffled, version):
         "val": {"miou": miou, "fscore": miou},
         "listening": {"test": reading, "test_shuffled_audio": shuf, "val": reading, "val_threshold": 0.3},
     }
+
+
+def test_a_results_file_with_two_versions_gives_the_highest_unless_one_is_named(tmp_path):
+    """The tracked file holds every protocol version's lines; the report of an older version can be rebuilt."""
+    from avs.proxy.protocol import protocol_node
+
+    cfg = compose_cfg("proxy_benchmark", [f"out_dir={tmp_path}"])
+    results = tmp_path / "proxy_runs.jsonl"
+    old, new = protocol_node(cfg), protocol_node(cfg)
+    old.version, new.version = 4, 5
+    write_protocol_snapshot(results, old, {"ms3": {"test": 40.0}})
+    write_protocol_snapshot(results, new, {"ms3": {"test": 41.0}})
+    update_rows(results, [_row("tpavi", 1, 50.0, 50.0, 30.0, 4), _row("tpavi", 1, 60.0, 60.0, 30.0, 5)])
+    protocol, res = load_protocol(results)
+    assert protocol.version == 5 and res[("ms3", "tpavi")][1]["miou"] == 60.0
+    protocol, res = load_protocol(results, 4)
+    assert protocol.version == 4 and res[("ms3", "tpavi")][1]["miou"] == 50.0 and protocol.ceilings.ms3.test == 40.0
+    with pytest.raises(FileNotFoundError, match=r"proxy_protocol_v3.yaml: no protocol of version 3"):
+        load_protocol(results, 3)
 
 
 def test_tables_read_a_results_file(tmp_path):
