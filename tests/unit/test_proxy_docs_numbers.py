@@ -1,5 +1,5 @@
 """The proxy docs say only what the tracked results say: every result number in docs/reproducing.md's
-section on protocol version 4 is a number of docs/results/ (a results line, a difference the docs name
+sections on protocol versions 4 and 5 is a number of docs/results/ (a results line, a difference the docs name
 from two of them, a rerun's numbers in proxy_reproductions.jsonl, a ceiling of the protocol snapshot, or a
 number of the report rebuilt from the file)."""
 
@@ -9,14 +9,18 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from omegaconf import OmegaConf
 
 from avs.proxy.results import numbers, read_rows
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "docs" / "results"
-SECTION = "### Protocol version 4"
-VERSION = 4
+# (section title, protocol version, that version's report): version 4's report is docs/results/'s own
+SECTIONS = [
+    ("### Protocol version 4", 4, RESULTS / "proxy_report.md"),
+    ("### Protocol version 5", 5, RESULTS / "v5" / "proxy_report.md"),
+]
 NUMBER = re.compile(r"(?<![\w.])-?\d+\.\d+(?![\w])")
 # protocol constants a sentence names (the decision threshold), not results
 CONSTANTS = {"0.5"}
@@ -64,7 +68,7 @@ def _reproduced(path: Path, version: int) -> Iterator[float]:
         yield from (float(v) for pair in pairs for v in pair if isinstance(v, (int, float)))
 
 
-def backed_numbers(results: Path, version: int) -> set[str]:
+def backed_numbers(results: Path, version: int, report: Path | None = None) -> set[str]:
     """Every number the docs may cite for protocol `version`, as written with 1 or 2 decimals."""
     rows = [r for r in read_rows(results) if r.get("protocol_version") == version]
     values = [*(v for r in rows for v in _values(r)), *_differences(rows)]
@@ -72,15 +76,16 @@ def backed_numbers(results: Path, version: int) -> set[str]:
     snapshot = OmegaConf.to_container(OmegaConf.load(results.parent / f"proxy_protocol_v{version}.yaml"))
     values += [float(v) for split in (snapshot.get("ceilings") or {}).values() for v in split.values()]
     out = {f"{v:.{d}f}" for v in values for d in (1, 2)} | {f"{abs(v):.{d}f}" for v in values for d in (1, 2)}
-    report = set(NUMBER.findall((results.parent / "proxy_report.md").read_text()))
-    return {n.lstrip("-") for n in out | report}  # a sign is compared apart from the number
+    report_numbers = set(NUMBER.findall((report or results.parent / "proxy_report.md").read_text()))
+    return {n.lstrip("-") for n in out | report_numbers}  # a sign is compared apart from the number
 
 
-def test_every_result_number_of_the_version_4_section_is_in_the_results():
-    text = section((ROOT / "docs" / "reproducing.md").read_text(), SECTION)
-    backed = backed_numbers(RESULTS / "proxy_runs.jsonl", VERSION) | CONSTANTS
+@pytest.mark.parametrize(("title", "version", "report"), SECTIONS, ids=[f"v{v}" for _, v, _ in SECTIONS])
+def test_every_result_number_of_a_version_section_is_in_the_results(title, version, report):
+    text = section((ROOT / "docs" / "reproducing.md").read_text(), title)
+    backed = backed_numbers(RESULTS / "proxy_runs.jsonl", version, report) | CONSTANTS
     unbacked = sorted({n for n in NUMBER.findall(text) if n.lstrip("-") not in backed}, key=float)
-    assert not unbacked, f"numbers in docs/reproducing.md, {SECTION!r}, that docs/results/ does not give: {unbacked}"
+    assert not unbacked, f"numbers in docs/reproducing.md, {title!r}, that docs/results/ does not give: {unbacked}"
 
 
 def test_the_check_finds_a_number_the_results_do_not_give(tmp_path):
