@@ -565,13 +565,17 @@ def _kl_checks(protocol: DictConfig, results: Results, floor: float) -> list[Tar
 
 def check_targets(protocol: DictConfig, results: Results) -> list[TargetCheck]:
     """The protocol's targets measured on the data: ceiling and seed std for every methods-table cell,
-    the audio claim of every method with a no-audio cell, the total KL of the kl_cells."""
+    the audio claim of every method with a no-audio cell, the per-seed listening margins of every
+    method (avs/tables/proxy_listening.py), the total KL of the kl_cells."""
     targets = protocol.targets
     table = [(subset, cell) for cell in protocol.methods for subset in cell_subsets(protocol, cell)]
     checks = [_ceiling_check(protocol, results, subset, cell) for subset, cell in table]
     if targets.get("max_seed_std") is not None:
         checks += [_std_check(protocol, results, s, c, float(targets.max_seed_std)) for s, c in table]
     checks += _audio_checks(protocol, results)
+    from avs.tables.proxy_listening import every_seed_checks
+
+    checks += every_seed_checks(protocol, results)
     if targets.get("min_total_kl") is not None:
         checks += _kl_checks(protocol, results, float(targets.min_total_kl))
     return checks

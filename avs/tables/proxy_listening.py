@@ -11,7 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from avs.tables.proxy import Results, cell_stats, cell_subsets, describe, verdict
+from avs.tables.proxy import Results, TargetCheck, cell_stats, cell_subsets, describe, verdict
 
 READINGS = {"miou_05": "mIoU@0.5", "miou_val_threshold": "mIoU@val thr", "fscore": "F"}
 PARTS = {"listen": "test", "shuffled": "test_shuffled_audio"}
@@ -84,3 +84,38 @@ def listening_markdown(protocol: DictConfig, results: Results) -> list[str]:
             f"| {cell} | {subset.upper()} | {reading} | {n} | {mean_text} | {_diff(*rest[:4])} | {_diff(*rest[4:])} |"
         )
     return lines
+
+
+def _worst(runs: dict[int, dict], other: dict[int, dict], prefix: str) -> tuple[float, int, str] | None:
+    """The smallest `listen:<reading>` − `<prefix>:<reading>` over the seeds and readings (None: no pair)."""
+    pairs = [
+        (runs[k][f"listen:{key}"] - other[k][f"{prefix}:{key}"], k, READINGS[key])
+        for k in sorted(set(runs) & set(other))
+        for key in READINGS
+        if runs[k].get(f"listen:{key}") is not None and other[k].get(f"{prefix}:{key}") is not None
+    ]
+    return min(pairs, key=lambda p: p[0]) if pairs else None  # ties: the first seed, then reading order
+
+
+def every_seed_checks(protocol: DictConfig, results: Results) -> list[TargetCheck]:
+    """Per method and subset: in every seed the run with audio beats the same checkpoint with shuffled
+    test audio and its own `<method>_no_audio` run, on every reading. Measured: the smallest margins."""
+    checks = []
+    name = "every seed: with audio > shuffled audio and > no-audio run (all readings)"
+    for cell in protocol.methods:
+        other = f"{cell}_no_audio"
+        for subset in cell_subsets(protocol, cell):
+            runs = results.get((subset, cell), {})
+            plain = results.get((subset, other), {}) if other in protocol.cells else {}
+            shuf, none = _worst(runs, runs, "shuffled"), _worst(runs, plain, "listen")
+            parts, margins = [], []
+            for label, worst, seeds in (("shuffled", shuf, set(runs)), ("no-audio", none, set(runs) & set(plain))):
+                if worst is None:
+                    parts.append(f"− {label}: no paired seeds")
+                    continue
+                value, seed, reading = worst
+                margins.append(value)
+                parts.append(f"min − {label} {value:+.2f} (seed {seed}, {reading}; {len(seeds)} seeds)")
+            ok = False if any(m <= 0 for m in margins) else (True if len(margins) == 2 else None)
+            checks.append(TargetCheck(name, f"{cell} / {subset}", "; ".join(parts), ok))
+    return checks

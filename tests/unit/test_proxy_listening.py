@@ -117,3 +117,31 @@ def test_a_curve_is_compared_when_recorded_and_shown_when_the_line_predates_it()
     assert reproduction(row, other)["differing"] == {
         "curves.val_miou": [curves["val_miou"], other["curves"]["val_miou"]]
     }
+
+
+def test_every_seed_target_names_the_worst_margin_and_fails_on_one_seed(tmp_path):
+    """The per-seed listening target: every seed's run with audio must beat its shuffled-audio reading
+    and its no-audio run on every reading; one seed at or below either margin fails it."""
+    from avs.proxy.protocol import protocol_node
+    from avs.tables.proxy_listening import every_seed_checks
+
+    cfg = compose_cfg("proxy_benchmark", [f"out_dir={tmp_path}"])
+    v = int(cfg.version)
+    results = tmp_path / "proxy_runs.jsonl"
+    write_protocol_snapshot(results, protocol_node(cfg), {"ms3": {"test": 40.0}})
+    rows = [_row("tpavi", k, 50.0 + k, 50.0 + k, 30.0, v) for k in (1, 2, 3)]
+    rows += [_row("tpavi_no_audio", k, 45.0, 45.0, 45.0, v) for k in (1, 2, 3)]
+    update_rows(results, rows)
+
+    def check(cell):
+        protocol, res = load_protocol(results)
+        return next(c for c in every_seed_checks(protocol, res) if c.where == f"{cell} / ms3")
+
+    ok = check("tpavi")
+    assert ok.ok is True and "min − no-audio +6.00 (seed 1, mIoU@0.5; 3 seeds)" in ok.measured
+    assert "min − shuffled +21.00 (seed 1, mIoU@0.5; 3 seeds)" in ok.measured
+    assert check("ecmvae").ok is None and "no paired seeds" in check("ecmvae").measured
+
+    update_rows(results, [_row("tpavi_no_audio", 2, 45.0, 53.0, 45.0, v)])  # seed 2 without audio reads higher
+    bad = check("tpavi")
+    assert bad.ok is False and "min − no-audio -1.00 (seed 2, mIoU@0.5" in bad.measured
