@@ -210,7 +210,7 @@ def plot_latent_kl(curves: KLCurves, protocol: DictConfig, path: str | Path) -> 
 
 # ----------------------------------------------------------------------------- val curves
 def plot_val_curves(curves: KLCurves, protocol: DictConfig, path: str | Path) -> Path:
-    """PNG of the val mIoU over training, one panel per subset, with the subset's visual-only ceiling.
+    """PNG of the val mIoU over training, one panel per subset, with the subset's visual-only ceiling on val.
 
     `curves`: `avs.tables.proxy_curves.load_curves(..., "val")`. One colour per cell of the methods table (or
     every cell when the protocol names no methods); a method's `<method>_no_audio` cell is drawn in the
@@ -234,14 +234,14 @@ def plot_val_curves(curves: KLCurves, protocol: DictConfig, path: str | Path) ->
             if len(curves[(subset, cell)]) > 1:
                 ax.fill_between(steps, lo, hi, color=colour, alpha=0.12, lw=0)
             drawn[cell] = (colour, style)
-        ceiling = split_ceiling(protocol, subset)
+        ceiling = split_ceiling(protocol, subset, "val")  # the curves are val readings
         if ceiling is not None:
             ax.axhline(ceiling, color="black", lw=0.8, ls=":")
         ax.set_title(subset.upper(), fontsize=9)
         ax.set_xlabel("optimizer step", fontsize=8)
         ax.tick_params(labelsize=7)
     axes[0].set_ylabel("val mIoU (%), mean and min-max over seeds", fontsize=8)
-    _curve_legend(fig, protocol, drawn, any(split_ceiling(protocol, s) is not None for s in subsets))
+    _curve_legend(fig, protocol, drawn, any(split_ceiling(protocol, s, "val") is not None for s in subsets))
     return _save(fig, path)
 
 
@@ -261,5 +261,5 @@ def _curve_legend(fig: Any, protocol: DictConfig, drawn: dict[str, tuple[str, st
 
     handles = [Line2D([], [], color=c, ls=st, label=cell_label(protocol, cell)) for cell, (c, st) in drawn.items()]
     if ceiling:
-        handles.append(Line2D([], [], color="black", ls=":", lw=0.8, label="visual-only ceiling"))
+        handles.append(Line2D([], [], color="black", ls=":", lw=0.8, label="visual-only ceiling (val)"))
     fig.legend(handles=handles, loc="outside right upper", fontsize=7)

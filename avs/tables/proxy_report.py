@@ -99,9 +99,10 @@ def _metrics(protocol: DictConfig) -> tuple[str, str]:
     return primary, "fscore" if primary != "fscore" else "miou"
 
 
-def split_ceiling(protocol: DictConfig, subset: str) -> float | None:
-    """The visual-only ceiling (%) of `subset` on the test split, None when ceilings.json has none."""
-    value = (protocol.ceilings.get(subset) or {}).get(SPLIT)
+def split_ceiling(protocol: DictConfig, subset: str, split: str = SPLIT) -> float | None:
+    """The visual-only ceiling (%) of `subset` on `split` (the test split unless named), None when
+    ceilings.json has none."""
+    value = (protocol.ceilings.get(subset) or {}).get(split)
     return None if value is None else float(value)
 
 

@@ -532,7 +532,7 @@ def _with_history(run_dir: Path, points: list[tuple[int, float]]) -> None:
     (run_dir / "metrics.json").write_text(json.dumps(record))
 
 
-def test_curves_from_the_results_lines_are_the_run_dirs_curves(tmp_path):
+def test_curves_from_the_results_lines_are_the_run_dirs_curves(tmp_path, monkeypatch):
     """The runner's `curves` (val mIoU and KL per code at each validation) let the curve plots be drawn from the
     tracked results file alone: the same curves as read from the run dirs, to the lines' rounding."""
     pytest.importorskip("matplotlib")
@@ -567,7 +567,18 @@ def test_curves_from_the_results_lines_are_the_run_dirs_curves(tmp_path):
     val = proxy_curves.load_curves(path, from_file, "val", version)
     assert sorted(val) == sorted(results)  # every run of make_tree has a history
     assert val[("s4", "tpavi")][2][proxy_curves.VAL_CURVE] == [(2, 20.0), (4, 22.0)]
+    from matplotlib.axes import Axes
+
+    drawn_at: list[float] = []
+    axhline = Axes.axhline
+
+    def record(ax, y=0, *args, **kwargs):
+        drawn_at.append(y)
+        return axhline(ax, y, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "axhline", record)
     png = plot_val_curves(val, protocol, tmp_path / "img" / "val.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(drawn_at) == [28.0, 50.0]  # the val ceilings (make_tree), not the test ones: the curves are val
     with pytest.raises(TableError, match="no finished run has a val curve"):
         plot_val_curves({}, protocol, tmp_path / "none.png")
