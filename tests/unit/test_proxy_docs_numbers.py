@@ -102,3 +102,40 @@ def test_the_check_finds_a_number_the_results_do_not_give(tmp_path):
     (tmp_path / "proxy_reproductions.jsonl").write_text(json.dumps(rerun) + "\n" + json.dumps(other) + "\n")
     backed = backed_numbers(tmp_path / "proxy_runs.jsonl", 1)
     assert {"59.61", "49.01", "54.68"} <= backed and "7.75" not in backed  # a rerun's numbers, of this version only
+
+
+def test_the_ms3_step0_diagnostic_table_is_what_its_csv_and_the_results_give():
+    """docs/reproducing.md's step-0 diagnostic of version 5: each paired difference of its table is
+    recomputed from docs/results/v5/ms3_step0.csv (step 0) and the version-5 results lines (later steps)."""
+    import csv
+
+    from avs.tables.proxy import describe
+
+    title = "### Protocol version 5: where the MS3 differences form"
+    text = section((ROOT / "docs" / "reproducing.md").read_text(), title)
+    step0 = {
+        (r["cell"], int(r["seed"])): float(r["miou"]) for r in csv.DictReader(open(RESULTS / "v5" / "ms3_step0.csv"))
+    }
+    lines = {
+        (r["cell"], r["seed"]): r
+        for r in read_rows(RESULTS / "proxy_runs.jsonl")
+        if r.get("protocol_version") == 5 and r["subset"] == "ms3"
+    }
+    names = {"TPAVI": "tpavi", "ECMVAE": "ecmvae", "AVS-BG": "avsbg", "ECMVAE + AVS-BG": "ecmvae_bg"}
+    readings = [
+        lambda c, k: step0[(c, k)],
+        lambda c, k: dict(lines[(c, k)]["curves"]["val_miou"])[80],
+        lambda c, k: dict(lines[(c, k)]["curves"]["val_miou"])[800],
+        lambda c, k: lines[(c, k)]["test"]["miou"],
+    ]
+    rows = [r for r in text.splitlines() if r.startswith("| ") and " − " in r.split("|")[1]]
+    assert len(rows) == 4
+    for row in rows:
+        pair, *cells = [x.strip() for x in row.strip("|").split("|")]
+        a, b = (names[x] for x in pair.split(" − "))
+        for read, cell in zip(readings, cells):
+            d = describe([read(a, k) - read(b, k) for k in range(1, 6)])
+            assert cell == f"{d.mean:+.2f} [{d.lo:+.2f}, {d.hi:+.2f}]", (pair, cell)
+    for cell in ("ecmvae_bg", "avsbg"):
+        s = describe([step0[(cell, k)] for k in range(1, 6)])
+        assert f"{s.mean:.2f} ±" in text and f"{s.std:.2f}" in text
