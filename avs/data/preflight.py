@@ -13,6 +13,7 @@ goes on, since the loader then skips those clips and records them (run_report.js
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterable, Mapping
@@ -95,7 +96,43 @@ def require_synthetic(data_cfg: Any) -> None:
     else:
         cfg, root = _synthetic_config(data_cfg)
     if not is_complete(root, cfg):
-        raise MissingFileError(
-            f"data.root={root}: no complete Sounding Shapes data of this config there; evaluation never generates "
-            "data (check data.root, or generate it with scripts/make_synthetic.py or a training run)"
+        differ = _generated_differences(Path(root), cfg.to_dict())
+        what = (
+            f"the data there was made with other data.synthetic keys ({differ})"
+            if differ
+            else "no complete Sounding Shapes data of this config there"
         )
+        raise MissingFileError(
+            f"data.root={root}: {what}; evaluation never generates data (check data.root, or generate it with "
+            "scripts/make_synthetic.py or a training run)"
+        )
+
+
+def _generated_differences(root: Path, wanted: dict[str, Any], shown: int = 4) -> str:
+    """'key: there X, asked Y; ...' between the config a generated root records (its generation.json) and
+    `wanted`; empty when the root records none."""
+    patterns = (
+        "synthetic_meta/generation.json",
+        "*/synthetic_meta/generation.json",
+        "*/*/synthetic_meta/generation.json",
+    )
+    records = sorted(p for pattern in patterns for p in root.glob(pattern)) if root.is_dir() else []
+    if not records:
+        return ""
+    try:
+        there = json.loads(records[0].read_text()).get("config") or {}
+    except (OSError, ValueError):
+        return ""
+    there, wanted = _flat(there), _flat(json.loads(json.dumps(wanted)))  # tuples as the record's lists
+    keys = sorted(set(there) | set(wanted))
+    diffs = [f"{k}: there {there.get(k)!r}, asked {wanted.get(k)!r}" for k in keys if there.get(k) != wanted.get(k)]
+    return "; ".join(diffs[:shown]) + ("; ..." if len(diffs) > shown else "")
+
+
+def _flat(node: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'clips.val': 64, ...} of a nested dict."""
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        out.update(_flat(value, f"{name}.") if isinstance(value, dict) else {name: value})
+    return out

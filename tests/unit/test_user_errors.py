@@ -207,3 +207,22 @@ def test_a_model_without_audio_needs_no_audio_weight_file(tmp_path):
     with pytest.raises(MissingFileError, match=r"audio\.weights_path=.*vggish\.pth: weight file not found"):
         check_files(compose_cfg("train", vggish))
     check_files(compose_cfg("train", vggish + ["model.use_audio=false"]))  # no audio encoder is built
+
+
+def test_evaluation_on_synthetic_data_of_another_config_names_the_keys_that_differ(synth_data_dir):
+    """An eval whose data.synthetic keys differ from the data present at data.root names each differing key
+    with what the root was made with and what was asked (the root's generation.json), not just 'not complete'."""
+    from omegaconf import OmegaConf
+
+    from avs.data.preflight import require_synthetic
+    from avs.errors import MissingFileError
+
+    data = compose_cfg("train", tiny_overrides(synth_data_dir, "s4")).data
+    require_synthetic(data)  # the data present: accepted
+    other = OmegaConf.merge(data, {"synthetic": {"clips": {"val": 5}, "frame_noise": 9.0}})
+    with pytest.raises(MissingFileError) as err:
+        require_synthetic(other)
+    text = str(err.value)
+    assert f"data.root={data.root}" in text and "never generates" in text
+    assert "clips.val: there 2, asked 5" in text and "frame_noise: there 2.0, asked 9.0" in text
+    assert "clips.train" not in text  # only the keys that differ
