@@ -256,7 +256,7 @@ def run_protocol(cfg: DictConfig, out_dir: Path) -> ProxyOutcome:
     start = time.perf_counter()
     protocol = protocol_node(cfg)
     every = name_persistence(expand(protocol, out_dir, path_overrides(cfg)))
-    runs = _selected(cfg, every)
+    runs = _in_start_order(cfg, _selected(cfg, every), out_dir)
     outcome = ProxyOutcome()
     if results_path(cfg) is not None:  # before the dry run too: it shows what a sitting would do
         check_snapshot(results_path(cfg), protocol)
@@ -286,6 +286,16 @@ def run_protocol(cfg: DictConfig, out_dir: Path) -> ProxyOutcome:
     _execute(cfg, todo, followup_only, log_dir, outcome, standins)
     outcome.seconds = time.perf_counter() - start
     return outcome
+
+
+def _in_start_order(cfg: DictConfig, runs: list[ProxyRun], out_dir: Path) -> list[ProxyRun]:
+    """The selected runs in the order they start: within a seed and subset, the longest expected chain
+    first, timed by the results file's lines (avs/proxy/schedule.py); the protocol's order otherwise."""
+    from avs.proxy.results import read_rows
+    from avs.proxy.schedule import expected_seconds, longest_chains_first
+
+    rows = read_rows(results_path(cfg) or out_dir / RESULTS_FILE)
+    return longest_chains_first(runs, expected_seconds(rows, cfg.get("version")))
 
 
 def _recorded_plan(
@@ -423,8 +433,8 @@ def _execute(
                     break
             ready, dropped = _release(waiting, todo, outcome)
             bar.update(len(dropped))
-            # the first ready runs in the protocol's order, as many as there are free slots (a run queued
-            # in the pool ahead of time would overtake the later-ready runs of an earlier seed)
+            # the first ready runs in start order (_in_start_order), as many as there are free slots (a run
+            # queued in the pool ahead of time would overtake the later-ready runs of an earlier seed)
             start = ready[: max(0, workers - len(running))]
             waiting = [r for r in waiting if r not in dropped and r not in start]
             running |= {pool.submit(_run_one, r, threads, log_dir, followup_commands(cfg, r)) for r in start}

@@ -241,7 +241,8 @@ def cost_rows(protocol: DictConfig, costs: RunCosts) -> list[list[Any]]:
 
 
 def _hours(seconds: float) -> str:
-    return f"{seconds / 3600:.1f} h"
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min"
 
 
 def _cost_markdown(protocol: DictConfig, costs: RunCosts) -> list[str]:
@@ -258,13 +259,27 @@ def _cost_markdown(protocol: DictConfig, costs: RunCosts) -> list[str]:
         if est.runs == 0:
             continue
         text = f"{name} ({est.runs} runs) {_hours(est.seconds)} one after another"
-        text += f", {_hours(est.seconds / w)} with {w} side by side" if w else ""
+        text += f", {_hours(_side_by_side(protocol, costs, cells, w))} with {w} side by side" if w else ""
         text += f", not counting {est.untimed} runs of untimed cells" if est.untimed else ""
         parts.append(text)
     if parts:
         lines += ["", "Estimate (each run costs the fastest timed run of its cell): " + "; ".join(parts) + "."]
-        lines += ["Recorded times include whatever else the machine was doing."]
+        lines += [
+            "Side by side: the runner's start order and its waits (an MS3 run starts after its S4 run) replayed "
+            "with these times (avs/proxy/schedule.py). Recorded times include whatever else the machine was doing."
+        ]
     return lines
+
+
+def _side_by_side(protocol: DictConfig, costs: RunCosts, cells: Sequence[str], workers: int) -> float:
+    """Wall seconds of the runs of `cells` in `workers` slots, each at its cell's fastest timed run (0 when
+    untimed), replayed in the runner's start order."""
+    from avs.proxy.protocol import expand
+    from avs.proxy.schedule import longest_chains_first, replay
+
+    fastest = {key: min(timed) for key, timed in costs.seconds.items() if timed}
+    runs = longest_chains_first([r for r in expand(protocol, Path(".")) if r.cell in cells], fastest)
+    return replay(runs, {r.name: fastest.get((r.subset, r.cell), 0.0) for r in runs}, workers)
 
 
 def to_markdown(protocol: DictConfig, results: Results, costs: RunCosts | None = None) -> str:

@@ -487,8 +487,9 @@ def test_cost_table_and_estimate_in_the_report(tmp_path):
     md = to_markdown(protocol, results, costs)
     assert "### Cost" in md and "| TPAVI | S4 | 3/5 | 200 | 100–300 |" in md
     assert "| ECMVAE | MS3 | 0/5 | – | – |" in md
-    # methods: 5 TPAVI S4 runs at 100 s = 500 s, halved by 2 workers; 15 runs of untimed cells not counted
-    assert "the methods table (5 runs) 0.1 h one after another, 0.1 h with 2 side by side" in md
+    # methods: 5 TPAVI S4 runs at 100 s = 500 s; in 2 slots they end at 300 s (2 + 2 + 1), not at 250;
+    # 15 runs of untimed cells not counted
+    assert "the methods table (5 runs) 0 h 08 min one after another, 0 h 05 min with 2 side by side" in md
     assert "not counting 15 runs of untimed cells" in md
     assert "### Cost" not in to_markdown(protocol, results)  # without runs.jsonl data asked for: no section
     csv_text = to_csvs(protocol, results, costs)["costs"]
