@@ -30,13 +30,17 @@ def listening_values(record: dict[str, Any] | None) -> dict[str, float | None]:
     return out
 
 
-def _paired(a: dict[int, dict], b: dict[int, dict], key_a: str, key_b: str):
-    d = {
+def _differences(a: dict[int, dict], b: dict[int, dict], key_a: str, key_b: str) -> dict[int, float]:
+    """{seed: a[seed][key_a] - b[seed][key_b]} over the seeds both have with both readings, in seed order."""
+    return {
         k: a[k][key_a] - b[k][key_b]
         for k in sorted(set(a) & set(b))
         if a[k].get(key_a) is not None and b[k].get(key_b) is not None
     }
-    return describe(list(d.values()))
+
+
+def _paired(a: dict[int, dict], b: dict[int, dict], key_a: str, key_b: str):
+    return describe(list(_differences(a, b, key_a, key_b).values()))
 
 
 def listening_rows(protocol: DictConfig, results: Results) -> list[list[Any]]:
@@ -89,12 +93,11 @@ def listening_markdown(protocol: DictConfig, results: Results) -> list[str]:
 def _worst(runs: dict[int, dict], other: dict[int, dict], prefix: str) -> tuple[float, int, str] | None:
     """The smallest `listen:<reading>` − `<prefix>:<reading>` over the seeds and readings (None: no pair)."""
     pairs = [
-        (runs[k][f"listen:{key}"] - other[k][f"{prefix}:{key}"], k, READINGS[key])
-        for k in sorted(set(runs) & set(other))
-        for key in READINGS
-        if runs[k].get(f"listen:{key}") is not None and other[k].get(f"{prefix}:{key}") is not None
+        (d, k, label)
+        for key, label in READINGS.items()
+        for k, d in _differences(runs, other, f"listen:{key}", f"{prefix}:{key}").items()
     ]
-    return min(pairs, key=lambda p: p[0]) if pairs else None  # ties: the first seed, then reading order
+    return min(pairs, key=lambda p: p[0]) if pairs else None  # ties: the first reading, then the first seed
 
 
 def every_seed_checks(protocol: DictConfig, results: Results) -> list[TargetCheck]:
