@@ -145,7 +145,7 @@ RESULT_KEYS: tuple[str, ...] = (
         "demo_fps demo_seconds demo_size profile profile_amp profile_flops profile_models profile_modes reproduce "
         "dense_spacing extra_overrides format graph_breaks image_size init_from mask_resolution memory methods metric "
         "metrics_frames metrics_size name num_checks num_clips num_frames num_samples only only_seeds only_subsets "
-        "pairs params_only quick repeats sampling seeds short_audio split splits stride subsets targets tasks "
+        "pairs params_only quick recheck repeats sampling seeds short_audio split splits stride subsets targets tasks "
         "threshold toy toy_overrides tsne tsne_clips uncertainty vggish video visual warmup"
     ).split(),
 )

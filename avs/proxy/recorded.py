@@ -2,7 +2,9 @@
 
 A protocol takes longer than one sitting on a small machine, and an out dir (with the checkpoints) does
 not always survive to the next. The tracked results file does. With `continue_recorded: true` a run that
-has a line there under the protocol's version is not made again, with two exceptions:
+has a line there under the protocol's version is not made again, with two exceptions (and `recheck: true`
+makes every selected recorded run again, each as a check: a re-sitting that times a recorded table and
+compares every number):
 
 * a recorded run that a pending run starts from (`init_from`: an MS3 run whose S4 run is recorded but
   whose checkpoint is not in this out dir) is made again, for its checkpoint;
@@ -23,14 +25,13 @@ starts), because the table would mix two computations. Either way the comparison
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from avs.proxy.protocol import ProxyRun
-from avs.proxy.results import compare, find_row, numbers, unrecorded
+from avs.proxy.results import append_beside, compare, find_row, numbers, unrecorded
 
 REPRODUCTIONS_FILE = "proxy_reproductions.jsonl"
 MACHINE_KEYS = ("commit", "machine_kind", "cpu_level", "simd", "threads")
@@ -47,16 +48,18 @@ def plan(
     version: Any,
     every: Sequence[ProxyRun] = (),
     done: frozenset[str] = frozenset(),
+    recheck: bool = False,
 ) -> tuple[list[ProxyRun], dict[str, dict[str, Any]], list[str]]:
     """(runs to make, checks first; {run name: recorded line} of the reruns that are checks; names skipped).
 
-    `every`: the protocol's runs before any selection; `done`: the names finished in this out dir.
+    `every`: the protocol's runs before any selection; `done`: the names finished in this out dir;
+    `recheck`: every selected recorded run is made again as a check (a re-sitting of recorded runs).
     """
     pool = [*todo, *(r for r in every if r not in todo)]  # the selection first
     lines = {r.name: find_row(rows, r.subset, r.cell, r.seed, version) for r in pool}
     recorded = {r.name: lines[r.name] for r in todo if lines[r.name] is not None}
     needed = {r.after for r in todo if r.name not in recorded and r.after}
-    keep = {r.name for r in todo if r.name not in recorded or r.name in needed}
+    keep = {r.name for r in todo if recheck or r.name not in recorded or r.name in needed}
     made = [r for r in todo if r.name in keep]
     checks = {name: row for name, row in recorded.items() if name in keep}
     covered = {model_of(r) for r in made if r.name in checks}
@@ -86,6 +89,7 @@ def reproduction(recorded: Mapping[str, Any], now: Mapping[str, Any]) -> dict[st
         if old.get(k) != new.get(k) and not unrecorded(k, recorded)
     }
     line["test_miou"] = [(recorded.get("test") or {}).get("miou"), (now.get("test") or {}).get("miou")]
+    line["seconds"] = [recorded.get("seconds"), now.get("seconds")]  # wall seconds, not compared
     for key in MACHINE_KEYS:
         line[key] = [recorded.get(key), now.get(key)]  # recorded, now
     line["when"] = time.strftime("%Y-%m-%dT%H:%M:%S")
@@ -94,8 +98,4 @@ def reproduction(recorded: Mapping[str, Any], now: Mapping[str, Any]) -> dict[st
 
 def write_reproduction(results: Path, line: Mapping[str, Any]) -> Path:
     """Append `line` to `proxy_reproductions.jsonl` beside the results file."""
-    path = results.parent / REPRODUCTIONS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fh.write(json.dumps(dict(line), sort_keys=True) + "\n")
-    return path
+    return append_beside(results, REPRODUCTIONS_FILE, line)

@@ -113,6 +113,15 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def append_beside(results: Path, name: str, line: Mapping[str, Any]) -> Path:
+    """Append `line` (one JSON line, sorted keys) to the file `name` beside the results file -> its path."""
+    path = results.parent / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fh.write(json.dumps(dict(line), sort_keys=True) + "\n")
+    return path
+
+
 def update_rows(path: Path, new: list[dict[str, Any]]) -> None:
     """Replace the lines with the same key, add the others, keep the file sorted by key."""
     rows = {tuple(r.get(k) for k in KEY): r for r in read_rows(path)}

@@ -253,11 +253,18 @@ def _sort_runs(cfg: DictConfig, runs: Sequence[ProxyRun], outcome: ProxyOutcome)
 def run_protocol(cfg: DictConfig, out_dir: Path) -> ProxyOutcome:
     """Write protocol.yaml, make the data, run what is not finished (with its follow-ups), record
     each finished run's line in the results files. `dry_run`: print the plan, write nothing."""
-    start = time.perf_counter()
+    start, started = time.perf_counter(), time.time()
     protocol = protocol_node(cfg)
     every = name_persistence(expand(protocol, out_dir, path_overrides(cfg)))
     runs = _in_start_order(cfg, _selected(cfg, every), out_dir)
     outcome = ProxyOutcome()
+    if cfg.get("recheck") and (not cfg.continue_recorded or results_path(cfg) is None):
+        from avs.config_checks import ConfigError
+
+        raise ConfigError(
+            "recheck=true compares reruns with the results file's lines: it needs continue_recorded=true "
+            f"and a results_file (got continue_recorded={cfg.continue_recorded}, results_file={results_path(cfg)})"
+        )
     if results_path(cfg) is not None:  # before the dry run too: it shows what a sitting would do
         check_snapshot(results_path(cfg), protocol)
     if cfg.get("dry_run"):
@@ -285,6 +292,10 @@ def run_protocol(cfg: DictConfig, out_dir: Path) -> ProxyOutcome:
     log_dir.mkdir(exist_ok=True)
     _execute(cfg, todo, followup_only, log_dir, outcome, standins)
     outcome.seconds = time.perf_counter() - start
+    if results_path(cfg) is not None and (outcome.made or outcome.failed):
+        from avs.proxy.sittings import sitting_line, write_sitting
+
+        write_sitting(results_path(cfg), sitting_line(cfg, outcome, started))
     return outcome
 
 
@@ -309,7 +320,7 @@ def _recorded_plan(
     from avs.proxy.results import read_rows
 
     done = frozenset(r.name for r in every if finished(r.run_dir))
-    return plan(todo, read_rows(results_path(cfg)), cfg.get("version"), every, done)
+    return plan(todo, read_rows(results_path(cfg)), cfg.get("version"), every, done, bool(cfg.get("recheck")))
 
 
 def _unrecorded(cfg: DictConfig, runs: Sequence[ProxyRun], out_dir: Path) -> list[ProxyRun]:
@@ -511,17 +522,23 @@ def _finish(
     if recorded is None:
         _record_results(cfg, run, standins or {}, log_dir.parent, end=None if only else end)
         return
-    _check_rerun(cfg, run, recorded, standins or {}, log_dir.parent, outcome)
+    _check_rerun(cfg, run, recorded, standins or {}, log_dir.parent, outcome, None if only else end)
 
 
 def _check_rerun(
-    cfg: DictConfig, run: ProxyRun, recorded: dict, standins: dict, out_dir: Path, outcome: ProxyOutcome
+    cfg: DictConfig,
+    run: ProxyRun,
+    recorded: dict,
+    standins: dict,
+    out_dir: Path,
+    outcome: ProxyOutcome,
+    end: RunEnd | None = None,
 ) -> None:
-    """A recorded run made again: its line goes to the out dir only, the comparison to the reproductions
-    file; numbers that differ stop the benchmark (avs.proxy.recorded)."""
+    """A recorded run made again: its line goes to the out dir only, the comparison (with both runs' wall
+    seconds) to the reproductions file; numbers that differ stop the benchmark (avs.proxy.recorded)."""
     from avs.proxy.recorded import reproduction, write_reproduction
 
-    now = _record_results(cfg, run, standins, out_dir, tracked=False)
+    now = _record_results(cfg, run, standins, out_dir, tracked=False, end=end)
     line = reproduction(recorded, now)
     results = results_path(cfg)
     if results is not None:

@@ -236,6 +236,51 @@ def test_a_new_out_dir_continues_from_the_results_file_and_checks_a_rerun(tmp_pa
     assert sixth.checks == {} and sixth.made == [] and sorted(sixth.kept) == ["ms3/tpavi/seed3", "s4/tpavi/seed3"]
 
 
+def test_recheck_makes_every_recorded_run_again_compares_it_and_records_the_sitting(tmp_path, monkeypatch):
+    """recheck=true: a re-sitting of recorded runs, each compared (with both wall times) and left as recorded;
+    every sitting that made runs leaves one line with its wall time in proxy_sittings.jsonl."""
+    fake = tmp_path / "fake_train.py"
+    fake.write_text(FAKE_TRAIN_MIOU)
+    monkeypatch.setattr(runner_mod, "TRAIN_SCRIPT", fake)
+    monkeypatch.setattr(runner_mod, "prepare_data", lambda *a, **k: {})
+    monkeypatch.setattr(runner_mod, "check_runs", lambda *a: None)
+    monkeypatch.setenv("FAKE_MIOU", "0.5")
+    results = tmp_path / "results" / "runs.jsonl"
+
+    def cfg(out: str, **more):
+        common = dict(results_file=str(results), seeds=[1, 2], only=["tpavi"], uncertainty=None, listening=None)
+        return _cfg(tmp_path, out_dir=str(tmp_path / out), **common, **more)
+
+    first = run_protocol(cfg("a"), tmp_path / "a")
+    assert len(first.made) == 4 and first.checks == {}
+    recorded = results.read_text()
+    (sitting,) = [json.loads(x) for x in (results.parent / "proxy_sittings.jsonl").read_text().splitlines()]
+    assert (sitting["made"], sitting["checks"], sitting["recheck"], sitting["failed"]) == (4, 0, False, 0)
+    assert sitting["seconds"] == round(first.seconds, 1) and sitting["selection"]["only"] == ["tpavi"]
+    assert sitting["protocol_version"] == cfg("a").version and sitting["start"] <= sitting["end"]
+
+    # without recheck a new out dir makes nothing (all recorded); with it, every recorded run, each a check
+    assert run_protocol(cfg("b"), tmp_path / "b").made == []
+    again = run_protocol(cfg("c", recheck=True), tmp_path / "c")
+    assert sorted(again.made) == sorted(first.made) == sorted(again.checks) and not again.failed
+    lines = [json.loads(x) for x in (results.parent / "proxy_reproductions.jsonl").read_text().splitlines()]
+    assert len(lines) == 4 and all(x["same"] for x in lines)
+    assert all(isinstance(t, float) and t >= 0 for x in lines for t in x["seconds"])  # recorded, now
+    assert results.read_text() == recorded  # the recorded lines are left as they were
+    sittings = [json.loads(x) for x in (results.parent / "proxy_sittings.jsonl").read_text().splitlines()]
+    assert [(x["made"], x["checks"], x["recheck"]) for x in sittings] == [(4, 0, False), (4, 4, True)]
+
+    # a dry run, or a sitting that makes nothing, leaves no sitting line
+    run_protocol(cfg("c", recheck=True), tmp_path / "c")
+    run_protocol(cfg("d", recheck=True, dry_run=True), tmp_path / "d")
+    assert len((results.parent / "proxy_sittings.jsonl").read_text().splitlines()) == 2
+
+    # recheck compares with the results file: without continue_recorded it is refused by name
+    with pytest.raises(ConfigError, match="recheck=true .* continue_recorded=true"):
+        run_protocol(cfg("e", recheck=True, continue_recorded=False), tmp_path / "e")
+    assert not (tmp_path / "e").exists()
+
+
 FAKE_UNCERTAINTY = """
 import json, sys, pathlib
 args = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a)

@@ -70,3 +70,17 @@ def test_nothing_recorded_or_nothing_to_make_needs_no_check():
     assert plan([], rows, 4, every) == ([], {}, [])
     made, checks, skipped = plan(every, rows, 4, every)  # all recorded: nothing to make, nothing checked
     assert made == [] and checks == {} and len(skipped) == 4
+
+
+def test_recheck_makes_every_selected_recorded_run_again_as_a_check():
+    every = _runs(["tpavi", "avsbg"], [1, 2])
+    rows = _rows([r for r in every if r.seed == 1])
+    todo = every  # seed 1 recorded, seed 2 not
+    made, checks, skipped = plan(todo, rows, 4, every, recheck=True)
+    assert [r.name for r in made] == [r.name for r in todo] and skipped == []
+    assert sorted(checks) == sorted(r.name for r in every if r.seed == 1)
+    assert all(checks[name]["seed"] == 1 for name in checks)
+    # without it the recorded runs are not made, and one check per model comes first
+    made, checks, skipped = plan(todo, rows, 4, every)
+    assert sorted(skipped) == ["ms3/avsbg/seed1", "ms3/tpavi/seed1"]
+    assert [r.name for r in made[:2]] == list(checks) == ["s4/tpavi/seed1", "s4/avsbg/seed1"]
