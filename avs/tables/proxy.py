@@ -346,6 +346,8 @@ class RunCosts(NamedTuple):
 
     seconds: dict[tuple[str, str], list[float]]
     workers: int | None  # from the newest runs.jsonl line that says; None when no line does
+    # this version's sittings (avs/proxy/sittings.py: one line per runner invocation that made runs)
+    sittings: tuple[dict[str, Any], ...] = ()
 
 
 def run_times(out_dir: str | Path) -> tuple[dict[str, float], int | None]:
@@ -386,7 +388,8 @@ def result_times(path: Path, version: Any) -> tuple[dict[str, float], int | None
 
 def load_costs(out_dir: str | Path, protocol: DictConfig) -> RunCosts:
     """The wall seconds of every timed run of the protocol, grouped by (subset, cell): from the out dir's
-    runs.jsonl, or from the lines of a results file (`out_dir` is then that file)."""
+    runs.jsonl, or from the lines of a results file (`out_dir` is then that file; its version's sittings,
+    proxy_sittings.jsonl beside it, come with them)."""
     path = Path(out_dir)
     times, workers = result_times(path, protocol.get("version")) if path.is_file() else run_times(out_dir)
     seconds: dict[tuple[str, str], list[float]] = {}
@@ -394,7 +397,12 @@ def load_costs(out_dir: str | Path, protocol: DictConfig) -> RunCosts:
         t = times.get(f"{subset}/{cell}/seed{seed}")
         if t is not None:
             seconds.setdefault((subset, cell), []).append(t)
-    return RunCosts(seconds, workers)
+    sittings: tuple[dict[str, Any], ...] = ()
+    if path.is_file():
+        from avs.proxy.sittings import read_sittings
+
+        sittings = tuple(x for x in read_sittings(path) if x.get("protocol_version") == protocol.get("version"))
+    return RunCosts(seconds, workers, sittings)
 
 
 class CostEstimate(NamedTuple):

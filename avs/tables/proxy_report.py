@@ -268,7 +268,28 @@ def _cost_markdown(protocol: DictConfig, costs: RunCosts) -> list[str]:
             "Side by side: the runner's start order and its waits (an MS3 run starts after its S4 run) replayed "
             "with these times (avs/proxy/schedule.py). Recorded times include whatever else the machine was doing."
         ]
-    return lines
+    return lines + _sittings_markdown(protocol, costs)
+
+
+def _sittings_markdown(protocol: DictConfig, costs: RunCosts) -> list[str]:
+    """The measured sittings of this version (proxy_sittings.jsonl): when, what was asked, made, wall time."""
+    if not costs.sittings:
+        return []
+    methods = sorted(protocol.methods)
+    rows = []
+    for x in costs.sittings:
+        chosen = {k: v for k, v in (x.get("selection") or {}).items() if v}
+        asked = " ".join(f"{k}=[{','.join(map(str, v))}]" for k, v in chosen.items()) or "every run"
+        if list(chosen) == ["only"] and sorted(chosen["only"]) == methods:
+            asked += " (the methods table)"
+        made = f"{x.get('made')}" + (f" ({x.get('checks')} checks)" if x.get("checks") else "")
+        seconds = float(x.get("seconds") or 0.0)
+        wall = f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min {int(seconds % 60):02d} s"
+        slots = f"{x.get('workers')} × {x.get('threads')} ({x.get('simd')})"
+        rows.append([x.get("start"), str(x.get("commit") or DASH)[:7], asked, made, x.get("failed"), slots, wall])
+    head = ["start (UTC)", "commit", "asked", "runs made", "failed", "workers × threads", "wall time"]
+    lines = ["", "### Sittings: measured wall time of each runner invocation (proxy_sittings.jsonl)", ""]
+    return lines + _md(head, rows)
 
 
 def _side_by_side(protocol: DictConfig, costs: RunCosts, cells: Sequence[str], workers: int) -> float:

@@ -13,7 +13,7 @@ import yaml
 
 from avs.engine.diagnostics import LATENT_KL_FILE, latent_kl_record
 from avs.errors import ConfigError
-from avs.tables import proxy, proxy_curves
+from avs.tables import proxy, proxy_curves, proxy_report
 from avs.tables.proxy import (
     check_targets,
     claim_differences,
@@ -583,3 +583,43 @@ def test_curves_from_the_results_lines_are_the_run_dirs_curves(tmp_path, monkeyp
     assert sorted(drawn_at) == [28.0, 50.0]  # the val ceilings (make_tree), not the test ones: the curves are val
     with pytest.raises(TableError, match="no finished run has a val curve"):
         plot_val_curves({}, protocol, tmp_path / "none.png")
+
+
+def test_the_cost_section_lists_the_measured_sittings_of_its_version(tmp_path):
+    """proxy_sittings.jsonl beside the results file: each sitting of the report's version with its wall time,
+    and one that made exactly the methods is named so."""
+    out = make_tree(tmp_path / "bench")
+    protocol, _ = load_protocol(out)
+    version = protocol.get("version")
+    path = tmp_path / "proxy_runs.jsonl"
+    path.write_text(json.dumps({"protocol_version": version, "subset": "s4", "cell": "tpavi", "seed": 1}) + "\n")
+    base = {"workers": 2, "threads": 1, "simd": "avx2", "failed": 0, "commit": "abcdef0123"}
+    sittings = [
+        {
+            **base,
+            "protocol_version": version,
+            "start": "2026-12-04T15:58:18",
+            "seconds": 7175.4,
+            "made": 40,
+            "checks": 40,
+            "selection": {"only": list(reversed(protocol.methods)), "only_seeds": []},
+        },
+        {
+            **base,
+            "protocol_version": version,
+            "start": "2026-12-05T09:00:00",
+            "seconds": 61.0,
+            "made": 2,
+            "checks": 0,
+            "selection": {"only": [], "only_seeds": [2]},
+        },
+        {**base, "protocol_version": "other", "start": "2026-12-01T00:00:00", "seconds": 5.0, "made": 1},
+    ]
+    (tmp_path / "proxy_sittings.jsonl").write_text("".join(json.dumps(x) + "\n" for x in sittings))
+    costs = proxy.load_costs(path, protocol)
+    assert [x["start"] for x in costs.sittings] == ["2026-12-04T15:58:18", "2026-12-05T09:00:00"]
+    text = "\n".join(proxy_report._cost_markdown(protocol, costs))
+    methods = ",".join(reversed(protocol.methods))
+    assert f"| 2026-12-04T15:58:18 | abcdef0 | only=[{methods}] (the methods table) | 40 (40 checks) | 0 |" in text
+    assert "| 2 × 1 (avx2) | 1 h 59 min 35 s |" in text
+    assert "| only_seeds=[2] | 2 | 0 | 2 × 1 (avx2) | 0 h 01 min 01 s |" in text and "2026-12-01" not in text
