@@ -165,16 +165,22 @@ run = pathlib.Path(args["hydra.run.dir"]); run.mkdir(parents=True, exist_ok=True
 """
 
 
-def test_a_new_out_dir_continues_from_the_results_file_and_checks_a_rerun(tmp_path, monkeypatch):
-    """continue_recorded: recorded runs are not made again, except a source of a pending run or one check;
-    a rerun must give the recorded numbers (proxy_reproductions.jsonl), or nothing further starts."""
+def _fake_training(tmp_path: Path, monkeypatch) -> Path:
+    """Runs train with FAKE_TRAIN_MIOU (test mIoU = $FAKE_MIOU, here 0.5), no data or stand-in checks -> the
+    results file path for the test's sittings."""
     fake = tmp_path / "fake_train.py"
     fake.write_text(FAKE_TRAIN_MIOU)
     monkeypatch.setattr(runner_mod, "TRAIN_SCRIPT", fake)
     monkeypatch.setattr(runner_mod, "prepare_data", lambda *a, **k: {})
     monkeypatch.setattr(runner_mod, "check_runs", lambda *a: None)
     monkeypatch.setenv("FAKE_MIOU", "0.5")
-    results = tmp_path / "results" / "runs.jsonl"
+    return tmp_path / "results" / "runs.jsonl"
+
+
+def test_a_new_out_dir_continues_from_the_results_file_and_checks_a_rerun(tmp_path, monkeypatch):
+    """continue_recorded: recorded runs are not made again, except a source of a pending run or one check;
+    a rerun must give the recorded numbers (proxy_reproductions.jsonl), or nothing further starts."""
+    results = _fake_training(tmp_path, monkeypatch)
     reproductions = results.parent / "proxy_reproductions.jsonl"
 
     def cfg(out: str, seeds: list, workers: int = 2):
@@ -239,13 +245,7 @@ def test_a_new_out_dir_continues_from_the_results_file_and_checks_a_rerun(tmp_pa
 def test_recheck_makes_every_recorded_run_again_compares_it_and_records_the_sitting(tmp_path, monkeypatch):
     """recheck=true: a re-sitting of recorded runs, each compared (with both wall times) and left as recorded;
     every sitting that made runs leaves one line with its wall time in proxy_sittings.jsonl."""
-    fake = tmp_path / "fake_train.py"
-    fake.write_text(FAKE_TRAIN_MIOU)
-    monkeypatch.setattr(runner_mod, "TRAIN_SCRIPT", fake)
-    monkeypatch.setattr(runner_mod, "prepare_data", lambda *a, **k: {})
-    monkeypatch.setattr(runner_mod, "check_runs", lambda *a: None)
-    monkeypatch.setenv("FAKE_MIOU", "0.5")
-    results = tmp_path / "results" / "runs.jsonl"
+    results = _fake_training(tmp_path, monkeypatch)
 
     def cfg(out: str, **more):
         common = dict(results_file=str(results), seeds=[1, 2], only=["tpavi"], uncertainty=None, listening=None)
