@@ -22,7 +22,8 @@ SELECTION_KEYS = ("only", "only_subsets", "only_seeds")
 
 
 def sitting_line(cfg: DictConfig, outcome: Any, started: float) -> dict[str, Any]:
-    """The line of one sitting: `outcome` is the runner's ProxyOutcome, `started` its start (time.time())."""
+    """The line of one sitting, written at its end: `outcome` is the runner's ProxyOutcome, `started` its
+    start (time.time())."""
     from avs.engine.records import git_commit
     from avs.pretrain import machine_kind
     from avs.utils import simd
@@ -30,7 +31,9 @@ def sitting_line(cfg: DictConfig, outcome: Any, started: float) -> dict[str, Any
     return {
         "protocol_version": cfg.get("version"),
         "start": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(started)),
-        "end": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(started + outcome.seconds)),
+        # both ends by the wall clock (as `date` reads it), the seconds by the monotonic clock: a clock step
+        # during a sitting (NTP) shows as the two disagreeing, not as a wrong duration
+        "end": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()),
         "seconds": round(outcome.seconds, 1),
         "selection": {k: list(cfg.get(k) or []) for k in SELECTION_KEYS},
         "recheck": bool(cfg.get("recheck")),
