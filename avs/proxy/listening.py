@@ -7,21 +7,30 @@ F-measure thresholds of avs.metrics, applied unchanged to test) and the threshol
 clip's audio (a seeded derangement): a model that listens loses accuracy there.
 
     python -m avs.proxy.listening <checkpoint> <out.json> [seed]
+
+The proxy runner computes the same record inside the training process instead (`ListeningHook`, added to
+every run of a protocol with `listening`): val and test are counted during the trainer's own passes
+(the val pass of the best epoch, the final test pass of best.ckpt), so only the shuffled-audio pass is
+extra; the command above scores a finished run's checkpoint on its own and gives the same numbers.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from avs.engine.hooks import HookBase
+from avs.evaluation.evaluator import DatasetEvaluator
 from avs.metrics import FrameStats, frame_stats, fscore_thresholds
 from avs.utils.io import atomic_write_text
 
 LISTENING_FILE = "listening.json"
+log = logging.getLogger(__name__)
 NUM_THRESHOLDS = 255
 
 
@@ -39,13 +48,18 @@ def split_stats(model: torch.nn.Module, dataset: Any, batch_size: int) -> FrameS
         if "frames" not in batch:
             continue
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        logits = model(batch)["logits"].float().flatten(0, 1)  # [B*T,1,H,W]
-        masks = batch["masks"].flatten(0, 1) > 0.5
-        if batch.get("mask_valid") is not None:
-            keep = batch["mask_valid"].reshape(-1).bool()
-            logits, masks = logits[keep], masks[keep]
-        stats.append(frame_stats(logits.cpu(), masks.cpu(), NUM_THRESHOLDS))
+        stats.append(batch_stats(batch, model(batch)["logits"]))
     return FrameStats.cat(stats)
+
+
+def batch_stats(batch: dict[str, Any], logits: torch.Tensor) -> FrameStats:
+    """Per-frame counts of one batch's logits [B,T,1,H,W] against its masks (annotated frames only)."""
+    logits = logits.float().flatten(0, 1)  # [B*T,1,H,W]
+    masks = batch["masks"].flatten(0, 1) > 0.5
+    if batch.get("mask_valid") is not None:
+        keep = batch["mask_valid"].reshape(-1).bool()
+        logits, masks = logits[keep], masks[keep]
+    return frame_stats(logits.cpu(), masks.cpu(), NUM_THRESHOLDS)
 
 
 def miou_curve(s: FrameStats) -> torch.Tensor:
@@ -97,11 +111,89 @@ def listening_record(checkpoint: str | Path, seed: int = 0, device: str = "cpu")
         "test": split_stats(loaded.model, test, size),
         "test_shuffled_audio": split_stats(loaded.model, ShuffledAudio(test, seed), size),
     }
+    return make_record(stats, checkpoint, seed)
+
+
+def make_record(stats: dict[str, FrameStats], checkpoint: str | Path | None, seed: int) -> dict[str, Any]:
+    """The listening record of the val, test and test_shuffled_audio counts: the threshold that maximises
+    mIoU on val, and the three readings of each split at it."""
     k = int(miou_curve(stats["val"]).argmax())
-    record: dict[str, Any] = {"checkpoint": str(checkpoint), "shuffle_seed": int(seed)}
+    record: dict[str, Any] = {"checkpoint": None if checkpoint is None else str(checkpoint), "shuffle_seed": int(seed)}
     record["val_threshold"] = round(float(fscore_thresholds(NUM_THRESHOLDS)[k]), 6)
-    record.update({name: readings(s, k) for name, s in stats.items()})
+    record.update({name: readings(stats[name], k) for name in ("val", "test", "test_shuffled_audio")})
     return record
+
+
+class FrameStatsEvaluator(DatasetEvaluator):
+    """The per-frame counts of a split (`batch_stats` of every batch) -> summary FrameStats (None: no frame)."""
+
+    name = "listening_frame_stats"
+
+    def reset(self) -> None:
+        self.parts: list[FrameStats] = []
+
+    def process(self, batch: dict[str, Any], output: dict[str, Any]) -> None:
+        self.parts.append(batch_stats(batch, output["logits"]))
+
+    def summarize(self) -> FrameStats | None:
+        return FrameStats.cat(self.parts) if self.parts else None
+
+
+class ListeningHook(HookBase):
+    """The listening record of a training run, written to `out` at the end, as `listening_record` would
+    write it for the run's best.ckpt: the val counts come from the validation of the best epoch (the
+    weights best.ckpt holds), the test counts from the final test evaluation of best.ckpt; the
+    shuffled-audio test pass runs after it. A run resumed after its best epoch, or one without
+    trainer.test_at_end, scores the missing split with the best weights again. Single process only.
+
+        '+hooks.listening={_target_: avs.proxy.listening.ListeningHook, priority: 205, out: <file>}'
+    """
+
+    def __init__(self, out: str, shuffle_seed: int = 0, checkpoint: str | None = None, split: str = "val") -> None:
+        self.out, self.shuffle_seed, self.checkpoint, self.split = Path(out), int(shuffle_seed), checkpoint, split
+        self._best_val: FrameStats | None = None
+
+    def before_train(self) -> None:
+        if self.loop.dist.enabled:
+            from avs.errors import ConfigError
+
+            raise ConfigError(
+                f"hooks.{self.name or 'listening'}: the listening record is made in one process, not under DDP"
+            )
+
+    def evaluators(self, split: str) -> list[Any]:
+        return [FrameStatsEvaluator()] if split in (self.split, "test") else []
+
+    def after_epoch(self) -> None:
+        s = self.loop.state
+        last = s.history[-1] if s.history else {}
+        if last.get("step") == s.step and s.best.get("step") == s.step:  # this epoch's validation is the best
+            self._best_val = self._counts(self.split)
+
+    def _counts(self, split: str) -> FrameStats | None:
+        return (self.loop.evaluations.get(split) or {}).get(FrameStatsEvaluator.name)
+
+    def after_train(self) -> None:
+        """After the final evaluation (priority above hooks.final_evaluation's): best.ckpt's weights are loaded."""
+        from avs.data.shuffled_audio import ShuffledAudio
+
+        loop = self.loop
+        size = int(loop.data.cfg.data.get("eval_batch_size", 1) or 1)
+        test_ds = loop.data.dataset("test")
+        val = (
+            self._best_val
+            if self._best_val is not None
+            else split_stats(loop.model, loop.data.dataset(self.split), size)
+        )
+        test = self._counts("test") if loop.result.get("test") else None
+        if test is None:
+            test = split_stats(loop.model, test_ds, size)
+        shuffled = split_stats(loop.model, ShuffledAudio(test_ds, self.shuffle_seed), size)
+        stats = {"val": val, "test": test, "test_shuffled_audio": shuffled}
+        record = make_record(stats, self.checkpoint, self.shuffle_seed)
+        atomic_write_text(self.out, json.dumps(record, indent=2) + "\n")
+        t, sh = record["test"], record["test_shuffled_audio"]
+        log.info("listening: test mIoU@0.5 %.2f, shuffled audio %.2f -> %s", t["miou_05"], sh["miou_05"], self.out)
 
 
 def main(argv: list[str]) -> int:

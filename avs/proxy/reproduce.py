@@ -64,7 +64,8 @@ def reproduce(cfg: DictConfig, out_dir: Path, results: Path) -> bool:
     runner.prepare_data(protocol, runs, where)
     (where / "logs").mkdir(exist_ok=True)
     start = time.perf_counter()
-    end = runner._run_one(run, int(cfg.threads), where / "logs", runner.followup_commands(cfg, run))
+    followups = runner.followup_commands(cfg, run, trained=True)
+    end = runner._run_one(run, int(cfg.threads), where / "logs", followups, True, cfg)
     if end.code != 0 or not runner.finished(run.run_dir) or end.followup_error:
         raise ReproduceFailed(
             f"{run.name}: rerun failed ({end.followup_error or f'exit code {end.code}'}); log in {where / 'logs'}"

@@ -45,6 +45,7 @@ TRAIN_SCRIPT = PROJECT_ROOT / "scripts" / "train.py"
 UNCERTAINTY_SCRIPT = PROJECT_ROOT / "scripts" / "uncertainty.py"
 UNCERTAINTY_FILE = "uncertainty.json"
 LISTENING_FILE = "listening.json"  # avs/proxy/listening.py (not imported here: it loads torch)
+LISTENING_PRIORITY = 205  # after hooks.final_evaluation (200: best.ckpt loaded, test scored), before metrics
 PATH_KEYS = ("data_dir", "avsbench_root", "weights_dir", "log_dir")
 
 
@@ -158,8 +159,31 @@ def prepare_data(protocol: DictConfig, runs: Sequence[ProxyRun], out_dir: Path) 
     return ceilings
 
 
-def _command(run: ProxyRun) -> list[str]:
-    return [sys.executable, str(TRAIN_SCRIPT), *run.overrides, f"hydra.run.dir={run.run_dir}", "trainer.progress=false"]
+def _command(run: ProxyRun, cfg: DictConfig | None = None) -> list[str]:
+    """The training command of `run`; with the protocol's `listening`, the run writes its listening record
+    itself (avs.proxy.listening.ListeningHook, after the final evaluation)."""
+    cmd = [sys.executable, str(TRAIN_SCRIPT), *run.overrides, f"hydra.run.dir={run.run_dir}", "trainer.progress=false"]
+    return cmd + listening_overrides(cfg, run)
+
+
+def listening_overrides(cfg: DictConfig | None, run: ProxyRun) -> list[str]:
+    """The override that adds the listening hook to a run's training (none without `listening`)."""
+    listen = None if cfg is None else cfg.get("listening")
+    if listen is None:
+        return []
+    node = {
+        "_target_": "avs.proxy.listening.ListeningHook",
+        "priority": str(LISTENING_PRIORITY),
+        "out": _quoted(run.run_dir / LISTENING_FILE),
+        "checkpoint": _quoted(run.run_dir / CHECKPOINT_DIR / BEST_CKPT),
+        "shuffle_seed": str(int(listen.shuffle_seed)),
+    }
+    return ["+hooks.listening={" + ",".join(f"{k}:{v}" for k, v in node.items()) + "}"]
+
+
+def _quoted(path: Path) -> str:
+    """A path as a quoted string of Hydra's override grammar (backslashes and quotes escaped)."""
+    return "'" + str(path).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _log_path(log_dir: Path, run: ProxyRun) -> Path:
@@ -167,17 +191,24 @@ def _log_path(log_dir: Path, run: ProxyRun) -> Path:
 
 
 def _run_one(
-    run: ProxyRun, threads: int, log_dir: Path, followups: Sequence[list[str]] = (), train: bool = True
+    run: ProxyRun,
+    threads: int,
+    log_dir: Path,
+    followups: Sequence[list[str]] = (),
+    train: bool = True,
+    cfg: DictConfig | None = None,
 ) -> RunEnd:
     """Train (unless `train` is False: a finished run missing a follow-up's output), then each
-    follow-up command after a finished training, in this worker's slot."""
+    follow-up command after a finished training, in this worker's slot (`cfg`: the runner's, for the
+    training command's listening hook)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     log_path = _log_path(log_dir, run)
     start = time.perf_counter()
     code = 0
     if train:
         with open(log_path, "w") as fh:
-            code = subprocess.call(_command(run), stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=PROJECT_ROOT)
+            cmd = _command(run, cfg)
+            code = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=PROJECT_ROOT)
     followup_error = None
     if code == 0 and finished(run.run_dir):
         for cmd in followups:
@@ -368,8 +399,8 @@ def print_plan(
                 print(f"# recorded {run.name}, made again; its numbers must equal the recorded ones:")
             if run.after:
                 print(f"# after {run.after} has finished (its best.ckpt is this run's model.init_from):")
-            print(" ".join(_command(run)))
-            cmds = followup_commands(cfg, run)
+            print(" ".join(_command(run, cfg)))
+            cmds = followup_commands(cfg, run, trained=True)
         for cmd in cmds:
             print(" ".join(cmd))
 
@@ -448,7 +479,10 @@ def _execute(
             # queued in the pool ahead of time would overtake the later-ready runs of an earlier seed)
             start = ready[: max(0, workers - len(running))]
             waiting = [r for r in waiting if r not in dropped and r not in start]
-            running |= {pool.submit(_run_one, r, threads, log_dir, followup_commands(cfg, r)) for r in start}
+            running |= {
+                pool.submit(_run_one, r, threads, log_dir, followup_commands(cfg, r, trained=True), True, cfg)
+                for r in start
+            }
             if not running:
                 if waiting:
                     raise RuntimeError(f"proxy runner: {[r.name for r in waiting]} wait for runs that never start")
@@ -554,9 +588,12 @@ def _check_rerun(
         outcome.stopped = why
 
 
-def followup_commands(cfg: DictConfig, run: ProxyRun, missing_only: bool = False) -> list[list[str]]:
+def followup_commands(
+    cfg: DictConfig, run: ProxyRun, missing_only: bool = False, trained: bool = False
+) -> list[list[str]]:
     """Commands run after the training in the same worker: the uncertainty pass for the listed cells,
-    the listening pass (avs/proxy/listening.py) for every cell when `listening` is set.
+    the listening pass (avs/proxy/listening.py) for every cell when `listening` is set, unless `trained`
+    (the runner's own training command writes the listening record: `_command`).
     `missing_only`: only those whose output file is not there yet."""
     cmds: list[tuple[list[str], Path]] = []
     ckpt = run.run_dir / CHECKPOINT_DIR / BEST_CKPT
@@ -574,7 +611,7 @@ def followup_commands(cfg: DictConfig, run: ProxyRun, missing_only: bool = False
         ]
         cmds.append((cmd, run.run_dir / UNCERTAINTY_FILE))
     listen = cfg.get("listening")
-    if listen is not None:
+    if listen is not None and not trained:
         out = run.run_dir / LISTENING_FILE
         cmds.append(
             ([sys.executable, "-m", "avs.proxy.listening", str(ckpt), str(out), str(int(listen.shuffle_seed))], out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from avs.proxy import expand, finished, run_protocol, validate
 from avs.proxy import runner as runner_mod
 from avs.proxy.protocol import check_same_protocol, protocol_node
 from avs.utils.simd import cpu_level as simd_cpu_level
+from avs.utils.simd import environment as simd_environment
 from tests.conftest import compose_cfg, run_script
 
 # the script runs at the protocol's level where the CPU has it (x86-64 with AVX2), natively elsewhere
@@ -342,6 +344,17 @@ def test_toy_protocol_end_to_end(tmp_path):
     record = json.loads((run / "uncertainty.json").read_text())
     assert record["num_samples"] == 4 and record["split"] == "test"  # configs/proxy_benchmark.yaml
     assert not (run / "checkpoints" / "last.ckpt").exists() and (run / "checkpoints" / "best.ckpt").is_file()
+    # the training wrote the listening record itself (ListeningHook), with the numbers the standalone pass
+    # gives for its best.ckpt at the same SIMD level
+    log_text = (out / "logs" / "s4_ecmvae_seed1.log").read_text()
+    assert "avs.proxy.listening" not in log_text.split("$ ")[-1] and "listening: test mIoU@0.5" in log_text
+    hook = json.loads((run / "listening.json").read_text())
+    alone = tmp_path / "alone.json"
+    cmd = [sys.executable, "-m", "avs.proxy.listening", str(run / "checkpoints" / "best.ckpt"), str(alone), "0"]
+    simd_env = {**env, **simd_environment(SCRIPT_SIMD), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=PROJECT_ROOT, env=simd_env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(alone.read_text()) == hook
     ceilings = json.loads((out / "ceilings.json").read_text())
     assert 0.0 <= ceilings["s4"]["test"] <= 100.0
     report = run_script("tables.py", [str(out), "--proxy"], tmp_path)
