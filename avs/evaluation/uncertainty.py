@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from avs.engine.hooks import HookBase
 from avs.errors import ConfigError
 from avs.evaluation.evaluator import DatasetEvaluator, EvaluationError, evaluate
 from avs.utils.io import atomic_write_text
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "UNCERTAINTY_FILE",
     "UncertaintyEvaluator",
+    "UncertaintyHook",
     "binary_auroc",
     "binary_entropy",
     "uncertainty_record",
@@ -181,10 +183,7 @@ def write_uncertainty(
     the checkpoint's (scripts/uncertainty.py passes the command line's). The same `seed` gives the same
     numbers. Returns the record (uncertainty_record plus checkpoint, method, split, seed).
     """
-    from torch.utils.data import DataLoader
-
     from avs.data import build_dataset
-    from avs.data.avsbench import collate_skip_none
     from avs.inference.model import load_model
 
     if int(num_samples) < 2:
@@ -199,15 +198,82 @@ def write_uncertainty(
         require_synthetic(data_cfg)  # evaluation never generates data
     ds = build_dataset(data_cfg, str(split), train=False)
     size = int(batch_size or data_cfg.get("eval_batch_size", 1) or 1)
-    loader = DataLoader(ds, batch_size=size, num_workers=0, collate_fn=collate_skip_none)
-    torch.manual_seed(int(seed))
-    record = uncertainty_record(loaded.model, loader, loaded.device, threshold)
+    record = score_split(loaded.model, ds, size, loaded.device, seed, threshold)
     record = {"checkpoint": str(checkpoint), "method": loaded.method, "split": str(split), "seed": int(seed), **record}
     path = Path(out).expanduser() if out is not None else default_output(checkpoint)
+    _write(path, record)
+    return record
+
+
+def score_split(
+    model: torch.nn.Module, dataset: Any, batch_size: int, device: Any, seed: int, threshold: float
+) -> dict[str, Any]:
+    """uncertainty_record of `model` over `dataset` in batches of `batch_size`, the prior samples drawn
+    after torch.manual_seed(`seed`)."""
+    from torch.utils.data import DataLoader
+
+    from avs.data.avsbench import collate_skip_none
+
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=0, collate_fn=collate_skip_none)
+    torch.manual_seed(int(seed))
+    return uncertainty_record(model, loader, device, threshold)
+
+
+def _write(path: Path, record: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(record, indent=2) + "\n")
     log.info("uncertainty record written to %s", path)
-    return record
+
+
+class UncertaintyHook(HookBase):
+    """At the end of training, the record `write_uncertainty` makes of best.ckpt, made in the training process
+    itself: after the final evaluation (a priority above hooks.final_evaluation's) the model holds best.ckpt's
+    weights; it is scored on `split` with K = `num_samples` prior samples drawn after torch.manual_seed(`seed`),
+    and its eval_num_samples is then set back. `checkpoint` is only recorded. Single process only.
+
+        '+hooks.uncertainty={_target_: avs.evaluation.uncertainty.UncertaintyHook, priority: 206, out: <file>}'
+    """
+
+    def __init__(
+        self,
+        out: str,
+        split: str = "test",
+        num_samples: int = 8,
+        seed: int = 0,
+        threshold: float = 0.5,
+        checkpoint: str | None = None,
+    ) -> None:
+        if int(num_samples) < 2:
+            raise ConfigError(f"num_samples={num_samples}: the uncertainty map needs K >= 2 prior samples")
+        self.out, self.split, self.num_samples = Path(out), str(split), int(num_samples)
+        self.seed, self.threshold, self.checkpoint = int(seed), float(threshold), checkpoint
+
+    def before_train(self) -> None:
+        net = getattr(self.loop.model, "_orig_mod", self.loop.model)
+        where = f"hooks.{self.name or 'uncertainty'}"
+        if self.loop.dist.enabled:
+            raise ConfigError(f"{where}: the uncertainty record is made in one process, not under DDP")
+        if getattr(net, "latent", None) is None:
+            raise ConfigError(f"{where}: {type(net).__name__} has no latent part (no uncertainty map)")
+
+    def after_train(self) -> None:
+        loop = self.loop
+        net = getattr(loop.model, "_orig_mod", loop.model)
+        cfg = loop.data.cfg
+        size = int(cfg.data.get("eval_batch_size", 1) or 1)
+        before = net.eval_num_samples
+        net.eval_num_samples = self.num_samples
+        try:
+            record = score_split(
+                loop.model, loop.data.dataset(self.split), size, loop.device, self.seed, self.threshold
+            )
+        finally:
+            net.eval_num_samples = before
+        method = str(cfg.model.get("name", "unknown"))
+        head = {"checkpoint": self.checkpoint, "method": method, "split": self.split, "seed": self.seed}
+        record = {**head, **record}
+        _write(self.out, record)
+        log.info("%s", summary_line(record))
 
 
 def summary_line(record: dict[str, Any]) -> str:

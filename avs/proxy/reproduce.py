@@ -64,8 +64,7 @@ def reproduce(cfg: DictConfig, out_dir: Path, results: Path) -> bool:
     runner.prepare_data(protocol, runs, where)
     (where / "logs").mkdir(exist_ok=True)
     start = time.perf_counter()
-    followups = runner.followup_commands(cfg, run, trained=True)
-    end = runner._run_one(run, int(cfg.threads), where / "logs", followups, True, cfg)
+    end = runner._run_one(run, int(cfg.threads), where / "logs", cfg)
     if end.code != 0 or not runner.finished(run.run_dir) or end.followup_error:
         raise ReproduceFailed(
             f"{run.name}: rerun failed ({end.followup_error or f'exit code {end.code}'}); log in {where / 'logs'}"

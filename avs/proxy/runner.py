@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -45,7 +46,9 @@ TRAIN_SCRIPT = PROJECT_ROOT / "scripts" / "train.py"
 UNCERTAINTY_SCRIPT = PROJECT_ROOT / "scripts" / "uncertainty.py"
 UNCERTAINTY_FILE = "uncertainty.json"
 LISTENING_FILE = "listening.json"  # avs/proxy/listening.py (not imported here: it loads torch)
-LISTENING_PRIORITY = 205  # after hooks.final_evaluation (200: best.ckpt loaded, test scored), before metrics
+# after hooks.final_evaluation (200: best.ckpt loaded, test scored), before hooks.metrics (210)
+LISTENING_PRIORITY = 205
+UNCERTAINTY_PRIORITY = 206
 PATH_KEYS = ("data_dir", "avsbench_root", "weights_dir", "log_dir")
 
 
@@ -160,25 +163,43 @@ def prepare_data(protocol: DictConfig, runs: Sequence[ProxyRun], out_dir: Path) 
 
 
 def _command(run: ProxyRun, cfg: DictConfig | None = None) -> list[str]:
-    """The training command of `run`; with the protocol's `listening`, the run writes its listening record
-    itself (avs.proxy.listening.ListeningHook, after the final evaluation)."""
+    """The training command of `run`; the run writes its listening and uncertainty records itself
+    (record_overrides)."""
     cmd = [sys.executable, str(TRAIN_SCRIPT), *run.overrides, f"hydra.run.dir={run.run_dir}", "trainer.progress=false"]
-    return cmd + listening_overrides(cfg, run)
+    return cmd + record_overrides(cfg, run)
 
 
-def listening_overrides(cfg: DictConfig | None, run: ProxyRun) -> list[str]:
-    """The override that adds the listening hook to a run's training (none without `listening`)."""
-    listen = None if cfg is None else cfg.get("listening")
-    if listen is None:
+def record_overrides(cfg: DictConfig | None, run: ProxyRun) -> list[str]:
+    """The overrides that make a run's training write its listening record (with the protocol's `listening`,
+    every cell) and its uncertainty record (the cells `uncertainty.cells` lists) after its final evaluation:
+    avs.proxy.listening.ListeningHook, avs.evaluation.uncertainty.UncertaintyHook. The standalone passes
+    (followup_commands) give the same records for a finished run that lacks one."""
+    if cfg is None:
         return []
-    node = {
-        "_target_": "avs.proxy.listening.ListeningHook",
-        "priority": str(LISTENING_PRIORITY),
-        "out": _quoted(run.run_dir / LISTENING_FILE),
-        "checkpoint": _quoted(run.run_dir / CHECKPOINT_DIR / BEST_CKPT),
-        "shuffle_seed": str(int(listen.shuffle_seed)),
-    }
-    return ["+hooks.listening={" + ",".join(f"{k}:{v}" for k, v in node.items()) + "}"]
+    ckpt = _quoted(run.run_dir / CHECKPOINT_DIR / BEST_CKPT)
+    hooks: dict[str, dict[str, str]] = {}
+    listen = cfg.get("listening")
+    if listen is not None:
+        hooks["listening"] = {
+            "_target_": "avs.proxy.listening.ListeningHook",
+            "priority": str(LISTENING_PRIORITY),
+            "out": _quoted(run.run_dir / LISTENING_FILE),
+            "shuffle_seed": str(int(listen.shuffle_seed)),
+            "checkpoint": ckpt,
+        }
+    node = cfg.get("uncertainty")
+    if node is not None and run.cell in set(node.get("cells") or []):
+        hooks["uncertainty"] = {
+            "_target_": "avs.evaluation.uncertainty.UncertaintyHook",
+            "priority": str(UNCERTAINTY_PRIORITY),
+            "out": _quoted(run.run_dir / UNCERTAINTY_FILE),
+            "split": str(node.split),
+            "num_samples": str(int(node.num_samples)),
+            "checkpoint": ckpt,
+        }
+    return [
+        f"+hooks.{name}={{" + ",".join(f"{k}:{v}" for k, v in fields.items()) + "}" for name, fields in hooks.items()
+    ]
 
 
 def _quoted(path: Path) -> str:
@@ -190,17 +211,10 @@ def _log_path(log_dir: Path, run: ProxyRun) -> Path:
     return log_dir / f"{run.subset}_{run.cell}_seed{run.seed}.log"
 
 
-def _run_one(
-    run: ProxyRun,
-    threads: int,
-    log_dir: Path,
-    followups: Sequence[list[str]] = (),
-    train: bool = True,
-    cfg: DictConfig | None = None,
-) -> RunEnd:
-    """Train (unless `train` is False: a finished run missing a follow-up's output), then each
-    follow-up command after a finished training, in this worker's slot (`cfg`: the runner's, for the
-    training command's listening hook)."""
+def _run_one(run: ProxyRun, threads: int, log_dir: Path, cfg: DictConfig, train: bool = True) -> RunEnd:
+    """Train (unless `train` is False: a finished run missing a record), then, in this worker's slot, the
+    standalone pass of each record a finished training did not write (followup_commands; the training's
+    own hooks write them: record_overrides)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     log_path = _log_path(log_dir, run)
     start = time.perf_counter()
@@ -211,7 +225,7 @@ def _run_one(
             code = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=PROJECT_ROOT)
     followup_error = None
     if code == 0 and finished(run.run_dir):
-        for cmd in followups:
+        for cmd in followup_commands(cfg, run, missing_only=True):
             with open(log_path, "a") as fh:
                 fh.write(f"\n$ {' '.join(cmd)}\n")
                 fh.flush()
@@ -399,10 +413,10 @@ def print_plan(
                 print(f"# recorded {run.name}, made again; its numbers must equal the recorded ones:")
             if run.after:
                 print(f"# after {run.after} has finished (its best.ckpt is this run's model.init_from):")
-            print(" ".join(_command(run, cfg)))
-            cmds = followup_commands(cfg, run, trained=True)
+            print(shlex.join(_command(run, cfg)))  # quoted as a shell reads it
+            cmds = []
         for cmd in cmds:
-            print(" ".join(cmd))
+            print(shlex.join(cmd))
 
 
 def results_path(cfg: DictConfig) -> Path | None:
@@ -461,10 +475,7 @@ def _execute(
     threads = int(cfg.threads)
     waiting = list(todo)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        running = {
-            pool.submit(_run_one, r, threads, log_dir, followup_commands(cfg, r, missing_only=True), False)
-            for r in followup_only
-        }
+        running = {pool.submit(_run_one, r, threads, log_dir, cfg, False) for r in followup_only}
         while running or waiting:
             if outcome.stopped:  # a check did not reproduce: what has not started is not started
                 for r in waiting:
@@ -479,10 +490,7 @@ def _execute(
             # queued in the pool ahead of time would overtake the later-ready runs of an earlier seed)
             start = ready[: max(0, workers - len(running))]
             waiting = [r for r in waiting if r not in dropped and r not in start]
-            running |= {
-                pool.submit(_run_one, r, threads, log_dir, followup_commands(cfg, r, trained=True), True, cfg)
-                for r in start
-            }
+            running |= {pool.submit(_run_one, r, threads, log_dir, cfg) for r in start}
             if not running:
                 if waiting:
                     raise RuntimeError(f"proxy runner: {[r.name for r in waiting]} wait for runs that never start")
@@ -588,12 +596,10 @@ def _check_rerun(
         outcome.stopped = why
 
 
-def followup_commands(
-    cfg: DictConfig, run: ProxyRun, missing_only: bool = False, trained: bool = False
-) -> list[list[str]]:
-    """Commands run after the training in the same worker: the uncertainty pass for the listed cells,
-    the listening pass (avs/proxy/listening.py) for every cell when `listening` is set, unless `trained`
-    (the runner's own training command writes the listening record: `_command`).
+def followup_commands(cfg: DictConfig, run: ProxyRun, missing_only: bool = False) -> list[list[str]]:
+    """The standalone passes that make a finished run's records from its best.ckpt (the runner's own
+    training writes them itself: record_overrides): the uncertainty pass for the listed cells, the
+    listening pass (avs/proxy/listening.py) for every cell when `listening` is set.
     `missing_only`: only those whose output file is not there yet."""
     cmds: list[tuple[list[str], Path]] = []
     ckpt = run.run_dir / CHECKPOINT_DIR / BEST_CKPT
@@ -611,7 +617,7 @@ def followup_commands(
         ]
         cmds.append((cmd, run.run_dir / UNCERTAINTY_FILE))
     listen = cfg.get("listening")
-    if listen is not None and not trained:
+    if listen is not None:
         out = run.run_dir / LISTENING_FILE
         cmds.append(
             ([sys.executable, "-m", "avs.proxy.listening", str(ckpt), str(out), str(int(listen.shuffle_seed))], out)

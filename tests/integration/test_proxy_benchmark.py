@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -308,6 +309,13 @@ def test_the_uncertainty_pass_runs_in_the_worker_after_training(tmp_path, monkey
     assert list(outcome.failed) == ["s4/ecmvae/seed2"]
     assert "follow-up failed: u.py exit code 5" in outcome.failed["s4/ecmvae/seed2"]
     assert runner_mod.followup_commands(cfg, expand(protocol_node(cfg), out)[0]) == []  # tpavi: no latent pass
+    # the training itself is asked for the record (UncertaintyHook); the pass above ran because this fake
+    # training did not write it
+    runs = {r.cell: r for r in expand(protocol_node(cfg), out) if r.seed == 1 and r.subset == "s4"}
+    hook = [a for a in runner_mod._command(runs["ecmvae"], cfg) if a.startswith("+hooks.uncertainty=")]
+    assert len(hook) == 1 and "avs.evaluation.uncertainty.UncertaintyHook" in hook[0]
+    assert f"num_samples:{int(cfg.uncertainty.num_samples)}" in hook[0]
+    assert not any(a.startswith("+hooks.uncertainty=") for a in runner_mod._command(runs["tpavi"], cfg))
     # a finished run without its uncertainty.json gets the pass alone (no training) on the next call
     (out / "s4" / "ecmvae" / "seed1" / "uncertainty.json").unlink()
     (out / "s4" / "ecmvae" / "seed1" / "metrics.json").write_text(json.dumps({"test": {"per_frame": {"miou": 0.25}}}))
@@ -344,17 +352,23 @@ def test_toy_protocol_end_to_end(tmp_path):
     record = json.loads((run / "uncertainty.json").read_text())
     assert record["num_samples"] == 4 and record["split"] == "test"  # configs/proxy_benchmark.yaml
     assert not (run / "checkpoints" / "last.ckpt").exists() and (run / "checkpoints" / "best.ckpt").is_file()
-    # the training wrote the listening record itself (ListeningHook), with the numbers the standalone pass
-    # gives for its best.ckpt at the same SIMD level
+    # the training wrote the listening and uncertainty records itself (ListeningHook, UncertaintyHook): no
+    # standalone pass ran, and each gives the same record for the run's best.ckpt at the same SIMD level
     log_text = (out / "logs" / "s4_ecmvae_seed1.log").read_text()
-    assert "avs.proxy.listening" not in log_text.split("$ ")[-1] and "listening: test mIoU@0.5" in log_text
-    hook = json.loads((run / "listening.json").read_text())
-    alone = tmp_path / "alone.json"
-    cmd = [sys.executable, "-m", "avs.proxy.listening", str(run / "checkpoints" / "best.ckpt"), str(alone), "0"]
+    assert "\n$ " not in log_text and "listening: test mIoU@0.5" in log_text and "AUROC(variance)" in log_text
+    ckpt = str(run / "checkpoints" / "best.ckpt")
     simd_env = {**env, **simd_environment(SCRIPT_SIMD), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, cwd=PROJECT_ROOT, env=simd_env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads(alone.read_text()) == hook
+    alone = tmp_path / "alone_listening.json", tmp_path / "alone_uncertainty.json"
+    passes = (
+        [sys.executable, "-m", "avs.proxy.listening", ckpt, str(alone[0]), "0"],
+        [sys.executable, str(PROJECT_ROOT / "scripts" / "uncertainty.py"), f"checkpoint={ckpt}", "split=test"]
+        + ["eval.num_samples=4", f"out={alone[1]}", f"hydra.run.dir={tmp_path / 'u'}"],
+    )
+    for cmd in passes:
+        done = subprocess.run(cmd, cwd=PROJECT_ROOT, env=simd_env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(alone[0].read_text()) == json.loads((run / "listening.json").read_text())
+    assert json.loads(alone[1].read_text()) == record
     ceilings = json.loads((out / "ceilings.json").read_text())
     assert 0.0 <= ceilings["s4"]["test"] <= 100.0
     report = run_script("tables.py", [str(out), "--proxy"], tmp_path)
@@ -447,6 +461,10 @@ def test_dry_run_writes_nothing_and_needs_no_standins(tmp_path):
     assert f"paths.weights_dir: {weights}" in proc.stdout
     assert f"{weights}/standin_pvt_v2_b0_64px.pth: pinned" in proc.stdout and "found missing" in proc.stdout
     assert f"paths.data_dir={data}" in proc.stdout and "train.py" in proc.stdout
+    # a printed training command reads back, through a shell's quoting, as the runner's own argument list
+    printed = [shlex.split(x) for x in proc.stdout.splitlines() if "train.py" in x and not x.startswith("#")]
+    assert printed and all(any(a.startswith("+hooks.listening={_target_:") for a in argv) for argv in printed)
+    assert all(a.endswith("}") for argv in printed for a in argv if a.startswith("+hooks."))
     assert _tree(tmp_path) == snapshot and not out.exists()
     assert _repo_state() == before
     # continuing: the check of a model the selection trains is printed too, though it lies outside the selection
