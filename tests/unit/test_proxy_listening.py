@@ -145,3 +145,111 @@ def test_every_seed_target_names_the_worst_margin_and_fails_on_one_seed(tmp_path
     update_rows(results, [_row("tpavi_no_audio", 2, 45.0, 53.0, 45.0, v)])  # seed 2 without audio reads higher
     bad = check("tpavi")
     assert bad.ok is False and "min − no-audio -1.00 (seed 2, mIoU@0.5" in bad.measured
+
+
+class _AudioModel(torch.nn.Module):
+    """Logits from the frames and the clip's audio: shuffling the audio changes them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 1, 3, padding=1)
+
+    def forward(self, batch):
+        b, t = batch["frames"].shape[:2]
+        x = self.conv(batch["frames"].flatten(0, 1)).view(b, t, 1, *batch["frames"].shape[-2:])
+        return {"logits": x + batch["audio"].mean(dim=(3, 4), keepdim=True) * 3.0}
+
+
+def _clips(n: int, seed: int) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    clips = []
+    for i in range(n):
+        masks = (torch.rand(3, 1, 8, 8, generator=g) > 0.6).float()
+        frames = torch.randn(3, 3, 8, 8, generator=g) + masks
+        audio = torch.randn(3, 1, 4, 4, generator=g)
+        valid = torch.tensor([True, i % 2 == 0, True])  # some frames without annotation
+        clips.append({"frames": frames, "masks": masks, "audio": audio, "mask_valid": valid, "video_id": f"v{i}"})
+    return clips
+
+
+def _fake_loop(model, data_sets: dict, best_step=None):
+    from types import SimpleNamespace
+
+    data = SimpleNamespace(cfg=OmegaConf.create({"data": {"eval_batch_size": 2}}), dataset=lambda s: data_sets[s])
+    state = SimpleNamespace(step=10, history=[], best={"step": best_step})
+    return SimpleNamespace(
+        model=model, data=data, state=state, evaluations={}, result={}, dist=SimpleNamespace(enabled=False)
+    )
+
+
+def _evaluate_with(hook, loop, split: str) -> None:
+    """What the trainer's evaluation does with a hook's evaluators: every batch through each of them."""
+    from torch.utils.data import DataLoader
+
+    from avs.data.avsbench import collate_skip_none
+
+    evaluators = hook.evaluators(split)
+    for ev in evaluators:
+        ev.reset()
+    with torch.no_grad():
+        for batch in DataLoader(loop.data.dataset(split), batch_size=3, collate_fn=collate_skip_none):
+            out = loop.model(batch)
+            for ev in evaluators:
+                ev.process(batch, out)
+    loop.evaluations[split] = {ev.name: ev.summarize() for ev in evaluators}
+
+
+def test_listening_hook_counts_the_trainers_passes_or_scores_again(tmp_path):
+    """The record from the counts of the trainer's own val (best epoch) and test passes equals the one the
+    hook makes when it has to score both splits itself (a resumed run, no test at the end), and the
+    standalone pass's record of the same weights (split_stats, make_record)."""
+    from avs.proxy.listening import ListeningHook, make_record, split_stats
+
+    torch.manual_seed(0)
+    model = _AudioModel().eval()
+    sets = {"val": _clips(5, 1), "test": _clips(6, 2)}
+    counted = ListeningHook(str(tmp_path / "a.json"), shuffle_seed=1, checkpoint="best.ckpt")
+    counted.loop = loop = _fake_loop(model, sets, best_step=10)
+    _evaluate_with(counted, loop, "val")  # batches of 3 here, of 2 in the hook's own passes
+    loop.state.history.append({"epoch": 2, "step": 10})
+    counted.after_epoch()
+    _evaluate_with(counted, loop, "test")
+    loop.result["test"] = {"per_frame": {}}
+    counted.after_train()
+    alone = ListeningHook(str(tmp_path / "b.json"), shuffle_seed=1, checkpoint="best.ckpt")
+    alone.loop = _fake_loop(model, sets)  # nothing counted: val, test and shuffled test scored at the end
+    alone.after_train()
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
+    assert a == b
+    stats = {
+        "val": split_stats(model, sets["val"], 2),
+        "test": split_stats(model, sets["test"], 2),
+        "test_shuffled_audio": split_stats(model, ShuffledAudio(sets["test"], 1), 2),
+    }
+    assert make_record(stats, "best.ckpt", 1) == a
+    assert a["test"]["miou_05"] != a["test_shuffled_audio"]["miou_05"]  # the audio reached the logits
+
+
+def test_listening_hook_keeps_only_the_best_epochs_val_counts(tmp_path):
+    from avs.proxy.listening import ListeningHook
+
+    hook = ListeningHook(str(tmp_path / "a.json"))
+    hook.loop = loop = _fake_loop(_AudioModel().eval(), {"val": _clips(4, 3)}, best_step=4)
+    _evaluate_with(hook, loop, "val")
+    loop.state.history.append({"step": 10})
+    hook.after_epoch()  # step 10's validation is not the best (step 4's is): its counts are not kept
+    assert hook._best_val is None
+    loop.state.best = {"step": 10}
+    hook.after_epoch()
+    assert hook._best_val is loop.evaluations["val"]["listening_frame_stats"]
+
+
+def test_listening_hook_refuses_ddp(tmp_path):
+    from avs.errors import ConfigError
+    from avs.proxy.listening import ListeningHook
+
+    hook = ListeningHook(str(tmp_path / "a.json"))
+    hook.loop = _fake_loop(_AudioModel(), {})
+    hook.loop.dist.enabled = True
+    with pytest.raises(ConfigError, match="not under DDP"):
+        hook.before_train()

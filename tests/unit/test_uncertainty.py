@@ -201,3 +201,20 @@ def test_cli_default_k_is_8_and_a_missing_checkpoint_is_a_plain_error(ecmvae_ckp
     lines = [ln for ln in missing.stderr.splitlines() if ln.strip()]
     assert "Traceback" not in missing.stderr and len(lines) <= 2
     assert lines[0] == f"error: checkpoint not found: {tmp_path}/none.ckpt"
+
+
+def test_uncertainty_hook_refuses_what_has_no_uncertainty_map(tmp_path):
+    from types import SimpleNamespace
+
+    from avs.evaluation.uncertainty import UncertaintyHook
+
+    with pytest.raises(ConfigError, match="K >= 2"):
+        UncertaintyHook(str(tmp_path / "u.json"), num_samples=1)
+    hook = UncertaintyHook(str(tmp_path / "u.json"), num_samples=4)
+    hook.name = "uncertainty"
+    hook.loop = SimpleNamespace(model=torch.nn.Linear(2, 2), dist=SimpleNamespace(enabled=False))
+    with pytest.raises(ConfigError, match="hooks.uncertainty: Linear has no latent part"):
+        hook.before_train()
+    hook.loop.dist.enabled = True
+    with pytest.raises(ConfigError, match="not under DDP"):
+        hook.before_train()
