@@ -260,7 +260,7 @@ class UncertaintyHook(HookBase):
         loop = self.loop
         net = getattr(loop.model, "_orig_mod", loop.model)
         cfg = loop.data.cfg
-        size = int(cfg.data.get("eval_batch_size", 1) or 1)
+        size = int(cfg.data.eval_batch_size)
         before = net.eval_num_samples
         net.eval_num_samples = self.num_samples
         try:
@@ -269,7 +269,7 @@ class UncertaintyHook(HookBase):
             )
         finally:
             net.eval_num_samples = before
-        method = str(cfg.model.get("name", "unknown"))
+        method = str(cfg.model.name)
         head = {"checkpoint": self.checkpoint, "method": method, "split": self.split, "seed": self.seed}
         record = {**head, **record}
         _write(self.out, record)

@@ -178,7 +178,7 @@ class ListeningHook(HookBase):
         from avs.data.shuffled_audio import ShuffledAudio
 
         loop = self.loop
-        size = int(loop.data.cfg.data.get("eval_batch_size", 1) or 1)
+        size = int(loop.data.cfg.data.eval_batch_size)
         test_ds = loop.data.dataset("test")
         val = (
             self._best_val
