@@ -139,3 +139,50 @@ def test_the_ms3_step0_diagnostic_table_is_what_its_csv_and_the_results_give():
     for cell in ("ecmvae_bg", "avsbg"):
         s = describe([step0[(cell, k)] for k in range(1, 6)])
         assert f"{s.mean:.2f} ±" in text and f"{s.std:.2f}" in text
+
+
+def test_the_seed_spread_pilot_section_says_only_what_its_csv_gives():
+    """docs/reproducing.md's pilots toward a version 6: every pilot row of its table (per-seed test mIoU, mean,
+    seed std, the range of what shuffling costs) is recomputed from docs/results/seed_spread_pilot.csv, and
+    every other decimal number of the section is a number of that CSV, a difference of two of its lines, or a
+    number of version 5's results."""
+    import csv
+    import statistics
+
+    title = "### ECMVAE's S4 spread under other task sizes and schedules"
+    text = section((ROOT / "docs" / "reproducing.md").read_text(), title)
+    lines = list(csv.DictReader(open(RESULTS / "seed_spread_pilot.csv")))
+    by_pilot: dict[str, list[dict]] = {}
+    for line in lines:
+        by_pilot.setdefault(line["pilot"], []).append(line)
+    table = [r for r in text.splitlines() if r.startswith("| ") and r.count("|") == 8][2:]  # below the header
+    checked = 0
+    for row in table:
+        label, samples, per_seed, mean, std, costs, _ = [x.strip() for x in row.strip("|").split("|")]
+        seeds = [float(x) for x in per_seed.split(" / ")]
+        matches = [
+            p
+            for p, ls in by_pilot.items()
+            if [round(float(x["test_miou"]), 2) for x in ls] == [round(s, 2) for s in seeds]
+        ]
+        if label.startswith("version 5"):
+            continue  # the protocol's own runs: checked by the version 5 test
+        assert len(matches) == 1, (label, per_seed)
+        group = by_pilot[matches[0]]
+        cost = [float(x["test_miou"]) - float(x["shuffled_test_miou"]) for x in group]
+        assert costs == f"{min(cost):.2f} to {max(cost):.2f}", (label, costs)
+        if len(seeds) > 2:
+            t = [float(x["test_miou"]) for x in group]
+            assert (mean, std) == (f"{statistics.mean(t):.2f}", f"{statistics.stdev(t):.2f}"), label
+        checked += 1
+    assert checked == len(by_pilot) - 1  # every S4 pilot has a row; the MS3 pilot is told in the text
+    values = [float(x[k]) for x in lines for k in ("test_miou", "val_miou", "shuffled_test_miou")]
+    values += [float(a["test_miou"]) - float(b["test_miou"]) for a in lines for b in lines if a["seed"] == b["seed"]]
+    values += [float(x["test_miou"]) - float(x["shuffled_test_miou"]) for x in lines]
+    for ls in by_pilot.values():
+        t = [float(x["test_miou"]) for x in ls]
+        values += [statistics.mean(t), statistics.stdev(t), *(statistics.mean(t) - v for v in t)] if len(t) > 2 else []
+    v5 = backed_numbers(RESULTS / "proxy_runs.jsonl", 5, RESULTS / "v5" / "proxy_report.md")
+    backed = {f"{abs(v):.2f}" for v in values} | v5
+    unbacked = sorted({n for n in NUMBER.findall(text) if n.lstrip("-") not in backed | CONSTANTS}, key=float)
+    assert not unbacked, f"numbers in {title!r} that docs/results/ does not give: {unbacked}"
