@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
@@ -158,6 +158,9 @@ def test_fuzzed_files_only_raise_avs_data_error(fuzz_root, kind):
         shape=hnp.array_shapes(min_dims=0, max_dims=3, max_side=140),
     )
 )
+@example(arr=np.zeros((3, 128), np.bool_))  # the right shape, but booleans are not numbers: refused
+@example(arr=np.zeros((2, 128), np.float32))  # fewer examples than num_frames (no pad_short_audio): refused
+@example(arr=np.zeros((4, 128), np.float16))  # loads (the first 3 examples)
 def test_embedding_arrays_of_any_numeric_dtype_and_shape(fuzz_root, arr):
     ds = AVSBenchDataset(fuzz_root, "ms3", "val", num_frames=3, image_size=64, audio_source="embedding")
     path = embedding_path(fuzz_root, get_layout("ms3"), ds.records[0], None)
@@ -167,8 +170,9 @@ def test_embedding_arrays_of_any_numeric_dtype_and_shape(fuzz_root, arr):
     try:
         item = ds[0]
     except AVSDataError:
-        assert arr.ndim != 2 or arr.shape[1] != 128 or arr.shape[0] == 0
+        assert arr.dtype == np.bool_ or arr.ndim != 2 or arr.shape[1] != 128 or arr.shape[0] < 3
         return
+    assert arr.dtype != np.bool_
     assert item["audio"].shape == (3, 128) and item["audio"].dtype.is_floating_point
 
 
