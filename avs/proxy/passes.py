@@ -32,7 +32,7 @@ def record_overrides(cfg: DictConfig | None, run: ProxyRun) -> list[str]:
     (followup_commands) give the same records for a finished run that lacks one."""
     if cfg is None:
         return []
-    ckpt = _quoted(run.run_dir / CHECKPOINT_DIR / BEST_CKPT)
+    ckpt = _quoted(_best(run))
     hooks: dict[str, dict[str, str]] = {}
     listen = cfg.get("listening")
     if listen is not None:
@@ -43,8 +43,8 @@ def record_overrides(cfg: DictConfig | None, run: ProxyRun) -> list[str]:
             "shuffle_seed": str(int(listen.shuffle_seed)),
             "checkpoint": ckpt,
         }
-    node = cfg.get("uncertainty")
-    if node is not None and run.cell in set(node.get("cells") or []):
+    node = _uncertainty(cfg, run)
+    if node is not None:
         hooks["uncertainty"] = {
             "_target_": "avs.evaluation.uncertainty.UncertaintyHook",
             "priority": str(UNCERTAINTY_PRIORITY),
@@ -58,6 +58,16 @@ def record_overrides(cfg: DictConfig | None, run: ProxyRun) -> list[str]:
     ]
 
 
+def _best(run: ProxyRun) -> Path:
+    return run.run_dir / CHECKPOINT_DIR / BEST_CKPT
+
+
+def _uncertainty(cfg: DictConfig, run: ProxyRun) -> DictConfig | None:
+    """The protocol's `uncertainty` node when it lists this run's cell, else None."""
+    node = cfg.get("uncertainty")
+    return node if node is not None and run.cell in set(node.get("cells") or []) else None
+
+
 def _quoted(path: Path) -> str:
     """A path as a quoted string of Hydra's override grammar (backslashes and quotes escaped)."""
     return "'" + str(path).replace("\\", "\\\\").replace("'", "\\'") + "'"
@@ -69,9 +79,9 @@ def followup_commands(cfg: DictConfig, run: ProxyRun, missing_only: bool = False
     listening pass (avs/proxy/listening.py) for every cell when `listening` is set.
     `missing_only`: only those whose output file is not there yet."""
     cmds: list[tuple[list[str], Path]] = []
-    ckpt = run.run_dir / CHECKPOINT_DIR / BEST_CKPT
-    node = cfg.get("uncertainty")
-    if node is not None and run.cell in set(node.get("cells") or []):
+    ckpt = _best(run)
+    node = _uncertainty(cfg, run)
+    if node is not None:
         logs = run.run_dir.parent.parent.parent / "logs" / "uncertainty" / run.name.replace("/", "_")
         cmd = [
             sys.executable,

@@ -14,9 +14,8 @@ from omegaconf import OmegaConf
 
 from avs.config import PROJECT_ROOT
 from avs.config_checks import ConfigError
-from avs.proxy import expand, finished, run_protocol, validate
+from avs.proxy import expand, finished, passes, run_protocol, validate
 from avs.proxy import runner as runner_mod
-from avs.proxy.passes import followup_commands as passes_followups
 from avs.proxy.protocol import check_same_protocol, protocol_node
 from avs.utils.simd import cpu_level as simd_cpu_level
 from avs.utils.simd import environment as simd_environment
@@ -295,8 +294,6 @@ pathlib.Path(args["out"]).write_text(json.dumps({"auroc": 0.7, "num_samples": in
 
 
 def test_the_uncertainty_pass_runs_in_the_worker_after_training(tmp_path, monkeypatch):
-    from avs.proxy import passes
-
     for name, text, mod, attr in (
         ("t.py", FAKE_TRAIN, runner_mod, "TRAIN_SCRIPT"),
         ("u.py", FAKE_UNCERTAINTY, passes, "UNCERTAINTY_SCRIPT"),
@@ -314,7 +311,7 @@ def test_the_uncertainty_pass_runs_in_the_worker_after_training(tmp_path, monkey
     }
     assert list(outcome.failed) == ["s4/ecmvae/seed2"]
     assert "follow-up failed: u.py exit code 5" in outcome.failed["s4/ecmvae/seed2"]
-    assert passes_followups(cfg, expand(protocol_node(cfg), out)[0]) == []  # tpavi: no latent pass
+    assert passes.followup_commands(cfg, expand(protocol_node(cfg), out)[0]) == []  # tpavi: no latent pass
     # the training itself is asked for the record (UncertaintyHook); the pass above ran because this fake
     # training did not write it
     runs = {r.cell: r for r in expand(protocol_node(cfg), out) if r.seed == 1 and r.subset == "s4"}
