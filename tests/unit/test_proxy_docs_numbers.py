@@ -186,3 +186,90 @@ def test_the_seed_spread_pilot_section_says_only_what_its_csv_gives():
     backed = {f"{abs(v):.2f}" for v in values} | v5
     unbacked = sorted({n for n in NUMBER.findall(text) if n.lstrip("-") not in backed | CONSTANTS}, key=float)
     assert not unbacked, f"numbers in {title!r} that docs/results/ does not give: {unbacked}"
+
+
+def _two_way(grid: dict[tuple[int, int], float]) -> dict[str, tuple[float, float, float]]:
+    """A two-way split of a full n x n grid without replication: each factor's share of the sum of squares,
+    its F against the rest (the interaction) and the F test's p value."""
+    from avs.tables.proxy import betainc
+
+    keys = sorted({k[0] for k in grid})
+    n, grand = len(keys), sum(grid.values()) / len(grid)
+    total = sum((v - grand) ** 2 for v in grid.values())
+    means = {
+        "rows": [sum(grid[r, c] for c in keys) / n for r in keys],
+        "columns": [sum(grid[r, c] for r in keys) / n for c in keys],
+    }
+    ss = {k: n * sum((m - grand) ** 2 for m in ms) for k, ms in means.items()}
+    rest_df, df = (n - 1) ** 2, n - 1
+    rest = (total - sum(ss.values())) / rest_df
+    out = {}
+    for k, s in ss.items():
+        f = (s / df) / rest
+        out[k] = (s / total, f, betainc(rest_df / 2, df / 2, rest_df / (rest_df + df * f)))
+    out["rest"] = ((total - sum(ss.values())) / total, float("nan"), float("nan"))
+    return out
+
+
+def test_two_way_split_of_a_grid():
+    rows_only = {(r, c): 10.0 * r + 0.1 * ((r * c) % 3) for r in range(1, 5) for c in range(1, 5)}
+    split = _two_way(rows_only)
+    assert split["rows"][0] > 0.99 and split["rows"][2] < 1e-6 and split["columns"][0] < 0.01
+    assert abs(sum(s[0] for s in split.values()) - 1.0) < 1e-12
+
+
+def test_the_seed_split_section_is_what_its_csv_and_the_results_give():
+    """docs/reproducing.md's crossing of initial weights and draws: the diagonal lines of
+    docs/results/seed_split.csv are version 5's recorded runs; the table's cells, row, column and grand means
+    are the CSV's; the two-way split, the correlation and every other decimal number of the section are
+    recomputed from the CSV (or are version 5's, or the pilots' 1600-step std)."""
+    import csv
+    import statistics
+
+    title = "### What sets an ECMVAE S4 run's climb"
+    text = section((ROOT / "docs" / "reproducing.md").read_text(), title)
+    lines = list(csv.DictReader(open(RESULTS / "seed_split.csv")))
+    recorded = {
+        r["seed"]: r["listening"]
+        for r in read_rows(RESULTS / "proxy_runs.jsonl")
+        if r.get("protocol_version") == 5 and r["subset"] == "s4" and r["cell"] == "ecmvae"
+    }
+    for line in (x for x in lines if x["source"] == "version 5"):
+        assert line["seed"] == line["init_seed"]
+        rec = recorded[int(line["seed"])]
+        assert float(line["test_miou"]) == rec["test"]["miou_05"] and float(line["val_miou"]) == rec["val"]["miou_05"]
+        assert float(line["shuffled_test_miou"]) == rec["test_shuffled_audio"]["miou_05"]
+    grid = {(int(x["seed"]), int(x["init_seed"])): float(x["test_miou"]) for x in lines}
+    seeds = sorted({k[0] for k in grid})
+    assert len(grid) == len(lines) == len(seeds) ** 2  # a full grid, one line per pair
+    table = {r.split("|")[1].strip(): r for r in text.splitlines() if r.startswith("| seed ") or r.startswith("| mean")}
+    for s in seeds:
+        cells = [x.strip().strip("*") for x in table[f"seed {s}"].strip("|").split("|")[1:]]
+        want = [grid[s, i] for i in seeds]
+        assert cells == [f"{v:.2f}" for v in [*want, statistics.mean(want)]], s
+    means = [x.strip() for x in table["mean"].strip("|").split("|")[1:]]
+    want = [statistics.mean(grid[s, i] for s in seeds) for i in seeds] + [statistics.mean(grid.values())]
+    assert means == [f"{v:.2f}" for v in want]
+    split = _two_way(grid)
+    flat = " ".join(text.split())  # the phrases below may wrap
+    for key, label in (("columns", "the initial weights"), ("rows", "the run's own draws")):
+        share, f, p = split[key]
+        assert f"{label} account for {100 * share:.1f} % " in flat.replace("draws for", "draws account for"), key
+        assert f"F {f:.2f}" in flat and f"p {p:.2f}" in flat, key
+    assert f"{100 * split['rest'][0]:.1f} % is neither alone" in flat
+    tests = [float(x["test_miou"]) for x in lines]
+    costs = [float(x["test_miou"]) - float(x["shuffled_test_miou"]) for x in lines]
+    crossed = [c for c, x in zip(costs, lines) if x["source"] != "version 5"]
+    assert f"correlation {statistics.correlation(tests, costs):.2f}" in flat
+    assert f"shuffling costs {min(crossed):.2f} to {max(crossed):.2f}" in flat
+    assert f"std {statistics.stdev(tests):.2f}" in flat
+    values = tests + costs + [float(x[k]) for x in lines for k in ("val_miou", "shuffled_test_miou", "test_fscore")]
+    values += [v for s in split.values() for v in s] + [100 * s[0] for s in split.values()]
+    values += [statistics.stdev(tests), statistics.correlation(tests, costs), *want]
+    values += [statistics.mean(grid[s, i] for i in seeds) for s in seeds]  # the row means
+    pilot = [x for x in csv.DictReader(open(RESULTS / "seed_spread_pilot.csv")) if x["pilot"] == "d640s1600"]
+    values.append(statistics.stdev(float(x["test_miou"]) for x in pilot))
+    v5 = backed_numbers(RESULTS / "proxy_runs.jsonl", 5, RESULTS / "v5" / "proxy_report.md")
+    backed = {f"{v:.{d}f}" for v in values for d in (1, 2)} | v5
+    unbacked = sorted({n for n in NUMBER.findall(text) if n.lstrip("-") not in backed | CONSTANTS}, key=float)
+    assert not unbacked, f"numbers in {title!r} that docs/results/ does not give: {unbacked}"
