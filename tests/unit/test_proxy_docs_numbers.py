@@ -165,7 +165,7 @@ def test_the_seed_spread_pilot_section_says_only_what_its_csv_gives():
             for p, ls in by_pilot.items()
             if [round(float(x["test_miou"]), 2) for x in ls] == [round(s, 2) for s in seeds]
         ]
-        if label.startswith("version 5"):
+        if "version 5" in label:
             continue  # the protocol's own runs: checked by the version 5 test
         assert len(matches) == 1, (label, per_seed)
         group = by_pilot[matches[0]]
