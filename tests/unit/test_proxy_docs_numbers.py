@@ -273,3 +273,39 @@ def test_the_seed_split_section_is_what_its_csv_and_the_results_give():
     backed = {f"{v:.{d}f}" for v in values for d in (1, 2)} | v5
     unbacked = sorted({n for n in NUMBER.findall(text) if n.lstrip("-") not in backed | CONSTANTS}, key=float)
     assert not unbacked, f"numbers in {title!r} that docs/results/ does not give: {unbacked}"
+
+
+def test_the_initial_weights_snippet_writes_what_a_run_starts_from(tmp_path):
+    """The crossing section's ```python block, run as written, writes the weights `build_run_model` (the
+    trainer's builder) starts a run of that seed from, and other weights for another seed; `init_from` of
+    the file leaves no tensor at init."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    from avs.config import compose_config
+    from avs.engine.build import build_run_model, init_from
+    from avs.engine.distributed import DistInfo
+
+    text = section((ROOT / "docs" / "reproducing.md").read_text(), "### What sets an ECMVAE S4 run's climb")
+    (block,) = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    script = tmp_path / "init_weights.py"
+    script.write_text(block)
+    overrides = ["experiment=quickstart", "model=ecmvae"]
+    for seed in (3, 4):
+        out = tmp_path / f"init{seed}.pt"
+        cmd = [sys.executable, str(script), str(seed), str(out), *overrides]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True)
+        assert run.returncode == 0, run.stderr.decode()[-2000:]
+    cfg = compose_config("train", [*overrides, "seed=3"])
+    built = build_run_model(cfg, torch.device("cpu"), DistInfo()).state_dict()
+    written = {s: torch.load(tmp_path / f"init{s}.pt", weights_only=True)["model"] for s in (3, 4)}
+    assert built.keys() == written[3].keys()
+    assert all(torch.equal(built[k], written[3][k]) for k in built)
+    assert not all(torch.equal(built[k], written[4][k]) for k in built)  # another seed, other weights
+    model = build_run_model(compose_config("train", [*overrides, "seed=4"]), torch.device("cpu"), DistInfo())
+    init_from(model, str(tmp_path / "init3.pt"))
+    assert all(torch.equal(v, built[k]) for k, v in model.state_dict().items())
