@@ -141,6 +141,18 @@ def test_the_ms3_step0_diagnostic_table_is_what_its_csv_and_the_results_give():
         assert f"{s.mean:.2f} ±" in text and f"{s.std:.2f}" in text
 
 
+def _cost(line: dict) -> float:
+    """What shuffling the test audio costs a run of a pilot CSV (test mIoU minus the shuffled reading)."""
+    return float(line["test_miou"]) - float(line["shuffled_test_miou"])
+
+
+def _assert_backed(text: str, title: str, backed: set[str]) -> None:
+    """Every decimal number of a section is in `backed`, a number of version 5's results, or a constant."""
+    backed = backed | backed_numbers(RESULTS / "proxy_runs.jsonl", 5, RESULTS / "v5" / "proxy_report.md") | CONSTANTS
+    unbacked = sorted({n for n in NUMBER.findall(text) if n.lstrip("-") not in backed}, key=float)
+    assert not unbacked, f"numbers in {title!r} that docs/results/ does not give: {unbacked}"
+
+
 def test_the_seed_spread_pilot_section_says_only_what_its_csv_gives():
     """docs/reproducing.md's pilots toward a version 6: every pilot row of its table (per-seed test mIoU, mean,
     seed std, the range of what shuffling costs) is recomputed from docs/results/seed_spread_pilot.csv, and
@@ -159,17 +171,17 @@ def test_the_seed_spread_pilot_section_says_only_what_its_csv_gives():
     checked = 0
     for row in table:
         label, samples, per_seed, mean, std, costs, _ = [x.strip() for x in row.strip("|").split("|")]
+        if "version 5" in label:
+            continue  # the protocol's own runs: checked by the version 5 test
         seeds = [float(x) for x in per_seed.split(" / ")]
         matches = [
             p
             for p, ls in by_pilot.items()
             if [round(float(x["test_miou"]), 2) for x in ls] == [round(s, 2) for s in seeds]
         ]
-        if "version 5" in label:
-            continue  # the protocol's own runs: checked by the version 5 test
         assert len(matches) == 1, (label, per_seed)
         group = by_pilot[matches[0]]
-        cost = [float(x["test_miou"]) - float(x["shuffled_test_miou"]) for x in group]
+        cost = [_cost(x) for x in group]
         assert costs == f"{min(cost):.2f} to {max(cost):.2f}", (label, costs)
         if len(seeds) > 2:
             t = [float(x["test_miou"]) for x in group]
@@ -178,14 +190,11 @@ def test_the_seed_spread_pilot_section_says_only_what_its_csv_gives():
     assert checked == len(by_pilot) - 1  # every S4 pilot has a row; the MS3 pilot is told in the text
     values = [float(x[k]) for x in lines for k in ("test_miou", "val_miou", "shuffled_test_miou")]
     values += [float(a["test_miou"]) - float(b["test_miou"]) for a in lines for b in lines if a["seed"] == b["seed"]]
-    values += [float(x["test_miou"]) - float(x["shuffled_test_miou"]) for x in lines]
+    values += [_cost(x) for x in lines]
     for ls in by_pilot.values():
         t = [float(x["test_miou"]) for x in ls]
         values += [statistics.mean(t), statistics.stdev(t), *(statistics.mean(t) - v for v in t)] if len(t) > 2 else []
-    v5 = backed_numbers(RESULTS / "proxy_runs.jsonl", 5, RESULTS / "v5" / "proxy_report.md")
-    backed = {f"{abs(v):.2f}" for v in values} | v5
-    unbacked = sorted({n for n in NUMBER.findall(text) if n.lstrip("-") not in backed | CONSTANTS}, key=float)
-    assert not unbacked, f"numbers in {title!r} that docs/results/ does not give: {unbacked}"
+    _assert_backed(text, title, {f"{abs(v):.2f}" for v in values})
 
 
 def _two_way(grid: dict[tuple[int, int], float]) -> dict[str, tuple[float, float, float]]:
@@ -258,7 +267,7 @@ def test_the_seed_split_section_is_what_its_csv_and_the_results_give():
         assert f"F {f:.2f}" in flat and f"p {p:.2f}" in flat, key
     assert f"{100 * split['rest'][0]:.1f} % is neither alone" in flat
     tests = [float(x["test_miou"]) for x in lines]
-    costs = [float(x["test_miou"]) - float(x["shuffled_test_miou"]) for x in lines]
+    costs = [_cost(x) for x in lines]
     crossed = [c for c, x in zip(costs, lines) if x["source"] != "version 5"]
     assert f"correlation {statistics.correlation(tests, costs):.2f}" in flat
     assert f"shuffling costs {min(crossed):.2f} to {max(crossed):.2f}" in flat
@@ -269,10 +278,7 @@ def test_the_seed_split_section_is_what_its_csv_and_the_results_give():
     values += [statistics.mean(grid[s, i] for i in seeds) for s in seeds]  # the row means
     pilot = [x for x in csv.DictReader(open(RESULTS / "seed_spread_pilot.csv")) if x["pilot"] == "d640s1600"]
     values.append(statistics.stdev(float(x["test_miou"]) for x in pilot))
-    v5 = backed_numbers(RESULTS / "proxy_runs.jsonl", 5, RESULTS / "v5" / "proxy_report.md")
-    backed = {f"{v:.{d}f}" for v in values for d in (1, 2)} | v5
-    unbacked = sorted({n for n in NUMBER.findall(text) if n.lstrip("-") not in backed | CONSTANTS}, key=float)
-    assert not unbacked, f"numbers in {title!r} that docs/results/ does not give: {unbacked}"
+    _assert_backed(text, title, {f"{v:.{d}f}" for v in values for d in (1, 2)})
 
 
 def test_the_initial_weights_snippet_writes_what_a_run_starts_from(tmp_path):
